@@ -1,0 +1,8 @@
+"""triformer: Triton kernels for transformers, forward and backward, as drop-in PyTorch modules."""
+
+from . import functional
+from .models import TritonMLP
+from .nn import TorchLinear, TritonLinear
+
+__version__ = "0.1.0"
+__all__ = ["functional", "TritonLinear", "TorchLinear", "TritonMLP"]

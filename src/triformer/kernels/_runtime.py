@@ -1,0 +1,45 @@
+"""What every launcher needs: interpreter detection, input validation and output allocation."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Tests flip this to fill every freshly allocated output with NaN, so that unwritten elements show.
+POISON_OUTPUTS = False
+
+
+def interpreter_active() -> bool:
+    """True when Triton runs kernels on the CPU through its interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_tensor(t: torch.Tensor, name: str) -> None:
+    """Raise a clear error for a tensor no kernel of ours can take."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} has dtype {t.dtype}; triformer kernels take float32, float16 or bfloat16")
+    if not t.is_cuda and not interpreter_active():
+        raise ValueError(
+            f"{name} is on {t.device}: triformer kernels run on a CUDA GPU, or on the CPU through "
+            "Triton's interpreter (set TRITON_INTERPRET=1 before importing triton)"
+        )
+
+
+def check_same_dtype(reference: torch.Tensor, ref_name: str, other: torch.Tensor, other_name: str) -> None:
+    if other.dtype != reference.dtype:
+        raise TypeError(f"{other_name} has dtype {other.dtype} but {ref_name} has {reference.dtype}; they must match")
+    if other.device != reference.device:
+        raise ValueError(f"{other_name} is on {other.device} but {ref_name} is on {reference.device}")
+
+
+def new_empty(shape, *, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """torch.empty for kernel outputs; NaN-filled while tests poison outputs."""
+    out = torch.empty(shape, device=like.device, dtype=dtype or like.dtype)
+    if POISON_OUTPUTS:
+        out.fill_(float("nan"))
+    return out

@@ -1,0 +1,153 @@
+"""Pointwise activations and their derivatives, plus the elementwise kernels of the unfused linear.
+
+    relu(z) = max(z, 0)                              relu'(z) = [z > 0]
+    gelu(z) = ½ z (1 + tanh(u)), u = c (z + a z³)    gelu'(z) = ½ (1 + t) + ½ z (1 − t²) c (1 + 3 a z²),  t = tanh(u)
+    silu(z) = z σ(z)                                 silu'(z) = σ(z) (1 + z (1 − σ(z)))
+with c = √(2/π), a = 0.044715 (GELU's tanh approximation, as torch's approximate="tanh").
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._runtime import new_empty
+
+ACTIVATIONS = (None, "relu", "gelu", "silu")
+_CODES = {None: 0, "relu": 1, "gelu": 2, "silu": 3}
+
+ELEMENTWISE_BLOCK = 1024
+
+
+def activation_code(activation: str | None) -> int:
+    """The constexpr that selects an activation inside a kernel; ValueError for an unknown name."""
+    if activation == "none":
+        activation = None
+    if activation not in _CODES:
+        raise ValueError(f"unknown activation {activation!r}; choose one of {list(_CODES)}")
+    return _CODES[activation]
+
+
+@triton.jit
+def _sigmoid(z):
+    return 1.0 / (1.0 + tl.exp(-z))
+
+
+@triton.jit
+def _tanh(u):
+    return 2.0 * _sigmoid(2.0 * u) - 1.0
+
+
+@triton.jit
+def apply_activation(z, ACT: tl.constexpr):
+    """act(z) for z in float32."""
+    if ACT == 1:
+        return tl.maximum(z, 0.0)
+    elif ACT == 2:
+        t = _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z))
+        return 0.5 * z * (1.0 + t)
+    elif ACT == 3:
+        return z * _sigmoid(z)
+    else:
+        return z
+
+
+@triton.jit
+def activation_derivative(g, ACT: tl.constexpr):
+    """act'(z) in float32. For relu `g` may be act(z) itself (relu(z) > 0 ⇔ z > 0); otherwise g = z."""
+    if ACT == 1:
+        return tl.where(g > 0.0, 1.0, 0.0)
+    elif ACT == 2:
+        t = _tanh(0.7978845608028654 * (g + 0.044715 * g * g * g))
+        return 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * g * g)
+    elif ACT == 3:
+        s = _sigmoid(g)
+        return s * (1.0 + g * (1.0 - s))
+    else:
+        return g * 0.0 + 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Elementwise kernels of the unfused linear (the original three-kernel design, kept for the ablation).
+# ---------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _bias_add_kernel(z_ptr, bias_ptr, out_ptr, total, N, BLOCK: tl.constexpr):
+    """out[m, n] = z[m, n] + bias[n] over a contiguous [M, N] tensor."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < total
+    z = tl.load(z_ptr + offs, mask=mask).to(tl.float32)
+    b = tl.load(bias_ptr + offs % N, mask=mask).to(tl.float32)
+    tl.store(out_ptr + offs, (z + b).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _activation_forward_kernel(z_ptr, out_ptr, total, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    """out = act(z), elementwise."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < total
+    z = tl.load(z_ptr + offs, mask=mask).to(tl.float32)
+    tl.store(out_ptr + offs, apply_activation(z, ACT).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _activation_backward_kernel(dy_ptr, z_ptr, dz_ptr, total, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    """dz = dy ⊙ act'(z), elementwise."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < total
+    dy = tl.load(dy_ptr + offs, mask=mask).to(tl.float32)
+    z = tl.load(z_ptr + offs, mask=mask).to(tl.float32)
+    tl.store(dz_ptr + offs, (dy * activation_derivative(z, ACT)).to(dz_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _column_sum_kernel(x_ptr, out_ptr, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[n] = Σ_m x[m, n] over a contiguous [M, N] tensor, accumulated in float32."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for start in range(0, M, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        mask = (rows[:, None] < M) & (cols[None, :] < N)
+        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], mask=mask, other=0.0)
+        acc += tl.sum(x.to(tl.float32), axis=0)
+    tl.store(out_ptr + cols, acc.to(out_ptr.dtype.element_ty), mask=cols < N)
+
+
+def _grid(total: int):
+    return (triton.cdiv(total, ELEMENTWISE_BLOCK),)
+
+
+def bias_add(z: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """z + bias for contiguous z [M, N] and bias [N]."""
+    out = new_empty(z.shape, like=z)
+    _bias_add_kernel[_grid(z.numel())](z, bias, out, z.numel(), z.shape[-1], BLOCK=ELEMENTWISE_BLOCK)
+    return out
+
+
+def activation_forward(z: torch.Tensor, activation: str | None) -> torch.Tensor:
+    """act(z) for contiguous z."""
+    out = new_empty(z.shape, like=z)
+    _activation_forward_kernel[_grid(z.numel())](
+        z, out, z.numel(), ACT=activation_code(activation), BLOCK=ELEMENTWISE_BLOCK
+    )
+    return out
+
+
+def activation_backward(dy: torch.Tensor, z: torch.Tensor, activation: str | None) -> torch.Tensor:
+    """dy ⊙ act'(z) for contiguous dy and z of one shape."""
+    dz = new_empty(z.shape, like=z)
+    _activation_backward_kernel[_grid(z.numel())](
+        dy, z, dz, z.numel(), ACT=activation_code(activation), BLOCK=ELEMENTWISE_BLOCK
+    )
+    return dz
+
+
+def column_sum(x: torch.Tensor) -> torch.Tensor:
+    """Σ over rows of a contiguous [M, N] tensor, in x's dtype (float32 accumulation)."""
+    M, N = x.shape
+    out = new_empty((N,), like=x)
+    block_n = 64
+    _column_sum_kernel[(triton.cdiv(N, block_n),)](x, out, M, N, BLOCK_M=64, BLOCK_N=block_n)
+    return out

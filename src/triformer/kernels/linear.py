@@ -1,0 +1,62 @@
+"""Linear layers Y = act(X·Wᵀ + b) forward and backward, fused and unfused, on the kernels of matmul.py.
+
+Backward (Z = X·Wᵀ + b):   dZ = dY ⊙ act'(Z),   dX = dZ·W,   dW = dZᵀ·X,   db = Σ_rows dZ.
+
+Fused: the forward is one kernel (bias and activation in the epilogue); the backward is two kernels, each
+computing dZ on the fly in its prologue, the dW kernel also reducing db. Nothing but Z (for gelu/silu) is saved;
+relu's derivative is read off Y.
+Unfused (the original three-kernel design, kept for the ablation): matmul, bias add and activation as separate
+kernels, forward and backward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .activation import activation_backward, activation_code, activation_forward, bias_add, column_sum
+from .matmul import matmul
+
+_RELU = activation_code("relu")
+
+
+def fused_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None,
+                  save_for_backward: bool):
+    """Y = act(x·weightᵀ + bias) for x [M, K], weight [N, K]; returns (Y, what act' needs or None)."""
+    code = activation_code(activation)
+    store_z = save_for_backward and code not in (0, _RELU)
+    y, z, _ = matmul(x, weight.t(), bias=bias, activation=activation, store_preactivation=store_z)
+    if not save_for_backward or code == 0:
+        return y, None
+    return y, (y if code == _RELU else z)
+
+
+def fused_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, saved: torch.Tensor | None,
+                   activation: str | None, need_dx: bool, need_dw: bool, need_db: bool):
+    """(dX, dW, db) with dZ = dY ⊙ act'(saved) formed inside the two gradient kernels; None where not needed."""
+    dx = dw = db = None
+    if need_dx:
+        dx, _, _ = matmul(dy, weight, gate=saved, gate_activation=activation)
+    if need_dw or need_db:
+        dw, _, db = matmul(dy.t(), x, gate=None if saved is None else saved.t(), gate_activation=activation,
+                           rowsum=need_db)
+    return dx, (dw if need_dw else None), db
+
+
+def unfused_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None):
+    """Three kernels: Z = x·weightᵀ, Z += bias, Y = act(Z). Returns (Y, Z)."""
+    z, _, _ = matmul(x, weight.t())
+    if bias is not None:
+        z = bias_add(z, bias)
+    y = activation_forward(z, activation) if activation_code(activation) else z
+    return y, z
+
+
+def unfused_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, z: torch.Tensor,
+                     activation: str | None, need_dx: bool, need_dw: bool, need_db: bool):
+    """dZ = dY ⊙ act'(Z) as its own kernel, then dX, dW as plain products and db as a column sum."""
+    dy = dy.contiguous()
+    dz = activation_backward(dy, z, activation) if activation_code(activation) else dy
+    dx = matmul(dz, weight)[0] if need_dx else None
+    dw = matmul(dz.t(), x)[0] if need_dw else None
+    db = column_sum(dz) if need_db else None
+    return dx, dw, db

@@ -1,0 +1,168 @@
+"""One tiled matrix product with an optional fused prologue and epilogue; every linear kernel is this one.
+
+    C = epilogue(prologue(A) · B)          A [M, K], B [K, N], C [M, N], any strides
+    prologue(A) = A ⊙ act'(G)              (GATE_ACT ≠ 0; G laid out like A: the backward's dZ = dY ⊙ act'(Z))
+    epilogue(P) = act(P + bias[n])         (HAS_BIAS, ACT; P is stored too when STORE_PREACT)
+    rowsum[m]   = Σ_k prologue(A)[m, k]    (ROWSUM_A; the bias gradient db = Σ_rows dZ, from the dW product)
+
+Float32 accumulation; tiles visited in grouped order (GROUP_M rows of tiles share B tiles in L2).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._runtime import interpreter_active, new_empty
+from .activation import activation_code, activation_derivative, apply_activation
+
+
+@triton.jit
+def _matmul_kernel(
+    a_ptr, b_ptr, c_ptr, bias_ptr, preact_ptr, gate_ptr, rowsum_ptr,
+    M, N, K,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_gm, stride_gk,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STORE_PREACT: tl.constexpr,
+    GATE_ACT: tl.constexpr, ROWSUM_A: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    tiles_per_group = GROUP_M * tiles_n
+    first_m = (pid // tiles_per_group) * GROUP_M
+    group_rows = min(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % tiles_per_group) % group_rows
+    pid_n = (pid % tiles_per_group) // group_rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    # Clamp out-of-range rows/cols to a valid index so loads need no mask along M and N (results are discarded).
+    rows_a = tl.where(mask_m, offs_m, 0).to(tl.int64)
+    cols_b = tl.where(mask_n, offs_n, 0).to(tl.int64)
+    a_ptrs = a_ptr + rows_a[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + cols_b[None, :] * stride_bn
+    if GATE_ACT != 0:
+        g_ptrs = gate_ptr + rows_a[:, None] * stride_gm + offs_k[None, :] * stride_gk
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    row_acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_mask[:, None], other=0.0)
+        if GATE_ACT != 0:
+            g = tl.load(g_ptrs, mask=k_mask[None, :], other=0.0)
+            a = (a.to(tl.float32) * activation_derivative(g.to(tl.float32), GATE_ACT)).to(b.dtype)
+            g_ptrs += BLOCK_K * stride_gk
+        if ROWSUM_A:
+            if pid_n == 0:
+                row_acc += tl.sum(a.to(tl.float32), axis=1)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    out_mask = mask_m[:, None] & mask_n[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    c_offsets = offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :].to(tl.int64) * stride_cn
+    if STORE_PREACT:
+        tl.store(preact_ptr + c_offsets, acc.to(preact_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(c_ptr + c_offsets, apply_activation(acc, ACT).to(c_ptr.dtype.element_ty), mask=out_mask)
+    if ROWSUM_A:
+        if pid_n == 0:
+            tl.store(rowsum_ptr + offs_m, row_acc.to(rowsum_ptr.dtype.element_ty), mask=mask_m)
+
+
+# Hopper (H100/H200) tiles: wide tiles with 8 warps for big products, smaller ones so that skinny products
+# still spread over 132 SMs. Pruned per shape below so a first call tries only a handful.
+_HOPPER_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
+    for bm, bn, bk, s, w in [
+        (128, 256, 64, 3, 8),
+        (256, 128, 64, 3, 8),
+        (128, 128, 64, 4, 8),
+        (128, 128, 64, 4, 4),
+        (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (64, 64, 64, 5, 4),
+    ]
+]
+
+
+def _prune_configs(configs, named_args, **_):
+    """Keep the tiles that fit the product: no tile more than twice the size it covers."""
+    M, N = named_args["M"], named_args["N"]
+    fits = [
+        c for c in configs
+        if c.kwargs["BLOCK_M"] <= max(64, 2 * M) and c.kwargs["BLOCK_N"] <= max(64, 2 * N)
+    ]
+    return fits or configs[-1:]
+
+
+_tuned_matmul_kernel = triton.autotune(
+    configs=_HOPPER_CONFIGS,
+    key=["M", "N", "K", "HAS_BIAS", "ACT", "STORE_PREACT", "GATE_ACT", "ROWSUM_A", "INPUT_PRECISION"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+)(_matmul_kernel)
+
+# Under the interpreter every program runs in numpy one after another: one small fixed tile, no tuning.
+_INTERPRETER_META = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    """Float32 products run in true fp32 unless the user allowed TF32 in torch."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def matmul(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+    store_preactivation: bool = False,
+    gate: torch.Tensor | None = None,
+    gate_activation: str | None = None,
+    rowsum: bool = False,
+):
+    """C = act(prologue(a) @ b + bias) for 2-D a [M, K], b [K, N] of any strides (views are not copied).
+
+    gate: a tensor laid out like `a`; the prologue multiplies a by gate_activation'(gate).
+    Returns (c, preactivation or None, rowsum of the prologued a or None), c contiguous [M, N] in a's dtype.
+    """
+    M, K = a.shape
+    K2, N = b.shape
+    assert K == K2, (a.shape, b.shape)
+    c = new_empty((M, N), like=a)
+    preact = new_empty((M, N), like=a) if store_preactivation else c
+    row_sums = new_empty((M,), like=a) if rowsum else c
+    gate_t = gate if gate is not None else a
+    args = (
+        a, b, c, bias if bias is not None else c, preact, gate_t, row_sums,
+        M, N, K,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
+        gate_t.stride(0), gate_t.stride(1),
+    )
+    flags = dict(
+        HAS_BIAS=bias is not None,
+        ACT=activation_code(activation),
+        STORE_PREACT=store_preactivation,
+        GATE_ACT=activation_code(gate_activation) if gate is not None else 0,
+        ROWSUM_A=rowsum,
+        INPUT_PRECISION=_input_precision(a.dtype),
+    )
+    if M > 0 and N > 0:
+        if interpreter_active():
+            meta = _INTERPRETER_META
+            grid = (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+            _matmul_kernel[grid](*args, **flags, **meta)
+        else:
+            grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+            _tuned_matmul_kernel[grid](*args, **flags)
+    return c, (preact if store_preactivation else None), (row_sums if rowsum else None)

@@ -1,0 +1,5 @@
+"""Models built only from triformer.nn (each with a backend="torch" reference)."""
+
+from .mlp import TritonMLP
+
+__all__ = ["TritonMLP"]

@@ -1,0 +1,31 @@
+"""Choose how kernels run before anything imports triton: natively with CUDA, else through the interpreter."""
+
+import os
+import sys
+
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+    assert "triformer.kernels.matmul" not in sys.modules, "kernels were compiled before the runner was chosen"
+
+import pytest  # noqa: E402
+
+from triformer.kernels import _runtime  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    """Every output a kernel launcher allocates starts as NaN, so an element no program writes fails the test."""
+    monkeypatch.setattr(_runtime, "POISON_OUTPUTS", True)
+
+
+@pytest.fixture
+def seed():
+    """A fresh random seed per test (printed on failure through the test id's locals), never a fixed one."""
+    import torch
+
+    value = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(value)
+    return value

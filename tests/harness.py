@@ -1,0 +1,68 @@
+"""Shared test helpers: where tests run, per-dtype tolerances, float64 references, gradient comparison."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+ON_GPU = torch.cuda.is_available() and not INTERPRETER
+DEVICE = "cuda" if ON_GPU else "cpu"
+
+BF16_ON_INTERPRETER = "bf16 needs a GPU: Triton's interpreter computes bfloat16 on the raw bits (numpy has no bf16)"
+
+# Relative error ‖out − ref‖ / ‖ref‖ allowed per input dtype (reference: float64 on the same rounded inputs).
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+TF32_TOLERANCE = 1e-3
+
+DTYPES = [
+    pytest.param(torch.float32, id="fp32"),
+    pytest.param(torch.float16, id="fp16"),
+    pytest.param(torch.bfloat16, id="bf16", marks=pytest.mark.skipif(INTERPRETER, reason=BF16_ON_INTERPRETER)),
+]
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    if dtype == torch.float32 and ON_GPU and torch.backends.cuda.matmul.allow_tf32:
+        return TF32_TOLERANCE
+    return TOLERANCE[dtype]
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ in float64 (0 when both are exactly zero); NaN anywhere gives inf."""
+    out64, ref64 = out.detach().double().cpu(), ref.detach().double().cpu()
+    if out64.shape != ref64.shape:
+        raise AssertionError(f"shape {tuple(out64.shape)} != reference {tuple(ref64.shape)}")
+    if torch.isnan(out64).any() or torch.isnan(ref64).any():
+        return float("inf")
+    diff = (out64 - ref64).norm().item()
+    scale = ref64.norm().item()
+    return diff / scale if scale > 0 else diff
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str, tol: float | None = None):
+    tol = tolerance(dtype) if tol is None else tol
+    err = relative_error(out, ref)
+    assert err < tol, f"{what}: relative error {err:.3e} ≥ {tol:.0e} ({dtype})"
+
+
+def randn(*shape, dtype=torch.float32, scale: float = 1.0, requires_grad: bool = False) -> torch.Tensor:
+    """Fresh normal samples on the test device in `dtype` (drawn in float64, then rounded)."""
+    t = (torch.randn(*shape, dtype=torch.float64) * scale).to(device=DEVICE, dtype=dtype)
+    return t.requires_grad_(requires_grad)
+
+
+def reference_copy(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A float64 CPU leaf with the same values, for the reference computation."""
+    if t is None:
+        return None
+    return t.detach().double().cpu().requires_grad_(t.requires_grad)
+
+
+def assert_grads_close(pairs, dtype: torch.dtype, tol: float | None = None):
+    """pairs: (name, tensor under test, float64 reference leaf); compares every .grad."""
+    for name, tested, ref in pairs:
+        assert tested.grad is not None, f"no gradient reached {name}"
+        assert_close(tested.grad, ref.grad, dtype, f"grad of {name}", tol)
