@@ -9,6 +9,9 @@ if "TRITON_INTERPRET" not in os.environ:
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
     assert "triformer.kernels.matmul" not in sys.modules, "kernels were compiled before the runner was chosen"
+# Hundreds of shapes would each trigger an autotuning sweep on the GPU: tests use one fixed tile per shape and
+# check every tile of the tuning space explicitly (test_linear_gpu.py), and the autotuned path on a few shapes.
+os.environ.setdefault("TRIFORMER_AUTOTUNE", "0")
 
 import pytest  # noqa: E402
 

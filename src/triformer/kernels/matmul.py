@@ -10,6 +10,8 @@ Float32 accumulation; tiles visited in grouped order (GROUP_M rows of tiles shar
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -94,13 +96,19 @@ _HOPPER_CONFIGS = [
 
 
 def _prune_configs(configs, named_args, **_):
-    """Keep the tiles that fit the product: no tile more than twice the size it covers."""
+    """Keep the tiles that fit the product (no tile more than twice the size it covers); 4-byte inputs get
+    half-deep K tiles so the pipelined shared-memory buffers still fit Hopper's 228 KB."""
     M, N = named_args["M"], named_args["N"]
     fits = [
         c for c in configs
         if c.kwargs["BLOCK_M"] <= max(64, 2 * M) and c.kwargs["BLOCK_N"] <= max(64, 2 * N)
-    ]
-    return fits or configs[-1:]
+    ] or configs[-1:]
+    if named_args["a_ptr"].element_size() == 4:
+        fits = [
+            triton.Config({**c.kwargs, "BLOCK_K": 32}, num_warps=c.num_warps, num_stages=min(c.num_stages, 3))
+            for c in fits
+        ]
+    return fits
 
 
 _tuned_matmul_kernel = triton.autotune(
@@ -111,6 +119,35 @@ _tuned_matmul_kernel = triton.autotune(
 
 # Under the interpreter every program runs in numpy one after another: one small fixed tile, no tuning.
 _INTERPRETER_META = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
+
+# Tests set this to one of _HOPPER_CONFIGS to check every tile shape on the GPU without autotuning.
+FORCED_CONFIG: triton.Config | None = None
+
+
+def autotune_enabled() -> bool:
+    """TRIFORMER_AUTOTUNE=0 replaces autotuning by one fixed tile per shape (the GPU test suite uses it)."""
+    return os.environ.get("TRIFORMER_AUTOTUNE", "1") != "0"
+
+
+def _fixed_config(a: torch.Tensor, M: int, N: int) -> triton.Config:
+    """Without autotuning: the forced config, else the largest fitting tile up to 128×128."""
+    fits = _prune_configs([FORCED_CONFIG] if FORCED_CONFIG else _HOPPER_CONFIGS, {"M": M, "N": N, "a_ptr": a})
+    return next((c for c in fits if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128), fits[-1])
+
+
+def _launch(args, flags, M: int, N: int) -> None:
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    if interpreter_active():
+        _matmul_kernel[grid(_INTERPRETER_META)](*args, **flags, **_INTERPRETER_META)
+    elif FORCED_CONFIG is not None or not autotune_enabled():
+        config = _fixed_config(args[0], M, N)
+        _matmul_kernel[grid(config.kwargs)](
+            *args, **flags, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages
+        )
+    else:
+        _tuned_matmul_kernel[grid](*args, **flags)
 
 
 def _input_precision(dtype: torch.dtype) -> str:
@@ -158,11 +195,5 @@ def matmul(
         INPUT_PRECISION=_input_precision(a.dtype),
     )
     if M > 0 and N > 0:
-        if interpreter_active():
-            meta = _INTERPRETER_META
-            grid = (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-            _matmul_kernel[grid](*args, **flags, **meta)
-        else:
-            grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-            _tuned_matmul_kernel[grid](*args, **flags)
+        _launch(args, flags, M, N)
     return c, (preact if store_preactivation else None), (row_sums if rowsum else None)

@@ -1,0 +1,1 @@
+"""Benchmarks: providers side by side, rates against ceilings measured in the same run."""

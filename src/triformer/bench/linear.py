@@ -1,0 +1,107 @@
+"""Linear(+bias+relu) benchmark: triformer fused and unfused against PyTorch's paths, forward and forward+backward.
+
+Rates count 2·M·N·K flops for the forward and 3× that for forward+backward (dX and dW are products of the
+same size). Run as `python -m triformer.bench.linear` on a GPU for the issue's table.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .. import functional as TF
+from .timing import median_ms
+
+DEFAULT_SHAPES = [(8192, 768, 3072), (8192, 3072, 768), (16384, 1024, 4096), (4096, 4096, 4096), (512, 3072, 768)]
+
+
+def _eager(x, w, b):
+    return torch.relu(F.linear(x, w, b))
+
+
+def _three_ops(x, w, b):
+    return torch.relu(x @ w.t() + b)
+
+
+def _addmm_activation(x, w, b):
+    return torch._addmm_activation(b, x, w.t())
+
+
+def providers(device: str) -> dict:
+    """name → f(x, w, b) computing relu(x·wᵀ + b)."""
+    table = {
+        "triformer fused": lambda x, w, b: TF.linear(x, w, b, activation="relu", fused=True),
+        "triformer unfused": lambda x, w, b: TF.linear(x, w, b, activation="relu", fused=False),
+        "torch eager": _eager,
+        "torch 3 ops": _three_ops,
+    }
+    if device == "cuda":
+        table["torch addmm_activation"] = _addmm_activation
+        table["torch.compile"] = torch.compile(_eager)
+    return table
+
+
+def _timed(fn, x, w, b, mode: str) -> float:
+    if mode == "fwd":
+        with torch.no_grad():
+            return median_ms(lambda: fn(x, w, b))
+    dy = torch.randn(x.shape[0], w.shape[0], device=x.device, dtype=x.dtype)
+    inputs = (x.requires_grad_(), w.requires_grad_(), b.requires_grad_())
+    return median_ms(lambda: torch.autograd.grad(fn(*inputs), inputs, dy))
+
+
+def run(shapes=DEFAULT_SHAPES, dtype: torch.dtype = torch.bfloat16, device: str = "cuda", progress: bool = True,
+        modes=("fwd", "fwd+bwd")) -> list[dict]:
+    """One row per (shape, mode, provider): ms and TFLOP/s. A provider that fails is reported, not hidden."""
+    rows = []
+    work = [(s, m, p) for s in shapes for m in modes for p in providers(device)]
+    table = providers(device)
+    for (M, K, N), mode, name in tqdm(work, desc="linear bench", disable=not progress):
+        x = torch.randn(M, K, device=device, dtype=dtype)
+        w = torch.randn(N, K, device=device, dtype=dtype) * K ** -0.5
+        b = torch.randn(N, device=device, dtype=dtype)
+        row = dict(op="linear+relu", shape=f"{M}x{K}x{N}", dtype=str(dtype).removeprefix("torch."), mode=mode,
+                   provider=name, unit="TFLOP/s")
+        try:
+            ms = _timed(table[name], x, w, b, mode)
+        except Exception as exc:  # e.g. no autograd formula for _addmm_activation
+            rows.append({**row, "ms": float("nan"), "rate": float("nan"), "error": f"{type(exc).__name__}: {exc}"[:200]})
+            continue
+        flops = 2 * M * N * K * (3 if mode == "fwd+bwd" else 1)
+        rows.append({**row, "ms": ms, "rate": flops / (ms * 1e-3) / 1e12, "error": ""})
+    return rows
+
+
+def main() -> None:
+    import pandas as pd
+
+    from .timing import matmul_tflops
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--csv", help="write every row here")
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    shapes = DEFAULT_SHAPES if device == "cuda" else [(65, 33, 129)]
+    ceiling = matmul_tflops(device)
+    frame = pd.DataFrame(run(shapes, device=device))
+    frame["fraction_of_matmul"] = frame["rate"] / ceiling
+    if args.csv:
+        frame.to_csv(args.csv, index=False)
+    pd.set_option("display.width", 200)
+    print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu (interpreter: timings mean nothing)'}"
+          f", measured bf16 matmul 8192^3: {ceiling:.0f} TFLOP/s")
+    table = frame.pivot_table(index=["shape", "mode"], columns="provider", values="rate", sort=False)
+    print(table.round(1).to_string())
+    ours = table["triformer fused"]
+    for other in [c for c in table.columns if c != "triformer fused"]:
+        print(f"fused / {other}: " + ", ".join(f"{s}/{m}={r:.2f}" for (s, m), r in (ours / table[other]).items()))
+    errors = frame[frame["error"] != ""]
+    if len(errors):
+        print("providers that failed:\n" + errors[["shape", "mode", "provider", "error"]].to_string())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""TritonLinear / functional.linear: forward and every gradient against float64, fused and unfused."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import triformer.functional as TF
+from harness import DTYPES, ON_GPU, assert_close, assert_grads_close, randn, reference_copy
+from triformer import TritonLinear
+
+ACTIVATIONS = [None, "relu", "gelu", "silu"]
+REFERENCE_ACTIVATION = {
+    None: lambda z: z,
+    "relu": torch.relu,
+    "gelu": lambda z: torch.nn.functional.gelu(z, approximate="tanh"),
+    "silu": torch.nn.functional.silu,
+}
+
+# (M, K, N): the issue's grid; on the CPU the full grid runs for fp32, a spread of it for the rest.
+SHAPE_GRID = list(itertools.product([1, 7, 129], [1, 33, 300], [1, 65, 257]))
+SPREAD = [(1, 1, 1), (7, 33, 65), (129, 300, 257), (129, 1, 65), (1, 300, 257), (7, 33, 1)]
+GPU_SHAPES = [(1000, 1536, 771), (4099, 512, 1024)]
+
+
+def reference_linear(x, w, b, activation):
+    """act(x·wᵀ + b) in float64 on the CPU, from leaves that collect gradients."""
+    z = x @ w.t()
+    if b is not None:
+        z = z + b
+    return REFERENCE_ACTIVATION[activation](z), z
+
+
+def run_and_compare(x, w, b, activation, fused, dtype):
+    """Forward and backward of ours and of the float64 reference, then every output and gradient compared."""
+    xr, wr, br = (reference_copy(t) for t in (x, w, b))
+    ref, z_ref = reference_linear(xr, wr, br, activation)
+    dy = torch.randn(ref.shape, dtype=torch.float64)
+    if activation == "relu":
+        # Where Z is within rounding distance of relu's kink the derivative depends on the last bit of Z:
+        # those elements get no upstream gradient (in both computations), so the comparison stays exact.
+        dy = dy * (z_ref.detach().abs() > 1e-2 * z_ref.detach().abs().mean())
+    out = TF.linear(x, w, b, activation=activation, fused=fused)
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert_close(out, ref, dtype, "output")
+    out.backward(dy.to(device=out.device, dtype=dtype))
+    ref.backward(dy)
+    pairs = [("x", x, xr), ("weight", w, wr)] + ([("bias", b, br)] if b is not None else [])
+    assert_grads_close(pairs, dtype)
+
+
+def make_inputs(M, K, N, dtype, bias=True, lead=()):
+    scale = K ** -0.5
+    x = randn(*lead, M, K, dtype=dtype, requires_grad=True)
+    w = randn(N, K, dtype=dtype, scale=scale, requires_grad=True)
+    b = randn(N, dtype=dtype, requires_grad=True) if bias else None
+    return x, w, b
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("M,K,N", SHAPE_GRID + (GPU_SHAPES if ON_GPU else []))
+def test_linear_fp32_shape_grid(M, K, N, activation, fused, seed):
+    run_and_compare(*make_inputs(M, K, N, torch.float32), activation, fused, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("M,K,N", (SHAPE_GRID + GPU_SHAPES) if ON_GPU else SPREAD)
+def test_linear_dtypes_bias(M, K, N, activation, fused, bias, dtype, seed):
+    run_and_compare(*make_inputs(M, K, N, dtype, bias), activation, fused, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_linear_3d_input(activation, fused, dtype, seed):
+    run_and_compare(*make_inputs(5, 33, 65, dtype, lead=(3,)), activation, fused, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+@pytest.mark.parametrize("layout", ["transposed", "sliced", "permuted-3d"])
+def test_linear_non_contiguous_input(layout, fused, dtype, seed):
+    K, N = 33, 65
+    if layout == "transposed":
+        base = randn(K, 37, dtype=dtype)
+        x = base.t()
+    elif layout == "sliced":
+        base = randn(37, 2 * K + 3, dtype=dtype)
+        x = base[:, 3::2]
+    else:
+        base = randn(K, 3, 11, dtype=dtype)
+        x = base.permute(1, 2, 0)
+    assert not x.is_contiguous()
+    x = x.detach().requires_grad_(True)  # a non-contiguous leaf
+    w = randn(N, K, dtype=dtype, scale=K ** -0.5, requires_grad=True)
+    b = randn(N, dtype=dtype, requires_grad=True)
+    run_and_compare(x, w, b, "silu", fused, dtype)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+def test_non_contiguous_upstream_gradient(fused, seed):
+    x, w, b = make_inputs(7, 33, 65, torch.float32)
+    out = TF.linear(x, w, b, activation="gelu", fused=fused)
+    out.sum().backward()  # dy is an expanded (stride-0) tensor
+    xr, wr, br = (reference_copy(t) for t in (x, w, b))
+    reference_linear(xr, wr, br, "gelu")[0].sum().backward()
+    assert_grads_close([("x", x, xr), ("weight", w, wr), ("bias", b, br)], torch.float32)
+
+
+def test_only_some_gradients(seed):
+    """Frozen weights: only dX is computed; frozen input: only dW and db."""
+    x, w, b = make_inputs(7, 33, 65, torch.float32)
+    w.requires_grad_(False)
+    b.requires_grad_(False)
+    TF.linear(x, w, b, activation="relu").sum().backward()
+    assert x.grad is not None and w.grad is None
+    x2, w2, b2 = make_inputs(7, 33, 65, torch.float32)
+    x2.requires_grad_(False)
+    TF.linear(x2, w2, b2, activation="gelu").sum().backward()
+    assert w2.grad is not None and b2.grad is not None
+
+
+def test_module_matches_nn_linear_init_and_repr(seed):
+    layer = TritonLinear(33, 65, activation="gelu", fused=False)
+    assert layer.weight.shape == (65, 33) and layer.bias.shape == (65,)
+    bound = 33 ** -0.5
+    assert layer.weight.abs().max() <= bound and layer.bias.abs().max() <= bound
+    assert layer.weight.std() > bound / 4  # actually initialised, not left empty
+    assert "activation=gelu" in repr(layer) and "fused=False" in repr(layer)
+    assert TritonLinear(4, 5, bias=False).bias is None
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_module_forward_backward(activation, seed):
+    torch_layer = torch.nn.Linear(33, 65, device="cuda" if ON_GPU else "cpu")
+    layer = TritonLinear(33, 65, activation=activation, device=torch_layer.weight.device)
+    layer.load_state_dict(torch_layer.state_dict())
+    x = randn(4, 9, 33, requires_grad=True)
+    out = layer(x)
+    ref = REFERENCE_ACTIVATION[activation](torch_layer(x))
+    assert_close(out, ref, torch.float32, "module output", tol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+
+
+def test_errors_name_what_is_wrong():
+    dev = "cuda" if ON_GPU else "cpu"
+    x = torch.randn(4, 8, device=dev)
+    w = torch.randn(5, 8, device=dev)
+    with pytest.raises(ValueError, match="last dimension 7.*in_features=8"):
+        TF.linear(torch.randn(4, 7, device=dev), w)
+    with pytest.raises(TypeError, match="x has dtype torch.int64"):
+        TF.linear(torch.ones(4, 8, dtype=torch.int64, device=dev), w)
+    with pytest.raises(TypeError, match="weight has dtype torch.float16 but x has torch.float32"):
+        TF.linear(x, w.half())
+    with pytest.raises(ValueError, match="unknown activation 'tanh'"):
+        TF.linear(x, w, activation="tanh")
+    with pytest.raises(ValueError, match="unknown activation"):
+        TritonLinear(8, 5, activation="swish")
+    with pytest.raises(ValueError, match=r"bias must have shape \(5,\)"):
+        TF.linear(x, w, torch.randn(6, device=dev))
+    with pytest.raises(ValueError, match="weight must be 2-D"):
+        TF.linear(x, w[None])
+
+
+def test_cpu_tensor_without_interpreter_says_how_to_run(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        TF.linear(torch.randn(2, 3), torch.randn(4, 3))
+
+
+def test_poisoned_outputs_are_overwritten(seed):
+    """Poisoning is on in every test (conftest): a kernel that leaves an element unwritten fails; check it does."""
+    from triformer.kernels import _runtime
+
+    assert _runtime.POISON_OUTPUTS
+    x, w, b = make_inputs(33, 7, 65, torch.float32)
+    out = TF.linear(x, w, b, activation="relu")
+    assert not torch.isnan(out).any()

@@ -1,0 +1,52 @@
+"""TritonMLP: same function as the nn.Linear reference with the same weights, and it learns."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness import DEVICE, assert_close
+from triformer import TritonMLP
+
+
+def twin_models(fused: bool, hidden: int = 16):
+    ours = TritonMLP(3 * 5 * 5, 10, hidden_size=hidden, fused=fused).to(DEVICE)
+    ref = TritonMLP(3 * 5 * 5, 10, hidden_size=hidden, backend="torch").to(DEVICE)
+    ref.load_state_dict(ours.state_dict())
+    return ours, ref
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+def test_matches_nn_linear_mlp_with_same_weights(fused, seed):
+    ours, ref = twin_models(fused)
+    images = torch.randn(9, 3, 5, 5, device=DEVICE)  # an image batch: flattened by the model
+    labels = torch.randint(0, 10, (9,), device=DEVICE)
+    out, out_ref = ours(images), ref(images)
+    assert out.shape == (9, 10)
+    assert (out < 0).any(), "logits must not go through relu"
+    assert_close(out, out_ref, torch.float32, "logits", tol=1e-5)
+    torch.nn.functional.cross_entropy(out, labels).backward()
+    torch.nn.functional.cross_entropy(out_ref, labels).backward()
+    for (name, p), p_ref in zip(ours.named_parameters(), ref.parameters()):
+        assert_close(p.grad, p_ref.grad, torch.float32, f"grad of {name}", tol=1e-5)
+
+
+def test_learns_a_fixed_batch(seed):
+    model = TritonMLP(3 * 5 * 5, 10, hidden_size=16).to(DEVICE)
+    images = torch.randn(32, 3, 5, 5, device=DEVICE)
+    labels = torch.randint(0, 10, (32,), device=DEVICE)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    first = None
+    for _ in range(60):
+        loss = torch.nn.functional.cross_entropy(model(images), labels)
+        first = loss.item() if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    accuracy = (model(images).argmax(1) == labels).float().mean().item()
+    assert loss.item() < 0.2 * first and accuracy > 0.9, (first, loss.item(), accuracy)
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="unknown backend 'jax'"):
+        TritonMLP(4, 2, backend="jax")
