@@ -30,21 +30,26 @@ def tolerance(dtype: torch.dtype) -> float:
     return TOLERANCE[dtype]
 
 
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """‖out − ref‖ / ‖ref‖ in float64 (0 when both are exactly zero); NaN anywhere gives inf."""
+def relative_error(out: torch.Tensor, ref: torch.Tensor, scale_floor: float = 0.0) -> float:
+    """‖out − ref‖ / max(‖ref‖, scale_floor) in float64 (0 when both are exactly zero); NaN anywhere gives inf.
+
+    scale_floor guards sums that cancel by chance (a 1×1 output of a 129-term dot product can be near zero
+    while each term is not): it is the norm a well-conditioned result of the same terms would have.
+    """
     out64, ref64 = out.detach().double().cpu(), ref.detach().double().cpu()
     if out64.shape != ref64.shape:
         raise AssertionError(f"shape {tuple(out64.shape)} != reference {tuple(ref64.shape)}")
     if torch.isnan(out64).any() or torch.isnan(ref64).any():
         return float("inf")
     diff = (out64 - ref64).norm().item()
-    scale = ref64.norm().item()
+    scale = max(ref64.norm().item(), scale_floor)
     return diff / scale if scale > 0 else diff
 
 
-def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str, tol: float | None = None):
+def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str, tol: float | None = None,
+                 scale_floor: float = 0.0):
     tol = tolerance(dtype) if tol is None else tol
-    err = relative_error(out, ref)
+    err = relative_error(out, ref, scale_floor)
     assert err < tol, f"{what}: relative error {err:.3e} ≥ {tol:.0e} ({dtype})"
 
 
@@ -61,8 +66,15 @@ def reference_copy(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.detach().double().cpu().requires_grad_(t.requires_grad)
 
 
-def assert_grads_close(pairs, dtype: torch.dtype, tol: float | None = None):
+def assert_grads_close(pairs, dtype: torch.dtype, tol: float | None = None, scale_floors: dict | None = None):
     """pairs: (name, tensor under test, float64 reference leaf); compares every .grad."""
     for name, tested, ref in pairs:
         assert tested.grad is not None, f"no gradient reached {name}"
-        assert_close(tested.grad, ref.grad, dtype, f"grad of {name}", tol)
+        floor = (scale_floors or {}).get(name, 0.0)
+        assert_close(tested.grad, ref.grad, dtype, f"grad of {name}", tol, floor)
+
+
+def well_conditioned_norm(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖|a|·|b|‖ / √k for a [.., k] @ b [k, ..]: the norm of a·b when its k terms do not cancel by chance."""
+    a64, b64 = a.detach().double().cpu().abs(), b.detach().double().cpu().abs()
+    return ((a64 @ b64).norm() / max(a64.shape[-1], 1) ** 0.5).item()

@@ -103,16 +103,20 @@ def _activation_backward_kernel(dy_ptr, z_ptr, dz_ptr, total, ACT: tl.constexpr,
 
 
 @triton.jit
-def _column_sum_kernel(x_ptr, out_ptr, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """out[n] = Σ_m x[m, n] over a contiguous [M, N] tensor, accumulated in float32."""
+def _column_sum_kernel(x_ptr, out_ptr, M, N, ROWS_PER_PROGRAM, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[c, n] = Σ_{m in chunk c} x[m, n] over a contiguous [M, N] tensor, accumulated in float32.
+
+    Program (n-block, c) sums ROWS_PER_PROGRAM rows, so tall tensors still spread over every SM.
+    """
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    chunk = tl.program_id(1)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for start in range(0, M, BLOCK_M):
+    for start in range(chunk * ROWS_PER_PROGRAM, tl.minimum(M, (chunk + 1) * ROWS_PER_PROGRAM), BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         mask = (rows[:, None] < M) & (cols[None, :] < N)
         x = tl.load(x_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], mask=mask, other=0.0)
         acc += tl.sum(x.to(tl.float32), axis=0)
-    tl.store(out_ptr + cols, acc.to(out_ptr.dtype.element_ty), mask=cols < N)
+    tl.store(out_ptr + chunk.to(tl.int64) * N + cols, acc.to(out_ptr.dtype.element_ty), mask=cols < N)
 
 
 def _grid(total: int):
@@ -144,10 +148,16 @@ def activation_backward(dy: torch.Tensor, z: torch.Tensor, activation: str | Non
     return dz
 
 
-def column_sum(x: torch.Tensor) -> torch.Tensor:
-    """Σ over rows of a contiguous [M, N] tensor, in x's dtype (float32 accumulation)."""
+def column_sum(x: torch.Tensor, rows_per_program: int = 256) -> torch.Tensor:
+    """Σ over rows of a contiguous [M, N] tensor, in x's dtype: float32 partial sums per chunk of rows,
+    then the same kernel again over the partials until one row is left."""
     M, N = x.shape
-    out = new_empty((N,), like=x)
-    block_n = 64
-    _column_sum_kernel[(triton.cdiv(N, block_n),)](x, out, M, N, BLOCK_M=64, BLOCK_N=block_n)
-    return out
+    chunks = max(1, triton.cdiv(M, rows_per_program))
+    out = new_empty((chunks, N), like=x, dtype=torch.float32 if chunks > 1 else x.dtype)
+    block_n = 128
+    _column_sum_kernel[(triton.cdiv(N, block_n), chunks)](
+        x, out, M, N, rows_per_program, BLOCK_M=32, BLOCK_N=block_n
+    )
+    if chunks > 1:
+        return column_sum(out, rows_per_program).to(x.dtype)
+    return out[0]

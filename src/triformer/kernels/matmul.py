@@ -28,6 +28,7 @@ def _matmul_kernel(
     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STORE_PREACT: tl.constexpr,
     GATE_ACT: tl.constexpr, ROWSUM_A: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(M, BLOCK_M)
@@ -43,21 +44,26 @@ def _matmul_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    # Clamp out-of-range rows/cols to a valid index so loads need no mask along M and N (results are discarded).
-    rows_a = tl.where(mask_m, offs_m, 0).to(tl.int64)
-    cols_b = tl.where(mask_n, offs_n, 0).to(tl.int64)
-    a_ptrs = a_ptr + rows_a[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + cols_b[None, :] * stride_bn
+    # Out-of-range rows and columns are masked, never clamped: a clamped index would hide the contiguity of
+    # offs_m/offs_n from the compiler and turn the loads of transposed operands into scalar loads.
+    a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :].to(tl.int64) * stride_bn
     if GATE_ACT != 0:
-        g_ptrs = gate_ptr + rows_a[:, None] * stride_gm + offs_k[None, :] * stride_gk
+        g_ptrs = gate_ptr + offs_m[:, None].to(tl.int64) * stride_gm + offs_k[None, :] * stride_gk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     row_acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        k_mask = offs_k < K - k0
-        a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_mask[:, None], other=0.0)
+        if EVEN_K:  # no K tail: only the M and N edges are masked
+            a_mask = mask_m[:, None]
+            b_mask = mask_n[None, :]
+        else:
+            k_mask = offs_k < K - k0
+            a_mask = mask_m[:, None] & k_mask[None, :]
+            b_mask = k_mask[:, None] & mask_n[None, :]
+        a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+        b = tl.load(b_ptrs, mask=b_mask, other=0.0)
         if GATE_ACT != 0:
-            g = tl.load(g_ptrs, mask=k_mask[None, :], other=0.0)
+            g = tl.load(g_ptrs, mask=a_mask, other=0.0)
             a = (a.to(tl.float32) * activation_derivative(g.to(tl.float32), GATE_ACT)).to(b.dtype)
             g_ptrs += BLOCK_K * stride_gk
         if ROWSUM_A:
@@ -110,6 +116,8 @@ def _prune_configs(configs, named_args, **_):
         ]
     return fits
 
+
+_matmul_kernel = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_matmul_kernel)
 
 _tuned_matmul_kernel = triton.autotune(
     configs=_HOPPER_CONFIGS,
