@@ -21,8 +21,8 @@ REFERENCE_ACTIVATION = {
 
 # (M, K, N): the grid; on the CPU the full grid runs for fp32, a spread of it for the rest.
 SHAPE_GRID = list(itertools.product([1, 7, 129], [1, 33, 300], [1, 65, 257]))
-SPREAD = [(1, 1, 1), (7, 33, 65), (129, 300, 257), (129, 1, 65), (1, 300, 257), (7, 33, 1)]
-GPU_SHAPES = [(1000, 1536, 771), (4099, 512, 1024)]
+SPREAD = [(1, 1, 1), (7, 33, 65), (129, 300, 257), (129, 1, 65), (1, 300, 257), (7, 33, 1), (64, 96, 32), (96, 33, 64)]
+GPU_SHAPES = [(1000, 1536, 771), (4099, 512, 1024), (1024, 512, 768), (64, 96, 32), (96, 33, 64)]  # odd and tile-aligned
 
 
 def reference_linear(x, w, b, activation):

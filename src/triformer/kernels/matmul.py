@@ -21,6 +21,19 @@ from .activation import activation_code, activation_derivative, apply_activation
 
 
 @triton.jit
+def _load_tile(ptrs, row_ok, col_ok, ROWS_EVEN: tl.constexpr, COLS_EVEN: tl.constexpr):
+    """A 2-D tile, masked (zero-filled) only along the dimensions whose tiles can hang over an edge."""
+    if ROWS_EVEN and COLS_EVEN:
+        return tl.load(ptrs)
+    elif ROWS_EVEN:
+        return tl.load(ptrs, mask=col_ok[None, :], other=0.0)
+    elif COLS_EVEN:
+        return tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+    else:
+        return tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+
+
+@triton.jit
 def _matmul_kernel(
     a_ptr, b_ptr, c_ptr, bias_ptr, preact_ptr, gate_ptr, rowsum_ptr,
     M, N, K,
@@ -28,7 +41,7 @@ def _matmul_kernel(
     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STORE_PREACT: tl.constexpr,
     GATE_ACT: tl.constexpr, ROWSUM_A: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_K: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(M, BLOCK_M)
@@ -53,22 +66,15 @@ def _matmul_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     row_acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:  # no K tail: only the M and N edges are masked
-            a_mask = mask_m[:, None]
-            b_mask = mask_n[None, :]
-        else:
-            k_mask = offs_k < K - k0
-            a_mask = mask_m[:, None] & k_mask[None, :]
-            b_mask = k_mask[:, None] & mask_n[None, :]
-        a = tl.load(a_ptrs, mask=a_mask, other=0.0)
-        b = tl.load(b_ptrs, mask=b_mask, other=0.0)
+        k_ok = offs_k < K - k0
+        a = _load_tile(a_ptrs, mask_m, k_ok, EVEN_M, EVEN_K)
+        b = _load_tile(b_ptrs, k_ok, mask_n, EVEN_K, EVEN_N)
         if GATE_ACT != 0:
-            g = tl.load(g_ptrs, mask=a_mask, other=0.0)
+            g = _load_tile(g_ptrs, mask_m, k_ok, EVEN_M, EVEN_K)
             a = (a.to(tl.float32) * activation_derivative(g.to(tl.float32), GATE_ACT)).to(b.dtype)
             g_ptrs += BLOCK_K * stride_gk
-        if ROWSUM_A:
-            if pid_n == 0:
-                row_acc += tl.sum(a.to(tl.float32), axis=1)
+        if ROWSUM_A:  # every program sums (a branch here would stop the loop's software pipelining)
+            row_acc += tl.sum(a.to(tl.float32), axis=1)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
@@ -80,9 +86,8 @@ def _matmul_kernel(
     if STORE_PREACT:
         tl.store(preact_ptr + c_offsets, acc.to(preact_ptr.dtype.element_ty), mask=out_mask)
     tl.store(c_ptr + c_offsets, apply_activation(acc, ACT).to(c_ptr.dtype.element_ty), mask=out_mask)
-    if ROWSUM_A:
-        if pid_n == 0:
-            tl.store(rowsum_ptr + offs_m, row_acc.to(rowsum_ptr.dtype.element_ty), mask=mask_m)
+    if ROWSUM_A:  # the first column of tiles writes
+        tl.store(rowsum_ptr + offs_m, row_acc.to(rowsum_ptr.dtype.element_ty), mask=mask_m & (pid_n == 0))
 
 
 # Hopper (H100/H200) tiles: wide tiles with 8 warps for big products, smaller ones so that skinny products
@@ -91,6 +96,7 @@ _HOPPER_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
     for bm, bn, bk, s, w in [
         (128, 256, 64, 3, 8),
+        (128, 256, 64, 4, 8),
         (256, 128, 64, 3, 8),
         (128, 128, 64, 4, 8),
         (128, 128, 64, 4, 4),
@@ -117,7 +123,11 @@ def _prune_configs(configs, named_args, **_):
     return fits
 
 
-_matmul_kernel = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_matmul_kernel)
+_matmul_kernel = triton.heuristics({
+    "EVEN_M": lambda args: args["M"] % args["BLOCK_M"] == 0,
+    "EVEN_N": lambda args: args["N"] % args["BLOCK_N"] == 0,
+    "EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0,
+})(_matmul_kernel)
 
 _tuned_matmul_kernel = triton.autotune(
     configs=_HOPPER_CONFIGS,
