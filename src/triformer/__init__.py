@@ -2,7 +2,9 @@
 
 from . import functional
 from .models import TritonMLP
-from .nn import TorchLinear, TritonLinear
+from .nn import (TorchLinear, TritonCrossEntropyLoss, TritonDropout, TritonLayerNorm, TritonLinear, TritonRMSNorm,
+                 TritonSoftmax)
 
 __version__ = "0.1.0"
-__all__ = ["functional", "TritonLinear", "TorchLinear", "TritonMLP"]
+__all__ = ["functional", "TritonLinear", "TorchLinear", "TritonMLP", "TritonLayerNorm", "TritonRMSNorm",
+           "TritonSoftmax", "TritonDropout", "TritonCrossEntropyLoss"]

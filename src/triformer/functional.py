@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from .kernels import cross_entropy as ce_kernels
+from .kernels import dropout as dropout_kernels
 from .kernels import linear as linear_kernels
-from .kernels._runtime import check_same_dtype, check_tensor
+from .kernels import norms as norm_kernels
+from .kernels import softmax as softmax_kernels
+from .kernels._runtime import check_same_dtype, check_tensor, new_empty
 from .kernels.activation import activation_code
 
 
@@ -84,3 +90,257 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     _check_linear_inputs(x, weight, bias, activation)
     x, weight, bias = _cast_for_autocast(x, weight, bias)
     return _LinearFunction.apply(x, weight, bias, None if activation == "none" else activation, fused)
+
+
+# ------------------------------------------------------------------------------ layer_norm, rms_norm
+
+
+def _check_param(param, name: str, x: torch.Tensor, shape: tuple) -> None:
+    """A norm's weight or bias: any float dtype (math is float32; grads come back in its dtype), x's device."""
+    if param is None:
+        return
+    check_tensor(param, name)
+    if param.device != x.device:
+        raise ValueError(f"{name} is on {param.device} but x is on {x.device}")
+    if tuple(param.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape} (normalized_shape), got {tuple(param.shape)}")
+
+
+def _normalized_width(x: torch.Tensor, normalized_shape, weight, bias) -> int:
+    """Validate a norm's inputs; the number of trailing elements normalized together."""
+    check_tensor(x, "x")
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    if not shape or not all(isinstance(d, int) and d > 0 for d in shape):
+        raise ValueError(f"normalized_shape must be a positive int or a tuple of them, got {normalized_shape!r}")
+    if tuple(x.shape[x.dim() - len(shape):]) != shape or x.dim() < len(shape):
+        raise ValueError(f"x of shape {tuple(x.shape)} does not end in normalized_shape {shape}")
+    _check_param(weight, "weight", x, shape)
+    _check_param(bias, "bias", x, shape)
+    return math.prod(shape)
+
+
+class _NormFunction(torch.autograd.Function):
+    """LayerNorm (center=True) or RMSNorm (center=False) over the last dimension of x."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, center):
+        y, x2, mean, rstd = norm_kernels.norm_forward(x, weight, bias, eps, center)
+        ctx.save_for_backward(x2, weight, mean, rstd)
+        ctx.x_shape, ctx.bias_dtype = x.shape, None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, mean, rstd = ctx.saved_tensors
+        need_dw, need_db = ctx.needs_input_grad[1:3]
+        dx, dw, db = norm_kernels.norm_backward(dy, x2, weight, mean, rstd, need_dw, need_db)
+        return (dx.view(ctx.x_shape) if ctx.needs_input_grad[0] else None, None if dw is None else dw.to(weight.dtype),
+                None if db is None else db.to(ctx.bias_dtype), None, None)
+
+
+def _normalize(x, normalized_shape, weight, bias, eps, center):
+    n = _normalized_width(x, normalized_shape, weight, bias)
+    k = 1 if isinstance(normalized_shape, int) else len(normalized_shape)
+    flat = x.reshape(*x.shape[: x.dim() - k], n)
+    weight = None if weight is None else weight.reshape(n)
+    bias = None if bias is None else bias.reshape(n)
+    return _NormFunction.apply(flat, weight, bias, float(eps), center).view(x.shape)
+
+
+def layer_norm(x: torch.Tensor, normalized_shape, weight: torch.Tensor | None = None,
+               bias: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
+    """(x − μ) / √(σ² + eps) · weight + bias over the trailing normalized_shape dims, as F.layer_norm.
+
+    Float32 math; the output has x's dtype (weight and bias may be of another float dtype, e.g. float32
+    parameters under bf16 autocast); gradients for x, weight and bias in Triton.
+    """
+    return _normalize(x, normalized_shape, weight, bias, eps, center=True)
+
+
+def rms_norm(x: torch.Tensor, normalized_shape, weight: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
+    """x / √(mean(x²) + eps) · weight over the trailing normalized_shape dims, as F.rms_norm (eps given)."""
+    return _normalize(x, normalized_shape, weight, None, eps, center=False)
+
+
+# ------------------------------------------------------------------------------------------- softmax
+
+
+class _SoftmaxFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, causal):
+        y = softmax_kernels.softmax_forward(x, causal)
+        ctx.save_for_backward(y)
+        ctx.causal = causal
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        (y,) = ctx.saved_tensors
+        return softmax_kernels.softmax_backward(y, dy, ctx.causal), None
+
+
+def softmax(x: torch.Tensor, dim: int = -1, causal: bool = False) -> torch.Tensor:
+    """softmax along dim; causal masks key j > query i over the last two dims ([..., S_q, S_k], dim must be -1).
+
+    A row that is −inf everywhere gives NaN, as torch.softmax does. Other dims than the last are moved last
+    (a strided view the kernel copies once).
+    """
+    check_tensor(x, "x")
+    if x.dim() == 0:
+        raise ValueError("softmax needs at least one dimension")
+    if not -x.dim() <= dim < x.dim():
+        raise ValueError(f"dim {dim} is out of range for x of shape {tuple(x.shape)}")
+    dim %= x.dim()
+    if causal and (x.dim() < 2 or dim != x.dim() - 1):
+        raise ValueError(f"causal softmax runs over the last dim of [..., S_q, S_k] scores; got dim={dim} "
+                         f"for x of shape {tuple(x.shape)}")
+    if dim == x.dim() - 1:
+        return _SoftmaxFunction.apply(x, bool(causal))
+    return _SoftmaxFunction.apply(x.movedim(dim, -1), False).movedim(-1, dim)
+
+
+# ------------------------------------------------------------------------------------------- dropout
+
+
+def _check_dropout_args(p, seed) -> None:
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability p must be a number in [0, 1], got {p!r}")
+    if seed is not None:
+        if isinstance(seed, torch.Tensor):
+            if seed.numel() != 1 or seed.is_floating_point():
+                raise TypeError(f"seed must be an int or a one-element integer tensor, got {seed!r}")
+        elif isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        if not 0 <= int(seed) < 2**63:
+            raise ValueError(f"seed must lie in [0, 2**63), got {int(seed)}")
+
+
+class _DropoutFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, p, seed):
+        ctx.p, ctx.seed = p, seed
+        return dropout_kernels.dropout(x, p, seed)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return dropout_kernels.dropout(dy, ctx.p, ctx.seed), None, None
+
+
+def dropout(x: torch.Tensor, p: float = 0.5, seed: int | None = None, training: bool = True) -> torch.Tensor:
+    """Zero each element with probability p and scale the rest by 1 / (1 − p); identity when not training.
+
+    The mask is a function of (seed, x.shape) only (Philox; nothing stored, the backward draws it again): the same
+    seed gives the same mask. seed=None draws one from torch's default CPU generator (so torch.manual_seed
+    makes runs repeatable).
+    """
+    check_tensor(x, "x")
+    _check_dropout_args(p, seed)
+    if not training:
+        return x
+    if seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+    return _DropoutFunction.apply(x, float(p), int(seed))
+
+
+# ------------------------------------------------------------------------------------- cross_entropy
+
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def _check_cross_entropy_inputs(logits, targets, ignore_index, reduction, label_smoothing, n_chunks):
+    check_tensor(logits, "logits")
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
+    if targets.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"targets has dtype {targets.dtype}; cross_entropy takes class indices (int64 or int32)")
+    if logits.dim() < 1 or logits.shape[-1] == 0:
+        raise ValueError(f"logits must be [..., V] with V ≥ 1 classes, got shape {tuple(logits.shape)}")
+    if tuple(targets.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"targets of shape {tuple(targets.shape)} do not match logits {tuple(logits.shape)}: "
+                         f"expected {tuple(logits.shape[:-1])} (classes along the last dim of logits)")
+    if targets.device != logits.device:
+        raise ValueError(f"targets are on {targets.device} but logits are on {logits.device}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
+    if isinstance(n_chunks, bool) or not isinstance(n_chunks, int) or n_chunks < 1:
+        raise ValueError(f"n_chunks must be a positive int, got {n_chunks!r}")
+    v = logits.shape[-1]
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= v))
+    if bad.any():
+        raise ValueError(f"targets must lie in [0, {v}) or equal ignore_index={ignore_index}; "
+                         f"found {int(targets[bad][0])}")
+    base = logits._base if logits._base is not None else logits
+    if getattr(base, "_triformer_grad_version", None) == base._version:
+        raise ValueError("these logits already hold the gradient of an earlier triformer cross_entropy (written "
+                         "into their storage); pass inplace_grad=False to the first call to keep them")
+
+
+def _grad_in_place(logits2d: torch.Tensor, inplace_grad: bool | None) -> bool:
+    """Whether the gradient goes into the logits' storage (see cross_entropy)."""
+    m, v = logits2d.shape
+    dense = logits2d.is_contiguous() or (logits2d.stride(1) == 1 and logits2d.stride(0) >= v)
+    if inplace_grad is None:
+        base = logits2d._base if logits2d._base is not None else logits2d
+        return dense and base.grad_fn is not None
+    if inplace_grad and not dense:
+        raise ValueError(f"inplace_grad=True needs logits whose rows do not overlap; got strides {logits2d.stride()}")
+    return bool(inplace_grad)
+
+
+class _CrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits2d, targets1d, ignore_index, reduction, label_smoothing, n_chunks, inplace):
+        grad = None
+        if ctx.needs_input_grad[0]:
+            grad = logits2d if inplace else new_empty(logits2d.shape, like=logits2d)
+        losses, n_valid = ce_kernels.cross_entropy_forward(
+            logits2d, targets1d, ignore_index, reduction == "mean", label_smoothing, grad, n_chunks)
+        if grad is logits2d:
+            torch.autograd.graph.increment_version(logits2d)
+            base = logits2d._base if logits2d._base is not None else logits2d
+            base._triformer_grad_version = base._version
+        ctx.save_for_backward(grad)
+        ctx.reduction, ctx.backward_done = reduction, False
+        if reduction == "none":
+            return losses
+        total = losses.sum()
+        return total / n_valid if reduction == "mean" else total
+
+    @staticmethod
+    def backward(ctx, dloss):
+        (grad,) = ctx.saved_tensors
+        if ctx.backward_done:
+            raise RuntimeError("triformer cross_entropy keeps its gradient in one buffer and scales it in place: "
+                               "its backward can run only once")
+        ctx.backward_done = True
+        scale = dloss.reshape(-1) if ctx.reduction == "none" else dloss.reshape(())
+        return ce_kernels.scale_rows_(grad, scale.float()), None, None, None, None, None, None
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, reduction: str = "mean",
+                  label_smoothing: float = 0.0, n_chunks: int = 1, inplace_grad: bool | None = None) -> torch.Tensor:
+    """Cross-entropy of logits [..., V] (classes along the LAST dim) against integer targets [...], as
+    F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ...) computes it; the loss is float32.
+
+    One kernel computes the loss and, when logits need a gradient, the gradient too (online softmax, two passes
+    over each row); the backward only scales it by the incoming gradient. Where that gradient is written:
+      inplace_grad=None (default): into the logits' own storage when they are a non-leaf (the output of some
+        op, e.g. the LM head) — the memory saving: no [N, V] gradient buffer. After the call such logits hold
+        the gradient, so read anything else off them (accuracy, argmax) before the loss. Autograd notices
+        if another op saved them for its backward (their version is bumped), and a second triformer
+        cross_entropy on them raises. Leaf logits (the user's own tensor) are never overwritten: the
+        gradient gets a buffer of its own.
+      inplace_grad=True: always into the logits' storage, leaves included. False: always a separate buffer.
+    n_chunks: rows are processed in that many launches (the original package's knob; with the gradient in the
+    logits' storage there is no per-chunk temporary, so it does not change peak memory here).
+    The backward can run once. All targets ignored: "mean" gives NaN (0/0), "sum" 0, as torch.
+    """
+    _check_cross_entropy_inputs(logits, targets, ignore_index, reduction, label_smoothing, n_chunks)
+    v = logits.shape[-1]
+    logits2d = logits.reshape(-1, v)
+    inplace = _grad_in_place(logits2d, inplace_grad)
+    loss = _CrossEntropyFunction.apply(logits2d, targets.reshape(-1), int(ignore_index), reduction,
+                                       float(label_smoothing), n_chunks, inplace)
+    return loss.view(targets.shape) if reduction == "none" else loss

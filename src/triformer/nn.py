@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -58,3 +60,121 @@ class TorchLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self.activation}"
+
+
+class TritonLayerNorm(nn.Module):
+    """y = (x − μ) / √(σ² + eps) · weight + bias over the last dim(s), as nn.LayerNorm (same parameters)."""
+
+    def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
+                 device=None, dtype=None):
+        super().__init__()
+        self.normalized_shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+        self.eps, self.elementwise_affine = eps, elementwise_affine
+        factory = dict(device=device, dtype=dtype)
+        self.weight = nn.Parameter(torch.empty(self.normalized_shape, **factory)) if elementwise_affine else None
+        self.bias = nn.Parameter(torch.empty(self.normalized_shape, **factory)) if elementwise_affine and bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return TF.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, " \
+               f"bias={self.bias is not None}"
+
+
+class TritonRMSNorm(nn.Module):
+    """y = x / √(mean(x²) + eps) · weight over the last dim, as nn.RMSNorm(hidden_size, eps) (same parameter)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, device=None, dtype=None):
+        super().__init__()
+        self.hidden_size, self.eps = hidden_size, eps
+        self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return TF.rms_norm(x, self.hidden_size, self.weight, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.hidden_size}, eps={self.eps}"
+
+
+class TritonSoftmax(nn.Module):
+    """softmax along dim; causal=True masks key j > query i over the last two dims (attention scores)."""
+
+    def __init__(self, dim: int = -1, causal: bool = False):
+        super().__init__()
+        self.dim, self.causal = dim, causal
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return TF.softmax(x, self.dim, self.causal)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, causal={self.causal}"
+
+
+def _dropout_apply(x: torch.Tensor, p: float = 0.5, seed: int | None = None) -> torch.Tensor:
+    """TritonDropout.apply(x, p, seed): dropout in training mode, the original package's functional entry."""
+    return TF.dropout(x, p, seed, training=True)
+
+
+class _ClassOrInstanceApply:
+    """`TritonDropout.apply(x, p, seed)` on the class is functional dropout (as in the original package), while
+    `module.apply(fn)` on an instance stays nn.Module.apply, so model.apply(init_fn) still walks every module."""
+
+    def __get__(self, instance, owner):
+        if instance is None:
+            return _dropout_apply
+        return functools.partial(nn.Module.apply, instance)
+
+
+class TritonDropout(nn.Module):
+    """Dropout with a seeded counter-based mask (Philox); identity in eval mode. Each training call draws a fresh
+    seed from torch's default CPU generator; the backward regenerates the same mask instead of storing it."""
+
+    apply = _ClassOrInstanceApply()
+
+    def __init__(self, p: float = 0.5):
+        super().__init__()
+        TF._check_dropout_args(p, None)
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return TF.dropout(x, self.p, None, training=self.training)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class TritonCrossEntropyLoss(nn.Module):
+    """Cross-entropy of logits [N, V] or [B, T, V] against int64 targets [N] or [B, T] (classes along the last dim).
+
+    ignore_index, reduction ("mean" over non-ignored targets, "sum", "none") and label_smoothing as
+    nn.CrossEntropyLoss. The gradient is computed in the forward and, by default, written into the logits'
+    storage when they are a non-leaf (read accuracy off the logits before the loss); see
+    triformer.functional.cross_entropy for inplace_grad and n_chunks.
+    """
+
+    def __init__(self, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
+                 n_chunks: int = 1, inplace_grad: bool | None = None):
+        super().__init__()
+        if reduction not in TF._REDUCTIONS:
+            raise ValueError(f"reduction must be one of {TF._REDUCTIONS}, got {reduction!r}")
+        self.ignore_index, self.reduction, self.label_smoothing = ignore_index, reduction, label_smoothing
+        self.n_chunks, self.inplace_grad = n_chunks, inplace_grad
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return TF.cross_entropy(logits, targets, self.ignore_index, self.reduction, self.label_smoothing,
+                                self.n_chunks, self.inplace_grad)
+
+    def extra_repr(self) -> str:
+        return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+                f"label_smoothing={self.label_smoothing}, n_chunks={self.n_chunks}, inplace_grad={self.inplace_grad}")

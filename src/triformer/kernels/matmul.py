@@ -1,7 +1,8 @@
 """One tiled matrix product with an optional fused prologue and epilogue; every linear kernel is this one.
 
     C = epilogue(prologue(A) · B)          A [M, K], B [K, N], C [M, N], any strides
-    prologue(A) = A ⊙ act'(G)              (GATE_ACT ≠ 0; G laid out like A: the backward's dZ = dY ⊙ act'(Z))
+    prologue(A) = A ⊙ act'(G)              (GATE_ACT ≠ 0; G laid out like A: the backward's dZ = dY ⊙ act'(Z);
+                                            STORE_GATED also writes prologue(A), so the dW product can reuse dZ)
     epilogue(P) = act(P + bias[n])         (HAS_BIAS, ACT; P is stored too when STORE_PREACT)
     rowsum[m]   = Σ_k prologue(A)[m, k]    (ROWSUM_A; the bias gradient db = Σ_rows dZ, from the dW product)
 
@@ -35,11 +36,11 @@ def _load_tile(ptrs, row_ok, col_ok, ROWS_EVEN: tl.constexpr, COLS_EVEN: tl.cons
 
 @triton.jit
 def _matmul_kernel(
-    a_ptr, b_ptr, c_ptr, bias_ptr, preact_ptr, gate_ptr, rowsum_ptr,
+    a_ptr, b_ptr, c_ptr, bias_ptr, preact_ptr, gate_ptr, rowsum_ptr, gated_ptr,
     M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_gm, stride_gk,
     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STORE_PREACT: tl.constexpr,
-    GATE_ACT: tl.constexpr, ROWSUM_A: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    GATE_ACT: tl.constexpr, STORE_GATED: tl.constexpr, ROWSUM_A: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
 ):
@@ -63,6 +64,9 @@ def _matmul_kernel(
     b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :].to(tl.int64) * stride_bn
     if GATE_ACT != 0:
         g_ptrs = gate_ptr + offs_m[:, None].to(tl.int64) * stride_gm + offs_k[None, :] * stride_gk
+    if STORE_GATED:  # a contiguous [M, K] copy of prologue(A), written once by the first column of tiles
+        gated_ptrs = gated_ptr + offs_m[:, None].to(tl.int64) * K + offs_k[None, :]
+        first_column = pid_n == 0
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     row_acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -73,6 +77,9 @@ def _matmul_kernel(
             g = _load_tile(g_ptrs, mask_m, k_ok, EVEN_M, EVEN_K)
             a = (a.to(tl.float32) * activation_derivative(g.to(tl.float32), GATE_ACT)).to(b.dtype)
             g_ptrs += BLOCK_K * stride_gk
+        if STORE_GATED:  # a masked store, not a branch: a branch would stop the loop's software pipelining
+            tl.store(gated_ptrs, a, mask=(mask_m[:, None] & (offs_k[None, :] < K - k0)) & first_column)
+            gated_ptrs += BLOCK_K
         if ROWSUM_A:  # every program sums (a branch here would stop the loop's software pipelining)
             row_acc += tl.sum(a.to(tl.float32), axis=1)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
@@ -184,12 +191,14 @@ def matmul(
     store_preactivation: bool = False,
     gate: torch.Tensor | None = None,
     gate_activation: str | None = None,
+    store_gated: bool = False,
     rowsum: bool = False,
 ):
     """C = act(prologue(a) @ b + bias) for 2-D a [M, K], b [K, N] of any strides (views are not copied).
 
     gate: a tensor laid out like `a`; the prologue multiplies a by gate_activation'(gate).
-    Returns (c, preactivation or None, rowsum of the prologued a or None), c contiguous [M, N] in a's dtype.
+    Returns (c, preactivation or None, rowsum of the prologued a or None, prologued a or None) — the last one
+    when store_gated — all contiguous, in a's dtype.
     """
     M, K = a.shape
     K2, N = b.shape
@@ -197,9 +206,10 @@ def matmul(
     c = new_empty((M, N), like=a)
     preact = new_empty((M, N), like=a) if store_preactivation else c
     row_sums = new_empty((M,), like=a) if rowsum else c
+    gated = new_empty((M, K), like=a) if store_gated else c
     gate_t = gate if gate is not None else a
     args = (
-        a, b, c, bias if bias is not None else c, preact, gate_t, row_sums,
+        a, b, c, bias if bias is not None else c, preact, gate_t, row_sums, gated,
         M, N, K,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
         gate_t.stride(0), gate_t.stride(1),
@@ -209,9 +219,11 @@ def matmul(
         ACT=activation_code(activation),
         STORE_PREACT=store_preactivation,
         GATE_ACT=activation_code(gate_activation) if gate is not None else 0,
+        STORE_GATED=store_gated,
         ROWSUM_A=rowsum,
         INPUT_PRECISION=_input_precision(a.dtype),
     )
     if M > 0 and N > 0:
         _launch(args, flags, M, N)
-    return c, (preact if store_preactivation else None), (row_sums if rowsum else None)
+    return (c, preact if store_preactivation else None, row_sums if rowsum else None,
+            gated if store_gated else None)

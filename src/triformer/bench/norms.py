@@ -1,0 +1,143 @@
+"""Memory-bound row ops: LayerNorm, RMSNorm, softmax and dropout, forward and forward+backward, triformer against
+torch eager, torch.compile and Liger-Kernel (where installed and where it has the op).
+
+Rates in GB/s count each input read once and each output written once: forward x and y (plus the parameters),
+forward+backward also dy and dx (plus the parameter gradients). Forward runs under torch.no_grad();
+forward+backward is torch.autograd.grad of the output against x and the parameters (no .grad accumulation).
+The bench stage (experiments/bench.py) runs it as suite `norms`; cross_entropy.py has the loss.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .. import nn as tnn
+from .timing import median_ms
+
+DEFAULT_SIZES = [(4096, 768), (4096, 4096), (4096, 8192), (16384, 1024)]
+CPU_SIZES = [(33, 129)]
+OPS = ("layer_norm", "rms_norm", "softmax", "dropout")
+PROVIDERS = ("triformer", "torch", "torch.compile", "liger")
+COMPILE_CUDA_ONLY = "torch.compile provider runs on CUDA only (CPU inductor compile time would swamp the run)"
+
+
+def _liger_modules() -> dict:
+    """Liger-Kernel's modules by op, empty when liger-kernel is not installed."""
+    try:
+        from liger_kernel.transformers import LigerLayerNorm, LigerRMSNorm
+    except ImportError:
+        return {}
+    found = {"layer_norm": lambda n: LigerLayerNorm(n), "rms_norm": lambda n: LigerRMSNorm(n, eps=1e-6)}
+    try:
+        from liger_kernel.transformers import LigerSoftmax
+    except ImportError:
+        return found
+    found["softmax"] = lambda n: LigerSoftmax()
+    return found
+
+
+def _torch_module(op: str, n: int) -> nn.Module:
+    return {
+        "layer_norm": lambda: nn.LayerNorm(n),
+        "rms_norm": lambda: nn.RMSNorm(n, eps=1e-6),
+        "softmax": lambda: nn.Softmax(dim=-1),
+        "dropout": lambda: nn.Dropout(0.1),
+    }[op]()
+
+
+def _triformer_module(op: str, n: int) -> nn.Module:
+    return {
+        "layer_norm": lambda: tnn.TritonLayerNorm(n),
+        "rms_norm": lambda: tnn.TritonRMSNorm(n),
+        "softmax": lambda: tnn.TritonSoftmax(),
+        "dropout": lambda: tnn.TritonDropout(0.1),
+    }[op]()
+
+
+def make_module(op: str, provider: str, n: int, device: str, dtype: torch.dtype):
+    """The provider's module for op over rows of n (in training mode), or None where the provider lacks the op."""
+    if provider == "triformer":
+        module = _triformer_module(op, n)
+    elif provider == "liger":
+        factory = _liger_modules().get(op)
+        if factory is None:
+            return None
+        module = factory(n)
+    else:
+        module = _torch_module(op, n)
+    module = module.to(device=device, dtype=dtype).train()
+    if provider == "torch.compile":
+        if device != "cuda":
+            raise RuntimeError(COMPILE_CUDA_ONLY)
+        module = torch.compile(module)
+    return module
+
+
+def time_modes(fn, inputs: list[torch.Tensor], dy: torch.Tensor, mode: str) -> float:
+    """Median ms of fn() (mode "fwd", no autograd) or of fn() and its gradients against inputs ("fwd+bwd")."""
+    if mode == "fwd":
+        with torch.no_grad():
+            return median_ms(fn)
+    return median_ms(lambda: torch.autograd.grad(fn(), inputs, dy))
+
+
+def peak_extra_mib(fn, device: str) -> float:
+    """Peak memory above what was allocated before one call of fn, in MiB (CUDA only, else NaN)."""
+    if device != "cuda":
+        return float("nan")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def result_row(op: str, shape, dtype: torch.dtype, mode: str, provider: str, ms: float, nbytes: int,
+               peak_mib: float = float("nan"), error: str = "") -> dict:
+    """One benchmark row in the bench stage's format (rate NaN when the provider failed)."""
+    return dict(op=op, shape="x".join(map(str, shape)), dtype=str(dtype).removeprefix("torch."), mode=mode,
+                provider=provider, ms=ms, rate=nbytes / (ms * 1e-3) / 1e9 if math.isfinite(ms) else float("nan"),
+                unit="GB/s", peak_extra_mib=peak_mib, error=error)
+
+
+def failure_row(op, shape, dtype, mode, provider, exc: Exception) -> dict:
+    return result_row(op, shape, dtype, mode, provider, float("nan"), 0, error=f"{type(exc).__name__}: {exc}"[:200])
+
+
+def _bytes(module: nn.Module, m: int, n: int, dtype: torch.dtype, mode: str) -> int:
+    element = torch.finfo(dtype).bits // 8
+    params = sum(p.numel() * p.element_size() for p in module.parameters())
+    tensors = 2 if mode == "fwd" else 4  # x, y; and dy, dx
+    return tensors * m * n * element + params * (1 if mode == "fwd" else 2)
+
+
+def run(sizes=DEFAULT_SIZES, dtype: torch.dtype = torch.bfloat16, device: str = "cuda", progress: bool = True,
+        ops=OPS, modes=("fwd", "fwd+bwd")) -> list[dict]:
+    """One row per (op, size, mode, provider): ms, GB/s. A provider that fails is reported (error), not hidden;
+    Liger rows are absent when liger-kernel is not installed or lacks the op."""
+    rows = []
+    work = [(op, tuple(size), mode, p) for op in ops for size in sizes for mode in modes for p in PROVIDERS]
+    for op, (m, n), mode, provider in tqdm(work, desc="norms bench", disable=not progress):
+        try:
+            module = make_module(op, provider, n, device, dtype)
+            if module is None:
+                continue
+            x = torch.randn(m, n, device=device, dtype=dtype, requires_grad=mode != "fwd")
+            dy = torch.randn(m, n, device=device, dtype=dtype)
+            ms = time_modes(lambda: module(x), [x, *module.parameters()], dy, mode)
+        except Exception as exc:  # e.g. torch.compile failing on this host: the row says why
+            rows.append(failure_row(op, (m, n), dtype, mode, provider, exc))
+            continue
+        rows.append(result_row(op, (m, n), dtype, mode, provider, ms, _bytes(module, m, n, dtype, mode)))
+    return rows
+
+
+if __name__ == "__main__":
+    on_gpu = torch.cuda.is_available()
+    for row in run(DEFAULT_SIZES if on_gpu else CPU_SIZES, device="cuda" if on_gpu else "cpu"):
+        print(row)

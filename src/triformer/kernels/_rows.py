@@ -1,0 +1,92 @@
+"""What the row-wise kernels share (LayerNorm, RMSNorm, softmax, cross-entropy): row views, tiling, online softmax.
+
+A row kernel sees its input as M rows of N elements with unit column stride. One program covers a tile of
+BLOCK_M rows × BLOCK_N columns; a row wider than MAX_ROW_BLOCK is covered by looping over column blocks
+(ONE_BLOCK = False) instead of holding the whole row in registers.
+
+Online softmax (Milakov & Gimelshein, 2018), folding the blocks b of a row one after another:
+
+    m' = max(m, max_b x)        s' = s · e^(m − m') + Σ_b e^(x − m')        logsumexp(x) = m + log s
+
+A row that is −inf so far keeps (m, s) = (−inf, 0); a row that is −inf everywhere ends with logsumexp = −inf,
+so its softmax is NaN, as torch gives.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ._runtime import interpreter_active
+
+# Widest row block held in registers; wider rows loop. Tests lower it to exercise the looping path on small rows.
+MAX_ROW_BLOCK = 16384
+# Elements per program when several narrow rows share one: a GPU wants ~4K (enough loads in flight per warp
+# without spilling); the interpreter runs programs one after another in numpy and wants few, large tiles.
+_GPU_TILE = 4096
+# Column block of the looping path: the row is not held, so a smaller block keeps registers free (no spills).
+_LOOP_BLOCK = 8192
+_INTERPRETER_TILE = 16384
+
+
+def as_rows(x: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """x [..., n_cols] as a 2-D [rows, n_cols] tensor with unit column stride: a view when possible, else a copy."""
+    rows = x.reshape(-1, n_cols)
+    if n_cols > 1 and rows.stride(1) != 1:
+        rows = rows.contiguous()
+    return rows
+
+
+def row_tiling(n_rows: int, n_cols: int, loop: bool = False, max_block: int | None = None) -> dict:
+    """Launch meta for a row kernel: BLOCK_M, BLOCK_N, ONE_BLOCK and num_warps (about 16 elements per thread).
+
+    loop=True: the kernel always loops over column blocks (cross-entropy) and ONE_BLOCK is not returned.
+    max_block: a tighter cap than MAX_ROW_BLOCK on BLOCK_N.
+    """
+    block_n = min(triton.next_power_of_2(max(n_cols, 1)), MAX_ROW_BLOCK, max_block or MAX_ROW_BLOCK)
+    one_block = block_n >= n_cols
+    if not one_block:
+        block_n = min(block_n, _LOOP_BLOCK)
+    tile = _INTERPRETER_TILE if interpreter_active() else _GPU_TILE
+    block_m = 1
+    if one_block:
+        block_m = max(1, min(tile // block_n, triton.next_power_of_2(max(n_rows, 1))))
+    elements = block_m * block_n
+    num_warps = 4 if elements <= 2048 else 8 if elements <= 8192 else 16
+    meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps}
+    if not loop:
+        meta["ONE_BLOCK"] = one_block
+    return meta
+
+
+def launch_rows(kernel, n_rows: int, n_cols: int, *args, **flags) -> None:
+    """kernel[one program per BLOCK_M rows](*args, **flags, tiling meta); nothing to launch for an empty input."""
+    if n_rows and n_cols:
+        meta = row_tiling(n_rows, n_cols)
+        kernel[(triton.cdiv(n_rows, meta["BLOCK_M"]),)](*args, **flags, **meta)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def persistent_programs(device: torch.device, n_tiles: int, num_warps: int) -> int:
+    """How many programs a loop-over-rows kernel launches: as many as stay resident together (16 warps per SM:
+    register-heavy kernels fit no more), at most one per tile."""
+    if device.type != "cuda" or interpreter_active():
+        return max(1, min(n_tiles, 4))
+    per_sm = max(1, 16 // num_warps)
+    return max(1, min(n_tiles, per_sm * _sm_count(device.index if device.index is not None else 0)))
+
+
+@triton.jit
+def online_softmax_update(m, s, x):
+    """Fold a block x [BLOCK_M, BLOCK_N] (masked lanes −inf) into the running max m and Σ e^(x − m) s, per row."""
+    m_new = tl.maximum(m, tl.max(x, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), axis=1)
+    return m_new, s

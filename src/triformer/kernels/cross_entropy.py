@@ -1,0 +1,137 @@
+"""Cross-entropy over the last dimension of logits, with the gradient computed in the same kernel.
+
+Per row x (V logits) with target t and label smoothing ε (as torch defines it):
+
+    lse = log Σ_j e^(x_j) = m + log s                     (m = max x, s online over blocks of V, see _rows.py)
+    loss = (1 − ε) · (lse − x_t) + ε · (lse − Σ_j x_j / V)
+    ∂loss/∂x_j = softmax(x)_j − ε / V − (1 − ε) · [j = t]
+
+Every difference of logits is formed before anything is added to it — (m − x_t) + log s, e^((x − m) − log s),
+Σ_j (x_j − x_0) with x_0 the row's first logit — so logits of ±1e4 lose nothing to float32 rounding.
+
+Rows whose target is ignore_index have loss 0 and gradient 0 (their logits are never read). The kernel makes
+two passes over a row: the online max and sum (plus Σx when ε > 0), then, when a gradient is wanted, the
+gradient times `scale` (1 / number of non-ignored rows for reduction="mean", read from device memory so the
+host never waits; 1 otherwise). The gradient may be written into the logits' own storage (grad_ptr == logits_ptr:
+each element is read before the same program overwrites it). The backward then only multiplies it by the
+incoming gradient, skipping the pass entirely where that is exactly 1 (the usual loss.backward()).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._rows import online_softmax_update, row_tiling
+from ._runtime import new_empty
+
+# Vocabulary block per loop step, with 4 warps (32 logits per thread): several programs per SM, so one's
+# block reductions overlap another's loads. Chosen from register counts (sm_90), not yet from measurements.
+_BLOCK_V = 4096
+
+
+@triton.jit
+def _cross_entropy_kernel(
+    logits_ptr, targets_ptr, loss_ptr, grad_ptr, n_valid_ptr,
+    M, V, stride_lm, stride_lv, stride_gm, stride_gv, ignore_index, smoothing,
+    MEAN: tl.constexpr, SMOOTH: tl.constexpr, GRAD: tl.constexpr, INPLACE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """loss[row] for BLOCK_M rows and, when GRAD, scale · ∂loss/∂logits into grad (INPLACE: into the logits)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < M
+    t = tl.load(targets_ptr + rows, mask=row_mask, other=ignore_index).to(tl.int64)
+    valid = row_mask & (t != ignore_index)
+    x_rows = logits_ptr + rows.to(tl.int64)[:, None] * stride_lm
+    cols = tl.arange(0, BLOCK_N)
+    m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    s = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    sum_x = tl.zeros((BLOCK_M,), dtype=tl.float32)  # Σ (x − x₀)
+    # Read before the first pass: its block reductions (barriers) then separate every warp's reads of x_t and x₀
+    # from the in-place gradient writes of the second pass.
+    t_safe = tl.where(valid, t, 0)
+    x_t = tl.load(logits_ptr + rows.to(tl.int64) * stride_lm + t_safe * stride_lv, mask=valid, other=0.0)
+    x0 = tl.load(x_rows, mask=valid[:, None], other=0.0).to(tl.float32)
+    for start in range(0, V, BLOCK_N):
+        c = start + cols
+        mask = valid[:, None] & (c < V)[None, :]
+        x = tl.load(x_rows + c[None, :].to(tl.int64) * stride_lv, mask=mask, other=float("-inf")).to(tl.float32)
+        m, s = online_softmax_update(m, s, x)
+        if SMOOTH:
+            sum_x += tl.sum(tl.where(mask, x - x0, 0.0), axis=1)
+    log_s = tl.log(s)
+    loss = (m - x_t.to(tl.float32)) + log_s
+    if SMOOTH:
+        loss = (1.0 - smoothing) * loss + smoothing * ((m - tl.sum(x0, axis=1)) + log_s - sum_x / V)
+    tl.store(loss_ptr + rows, tl.where(valid, loss, 0.0), mask=row_mask)
+    if GRAD:
+        scale = 1.0
+        if MEAN:
+            scale = 1.0 / tl.load(n_valid_ptr).to(tl.float32)
+        if INPLACE:  # one pointer for reads and writes, so the compiler never assumes they do not alias
+            g_rows = x_rows
+        else:
+            g_rows = grad_ptr + rows.to(tl.int64)[:, None] * stride_gm
+        for start in range(0, V, BLOCK_N):
+            c = start + cols
+            in_row = (c < V)[None, :]
+            x = tl.load(x_rows + c[None, :].to(tl.int64) * stride_lv, mask=valid[:, None] & in_row, other=0.0)
+            g = tl.exp((x.to(tl.float32) - m[:, None]) - log_s[:, None])
+            if SMOOTH:
+                g -= smoothing / V
+            g = tl.where(c[None, :] == t[:, None], g - (1.0 - smoothing), g)
+            g = tl.where(valid[:, None], g * scale, 0.0)
+            tl.store(g_rows + c[None, :].to(tl.int64) * stride_gv, g.to(grad_ptr.dtype.element_ty),
+                     mask=row_mask[:, None] & in_row)
+
+
+@triton.jit
+def _scale_rows_kernel(g_ptr, scale_ptr, M, V, stride_gm, stride_gv, stride_s, BLOCK_N: tl.constexpr):
+    """g[row, :] *= scale[row · stride_s] for one block of one row; nothing is read or written where scale is 1."""
+    row = tl.program_id(0)
+    scale = tl.load(scale_ptr + row * stride_s).to(tl.float32)
+    if scale != 1.0:
+        c = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        ptrs = g_ptr + row.to(tl.int64) * stride_gm + c.to(tl.int64) * stride_gv
+        g = tl.load(ptrs, mask=c < V, other=0.0)
+        tl.store(ptrs, (g.to(tl.float32) * scale).to(g_ptr.dtype.element_ty), mask=c < V)
+
+
+def cross_entropy_forward(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, mean: bool,
+                          smoothing: float, grad: torch.Tensor | None, n_chunks: int):
+    """Per-row losses (float32 [M]) of 2-D logits [M, V] (any strides) and integer targets [M].
+
+    grad: None for no gradient, else an [M, V] tensor (`logits` itself to overwrite the logits) that receives
+    scale · ∂loss/∂logits. Also returns the number of non-ignored rows as a 0-d device tensor.
+    Rows are processed in n_chunks launches (one launch covers them all when n_chunks = 1).
+    """
+    m, v = logits.shape
+    losses = new_empty((m,), like=logits, dtype=torch.float32)
+    n_valid = (targets != ignore_index).sum()
+    if m == 0:
+        return losses, n_valid
+    meta = row_tiling(m, v, loop=True, max_block=_BLOCK_V)
+    meta["num_warps"] = min(meta["num_warps"], 4)
+    rows_per_chunk = triton.cdiv(triton.cdiv(m, n_chunks), meta["BLOCK_M"]) * meta["BLOCK_M"]
+    g = logits if grad is None else grad
+    for first in range(0, m, rows_per_chunk):
+        last = min(m, first + rows_per_chunk)
+        _cross_entropy_kernel[(triton.cdiv(last - first, meta["BLOCK_M"]),)](
+            logits[first:last], targets[first:last], losses[first:last], g[first:last], n_valid,
+            last - first, v, logits.stride(0), logits.stride(1), g.stride(0), g.stride(1), ignore_index,
+            float(smoothing), MEAN=mean, SMOOTH=smoothing > 0, GRAD=grad is not None, INPLACE=grad is logits, **meta,
+        )
+    return losses, n_valid
+
+
+def scale_rows_(g: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """g [M, V] *= scale in place; scale is a 0-d tensor (every row) or one value per row [M]."""
+    m, v = g.shape
+    if m and v:
+        block = min(triton.next_power_of_2(v), 4096)
+        stride_s = 0 if scale.dim() == 0 else scale.stride(0)
+        _scale_rows_kernel[(m, triton.cdiv(v, block))](g, scale, m, v, g.stride(0), g.stride(1), stride_s,
+                                                        BLOCK_N=block)
+    return g
+

@@ -1,0 +1,244 @@
+"""LayerNorm and RMSNorm over the last dimension, forward and backward; one pair of kernels serves both.
+
+Per row x of N elements (float32 math), with μ = 0 for RMSNorm (CENTER = False):
+
+    μ = Σx / N      rstd = 1 / √(Σ(x − μ)² / N + eps)      x̂ = (x − μ) · rstd      y = x̂ · w + b
+    backward, with g = w ⊙ dy:
+    dx = (g − x̂ · mean(x̂ ⊙ g) − mean(g)) · rstd        (RMSNorm: no mean(g) term)
+    dw = Σ_rows dy ⊙ x̂      db = Σ_rows dy
+
+Each row is first shifted by its first element x₀ (μ is computed as x₀ + mean(x − x₀)), so a large common
+offset costs no precision in float32; the forward saves mean(x − x₀) (not μ) and rstd, float32, one per row.
+The backward runs a fixed number of programs (as many as stay resident), each over a contiguous group of rows:
+dx row by row, dw and db accumulated in float32 registers and written once per program as a [programs, N]
+partial sum, then summed over programs by a second kernel (no atomics: the result is deterministic). Rows wider
+than one register block loop over column blocks (mean and variance by Chan's pairwise combination); there the
+per-program partials accumulate in global memory that the program owns.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._rows import as_rows, launch_rows, persistent_programs, row_tiling
+from ._runtime import new_empty
+from .activation import column_sum
+
+
+# The backward holds x̂, w ⊙ dy, dy and the dw, db accumulators per element: rows wider than this spill registers
+# (16 warps, sm_90), so they take the looping path instead.
+_BACKWARD_MAX_BLOCK = 8192
+
+
+@triton.jit
+def _scale_shift(xhat, cols, col_mask, w_ptr, b_ptr, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    """x̂ · w + b for a [BLOCK_M, BLOCK_N] block at columns cols."""
+    y = xhat
+    if HAS_W:
+        y = y * tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_B:
+        y = y + tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    return y
+
+
+@triton.jit
+def _norm_forward_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr,
+    M, N, stride_xm, stride_ym, eps,
+    CENTER: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_BLOCK: tl.constexpr,
+):
+    """y = x̂ · w + b per row; stores μ (when CENTER) and rstd per row."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < M
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
+    y_rows = y_ptr + rows.to(tl.int64)[:, None] * stride_ym
+    cols = tl.arange(0, BLOCK_N)
+    mean = tl.zeros((BLOCK_M,), dtype=tl.float32)  # of x − x₀
+    pivot = _row_pivot(x_rows, row_mask, CENTER)
+    if ONE_BLOCK:
+        mask = row_mask[:, None] & (cols < N)[None, :]
+        x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if CENTER:
+            x = tl.where(mask, x - pivot, 0.0)
+            mean = tl.sum(x, axis=1) / N
+            x = tl.where(mask, x - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / N + eps)
+        y = _scale_shift(x * rstd[:, None], cols, cols < N, w_ptr, b_ptr, HAS_W, HAS_B)
+        tl.store(y_rows + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        m2 = tl.zeros((BLOCK_M,), dtype=tl.float32)  # Σ(x − μ)² so far (Σx² for RMSNorm)
+        for start in range(0, N, BLOCK_N):
+            c = start + cols
+            mask = row_mask[:, None] & (c < N)[None, :]
+            x = tl.load(x_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
+            if CENTER:
+                x = tl.where(mask, x - pivot, 0.0)
+                n_a = start * 1.0  # rows folded so far, as float32
+                n_b = tl.minimum(N - start, BLOCK_N).to(tl.float32)
+                mean_b = tl.sum(x, axis=1) / n_b
+                d = tl.where(mask, x - mean_b[:, None], 0.0)
+                delta = mean_b - mean
+                mean = mean + delta * (n_b / (n_a + n_b))
+                m2 = m2 + tl.sum(d * d, axis=1) + delta * delta * (n_a * n_b / (n_a + n_b))
+            else:
+                m2 = m2 + tl.sum(x * x, axis=1)
+        rstd = 1.0 / tl.sqrt(m2 / N + eps)
+        for start in range(0, N, BLOCK_N):
+            c = start + cols
+            mask = row_mask[:, None] & (c < N)[None, :]
+            x = tl.load(x_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
+            y = _scale_shift((x - pivot - mean[:, None]) * rstd[:, None], c, c < N, w_ptr, b_ptr, HAS_W, HAS_B)
+            tl.store(y_rows + c[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+    if CENTER:
+        tl.store(mean_ptr + rows, mean, mask=row_mask)
+    tl.store(rstd_ptr + rows, rstd, mask=row_mask)
+
+
+@triton.jit
+def _row_pivot(x_rows, row_mask, CENTER: tl.constexpr):
+    """[BLOCK_M, 1]: each row's first element x₀ when centering (0 for RMSNorm)."""
+    if CENTER:
+        return tl.load(x_rows, mask=row_mask[:, None], other=0.0).to(tl.float32)
+    else:
+        return tl.zeros((x_rows.shape[0], 1), dtype=tl.float32)
+
+
+@triton.jit
+def _xhat_and_g(x_rows, dy_rows, c, N, row_mask, w_ptr, pivot, mean, rstd, HAS_W: tl.constexpr):
+    """(x̂, g = w ⊙ dy, dy, mask) for the [BLOCK_M, BLOCK_N] block at columns c; float32, 0 on masked lanes."""
+    col_mask = c < N
+    mask = row_mask[:, None] & col_mask[None, :]
+    x = tl.load(x_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(dy_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    xhat = tl.where(mask, (x - pivot - mean[:, None]) * rstd[:, None], 0.0)
+    g = dy
+    if HAS_W:
+        g = dy * tl.load(w_ptr + c, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    return xhat, g, dy, mask
+
+
+@triton.jit
+def _norm_backward_kernel(
+    dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_ptr, db_ptr,
+    M, N, stride_dym, stride_xm, stride_dxm, rows_per_program,
+    CENTER: tl.constexpr, HAS_W: tl.constexpr, DW: tl.constexpr, DB: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_BLOCK: tl.constexpr,
+):
+    """dx for the rows [pid · rows_per_program, …) and this program's partial sums dw[pid, :], db[pid, :]."""
+    pid = tl.program_id(0)
+    row_start = pid * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, M)
+    cols = tl.arange(0, BLOCK_N)
+    dw_row = dw_ptr + pid.to(tl.int64) * N
+    db_row = db_ptr + pid.to(tl.int64) * N
+    if ONE_BLOCK:
+        dw_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        db_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for r0 in range(row_start, row_end, BLOCK_M):
+        rows = r0 + tl.arange(0, BLOCK_M)
+        row_mask = rows < row_end
+        x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
+        dy_rows = dy_ptr + rows.to(tl.int64)[:, None] * stride_dym
+        dx_rows = dx_ptr + rows.to(tl.int64)[:, None] * stride_dxm
+        rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
+        mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        if CENTER:
+            mean = tl.load(mean_ptr + rows, mask=row_mask, other=0.0)
+        pivot = _row_pivot(x_rows, row_mask, CENTER)
+        if ONE_BLOCK:
+            xhat, g, dy, mask = _xhat_and_g(x_rows, dy_rows, cols, N, row_mask, w_ptr, pivot, mean, rstd, HAS_W)
+            c1 = tl.sum(xhat * g, axis=1) / N
+            c2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            if CENTER:
+                c2 = tl.sum(g, axis=1) / N
+            dx = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+            tl.store(dx_rows + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            if DW:
+                dw_acc += tl.sum(dy * xhat, axis=0)
+            if DB:
+                db_acc += tl.sum(dy, axis=0)
+        else:
+            c1 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            c2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            for start in range(0, N, BLOCK_N):
+                c = start + cols
+                xhat, g, dy, mask = _xhat_and_g(x_rows, dy_rows, c, N, row_mask, w_ptr, pivot, mean, rstd, HAS_W)
+                c1 += tl.sum(xhat * g, axis=1)
+                if CENTER:
+                    c2 += tl.sum(g, axis=1)
+            c1 = c1 / N
+            c2 = c2 / N
+            for start in range(0, N, BLOCK_N):
+                c = start + cols
+                xhat, g, dy, mask = _xhat_and_g(x_rows, dy_rows, c, N, row_mask, w_ptr, pivot, mean, rstd, HAS_W)
+                dx = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+                tl.store(dx_rows + c[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+                if DW:
+                    acc = tl.load(dw_row + c, mask=c < N, other=0.0)
+                    tl.store(dw_row + c, acc + tl.sum(dy * xhat, axis=0), mask=c < N)
+                if DB:
+                    acc = tl.load(db_row + c, mask=c < N, other=0.0)
+                    tl.store(db_row + c, acc + tl.sum(dy, axis=0), mask=c < N)
+    if ONE_BLOCK:
+        if DW:
+            tl.store(dw_row + cols, dw_acc, mask=cols < N)
+        if DB:
+            tl.store(db_row + cols, db_acc, mask=cols < N)
+
+
+def norm_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+                 center: bool):
+    """Normalize x [..., N] over its last dimension (LayerNorm when center, else RMSNorm).
+
+    Returns (y shaped like x and contiguous, x as [M, N] rows for the backward, μ [M] or None, rstd [M]).
+    """
+    n = x.shape[-1]
+    x2 = as_rows(x, n)
+    m = x2.shape[0]
+    y = new_empty(x.shape, like=x)
+    mean = new_empty((m,), like=x, dtype=torch.float32) if center else None
+    rstd = new_empty((m,), like=x, dtype=torch.float32)
+    launch_rows(
+        _norm_forward_kernel, m, n,
+        x2, x2 if weight is None else weight, x2 if bias is None else bias, y, rstd if mean is None else mean,
+        rstd, m, n, x2.stride(0), n, eps, CENTER=center, HAS_W=weight is not None, HAS_B=bias is not None,
+    )
+    return y, x2, mean, rstd
+
+
+def norm_backward(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor | None,
+                  rstd: torch.Tensor, need_dw: bool, need_db: bool):
+    """(dx [M, N], dw or None, db or None) from dy [..., N] and what norm_forward saved; dw and db in float32."""
+    m, n = x2.shape
+    dy2 = as_rows(dy, n)
+    dx = new_empty((m, n), like=x2)
+    dw = db = None
+    if m and n:
+        meta = row_tiling(m, n, max_block=_BACKWARD_MAX_BLOCK)
+        tiles = triton.cdiv(m, meta["BLOCK_M"])
+        programs = persistent_programs(x2.device, tiles, meta["num_warps"])
+        rows_per_program = triton.cdiv(tiles, programs) * meta["BLOCK_M"]
+        programs = triton.cdiv(m, rows_per_program)
+        dw_part = _partial_sums(programs, n, x2, meta["ONE_BLOCK"]) if need_dw else rstd
+        db_part = _partial_sums(programs, n, x2, meta["ONE_BLOCK"]) if need_db else rstd
+        _norm_backward_kernel[(programs,)](
+            dy2, x2, x2 if weight is None else weight, rstd if mean is None else mean, rstd, dx, dw_part, db_part,
+            m, n, dy2.stride(0), x2.stride(0), n, rows_per_program,
+            CENTER=mean is not None, HAS_W=weight is not None, DW=need_dw, DB=need_db, **meta,
+        )
+        dw = column_sum(dw_part) if need_dw else None
+        db = column_sum(db_part) if need_db else None
+    else:
+        dw = torch.zeros(n, device=x2.device) if need_dw else None
+        db = torch.zeros(n, device=x2.device) if need_db else None
+    return dx, dw, db
+
+
+def _partial_sums(programs: int, n: int, like: torch.Tensor, one_block: bool) -> torch.Tensor:
+    """[programs, n] float32 partial sums: each one-block program writes its row whole; looping ones add into it."""
+    if one_block:
+        return new_empty((programs, n), like=like, dtype=torch.float32)
+    return torch.zeros((programs, n), device=like.device, dtype=torch.float32)

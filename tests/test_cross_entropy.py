@@ -1,0 +1,214 @@
+"""Cross-entropy (functional and module): loss and gradient against float64 F.cross_entropy; in-place gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import triformer.functional as TF
+from harness import DEVICE, DTYPES, ON_GPU, assert_close, randn
+from rowwise import WIDTHS, row_path, rows_for  # noqa: F401  (row_path is a fixture)
+from triformer import TritonCrossEntropyLoss
+
+# Padding rows and ignored rows compute −inf − (−inf), log 0 and 1 / 0 in numpy under the interpreter; all masked.
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
+                                        "ignore:divide by zero encountered:RuntimeWarning")
+
+
+def make_targets(shape, v, ignore_index=-100, ignored=0.25):
+    t = torch.randint(0, v, shape)
+    t[torch.rand(shape) < ignored] = ignore_index
+    return t.to(DEVICE)
+
+
+def reference(logits, targets, **kwargs):
+    """F.cross_entropy in float64 on the CPU, classes along the last dim, from a leaf that collects the gradient."""
+    leaf = logits.detach().double().cpu().requires_grad_()
+    v = logits.shape[-1]
+    loss = F.cross_entropy(leaf.reshape(-1, v), targets.cpu().reshape(-1), **kwargs)
+    if kwargs.get("reduction") == "none":
+        loss = loss.view(targets.shape)
+    return loss, leaf
+
+
+def run_and_compare(logits, targets, dtype, dloss_scale=1.0, **kwargs):
+    """Ours on a non-leaf copy of `logits` (the default in-place path) against the reference: loss and gradient."""
+    leaf = logits.detach().clone().requires_grad_()
+    ours = TF.cross_entropy(leaf * 1, targets, **kwargs)  # a non-leaf: the gradient goes into its storage
+    ref, ref_leaf = reference(logits, targets, **{k: a for k, a in kwargs.items() if k != "n_chunks"})
+    assert ours.dtype == torch.float32 and ours.shape == ref.shape
+    assert_close(ours, ref, torch.float32 if ours.dim() == 0 else dtype, "loss")
+    dloss = torch.rand(ref.shape, dtype=torch.float64) + 0.5 if ref.dim() else torch.tensor(dloss_scale).double()
+    ours.backward(dloss.to(DEVICE, torch.float32))
+    ref.backward(dloss)
+    assert_close(leaf.grad, ref_leaf.grad, dtype, "grad of logits")
+
+
+CASES = [("mean", 0.0), ("sum", 0.1), ("none", 0.0), ("mean", 0.2)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction,smoothing", CASES, ids=[f"{r}-ls{s}" for r, s in CASES])
+@pytest.mark.parametrize("v", WIDTHS)
+def test_against_float64(v, reduction, smoothing, dtype, seed):
+    m = 2 * rows_for(v) + 1
+    logits = randn(m, v, dtype=dtype, scale=3.0)
+    run_and_compare(logits, make_targets((m,), v), dtype, reduction=reduction, label_smoothing=smoothing)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("v", [1000, 4097])
+def test_looped_vocabulary(v, reduction, row_path, seed):
+    logits = randn(5, v, scale=3.0)
+    run_and_compare(logits, make_targets((5,), v), torch.float32, reduction=reduction, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_batch_time_vocab_logits(dtype, seed):
+    logits = randn(3, 7, 129, dtype=dtype)
+    run_and_compare(logits, make_targets((3, 7), 129), dtype)
+    run_and_compare(logits, make_targets((3, 7), 129), dtype, reduction="none")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_logits_of_1e4(dtype, row_path, seed):
+    logits = randn(9, 1000, dtype=dtype, scale=1e4)
+    run_and_compare(logits, make_targets((9,), 1000), dtype, reduction="sum", label_smoothing=0.1)
+    logits = (1e4 + randn(9, 1000, dtype=torch.float64)).to(dtype)  # e^x overflows without the max shift
+    run_and_compare(logits, make_targets((9,), 1000), dtype)
+
+
+def test_incoming_gradient_scales(seed):
+    """loss · 3 (the backward's scaling pass) and a custom ignore_index."""
+    logits = randn(11, 65)
+    run_and_compare(logits, make_targets((11,), 65, ignore_index=7), torch.float32, dloss_scale=3.0, ignore_index=7)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_targets_ignored(reduction, seed):
+    """As torch: "mean" gives NaN (0 / 0), "sum" 0, "none" zeros; the gradient is zero in every case."""
+    logits = randn(5, 33, requires_grad=True)
+    targets = torch.full((5,), -100, device=DEVICE)
+    ours = TF.cross_entropy(logits, targets, reduction=reduction)
+    ref = F.cross_entropy(logits.detach().double().cpu(), targets.cpu(), reduction=reduction)
+    assert torch.equal(ours.isnan().cpu(), ref.isnan())
+    assert torch.equal(ours.nan_to_num().cpu().double(), ref.nan_to_num())
+    ours.sum().backward()
+    assert torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+def test_n_chunks_same_result(seed):
+    logits = randn(13, 257)
+    targets = make_targets((13,), 257)
+    for n_chunks in (2, 5, 13):
+        run_and_compare(logits, targets, torch.float32, n_chunks=n_chunks)
+
+
+def test_strided_logits(seed):
+    """A time-shifted [B, T−1, V] slice (not viewable as rows: copied once) and a transposed [V, N] tensor."""
+    logits = randn(2, 9, 129)[:, :-1]
+    run_and_compare(logits, make_targets((2, 8), 129), torch.float32)
+    logits = randn(129, 10).t()
+    run_and_compare(logits, make_targets((10,), 129), torch.float32)
+
+
+def test_where_the_gradient_goes(seed):
+    """Non-leaf logits are overwritten by their gradient (the memory saving); leaves and inplace_grad=False not."""
+    base = randn(6, 65)
+    targets = make_targets((6,), 65)
+    leaf = base.clone().requires_grad_()
+    TF.cross_entropy(leaf, targets).backward()
+    assert torch.equal(leaf.detach(), base)
+
+    logits = leaf * 1
+    loss = TF.cross_entropy(logits, targets)
+    assert torch.equal(logits.detach(), leaf.grad)  # the gradient already sits in the logits' storage
+    loss.backward()
+
+    logits = leaf * 1
+    TF.cross_entropy(logits, targets, inplace_grad=False).backward()
+    assert torch.equal(logits.detach(), base)
+
+    own = base.clone().requires_grad_()
+    TF.cross_entropy(own, targets, inplace_grad=True).backward()
+    assert torch.equal(own.detach(), own.grad)
+
+    with torch.no_grad():
+        logits = leaf * 1
+        TF.cross_entropy(logits, targets)
+    assert torch.equal(logits, base)  # no gradient wanted: nothing written
+
+
+def test_overwritten_logits_are_guarded(seed):
+    """Reusing logits that hold a gradient, or an op that saved them for its backward, fails loudly."""
+    leaf = randn(4, 33, requires_grad=True)
+    targets = make_targets((4,), 33, ignored=0.0)
+    logits = leaf * 1
+    TF.cross_entropy(logits, targets)
+    with pytest.raises(ValueError, match="already hold the gradient"):
+        TF.cross_entropy(logits, targets)
+    logits = torch.tanh(leaf)  # tanh saves its output for the backward
+    loss = TF.cross_entropy(logits, targets)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    loss = TF.cross_entropy(leaf * 1, targets)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="its backward can run only once"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_module_matches_torch(dtype, seed):
+    logits = randn(4, 5, 33, dtype=dtype)
+    targets = make_targets((4, 5), 33)
+    ours = TritonCrossEntropyLoss(label_smoothing=0.05)(logits, targets)
+    ref = torch.nn.CrossEntropyLoss(label_smoothing=0.05)(logits.double().cpu().reshape(-1, 33),
+                                                          targets.cpu().reshape(-1))
+    assert_close(ours, ref, torch.float32, "loss")
+
+
+@pytest.mark.skipif(not ON_GPU, reason="peak memory is measured with torch.cuda's allocator statistics")
+def test_no_extra_memory_for_the_gradient(seed):
+    """Forward+backward on non-leaf logits allocates nothing of their size: the gradient goes into their storage."""
+    leaf = randn(4096, 8192, dtype=torch.bfloat16, requires_grad=True)
+    targets = make_targets((4096,), 8192)
+    logits = leaf * 1
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    (grad,) = torch.autograd.grad(TF.cross_entropy(logits, targets), logits)
+    extra = torch.cuda.max_memory_allocated() - base
+    assert grad.data_ptr() == logits.data_ptr()
+    assert extra < logits.numel() * logits.element_size() // 8, f"{extra / 2**20:.0f} MiB extra"
+
+
+def test_bad_inputs():
+    logits = randn(4, 10)
+    good = make_targets((4,), 10, ignored=0.0)
+    with pytest.raises(ValueError, match=r"targets must lie in \[0, 10\) or equal ignore_index=-100; found 10"):
+        TF.cross_entropy(logits, torch.tensor([0, 10, 1, 2], device=DEVICE))
+    with pytest.raises(ValueError, match="found -1"):
+        TF.cross_entropy(logits, torch.tensor([0, -1, 1, 2], device=DEVICE))
+    with pytest.raises(TypeError, match="targets has dtype torch.float32"):
+        TF.cross_entropy(logits, good.float())
+    with pytest.raises(ValueError, match=r"targets of shape \(3,\) do not match logits \(4, 10\)"):
+        TF.cross_entropy(logits, good[:3])
+    with pytest.raises(TypeError, match="logits has dtype torch.int64"):
+        TF.cross_entropy(torch.ones(4, 10, dtype=torch.int64, device=DEVICE), good)
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        TF.cross_entropy(logits, good, reduction="avg")
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        TritonCrossEntropyLoss(reduction="avg")
+    with pytest.raises(ValueError, match="label_smoothing must lie in"):
+        TF.cross_entropy(logits, good, label_smoothing=1.5)
+    with pytest.raises(ValueError, match="n_chunks must be a positive int"):
+        TF.cross_entropy(logits, good, n_chunks=0)
+    with pytest.raises(ValueError, match="inplace_grad=True needs logits whose rows do not overlap"):
+        TF.cross_entropy(randn(1, 10, requires_grad=True).expand(4, 10), good, inplace_grad=True)
+
+
+def test_cpu_tensor_without_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        TF.cross_entropy(torch.randn(2, 8), torch.zeros(2, dtype=torch.int64))

@@ -1,0 +1,121 @@
+"""Dropout with a seeded counter-based mask: statistics, scale, mask reuse in the backward, determinism."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import triformer.functional as TF
+from harness import DEVICE, DTYPES, ON_GPU, assert_close, randn
+from triformer import TritonDropout
+
+N = 1 << 20 if ON_GPU else 1 << 16
+
+
+def binomial_bound(p: float, n: int) -> float:
+    """Six standard deviations of the dropped fraction of n independent elements (a false alarm ~1e-9)."""
+    return 6 * math.sqrt(p * (1 - p) / n)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_rate_and_scale(p, dtype, seed):
+    x = randn(N, dtype=dtype)
+    y = TF.dropout(x, p, seed)
+    kept = y != 0
+    assert abs((1 - kept.double().mean().item()) - p) < binomial_bound(p, N)
+    assert_close(y[kept], x[kept].double() / (1 - p), dtype, "kept values")
+
+
+@pytest.mark.parametrize("p", [0.2, 0.7])
+def test_mask_is_not_correlated_along_the_tensor(p, seed):
+    """Each quarter of a Philox call's block and each program's block drop at the rate p on their own."""
+    y = TF.dropout(randn(64, 4096), p, seed)
+    dropped_per_block = (y == 0).double().reshape(-1, 1024).mean(1)
+    assert (dropped_per_block - p).abs().max() < binomial_bound(p, 1024)
+    pairs = (y[:, :-1] == 0) & (y[:, 1:] == 0)  # neighbours dropped together: p² if independent
+    assert abs(pairs.double().mean().item() - p * p) < binomial_bound(p * p, pairs.numel()) * 2
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward_reuses_the_mask(dtype, seed):
+    p = 0.3
+    x = randn(7, 33, 5, dtype=dtype, requires_grad=True)
+    y = TF.dropout(x, p, seed)
+    dy = randn(7, 33, 5, dtype=dtype)
+    y.backward(dy)
+    kept = y.detach() != 0
+    assert torch.equal(x.grad != 0, kept)
+    assert_close(x.grad[kept], dy[kept].double() / (1 - p), dtype, "grad of x")
+
+
+def test_same_seed_same_mask_other_seed_other_mask(seed):
+    x = randn(257, 129)
+    a, b, c = TF.dropout(x, 0.5, seed), TF.dropout(x, 0.5, seed), TF.dropout(x, 0.5, seed + 1)
+    assert torch.equal(a, b)
+    differs = ((a == 0) != (c == 0)).double().mean().item()
+    assert abs(differs - 0.5) < binomial_bound(0.5, x.numel())  # independent masks disagree half the time
+
+
+def test_mask_does_not_depend_on_strides(seed):
+    x = randn(65, 33)
+    assert torch.equal(TF.dropout(x.t(), 0.4, seed), TF.dropout(x.t().contiguous(), 0.4, seed))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_p_zero_and_one_are_exact(dtype, seed):
+    x = randn(33, 65, dtype=dtype, requires_grad=True)
+    y = TF.dropout(x, 0.0, seed)
+    assert torch.equal(y, x)
+    y.backward(torch.full_like(y, 3.0))
+    assert torch.equal(x.grad, torch.full_like(x, 3.0))
+    x.grad = None
+    y = TF.dropout(x, 1.0, seed)
+    assert not y.any()
+    y.backward(torch.ones_like(y))
+    assert not x.grad.any()
+
+
+def test_module_train_and_eval(seed):
+    drop = TritonDropout(0.5)
+    x = randn(64, 64)
+    torch.manual_seed(seed)
+    first = drop(x)
+    torch.manual_seed(seed)
+    assert torch.equal(drop(x), first)  # the module's seeds come from torch's generator
+    assert not torch.equal(drop(x), first)  # and a new one each call
+    drop.eval()
+    assert drop(x) is x
+    assert TF.dropout(x, 0.5, training=False) is x
+
+
+def test_original_functional_entry(seed):
+    """TritonDropout.apply(x, p, seed) as in the original package; module.apply(fn) still walks modules."""
+    x = randn(3, 1000)
+    assert torch.equal(TritonDropout.apply(x, 0.25, seed), TF.dropout(x, 0.25, seed))
+    seen = []
+    torch.nn.Sequential(TritonDropout(0.1), torch.nn.Identity()).apply(lambda m: seen.append(type(m).__name__))
+    assert seen == ["TritonDropout", "Identity", "Sequential"]
+
+
+def test_bad_inputs():
+    x = randn(4, 4)
+    for p in (-0.1, 1.5, "0.5", None):
+        with pytest.raises(ValueError, match="dropout probability p must be a number in \\[0, 1\\]"):
+            TF.dropout(x, p, 1)
+    with pytest.raises(ValueError, match="p must be a number"):
+        TritonDropout(2.0)
+    with pytest.raises(TypeError, match="seed must be an int"):
+        TF.dropout(x, 0.5, 1.5)
+    with pytest.raises(ValueError, match="seed must lie in"):
+        TF.dropout(x, 0.5, -3)
+    with pytest.raises(TypeError, match="x has dtype torch.int32"):
+        TF.dropout(torch.ones(4, dtype=torch.int32, device=DEVICE), 0.5, 1)
+
+
+def test_cpu_tensor_without_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        TF.dropout(torch.randn(8), 0.5, 1)

@@ -1,0 +1,119 @@
+"""The row-wise kernels compile for an H100 (sm_90) with the launch meta a GPU run uses, without spilling registers.
+
+The interpreter runs kernels in numpy and never sees Triton's GPU code generation; this compiles them to a
+cubin on the CPU (triton ships ptxas), so a kernel that cannot compile, or that spills, fails here first.
+Kernels imported under TRITON_INTERPRET=1 are interpreter objects, so the compiling happens in one child
+process started without it (this file run as a script), which reports every case as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+from harness import ON_GPU
+
+pytestmark = pytest.mark.skipif(ON_GPU, reason="on a GPU every other test compiles these kernels natively")
+
+NORM_FWD = dict(x_ptr="*bf16", w_ptr="*bf16", b_ptr="*bf16", y_ptr="*bf16", mean_ptr="*fp32", rstd_ptr="*fp32",
+                M="i32", N="i32", stride_xm="i32", stride_ym="i32", eps="fp32")
+NORM_BWD = dict(dy_ptr="*bf16", x_ptr="*bf16", w_ptr="*bf16", mean_ptr="*fp32", rstd_ptr="*fp32", dx_ptr="*bf16",
+                dw_ptr="*fp32", db_ptr="*fp32", M="i32", N="i32", stride_dym="i32", stride_xm="i32",
+                stride_dxm="i32", rows_per_program="i32")
+SOFTMAX_FWD = dict(x_ptr="*bf16", y_ptr="*bf16", M="i32", N="i32", SQ="i32", stride_xm="i32", stride_ym="i32")
+SOFTMAX_BWD = dict(y_ptr="*bf16", dy_ptr="*bf16", dx_ptr="*bf16", M="i32", N="i32", SQ="i32", stride_ym="i32",
+                   stride_dym="i32", stride_dxm="i32")
+CROSS_ENTROPY = dict(logits_ptr="*bf16", targets_ptr="*i64", loss_ptr="*fp32", grad_ptr="*bf16", n_valid_ptr="*i64",
+                     M="i32", V="i32", stride_lm="i32", stride_lv="i32", stride_gm="i32", stride_gv="i32",
+                     ignore_index="i32", smoothing="fp32")
+SCALE_ROWS = dict(g_ptr="*bf16", scale_ptr="*fp32", M="i32", V="i32", stride_gm="i32", stride_gv="i32", stride_s="i32")
+DROPOUT = dict(x_ptr="*bf16", y_ptr="*bf16", n="i32", p="fp32", scale="fp32", seed="i32")
+
+NORM_WIDTHS = [768, 4096, 8192, 12288, 32768]
+SOFTMAX_WIDTHS = [768, 4096, 8192, 32768]
+CASES = ([f"{op}-{w}" for op in ("layer_norm", "rms_norm") for w in NORM_WIDTHS]
+         + [f"softmax{'-causal' if c else ''}-{w}" for c in (False, True) for w in SOFTMAX_WIDTHS]
+         + ["cross_entropy-inplace", "cross_entropy-buffer", "dropout"])
+
+
+def compile_all() -> dict:
+    """In a process without the interpreter: case → {kernel: spilled bytes} or the error that stopped it."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from triformer.kernels import _rows, cross_entropy, dropout, norms, softmax
+
+    def spills(kernel, types, constexprs, num_warps):
+        names = kernel.arg_names
+        signature = {n: "constexpr" if n in constexprs else types[n] for n in names}
+        source = ASTSource(kernel, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+        ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+            f.write(compiled.asm["ptx"])
+        try:
+            report = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True,
+                                    text=True, check=True).stderr
+        finally:
+            os.unlink(f.name)
+        return sum(int(b) for b in re.findall(r"(\d+) bytes spill stores", report))
+
+    def meta(width, **kwargs):
+        m = _rows.row_tiling(4096, width, **kwargs)
+        return m.pop("num_warps"), m
+
+    def case(name):
+        op, _, rest = name.partition("-")
+        if op in ("layer_norm", "rms_norm"):
+            width, center = int(rest), op == "layer_norm"
+            flags = dict(CENTER=center, HAS_W=True)
+            warps, m = meta(width)
+            fwd = spills(norms._norm_forward_kernel, NORM_FWD, {**flags, "HAS_B": center, **m}, warps)
+            warps, m = meta(width, max_block=norms._BACKWARD_MAX_BLOCK)
+            bwd = spills(norms._norm_backward_kernel, NORM_BWD, {**flags, "DW": True, "DB": center, **m}, warps)
+            return {"forward": fwd, "backward": bwd}
+        if op == "softmax":
+            causal = rest.startswith("causal")
+            warps, m = meta(int(rest.rpartition("-")[2]))
+            return {"forward": spills(softmax._softmax_forward_kernel, SOFTMAX_FWD, {"CAUSAL": causal, **m}, warps),
+                    "backward": spills(softmax._softmax_backward_kernel, SOFTMAX_BWD, {"CAUSAL": causal, **m}, warps)}
+        if op == "cross_entropy":
+            warps, m = meta(50304, loop=True, max_block=cross_entropy._BLOCK_V)
+            flags = dict(MEAN=True, SMOOTH=rest == "buffer", GRAD=True, INPLACE=rest == "inplace", **m)
+            return {"loss+grad": spills(cross_entropy._cross_entropy_kernel, CROSS_ENTROPY, flags, min(warps, 4)),
+                    "scale": spills(cross_entropy._scale_rows_kernel, SCALE_ROWS, {"BLOCK_N": 4096}, 8)}
+        return {"dropout": spills(dropout._dropout_kernel, DROPOUT, {"BLOCK": dropout.BLOCK}, 4)}
+
+    results = {}
+    for name in CASES:
+        try:
+            results[name] = case(name)
+        except Exception as exc:  # reported per case by the test
+            results[name] = f"{type(exc).__name__}: {exc}"
+    return results
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_compiles_for_sm90_without_spills(case, compiled):
+    result = compiled[case]
+    assert isinstance(result, dict), f"{case} does not compile for sm_90: {result}"
+    assert not any(result.values()), f"{case} spills registers (bytes per kernel): {result}"
+
+
+if __name__ == "__main__":
+    print(json.dumps(compile_all()))
