@@ -4,7 +4,7 @@ Backward (Z = X·Wᵀ + b):   dZ = dY ⊙ act'(Z),   dX = dZ·W,   dW = dZᵀ·X
 
 Fused: the forward is one kernel (bias and activation in the epilogue); the backward is two kernels: the dX
 product forms dZ in its prologue (and writes it once, from its first column of tiles), the dW product reads
-that dZ as a plain transposed operand and reduces db from it on the way. Nothing but Z (for gelu/silu) is
+that dZ as a plain transposed operand, and db is a column sum of it. Nothing but Z (for gelu/silu) is
 saved; relu's derivative is read off Y.
 Unfused (the original three-kernel design, kept for the ablation): matmul, bias add and activation as separate
 kernels, forward and backward.
@@ -25,7 +25,7 @@ def fused_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """Y = act(x·weightᵀ + bias) for x [M, K], weight [N, K]; returns (Y, what act' needs or None)."""
     code = activation_code(activation)
     store_z = save_for_backward and code not in (0, _RELU)
-    y, z, _, _ = matmul(x, weight.t(), bias=bias, activation=activation, store_preactivation=store_z)
+    y, z, _ = matmul(x, weight.t(), bias=bias, activation=activation, store_preactivation=store_z)
     if not save_for_backward or code == 0:
         return y, None
     return y, (y if code == _RELU else z)
@@ -33,16 +33,23 @@ def fused_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 def fused_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, saved: torch.Tensor | None,
                    activation: str | None, need_dx: bool, need_dw: bool, need_db: bool):
-    """(dX, dW, db) with dZ = dY ⊙ act'(saved) formed inside the dX kernel; None where not needed."""
+    """(dX, dW, db) with dZ = dY ⊙ act'(saved) formed inside the dX kernel; None where not needed.
+
+    Without dX (a first layer's input), dZ comes from the elementwise kernel instead of a product nobody needs.
+    """
     dx = dw = db = None
     gated = activation_code(activation) != 0
-    dz = None if gated else dy
-    if need_dx or gated:
-        dx, _, _, dz_stored = matmul(dy, weight, gate=saved, gate_activation=activation, store_gated=gated)
+    dz = dy
+    if need_dx:
+        dx, _, dz_stored = matmul(dy, weight, gate=saved, gate_activation=activation, store_gated=gated)
         dz = dz if dz_stored is None else dz_stored
-    if need_dw or need_db:
-        dw, _, db, _ = matmul(dz.t(), x, rowsum=need_db)
-    return (dx if need_dx else None), (dw if need_dw else None), db
+    elif gated and (need_dw or need_db):
+        dz = activation_backward(dy.contiguous(), saved, activation)
+    if need_dw:
+        dw = matmul(dz.t(), x)[0]
+    if need_db:
+        db = column_sum(dz.contiguous())
+    return dx, dw, db
 
 
 def unfused_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None):

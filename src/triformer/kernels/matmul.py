@@ -4,7 +4,6 @@
     prologue(A) = A ⊙ act'(G)              (GATE_ACT ≠ 0; G laid out like A: the backward's dZ = dY ⊙ act'(Z);
                                             STORE_GATED also writes prologue(A), so the dW product can reuse dZ)
     epilogue(P) = act(P + bias[n])         (HAS_BIAS, ACT; P is stored too when STORE_PREACT)
-    rowsum[m]   = Σ_k prologue(A)[m, k]    (ROWSUM_A; the bias gradient db = Σ_rows dZ, from the dW product)
 
 Float32 accumulation; tiles visited in grouped order (GROUP_M rows of tiles share B tiles in L2).
 """
@@ -36,11 +35,11 @@ def _load_tile(ptrs, row_ok, col_ok, ROWS_EVEN: tl.constexpr, COLS_EVEN: tl.cons
 
 @triton.jit
 def _matmul_kernel(
-    a_ptr, b_ptr, c_ptr, bias_ptr, preact_ptr, gate_ptr, rowsum_ptr, gated_ptr,
+    a_ptr, b_ptr, c_ptr, bias_ptr, preact_ptr, gate_ptr, gated_ptr,
     M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_gm, stride_gk,
     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STORE_PREACT: tl.constexpr,
-    GATE_ACT: tl.constexpr, STORE_GATED: tl.constexpr, ROWSUM_A: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    GATE_ACT: tl.constexpr, STORE_GATED: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
 ):
@@ -68,7 +67,6 @@ def _matmul_kernel(
         gated_ptrs = gated_ptr + offs_m[:, None].to(tl.int64) * K + offs_k[None, :]
         first_column = pid_n == 0
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    row_acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = offs_k < K - k0
         a = _load_tile(a_ptrs, mask_m, k_ok, EVEN_M, EVEN_K)
@@ -80,8 +78,6 @@ def _matmul_kernel(
         if STORE_GATED:  # a masked store, not a branch: a branch would stop the loop's software pipelining
             tl.store(gated_ptrs, a, mask=(mask_m[:, None] & (offs_k[None, :] < K - k0)) & first_column)
             gated_ptrs += BLOCK_K
-        if ROWSUM_A:  # every program sums (a branch here would stop the loop's software pipelining)
-            row_acc += tl.sum(a.to(tl.float32), axis=1)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
@@ -93,8 +89,6 @@ def _matmul_kernel(
     if STORE_PREACT:
         tl.store(preact_ptr + c_offsets, acc.to(preact_ptr.dtype.element_ty), mask=out_mask)
     tl.store(c_ptr + c_offsets, apply_activation(acc, ACT).to(c_ptr.dtype.element_ty), mask=out_mask)
-    if ROWSUM_A:  # the first column of tiles writes
-        tl.store(rowsum_ptr + offs_m, row_acc.to(rowsum_ptr.dtype.element_ty), mask=mask_m & (pid_n == 0))
 
 
 # Hopper (H100/H200) tiles: wide tiles with 8 warps for big products, smaller ones so that skinny products
@@ -138,7 +132,7 @@ _matmul_kernel = triton.heuristics({
 
 _tuned_matmul_kernel = triton.autotune(
     configs=_HOPPER_CONFIGS,
-    key=["M", "N", "K", "HAS_BIAS", "ACT", "STORE_PREACT", "GATE_ACT", "ROWSUM_A", "INPUT_PRECISION"],
+    key=["M", "N", "K", "HAS_BIAS", "ACT", "STORE_PREACT", "GATE_ACT", "STORE_GATED", "INPUT_PRECISION"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )(_matmul_kernel)
 
@@ -192,24 +186,21 @@ def matmul(
     gate: torch.Tensor | None = None,
     gate_activation: str | None = None,
     store_gated: bool = False,
-    rowsum: bool = False,
 ):
     """C = act(prologue(a) @ b + bias) for 2-D a [M, K], b [K, N] of any strides (views are not copied).
 
     gate: a tensor laid out like `a`; the prologue multiplies a by gate_activation'(gate).
-    Returns (c, preactivation or None, rowsum of the prologued a or None, prologued a or None) — the last one
-    when store_gated — all contiguous, in a's dtype.
+    Returns (c, preactivation or None, prologued a or None), the last when store_gated; all contiguous, in a's dtype.
     """
     M, K = a.shape
     K2, N = b.shape
     assert K == K2, (a.shape, b.shape)
     c = new_empty((M, N), like=a)
     preact = new_empty((M, N), like=a) if store_preactivation else c
-    row_sums = new_empty((M,), like=a) if rowsum else c
     gated = new_empty((M, K), like=a) if store_gated else c
     gate_t = gate if gate is not None else a
     args = (
-        a, b, c, bias if bias is not None else c, preact, gate_t, row_sums, gated,
+        a, b, c, bias if bias is not None else c, preact, gate_t, gated,
         M, N, K,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
         gate_t.stride(0), gate_t.stride(1),
@@ -220,10 +211,8 @@ def matmul(
         STORE_PREACT=store_preactivation,
         GATE_ACT=activation_code(gate_activation) if gate is not None else 0,
         STORE_GATED=store_gated,
-        ROWSUM_A=rowsum,
         INPUT_PRECISION=_input_precision(a.dtype),
     )
     if M > 0 and N > 0:
         _launch(args, flags, M, N)
-    return (c, preact if store_preactivation else None, row_sums if rowsum else None,
-            gated if store_gated else None)
+    return c, (preact if store_preactivation else None), (gated if store_gated else None)
