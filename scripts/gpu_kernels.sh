@@ -3,11 +3,12 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; export OUT
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
+if ls .whl/*.whl >/dev/null 2>&1; then  # the wheelhouse (dvc, mlflow-skinny, liger-kernel, ...): kept for later calls
+  [ -d /tmp/site ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+  export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
-timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -n 16 -m "not pipeline" tests -k "${TEST_SELECT:-not nothing}" -p no:benchmark \
-  2>&1 | tee "$OUT/pytest_kernels.log" | grep -v "^\.*\s*\[" | tail -30
-timeout ${BENCH_TIMEOUT:-300} python3 scripts/gpu_kernels.py ${SUITES:-} 2>&1 | tee "$OUT/bench_kernels.log"
+timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -n 16 -m "not pipeline" tests -k "${TEST_SELECT:-not nothing}" -p no:benchmark -rfE \
+  2>&1 | tee "$OUT/pytest_kernels.log" | grep -v "^[.sFE]*\s*\[" | tail -40
+[ "${SUITES:-}" = none ] || timeout ${BENCH_TIMEOUT:-300} python3 scripts/gpu_kernels.py ${SUITES:-} 2>&1 | tee "$OUT/bench_kernels.log"

@@ -24,16 +24,25 @@ def raw_folder(root: str | Path) -> Path:
     return Path(root) / "FashionMNIST" / "raw"
 
 
-def prepare(root: str | Path, offline_dir: str | Path | None = DEBIAN_DIR, download: bool = True) -> str:
-    """Make `root` loadable by torchvision.datasets.FashionMNIST; returns where the files came from."""
-    sources = [Path(offline_dir) / f"{name}.gz" for name in FILES] if offline_dir else []
-    if sources and all(src.exists() for src in sources):
+def find_offline(offline_dir) -> Path | None:
+    """The first of `offline_dir` (a folder or a list of them) that holds the four .gz files, or None."""
+    folders = [offline_dir] if isinstance(offline_dir, (str, Path)) else list(offline_dir or [])
+    return next((Path(f) for f in folders if all((Path(f) / f"{n}.gz").exists() for n in FILES)), None)
+
+
+def prepare(root: str | Path, offline_dir=DEBIAN_DIR, download: bool = True) -> str:
+    """Make `root` loadable by torchvision.datasets.FashionMNIST; returns where the files came from.
+
+    offline_dir: a folder, or a list of folders tried in order, holding the four `.gz` files.
+    """
+    source = find_offline(offline_dir)
+    if source is not None:
         raw = raw_folder(root)
         raw.mkdir(parents=True, exist_ok=True)
-        for src in sources:
-            with gzip.open(src, "rb") as fin, open(raw / src.stem, "wb") as fout:
+        for name in FILES:
+            with gzip.open(source / f"{name}.gz", "rb") as fin, open(raw / name, "wb") as fout:
                 shutil.copyfileobj(fin, fout)
-        origin = f"offline: {offline_dir}"
+        origin = f"offline: {source}"
     elif download:
         for train in (True, False):
             torchvision.datasets.FashionMNIST(str(root), train=train, download=True)

@@ -1,0 +1,108 @@
+"""Stage `bench`: every benchmark suite of triformer.bench, providers side by side, against the ceilings measured in
+the same run (a large device copy for GB/s, a large bf16 torch.matmul for TFLOP/s).
+
+Suites (params `bench.suites`) are modules `triformer.bench.<suite>` with `run(**params bench.<suite>, dtype,
+device, progress) -> rows`; a row has op, shape, dtype, mode, provider, ms, rate, unit ("TFLOP/s" or "GB/s").
+Writes results/bench/bench.csv (for `dvc plots`) and results/bench/metrics.json; logs both to MLflow.
+A suite that does not exist yet is reported as missing, not silently dropped.
+"""
+
+import importlib
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from triformer import tracking
+from triformer.bench.timing import copy_bandwidth_gbps, matmul_tflops
+
+from . import common
+
+OUT = Path("results/bench")
+COLUMNS = ["label", "case", "op", "shape", "dtype", "mode", "provider", "ms", "rate", "unit", "fraction_of_ceiling"]
+METRIC_OF_UNIT = {"TFLOP/s": "perf/tflops", "GB/s": "perf/gbps"}
+
+
+def load_suite(name: str):
+    """The suite's module, or None (with a message) when triformer.bench.<name> does not exist yet."""
+    try:
+        return importlib.import_module(f"triformer.bench.{name}")
+    except ModuleNotFoundError as error:
+        if error.name != f"triformer.bench.{name}":
+            raise
+        print(f"bench: suite {name!r} is missing (no module triformer.bench.{name}); its rows are absent and "
+              f"metrics.json lists it under suites_missing")
+        return None
+
+
+def shape_text(shape) -> str:
+    return "x".join(str(d) for d in shape) if isinstance(shape, (list, tuple)) else str(shape)
+
+
+def with_fractions(rows: list[dict], ceilings: dict) -> list[dict]:
+    """Each row with `case` and `fraction_of_ceiling` (rate over the ceiling of its unit, measured in this run)."""
+    out = []
+    for row in rows:
+        shape = shape_text(row["shape"])
+        case = f"{row['op']} {row['mode']} {shape}"
+        out.append({**row, "shape": shape, "dtype": str(row["dtype"]).removeprefix("torch."), "case": case,
+                    "label": f"{case} {row['provider']}", "fraction_of_ceiling": row["rate"] / ceilings[row["unit"]]})
+    return out
+
+
+def summary(rows: list[dict]) -> dict:
+    """Per op, mode and provider: the geometric means of rate and fraction of ceiling over the shapes."""
+    groups = defaultdict(list)
+    for row in rows:
+        if math.isfinite(row["rate"]):  # a provider that failed has NaN (and its error in the CSV)
+            groups[(row["op"], row["mode"], row["provider"])].append(row)
+    result: dict = {}
+    for (op, mode, provider), group in sorted(groups.items()):
+        result.setdefault(op, {}).setdefault(mode, {})[provider] = {
+            "rate_geomean": geomean(r["rate"] for r in group), "unit": group[0]["unit"],
+            "fraction_geomean": geomean(r["fraction_of_ceiling"] for r in group)}
+    return result
+
+
+def geomean(values) -> float:
+    values = list(values)
+    return math.exp(sum(math.log(max(v, 1e-30)) for v in values) / len(values))
+
+
+def main() -> None:
+    config, info = common.setup("bench")
+    device, dtype = info["device"], getattr(torch, config["dtype"])
+    with common.start_run("bench", config, info):
+        ceilings = {"GB/s": copy_bandwidth_gbps(device), "TFLOP/s": matmul_tflops(device)}
+        print(f"ceilings: copy {ceilings['GB/s']:.1f} GB/s, matmul {ceilings['TFLOP/s']:.2f} TFLOP/s")
+        rows, missing = [], []
+        for name in config["suites"]:
+            suite = load_suite(name)
+            if suite is None:
+                missing.append(name)
+                continue
+            rows += suite.run(**config.get(name, {}), dtype=dtype, device=device, progress=True)
+        rows = with_fractions(rows, ceilings)
+        common.write_csv(OUT / "bench.csv", rows, COLUMNS + sorted({k for r in rows for k in r} - set(COLUMNS)))
+        common.write_json(OUT / "metrics.json", {
+            "ceiling": {"copy_gbps": ceilings["GB/s"], "matmul_tflops": ceilings["TFLOP/s"]},
+            "suites_run": [s for s in config["suites"] if s not in missing], "suites_missing": missing,
+            "rows": len(rows), "summary": summary(rows), "run": common.label(info)})
+        tracking.log_metrics({"ceiling/gbps": ceilings["GB/s"], "ceiling/tflops": ceilings["TFLOP/s"]})
+        tracking.log_metrics({key: value for row in rows for key, value in row_metrics(row).items()})
+        tracking.set_tags({"suites_missing": ",".join(missing) or "none"})
+        tracking.log_artifact(OUT / "bench.csv")
+        print(f"bench: {len(rows)} rows from {len(config['suites']) - len(missing)} suite(s); "
+              f"missing: {missing or 'none'}")
+
+
+def row_metrics(row: dict) -> dict:
+    """`perf/tflops/<op>/<mode>/<provider>/<shape>` (or perf/gbps/...) and its fraction of the ceiling."""
+    path = (row["op"], row["mode"], row["provider"], row["shape"])
+    return {tracking.metric_key(METRIC_OF_UNIT[row["unit"]], *path): row["rate"],
+            tracking.metric_key("perf/fraction_of_ceiling", *path): row["fraction_of_ceiling"]}
+
+
+if __name__ == "__main__":
+    main()
