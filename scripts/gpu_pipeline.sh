@@ -19,6 +19,6 @@ if [ ! -d .git ]; then  # the copied tree has no git repository; DVC wants one
   fi
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-timeout ${REPRO_TIMEOUT:-560} dvc repro ${STAGES:-} 2>&1 | grep -v "it/s\]$" | tee "$OUT/dvc_repro.log" | tail -60
+timeout ${REPRO_TIMEOUT:-560} dvc repro --keep-going ${STAGES:-} 2>&1 | grep -v "it/s\]$" | tee "$OUT/dvc_repro.log" | tail -60
 tar czf "$OUT/results.tgz" results reports/html reports/figures dvc.lock 2>/dev/null
 cp mlflow.db "$OUT/" 2>/dev/null

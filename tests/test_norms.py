@@ -57,7 +57,10 @@ def test_against_float64(op, width, dtype, row_path, seed):
         dy = randn(*x.shape, dtype=dtype)
         out.backward(dy)
         assert torch.equal(out, b.detach().expand_as(out))
-        assert not x.grad.any() and not w.grad.any()
+        # dx = rstd·(g − x̂·mean(x̂g) − mean(g)) with rstd = 1/√eps ≈ 316: on the GPU the compiler's fused
+        # multiply-adds leave a few ulps of that scale instead of exact zeros (seen: |dx| ≤ 1e-5 on an H200).
+        natural = dy.abs().max().item() / 1e-5 ** 0.5
+        assert x.grad.abs().max() <= 1e-6 * natural and w.grad.abs().max() <= 1e-6 * natural
         assert_close(b.grad, dy.double().sum(0), dtype, "grad of bias")
         return
     run_and_compare(op, x, w, b, dtype)
