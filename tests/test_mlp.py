@@ -50,3 +50,17 @@ def test_learns_a_fixed_batch(seed):
 def test_unknown_backend():
     with pytest.raises(ValueError, match="unknown backend 'jax'"):
         TritonMLP(4, 2, backend="jax")
+
+
+def test_trains_under_autocast(seed):
+    """bf16 autocast on the GPU (fp16 on the CPU, where the interpreter has no bf16): fp32 parameters, low-precision
+    products, as F.linear does; the logits match the nn.Linear twin under the same autocast."""
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+    ours, ref = twin_models(fused=True)
+    images = torch.randn(9, 3, 5, 5, device=DEVICE)
+    with torch.autocast(DEVICE, dtype=dtype):
+        out, out_ref = ours(images), ref(images)
+    assert out.dtype == dtype and out_ref.dtype == dtype
+    assert_close(out, out_ref, dtype, "logits under autocast", tol=2e-2)
+    out.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in ours.parameters())

@@ -25,7 +25,7 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
 def _cast_for_autocast(*tensors):
     """Under autocast, matmul-like ops run in the autocast dtype (as F.linear does); casts are tracked by autograd."""
     first = tensors[0]
-    dtype = _autocast_dtype(first.device.type)
+    dtype = _autocast_dtype(first.device.type) if isinstance(first, torch.Tensor) else None
     if dtype is None:
         return tensors
     return tuple(t if t is None or not t.is_floating_point() else t.to(dtype) for t in tensors)
@@ -87,8 +87,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     x [..., K], weight [N, K], bias [N] or None, activation in (None, "relu", "gelu" (tanh), "silu").
     fused=False runs the three-kernel version (matmul, bias add, activation) kept for the ablation.
     """
-    _check_linear_inputs(x, weight, bias, activation)
     x, weight, bias = _cast_for_autocast(x, weight, bias)
+    _check_linear_inputs(x, weight, bias, activation)
     return _LinearFunction.apply(x, weight, bias, None if activation == "none" else activation, fused)
 
 
