@@ -57,11 +57,18 @@ def execution_runs(kind: str, stage: str) -> pd.DataFrame:
     return runs[runs["tags.execution"] == runs["tags.execution"].iloc[0]].reset_index(drop=True)
 
 
-def artifact_csv(run_id: str, name: str) -> pd.DataFrame:
+def artifact_csv(run_id: str, name: str, stage: str) -> pd.DataFrame:
+    """A CSV the run logged to MLflow; when its artifact store is out of reach (a database brought back from a GPU
+    host without the host's mlartifacts/), the stage's DVC output results/<stage>/<name> that the run logged."""
     try:
         return pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=name))
     except (OSError, mlflow.exceptions.MlflowException, pd.errors.EmptyDataError):
-        return pd.DataFrame()
+        fallback = ROOT / "results" / stage / name
+        if not fallback.exists():
+            return pd.DataFrame()
+        display(Markdown(f"_MLflow artifact `{name}` of run {run_id[:8]} is out of reach: read `{fallback.relative_to(ROOT)}`, "
+                         "the same file as the stage's DVC output._"))
+        return pd.read_csv(fallback)
 
 
 def card(runs: pd.DataFrame) -> str:
@@ -120,7 +127,7 @@ else:
         reasons = {}
     if reasons:
         display(pd.Series(reasons, name="skipped tests").rename_axis("reason").to_frame())
-    errors = artifact_csv(run["run_id"], "errors.csv")
+    errors = artifact_csv(run["run_id"], "errors.csv", "test")
     if errors.empty:
         display(Markdown("_No tolerance checks were recorded (no kernel tests selected)._"))
     else:
@@ -138,7 +145,7 @@ else:
     display(Markdown(f"**{card(bench)}** — ceilings: copy {run['metrics.ceiling/gbps']:.1f} GB/s, "
                      f"matmul {run['metrics.ceiling/tflops']:.2f} TFLOP/s; missing suites: "
                      f"{run.get('tags.suites_missing', 'none')}"))
-    rows = artifact_csv(run["run_id"], "bench.csv")
+    rows = artifact_csv(run["run_id"], "bench.csv", "bench")
     if rows.empty:
         display(Markdown("_The benchmark produced no rows._"))
     else:
@@ -169,7 +176,7 @@ if ablation.empty:
 else:
     kernels_run = ablation[ablation["tags.role"] == "kernels"]
     if not kernels_run.empty:
-        kernels = artifact_csv(kernels_run.iloc[0]["run_id"], "kernels.csv")
+        kernels = artifact_csv(kernels_run.iloc[0]["run_id"], "kernels.csv", "ablation")
         table = kernels.pivot_table(index="case", columns="provider", values="rate", sort=False)
         fig, ax = plt.subplots(figsize=(10, 1.6 + 0.22 * table.size))
         table.plot.barh(ax=ax)

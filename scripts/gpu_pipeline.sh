@@ -9,7 +9,7 @@ if [ ! -d /tmp/site ]; then
   ls .whl/*.whl >/dev/null 2>&1 || { echo "no wheelhouse: carry .whl"; exit 2; }
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 2
 fi
-export PYTHONPATH=/tmp/site:$PWD/src PATH=/tmp/site/bin:$PATH
+export PYTHONPATH=/tmp/site:$PWD/src PATH=/tmp/site/bin:$PATH JUPYTER_PATH=/tmp/site/share/jupyter  # nbconvert templates
 mkdir -p /usr/share/datasets/fashion-mnist && cp .gpu-data/fashion-mnist/*.gz /usr/share/datasets/fashion-mnist/ || exit 2
 if [ ! -d .git ]; then  # the copied tree has no git repository; DVC wants one
   if command -v git >/dev/null; then
