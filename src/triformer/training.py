@@ -157,10 +157,10 @@ def fit(model: nn.Module, train_set: TensorDataset, val_set: TensorDataset, conf
         history, start_epoch = state["history"], state["epoch"] + 1
     log = log or (lambda metrics, step: None)
     shuffle = torch.Generator()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
 
     for epoch in range(start_epoch, config.epochs):
+        if device.type == "cuda":  # mem/peak_mib is per epoch: the first also holds Triton autotuning's 256 MiB L2 flush
+            torch.cuda.reset_peak_memory_stats(device)
         model.train()
         shuffle.manual_seed(config.seed * 100_003 + epoch)
         order = torch.randperm(n, generator=shuffle).to(device)
