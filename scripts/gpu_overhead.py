@@ -22,16 +22,26 @@ def norm_case(M, N, fn):
     return lambda: fn(x, w)
 
 
-CASES = {
-    "linear fwd+bwd 8192x768x3072 triformer": linear_case(8192, 768, 3072, lambda x, w, b: TF.linear(x, w, b, "relu")),
-    "linear fwd+bwd 8192x768x3072 torch": linear_case(8192, 768, 3072, lambda x, w, b: torch.relu(F.linear(x, w, b))),
-    "linear fwd+bwd 8192x3072x768 triformer": linear_case(8192, 3072, 768, lambda x, w, b: TF.linear(x, w, b, "relu")),
-    "linear fwd+bwd 8192x3072x768 torch": linear_case(8192, 3072, 768, lambda x, w, b: torch.relu(F.linear(x, w, b))),
+def linear_forward_case(M, K, N, fn):
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * K ** -0.5
+    b = torch.randn(N, device="cuda", dtype=torch.bfloat16)
+    return lambda: fn(x, w, b)
+
+
+OURS = lambda x, w, b: TF.linear(x, w, b, "relu")  # noqa: E731
+EAGER = lambda x, w, b: torch.relu(F.linear(x, w, b))  # noqa: E731
+CASES = {}
+for M, K, N in [(8192, 768, 3072), (8192, 3072, 768), (16384, 1024, 4096), (4096, 4096, 4096)]:
+    for name, fn in (("triformer", OURS), ("torch", EAGER)):
+        CASES[f"linear fwd {M}x{K}x{N} {name}"] = linear_forward_case(M, K, N, fn)
+        CASES[f"linear fwd+bwd {M}x{K}x{N} {name}"] = linear_case(M, K, N, fn)
+CASES.update({
     "rms_norm fwd 4096x4096 triformer": norm_case(4096, 4096, lambda x, w: TF.rms_norm(x, 4096, w)),
     "rms_norm fwd 4096x4096 torch": norm_case(4096, 4096, lambda x, w: F.rms_norm(x, (4096,), w)),
     "layer_norm fwd 4096x768 triformer": norm_case(4096, 768, lambda x, w: TF.layer_norm(x, 768, w)),
     "layer_norm fwd 4096x768 torch": norm_case(4096, 768, lambda x, w: F.layer_norm(x, (768,), w)),
-}
+})
 print(torch.cuda.get_device_name())
 print(f"{'case':45s} {'do_bench ms':>12s} {'cudagraph ms':>13s}")
 for name, fn in CASES.items():
