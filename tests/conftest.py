@@ -32,3 +32,14 @@ def seed():
     value = int.from_bytes(os.urandom(4), "little")
     torch.manual_seed(value)
     return value
+
+
+@pytest.fixture(params=["one-block", "looped"])
+def row_path(request, monkeypatch):
+    """Row-wise ops run twice: rows held in one register block, and rows covered by a loop over column blocks."""
+    from rowwise import LOOPED_BLOCK
+    from triformer.kernels import _rows
+
+    if request.param == "looped":
+        monkeypatch.setattr(_rows, "MAX_ROW_BLOCK", LOOPED_BLOCK)
+    return request.param

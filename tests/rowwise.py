@@ -1,11 +1,11 @@
-"""What the row-wise op tests share (norms, softmax, cross-entropy): widths, row counts, the looping-path switch."""
+"""What the row-wise op tests share (norms, softmax, cross-entropy): widths, row counts, the looping-path block
+(the `row_path` fixture that uses it is in conftest.py)."""
 
 from __future__ import annotations
 
 import pytest
 
 from harness import ON_GPU
-from triformer.kernels import _rows
 
 GPU_ONLY_WIDE = "rows of 32768+ elements: GPU only (the interpreter would take minutes)"
 
@@ -24,11 +24,3 @@ def rows_for(width: int) -> int:
     if ON_GPU:
         return 257 if width <= 4097 else 19
     return 7 if width <= 33 else 5 if width <= 1000 else 3
-
-
-@pytest.fixture(params=["one-block", "looped"])
-def row_path(request, monkeypatch):
-    """Run the test twice: rows held in one register block, and rows covered by a loop over column blocks."""
-    if request.param == "looped":
-        monkeypatch.setattr(_rows, "MAX_ROW_BLOCK", LOOPED_BLOCK)
-    return request.param

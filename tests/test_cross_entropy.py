@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import triformer.functional as TF
 from harness import DEVICE, DTYPES, ON_GPU, assert_close, randn
-from rowwise import WIDTHS, row_path, rows_for  # noqa: F401  (row_path is a fixture)
+from rowwise import WIDTHS, rows_for
 from triformer import TritonCrossEntropyLoss
 
 # Padding rows and ignored rows compute −inf − (−inf), log 0 and 1 / 0 in numpy under the interpreter; all masked.

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import triformer.functional as TF
 from harness import DEVICE, DTYPES, assert_close, assert_grads_close, randn, reference_copy
-from rowwise import WIDTHS, row_path, rows_for  # noqa: F401  (row_path is a fixture)
+from rowwise import WIDTHS, rows_for
 from triformer import TritonLayerNorm, TritonRMSNorm
 
 OPS = {
