@@ -7,7 +7,6 @@ Writes results/bench/bench.csv (for `dvc plots`) and results/bench/metrics.json;
 A suite that does not exist yet is reported as missing, not silently dropped.
 """
 
-import importlib
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import torch
 
 from triformer import tracking
+from triformer.bench.suites import load_suite, with_fractions
 from triformer.bench.timing import copy_bandwidth_gbps, matmul_tflops
 
 from . import common
@@ -22,33 +22,6 @@ from . import common
 OUT = Path("results/bench")
 COLUMNS = ["label", "case", "op", "shape", "dtype", "mode", "provider", "ms", "rate", "unit", "fraction_of_ceiling"]
 METRIC_OF_UNIT = {"TFLOP/s": "perf/tflops", "GB/s": "perf/gbps"}
-
-
-def load_suite(name: str):
-    """The suite's module, or None (with a message) when triformer.bench.<name> does not exist yet."""
-    try:
-        return importlib.import_module(f"triformer.bench.{name}")
-    except ModuleNotFoundError as error:
-        if error.name != f"triformer.bench.{name}":
-            raise
-        print(f"bench: suite {name!r} is missing (no module triformer.bench.{name}); its rows are absent and "
-              f"metrics.json lists it under suites_missing")
-        return None
-
-
-def shape_text(shape) -> str:
-    return "x".join(str(d) for d in shape) if isinstance(shape, (list, tuple)) else str(shape)
-
-
-def with_fractions(rows: list[dict], ceilings: dict) -> list[dict]:
-    """Each row with `case` and `fraction_of_ceiling` (rate over the ceiling of its unit, measured in this run)."""
-    out = []
-    for row in rows:
-        shape = shape_text(row["shape"])
-        case = f"{row['op']} {row['mode']} {shape}"
-        out.append({**row, "shape": shape, "dtype": str(row["dtype"]).removeprefix("torch."), "case": case,
-                    "label": f"{case} {row['provider']}", "fraction_of_ceiling": row["rate"] / ceilings[row["unit"]]})
-    return out
 
 
 def summary(rows: list[dict]) -> dict:

@@ -6,25 +6,23 @@ import sys
 import pandas as pd
 import torch
 
-from triformer.bench import cross_entropy, linear, norms
+from triformer.bench.suites import load_suite, with_fractions
 from triformer.bench.timing import copy_bandwidth_gbps, matmul_tflops
 
 out = os.environ.get("OUT", "/tmp/out")
 suites = sys.argv[1:] or ["linear", "norms", "cross_entropy"]
-copy, mm = copy_bandwidth_gbps("cuda"), matmul_tflops("cuda")
-print(f"{torch.cuda.get_device_name()}: copy {copy:.0f} GB/s, bf16 matmul 8192^3 {mm:.0f} TFLOP/s", flush=True)
-rows = []
-for name in suites:
-    rows += {"linear": linear, "norms": norms, "cross_entropy": cross_entropy}[name].run(progress=False)
-frame = pd.DataFrame(rows)
-frame["fraction_of_ceiling"] = frame["rate"] / frame["unit"].map({"TFLOP/s": mm, "GB/s": copy})
+ceilings = {"GB/s": copy_bandwidth_gbps("cuda"), "TFLOP/s": matmul_tflops("cuda")}
+print(f"{torch.cuda.get_device_name()}: copy {ceilings['GB/s']:.0f} GB/s, "
+      f"bf16 matmul 8192^3 {ceilings['TFLOP/s']:.0f} TFLOP/s", flush=True)
+rows = [row for suite in filter(None, map(load_suite, suites)) for row in suite.run(progress=False)]
+frame = pd.DataFrame(with_fractions(rows, ceilings))
 frame.to_csv(f"{out}/bench_kernels.csv", index=False)
 pd.set_option("display.width", 250)
 pd.set_option("display.max_columns", 20)
 for (op, unit), part in frame.groupby(["op", "unit"], sort=False):
     table = part.pivot_table(index=["shape", "mode"], columns="provider", values="ms", sort=False)
     ours = next(c for c in table.columns if c.startswith("triformer"))
-    speedup = (table.rdiv(table[ours], axis=0) ** -1).round(2)  # other_ms / ours_ms: > 1 means ours is faster
+    speedup = table.div(table[ours], axis=0).round(2)  # other_ms / ours_ms: > 1 means ours is faster
     rate = part.pivot_table(index=["shape", "mode"], columns="provider", values="fraction_of_ceiling", sort=False)
     print(f"\n== {op}: speed of {ours!r} relative to each provider (their ms / ours) ==\n{speedup.to_string()}")
     print(f"-- fraction of the measured ceiling ({unit}) --\n{rate.round(2).to_string()}")

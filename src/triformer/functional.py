@@ -12,7 +12,7 @@ from .kernels import linear as linear_kernels
 from .kernels import norms as norm_kernels
 from .kernels import softmax as softmax_kernels
 from .kernels._runtime import check_same_dtype, check_tensor, new_empty
-from .kernels.activation import activation_code
+from .kernels.activation import canonical_activation
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -51,7 +51,7 @@ def _check_linear_inputs(x, weight, bias, activation):
         check_same_dtype(x, "x", bias, "bias")
         if bias.shape != (weight.shape[0],):
             raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-    activation_code(activation)
+    canonical_activation(activation)
 
 
 class _LinearFunction(torch.autograd.Function):
@@ -89,7 +89,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """
     x, weight, bias = _cast_for_autocast(x, weight, bias)
     _check_linear_inputs(x, weight, bias, activation)
-    return _LinearFunction.apply(x, weight, bias, None if activation == "none" else activation, fused)
+    return _LinearFunction.apply(x, weight, bias, canonical_activation(activation), fused)
 
 
 # ------------------------------------------------------------------------------ layer_norm, rms_norm

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from . import functional as TF
-from .kernels.activation import activation_code
+from .kernels.activation import canonical_activation
 
 _TORCH_ACTIVATIONS = {
     None: lambda z: z,
@@ -27,9 +27,8 @@ class TritonLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, activation: str | None = "relu",
                  fused: bool = True, device=None, dtype=None):
         super().__init__()
-        activation_code(activation)
         self.in_features, self.out_features = in_features, out_features
-        self.activation = None if activation == "none" else activation
+        self.activation = canonical_activation(activation)
         self.fused = fused
         self.weight = nn.Parameter(torch.empty((out_features, in_features), device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
@@ -52,8 +51,7 @@ class TorchLinear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, activation: str | None = "relu",
                  device=None, dtype=None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        activation_code(activation)
-        self.activation = None if activation == "none" else activation
+        self.activation = canonical_activation(activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _TORCH_ACTIVATIONS[self.activation](super().forward(x))

@@ -1,12 +1,10 @@
 """Linear(+bias+relu) benchmark: triformer fused and unfused against PyTorch's paths, forward and forward+backward.
 
 Rates count 2·M·N·K flops for the forward and 3× that for forward+backward (dX and dW are products of the
-same size). Run as `python -m triformer.bench.linear` on a GPU for the issue's table.
+same size). On a GPU: the pipeline's bench stage, or `python3 scripts/gpu_kernels.py linear` for the tables.
 """
 
 from __future__ import annotations
-
-import argparse
 
 import torch
 import torch.nn.functional as F
@@ -57,8 +55,8 @@ def run(shapes=DEFAULT_SHAPES, dtype: torch.dtype = torch.bfloat16, device: str 
         modes=("fwd", "fwd+bwd")) -> list[dict]:
     """One row per (shape, mode, provider): ms and TFLOP/s. A provider that fails is reported, not hidden."""
     rows = []
-    work = [(s, m, p) for s in shapes for m in modes for p in providers(device)]
     table = providers(device)
+    work = [(s, m, p) for s in shapes for m in modes for p in table]
     for (M, K, N), mode, name in tqdm(work, desc="linear bench", disable=not progress):
         x = torch.randn(M, K, device=device, dtype=dtype)
         w = torch.randn(N, K, device=device, dtype=dtype) * K ** -0.5
@@ -73,35 +71,3 @@ def run(shapes=DEFAULT_SHAPES, dtype: torch.dtype = torch.bfloat16, device: str 
         flops = 2 * M * N * K * (3 if mode == "fwd+bwd" else 1)
         rows.append({**row, "ms": ms, "rate": flops / (ms * 1e-3) / 1e12, "error": ""})
     return rows
-
-
-def main() -> None:
-    import pandas as pd
-
-    from .timing import matmul_tflops
-
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--csv", help="write every row here")
-    args = parser.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    shapes = DEFAULT_SHAPES if device == "cuda" else [(65, 33, 129)]
-    ceiling = matmul_tflops(device)
-    frame = pd.DataFrame(run(shapes, device=device))
-    frame["fraction_of_matmul"] = frame["rate"] / ceiling
-    if args.csv:
-        frame.to_csv(args.csv, index=False)
-    pd.set_option("display.width", 200)
-    print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu (interpreter: timings mean nothing)'}"
-          f", measured bf16 matmul 8192^3: {ceiling:.0f} TFLOP/s")
-    table = frame.pivot_table(index=["shape", "mode"], columns="provider", values="rate", sort=False)
-    print(table.round(1).to_string())
-    ours = table["triformer fused"]
-    for other in [c for c in table.columns if c != "triformer fused"]:
-        print(f"fused / {other}: " + ", ".join(f"{s}/{m}={r:.2f}" for (s, m), r in (ours / table[other]).items()))
-    errors = frame[frame["error"] != ""]
-    if len(errors):
-        print("providers that failed:\n" + errors[["shape", "mode", "provider", "error"]].to_string())
-
-
-if __name__ == "__main__":
-    main()

@@ -20,13 +20,18 @@ _CODES = {None: 0, "relu": 1, "gelu": 2, "silu": 3}
 ELEMENTWISE_BLOCK = 1024
 
 
-def activation_code(activation: str | None) -> int:
-    """The constexpr that selects an activation inside a kernel; ValueError for an unknown name."""
+def canonical_activation(activation: str | None) -> str | None:
+    """The activation's name as the kernels know it ("none" → None); ValueError for an unknown name."""
     if activation == "none":
         activation = None
     if activation not in _CODES:
         raise ValueError(f"unknown activation {activation!r}; choose one of {list(_CODES)}")
-    return _CODES[activation]
+    return activation
+
+
+def activation_code(activation: str | None) -> int:
+    """The constexpr that selects an activation inside a kernel; ValueError for an unknown name."""
+    return _CODES[canonical_activation(activation)]
 
 
 @triton.jit

@@ -1,0 +1,30 @@
+"""Benchmark suites by name (`triformer.bench.<suite>`, each with run(..., dtype, device, progress) -> rows) and the
+fraction of the measured ceiling each row reaches; shared by the pipeline's bench stage and scripts/gpu_kernels.py."""
+
+import importlib
+
+
+def load_suite(name: str):
+    """The suite's module, or None (with a message) when triformer.bench.<name> does not exist yet."""
+    try:
+        return importlib.import_module(f"triformer.bench.{name}")
+    except ModuleNotFoundError as error:
+        if error.name != f"triformer.bench.{name}":
+            raise
+        print(f"bench: suite {name!r} is missing (no module triformer.bench.{name}); its rows are absent")
+        return None
+
+
+def shape_text(shape) -> str:
+    return "x".join(str(d) for d in shape) if isinstance(shape, (list, tuple)) else str(shape)
+
+
+def with_fractions(rows: list[dict], ceilings: dict) -> list[dict]:
+    """Each row with `case` and `fraction_of_ceiling` (rate over the ceiling of its unit, measured in this run)."""
+    out = []
+    for row in rows:
+        shape = shape_text(row["shape"])
+        case = f"{row['op']} {row['mode']} {shape}"
+        out.append({**row, "shape": shape, "dtype": str(row["dtype"]).removeprefix("torch."), "case": case,
+                    "label": f"{case} {row['provider']}", "fraction_of_ceiling": row["rate"] / ceilings[row["unit"]]})
+    return out
