@@ -2,7 +2,8 @@
 the same run (a large device copy for GB/s, a large bf16 torch.matmul for TFLOP/s).
 
 Suites (params `bench.suites`) are modules `triformer.bench.<suite>` with `run(**params bench.<suite>, dtype,
-device, progress) -> rows`; a row has op, shape, dtype, mode, provider, ms, rate, unit ("TFLOP/s" or "GB/s").
+device, progress) -> rows`; a row has op, shape, dtype, mode, provider, ms (host launches included), gpu_ms (GPU time
+alone, NaN without a GPU: see triformer.bench.timing), rate and gpu_rate, unit ("TFLOP/s" or "GB/s").
 Writes results/bench/bench.csv (for `dvc plots`) and results/bench/metrics.json; logs both to MLflow.
 A suite that does not exist yet is reported as missing, not silently dropped.
 """
@@ -20,7 +21,8 @@ from triformer.bench.timing import copy_bandwidth_gbps, matmul_tflops
 from . import common
 
 OUT = Path("results/bench")
-COLUMNS = ["label", "case", "op", "shape", "dtype", "mode", "provider", "ms", "rate", "unit", "fraction_of_ceiling"]
+COLUMNS = ["label", "case", "op", "shape", "dtype", "mode", "provider", "ms", "gpu_ms", "rate", "gpu_rate", "unit",
+           "fraction_of_ceiling", "gpu_fraction_of_ceiling"]
 METRIC_OF_UNIT = {"TFLOP/s": "perf/tflops", "GB/s": "perf/gbps"}
 
 
@@ -73,8 +75,11 @@ def main() -> None:
 def row_metrics(row: dict) -> dict:
     """`perf/tflops/<op>/<mode>/<provider>/<shape>` (or perf/gbps/...) and its fraction of the ceiling."""
     path = (row["op"], row["mode"], row["provider"], row["shape"])
-    return {tracking.metric_key(METRIC_OF_UNIT[row["unit"]], *path): row["rate"],
-            tracking.metric_key("perf/fraction_of_ceiling", *path): row["fraction_of_ceiling"]}
+    metrics = {tracking.metric_key(METRIC_OF_UNIT[row["unit"]], *path): row["rate"],
+               tracking.metric_key("perf/fraction_of_ceiling", *path): row["fraction_of_ceiling"]}
+    if math.isfinite(row.get("gpu_rate", float("nan"))):  # GPU time alone: only where a GPU measured it
+        metrics[tracking.metric_key(METRIC_OF_UNIT[row["unit"]] + "_gpu", *path)] = row["gpu_rate"]
+    return metrics
 
 
 if __name__ == "__main__":

@@ -212,3 +212,21 @@ def test_cpu_tensor_without_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         TF.cross_entropy(torch.randn(2, 8), torch.zeros(2, dtype=torch.int64))
+
+
+def test_kernel_guards_targets_out_of_range(seed):
+    """Under CUDA graph capture the host cannot read the target check back: the kernel's own guard must turn an
+    out-of-range target into a NaN loss and gradient for that row only, without reading outside the row."""
+    from triformer.kernels import cross_entropy as ce_kernels
+
+    logits = randn(4, 10)
+    targets = torch.tensor([3, 10, -1, 9], device=DEVICE)
+    grad = torch.empty_like(logits)
+    losses, _ = ce_kernels.cross_entropy_forward(logits, targets, -100, False, 0.0, grad, 1)
+    assert torch.isnan(losses[1:3]).all() and torch.isnan(grad[1:3]).all()
+    good = torch.tensor([0, 3])
+    ref = F.cross_entropy(logits[good].double(), targets[good], reduction="none")
+    assert_close(losses[good], ref, torch.float32, "loss of the rows with valid targets")
+    ref_grad = torch.softmax(logits[good].double(), -1) - F.one_hot(targets[good], 10).double()
+    assert_close(grad[good], ref_grad, torch.float32, "gradient of the rows with valid targets")
+

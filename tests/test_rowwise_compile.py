@@ -76,8 +76,10 @@ def compile_all() -> dict:
             flags = dict(CENTER=center, HAS_W=True)
             warps, m = meta(width)
             fwd = spills(norms._norm_forward_kernel, NORM_FWD, {**flags, "HAS_B": center, **m}, warps)
-            warps, m = meta(width, max_block=norms._BACKWARD_MAX_BLOCK)
-            bwd = spills(norms._norm_backward_kernel, NORM_BWD, {**flags, "DW": True, "DB": center, **m}, warps)
+            warps, m = meta(width, max_block=norms._BACKWARD_MAX_BLOCK, gpu_tile=norms.BACKWARD_TILE)
+            flags = {**flags, "DW": True, "DB": center, "STAGES": norms.BACKWARD_STAGES,
+                     "PREFETCH": norms.backward_prefetch(m), **m}
+            bwd = spills(norms._norm_backward_kernel, NORM_BWD, flags, warps)
             return {"forward": fwd, "backward": bwd}
         if op == "softmax":
             causal = rest.startswith("causal")

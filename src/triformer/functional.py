@@ -133,18 +133,22 @@ class _NormFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x2, weight, mean, rstd = ctx.saved_tensors
         need_dw, need_db = ctx.needs_input_grad[1:3]
-        dx, dw, db = norm_kernels.norm_backward(dy, x2, weight, mean, rstd, need_dw, need_db)
-        return (dx.view(ctx.x_shape) if ctx.needs_input_grad[0] else None, None if dw is None else dw.to(weight.dtype),
-                None if db is None else db.to(ctx.bias_dtype), None, None)
+        dx, dw, db = norm_kernels.norm_backward(dy, x2, weight, mean, rstd, weight.dtype if need_dw else None,
+                                                ctx.bias_dtype if need_db else None)
+        return dx.view(ctx.x_shape) if ctx.needs_input_grad[0] else None, dw, db, None, None
 
 
 def _normalize(x, normalized_shape, weight, bias, eps, center):
     n = _normalized_width(x, normalized_shape, weight, bias)
-    k = 1 if isinstance(normalized_shape, int) else len(normalized_shape)
+    if x.dim() and x.shape[-1] == n:  # one normalized dim: no reshapes (each would be one more autograd node)
+        return _NormFunction.apply(x, _as_vector(weight, n), _as_vector(bias, n), float(eps), center)
+    k = len(normalized_shape)
     flat = x.reshape(*x.shape[: x.dim() - k], n)
-    weight = None if weight is None else weight.reshape(n)
-    bias = None if bias is None else bias.reshape(n)
-    return _NormFunction.apply(flat, weight, bias, float(eps), center).view(x.shape)
+    return _NormFunction.apply(flat, _as_vector(weight, n), _as_vector(bias, n), float(eps), center).view(x.shape)
+
+
+def _as_vector(param: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    return param if param is None or param.dim() == 1 else param.reshape(n)
 
 
 def layer_norm(x: torch.Tensor, normalized_shape, weight: torch.Tensor | None = None,
@@ -268,7 +272,9 @@ def _check_cross_entropy_inputs(logits, targets, ignore_index, reduction, label_
         raise ValueError(f"n_chunks must be a positive int, got {n_chunks!r}")
     v = logits.shape[-1]
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= v))
-    if bad.any():
+    # Reading the check back waits for the GPU, which a CUDA graph capture forbids: there the kernel's own guard
+    # stands alone (an out-of-range target gives a NaN loss and NaN gradients for its row, never a stray read).
+    if not (logits.is_cuda and torch.cuda.is_current_stream_capturing()) and bad.any():
         raise ValueError(f"targets must lie in [0, {v}) or equal ignore_index={ignore_index}; "
                          f"found {int(targets[bad][0])}")
     base = logits._base if logits._base is not None else logits

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from .. import functional as TF
 from .norms import COMPILE_CUDA_ONLY, failure_row, peak_extra_mib, result_row
-from .timing import median_ms
+from .timing import timings
 
 DEFAULT_SIZES = [(8192, 50304), (16384, 32768)]
 CPU_SIZES = [(16, 1000)]
@@ -64,13 +64,16 @@ def run(sizes=DEFAULT_SIZES, dtype: torch.dtype = torch.bfloat16, device: str = 
                 torch.autograd.graph.increment_version(logits)
                 return grad
 
-            ms = median_ms(step)
+            # No CUDA graph: triformer's backward failed under capture on torch 2.11 ("operation would make the
+            # legacy stream depend on a capturing blocking stream") and a failed capture spoils the process's RNG
+            # state for every later row. These calls are milliseconds long; host launch cost hardly counts.
+            times = timings(step, capture=False)
             peak = peak_extra_mib(step, device)
         except Exception as exc:  # e.g. torch.compile failing on this host: the row says why
             rows.append(failure_row("cross_entropy", (n, v), dtype, "fwd+bwd", name, exc))
             continue
         nbytes = 2 * n * v * logits.element_size() + targets.numel() * targets.element_size()
-        rows.append(result_row("cross_entropy", (n, v), dtype, "fwd+bwd", name, ms, nbytes, peak))
+        rows.append(result_row("cross_entropy", (n, v), dtype, "fwd+bwd", name, times, nbytes, peak))
     return rows
 
 

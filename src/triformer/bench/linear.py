@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .. import functional as TF
-from .timing import median_ms
+from .timing import timings
 
 DEFAULT_SHAPES = [(8192, 768, 3072), (8192, 3072, 768), (16384, 1024, 4096), (4096, 4096, 4096), (512, 3072, 768)]
 
@@ -42,13 +42,13 @@ def providers(device: str) -> dict:
     return table
 
 
-def _timed(fn, x, w, b, mode: str) -> float:
+def _timed(fn, x, w, b, mode: str) -> dict:
     if mode == "fwd":
         with torch.no_grad():
-            return median_ms(lambda: fn(x, w, b))
+            return timings(lambda: fn(x, w, b))
     dy = torch.randn(x.shape[0], w.shape[0], device=x.device, dtype=x.dtype)
     inputs = (x.requires_grad_(), w.requires_grad_(), b.requires_grad_())
-    return median_ms(lambda: torch.autograd.grad(fn(*inputs), inputs, dy))
+    return timings(lambda: torch.autograd.grad(fn(*inputs), inputs, dy))
 
 
 def run(shapes=DEFAULT_SHAPES, dtype: torch.dtype = torch.bfloat16, device: str = "cuda", progress: bool = True,
@@ -64,10 +64,12 @@ def run(shapes=DEFAULT_SHAPES, dtype: torch.dtype = torch.bfloat16, device: str 
         row = dict(op="linear+relu", shape=f"{M}x{K}x{N}", dtype=str(dtype).removeprefix("torch."), mode=mode,
                    provider=name, unit="TFLOP/s")
         try:
-            ms = _timed(table[name], x, w, b, mode)
+            times = _timed(table[name], x, w, b, mode)
         except Exception as exc:  # e.g. no autograd formula for _addmm_activation
-            rows.append({**row, "ms": float("nan"), "rate": float("nan"), "error": f"{type(exc).__name__}: {exc}"[:200]})
+            rows.append({**row, "ms": float("nan"), "gpu_ms": float("nan"), "rate": float("nan"),
+                         "gpu_rate": float("nan"), "error": f"{type(exc).__name__}: {exc}"[:200]})
             continue
-        flops = 2 * M * N * K * (3 if mode == "fwd+bwd" else 1)
-        rows.append({**row, "ms": ms, "rate": flops / (ms * 1e-3) / 1e12, "error": ""})
+        tflop = 2 * M * N * K * (3 if mode == "fwd+bwd" else 1) / 1e12
+        rows.append({**row, **times, "rate": tflop / (times["ms"] * 1e-3), "gpu_rate": tflop / (times["gpu_ms"] * 1e-3),
+                     "error": ""})
     return rows

@@ -16,7 +16,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .. import nn as tnn
-from .timing import median_ms
+from .timing import timings
 
 DEFAULT_SIZES = [(4096, 768), (4096, 4096), (4096, 8192), (16384, 1024)]
 CPU_SIZES = [(33, 129)]
@@ -77,12 +77,12 @@ def make_module(op: str, provider: str, n: int, device: str, dtype: torch.dtype)
     return module
 
 
-def time_modes(fn, inputs: list[torch.Tensor], dy: torch.Tensor, mode: str) -> float:
-    """Median ms of fn() (mode "fwd", no autograd) or of fn() and its gradients against inputs ("fwd+bwd")."""
+def time_modes(fn, inputs: list[torch.Tensor], dy: torch.Tensor, mode: str) -> dict:
+    """timings() of fn() (mode "fwd", no autograd) or of fn() and its gradients against inputs ("fwd+bwd")."""
     if mode == "fwd":
         with torch.no_grad():
-            return median_ms(fn)
-    return median_ms(lambda: torch.autograd.grad(fn(), inputs, dy))
+            return timings(fn)
+    return timings(lambda: torch.autograd.grad(fn(), inputs, dy))
 
 
 def peak_extra_mib(fn, device: str) -> float:
@@ -97,16 +97,21 @@ def peak_extra_mib(fn, device: str) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def result_row(op: str, shape, dtype: torch.dtype, mode: str, provider: str, ms: float, nbytes: int,
+def result_row(op: str, shape, dtype: torch.dtype, mode: str, provider: str, times: dict, nbytes: int,
                peak_mib: float = float("nan"), error: str = "") -> dict:
-    """One benchmark row in the bench stage's format (rate NaN when the provider failed)."""
+    """One benchmark row in the bench stage's format from timings() (rates NaN where a time is missing)."""
     return dict(op=op, shape="x".join(map(str, shape)), dtype=str(dtype).removeprefix("torch."), mode=mode,
-                provider=provider, ms=ms, rate=nbytes / (ms * 1e-3) / 1e9 if math.isfinite(ms) else float("nan"),
-                unit="GB/s", peak_extra_mib=peak_mib, error=error)
+                provider=provider, **times, rate=gb_per_s(nbytes, times["ms"]),
+                gpu_rate=gb_per_s(nbytes, times["gpu_ms"]), unit="GB/s", peak_extra_mib=peak_mib, error=error)
+
+
+def gb_per_s(nbytes: int, ms: float) -> float:
+    return nbytes / (ms * 1e-3) / 1e9 if math.isfinite(ms) and ms > 0 else float("nan")
 
 
 def failure_row(op, shape, dtype, mode, provider, exc: Exception) -> dict:
-    return result_row(op, shape, dtype, mode, provider, float("nan"), 0, error=f"{type(exc).__name__}: {exc}"[:200])
+    missing = {"ms": float("nan"), "gpu_ms": float("nan")}
+    return result_row(op, shape, dtype, mode, provider, missing, 0, error=f"{type(exc).__name__}: {exc}"[:200])
 
 
 def _bytes(module: nn.Module, m: int, n: int, dtype: torch.dtype, mode: str) -> int:
@@ -129,11 +134,11 @@ def run(sizes=DEFAULT_SIZES, dtype: torch.dtype = torch.bfloat16, device: str = 
                 continue
             x = torch.randn(m, n, device=device, dtype=dtype, requires_grad=mode != "fwd")
             dy = torch.randn(m, n, device=device, dtype=dtype)
-            ms = time_modes(lambda: module(x), [x, *module.parameters()], dy, mode)
+            times = time_modes(lambda: module(x), [x, *module.parameters()], dy, mode)
         except Exception as exc:  # e.g. torch.compile failing on this host: the row says why
             rows.append(failure_row(op, (m, n), dtype, mode, provider, exc))
             continue
-        rows.append(result_row(op, (m, n), dtype, mode, provider, ms, _bytes(module, m, n, dtype, mode)))
+        rows.append(result_row(op, (m, n), dtype, mode, provider, times, _bytes(module, m, n, dtype, mode)))
     return rows
 
 

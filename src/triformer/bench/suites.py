@@ -20,11 +20,13 @@ def shape_text(shape) -> str:
 
 
 def with_fractions(rows: list[dict], ceilings: dict) -> list[dict]:
-    """Each row with `case` and `fraction_of_ceiling` (rate over the ceiling of its unit, measured in this run)."""
+    """Each row with `case`, `fraction_of_ceiling` and `gpu_fraction_of_ceiling` (rate, gpu_rate over the ceiling of
+    its unit, measured in this run)."""
     out = []
     for row in rows:
         shape = shape_text(row["shape"])
         case = f"{row['op']} {row['mode']} {shape}"
         out.append({**row, "shape": shape, "dtype": str(row["dtype"]).removeprefix("torch."), "case": case,
-                    "label": f"{case} {row['provider']}", "fraction_of_ceiling": row["rate"] / ceilings[row["unit"]]})
+                    "label": f"{case} {row['provider']}", "fraction_of_ceiling": row["rate"] / ceilings[row["unit"]],
+                    "gpu_fraction_of_ceiling": row.get("gpu_rate", float("nan")) / ceilings[row["unit"]]})
     return out

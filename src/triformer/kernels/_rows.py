@@ -24,9 +24,10 @@ from ._runtime import interpreter_active
 
 # Widest row block held in registers; wider rows loop. Tests lower it to exercise the looping path on small rows.
 MAX_ROW_BLOCK = 16384
-# Elements per program when several narrow rows share one: a GPU wants ~4K (enough loads in flight per warp
-# without spilling); the interpreter runs programs one after another in numpy and wants few, large tiles.
-_GPU_TILE = 4096
+# Elements per program when several narrow rows share one: a GPU wants ~2K (on an H200 2048 beat 4096 and more:
+# more programs in flight, none spilling); the interpreter runs programs one after another in numpy and wants
+# few, large tiles.
+_GPU_TILE = 2048
 # Column block of the looping path: the row is not held, so a smaller block keeps registers free (no spills).
 _LOOP_BLOCK = 8192
 _INTERPRETER_TILE = 16384
@@ -40,17 +41,25 @@ def as_rows(x: torch.Tensor, n_cols: int) -> torch.Tensor:
     return rows
 
 
-def row_tiling(n_rows: int, n_cols: int, loop: bool = False, max_block: int | None = None) -> dict:
+def row_tiling(n_rows: int, n_cols: int, loop: bool = False, max_block: int | None = None,
+               gpu_tile: int | None = None) -> dict:
     """Launch meta for a row kernel: BLOCK_M, BLOCK_N, ONE_BLOCK and num_warps (about 16 elements per thread).
 
     loop=True: the kernel always loops over column blocks (cross-entropy) and ONE_BLOCK is not returned.
-    max_block: a tighter cap than MAX_ROW_BLOCK on BLOCK_N.
+    max_block: a tighter cap than MAX_ROW_BLOCK on BLOCK_N. gpu_tile: elements per program on a GPU when rows
+    share one (default _GPU_TILE).
     """
-    block_n = min(triton.next_power_of_2(max(n_cols, 1)), MAX_ROW_BLOCK, max_block or MAX_ROW_BLOCK)
+    tile = _INTERPRETER_TILE if interpreter_active() else gpu_tile or _GPU_TILE
+    return dict(_tiling(n_rows, n_cols, loop, min(MAX_ROW_BLOCK, max_block or MAX_ROW_BLOCK), tile))
+
+
+@functools.lru_cache(maxsize=4096)
+def _tiling(n_rows: int, n_cols: int, loop: bool, max_block: int, tile: int) -> tuple:
+    """row_tiling's meta as (key, value) pairs, computed once per shape (every argument is part of the key)."""
+    block_n = min(triton.next_power_of_2(max(n_cols, 1)), max_block)
     one_block = block_n >= n_cols
     if not one_block:
         block_n = min(block_n, _LOOP_BLOCK)
-    tile = _INTERPRETER_TILE if interpreter_active() else _GPU_TILE
     block_m = 1
     if one_block:
         block_m = max(1, min(tile // block_n, triton.next_power_of_2(max(n_rows, 1))))
@@ -59,7 +68,7 @@ def row_tiling(n_rows: int, n_cols: int, loop: bool = False, max_block: int | No
     meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps}
     if not loop:
         meta["ONE_BLOCK"] = one_block
-    return meta
+    return tuple(meta.items())
 
 
 def launch_rows(kernel, n_rows: int, n_cols: int, *args, **flags) -> None:
@@ -74,12 +83,16 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+# Warps of a register-heavy loop-over-rows kernel (the norms' backward) that stay resident on one SM together.
+RESIDENT_WARPS_PER_SM = 16
+
+
 def persistent_programs(device: torch.device, n_tiles: int, num_warps: int) -> int:
-    """How many programs a loop-over-rows kernel launches: as many as stay resident together (16 warps per SM:
-    register-heavy kernels fit no more), at most one per tile."""
+    """How many programs a loop-over-rows kernel launches: as many as stay resident together
+    (RESIDENT_WARPS_PER_SM), at most one per tile."""
     if device.type != "cuda" or interpreter_active():
         return max(1, min(n_tiles, 4))
-    per_sm = max(1, 16 // num_warps)
+    per_sm = max(1, RESIDENT_WARPS_PER_SM // num_warps)
     return max(1, min(n_tiles, per_sm * _sm_count(device.index if device.index is not None else 0)))
 
 

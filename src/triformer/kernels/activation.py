@@ -109,19 +109,22 @@ def _activation_backward_kernel(dy_ptr, z_ptr, dz_ptr, total, ACT: tl.constexpr,
 
 @triton.jit
 def _column_sum_kernel(x_ptr, out_ptr, M, N, ROWS_PER_PROGRAM, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """out[c, n] = Σ_{m in chunk c} x[m, n] over a contiguous [M, N] tensor, accumulated in float32.
+    """out[p, c, n] = Σ_{m in chunk c} x[p, m, n] over contiguous planes x [P, M, N], accumulated in float32.
 
-    Program (n-block, c) sums ROWS_PER_PROGRAM rows, so tall tensors still spread over every SM.
+    Program (n-block, c, p) sums ROWS_PER_PROGRAM rows of plane p, so tall tensors still spread over every SM.
     """
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     chunk = tl.program_id(1)
+    plane = tl.program_id(2).to(tl.int64)
+    x_ptr += plane * M * N
+    out_ptr += (plane * tl.num_programs(1) + chunk) * N
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for start in range(chunk * ROWS_PER_PROGRAM, tl.minimum(M, (chunk + 1) * ROWS_PER_PROGRAM), BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         mask = (rows[:, None] < M) & (cols[None, :] < N)
         x = tl.load(x_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], mask=mask, other=0.0)
         acc += tl.sum(x.to(tl.float32), axis=0)
-    tl.store(out_ptr + chunk.to(tl.int64) * N + cols, acc.to(out_ptr.dtype.element_ty), mask=cols < N)
+    tl.store(out_ptr + cols, acc.to(out_ptr.dtype.element_ty), mask=cols < N)
 
 
 def _grid(total: int):
@@ -153,16 +156,19 @@ def activation_backward(dy: torch.Tensor, z: torch.Tensor, activation: str | Non
     return dz
 
 
-def column_sum(x: torch.Tensor, rows_per_program: int = 256) -> torch.Tensor:
-    """Σ over rows of a contiguous [M, N] tensor, in x's dtype: float32 partial sums per chunk of rows,
-    then the same kernel again over the partials until one row is left."""
-    M, N = x.shape
+def column_sum(x: torch.Tensor, dtype: torch.dtype | None = None, rows_per_program: int = 256) -> torch.Tensor:
+    """Σ over the rows of a contiguous [M, N] tensor, or of each plane of a contiguous [P, M, N] one, in `dtype`
+    (default x's): float32 partial sums per chunk of rows, then the same kernel again over the partials until one
+    row is left; the last pass writes `dtype` directly."""
+    planes = x.reshape(-1, x.shape[-2], x.shape[-1])
+    P, M, N = planes.shape
     chunks = max(1, triton.cdiv(M, rows_per_program))
-    out = new_empty((chunks, N), like=x, dtype=torch.float32 if chunks > 1 else x.dtype)
+    dtype = dtype or x.dtype
+    out = new_empty((P, chunks, N), like=x, dtype=dtype if chunks == 1 else torch.float32)
     block_n = 128
-    _column_sum_kernel[(triton.cdiv(N, block_n), chunks)](
-        x, out, M, N, rows_per_program, BLOCK_M=32, BLOCK_N=block_n
+    _column_sum_kernel[(triton.cdiv(N, block_n), chunks, P)](
+        planes, out, M, N, rows_per_program, BLOCK_M=32, BLOCK_N=block_n
     )
     if chunks > 1:
-        return column_sum(out, rows_per_program).to(x.dtype)
-    return out[0]
+        out = column_sum(out, dtype, rows_per_program)
+    return out.reshape(*x.shape[:-2], N)

@@ -9,7 +9,8 @@ Per row x (V logits) with target t and label smoothing ε (as torch defines it):
 Every difference of logits is formed before anything is added to it — (m − x_t) + log s, e^((x − m) − log s),
 Σ_j (x_j − x_0) with x_0 the row's first logit — so logits of ±1e4 lose nothing to float32 rounding.
 
-Rows whose target is ignore_index have loss 0 and gradient 0 (their logits are never read). The kernel makes
+Rows whose target is ignore_index have loss 0 and gradient 0 (their logits are never read); a target outside
+[0, V) (which the host rejects, except under CUDA graph capture) gives its row a NaN loss and gradient. The kernel makes
 two passes over a row: the online max and sum (plus Σx when ε > 0), then, when a gradient is wanted, the
 gradient times `scale` (1 / number of non-ignored rows for reduction="mean", read from device memory so the
 host never waits; 1 otherwise). The gradient may be written into the logits' own storage (grad_ptr == logits_ptr:
@@ -50,7 +51,8 @@ def _cross_entropy_kernel(
     sum_x = tl.zeros((BLOCK_M,), dtype=tl.float32)  # Σ (x − x₀)
     # Read before the first pass: its block reductions (barriers) then separate every warp's reads of x_t and x₀
     # from the in-place gradient writes of the second pass.
-    t_safe = tl.where(valid, t, 0)
+    out_of_range = valid & ((t < 0) | (t >= V))  # the host checks targets, except under CUDA graph capture
+    t_safe = tl.where(valid & ~out_of_range, t, 0)
     x_t = tl.load(logits_ptr + rows.to(tl.int64) * stride_lm + t_safe * stride_lv, mask=valid, other=0.0)
     x0 = tl.load(x_rows, mask=valid[:, None], other=0.0).to(tl.float32)
     for start in range(0, V, BLOCK_N):
@@ -64,6 +66,7 @@ def _cross_entropy_kernel(
     loss = (m - x_t.to(tl.float32)) + log_s
     if SMOOTH:
         loss = (1.0 - smoothing) * loss + smoothing * ((m - tl.sum(x0, axis=1)) + log_s - sum_x / V)
+    loss = tl.where(out_of_range, float("nan"), loss)
     tl.store(loss_ptr + rows, tl.where(valid, loss, 0.0), mask=row_mask)
     if GRAD:
         scale = 1.0
@@ -82,6 +85,7 @@ def _cross_entropy_kernel(
                 g -= smoothing / V
             g = tl.where(c[None, :] == t[:, None], g - (1.0 - smoothing), g)
             g = tl.where(valid[:, None], g * scale, 0.0)
+            g = tl.where(out_of_range[:, None], float("nan"), g)
             tl.store(g_rows + c[None, :].to(tl.int64) * stride_gv, g.to(grad_ptr.dtype.element_ty),
                      mask=row_mask[:, None] & in_row)
 

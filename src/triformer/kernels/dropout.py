@@ -20,6 +20,7 @@ from ._runtime import new_empty
 
 # Part of the mask's definition (see above): changing it changes every mask drawn from a given seed.
 BLOCK = 1024
+NUM_WARPS = 4
 
 
 @triton.jit
@@ -49,5 +50,5 @@ def dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     n = x.numel()
     if n:
         scale = 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
-        _dropout_kernel[(triton.cdiv(n, 4 * BLOCK),)](x, y, n, float(p), scale, seed, BLOCK=BLOCK, num_warps=4)
+        _dropout_kernel[(triton.cdiv(n, 4 * BLOCK),)](x, y, n, float(p), scale, seed, BLOCK=BLOCK, num_warps=NUM_WARPS)
     return y

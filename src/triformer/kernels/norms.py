@@ -10,10 +10,11 @@ Per row x of N elements (float32 math), with μ = 0 for RMSNorm (CENTER = False)
 Each row is first shifted by its first element x₀ (μ is computed as x₀ + mean(x − x₀)), so a large common
 offset costs no precision in float32; the forward saves mean(x − x₀) (not μ) and rstd, float32, one per row.
 The backward runs a fixed number of programs (as many as stay resident), each over a contiguous group of rows:
-dx row by row, dw and db accumulated in float32 registers and written once per program as a [programs, N]
-partial sum, then summed over programs by a second kernel (no atomics: the result is deterministic). Rows wider
-than one register block loop over column blocks (mean and variance by Chan's pairwise combination); there the
-per-program partials accumulate in global memory that the program owns.
+dx row by row (the loads of the next rows in flight while a row is computed: a software-pipelined loop), dw and
+db accumulated in float32 registers and written once per program as a [programs, N] partial sum, then both
+summed over programs by one more kernel, in the parameters' dtype (no atomics: the result is deterministic).
+Rows wider than one register block loop over column blocks (mean and variance by Chan's pairwise combination);
+there the per-program partials accumulate in global memory that the program owns.
 """
 
 from __future__ import annotations
@@ -30,6 +31,22 @@ from .activation import column_sum
 # The backward holds x̂, w ⊙ dy, dy and the dw, db accumulators per element: rows wider than this spill registers
 # (16 warps, sm_90), so they take the looping path instead.
 _BACKWARD_MAX_BLOCK = 8192
+# The backward's loop over blocks of whole rows: Triton's software-pipelining depth (1: none) and whether the
+# next block's loads are issued before the current block is computed.
+# Picked on an H200 by scripts/gpu_rows_tuning.py (reports/NOTES.md): prefetching and a 2048-element block
+# halve the GPU time of narrow rows (16384×1024); 3 stages help the widest whole rows (8192), where the
+# prefetch is off.
+BACKWARD_STAGES = 3
+BACKWARD_PREFETCH = True
+# Elements of the block of rows the backward computes at once (rows narrower than this share a block).
+BACKWARD_TILE = 2048
+# Prefetching doubles the registers that hold x and dy: wider tiles than this would spill.
+_PREFETCH_MAX_TILE = 4096
+
+
+def backward_prefetch(meta: dict) -> bool:
+    """Whether the backward prefetches the next rows at this tiling (see BACKWARD_PREFETCH)."""
+    return BACKWARD_PREFETCH and meta["BLOCK_M"] * meta["BLOCK_N"] <= _PREFETCH_MAX_TILE
 
 
 @triton.jit
@@ -121,13 +138,35 @@ def _xhat_and_g(x_rows, dy_rows, c, N, row_mask, w_ptr, pivot, mean, rstd, HAS_W
 
 
 @triton.jit
+def _load_row_block(x_ptr, dy_ptr, mean_ptr, rstd_ptr, rows, row_end, cols, N, stride_xm, stride_dym,
+                    CENTER: tl.constexpr):
+    """The loads one block of whole rows needs: x and dy (as stored), x₀, μ (of x − x₀) and rstd; rows ≥ row_end
+    are masked (no memory traffic)."""
+    row_mask = rows < row_end
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
+    mask = row_mask[:, None] & (cols < N)[None, :]
+    x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0)
+    dy = tl.load(dy_ptr + rows.to(tl.int64)[:, None] * stride_dym + cols[None, :], mask=mask, other=0.0)
+    mean = tl.zeros((rows.shape[0],), dtype=tl.float32)
+    if CENTER:
+        mean = tl.load(mean_ptr + rows, mask=row_mask, other=0.0)
+    rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
+    return x, dy, _row_pivot(x_rows, row_mask, CENTER), mean, rstd
+
+
+@triton.jit
 def _norm_backward_kernel(
     dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_ptr, db_ptr,
     M, N, stride_dym, stride_xm, stride_dxm, rows_per_program,
     CENTER: tl.constexpr, HAS_W: tl.constexpr, DW: tl.constexpr, DB: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_BLOCK: tl.constexpr, STAGES: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
-    """dx for the rows [pid · rows_per_program, …) and this program's partial sums dw[pid, :], db[pid, :]."""
+    """dx for the rows [pid · rows_per_program, …) and this program's partial sums dw[pid, :], db[pid, :].
+
+    Whole rows (ONE_BLOCK): the loads of the next block of rows are issued before this block is computed
+    (PREFETCH), so a program always has memory requests in flight.
+    """
     pid = tl.program_id(0)
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)
@@ -135,32 +174,56 @@ def _norm_backward_kernel(
     dw_row = dw_ptr + pid.to(tl.int64) * N
     db_row = db_ptr + pid.to(tl.int64) * N
     if ONE_BLOCK:
+        col_mask = cols < N
+        w = tl.full((BLOCK_N,), 1.0, dtype=tl.float32)
+        if HAS_W:
+            w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
         dw_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         db_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for r0 in range(row_start, row_end, BLOCK_M):
-        rows = r0 + tl.arange(0, BLOCK_M)
-        row_mask = rows < row_end
-        x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
-        dy_rows = dy_ptr + rows.to(tl.int64)[:, None] * stride_dym
-        dx_rows = dx_ptr + rows.to(tl.int64)[:, None] * stride_dxm
-        rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
-        mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        if CENTER:
-            mean = tl.load(mean_ptr + rows, mask=row_mask, other=0.0)
-        pivot = _row_pivot(x_rows, row_mask, CENTER)
-        if ONE_BLOCK:
-            xhat, g, dy, mask = _xhat_and_g(x_rows, dy_rows, cols, N, row_mask, w_ptr, pivot, mean, rstd, HAS_W)
+        x_n, dy_n, pivot_n, mean_n, rstd_n = _load_row_block(
+            x_ptr, dy_ptr, mean_ptr, rstd_ptr, row_start + tl.arange(0, BLOCK_M), row_end, cols, N, stride_xm,
+            stride_dym, CENTER)
+        for r0 in tl.range(row_start, row_end, BLOCK_M, num_stages=STAGES):
+            rows = r0 + tl.arange(0, BLOCK_M)
+            if PREFETCH:
+                x, dy, pivot, mean, rstd = x_n, dy_n, pivot_n, mean_n, rstd_n
+                x_n, dy_n, pivot_n, mean_n, rstd_n = _load_row_block(
+                    x_ptr, dy_ptr, mean_ptr, rstd_ptr, rows + BLOCK_M, row_end, cols, N, stride_xm, stride_dym,
+                    CENTER)
+            else:
+                x, dy, pivot, mean, rstd = _load_row_block(
+                    x_ptr, dy_ptr, mean_ptr, rstd_ptr, rows, row_end, cols, N, stride_xm, stride_dym, CENTER)
+            mask = (rows < row_end)[:, None] & col_mask[None, :]
+            dy = dy.to(tl.float32)
+            xhat = tl.where(mask, (x.to(tl.float32) - pivot - mean[:, None]) * rstd[:, None], 0.0)
+            g = dy * w[None, :]
             c1 = tl.sum(xhat * g, axis=1) / N
             c2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
             if CENTER:
                 c2 = tl.sum(g, axis=1) / N
             dx = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
-            tl.store(dx_rows + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            tl.store(dx_ptr + rows.to(tl.int64)[:, None] * stride_dxm + cols[None, :], dx.to(dx_ptr.dtype.element_ty),
+                     mask=mask)
             if DW:
                 dw_acc += tl.sum(dy * xhat, axis=0)
             if DB:
                 db_acc += tl.sum(dy, axis=0)
-        else:
+        if DW:
+            tl.store(dw_row + cols, dw_acc, mask=col_mask)
+        if DB:
+            tl.store(db_row + cols, db_acc, mask=col_mask)
+    else:
+        for r0 in range(row_start, row_end, BLOCK_M):
+            rows = r0 + tl.arange(0, BLOCK_M)
+            row_mask = rows < row_end
+            x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
+            dy_rows = dy_ptr + rows.to(tl.int64)[:, None] * stride_dym
+            dx_rows = dx_ptr + rows.to(tl.int64)[:, None] * stride_dxm
+            rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
+            mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            if CENTER:
+                mean = tl.load(mean_ptr + rows, mask=row_mask, other=0.0)
+            pivot = _row_pivot(x_rows, row_mask, CENTER)
             c1 = tl.zeros((BLOCK_M,), dtype=tl.float32)
             c2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
             for start in range(0, N, BLOCK_N):
@@ -182,11 +245,6 @@ def _norm_backward_kernel(
                 if DB:
                     acc = tl.load(db_row + c, mask=c < N, other=0.0)
                     tl.store(db_row + c, acc + tl.sum(dy, axis=0), mask=c < N)
-    if ONE_BLOCK:
-        if DW:
-            tl.store(dw_row + cols, dw_acc, mask=cols < N)
-        if DB:
-            tl.store(db_row + cols, db_acc, mask=cols < N)
 
 
 def norm_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
@@ -210,35 +268,38 @@ def norm_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tenso
 
 
 def norm_backward(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor | None,
-                  rstd: torch.Tensor, need_dw: bool, need_db: bool):
-    """(dx [M, N], dw or None, db or None) from dy [..., N] and what norm_forward saved; dw and db in float32."""
+                  rstd: torch.Tensor, dw_dtype: torch.dtype | None, db_dtype: torch.dtype | None):
+    """(dx [M, N], dw or None, db or None) from dy [..., N] and what norm_forward saved; dw (db) is computed in
+    dw_dtype (db_dtype), None for no gradient."""
     m, n = x2.shape
     dy2 = as_rows(dy, n)
     dx = new_empty((m, n), like=x2)
-    dw = db = None
-    if m and n:
-        meta = row_tiling(m, n, max_block=_BACKWARD_MAX_BLOCK)
+    wanted = [dtype for dtype in (dw_dtype, db_dtype) if dtype is not None]
+    if not (m and n):
+        sums = [torch.zeros(n, device=x2.device, dtype=dtype) for dtype in wanted]
+    else:
+        meta = row_tiling(m, n, max_block=_BACKWARD_MAX_BLOCK, gpu_tile=BACKWARD_TILE)
         tiles = triton.cdiv(m, meta["BLOCK_M"])
         programs = persistent_programs(x2.device, tiles, meta["num_warps"])
         rows_per_program = triton.cdiv(tiles, programs) * meta["BLOCK_M"]
         programs = triton.cdiv(m, rows_per_program)
-        dw_part = _partial_sums(programs, n, x2, meta["ONE_BLOCK"]) if need_dw else rstd
-        db_part = _partial_sums(programs, n, x2, meta["ONE_BLOCK"]) if need_db else rstd
+        # one [programs, N] float32 plane per gradient; looping programs add into theirs, so it starts at zero
+        shape = (len(wanted), programs, n)
+        partials = (new_empty(shape, like=x2, dtype=torch.float32) if meta["ONE_BLOCK"]
+                    else torch.zeros(shape, device=x2.device, dtype=torch.float32))
+        dw_part, db_part = (partials[0], partials[-1]) if wanted else (rstd, rstd)
         _norm_backward_kernel[(programs,)](
             dy2, x2, x2 if weight is None else weight, rstd if mean is None else mean, rstd, dx, dw_part, db_part,
             m, n, dy2.stride(0), x2.stride(0), n, rows_per_program,
-            CENTER=mean is not None, HAS_W=weight is not None, DW=need_dw, DB=need_db, **meta,
+            CENTER=mean is not None, HAS_W=weight is not None, DW=dw_dtype is not None, DB=db_dtype is not None,
+            STAGES=BACKWARD_STAGES, PREFETCH=backward_prefetch(meta), **meta,
         )
-        dw = column_sum(dw_part) if need_dw else None
-        db = column_sum(db_part) if need_db else None
-    else:
-        dw = torch.zeros(n, device=x2.device) if need_dw else None
-        db = torch.zeros(n, device=x2.device) if need_db else None
+        if not wanted:
+            sums = []
+        elif len(set(wanted)) == 1:  # one launch sums every plane
+            sums = list(column_sum(partials, wanted[0], rows_per_program=programs))
+        else:
+            sums = [column_sum(plane, dtype, rows_per_program=programs) for plane, dtype in zip(partials, wanted)]
+    dw = sums.pop(0) if dw_dtype is not None else None
+    db = sums.pop(0) if db_dtype is not None else None
     return dx, dw, db
-
-
-def _partial_sums(programs: int, n: int, like: torch.Tensor, one_block: bool) -> torch.Tensor:
-    """[programs, n] float32 partial sums: each one-block program writes its row whole; looping ones add into it."""
-    if one_block:
-        return new_empty((programs, n), like=like, dtype=torch.float32)
-    return torch.zeros((programs, n), device=like.device, dtype=torch.float32)

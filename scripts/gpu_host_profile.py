@@ -1,0 +1,100 @@
+"""Where does a call's host time go? On a GPU host: per-call wall time of tiny problems (the GPU finishes each
+call long before the host launches the next, so wall time per call = host cost), from a bare Triton launch up to
+a full autograd forward+backward, ours against torch; then cProfile of our heaviest paths. Prints a table."""
+
+import cProfile
+import pstats
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+import triformer.functional as TF
+from triformer.kernels import matmul as mm
+from triformer.kernels import norms
+
+
+@triton.jit
+def _empty_kernel(a, b, c, d, e, f, g, M, N, K, s0, s1, s2, s3, FLAG: tl.constexpr):
+    pass
+
+
+def per_call_us(fn, calls=2000):
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+def grad_step(fn, inputs, dy):
+    return lambda: torch.autograd.grad(fn(), inputs, dy)
+
+
+dev, bf = "cuda", torch.bfloat16
+x = torch.randn(256, 256, device=dev, dtype=bf, requires_grad=True)
+w = torch.randn(256, device=dev, dtype=bf, requires_grad=True)
+b = torch.randn(256, device=dev, dtype=bf, requires_grad=True)
+W = torch.randn(256, 256, device=dev, dtype=bf, requires_grad=True)
+dy = torch.randn(256, 256, device=dev, dtype=bf)
+y = torch.empty_like(x)
+mean = torch.empty(256, device=dev)
+rstd = torch.empty(256, device=dev)
+xd = x.detach()
+
+cases = {
+    "torch.empty_like": lambda: torch.empty_like(xd),
+    "triton empty kernel (7 ptr, 7 int)": lambda: _empty_kernel[(1,)](xd, xd, xd, xd, xd, xd, xd, 256, 256, 256,
+                                                                    256, 1, 256, 1, FLAG=True),
+    "norm fwd kernel, direct launch": lambda: norms._norm_forward_kernel[(256,)](
+        xd, w, b, y, mean, rstd, 256, 256, 256, 256, 1e-5, CENTER=True, HAS_W=True, HAS_B=True,
+        BLOCK_M=1, BLOCK_N=256, ONE_BLOCK=True, num_warps=4),
+    "norms.norm_forward (launcher)": lambda: norms.norm_forward(xd, w, b, 1e-5, True),
+}
+with torch.no_grad():
+    cases["TF.layer_norm no_grad"] = lambda: TF.layer_norm(x, 256, w, b)
+    cases["F.layer_norm no_grad"] = lambda: F.layer_norm(x, (256,), w, b)
+    cases["TF.linear relu no_grad"] = lambda: TF.linear(x, W, b, "relu")
+    cases["relu(F.linear) no_grad"] = lambda: torch.relu(F.linear(x, W, b))
+cases.update({
+    "TF.layer_norm fwd+bwd": grad_step(lambda: TF.layer_norm(x, 256, w, b), (x, w, b), dy),
+    "F.layer_norm fwd+bwd": grad_step(lambda: F.layer_norm(x, (256,), w, b), (x, w, b), dy),
+    "TF.rms_norm fwd+bwd": grad_step(lambda: TF.rms_norm(x, 256, w), (x, w), dy),
+    "F.rms_norm fwd+bwd": grad_step(lambda: F.rms_norm(x, (256,), w), (x, w), dy),
+    "TF.linear relu fwd+bwd": grad_step(lambda: TF.linear(x, W, b, "relu"), (x, W, b), dy),
+    "relu(F.linear) fwd+bwd": grad_step(lambda: torch.relu(F.linear(x, W, b)), (x, W, b), dy),
+    "TF.softmax fwd+bwd": grad_step(lambda: TF.softmax(x), (x,), dy),
+    "torch.softmax fwd+bwd": grad_step(lambda: torch.softmax(x, -1), (x,), dy),
+})
+_, x2, mean_s, rstd_s = norms.norm_forward(xd, w.detach(), b.detach(), 1e-5, True)
+part = torch.randn(2, 16, 256, device=dev)
+from triformer.kernels.activation import column_sum  # noqa: E402
+
+y_ours = TF.layer_norm(x, 256, w, b)
+y_torch = F.layer_norm(x, (256,), w, b)
+cases.update({
+    "norms.norm_backward (launcher)": lambda: norms.norm_backward(dy, x2, w.detach(), mean_s, rstd_s, bf, bf),
+    "column_sum of [2, 16, 256]": lambda: column_sum(part, bf, rows_per_program=16),
+    "TF.layer_norm backward only": lambda: torch.autograd.grad(y_ours, (x, w, b), dy, retain_graph=True),
+    "F.layer_norm backward only": lambda: torch.autograd.grad(y_torch, (x, w, b), dy, retain_graph=True),
+})
+print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)
+print(f"{'case':40s} {'host us/call':>12s}")
+for name, fn in cases.items():
+    with torch.no_grad() if "no_grad" in name else torch.enable_grad():
+        print(f"{name:40s} {per_call_us(fn):12.1f}", flush=True)
+
+for name in ("TF.layer_norm fwd+bwd", "TF.linear relu fwd+bwd"):
+    profile = cProfile.Profile()
+    profile.enable()
+    for _ in range(300):
+        cases[name]()
+    profile.disable()
+    torch.cuda.synchronize()
+    print(f"\n== cProfile, 300 calls of {name} (tottime, s) ==")
+    pstats.Stats(profile).sort_stats("tottime").print_stats(22)
