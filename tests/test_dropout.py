@@ -10,6 +10,7 @@ import torch
 import triformer.functional as TF
 from harness import DEVICE, DTYPES, ON_GPU, assert_close, randn
 from triformer import TritonDropout
+from triformer.kernels import _runtime
 
 N = 1 << 20 if ON_GPU else 1 << 16
 
@@ -116,6 +117,6 @@ def test_bad_inputs():
 
 
 def test_cpu_tensor_without_interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(_runtime, "_INTERPRETER", False)
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         TF.dropout(torch.randn(8), 0.5, 1)

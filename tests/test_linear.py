@@ -10,6 +10,7 @@ import torch
 import triformer.functional as TF
 from harness import DTYPES, ON_GPU, assert_close, assert_grads_close, randn, reference_copy, well_conditioned_norm
 from triformer import TritonLinear
+from triformer.kernels import _runtime
 
 ACTIVATIONS = [None, "relu", "gelu", "silu"]
 REFERENCE_ACTIVATION = {
@@ -183,15 +184,13 @@ def test_errors_name_what_is_wrong():
 
 
 def test_cpu_tensor_without_interpreter_says_how_to_run(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(_runtime, "_INTERPRETER", False)
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         TF.linear(torch.randn(2, 3), torch.randn(4, 3))
 
 
 def test_poisoned_outputs_are_overwritten(seed):
     """Poisoning is on in every test (conftest): a kernel that leaves an element unwritten fails; check it does."""
-    from triformer.kernels import _runtime
-
     assert _runtime.POISON_OUTPUTS
     x, w, b = make_inputs(33, 7, 65, torch.float32)
     out = TF.linear(x, w, b, activation="relu")

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(ON_GPU, reason="on a GPU every other test compil
 NORM_FWD = dict(x_ptr="*bf16", w_ptr="*bf16", b_ptr="*bf16", y_ptr="*bf16", mean_ptr="*fp32", rstd_ptr="*fp32",
                 M="i32", N="i32", stride_xm="i32", stride_ym="i32", eps="fp32")
 NORM_BWD = dict(dy_ptr="*bf16", x_ptr="*bf16", w_ptr="*bf16", mean_ptr="*fp32", rstd_ptr="*fp32", dx_ptr="*bf16",
-                dw_ptr="*fp32", db_ptr="*fp32", M="i32", N="i32", stride_dym="i32", stride_xm="i32",
+                partial_ptr="*fp32", M="i32", N="i32", stride_dym="i32", stride_xm="i32",
                 stride_dxm="i32", rows_per_program="i32")
 SOFTMAX_FWD = dict(x_ptr="*bf16", y_ptr="*bf16", M="i32", N="i32", SQ="i32", stride_xm="i32", stride_ym="i32")
 SOFTMAX_BWD = dict(y_ptr="*bf16", dy_ptr="*bf16", dx_ptr="*bf16", M="i32", N="i32", SQ="i32", stride_ym="i32",

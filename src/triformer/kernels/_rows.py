@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._runtime import interpreter_active
+from ._runtime import cdiv, interpreter_active, next_power_of_2
 
 # Widest row block held in registers; wider rows loop. Tests lower it to exercise the looping path on small rows.
 MAX_ROW_BLOCK = 16384
@@ -56,13 +56,13 @@ def row_tiling(n_rows: int, n_cols: int, loop: bool = False, max_block: int | No
 @functools.lru_cache(maxsize=4096)
 def _tiling(n_rows: int, n_cols: int, loop: bool, max_block: int, tile: int) -> tuple:
     """row_tiling's meta as (key, value) pairs, computed once per shape (every argument is part of the key)."""
-    block_n = min(triton.next_power_of_2(max(n_cols, 1)), max_block)
+    block_n = min(next_power_of_2(max(n_cols, 1)), max_block)
     one_block = block_n >= n_cols
     if not one_block:
         block_n = min(block_n, _LOOP_BLOCK)
     block_m = 1
     if one_block:
-        block_m = max(1, min(tile // block_n, triton.next_power_of_2(max(n_rows, 1))))
+        block_m = max(1, min(tile // block_n, next_power_of_2(max(n_rows, 1))))
     elements = block_m * block_n
     num_warps = 4 if elements <= 2048 else 8 if elements <= 8192 else 16
     meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps}
@@ -75,7 +75,7 @@ def launch_rows(kernel, n_rows: int, n_cols: int, *args, **flags) -> None:
     """kernel[one program per BLOCK_M rows](*args, **flags, tiling meta); nothing to launch for an empty input."""
     if n_rows and n_cols:
         meta = row_tiling(n_rows, n_cols)
-        kernel[(triton.cdiv(n_rows, meta["BLOCK_M"]),)](*args, **flags, **meta)
+        kernel[(cdiv(n_rows, meta["BLOCK_M"]),)](*args, **flags, **meta)
 
 
 @functools.lru_cache(maxsize=None)

@@ -12,9 +12,25 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 POISON_OUTPUTS = False
 
 
+def cdiv(a: int, b: int) -> int:
+    """⌈a / b⌉ for host-side grid arithmetic. (triton.cdiv is a constexpr function whose host call unwraps its
+    arguments: ~5 µs a call on a slow host, several per launch.)"""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two ≥ n (1 for n ≤ 1), host side, for the same reason as cdiv."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
+# Triton decides when a kernel is defined (at import) whether it runs through the interpreter, so this is read
+# once; tests that need the other answer patch it.
+_INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def interpreter_active() -> bool:
-    """True when Triton runs kernels on the CPU through its interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when Triton runs kernels on the CPU through its interpreter (TRITON_INTERPRET=1 at import)."""
+    return _INTERPRETER
 
 
 def check_tensor(t: torch.Tensor, name: str) -> None:

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._runtime import new_empty
+from ._runtime import cdiv, new_empty
 
 ACTIVATIONS = (None, "relu", "gelu", "silu")
 _CODES = {None: 0, "relu": 1, "gelu": 2, "silu": 3}
@@ -128,7 +128,7 @@ def _column_sum_kernel(x_ptr, out_ptr, M, N, ROWS_PER_PROGRAM, BLOCK_M: tl.const
 
 
 def _grid(total: int):
-    return (triton.cdiv(total, ELEMENTWISE_BLOCK),)
+    return (cdiv(total, ELEMENTWISE_BLOCK),)
 
 
 def bias_add(z: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -162,11 +162,11 @@ def column_sum(x: torch.Tensor, dtype: torch.dtype | None = None, rows_per_progr
     row is left; the last pass writes `dtype` directly."""
     planes = x.reshape(-1, x.shape[-2], x.shape[-1])
     P, M, N = planes.shape
-    chunks = max(1, triton.cdiv(M, rows_per_program))
+    chunks = max(1, cdiv(M, rows_per_program))
     dtype = dtype or x.dtype
     out = new_empty((P, chunks, N), like=x, dtype=dtype if chunks == 1 else torch.float32)
     block_n = 128
-    _column_sum_kernel[(triton.cdiv(N, block_n), chunks, P)](
+    _column_sum_kernel[(cdiv(N, block_n), chunks, P)](
         planes, out, M, N, rows_per_program, BLOCK_M=32, BLOCK_N=block_n
     )
     if chunks > 1:

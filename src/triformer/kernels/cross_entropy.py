@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from ._rows import online_softmax_update, row_tiling
-from ._runtime import new_empty
+from ._runtime import cdiv, new_empty, next_power_of_2
 
 # Vocabulary block per loop step, with 4 warps (32 logits per thread): several programs per SM, so one's
 # block reductions overlap another's loads. Chosen from register counts (sm_90), not yet from measurements.
@@ -117,11 +117,11 @@ def cross_entropy_forward(logits: torch.Tensor, targets: torch.Tensor, ignore_in
         return losses, n_valid
     meta = row_tiling(m, v, loop=True, max_block=_BLOCK_V)
     meta["num_warps"] = min(meta["num_warps"], 4)
-    rows_per_chunk = triton.cdiv(triton.cdiv(m, n_chunks), meta["BLOCK_M"]) * meta["BLOCK_M"]
+    rows_per_chunk = cdiv(cdiv(m, n_chunks), meta["BLOCK_M"]) * meta["BLOCK_M"]
     g = logits if grad is None else grad
     for first in range(0, m, rows_per_chunk):
         last = min(m, first + rows_per_chunk)
-        _cross_entropy_kernel[(triton.cdiv(last - first, meta["BLOCK_M"]),)](
+        _cross_entropy_kernel[(cdiv(last - first, meta["BLOCK_M"]),)](
             logits[first:last], targets[first:last], losses[first:last], g[first:last], n_valid,
             last - first, v, logits.stride(0), logits.stride(1), g.stride(0), g.stride(1), ignore_index,
             float(smoothing), MEAN=mean, SMOOTH=smoothing > 0, GRAD=grad is not None, INPLACE=grad is logits, **meta,
@@ -133,9 +133,9 @@ def scale_rows_(g: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """g [M, V] *= scale in place; scale is a 0-d tensor (every row) or one value per row [M]."""
     m, v = g.shape
     if m and v:
-        block = min(triton.next_power_of_2(v), 4096)
+        block = min(next_power_of_2(v), 4096)
         stride_s = 0 if scale.dim() == 0 else scale.stride(0)
-        _scale_rows_kernel[(m, triton.cdiv(v, block))](g, scale, m, v, g.stride(0), g.stride(1), stride_s,
+        _scale_rows_kernel[(m, cdiv(v, block))](g, scale, m, v, g.stride(0), g.stride(1), stride_s,
                                                         BLOCK_N=block)
     return g
 

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._runtime import new_empty
+from ._runtime import cdiv, new_empty
 
 
 # Part of the mask's definition (see above): changing it changes every mask drawn from a given seed.
@@ -50,5 +50,5 @@ def dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     n = x.numel()
     if n:
         scale = 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
-        _dropout_kernel[(triton.cdiv(n, 4 * BLOCK),)](x, y, n, float(p), scale, seed, BLOCK=BLOCK, num_warps=NUM_WARPS)
+        _dropout_kernel[(cdiv(n, 4 * BLOCK),)](x, y, n, float(p), scale, seed, BLOCK=BLOCK, num_warps=NUM_WARPS)
     return y

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ._rows import as_rows, launch_rows, persistent_programs, row_tiling
-from ._runtime import new_empty
+from ._runtime import cdiv, new_empty
 from .activation import column_sum
 
 
@@ -156,13 +156,14 @@ def _load_row_block(x_ptr, dy_ptr, mean_ptr, rstd_ptr, rows, row_end, cols, N, s
 
 @triton.jit
 def _norm_backward_kernel(
-    dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_ptr, db_ptr,
+    dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, partial_ptr,
     M, N, stride_dym, stride_xm, stride_dxm, rows_per_program,
     CENTER: tl.constexpr, HAS_W: tl.constexpr, DW: tl.constexpr, DB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_BLOCK: tl.constexpr, STAGES: tl.constexpr,
     PREFETCH: tl.constexpr,
 ):
-    """dx for the rows [pid · rows_per_program, …) and this program's partial sums dw[pid, :], db[pid, :].
+    """dx for the rows [pid · rows_per_program, …) and this program's partial sums: row pid of the [programs, N]
+    plane of dw (first, when DW) and of db (next, when DB) in partial_ptr.
 
     Whole rows (ONE_BLOCK): the loads of the next block of rows are issued before this block is computed
     (PREFETCH), so a program always has memory requests in flight.
@@ -171,8 +172,10 @@ def _norm_backward_kernel(
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)
     cols = tl.arange(0, BLOCK_N)
-    dw_row = dw_ptr + pid.to(tl.int64) * N
-    db_row = db_ptr + pid.to(tl.int64) * N
+    dw_row = partial_ptr + pid.to(tl.int64) * N
+    db_row = dw_row
+    if DW:
+        db_row += tl.num_programs(0).to(tl.int64) * N
     if ONE_BLOCK:
         col_mask = cols < N
         w = tl.full((BLOCK_N,), 1.0, dtype=tl.float32)
@@ -275,31 +278,27 @@ def norm_backward(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor | Non
     dy2 = as_rows(dy, n)
     dx = new_empty((m, n), like=x2)
     wanted = [dtype for dtype in (dw_dtype, db_dtype) if dtype is not None]
+    sum_dtype = wanted[0] if len(set(wanted)) == 1 else torch.float32  # cast after the sum only if they differ
     if not (m and n):
-        sums = [torch.zeros(n, device=x2.device, dtype=dtype) for dtype in wanted]
+        sums = torch.zeros((len(wanted), n), device=x2.device, dtype=sum_dtype)
     else:
         meta = row_tiling(m, n, max_block=_BACKWARD_MAX_BLOCK, gpu_tile=BACKWARD_TILE)
-        tiles = triton.cdiv(m, meta["BLOCK_M"])
+        tiles = cdiv(m, meta["BLOCK_M"])
         programs = persistent_programs(x2.device, tiles, meta["num_warps"])
-        rows_per_program = triton.cdiv(tiles, programs) * meta["BLOCK_M"]
-        programs = triton.cdiv(m, rows_per_program)
-        # one [programs, N] float32 plane per gradient; looping programs add into theirs, so it starts at zero
+        rows_per_program = cdiv(tiles, programs) * meta["BLOCK_M"]
+        programs = cdiv(m, rows_per_program)
+        # a [programs, N] float32 plane per gradient; looping programs add into theirs, so it starts at zero
         shape = (len(wanted), programs, n)
         partials = (new_empty(shape, like=x2, dtype=torch.float32) if meta["ONE_BLOCK"]
                     else torch.zeros(shape, device=x2.device, dtype=torch.float32))
-        dw_part, db_part = (partials[0], partials[-1]) if wanted else (rstd, rstd)
         _norm_backward_kernel[(programs,)](
-            dy2, x2, x2 if weight is None else weight, rstd if mean is None else mean, rstd, dx, dw_part, db_part,
-            m, n, dy2.stride(0), x2.stride(0), n, rows_per_program,
+            dy2, x2, x2 if weight is None else weight, rstd if mean is None else mean, rstd, dx,
+            partials if wanted else rstd, m, n, dy2.stride(0), x2.stride(0), n, rows_per_program,
             CENTER=mean is not None, HAS_W=weight is not None, DW=dw_dtype is not None, DB=db_dtype is not None,
             STAGES=BACKWARD_STAGES, PREFETCH=backward_prefetch(meta), **meta,
         )
-        if not wanted:
-            sums = []
-        elif len(set(wanted)) == 1:  # one launch sums every plane
-            sums = list(column_sum(partials, wanted[0], rows_per_program=programs))
-        else:
-            sums = [column_sum(plane, dtype, rows_per_program=programs) for plane, dtype in zip(partials, wanted)]
+        sums = column_sum(partials, sum_dtype, rows_per_program=programs) if wanted else partials
+    sums = [total.to(dtype) for total, dtype in zip(sums.unbind(0), wanted)]
     dw = sums.pop(0) if dw_dtype is not None else None
     db = sums.pop(0) if db_dtype is not None else None
     return dx, dw, db
