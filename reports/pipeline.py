@@ -162,6 +162,10 @@ else:
         display(Markdown("Fraction of the ceiling:"))
         display(ok.pivot_table(index=["op", "mode", "shape"], columns="provider", values="fraction_of_ceiling",
                                sort=False).round(3))
+        if "gpu_ms" in ok and ok["gpu_ms"].notna().any():  # GPU time alone (CUDA graph): absent on the CPU
+            display(Markdown("GPU time alone (CUDA graph replay, L2 flushed; host launch cost excluded), ms:"))
+            display(ok.pivot_table(index=["op", "mode", "shape"], columns="provider", values="gpu_ms",
+                                   sort=False).round(4))
         if "error" in rows and rows["error"].notna().any():
             display(Markdown("Providers that did not run:"))
             display(rows[rows["error"].notna()][["case", "provider", "error"]])

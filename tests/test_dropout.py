@@ -11,6 +11,7 @@ import triformer.functional as TF
 from harness import DEVICE, DTYPES, ON_GPU, assert_close, randn
 from triformer import TritonDropout
 from triformer.kernels import _runtime
+from triformer.kernels import dropout as dropout_kernels
 
 N = 1 << 20 if ON_GPU else 1 << 16
 
@@ -32,10 +33,11 @@ def test_rate_and_scale(p, dtype, seed):
 
 @pytest.mark.parametrize("p", [0.2, 0.7])
 def test_mask_is_not_correlated_along_the_tensor(p, seed):
-    """Each quarter of a Philox call's block and each program's block drop at the rate p on their own."""
+    """Each run of elements that shares a Philox call (the low and the high half of its draws, each of its four
+    draws) drops at the rate p on its own."""
     y = TF.dropout(randn(64, 4096), p, seed)
-    dropped_per_block = (y == 0).double().reshape(-1, 1024).mean(1)
-    assert (dropped_per_block - p).abs().max() < binomial_bound(p, 1024)
+    dropped_per_run = (y == 0).double().reshape(-1, dropout_kernels.BLOCK).mean(1)
+    assert (dropped_per_run - p).abs().max() < binomial_bound(p, dropout_kernels.BLOCK)
     pairs = (y[:, :-1] == 0) & (y[:, 1:] == 0)  # neighbours dropped together: p² if independent
     assert abs(pairs.double().mean().item() - p * p) < binomial_bound(p * p, pairs.numel()) * 2
 

@@ -33,7 +33,7 @@ CROSS_ENTROPY = dict(logits_ptr="*bf16", targets_ptr="*i64", loss_ptr="*fp32", g
                      M="i32", V="i32", stride_lm="i32", stride_lv="i32", stride_gm="i32", stride_gv="i32",
                      ignore_index="i32", smoothing="fp32")
 SCALE_ROWS = dict(g_ptr="*bf16", scale_ptr="*fp32", M="i32", V="i32", stride_gm="i32", stride_gv="i32", stride_s="i32")
-DROPOUT = dict(x_ptr="*bf16", y_ptr="*bf16", n="i32", p="fp32", scale="fp32", seed="i32")
+DROPOUT = dict(x_ptr="*bf16", y_ptr="*bf16", n="i32", threshold="i32", scale="fp32", seed="i32")
 
 NORM_WIDTHS = [768, 4096, 8192, 12288, 32768]
 SOFTMAX_WIDTHS = [768, 4096, 8192, 32768]

@@ -108,10 +108,13 @@ def _activation_backward_kernel(dy_ptr, z_ptr, dz_ptr, total, ACT: tl.constexpr,
 
 
 @triton.jit
-def _column_sum_kernel(x_ptr, out_ptr, M, N, ROWS_PER_PROGRAM, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _column_sum_kernel(x_ptr, gate_ptr, gated_ptr, out_ptr, M, N, ROWS_PER_PROGRAM, GATE_ACT: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """out[p, c, n] = Σ_{m in chunk c} x[p, m, n] over contiguous planes x [P, M, N], accumulated in float32.
 
-    Program (n-block, c, p) sums ROWS_PER_PROGRAM rows of plane p, so tall tensors still spread over every SM.
+    GATE_ACT ≠ 0 (one plane): x is first replaced by x ⊙ act'(gate), which is also stored to `gated` (the linear
+    backward's dZ = dY ⊙ act'(Z) and db = Σ_rows dZ in one pass). Program (n-block, c, p) sums ROWS_PER_PROGRAM rows
+    of plane p, so tall tensors still spread over every SM.
     """
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     chunk = tl.program_id(1)
@@ -122,7 +125,12 @@ def _column_sum_kernel(x_ptr, out_ptr, M, N, ROWS_PER_PROGRAM, BLOCK_M: tl.const
     for start in range(chunk * ROWS_PER_PROGRAM, tl.minimum(M, (chunk + 1) * ROWS_PER_PROGRAM), BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         mask = (rows[:, None] < M) & (cols[None, :] < N)
-        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], mask=mask, other=0.0)
+        offsets = rows[:, None].to(tl.int64) * N + cols[None, :]
+        x = tl.load(x_ptr + offsets, mask=mask, other=0.0)
+        if GATE_ACT != 0:
+            g = tl.load(gate_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            x = (x.to(tl.float32) * activation_derivative(g, GATE_ACT)).to(gated_ptr.dtype.element_ty)
+            tl.store(gated_ptr + offsets, x, mask=mask)
         acc += tl.sum(x.to(tl.float32), axis=0)
     tl.store(out_ptr + cols, acc.to(out_ptr.dtype.element_ty), mask=cols < N)
 
@@ -160,15 +168,32 @@ def column_sum(x: torch.Tensor, dtype: torch.dtype | None = None, rows_per_progr
     """Σ over the rows of a contiguous [M, N] tensor, or of each plane of a contiguous [P, M, N] one, in `dtype`
     (default x's): float32 partial sums per chunk of rows, then the same kernel again over the partials until one
     row is left; the last pass writes `dtype` directly."""
+    return _column_sum(x, dtype or x.dtype, rows_per_program)
+
+
+# Rows per program of the gated pass: it streams three [M, N] tensors, so more, shorter programs keep more loads
+# in flight than column_sum's default.
+GATED_ROWS_PER_PROGRAM = 64
+
+
+def gated_column_sum(dy: torch.Tensor, gate: torch.Tensor, activation: str | None):
+    """(dZ, Σ_rows dZ) with dZ = dy ⊙ act'(gate) for contiguous dy, gate [M, N], in one pass over them (then the
+    partial sums are summed); both in dy's dtype."""
+    dz = new_empty(dy.shape, like=dy)
+    return dz, _column_sum(dy, dy.dtype, GATED_ROWS_PER_PROGRAM, gate=gate, gated=dz,
+                           gate_act=activation_code(activation))
+
+
+def _column_sum(x, dtype, rows_per_program, gate=None, gated=None, gate_act=0):
     planes = x.reshape(-1, x.shape[-2], x.shape[-1])
     P, M, N = planes.shape
     chunks = max(1, cdiv(M, rows_per_program))
-    dtype = dtype or x.dtype
     out = new_empty((P, chunks, N), like=x, dtype=dtype if chunks == 1 else torch.float32)
     block_n = 128
     _column_sum_kernel[(cdiv(N, block_n), chunks, P)](
-        planes, out, M, N, rows_per_program, BLOCK_M=32, BLOCK_N=block_n
+        planes, planes if gate is None else gate, planes if gated is None else gated, out, M, N, rows_per_program,
+        GATE_ACT=gate_act, BLOCK_M=32, BLOCK_N=block_n,
     )
     if chunks > 1:
-        out = column_sum(out, dtype, rows_per_program)
+        out = _column_sum(out, dtype, rows_per_program)
     return out.reshape(*x.shape[:-2], N)
