@@ -9,6 +9,7 @@ import torch
 import triformer.functional as TF
 from harness import DTYPES, ON_GPU, randn
 from test_linear import make_inputs, run_and_compare
+from triformer.kernels import _tiles
 from triformer.kernels import matmul as matmul_module
 from triformer.kernels import matmul_tma
 
@@ -98,17 +99,35 @@ def test_autotuned_path(M, K, N, dtype, monkeypatch, seed):
     run_and_compare(*make_inputs(M, K, N, dtype), "silu", True, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,K,N", [(2048, 768, 3072), (333, 1024, 129)])
+def test_autotuned_pick_is_launched_directly_later(M, K, N, dtype, monkeypatch, seed):
+    """After a product's first call the autotuner's pick is cached and launched without the autotuner: the later
+    call must give the same forward and gradients bit for bit, and match float64."""
+    monkeypatch.setenv("TRIFORMER_AUTOTUNE", "1")
+    monkeypatch.setattr(_tiles, "_CHOSEN", {})
+    x, w, b = make_inputs(M, K, N, dtype)
+    first, second = (forward_and_gradients(x, w, b, "silu") for _ in range(2))
+    assert len(_tiles._CHOSEN) == 3  # forward, dX, dW: one pick each, reused by the second call
+    assert all(torch.equal(a, c) for a, c in zip(first, second))
+    run_and_compare(x, w, b, "silu", True, dtype)
+
+
 @pytest.mark.parametrize("M,K,N", [(1031, 769, 1537), (1032, 768, 1544)], ids=["pointer", "tma"])
 def test_results_do_not_move_between_runs(M, K, N, seed):
     """Same inputs, same outputs and gradients bit for bit: a race would show as a moving result."""
     x, w, b = make_inputs(M, K, N, torch.bfloat16)
-    results = []
-    for _ in range(3):
-        for t in (x, w, b):
-            t.grad = None
-        y = TF.linear(x, w, b, activation="gelu")
-        y.backward(torch.ones_like(y))
-        results.append((y.detach().clone(), x.grad.clone(), w.grad.clone(), b.grad.clone()))
+    results = [forward_and_gradients(x, w, b, "gelu") for _ in range(3)]
     for other in results[1:]:
-        for a, c in zip(results[0], other):
-            assert torch.equal(a, c)
+        assert all(torch.equal(a, c) for a, c in zip(results[0], other))
+
+
+def forward_and_gradients(x, w, b, activation):
+    """(y, dx, dw, db) of one forward and backward with an all-ones upstream gradient; the leaves' .grad is left
+    empty for whoever comes next."""
+    y = TF.linear(x, w, b, activation=activation)
+    y.backward(torch.ones_like(y))
+    result = (y.detach().clone(), x.grad, w.grad, b.grad)
+    for t in (x, w, b):
+        t.grad = None
+    return result

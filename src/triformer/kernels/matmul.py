@@ -10,13 +10,13 @@ instead (same epilogue); this kernel takes everything else.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from . import matmul_tma
 from ._runtime import cdiv, interpreter_active, new_empty
+from ._tiles import add_bias, fitting_configs, grouped_tile, launch_tuned
 from .activation import activation_code, apply_activation
 
 
@@ -31,24 +31,6 @@ def _load_tile(ptrs, row_ok, col_ok, ROWS_EVEN: tl.constexpr, COLS_EVEN: tl.cons
         return tl.load(ptrs, mask=row_ok[:, None], other=0.0)
     else:
         return tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-
-
-@triton.jit
-def grouped_tile(tile, tiles_m, tiles_n, GROUP_M: tl.constexpr):
-    """(row, column) of tile number `tile` in grouped order: GROUP_M rows of tiles sweep the columns together,
-    so tiles that run at the same time share their B tiles in L2."""
-    tiles_per_group = GROUP_M * tiles_n
-    first_m = (tile // tiles_per_group) * GROUP_M
-    group_rows = min(tiles_m - first_m, GROUP_M)
-    return first_m + (tile % tiles_per_group) % group_rows, (tile % tiles_per_group) // group_rows
-
-
-@triton.jit
-def add_bias(acc, bias_ptr, offs_n, N, HAS_BIAS: tl.constexpr):
-    """acc + bias[n] (float32) for a tile whose columns are offs_n; acc itself without a bias."""
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    return acc
 
 
 @triton.jit
@@ -106,21 +88,6 @@ _HOPPER_CONFIGS = [
 ]
 
 
-def fitting_configs(configs, M: int, N: int, element_size: int):
-    """The tiles that fit the product (no tile more than twice the size it covers); 4-byte inputs get
-    half-deep K tiles so the pipelined shared-memory buffers still fit Hopper's 228 KB."""
-    fits = [
-        c for c in configs
-        if c.kwargs["BLOCK_M"] <= max(64, 2 * M) and c.kwargs["BLOCK_N"] <= max(64, 2 * N)
-    ] or configs[-1:]
-    if element_size == 4:
-        fits = [
-            triton.Config({**c.kwargs, "BLOCK_K": 32}, num_warps=c.num_warps, num_stages=min(c.num_stages, 3))
-            for c in fits
-        ]
-    return fits
-
-
 def _prune_configs(configs, named_args, **_):
     return fitting_configs(configs, named_args["M"], named_args["N"], named_args["a_ptr"].element_size())
 
@@ -147,39 +114,6 @@ _INTERPRETER_META = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
 
 # Tests set this to one of _HOPPER_CONFIGS to check every tile shape on the GPU without autotuning.
 FORCED_CONFIG: triton.Config | None = None
-
-
-def autotune_enabled() -> bool:
-    """TRIFORMER_AUTOTUNE=0 replaces autotuning by one fixed tile per shape (the GPU test suite uses it)."""
-    return os.environ.get("TRIFORMER_AUTOTUNE", "1") != "0"
-
-
-def fixed_config(configs, forced: triton.Config | None, M: int, N: int, element_size: int) -> triton.Config | None:
-    """None while autotuning; without it (forced config or TRIFORMER_AUTOTUNE=0): the forced config, else the
-    largest fitting tile up to 128×128."""
-    if forced is None and autotune_enabled():
-        return None
-    fits = fitting_configs([forced] if forced else configs, M, N, element_size)
-    return next((c for c in fits if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128), fits[-1])
-
-
-# The autotuner's pick per product key, as launch keyword arguments. Later calls launch the kernel with it
-# directly: Triton's autotuner rebuilds argument dicts and its key on every call, which costs more host time than
-# the launch itself on a slow host.
-_CHOSEN: dict[tuple, dict] = {}
-
-
-def launch_tuned(kernel, tuned, configs, forced, grid, args: tuple, flags: dict, key: tuple,
-                 M: int, N: int, element_size: int, tile_flags=None) -> None:
-    """kernel[grid(meta)](*args, **flags, **tile_flags(meta), **meta) with meta the forced or fixed config when
-    autotuning is off, else what `tuned` (the autotuned kernel) chose for key; a key's first call tunes."""
-    config = fixed_config(configs, forced, M, N, element_size)
-    meta = config.all_kwargs() if config is not None else _CHOSEN.get(key)
-    if meta is None:
-        tuned[grid](*args, **flags)
-        _CHOSEN[key] = tuned.best_config.all_kwargs()
-        return
-    kernel[grid(meta)](*args, **flags, **(tile_flags(meta) if tile_flags else {}), **meta)
 
 
 def _launch(args, flags, M: int, N: int, K: int) -> None:
@@ -215,8 +149,6 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, bias: torch.Tensor | None = None
     preact = new_empty((M, N), like=a) if store_preactivation else None
     act = activation_code(activation)
     if M > 0 and N > 0:
-        from . import matmul_tma  # imported here: it builds on this module's helpers
-
         views = matmul_tma.tma_views(a, b, c)
         if views is not None:
             matmul_tma.launch(views, c, bias, preact, act)

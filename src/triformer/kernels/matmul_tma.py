@@ -18,7 +18,7 @@ import triton.language as tl
 
 from ._runtime import cdiv, interpreter_active
 from .activation import apply_activation
-from .matmul import add_bias, fitting_configs, grouped_tile, launch_tuned
+from ._tiles import add_bias, fitting_configs, grouped_tile, launch_tuned
 
 # False: every product runs matmul.py's pointer kernel (benchmarks compare the two).
 ENABLED = True

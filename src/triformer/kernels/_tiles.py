@@ -1,0 +1,75 @@
+"""What both matmul kernels (matmul.py's pointer kernel, matmul_tma.py's TMA kernel) share: the grouped tile
+order, the bias epilogue, which tiles fit a product, and launching with the autotuner's pick."""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def grouped_tile(tile, tiles_m, tiles_n, GROUP_M: tl.constexpr):
+    """(row, column) of tile number `tile` in grouped order: GROUP_M rows of tiles sweep the columns together,
+    so tiles that run at the same time share their B tiles in L2."""
+    tiles_per_group = GROUP_M * tiles_n
+    first_m = (tile // tiles_per_group) * GROUP_M
+    group_rows = min(tiles_m - first_m, GROUP_M)
+    return first_m + (tile % tiles_per_group) % group_rows, (tile % tiles_per_group) // group_rows
+
+
+@triton.jit
+def add_bias(acc, bias_ptr, offs_n, N, HAS_BIAS: tl.constexpr):
+    """acc + bias[n] (float32) for a tile whose columns are offs_n; acc itself without a bias."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+def fitting_configs(configs, M: int, N: int, element_size: int):
+    """The tiles that fit the product (no tile more than twice the size it covers); 4-byte inputs get
+    half-deep K tiles so the pipelined shared-memory buffers still fit Hopper's 228 KB."""
+    fits = [
+        c for c in configs
+        if c.kwargs["BLOCK_M"] <= max(64, 2 * M) and c.kwargs["BLOCK_N"] <= max(64, 2 * N)
+    ] or configs[-1:]
+    if element_size == 4:
+        fits = [
+            triton.Config({**c.kwargs, "BLOCK_K": 32}, num_warps=c.num_warps, num_stages=min(c.num_stages, 3))
+            for c in fits
+        ]
+    return fits
+
+
+def autotune_enabled() -> bool:
+    """TRIFORMER_AUTOTUNE=0 replaces autotuning by one fixed tile per shape (the GPU test suite uses it)."""
+    return os.environ.get("TRIFORMER_AUTOTUNE", "1") != "0"
+
+
+def fixed_config(configs, forced: triton.Config | None, M: int, N: int, element_size: int) -> triton.Config | None:
+    """None while autotuning; without it (forced config or TRIFORMER_AUTOTUNE=0): the forced config, else the
+    largest fitting tile up to 128×128."""
+    if forced is None and autotune_enabled():
+        return None
+    fits = fitting_configs([forced] if forced else configs, M, N, element_size)
+    return next((c for c in fits if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128), fits[-1])
+
+
+# The autotuner's pick per product key, as launch keyword arguments. Later calls launch the kernel with it
+# directly: Triton's autotuner rebuilds argument dicts and its key on every call, which costs more host time than
+# the launch itself on a slow host.
+_CHOSEN: dict[tuple, dict] = {}
+
+
+def launch_tuned(kernel, tuned, configs, forced, grid, args: tuple, flags: dict, key: tuple,
+                 M: int, N: int, element_size: int, tile_flags=None) -> None:
+    """kernel[grid(meta)](*args, **flags, **tile_flags(meta), **meta) with meta the forced or fixed config when
+    autotuning is off, else what `tuned` (the autotuned kernel) chose for key; a key's first call tunes."""
+    config = fixed_config(configs, forced, M, N, element_size)
+    meta = config.all_kwargs() if config is not None else _CHOSEN.get(key)
+    if meta is None:
+        tuned[grid](*args, **flags)
+        _CHOSEN[key] = tuned.best_config.all_kwargs()
+        return
+    kernel[grid(meta)](*args, **flags, **(tile_flags(meta) if tile_flags else {}), **meta)
