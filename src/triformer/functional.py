@@ -234,7 +234,8 @@ def dropout(x: torch.Tensor, p: float = 0.5, seed: int | None = None, training: 
     """Zero each element with probability p and scale the rest by 1 / (1 − p); identity when not training.
 
     The mask is a function of (seed, x.shape) only (Philox; nothing stored, the backward draws it again): the same
-    seed gives the same mask. seed=None draws one from torch's default CPU generator (so torch.manual_seed
+    seed gives the same mask. Each element's draw is a 16-bit uniform, so the drop rate is p rounded to a multiple
+    of 2⁻¹⁶ (p = 0 and p = 1 stay exact). seed=None draws one from torch's default CPU generator (so torch.manual_seed
     makes runs repeatable).
     """
     check_tensor(x, "x")
