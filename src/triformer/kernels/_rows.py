@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._runtime import cdiv, interpreter_active, next_power_of_2
+from ._runtime import cdiv, device_properties, interpreter_active, next_power_of_2
 
 # Widest row block held in registers; wider rows loop. Tests lower it to exercise the looping path on small rows.
 MAX_ROW_BLOCK = 16384
@@ -78,11 +78,6 @@ def launch_rows(kernel, n_rows: int, n_cols: int, *args, **flags) -> None:
         kernel[(cdiv(n_rows, meta["BLOCK_M"]),)](*args, **flags, **meta)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 # Warps of a register-heavy loop-over-rows kernel (the norms' backward) that stay resident on one SM together.
 RESIDENT_WARPS_PER_SM = 16
 
@@ -93,7 +88,7 @@ def persistent_programs(device: torch.device, n_tiles: int, num_warps: int) -> i
     if device.type != "cuda" or interpreter_active():
         return max(1, min(n_tiles, 4))
     per_sm = max(1, RESIDENT_WARPS_PER_SM // num_warps)
-    return max(1, min(n_tiles, per_sm * _sm_count(device.index if device.index is not None else 0)))
+    return max(1, min(n_tiles, per_sm * device_properties(device).multi_processor_count))
 
 
 @triton.jit

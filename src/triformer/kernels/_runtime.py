@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -31,6 +32,12 @@ _INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 def interpreter_active() -> bool:
     """True when Triton runs kernels on the CPU through its interpreter (TRITON_INTERPRET=1 at import)."""
     return _INTERPRETER
+
+
+@functools.lru_cache(maxsize=None)
+def device_properties(device: torch.device):
+    """torch.cuda.get_device_properties, asked once per device (SM count, compute capability)."""
+    return torch.cuda.get_device_properties(device)
 
 
 def check_tensor(t: torch.Tensor, name: str) -> None:

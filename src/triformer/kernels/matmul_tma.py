@@ -10,15 +10,13 @@ memory's own row-major layout, and each tile is transposed on chip. Everything e
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from ._runtime import cdiv, interpreter_active
-from .activation import apply_activation
+from ._runtime import cdiv, device_properties, interpreter_active
 from ._tiles import add_bias, fitting_configs, grouped_tile, launch_tuned
+from .activation import apply_activation
 
 # False: every product runs matmul.py's pointer kernel (benchmarks compare the two).
 ENABLED = True
@@ -134,10 +132,9 @@ def _descriptor_memory(size: int, alignment: int, stream: int | None) -> torch.T
     return torch.empty(size, device="cuda", dtype=torch.int8)
 
 
-@functools.lru_cache(maxsize=None)
 def _device_sms(device: torch.device) -> int:
     """Streaming multiprocessors of a device with TMA (compute capability 9.0 or newer), else 0."""
-    props = torch.cuda.get_device_properties(device)
+    props = device_properties(device)
     return props.multi_processor_count if props.major >= 9 else 0
 
 
