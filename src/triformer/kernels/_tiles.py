@@ -1,5 +1,5 @@
-"""What both matmul kernels (matmul.py's pointer kernel, matmul_tma.py's TMA kernel) share: the grouped tile
-order, the bias epilogue, which tiles fit a product, and launching with the autotuner's pick."""
+"""What the matmul kernels (matmul.py's pointer kernel, the TMA kernels) share: the grouped tile order, the bias
+epilogue, which tiles fit a product, and the tuner that picks a product's launch."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import os
 
 import triton
 import triton.language as tl
+import triton.testing
+from triton.runtime.errors import OutOfResources, PTXASError
 
 
 @triton.jit
@@ -56,20 +58,35 @@ def fixed_config(configs, forced: triton.Config | None, M: int, N: int, element_
     return next((c for c in fits if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128), fits[-1])
 
 
-# The autotuner's pick per product key, as launch keyword arguments. Later calls launch the kernel with it
-# directly: Triton's autotuner rebuilds argument dicts and its key on every call, which costs more host time than
-# the launch itself on a slow host.
-_CHOSEN: dict[tuple, dict] = {}
+# The tuner's pick per product key. A key's first call times every candidate; later calls launch the pick
+# directly (Triton's own autotuner rebuilds argument dicts and its key on every call, which costs more host time
+# than the launch itself on a slow host, and it times the kernel alone, where a schedule may need a second one).
+_CHOSEN: dict[tuple, object] = {}
+
+# Per candidate: do_bench's warm-up and measuring time (ms).
+_TUNE_WARMUP_MS, _TUNE_REP_MS = 10, 40
 
 
-def launch_tuned(kernel, tuned, configs, forced, grid, args: tuple, flags: dict, key: tuple,
-                 M: int, N: int, element_size: int, tile_flags=None) -> None:
-    """kernel[grid(meta)](*args, **flags, **tile_flags(meta), **meta) with meta the forced or fixed config when
-    autotuning is off, else what `tuned` (the autotuned kernel) chose for key; a key's first call tunes."""
-    config = fixed_config(configs, forced, M, N, element_size)
-    meta = config.all_kwargs() if config is not None else _CHOSEN.get(key)
-    if meta is None:
-        tuned[grid](*args, **flags)
-        _CHOSEN[key] = tuned.best_config.all_kwargs()
-        return
-    kernel[grid(meta)](*args, **flags, **(tile_flags(meta) if tile_flags else {}), **meta)
+def launch_tuned(key: tuple, candidates, run) -> None:
+    """run(the fastest of candidates() for this product key): on the key's first call each candidate is timed
+    end to end (`run(candidate)`, every kernel it launches; one that does not compile is skipped), later calls
+    reuse the pick."""
+    choice = _CHOSEN.get(key)
+    if choice is None:
+        choice = _CHOSEN[key] = _fastest(candidates(), run)
+    run(choice)
+
+
+def _fastest(candidates: list, run):
+    if len(candidates) == 1:
+        return candidates[0]
+
+    def median_ms(candidate) -> float:
+        try:
+            return triton.testing.do_bench(lambda: run(candidate), warmup=_TUNE_WARMUP_MS, rep=_TUNE_REP_MS,
+                                           return_mode="median")
+        except (OutOfResources, PTXASError):
+            return float("inf")
+
+    times = [median_ms(c) for c in candidates]
+    return candidates[times.index(min(times))]

@@ -171,9 +171,11 @@ def column_sum(x: torch.Tensor, dtype: torch.dtype | None = None, rows_per_progr
     return _column_sum(x, dtype or x.dtype, rows_per_program)
 
 
-# Rows per program of the gated pass: it streams three [M, N] tensors, so more, shorter programs keep more loads
-# in flight than column_sum's default.
-GATED_ROWS_PER_PROGRAM = 64
+# Launch of the gated pass: it streams three [M, N] tensors, so more, shorter programs keep more loads in flight
+# than column_sum's default. scripts/gpu_matmul_schedules.py sweeps these.
+# Picked on an H200 (reports/NOTES.md): 64×64 blocks, 128 rows, 4 warps took 8192×3072 from 51.6 to 46.0 µs.
+GATED_ROWS_PER_PROGRAM = 128
+GATED_BLOCK_M, GATED_BLOCK_N, GATED_WARPS = 64, 64, 4
 
 
 def gated_column_sum(dy: torch.Tensor, gate: torch.Tensor, activation: str | None):
@@ -181,18 +183,22 @@ def gated_column_sum(dy: torch.Tensor, gate: torch.Tensor, activation: str | Non
     partial sums are summed); both in dy's dtype."""
     dz = new_empty(dy.shape, like=dy)
     return dz, _column_sum(dy, dy.dtype, GATED_ROWS_PER_PROGRAM, gate=gate, gated=dz,
-                           gate_act=activation_code(activation))
+                           gate_act=activation_code(activation),
+                           launch=dict(BLOCK_M=GATED_BLOCK_M, BLOCK_N=GATED_BLOCK_N, num_warps=GATED_WARPS))
 
 
-def _column_sum(x, dtype, rows_per_program, gate=None, gated=None, gate_act=0):
+_COLUMN_SUM_LAUNCH = dict(BLOCK_M=32, BLOCK_N=128, num_warps=4)
+
+
+def _column_sum(x, dtype, rows_per_program, gate=None, gated=None, gate_act=0, launch=_COLUMN_SUM_LAUNCH):
     planes = x.reshape(-1, x.shape[-2], x.shape[-1])
     P, M, N = planes.shape
+    assert rows_per_program % launch["BLOCK_M"] == 0, "a program's rows must be whole blocks"
     chunks = max(1, cdiv(M, rows_per_program))
     out = new_empty((P, chunks, N), like=x, dtype=dtype if chunks == 1 else torch.float32)
-    block_n = 128
-    _column_sum_kernel[(cdiv(N, block_n), chunks, P)](
+    _column_sum_kernel[(cdiv(N, launch["BLOCK_N"]), chunks, P)](
         planes, planes if gate is None else gate, planes if gated is None else gated, out, M, N, rows_per_program,
-        GATE_ACT=gate_act, BLOCK_M=32, BLOCK_N=block_n,
+        GATE_ACT=gate_act, **launch,
     )
     if chunks > 1:
         out = _column_sum(out, dtype, rows_per_program)

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from . import matmul_tma
 from ._runtime import cdiv, interpreter_active, new_empty
-from ._tiles import add_bias, fitting_configs, grouped_tile, launch_tuned
+from ._tiles import add_bias, fitting_configs, fixed_config, grouped_tile, launch_tuned
 from .activation import activation_code, apply_activation
 
 
@@ -72,7 +72,7 @@ def _matmul_kernel(
 
 
 # Hopper (H100/H200) tiles: wide tiles with 8 warps for big products, smaller ones so that skinny products
-# still spread over 132 SMs. Pruned per shape below so a first call tries only a handful.
+# still spread over 132 SMs. fitting_configs prunes them per shape, so a first call times only a handful.
 _HOPPER_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
     for bm, bn, bk, s, w in [
@@ -88,26 +88,11 @@ _HOPPER_CONFIGS = [
 ]
 
 
-def _prune_configs(configs, named_args, **_):
-    return fitting_configs(configs, named_args["M"], named_args["N"], named_args["a_ptr"].element_size())
-
-
 def _even_flags(meta: dict, M: int, N: int, K: int) -> dict:
     """Which dimensions the tile divides exactly (their loads need no masks)."""
     return {"EVEN_M": M % meta["BLOCK_M"] == 0, "EVEN_N": N % meta["BLOCK_N"] == 0,
             "EVEN_K": K % meta["BLOCK_K"] == 0}
 
-
-def _even_heuristic(name: str):
-    """One EVEN_* flag as a Triton heuristic (for the autotuner's launches)."""
-    return lambda args: _even_flags(args, args["M"], args["N"], args["K"])[name]
-
-
-_tuned_matmul_kernel = triton.autotune(
-    configs=_HOPPER_CONFIGS,
-    key=["M", "N", "K", "HAS_BIAS", "ACT", "STORE_PREACT", "INPUT_PRECISION"],
-    prune_configs_by={"early_config_prune": _prune_configs},
-)(triton.heuristics({name: _even_heuristic(name) for name in ("EVEN_M", "EVEN_N", "EVEN_K")})(_matmul_kernel))
 
 # Under the interpreter every program runs in numpy one after another: one small fixed tile, no tuning.
 _INTERPRETER_META = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
@@ -117,16 +102,20 @@ FORCED_CONFIG: triton.Config | None = None
 
 
 def _launch(args, flags, M: int, N: int, K: int) -> None:
-    def grid(meta):
-        return (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
+    def run(meta):
+        grid = (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
+        _matmul_kernel[grid](*args, **flags, **_even_flags(meta, M, N, K), **meta)
 
     if interpreter_active():
-        meta = _INTERPRETER_META
-        _matmul_kernel[grid(meta)](*args, **flags, **_even_flags(meta, M, N, K), **meta)
+        run(_INTERPRETER_META)
         return
-    launch_tuned(_matmul_kernel, _tuned_matmul_kernel, _HOPPER_CONFIGS, FORCED_CONFIG, grid, args, flags,
-                 (M, N, K, args[0].dtype, *flags.values()), M, N, args[0].element_size(),
-                 tile_flags=lambda meta: _even_flags(meta, M, N, K))
+    element_size = args[0].element_size()
+    fixed = fixed_config(_HOPPER_CONFIGS, FORCED_CONFIG, M, N, element_size)
+    if fixed is not None:
+        run(fixed.all_kwargs())
+    else:
+        launch_tuned(("pointer", M, N, K, args[0].dtype, *flags.values()),
+                     lambda: [c.all_kwargs() for c in fitting_configs(_HOPPER_CONFIGS, M, N, element_size)], run)
 
 
 def _input_precision(dtype: torch.dtype) -> str:

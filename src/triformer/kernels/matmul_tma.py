@@ -2,10 +2,14 @@
 
     C = act(P),  P = A·B + bias[n]          A [M, K], B [K, N], C [M, N]; P is stored too when STORE_PREACT
 
-Taken by matmul.matmul when the product has no prologue and every operand suits TMA (CUDA, sm_90+, fp16/bf16,
-16-byte aligned base and row strides, one unit stride): the forward and the backward's dW = dZᵀ·X. An operand
-whose columns are contiguous (a transposed view such as Wᵀ or dZᵀ) gets a descriptor on its transpose, the
-memory's own row-major layout, and each tile is transposed on chip. Everything else runs matmul.py's kernel.
+Taken by matmul.matmul when every operand suits TMA (CUDA, sm_90+, fp16/bf16, 16-byte aligned base and row
+strides, one unit stride). An operand whose columns are contiguous (a transposed view such as Wᵀ or dZᵀ) gets a
+descriptor on its transpose, the memory's own row-major layout, and each tile is transposed on chip. Everything
+else runs matmul.py's kernel.
+
+Two schedules, timed against each other on a product's first call: this module's kernel gives each program whole
+tiles (tile p, p + SMs, ...); when the tiles do not fill the last wave of SMs (a product with few, long tiles such
+as the backward's dW = dZᵀ·X), matmul_stream_k.py gives each program an equal slice of all K iterations instead.
 """
 
 from __future__ import annotations
@@ -14,45 +18,17 @@ import torch
 import triton
 import triton.language as tl
 
+from . import matmul_stream_k
 from ._runtime import cdiv, device_properties, interpreter_active
-from ._tiles import add_bias, fitting_configs, grouped_tile, launch_tuned
-from .activation import apply_activation
+from ._tiles import fitting_configs, fixed_config, grouped_tile, launch_tuned
+from ._tma import (load_tile, operand_descriptors, output_descriptors, store_epilogue, tile_counts,
+                   use_descriptor_memory)
 
 # False: every product runs matmul.py's pointer kernel (benchmarks compare the two).
 ENABLED = True
-# Tests set this to one of _TMA_CONFIGS to check every tile shape without autotuning.
+# Tests set these to check every tile shape and both schedules without autotuning (None: the tuner decides).
 FORCED_CONFIG: triton.Config | None = None
-
-
-@triton.jit
-def _operand(ptr, rows, cols, row_stride, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, TRANSPOSED: tl.constexpr):
-    """TMA descriptor of an operand [rows, cols] with unit column stride; TRANSPOSED: ptr holds its transpose
-    [cols, rows] row-major (unit row stride), and the descriptor covers that memory as it lies."""
-    if TRANSPOSED:
-        return tl.make_tensor_descriptor(ptr, [cols, rows], [row_stride, 1], [BLOCK_C, BLOCK_R])
-    else:
-        return tl.make_tensor_descriptor(ptr, [rows, cols], [row_stride, 1], [BLOCK_R, BLOCK_C])
-
-
-@triton.jit
-def _load_tile(desc, row, col, TRANSPOSED: tl.constexpr):
-    """The tile at (row, col) of an operand; a transposed operand's tile is loaded as it lies, then transposed."""
-    if TRANSPOSED:
-        return desc.load([col, row]).T
-    else:
-        return desc.load([row, col])
-
-
-@triton.jit
-def _store_tile(desc, row, col, tile, SPLIT: tl.constexpr):
-    """A float32 tile stored at (row, col) in desc's dtype; SPLIT: as two column halves (half the staging memory)."""
-    if SPLIT:
-        HALF: tl.constexpr = tile.shape[1] // 2
-        left, right = tl.split(tl.permute(tl.reshape(tile, (tile.shape[0], 2, HALF)), (0, 2, 1)))
-        desc.store([row, col], left.to(desc.dtype))
-        desc.store([row, col + HALF], right.to(desc.dtype))
-    else:
-        desc.store([row, col], tile.to(desc.dtype))
+FORCED_STREAM_K: bool | None = None
 
 
 @triton.jit
@@ -61,7 +37,7 @@ def _matmul_tma_kernel(
     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STORE_PREACT: tl.constexpr,
     A_TRANS: tl.constexpr, B_TRANS: tl.constexpr, NUM_SMS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    SPLIT_EPILOGUE: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    SPLIT_EPILOGUE: tl.constexpr,
 ):
     """C = act(A·B + bias[n]), persistent: program p computes tiles p, p + NUM_SMS, ... in grouped order.
 
@@ -69,48 +45,36 @@ def _matmul_tma_kernel(
     contiguous. The tile loop and its K loop are flattened into one software-pipelined loop, so the next tile's
     loads are in flight during this tile's epilogue. Edges need no masks: TMA zero-fills loads and clips stores.
     """
-    a_desc = _operand(a_ptr, M, K, stride_a, BLOCK_M, BLOCK_K, A_TRANS)
-    b_desc = _operand(b_ptr, K, N, stride_b, BLOCK_K, BLOCK_N, B_TRANS)
-    OUT_BLOCK_N: tl.constexpr = BLOCK_N // 2 if SPLIT_EPILOGUE else BLOCK_N
-    c_desc = tl.make_tensor_descriptor(c_ptr, [M, N], [N, 1], [BLOCK_M, OUT_BLOCK_N])
-    if STORE_PREACT:
-        preact_desc = tl.make_tensor_descriptor(preact_ptr, [M, N], [N, 1], [BLOCK_M, OUT_BLOCK_N])
+    a_desc, b_desc = operand_descriptors(a_ptr, b_ptr, M, N, K, stride_a, stride_b, BLOCK_M, BLOCK_N, BLOCK_K,
+                                         A_TRANS, B_TRANS)
+    c_desc, preact_desc = output_descriptors(c_ptr, preact_ptr, M, N, BLOCK_M, BLOCK_N, STORE_PREACT, SPLIT_EPILOGUE)
 
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    k_tiles = tl.cdiv(K, BLOCK_K)
+    tiles_m, tiles_n, k_tiles = tile_counts(M, N, K, BLOCK_M, BLOCK_N, BLOCK_K)
     # The epilogue keeps its own tile counter: the pipeliner must not see one value used by both ends.
     tile_c = tl.program_id(0) - NUM_SMS
-    for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, NUM_SMS,
-                         flatten=not WARP_SPECIALIZE, warp_specialize=WARP_SPECIALIZE):
+    for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, NUM_SMS, flatten=True):
         pid_m, pid_n = grouped_tile(tile, tiles_m, tiles_n, GROUP_M)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for ki in range(k_tiles):
-            a = _load_tile(a_desc, pid_m * BLOCK_M, ki * BLOCK_K, A_TRANS)
-            b = _load_tile(b_desc, ki * BLOCK_K, pid_n * BLOCK_N, B_TRANS)
+            a = load_tile(a_desc, pid_m * BLOCK_M, ki * BLOCK_K, A_TRANS)
+            b = load_tile(b_desc, ki * BLOCK_K, pid_n * BLOCK_N, B_TRANS)
             acc = tl.dot(a, b, acc)
 
         tile_c += NUM_SMS
         pid_m, pid_n = grouped_tile(tile_c, tiles_m, tiles_n, GROUP_M)
-        acc = add_bias(acc, bias_ptr, pid_n * BLOCK_N + tl.arange(0, BLOCK_N), N, HAS_BIAS)
-        if STORE_PREACT:
-            _store_tile(preact_desc, pid_m * BLOCK_M, pid_n * BLOCK_N, acc, SPLIT_EPILOGUE)
-        _store_tile(c_desc, pid_m * BLOCK_M, pid_n * BLOCK_N, apply_activation(acc, ACT), SPLIT_EPILOGUE)
+        store_epilogue(acc, pid_m * BLOCK_M, pid_n * BLOCK_N, N, c_desc, preact_desc, bias_ptr,
+                       HAS_BIAS, ACT, STORE_PREACT, SPLIT_EPILOGUE)
 
 
-# warp_specialize: Triton's automatic warp specialization; it compiles for sm_90 with triton 3.6 but was slower
-# there than the flattened software pipeline, so no config below uses it (the sweep still tries it).
-def _config(bm, bn, bk, stages, warps, split=False, warp_specialize=False):
-    return triton.Config(
-        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "SPLIT_EPILOGUE": split,
-         "WARP_SPECIALIZE": warp_specialize},
-        num_stages=stages, num_warps=warps,
-    )
+def _config(bm, bn, bk, stages, warps, split=False):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "SPLIT_EPILOGUE": split},
+                         num_stages=stages, num_warps=warps)
 
 
-# The winners of a sweep on H200 (scripts/gpu_matmul_dev.py explore): 128×256 tiles (two warpgroups) for most
-# products, 128×128 with deep pipelining where 128×256 tiles leave the last wave half empty (N = 768), 64-row
-# tiles for short products. Largest first: fixed_config takes the first that fits up to 128×128.
+# The winners of a sweep on H200: 128×256 tiles (two warpgroups) for most products, 128×128 with deep pipelining
+# where 128×256 tiles leave the last wave half empty (N = 768), 64-row tiles for short products. Largest first:
+# fixed_config takes the first that fits up to 128×128. (Triton's automatic warp specialization compiled for
+# sm_90 with triton 3.6 but was slower than the flattened software pipeline.)
 _TMA_CONFIGS = [
     _config(128, 256, 64, 3, 8),
     _config(128, 256, 64, 4, 8, split=True),
@@ -119,17 +83,17 @@ _TMA_CONFIGS = [
     _config(64, 128, 64, 5, 4),
 ]
 
-_tuned_tma_kernel = triton.autotune(
-    configs=_TMA_CONFIGS,
-    key=["M", "N", "K", "HAS_BIAS", "ACT", "STORE_PREACT", "A_TRANS", "B_TRANS"],
-    prune_configs_by={"early_config_prune": lambda configs, nargs, **_: fitting_configs(configs, nargs["M"],
-                                                                                       nargs["N"], 2)},
-)(_matmul_tma_kernel)
+# Stream-K's tiles: its cut tiles leave as float32 partial sums staged through shared memory, which the
+# deepest pipelines above have no room for (sm_90: 227 KB a block).
+_STREAM_K_CONFIGS = [
+    _config(128, 128, 64, 4, 4),
+    _config(128, 128, 64, 3, 4),
+    _config(64, 256, 64, 3, 4),
+]
 
-
-def _descriptor_memory(size: int, alignment: int, stream: int | None) -> torch.Tensor:
-    """Global memory for the descriptors the kernel builds (Triton asks for it at each launch)."""
-    return torch.empty(size, device="cuda", dtype=torch.int8)
+# Stream-K is offered for a product when whole-tile scheduling of its largest fitting tile would leave more than
+# this share of the SMs' time idle in the last wave.
+STREAM_K_MIN_IDLE = 0.15
 
 
 def _device_sms(device: torch.device) -> int:
@@ -161,6 +125,36 @@ def tma_views(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor):
     return None if a_view is None or b_view is None else (a_view, b_view)
 
 
+def idle_share(M: int, N: int, meta: dict, num_sms: int) -> float:
+    """The share of the SMs' time left idle when whole BLOCK_M×BLOCK_N tiles are dealt out in waves of num_sms."""
+    tiles = cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])
+    return 1.0 - tiles / (cdiv(tiles, num_sms) * num_sms)
+
+
+def _candidates(M: int, N: int, K: int, num_sms: int) -> list:
+    """(stream_k, meta) pairs for the tuner: every fitting tile scheduled whole, and, where whole tiles of the
+    largest fitting one would leave more than STREAM_K_MIN_IDLE of the SMs idle, every fitting stream-K tile
+    (FORCED_STREAM_K: one schedule only)."""
+    whole = [c.all_kwargs() for c in fitting_configs(_TMA_CONFIGS, M, N, 2)]
+    offer_stream_k = cdiv(K, 64) > 1 and idle_share(M, N, whole[0], num_sms) > STREAM_K_MIN_IDLE
+    if FORCED_STREAM_K is not None:
+        offer_stream_k = FORCED_STREAM_K
+    stream_k = [c.all_kwargs() for c in fitting_configs(_STREAM_K_CONFIGS, M, N, 2)] if offer_stream_k else []
+    return [(False, m) for m in whole if FORCED_STREAM_K is not True] + [(True, m) for m in stream_k]
+
+
+def launch_schedule(args: tuple, flags: dict, stream_k: bool, meta: dict, num_sms: int) -> None:
+    """One product with args (a, b, c, preact, bias, M, N, K, stride_a, stride_b), flags and tile meta, whole tiles
+    per program (at most num_sms programs) or stream-K (one slice per SM)."""
+    use_descriptor_memory()
+    if stream_k:
+        matmul_stream_k.launch(args, flags, meta, num_sms)
+    else:
+        M, N = args[5], args[6]
+        tiles = cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])
+        _matmul_tma_kernel[(min(num_sms, tiles),)](*args, **flags, NUM_SMS=num_sms, **meta)
+
+
 def launch(views, c: torch.Tensor, bias: torch.Tensor | None, preact: torch.Tensor | None, act: int) -> None:
     """c = act(a·b + bias) (preact = a·b + bias when given) for the views tma_views gave."""
     (a_view, a_trans), (b_view, b_trans) = views
@@ -170,12 +164,14 @@ def launch(views, c: torch.Tensor, bias: torch.Tensor | None, preact: torch.Tens
     args = (a_view, b_view, c, c if preact is None else preact, c if bias is None else bias,
             M, N, K, a_view.stride(0), b_view.stride(0))
     flags = dict(HAS_BIAS=bias is not None, ACT=act, STORE_PREACT=preact is not None,
-                 A_TRANS=a_trans, B_TRANS=b_trans, NUM_SMS=num_sms)
+                 A_TRANS=a_trans, B_TRANS=b_trans)
 
-    def grid(meta):
-        return (min(num_sms, cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])),)
+    def run(candidate):
+        launch_schedule(args, flags, *candidate, num_sms)
 
-    # Set at every launch: the allocator is per thread (a ContextVar), and the backward runs on autograd's.
-    triton.set_allocator(_descriptor_memory)
-    launch_tuned(_matmul_tma_kernel, _tuned_tma_kernel, _TMA_CONFIGS, FORCED_CONFIG, grid, args, flags,
-                 ("tma", M, N, K, c.dtype, *flags.values()), M, N, c.element_size())
+    stream_k = bool(FORCED_STREAM_K)
+    fixed = fixed_config(_STREAM_K_CONFIGS if stream_k else _TMA_CONFIGS, FORCED_CONFIG, M, N, c.element_size())
+    if fixed is not None:
+        run((stream_k, fixed.all_kwargs()))
+    else:
+        launch_tuned(("tma", M, N, K, c.dtype, *flags.values()), lambda: _candidates(M, N, K, num_sms), run)

@@ -1,0 +1,87 @@
+"""On a GPU host: the three products of a linear layer's forward and backward (Y = X·Wᵀ, dX = dZ·W, dW = dZᵀ·X)
+at the benchmark shapes, cuBLAS (torch.mm) beside our TMA kernel under each schedule (whole tiles per program,
+stream-K), best tile of each, and the tuner's pick; GPU time (CUDA graph, L2 flushed). Then the backward's gated
+pass (dZ = dY ⊙ relu'(Y) and db) by tile and warps against torch's dY·mask of the same bytes. Not part of the
+pipeline."""
+
+import itertools
+import sys
+
+import torch
+
+from triformer.bench.timing import gpu_ms
+from triformer.kernels import _tiles, activation, matmul_tma
+from triformer.kernels.matmul import matmul
+
+SHAPES = [(8192, 768, 3072), (8192, 3072, 768), (16384, 1024, 4096), (4096, 4096, 4096), (512, 3072, 768)]
+bf = torch.bfloat16
+
+
+def products(M, K, N):
+    """name → (a, b) of the three products of a linear layer [M, K] → [M, N] (views as the layer makes them)."""
+    x = torch.randn(M, K, device="cuda", dtype=bf)
+    w = torch.randn(N, K, device="cuda", dtype=bf) * K ** -0.5
+    dz = torch.randn(M, N, device="cuda", dtype=bf)
+    return {"Y = X·Wᵀ": (x, w.t()), "dX = dZ·W": (dz, w), "dW = dZᵀ·X": (dz.t(), x)}
+
+
+def schedule_best(a, b, stream_k):
+    """(µs, tile) of the best fitting tile under one schedule (FORCED_STREAM_K), each tile forced in turn."""
+    best = (float("inf"), None)
+    matmul_tma.FORCED_STREAM_K = stream_k
+    configs = matmul_tma._STREAM_K_CONFIGS if stream_k else matmul_tma._TMA_CONFIGS
+    for config in _tiles.fitting_configs(configs, a.shape[0], b.shape[1], 2):
+        matmul_tma.FORCED_CONFIG = config
+        us = gpu_ms(lambda: matmul(a, b)) * 1e3
+        k = config.kwargs
+        best = min(best, (us, f"{k['BLOCK_M']}x{k['BLOCK_N']} s{config.num_stages}"), key=lambda t: t[0])
+    matmul_tma.FORCED_STREAM_K = matmul_tma.FORCED_CONFIG = None
+    return best
+
+
+def product_table():
+    print(torch.cuda.get_device_name(), "— GPU time (µs) of each product; ratios = torch.mm ÷ ours")
+    print(f"{'M,K,N':16s} {'product':12s} {'torch.mm':>9s} {'whole tiles':>22s} {'stream-K':>22s} "
+          f"{'tuned':>9s} {'pick':>10s} {'mm÷tuned':>9s}")
+    for M, K, N in SHAPES:
+        for name, (a, b) in products(M, K, N).items():
+            ref = gpu_ms(lambda: torch.mm(a, b)) * 1e3
+            whole = schedule_best(a, b, False)
+            stream = schedule_best(a, b, True)
+            tuned = gpu_ms(lambda: matmul(a, b)) * 1e3  # first call (inside gpu_ms, before capture) tunes
+            pick = [v for k, v in _tiles._CHOSEN.items() if k[:4] == ("tma", a.shape[0], b.shape[1], a.shape[1])]
+            pick_name = ("stream-K" if pick[-1][0] else "whole") if pick else "?"
+            print(f"{M},{K},{N:<8d} {name:12s} {ref:9.1f} {whole[0]:9.1f} {whole[1]:>12s} {stream[0]:9.1f} "
+                  f"{stream[1]:>12s} {tuned:9.1f} {pick_name:>10s} {ref / tuned:9.2f}", flush=True)
+
+
+def gated_table():
+    print("\nGated pass dZ = dY ⊙ relu'(Y), db = Σ_rows dZ: GPU µs by (BLOCK_M, BLOCK_N, warps, rows per program);"
+          " 'of mul' = torch.mul(dY, mask, out=dZ) time ÷ ours (same bytes, no db)")
+    for M, K, N in SHAPES[:3]:
+        dy, y = (torch.randn(M, N, device="cuda", dtype=bf) for _ in range(2))
+        keep = y > 0
+        dz = torch.empty_like(dy)
+        ref = gpu_ms(lambda: torch.mul(dy, keep, out=dz)) * 1e3
+        results = []
+        for bm, bn, warps, rows in itertools.product((16, 32, 64), (64, 128, 256), (4, 8), (64, 128)):
+            if bm * bn > 8192 or bm > rows:
+                continue
+            activation.GATED_BLOCK_M, activation.GATED_BLOCK_N = bm, bn
+            activation.GATED_WARPS, activation.GATED_ROWS_PER_PROGRAM = warps, rows
+            results.append((gpu_ms(lambda: activation.gated_column_sum(dy, y, "relu")) * 1e3, bm, bn, warps, rows))
+        results.sort()
+        print(f"{M}x{N}: torch.mul {ref:.1f} µs; best five: " + "; ".join(
+            f"{us:.1f} µs ({bm}, {bn}, w{w}, r{r}, of mul {ref / us:.2f})" for us, bm, bn, w, r in results[:5]),
+            flush=True)
+        default = [r for r in results if r[1:] == (32, 128, 4, 64)]
+        if default:
+            print(f"    current default (32, 128, w4, r64): {default[0][0]:.1f} µs", flush=True)
+
+
+if __name__ == "__main__":
+    parts = sys.argv[1:] or ["products", "gated"]
+    if "products" in parts:
+        product_table()
+    if "gated" in parts:
+        gated_table()
