@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import triton
 
 import triformer.functional as TF
 from harness import DTYPES, ON_GPU, randn
@@ -20,7 +19,6 @@ pytestmark = pytest.mark.skipif(
 
 CONFIGS = matmul_module._HOPPER_CONFIGS
 TMA_CONFIGS = matmul_tma._TMA_CONFIGS
-STREAM_K_CONFIGS = matmul_tma._STREAM_K_CONFIGS
 TMA_DTYPES = [d for d in DTYPES if d.values[0] != torch.float32]
 HAS_TMA = ON_GPU and torch.cuda.get_device_capability()[0] >= 9
 needs_tma = pytest.mark.skipif(not HAS_TMA, reason="the TMA path needs compute capability 9.0 (Hopper) or newer")
@@ -58,13 +56,10 @@ def test_every_tile_config(config, activation, dtype, monkeypatch, seed):
 @needs_tma
 @pytest.mark.parametrize("dtype", TMA_DTYPES)
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
-@pytest.mark.parametrize("stream_k,config", [(False, c) for c in TMA_CONFIGS] + [(True, c) for c in STREAM_K_CONFIGS],
-                         ids=lambda v: config_id(v) if isinstance(v, triton.Config) else ["whole", "stream-k"][v])
-def test_every_tma_config(stream_k, config, activation, dtype, monkeypatch, tma_launches, seed):
-    """Edges in every dimension (TMA zero-fills and clips them): the forward, dX, and dW with its transposed dZ,
-    under both schedules."""
+@pytest.mark.parametrize("config", TMA_CONFIGS, ids=config_id)
+def test_every_tma_config(config, activation, dtype, monkeypatch, tma_launches, seed):
+    """Edges in every dimension (TMA zero-fills and clips them): the forward, dX, and dW with its transposed dZ."""
     monkeypatch.setattr(matmul_tma, "FORCED_CONFIG", config)
-    monkeypatch.setattr(matmul_tma, "FORCED_STREAM_K", stream_k)
     run_and_compare(*make_inputs(515, 264, 392, dtype), activation, True, dtype)
     assert len(tma_launches) == 3
 
@@ -118,11 +113,9 @@ def test_autotuned_pick_is_launched_directly_later(M, K, N, dtype, monkeypatch, 
     run_and_compare(x, w, b, "silu", True, dtype)
 
 
-@pytest.mark.parametrize("M,K,N,stream_k", [(1031, 769, 1537, False), (1032, 768, 1544, False),
-                                             (1032, 768, 1544, True)], ids=["pointer", "tma", "tma-stream-k"])
-def test_results_do_not_move_between_runs(M, K, N, stream_k, monkeypatch, seed):
+@pytest.mark.parametrize("M,K,N", [(1031, 769, 1537), (1032, 768, 1544)], ids=["pointer", "tma"])
+def test_results_do_not_move_between_runs(M, K, N, seed):
     """Same inputs, same outputs and gradients bit for bit: a race would show as a moving result."""
-    monkeypatch.setattr(matmul_tma, "FORCED_STREAM_K", stream_k)
     x, w, b = make_inputs(M, K, N, torch.bfloat16)
     results = [forward_and_gradients(x, w, b, "gelu") for _ in range(3)]
     for other in results[1:]:

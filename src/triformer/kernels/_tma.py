@@ -1,6 +1,5 @@
-"""What the two schedules of the Hopper product share (matmul_tma.py: one tile per program at a time;
-matmul_stream_k.py: equal slices of the K iterations): TMA descriptors of the operands, tile loads, and the
-epilogue that stores C = act(P) (and P when asked), P = acc + bias[n].
+"""Device-side pieces of the Hopper product (matmul_tma.py): TMA descriptors of the operands and outputs, tile
+counts and loads, and the epilogue that stores C = act(P) (and P when asked), P = acc + bias[n].
 
 Descriptors are built on the device; Triton asks the allocator set by `use_descriptor_memory` for their memory.
 """

@@ -7,9 +7,10 @@ strides, one unit stride). An operand whose columns are contiguous (a transposed
 descriptor on its transpose, the memory's own row-major layout, and each tile is transposed on chip. Everything
 else runs matmul.py's kernel.
 
-Two schedules, timed against each other on a product's first call: this module's kernel gives each program whole
-tiles (tile p, p + SMs, ...); when the tiles do not fill the last wave of SMs (a product with few, long tiles such
-as the backward's dW = dZᵀ·X), matmul_stream_k.py gives each program an equal slice of all K iterations instead.
+Known limit: a product with few, long tiles (the backward's dW = dZᵀ·X of a 768 → 3072 layer: 72 tiles of 128×256
+for 132 SMs) leaves SMs idle in the last wave and runs at ~0.65× cuBLAS. A stream-K schedule (equal K-slices per SM,
+partial sums added by a second kernel) was built, passed its tests, and ran 1.4–1.7× slower per K-iteration than
+this kernel under triton 3.6 on an H200, so it was removed (reports/NOTES.md).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import torch
 import triton
 import triton.language as tl
 
-from . import matmul_stream_k
 from ._runtime import cdiv, device_properties, interpreter_active
 from ._tiles import fitting_configs, fixed_config, grouped_tile, launch_tuned
 from ._tma import (load_tile, operand_descriptors, output_descriptors, store_epilogue, tile_counts,
@@ -26,9 +26,8 @@ from ._tma import (load_tile, operand_descriptors, output_descriptors, store_epi
 
 # False: every product runs matmul.py's pointer kernel (benchmarks compare the two).
 ENABLED = True
-# Tests set these to check every tile shape and both schedules without autotuning (None: the tuner decides).
+# Tests set this to one of _TMA_CONFIGS to check every tile shape without autotuning.
 FORCED_CONFIG: triton.Config | None = None
-FORCED_STREAM_K: bool | None = None
 
 
 @triton.jit
@@ -83,19 +82,6 @@ _TMA_CONFIGS = [
     _config(64, 128, 64, 5, 4),
 ]
 
-# Stream-K's tiles: its cut tiles leave as float32 partial sums staged through shared memory, which the
-# deepest pipelines above have no room for (sm_90: 227 KB a block).
-_STREAM_K_CONFIGS = [
-    _config(128, 128, 64, 4, 4),
-    _config(128, 128, 64, 3, 4),
-    _config(64, 256, 64, 3, 4),
-]
-
-# Stream-K is offered for a product when whole-tile scheduling of its largest fitting tile would leave more than
-# this share of the SMs' time idle in the last wave.
-STREAM_K_MIN_IDLE = 0.15
-
-
 def _device_sms(device: torch.device) -> int:
     """Streaming multiprocessors of a device with TMA (compute capability 9.0 or newer), else 0."""
     props = device_properties(device)
@@ -125,34 +111,13 @@ def tma_views(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor):
     return None if a_view is None or b_view is None else (a_view, b_view)
 
 
-def idle_share(M: int, N: int, meta: dict, num_sms: int) -> float:
-    """The share of the SMs' time left idle when whole BLOCK_M×BLOCK_N tiles are dealt out in waves of num_sms."""
-    tiles = cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])
-    return 1.0 - tiles / (cdiv(tiles, num_sms) * num_sms)
-
-
-def _candidates(M: int, N: int, K: int, num_sms: int) -> list:
-    """(stream_k, meta) pairs for the tuner: every fitting tile scheduled whole, and, where whole tiles of the
-    largest fitting one would leave more than STREAM_K_MIN_IDLE of the SMs idle, every fitting stream-K tile
-    (FORCED_STREAM_K: one schedule only)."""
-    whole = [c.all_kwargs() for c in fitting_configs(_TMA_CONFIGS, M, N, 2)]
-    offer_stream_k = cdiv(K, 64) > 1 and idle_share(M, N, whole[0], num_sms) > STREAM_K_MIN_IDLE
-    if FORCED_STREAM_K is not None:
-        offer_stream_k = FORCED_STREAM_K
-    stream_k = [c.all_kwargs() for c in fitting_configs(_STREAM_K_CONFIGS, M, N, 2)] if offer_stream_k else []
-    return [(False, m) for m in whole if FORCED_STREAM_K is not True] + [(True, m) for m in stream_k]
-
-
-def launch_schedule(args: tuple, flags: dict, stream_k: bool, meta: dict, num_sms: int) -> None:
-    """One product with args (a, b, c, preact, bias, M, N, K, stride_a, stride_b), flags and tile meta, whole tiles
-    per program (at most num_sms programs) or stream-K (one slice per SM)."""
+def launch_on(args: tuple, flags: dict, meta: dict, num_sms: int) -> None:
+    """One product with args (a, b, c, preact, bias, M, N, K, stride_a, stride_b), flags and tile meta on at most
+    num_sms persistent programs."""
     use_descriptor_memory()
-    if stream_k:
-        matmul_stream_k.launch(args, flags, meta, num_sms)
-    else:
-        M, N = args[5], args[6]
-        tiles = cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])
-        _matmul_tma_kernel[(min(num_sms, tiles),)](*args, **flags, NUM_SMS=num_sms, **meta)
+    M, N = args[5], args[6]
+    tiles = cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])
+    _matmul_tma_kernel[(min(num_sms, tiles),)](*args, **flags, NUM_SMS=num_sms, **meta)
 
 
 def launch(views, c: torch.Tensor, bias: torch.Tensor | None, preact: torch.Tensor | None, act: int) -> None:
@@ -166,12 +131,12 @@ def launch(views, c: torch.Tensor, bias: torch.Tensor | None, preact: torch.Tens
     flags = dict(HAS_BIAS=bias is not None, ACT=act, STORE_PREACT=preact is not None,
                  A_TRANS=a_trans, B_TRANS=b_trans)
 
-    def run(candidate):
-        launch_schedule(args, flags, *candidate, num_sms)
+    def run(meta):
+        launch_on(args, flags, meta, num_sms)
 
-    stream_k = bool(FORCED_STREAM_K)
-    fixed = fixed_config(_STREAM_K_CONFIGS if stream_k else _TMA_CONFIGS, FORCED_CONFIG, M, N, c.element_size())
+    fixed = fixed_config(_TMA_CONFIGS, FORCED_CONFIG, M, N, c.element_size())
     if fixed is not None:
-        run((stream_k, fixed.all_kwargs()))
+        run(fixed.all_kwargs())
     else:
-        launch_tuned(("tma", M, N, K, c.dtype, *flags.values()), lambda: _candidates(M, N, K, num_sms), run)
+        launch_tuned(("tma", M, N, K, c.dtype, *flags.values()),
+                     lambda: [c.all_kwargs() for c in fitting_configs(_TMA_CONFIGS, M, N, 2)], run)

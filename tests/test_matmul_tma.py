@@ -1,7 +1,7 @@
-"""Both schedules of the TMA product, launched directly with small tiles against float64: whole tiles per program,
-and stream-K slices of the K-iterations (partial sums of cut tiles added by a second kernel). On the CPU through
-the interpreter (it emulates TMA descriptors), on a Hopper GPU natively (bf16 too). Program counts cut the tiles
-every way: one program for everything, slices shorter and longer than a tile, one program per iteration."""
+"""The persistent TMA product, launched directly with small tiles against float64: on the CPU through the
+interpreter (it emulates TMA descriptors), on a Hopper GPU natively (bf16 too). Transposed operands (descriptors
+on the memory as it lies), edges in every dimension, and program counts from one program for every tile to one
+program per tile."""
 
 from __future__ import annotations
 
@@ -45,16 +45,15 @@ def _poisoned(shape, dtype, like):
 @pytest.mark.parametrize("dtype", DTYPES_16)
 @pytest.mark.parametrize("activation", [None, "gelu"])
 @pytest.mark.parametrize("programs", [1, 3, 7, 10_000])
-@pytest.mark.parametrize("stream_k", [False, True], ids=["whole-tiles", "stream-k"])
 @pytest.mark.parametrize("M,N,K,a_trans,b_trans", PRODUCTS)
-def test_schedule(M, N, K, a_trans, b_trans, stream_k, programs, activation, dtype, seed):
+def test_tma_product(M, N, K, a_trans, b_trans, programs, activation, dtype, seed):
     a, b = _operand(M, K, a_trans, dtype), _operand(K, N, b_trans, dtype)
     bias = randn(N, dtype=dtype)
     c, preact = _poisoned((M, N), dtype, a), _poisoned((M, N), dtype, a)
     a_view, b_view = (a.t() if a_trans else a), (b.t() if b_trans else b)
     args = (a_view, b_view, c, preact, bias, M, N, K, a_view.stride(0), b_view.stride(0))
     flags = dict(HAS_BIAS=True, ACT=activation_code(activation), STORE_PREACT=True, A_TRANS=a_trans, B_TRANS=b_trans)
-    matmul_tma.launch_schedule(args, flags, stream_k, TILE, programs)
+    matmul_tma.launch_on(args, flags, TILE, programs)
 
     a64, b64 = a.double().cpu(), b.double().cpu()
     ref = a64 @ b64 + bias.double().cpu()
@@ -62,16 +61,3 @@ def test_schedule(M, N, K, a_trans, b_trans, stream_k, programs, activation, dty
     assert_close(preact, ref, dtype, "preactivation", scale_floor=floor)
     assert_close(c, REFERENCE_ACTIVATION[activation](ref), dtype, "output", scale_floor=floor)
 
-
-@pytest.mark.parametrize("M,N,K,expect_stream_k", [
-    (3072, 768, 8192, True),     # dW of a 768→3072 layer: 72 tiles of 128×256 for 132 SMs (0.55 of a wave)
-    (8192, 768, 3072, True),     # 192 tiles of 128×256: 1.45 waves
-    (8192, 3072, 768, False),    # 768 tiles of 128×256: 5.8 waves
-    (4096, 4096, 4096, False),   # 512 tiles of 128×256: 3.9 waves
-])
-def test_stream_k_is_offered_where_whole_tiles_leave_sms_idle(M, N, K, expect_stream_k):
-    candidates = matmul_tma._candidates(M, N, K, num_sms=132)
-    stream_k_tiles = [meta for stream_k, meta in candidates if stream_k]
-    assert bool(stream_k_tiles) == expect_stream_k
-    assert all(any(meta == c.all_kwargs() for c in matmul_tma._STREAM_K_CONFIGS) for meta in stream_k_tiles)
-    assert sum(not stream_k for stream_k, _ in candidates) >= 1  # whole tiles are always timed too
