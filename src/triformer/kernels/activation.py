@@ -193,8 +193,9 @@ _COLUMN_SUM_LAUNCH = dict(BLOCK_M=32, BLOCK_N=128, num_warps=4)
 def _column_sum(x, dtype, rows_per_program, gate=None, gated=None, gate_act=0, launch=_COLUMN_SUM_LAUNCH):
     planes = x.reshape(-1, x.shape[-2], x.shape[-1])
     P, M, N = planes.shape
-    assert rows_per_program % launch["BLOCK_M"] == 0, "a program's rows must be whole blocks"
     chunks = max(1, cdiv(M, rows_per_program))
+    # A program sweeps its rows in whole blocks: blocks must not reach into the next program's rows.
+    assert chunks == 1 or rows_per_program % launch["BLOCK_M"] == 0, (rows_per_program, launch["BLOCK_M"])
     out = new_empty((P, chunks, N), like=x, dtype=dtype if chunks == 1 else torch.float32)
     _column_sum_kernel[(cdiv(N, launch["BLOCK_N"]), chunks, P)](
         planes, planes if gate is None else gate, planes if gated is None else gated, out, M, N, rows_per_program,
