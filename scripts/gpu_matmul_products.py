@@ -1,7 +1,7 @@
 """On a GPU host: the three products of a linear layer's forward and backward (Y = X·Wᵀ, dX = dZ·W, dW = dZᵀ·X)
 at the benchmark shapes, cuBLAS (torch.mm) beside our TMA kernel, each tile forced in turn and the tuner's pick;
 GPU time (CUDA graph, L2 flushed). Then the backward's gated pass (dZ = dY ⊙ relu'(Y) and db) by tile and warps
-against torch's dY·mask of the same bytes. Not part of the pipeline. (The stream-K schedule these tables once
+against torch's dY·mask of the same bytes. Not part of the pipeline. (The stream-K schedule an earlier version
 compared lives in git history: 8a0c3a4.)"""
 
 import itertools
@@ -25,28 +25,36 @@ def products(M, K, N):
     return {"Y = X·Wᵀ": (x, w.t()), "dX = dZ·W": (dz, w), "dW = dZᵀ·X": (dz.t(), x)}
 
 
-def best_tile(a, b):
-    """(µs, tile) of the best fitting tile, each tile forced in turn."""
-    best = (float("inf"), None)
-    for config in _tiles.fitting_configs(matmul_tma._TMA_CONFIGS, a.shape[0], b.shape[1], 2):
-        matmul_tma.FORCED_CONFIG = config
+def best_tile(a, b, split):
+    """(µs, tile) of the best fitting tile, each tile forced in turn, unsplit (split False) or split as
+    matmul_tma.split_k_for says (tiles it would not split are skipped)."""
+    best = (float("inf"), "-")
+    M, K, N = a.shape[0], a.shape[1], b.shape[1]
+    for config in _tiles.fitting_configs(matmul_tma._TMA_CONFIGS, M, N, 2):
+        split_k = matmul_tma.split_k_for(M, N, K, config.all_kwargs(), 132) if split else 1
+        if split and split_k == 1:
+            continue
+        matmul_tma.FORCED_CONFIG, matmul_tma.FORCED_SPLIT_K = config, split_k
         us = gpu_ms(lambda: matmul(a, b)) * 1e3
         k = config.kwargs
-        best = min(best, (us, f"{k['BLOCK_M']}x{k['BLOCK_N']} s{config.num_stages}"), key=lambda t: t[0])
-    matmul_tma.FORCED_CONFIG = None
+        best = min(best, (us, f"{k['BLOCK_M']}x{k['BLOCK_N']} s{config.num_stages} k{split_k}"), key=lambda t: t[0])
+    matmul_tma.FORCED_CONFIG = matmul_tma.FORCED_SPLIT_K = None
     return best
 
 
 def product_table():
     print(torch.cuda.get_device_name(), "— GPU time (µs) of each product; ratios = torch.mm ÷ ours")
-    print(f"{'M,K,N':16s} {'product':12s} {'torch.mm':>9s} {'best tile':>22s} {'tuned':>9s} {'mm÷tuned':>9s}")
+    print(f"{'M,K,N':16s} {'product':12s} {'torch.mm':>9s} {'best unsplit':>24s} {'best split-K':>24s} "
+          f"{'tuned':>9s} {'split':>6s} {'mm÷tuned':>9s}")
     for M, K, N in SHAPES:
         for name, (a, b) in products(M, K, N).items():
             ref = gpu_ms(lambda: torch.mm(a, b)) * 1e3
-            best = best_tile(a, b)
+            unsplit, split = best_tile(a, b, False), best_tile(a, b, True)
             tuned = gpu_ms(lambda: matmul(a, b)) * 1e3  # first call (inside gpu_ms, before capture) tunes
-            print(f"{M},{K},{N:<8d} {name:12s} {ref:9.1f} {best[0]:9.1f} {best[1]:>12s} {tuned:9.1f} "
-                  f"{ref / tuned:9.2f}", flush=True)
+            pick = [v for k, v in _tiles._CHOSEN.items() if k[:4] == ("tma", a.shape[0], b.shape[1], a.shape[1])]
+            print(f"{M},{K},{N:<8d} {name:12s} {ref:9.1f} {unsplit[0]:9.1f} {unsplit[1]:>14s} {split[0]:9.1f} "
+                  f"{split[1]:>14s} {tuned:9.1f} {pick[-1]['SPLIT_K'] if pick else '?':>6} {ref / tuned:9.2f}",
+                  flush=True)
 
 
 def gated_table():

@@ -1,7 +1,8 @@
 """The persistent TMA product, launched directly with small tiles against float64: on the CPU through the
 interpreter (it emulates TMA descriptors), on a Hopper GPU natively (bf16 too). Transposed operands (descriptors
 on the memory as it lies), edges in every dimension, and program counts from one program for every tile to one
-program per tile."""
+program per tile; unsplit and with each tile's K-iterations split into 2 or 3 runs (float32 partials summed by a
+second kernel)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 DTYPES_16 = [d for d in DTYPES if d.values[0] != torch.float32]  # TMA products take 16-bit operands only
-TILE = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 2, "SPLIT_EPILOGUE": False}
+TILE = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 2, "SPLIT_EPILOGUE": False, "num_stages": 3}
 
 # (M, N, K, A transposed, B transposed): edges in every dimension; rows 16-byte aligned as TMA requires
 # (a transposed operand's memory is its transpose, so its other dimension is the aligned one).
@@ -45,15 +46,16 @@ def _poisoned(shape, dtype, like):
 @pytest.mark.parametrize("dtype", DTYPES_16)
 @pytest.mark.parametrize("activation", [None, "gelu"])
 @pytest.mark.parametrize("programs", [1, 3, 7, 10_000])
+@pytest.mark.parametrize("split_k", [1, 2, 3])
 @pytest.mark.parametrize("M,N,K,a_trans,b_trans", PRODUCTS)
-def test_tma_product(M, N, K, a_trans, b_trans, programs, activation, dtype, seed):
+def test_tma_product(M, N, K, a_trans, b_trans, split_k, programs, activation, dtype, seed):
     a, b = _operand(M, K, a_trans, dtype), _operand(K, N, b_trans, dtype)
     bias = randn(N, dtype=dtype)
     c, preact = _poisoned((M, N), dtype, a), _poisoned((M, N), dtype, a)
     a_view, b_view = (a.t() if a_trans else a), (b.t() if b_trans else b)
     args = (a_view, b_view, c, preact, bias, M, N, K, a_view.stride(0), b_view.stride(0))
     flags = dict(HAS_BIAS=True, ACT=activation_code(activation), STORE_PREACT=True, A_TRANS=a_trans, B_TRANS=b_trans)
-    matmul_tma.launch_on(args, flags, TILE, programs)
+    matmul_tma.launch_on(args, flags, matmul_tma.split_meta(TILE, split_k), programs)
 
     a64, b64 = a.double().cpu(), b.double().cpu()
     ref = a64 @ b64 + bias.double().cpu()
@@ -61,3 +63,18 @@ def test_tma_product(M, N, K, a_trans, b_trans, programs, activation, dtype, see
     assert_close(preact, ref, dtype, "preactivation", scale_floor=floor)
     assert_close(c, REFERENCE_ACTIVATION[activation](ref), dtype, "output", scale_floor=floor)
 
+
+
+@pytest.mark.parametrize("M,N,K,expected", [
+    (3072, 768, 8192, 3),    # dW of a 768→3072 layer: 72 tiles of 128×256 for 132 SMs; 3 runs fill two waves
+    (8192, 3072, 768, 1),    # 768 tiles: 5.8 waves, nothing to gain
+    (4096, 4096, 4096, 1),
+])
+def test_split_k_where_whole_tiles_leave_sms_idle(M, N, K, expected):
+    meta = matmul_tma._TMA_CONFIGS[0].all_kwargs()  # 128×256×64
+    assert matmul_tma.split_k_for(M, N, K, meta, num_sms=132) == expected
+    split = matmul_tma.split_meta(meta, 3)
+    assert split["SPLIT_EPILOGUE"] and split["num_stages"] <= meta["num_stages"]
+    candidates = matmul_tma._candidates(M, N, K, num_sms=132)
+    assert any(c["SPLIT_K"] == 1 for c in candidates)  # unsplit tiles are always timed too
+    assert any(c["SPLIT_K"] > 1 for c in candidates) == (expected > 1)

@@ -45,7 +45,7 @@ def operand_descriptors(a_ptr, b_ptr, M, N, K, stride_a, stride_b, BLOCK_M: tl.c
 
 
 @triton.jit
-def _output_descriptor(ptr, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_EPILOGUE: tl.constexpr):
+def output_descriptor(ptr, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_EPILOGUE: tl.constexpr):
     """TMA descriptor of a contiguous output [M, N] (half-width blocks when the epilogue stores two halves)."""
     OUT_BLOCK_N: tl.constexpr = BLOCK_N // 2 if SPLIT_EPILOGUE else BLOCK_N
     return tl.make_tensor_descriptor(ptr, [M, N], [N, 1], [BLOCK_M, OUT_BLOCK_N])
@@ -55,9 +55,9 @@ def _output_descriptor(ptr, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, 
 def output_descriptors(c_ptr, preact_ptr, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        STORE_PREACT: tl.constexpr, SPLIT_EPILOGUE: tl.constexpr):
     """(C's, the preactivation's) descriptors; C's twice when the preactivation is not stored."""
-    c_desc = _output_descriptor(c_ptr, M, N, BLOCK_M, BLOCK_N, SPLIT_EPILOGUE)
+    c_desc = output_descriptor(c_ptr, M, N, BLOCK_M, BLOCK_N, SPLIT_EPILOGUE)
     if STORE_PREACT:
-        preact_desc = _output_descriptor(preact_ptr, M, N, BLOCK_M, BLOCK_N, SPLIT_EPILOGUE)
+        preact_desc = output_descriptor(preact_ptr, M, N, BLOCK_M, BLOCK_N, SPLIT_EPILOGUE)
     else:
         preact_desc = c_desc
     return c_desc, preact_desc
@@ -79,7 +79,7 @@ def load_tile(desc, row, col, TRANSPOSED: tl.constexpr):
 
 
 @triton.jit
-def _store_tile(desc, row, col, tile, SPLIT: tl.constexpr):
+def store_tile(desc, row, col, tile, SPLIT: tl.constexpr):
     """A float32 tile stored at (row, col) in desc's dtype; SPLIT: as two column halves (half the staging memory)."""
     if SPLIT:
         HALF: tl.constexpr = tile.shape[1] // 2
@@ -97,5 +97,5 @@ def store_epilogue(acc, row, col, N, c_desc, preact_desc, bias_ptr, HAS_BIAS: tl
     clips what hangs over an edge)."""
     acc = add_bias(acc, bias_ptr, col + tl.arange(0, acc.shape[1]), N, HAS_BIAS)
     if STORE_PREACT:
-        _store_tile(preact_desc, row, col, acc, SPLIT_EPILOGUE)
-    _store_tile(c_desc, row, col, apply_activation(acc, ACT), SPLIT_EPILOGUE)
+        store_tile(preact_desc, row, col, acc, SPLIT_EPILOGUE)
+    store_tile(c_desc, row, col, apply_activation(acc, ACT), SPLIT_EPILOGUE)

@@ -7,10 +7,11 @@ strides, one unit stride). An operand whose columns are contiguous (a transposed
 descriptor on its transpose, the memory's own row-major layout, and each tile is transposed on chip. Everything
 else runs matmul.py's kernel.
 
-Known limit: a product with few, long tiles (the backward's dW = dZᵀ·X of a 768 → 3072 layer: 72 tiles of 128×256
-for 132 SMs) leaves SMs idle in the last wave and runs at ~0.65× cuBLAS. A stream-K schedule (equal K-slices per SM,
-partial sums added by a second kernel) was built, passed its tests, and ran 1.4–1.7× slower per K-iteration than
-this kernel under triton 3.6 on an H200, so it was removed (reports/NOTES.md).
+A product with few, long tiles (the backward's dW = dZᵀ·X of a 768 → 3072 layer: 72 tiles of 128×256 for 132 SMs)
+would leave SMs idle in the last wave: there each tile's K-iterations can be split into SPLIT_K runs, each a work
+unit of its own, whose float32 partial products a second kernel adds (in a fixed order: deterministic) before the
+epilogue. The tuner times the split and the unsplit product end to end. (A stream-K schedule, equal K-slices per
+SM, was built first: correct, but 1.4–1.7× slower per K-iteration under triton 3.6 on an H200; reports/NOTES.md.)
 """
 
 from __future__ import annotations
@@ -20,49 +21,85 @@ import triton
 import triton.language as tl
 
 from ._runtime import cdiv, device_properties, interpreter_active
-from ._tiles import fitting_configs, fixed_config, grouped_tile, launch_tuned
-from ._tma import (load_tile, operand_descriptors, output_descriptors, store_epilogue, tile_counts,
-                   use_descriptor_memory)
+from ._tiles import add_bias, fitting_configs, fixed_config, grouped_tile, launch_tuned
+from ._tma import (load_tile, operand_descriptors, output_descriptor, output_descriptors, store_epilogue, store_tile,
+                   tile_counts, use_descriptor_memory)
+from .activation import apply_activation
 
 # False: every product runs matmul.py's pointer kernel (benchmarks compare the two).
 ENABLED = True
-# Tests set this to one of _TMA_CONFIGS to check every tile shape without autotuning.
+# Tests set these to check every tile shape, split or not, without autotuning (FORCED_SPLIT_K None: unsplit).
 FORCED_CONFIG: triton.Config | None = None
+FORCED_SPLIT_K: int | None = None
 
 
 @triton.jit
 def _matmul_tma_kernel(
-    a_ptr, b_ptr, c_ptr, preact_ptr, bias_ptr, M, N, K, stride_a, stride_b,
+    a_ptr, b_ptr, c_ptr, preact_ptr, bias_ptr, partial_ptr, M, N, K, stride_a, stride_b,
     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STORE_PREACT: tl.constexpr,
     A_TRANS: tl.constexpr, B_TRANS: tl.constexpr, NUM_SMS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    SPLIT_EPILOGUE: tl.constexpr,
+    SPLIT_EPILOGUE: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
-    """C = act(A·B + bias[n]), persistent: program p computes tiles p, p + NUM_SMS, ... in grouped order.
+    """C = act(A·B + bias[n]), persistent: program p computes work units p, p + NUM_SMS, ... in grouped tile order.
 
     A [M, K] and B [K, N] have row strides stride_a, stride_b (or are transposed views, A_TRANS/B_TRANS); C is
-    contiguous. The tile loop and its K loop are flattened into one software-pipelined loop, so the next tile's
-    loads are in flight during this tile's epilogue. Edges need no masks: TMA zero-fills loads and clips stores.
+    contiguous. A unit is a tile (SPLIT_K = 1) or one of SPLIT_K equal runs of a tile's K-iterations, whose float32
+    partial product goes to plane `split` of partial [SPLIT_K · tiles_m · BLOCK_M, N] for _split_k_sum_kernel.
+    The unit loop and its K loop are flattened into one software-pipelined loop, so the next unit's loads are in
+    flight during this unit's epilogue. Edges need no masks: TMA zero-fills loads and clips stores.
     """
     a_desc, b_desc = operand_descriptors(a_ptr, b_ptr, M, N, K, stride_a, stride_b, BLOCK_M, BLOCK_N, BLOCK_K,
                                          A_TRANS, B_TRANS)
     c_desc, preact_desc = output_descriptors(c_ptr, preact_ptr, M, N, BLOCK_M, BLOCK_N, STORE_PREACT, SPLIT_EPILOGUE)
-
     tiles_m, tiles_n, k_tiles = tile_counts(M, N, K, BLOCK_M, BLOCK_N, BLOCK_K)
-    # The epilogue keeps its own tile counter: the pipeliner must not see one value used by both ends.
-    tile_c = tl.program_id(0) - NUM_SMS
-    for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, NUM_SMS, flatten=True):
-        pid_m, pid_n = grouped_tile(tile, tiles_m, tiles_n, GROUP_M)
+    tiles = tiles_m * tiles_n
+    k_per_unit = tl.cdiv(k_tiles, SPLIT_K)
+    if SPLIT_K > 1:
+        partial_desc = output_descriptor(partial_ptr, SPLIT_K * tiles_m * BLOCK_M, N, BLOCK_M, BLOCK_N,
+                                         SPLIT_EPILOGUE)
+
+    # The epilogue keeps its own unit counter: the pipeliner must not see one value used by both ends.
+    unit_c = tl.program_id(0) - NUM_SMS
+    for unit in tl.range(tl.program_id(0), tiles * SPLIT_K, NUM_SMS, flatten=True):
+        split = unit // tiles
+        pid_m, pid_n = grouped_tile(unit - split * tiles, tiles_m, tiles_n, GROUP_M)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for ki in range(k_tiles):
-            a = load_tile(a_desc, pid_m * BLOCK_M, ki * BLOCK_K, A_TRANS)
-            b = load_tile(b_desc, ki * BLOCK_K, pid_n * BLOCK_N, B_TRANS)
+        for kk in range(k_per_unit):
+            k = (split * k_per_unit + kk) * BLOCK_K  # past K (last run): TMA loads zeros
+            a = load_tile(a_desc, pid_m * BLOCK_M, k, A_TRANS)
+            b = load_tile(b_desc, k, pid_n * BLOCK_N, B_TRANS)
             acc = tl.dot(a, b, acc)
 
-        tile_c += NUM_SMS
-        pid_m, pid_n = grouped_tile(tile_c, tiles_m, tiles_n, GROUP_M)
-        store_epilogue(acc, pid_m * BLOCK_M, pid_n * BLOCK_N, N, c_desc, preact_desc, bias_ptr,
-                       HAS_BIAS, ACT, STORE_PREACT, SPLIT_EPILOGUE)
+        unit_c += NUM_SMS
+        split_c = unit_c // tiles
+        pid_m, pid_n = grouped_tile(unit_c - split_c * tiles, tiles_m, tiles_n, GROUP_M)
+        if SPLIT_K == 1:
+            store_epilogue(acc, pid_m * BLOCK_M, pid_n * BLOCK_N, N, c_desc, preact_desc, bias_ptr,
+                           HAS_BIAS, ACT, STORE_PREACT, SPLIT_EPILOGUE)
+        else:
+            store_tile(partial_desc, (split_c * tiles_m + pid_m) * BLOCK_M, pid_n * BLOCK_N, acc, SPLIT_EPILOGUE)
+
+
+@triton.jit
+def _split_k_sum_kernel(
+    partial_ptr, c_ptr, preact_ptr, bias_ptr, M, N, plane_rows,
+    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STORE_PREACT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """P = Σ_s partial[s] + bias[n] over the SPLIT_K planes (in plane order: deterministic), C = act(P), and P
+    itself when STORE_PREACT, for one BLOCK_M×BLOCK_N block."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    offsets = rows.to(tl.int64)[:, None] * N + cols[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for split in tl.static_range(SPLIT_K):
+        acc += tl.load(partial_ptr + split * tl.cast(plane_rows, tl.int64) * N + offsets, mask=mask, other=0.0)
+    acc = add_bias(acc, bias_ptr, cols, N, HAS_BIAS)
+    if STORE_PREACT:
+        tl.store(preact_ptr + offsets, acc.to(preact_ptr.dtype.element_ty), mask=mask)
+    tl.store(c_ptr + offsets, apply_activation(acc, ACT).to(c_ptr.dtype.element_ty), mask=mask)
 
 
 def _config(bm, bn, bk, stages, warps, split=False):
@@ -111,13 +148,68 @@ def tma_views(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor):
     return None if a_view is None or b_view is None else (a_view, b_view)
 
 
-def launch_on(args: tuple, flags: dict, meta: dict, num_sms: int) -> None:
-    """One product with args (a, b, c, preact, bias, M, N, K, stride_a, stride_b), flags and tile meta on at most
-    num_sms persistent programs."""
-    use_descriptor_memory()
-    M, N = args[5], args[6]
+# Split-K: at most this many runs per tile (each run adds a float32 partial tile to write and read back), and only
+# where the wave model below gains more than SPLIT_K_MIN_GAIN over whole tiles.
+MAX_SPLIT_K = 4
+SPLIT_K_MIN_GAIN = 0.15
+# Shared memory a split product's pipeline stages and its float32 staging (two column halves) may take on sm_90.
+_SPLIT_K_SMEM_BYTES = 220 * 1024
+
+
+def split_k_for(M: int, N: int, K: int, meta: dict, num_sms: int) -> int:
+    """The split (1 … MAX_SPLIT_K) with the fewest K-iterations on the busiest SM (waves × iterations per unit),
+    1 unless it beats whole tiles by more than SPLIT_K_MIN_GAIN."""
     tiles = cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])
-    _matmul_tma_kernel[(min(num_sms, tiles),)](*args, **flags, NUM_SMS=num_sms, **meta)
+    k_tiles = cdiv(K, meta["BLOCK_K"])
+
+    def busiest(split: int) -> int:
+        return cdiv(tiles * split, num_sms) * cdiv(k_tiles, split)
+
+    best = min(range(1, MAX_SPLIT_K + 1), key=busiest)
+    return best if busiest(best) < (1 - SPLIT_K_MIN_GAIN) * busiest(1) else 1
+
+
+def split_meta(meta: dict, split_k: int) -> dict:
+    """Launch meta of a product split split_k ways: float32 partial tiles are staged in two column halves, with as
+    many pipeline stages as leave them room."""
+    if split_k == 1:
+        return {**meta, "SPLIT_K": 1}
+    split = {**meta, "SPLIT_K": split_k, "SPLIT_EPILOGUE": True}
+    stage_bytes = (meta["BLOCK_M"] + meta["BLOCK_N"]) * meta["BLOCK_K"] * 2
+    staging_bytes = meta["BLOCK_M"] * meta["BLOCK_N"] // 2 * 4
+    while split["num_stages"] > 2 and split["num_stages"] * stage_bytes + staging_bytes > _SPLIT_K_SMEM_BYTES:
+        split["num_stages"] -= 1
+    return split
+
+
+def _candidates(M: int, N: int, K: int, num_sms: int) -> list:
+    """Launch metas for the tuner: every fitting tile unsplit, and split where split_k_for says it pays."""
+    candidates = []
+    for config in fitting_configs(_TMA_CONFIGS, M, N, 2):
+        meta = config.all_kwargs()
+        candidates.append(split_meta(meta, 1))
+        split_k = split_k_for(M, N, K, meta, num_sms)
+        if split_k > 1 and split_meta(meta, split_k) not in candidates:
+            candidates.append(split_meta(meta, split_k))
+    return candidates
+
+
+def launch_on(args: tuple, flags: dict, meta: dict, num_sms: int) -> None:
+    """One product with args (a, b, c, preact, bias, M, N, K, stride_a, stride_b), flags and launch meta (a tile
+    config and SPLIT_K, see split_meta) on at most num_sms persistent programs (+ the sum of a split's partials)."""
+    use_descriptor_memory()
+    a, b, c, preact, bias, M, N = args[:7]
+    split_k, block_m = meta["SPLIT_K"], meta["BLOCK_M"]
+    tiles_m = cdiv(M, block_m)
+    units = tiles_m * cdiv(N, meta["BLOCK_N"]) * split_k
+    partial = c if split_k == 1 else torch.empty((split_k * tiles_m * block_m, N), device=c.device,
+                                                  dtype=torch.float32)
+    _matmul_tma_kernel[(min(num_sms, units),)](a, b, c, preact, bias, partial, *args[5:], **flags,
+                                               NUM_SMS=num_sms, **meta)
+    if split_k > 1:
+        _split_k_sum_kernel[(cdiv(M, 32), cdiv(N, 128))](
+            partial, c, preact, bias, M, N, tiles_m * block_m, SPLIT_K=split_k, HAS_BIAS=flags["HAS_BIAS"],
+            ACT=flags["ACT"], STORE_PREACT=flags["STORE_PREACT"], BLOCK_M=32, BLOCK_N=128, num_warps=4)
 
 
 def launch(views, c: torch.Tensor, bias: torch.Tensor | None, preact: torch.Tensor | None, act: int) -> None:
@@ -136,7 +228,6 @@ def launch(views, c: torch.Tensor, bias: torch.Tensor | None, preact: torch.Tens
 
     fixed = fixed_config(_TMA_CONFIGS, FORCED_CONFIG, M, N, c.element_size())
     if fixed is not None:
-        run(fixed.all_kwargs())
+        run(split_meta(fixed.all_kwargs(), FORCED_SPLIT_K or 1))
     else:
-        launch_tuned(("tma", M, N, K, c.dtype, *flags.values()),
-                     lambda: [c.all_kwargs() for c in fitting_configs(_TMA_CONFIGS, M, N, 2)], run)
+        launch_tuned(("tma", M, N, K, c.dtype, *flags.values()), lambda: _candidates(M, N, K, num_sms), run)
