@@ -12,7 +12,6 @@ import triton
 import triton.language as tl
 
 import triformer.functional as TF
-from triformer.kernels import matmul as mm
 from triformer.kernels import norms
 
 

@@ -119,6 +119,7 @@ _TMA_CONFIGS = [
     _config(64, 128, 64, 5, 4),
 ]
 
+
 def _device_sms(device: torch.device) -> int:
     """Streaming multiprocessors of a device with TMA (compute capability 9.0 or newer), else 0."""
     props = device_properties(device)
