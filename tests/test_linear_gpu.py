@@ -105,7 +105,7 @@ def test_autotuned_path(M, K, N, dtype, monkeypatch, seed):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M,K,N", [(2048, 768, 3072), (333, 1024, 129)])
 def test_autotuned_pick_is_launched_directly_later(M, K, N, dtype, monkeypatch, seed):
-    """After a product's first call the autotuner's pick is cached and launched without the autotuner: the later
+    """After a product's first call the tuner's pick is cached and launched without timing again: the later
     call must give the same forward and gradients bit for bit, and match float64."""
     monkeypatch.setenv("TRIFORMER_AUTOTUNE", "1")
     monkeypatch.setattr(_tiles, "_CHOSEN", {})
