@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# On a GPU host (device tool): the kernel suite natively (bf16 included) and every kernel benchmark; logs in $OUT.
+# On a GPU host (device tool), each step optional, logs in $OUT:
+#   the test suite natively (bf16 included): TESTS (files; default tests/, none: skip), -k TEST_SELECT;
+#   every kernel benchmark as ratio tables: SUITES (default all, none: skip);
+#   probes: PROBES="name.py:seconds ..." runs scripts/name.py under that time limit.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; export OUT
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
@@ -9,6 +12,12 @@ if ls .whl/*.whl >/dev/null 2>&1; then  # the wheelhouse (dvc, mlflow-skinny, li
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
-timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -n 16 -m "not pipeline" tests -k "${TEST_SELECT:-not nothing}" -p no:benchmark -rfE \
-  2>&1 | tee "$OUT/pytest_kernels.log" | grep -v "^[.sFE]*\s*\[" | tail -40
+if [ "${TESTS:-}" != none ]; then
+  timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -n 16 -m "not pipeline" ${TESTS:-tests} -k "${TEST_SELECT:-not nothing}" \
+    -p no:benchmark -rfE 2>&1 | tee "$OUT/pytest_kernels.log" | grep -v "^[.sFE]*\s*\[" | tail -40
+fi
 [ "${SUITES:-}" = none ] || timeout ${BENCH_TIMEOUT:-300} python3 scripts/gpu_kernels.py ${SUITES:-} 2>&1 | tee "$OUT/bench_kernels.log"
+for probe in ${PROBES:-}; do
+  name=${probe%%:*}; limit=${probe##*:}
+  timeout "$limit" python3 scripts/$name 2>&1 | tee "$OUT/${name%.py}.log"
+done

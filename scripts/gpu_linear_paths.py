@@ -1,7 +1,7 @@
 """On a GPU host: the fused linear relu(x·wᵀ + b) in bf16 with its products on the TMA kernel (matmul_tma.py) and
 on the pointer kernel (matmul.py), beside eager PyTorch and cuBLASLt's fused relu (torch._addmm_activation);
 forward and forward+backward, do_bench and GPU time (triformer.bench.timing). (The backward's gated pass is swept
-by gpu_matmul_schedules.py.)
+by gpu_matmul_products.py.)
 """
 
 import torch

@@ -15,6 +15,7 @@ from triformer.kernels.matmul import matmul
 
 SHAPES = [(8192, 768, 3072), (8192, 3072, 768), (16384, 1024, 4096), (4096, 4096, 4096), (512, 3072, 768)]
 bf = torch.bfloat16
+SMS = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 132
 
 
 def products(M, K, N):
@@ -31,7 +32,7 @@ def best_tile(a, b, split):
     best = (float("inf"), "-")
     M, K, N = a.shape[0], a.shape[1], b.shape[1]
     for config in _tiles.fitting_configs(matmul_tma._TMA_CONFIGS, M, N, 2):
-        split_k = matmul_tma.split_k_for(M, N, K, config.all_kwargs(), 132) if split else 1
+        split_k = matmul_tma.split_k_for(M, N, K, config.all_kwargs(), SMS) if split else 1
         if split and split_k == 1:
             continue
         matmul_tma.FORCED_CONFIG, matmul_tma.FORCED_SPLIT_K = config, split_k

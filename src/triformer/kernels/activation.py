@@ -172,7 +172,7 @@ def column_sum(x: torch.Tensor, dtype: torch.dtype | None = None, rows_per_progr
 
 
 # Launch of the gated pass: it streams three [M, N] tensors, so more, shorter programs keep more loads in flight
-# than column_sum's default. scripts/gpu_matmul_schedules.py sweeps these.
+# than column_sum's default. scripts/gpu_matmul_products.py sweeps these.
 # Picked on an H200 (reports/NOTES.md): 64×64 blocks, 128 rows, 4 warps took 8192×3072 from 51.6 to 46.0 µs.
 GATED_ROWS_PER_PROGRAM = 128
 GATED_BLOCK_M, GATED_BLOCK_N, GATED_WARPS = 64, 64, 4

@@ -189,9 +189,9 @@ def _candidates(M: int, N: int, K: int, num_sms: int) -> list:
     for config in fitting_configs(_TMA_CONFIGS, M, N, 2):
         meta = config.all_kwargs()
         candidates.append(split_meta(meta, 1))
-        split_k = split_k_for(M, N, K, meta, num_sms)
-        if split_k > 1 and split_meta(meta, split_k) not in candidates:
-            candidates.append(split_meta(meta, split_k))
+        split = split_meta(meta, split_k_for(M, N, K, meta, num_sms))
+        if split["SPLIT_K"] > 1 and split not in candidates:
+            candidates.append(split)
     return candidates
 
 
