@@ -1,7 +1,8 @@
 """On a GPU host: the three products of a linear layer's forward and backward (Y = X·Wᵀ, dX = dZ·W, dW = dZᵀ·X)
 at the benchmark shapes, cuBLAS (torch.mm) beside our TMA kernel, each tile forced in turn and the tuner's pick;
-GPU time (CUDA graph, L2 flushed). Then the backward's gated pass (dZ = dY ⊙ relu'(Y) and db) by tile and warps
-against torch's dY·mask of the same bytes. Not part of the pipeline. (The stream-K schedule an earlier version
+GPU time (CUDA graph, L2 flushed). With the argument `gated` (as well as or instead of `products`): the backward's
+gated pass (dZ = dY ⊙ relu'(Y) and db) by tile and warps against torch's dY·mask of the same bytes. Not part of
+the pipeline. (The stream-K schedule an earlier version
 compared lives in git history: 8a0c3a4.)"""
 
 import itertools
@@ -26,35 +27,38 @@ def products(M, K, N):
     return {"Y = X·Wᵀ": (x, w.t()), "dX = dZ·W": (dz, w), "dW = dZᵀ·X": (dz.t(), x)}
 
 
-def best_tile(a, b, split):
-    """(µs, tile) of the best fitting tile, each tile forced in turn, unsplit (split False) or split as
-    matmul_tma.split_k_for says (tiles it would not split are skipped)."""
+def best_tile(a, b, cut):
+    """(µs, tile) of the best fitting tile, each tile forced in turn, all tiles whole (cut False) or scheduled as
+    matmul_tma.schedule_for says (tiles it would not cut are skipped); 'w132 k8': 132 tiles whole, the rest cut
+    into 8 runs."""
     best = (float("inf"), "-")
     M, K, N = a.shape[0], a.shape[1], b.shape[1]
     for config in _tiles.fitting_configs(matmul_tma._TMA_CONFIGS, M, N, 2):
-        split_k = matmul_tma.split_k_for(M, N, K, config.all_kwargs(), SMS) if split else 1
-        if split and split_k == 1:
-            continue
-        matmul_tma.FORCED_CONFIG, matmul_tma.FORCED_SPLIT_K = config, split_k
-        us = gpu_ms(lambda: matmul(a, b)) * 1e3
         k = config.kwargs
-        best = min(best, (us, f"{k['BLOCK_M']}x{k['BLOCK_N']} s{config.num_stages} k{split_k}"), key=lambda t: t[0])
-    matmul_tma.FORCED_CONFIG = matmul_tma.FORCED_SPLIT_K = None
+        tiles = -(-M // k["BLOCK_M"]) * -(-N // k["BLOCK_N"])
+        whole, split = matmul_tma.schedule_for(M, N, K, config.all_kwargs(), SMS) if cut else (tiles, 1)
+        if cut and split == 1:
+            continue
+        matmul_tma.FORCED_CONFIG, matmul_tma.FORCED_SCHEDULE = config, (whole / tiles, split)
+        us = gpu_ms(lambda: matmul(a, b)) * 1e3
+        label = f"{k['BLOCK_M']}x{k['BLOCK_N']} s{config.num_stages}" + (f" w{whole} k{split}" if cut else "")
+        best = min(best, (us, label), key=lambda t: t[0])
+    matmul_tma.FORCED_CONFIG = matmul_tma.FORCED_SCHEDULE = None
     return best
 
 
 def product_table():
     print(torch.cuda.get_device_name(), "— GPU time (µs) of each product; ratios = torch.mm ÷ ours")
-    print(f"{'M,K,N':16s} {'product':12s} {'torch.mm':>9s} {'best unsplit':>24s} {'best split-K':>24s} "
+    print(f"{'M,K,N':16s} {'product':12s} {'torch.mm':>9s} {'best whole tiles':>24s} {'best cut':>29s} "
           f"{'tuned':>9s} {'split':>6s} {'mm÷tuned':>9s}")
     for M, K, N in SHAPES:
         for name, (a, b) in products(M, K, N).items():
             ref = gpu_ms(lambda: torch.mm(a, b)) * 1e3
-            unsplit, split = best_tile(a, b, False), best_tile(a, b, True)
+            whole, cut = best_tile(a, b, False), best_tile(a, b, True)
             tuned = gpu_ms(lambda: matmul(a, b)) * 1e3  # first call (inside gpu_ms, before capture) tunes
             pick = [v for k, v in _tiles._CHOSEN.items() if k[:4] == ("tma", a.shape[0], b.shape[1], a.shape[1])]
-            print(f"{M},{K},{N:<8d} {name:12s} {ref:9.1f} {unsplit[0]:9.1f} {unsplit[1]:>14s} {split[0]:9.1f} "
-                  f"{split[1]:>14s} {tuned:9.1f} {pick[-1]['SPLIT_K'] if pick else '?':>6} {ref / tuned:9.2f}",
+            print(f"{M},{K},{N:<8d} {name:12s} {ref:9.1f} {whole[0]:9.1f} {whole[1]:>14s} {cut[0]:9.1f} "
+                  f"{cut[1]:>19s} {tuned:9.1f} {pick[-1]['SPLIT_K'] if pick else '?':>6} {ref / tuned:9.2f}",
                   flush=True)
 
 
@@ -83,7 +87,7 @@ def gated_table():
 
 
 if __name__ == "__main__":
-    parts = sys.argv[1:] or ["products", "gated"]
+    parts = sys.argv[1:] or ["products"]
     if "products" in parts:
         product_table()
     if "gated" in parts:

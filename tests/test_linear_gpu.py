@@ -57,12 +57,12 @@ def test_every_tile_config(config, activation, dtype, monkeypatch, seed):
 @pytest.mark.parametrize("dtype", TMA_DTYPES)
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
 @pytest.mark.parametrize("config", TMA_CONFIGS, ids=config_id)
-@pytest.mark.parametrize("split_k", [1, 3], ids=["unsplit", "split3"])
-def test_every_tma_config(split_k, config, activation, dtype, monkeypatch, tma_launches, seed):
+@pytest.mark.parametrize("schedule", [None, (0.0, 3), (0.5, 3)], ids=["whole", "cut3", "half-cut3"])
+def test_every_tma_config(schedule, config, activation, dtype, monkeypatch, tma_launches, seed):
     """Edges in every dimension (TMA zero-fills and clips them): the forward, dX, and dW with its transposed dZ;
-    unsplit and with each tile's K-iterations split three ways."""
+    every tile whole, every tile cut into three runs of its K-iterations, half of them whole and half cut."""
     monkeypatch.setattr(matmul_tma, "FORCED_CONFIG", config)
-    monkeypatch.setattr(matmul_tma, "FORCED_SPLIT_K", split_k)
+    monkeypatch.setattr(matmul_tma, "FORCED_SCHEDULE", schedule)
     run_and_compare(*make_inputs(515, 264, 392, dtype), activation, True, dtype)
     assert len(tma_launches) == 3
 
@@ -116,11 +116,11 @@ def test_autotuned_pick_is_launched_directly_later(M, K, N, dtype, monkeypatch, 
     run_and_compare(x, w, b, "silu", True, dtype)
 
 
-@pytest.mark.parametrize("M,K,N,split_k", [(1031, 769, 1537, 1), (1032, 768, 1544, 1), (1032, 768, 1544, 3)],
-                         ids=["pointer", "tma", "tma-split3"])
-def test_results_do_not_move_between_runs(M, K, N, split_k, monkeypatch, seed):
+@pytest.mark.parametrize("M,K,N,schedule", [(1031, 769, 1537, None), (1032, 768, 1544, None),
+                                            (1032, 768, 1544, (0.5, 3))], ids=["pointer", "tma", "tma-half-cut3"])
+def test_results_do_not_move_between_runs(M, K, N, schedule, monkeypatch, seed):
     """Same inputs, same outputs and gradients bit for bit: a race would show as a moving result."""
-    monkeypatch.setattr(matmul_tma, "FORCED_SPLIT_K", split_k)
+    monkeypatch.setattr(matmul_tma, "FORCED_SCHEDULE", schedule)
     x, w, b = make_inputs(M, K, N, torch.bfloat16)
     results = [forward_and_gradients(x, w, b, "gelu") for _ in range(3)]
     for other in results[1:]:

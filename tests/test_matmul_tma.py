@@ -1,8 +1,8 @@
 """The persistent TMA product, launched directly with small tiles against float64: on the CPU through the
 interpreter (it emulates TMA descriptors), on a Hopper GPU natively (bf16 too). Transposed operands (descriptors
 on the memory as it lies), edges in every dimension, and program counts from one program for every tile to one
-program per tile; unsplit and with each tile's K-iterations split into 2 or 3 runs (float32 partials summed by a
-second kernel)."""
+program per tile; every tile whole, every tile cut into 2 or 3 runs of its K-iterations, and half the tiles whole
+with the others cut (float32 partials summed by a third kernel)."""
 
 from __future__ import annotations
 
@@ -39,6 +39,10 @@ def _operand(rows, cols, transposed, dtype):
     return randn(rows, cols, dtype=dtype)
 
 
+# (share of the tiles computed whole, split of the others)
+SCHEDULES = {"whole": (1.0, 1), "cut2": (0.0, 2), "cut3": (0.0, 3), "half-cut3": (0.5, 3)}
+
+
 def _poisoned(shape, dtype, like):
     return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
 
@@ -46,16 +50,18 @@ def _poisoned(shape, dtype, like):
 @pytest.mark.parametrize("dtype", DTYPES_16)
 @pytest.mark.parametrize("activation", [None, "gelu"])
 @pytest.mark.parametrize("programs", [1, 3, 7, 10_000])
-@pytest.mark.parametrize("split_k", [1, 2, 3])
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("M,N,K,a_trans,b_trans", PRODUCTS)
-def test_tma_product(M, N, K, a_trans, b_trans, split_k, programs, activation, dtype, seed):
+def test_tma_product(M, N, K, a_trans, b_trans, schedule, programs, activation, dtype, seed):
     a, b = _operand(M, K, a_trans, dtype), _operand(K, N, b_trans, dtype)
     bias = randn(N, dtype=dtype)
     c, preact = _poisoned((M, N), dtype, a), _poisoned((M, N), dtype, a)
     a_view, b_view = (a.t() if a_trans else a), (b.t() if b_trans else b)
     args = (a_view, b_view, c, preact, bias, M, N, K, a_view.stride(0), b_view.stride(0))
     flags = dict(HAS_BIAS=True, ACT=activation_code(activation), STORE_PREACT=True, A_TRANS=a_trans, B_TRANS=b_trans)
-    matmul_tma.launch_on(args, flags, matmul_tma.split_meta(TILE, split_k), programs)
+    whole_share, split = SCHEDULES[schedule]
+    tiles = -(-M // TILE["BLOCK_M"]) * -(-N // TILE["BLOCK_N"])
+    matmul_tma.launch_on(args, flags, matmul_tma.schedule_meta(TILE, round(tiles * whole_share), split), programs)
 
     a64, b64 = a.double().cpu(), b.double().cpu()
     ref = a64 @ b64 + bias.double().cpu()
@@ -65,16 +71,33 @@ def test_tma_product(M, N, K, a_trans, b_trans, split_k, programs, activation, d
 
 
 
-@pytest.mark.parametrize("M,N,K,expected", [
-    (3072, 768, 8192, 3),    # dW of a 768→3072 layer: 72 tiles of 128×256 for 132 SMs; 3 runs fill two waves
-    (8192, 3072, 768, 1),    # 768 tiles: 5.8 waves, nothing to gain
-    (4096, 4096, 4096, 1),
+
+@pytest.mark.parametrize("M,N,K,tile,expected", [
+    # dW of a 768→3072 layer: 144 tiles of 128×128 for 132 SMs: one wave whole, the last 12 tiles cut 8 ways
+    (3072, 768, 8192, 2, (132, 8)),
+    # the same with 128×256 tiles: 72 tiles, less than a wave: all cut 3 ways (two waves of runs)
+    (3072, 768, 8192, 0, (0, 3)),
+    (8192, 3072, 768, 0, (768, 1)),    # 768 tiles: 5.8 waves, cutting gains less than the partials cost
+    (4096, 4096, 4096, 0, (512, 1)),
 ])
-def test_split_k_where_whole_tiles_leave_sms_idle(M, N, K, expected):
-    meta = matmul_tma._TMA_CONFIGS[0].all_kwargs()  # 128×256×64
-    assert matmul_tma.split_k_for(M, N, K, meta, num_sms=132) == expected
-    split = matmul_tma.split_meta(meta, 3)
-    assert split["SPLIT_EPILOGUE"] and split["num_stages"] <= meta["num_stages"]
+def test_schedule_cuts_the_thin_last_wave(M, N, K, tile, expected):
+    meta = matmul_tma._TMA_CONFIGS[tile].all_kwargs()
+    assert matmul_tma.schedule_for(M, N, K, meta, num_sms=132) == expected
     candidates = matmul_tma._candidates(M, N, K, num_sms=132)
-    assert any(c["SPLIT_K"] == 1 for c in candidates)  # unsplit tiles are always timed too
-    assert any(c["SPLIT_K"] > 1 for c in candidates) == (expected > 1)
+    assert any(c["SPLIT_K"] == 1 for c in candidates)  # whole tiles are always timed too
+    assert any(c["SPLIT_K"] > 1 for c in candidates) == (expected[1] > 1)
+
+
+def test_schedule_model_counts_the_busiest_sm():
+    # 144 tiles of 128 K-iterations on 132 SMs: whole, two waves; cut: one wave, then 12 tiles × 8 runs of 16
+    # iterations on 96 SMs, plus 96 partial tiles
+    assert matmul_tma.schedule_cost(144, 128, 144, 1, 132) == 256
+    assert matmul_tma.schedule_cost(144, 128, 132, 8, 132) == 128 + 16 + 96 * matmul_tma.PARTIAL_TILE_COST
+
+
+def test_cut_tiles_get_a_shallower_pipeline_that_fits():
+    meta = matmul_tma._TMA_CONFIGS[1].all_kwargs()  # 128×256×64, 4 stages
+    cut = matmul_tma._partial_launch_meta(meta)
+    assert cut["SPLIT_EPILOGUE"] and cut["num_stages"] < meta["num_stages"]
+    stage_bytes = (128 + 256) * 64 * 2
+    assert cut["num_stages"] * stage_bytes + 128 * 256 // 2 * 4 <= matmul_tma._SPLIT_K_SMEM_BYTES

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._runtime import cdiv, new_empty
+from ._runtime import cdiv, new_empty, next_power_of_2
 
 ACTIVATIONS = (None, "relu", "gelu", "silu")
 _CODES = {None: 0, "relu": 1, "gelu": 2, "silu": 3}
@@ -188,11 +188,24 @@ def gated_column_sum(dy: torch.Tensor, gate: torch.Tensor, activation: str | Non
 
 
 _COLUMN_SUM_LAUNCH = dict(BLOCK_M=32, BLOCK_N=128, num_warps=4)
+# Up to this many rows (the norms' per-program partial sums, a second pass over chunk sums), a program loads its
+# columns' rows as one tile of about _WHOLE_COLUMN_TILE elements: one round trip to memory instead of a loop of
+# them. On an H200 the loop took 14 µs for the [512, 768] partials of a 4096×768 norm backward.
+_WHOLE_COLUMN_MAX_ROWS = 1024
+_WHOLE_COLUMN_TILE = 8192
+
+
+def _whole_column_launch(rows: int) -> dict:
+    block_m = next_power_of_2(max(rows, 1))
+    block_n = max(16, min(128, _WHOLE_COLUMN_TILE // block_m))
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8 if block_m * block_n >= 8192 else 4)
 
 
 def _column_sum(x, dtype, rows_per_program, gate=None, gated=None, gate_act=0, launch=_COLUMN_SUM_LAUNCH):
     planes = x.reshape(-1, x.shape[-2], x.shape[-1])
     P, M, N = planes.shape
+    if gate is None and M <= _WHOLE_COLUMN_MAX_ROWS:
+        rows_per_program, launch = max(M, 1), _whole_column_launch(M)
     chunks = max(1, cdiv(M, rows_per_program))
     # A program sweeps its rows in whole blocks: blocks must not reach into the next program's rows.
     assert chunks == 1 or rows_per_program % launch["BLOCK_M"] == 0, (rows_per_program, launch["BLOCK_M"])

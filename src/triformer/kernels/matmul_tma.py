@@ -7,11 +7,13 @@ strides, one unit stride). An operand whose columns are contiguous (a transposed
 descriptor on its transpose, the memory's own row-major layout, and each tile is transposed on chip. Everything
 else runs matmul.py's kernel.
 
-A product with few, long tiles (the backward's dW = dZᵀ·X of a 768 → 3072 layer: 72 tiles of 128×256 for 132 SMs)
-would leave SMs idle in the last wave: there each tile's K-iterations can be split into SPLIT_K runs, each a work
-unit of its own, whose float32 partial products a second kernel adds (in a fixed order: deterministic) before the
-epilogue. The tuner times the split and the unsplit product end to end. (A stream-K schedule, equal K-slices per
-SM, was built first: correct, but 1.4–1.7× slower per K-iteration under triton 3.6 on an H200; reports/NOTES.md.)
+A product whose last wave of tiles is thin would leave SMs idle (the backward's dW = dZᵀ·X of a 768 → 3072 layer:
+144 tiles of 128×128 for 132 SMs, or 72 of 128×256): there the tiles of the last wave (or all tiles, with less than
+a wave) can be cut, each into SPLIT_K runs of its K-iterations, one work unit each, so every SM gets a share; a
+small kernel adds each cut tile's float32 partial products (in a fixed order: deterministic) before the epilogue.
+The whole tiles and the cut ones are two launches of the same kernel, so no branch enters its pipelined loop. The
+tuner times each schedule end to end. (A stream-K schedule, equal K-slices per SM with a runtime branch between
+finished and cut tiles, was 1.4–1.7× slower per K-iteration under triton 3.6 on an H200; reports/NOTES.md.)
 """
 
 from __future__ import annotations
@@ -28,75 +30,88 @@ from .activation import apply_activation
 
 # False: every product runs matmul.py's pointer kernel (benchmarks compare the two).
 ENABLED = True
-# Tests set these to check every tile shape, split or not, without autotuning (FORCED_SPLIT_K None: unsplit).
+# Tests set these to check every tile shape and schedule without autotuning: FORCED_SCHEDULE = (share of the tiles
+# computed whole, split of the others); None: all tiles whole.
 FORCED_CONFIG: triton.Config | None = None
-FORCED_SPLIT_K: int | None = None
+FORCED_SCHEDULE: tuple[float, int] | None = None
 
 
 @triton.jit
 def _matmul_tma_kernel(
     a_ptr, b_ptr, c_ptr, preact_ptr, bias_ptr, partial_ptr, M, N, K, stride_a, stride_b,
+    first_tile, tile_count, splits,
     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STORE_PREACT: tl.constexpr,
     A_TRANS: tl.constexpr, B_TRANS: tl.constexpr, NUM_SMS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    SPLIT_EPILOGUE: tl.constexpr, SPLIT_K: tl.constexpr,
+    SPLIT_EPILOGUE: tl.constexpr, PARTIAL: tl.constexpr,
 ):
-    """C = act(A·B + bias[n]), persistent: program p computes work units p, p + NUM_SMS, ... in grouped tile order.
+    """C = act(A·B + bias[n]) for the tile_count tiles from first_tile on (in grouped tile order), persistent:
+    program p computes work units p, p + NUM_SMS, ...
 
     A [M, K] and B [K, N] have row strides stride_a, stride_b (or are transposed views, A_TRANS/B_TRANS); C is
-    contiguous. A unit is a tile (SPLIT_K = 1) or one of SPLIT_K equal runs of a tile's K-iterations, whose float32
-    partial product goes to plane `split` of partial [SPLIT_K · tiles_m · BLOCK_M, N] for _split_k_sum_kernel.
+    contiguous. Whole tiles (PARTIAL False): a unit is a tile and ends in the epilogue. Cut tiles (PARTIAL): a
+    unit is one of `splits` equal runs of a tile's K-iterations, unit u = split · tile_count + tile, and its
+    float32 partial product goes to slot u of partial [units · BLOCK_M, BLOCK_N] for _split_k_sum_kernel.
     The unit loop and its K loop are flattened into one software-pipelined loop, so the next unit's loads are in
     flight during this unit's epilogue. Edges need no masks: TMA zero-fills loads and clips stores.
     """
     a_desc, b_desc = operand_descriptors(a_ptr, b_ptr, M, N, K, stride_a, stride_b, BLOCK_M, BLOCK_N, BLOCK_K,
                                          A_TRANS, B_TRANS)
-    c_desc, preact_desc = output_descriptors(c_ptr, preact_ptr, M, N, BLOCK_M, BLOCK_N, STORE_PREACT, SPLIT_EPILOGUE)
     tiles_m, tiles_n, k_tiles = tile_counts(M, N, K, BLOCK_M, BLOCK_N, BLOCK_K)
-    tiles = tiles_m * tiles_n
-    k_per_unit = tl.cdiv(k_tiles, SPLIT_K)
-    if SPLIT_K > 1:
-        partial_desc = output_descriptor(partial_ptr, SPLIT_K * tiles_m * BLOCK_M, N, BLOCK_M, BLOCK_N,
+    if PARTIAL:
+        k_per_unit = tl.cdiv(k_tiles, splits)
+        partial_desc = output_descriptor(partial_ptr, splits * tile_count * BLOCK_M, BLOCK_N, BLOCK_M, BLOCK_N,
                                          SPLIT_EPILOGUE)
+    else:
+        k_per_unit = k_tiles
+        c_desc, preact_desc = output_descriptors(c_ptr, preact_ptr, M, N, BLOCK_M, BLOCK_N, STORE_PREACT,
+                                                 SPLIT_EPILOGUE)
 
     # The epilogue keeps its own unit counter: the pipeliner must not see one value used by both ends.
     unit_c = tl.program_id(0) - NUM_SMS
-    for unit in tl.range(tl.program_id(0), tiles * SPLIT_K, NUM_SMS, flatten=True):
-        split = unit // tiles
-        pid_m, pid_n = grouped_tile(unit - split * tiles, tiles_m, tiles_n, GROUP_M)
+    for unit in tl.range(tl.program_id(0), tile_count * splits, NUM_SMS, flatten=True):
+        split = 0
+        if PARTIAL:
+            split = unit // tile_count
+        pid_m, pid_n = grouped_tile(first_tile + unit - split * tile_count, tiles_m, tiles_n, GROUP_M)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for kk in range(k_per_unit):
-            k = (split * k_per_unit + kk) * BLOCK_K  # past K (last run): TMA loads zeros
+            k = (split * k_per_unit + kk) * BLOCK_K  # past K (a tile's last run): TMA loads zeros
             a = load_tile(a_desc, pid_m * BLOCK_M, k, A_TRANS)
             b = load_tile(b_desc, k, pid_n * BLOCK_N, B_TRANS)
             acc = tl.dot(a, b, acc)
 
         unit_c += NUM_SMS
-        split_c = unit_c // tiles
-        pid_m, pid_n = grouped_tile(unit_c - split_c * tiles, tiles_m, tiles_n, GROUP_M)
-        if SPLIT_K == 1:
+        if PARTIAL:
+            store_tile(partial_desc, unit_c * BLOCK_M, 0, acc, SPLIT_EPILOGUE)
+        else:
+            pid_m, pid_n = grouped_tile(first_tile + unit_c, tiles_m, tiles_n, GROUP_M)
             store_epilogue(acc, pid_m * BLOCK_M, pid_n * BLOCK_N, N, c_desc, preact_desc, bias_ptr,
                            HAS_BIAS, ACT, STORE_PREACT, SPLIT_EPILOGUE)
-        else:
-            store_tile(partial_desc, (split_c * tiles_m + pid_m) * BLOCK_M, pid_n * BLOCK_N, acc, SPLIT_EPILOGUE)
 
 
 @triton.jit
 def _split_k_sum_kernel(
-    partial_ptr, c_ptr, preact_ptr, bias_ptr, M, N, plane_rows,
-    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STORE_PREACT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    partial_ptr, c_ptr, preact_ptr, bias_ptr, M, N, first_tile, tile_count, splits,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STORE_PREACT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SUM_M: tl.constexpr, SUM_N: tl.constexpr,
 ):
-    """P = Σ_s partial[s] + bias[n] over the SPLIT_K planes (in plane order: deterministic), C = act(P), and P
-    itself when STORE_PREACT, for one BLOCK_M×BLOCK_N block."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    """P = Σ_s partial[slot s · tile_count + t] + bias[n] over the splits (in split order: deterministic) of cut
+    tile t = program_id(0) (tile first_tile + t in grouped order), C = act(P), and P itself when STORE_PREACT,
+    for one SUM_M×SUM_N block of the tile."""
+    t = tl.program_id(0)
+    pid_m, pid_n = grouped_tile(first_tile + t, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    in_m = tl.program_id(1) * SUM_M + tl.arange(0, SUM_M)
+    in_n = tl.program_id(2) * SUM_N + tl.arange(0, SUM_N)
+    rows, cols = pid_m * BLOCK_M + in_m, pid_n * BLOCK_N + in_n
+    slot_offsets = in_m[:, None] * BLOCK_N + in_n[None, :]
+    acc = tl.zeros((SUM_M, SUM_N), dtype=tl.float32)
+    for split in range(splits):
+        slot = tl.cast(split * tile_count + t, tl.int64)
+        acc += tl.load(partial_ptr + slot * (BLOCK_M * BLOCK_N) + slot_offsets)
+    acc = add_bias(acc, bias_ptr, cols, N, HAS_BIAS)
     mask = (rows < M)[:, None] & (cols < N)[None, :]
     offsets = rows.to(tl.int64)[:, None] * N + cols[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for split in tl.static_range(SPLIT_K):
-        acc += tl.load(partial_ptr + split * tl.cast(plane_rows, tl.int64) * N + offsets, mask=mask, other=0.0)
-    acc = add_bias(acc, bias_ptr, cols, N, HAS_BIAS)
     if STORE_PREACT:
         tl.store(preact_ptr + offsets, acc.to(preact_ptr.dtype.element_ty), mask=mask)
     tl.store(c_ptr + offsets, apply_activation(acc, ACT).to(c_ptr.dtype.element_ty), mask=mask)
@@ -149,68 +164,100 @@ def tma_views(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor):
     return None if a_view is None or b_view is None else (a_view, b_view)
 
 
-# Split-K: at most this many runs per tile (each run adds a float32 partial tile to write and read back), and only
-# where the wave model below gains more than SPLIT_K_MIN_GAIN over whole tiles.
-MAX_SPLIT_K = 4
-SPLIT_K_MIN_GAIN = 0.15
-# Shared memory a split product's pipeline stages and its float32 staging (two column halves) may take on sm_90.
+# Scheduling (all counts in K-iterations on the busiest SM). Whole tiles are dealt out in waves of one per SM; when
+# the last wave is thin, its tiles can instead be cut into up to MAX_SPLIT_K runs of K-iterations each, so that
+# every SM gets a share ("data-parallel + split-K", the balance stream-K aims at, with no branch in the kernel).
+# A cut tile costs a float32 partial tile written and read back, which the model charges as PARTIAL_TILE_COST
+# K-iterations of one SM (partials move at the device's bandwidth, shared by all SMs: ≈ 4·(SM rate)/(bandwidth ·
+# BLOCK_K) for bf16, 0.135 on an H200: 6.5 TFLOP/s per SM, ~3 TB/s; it matched split-K's measured loss there).
+# A schedule is offered to the tuner when the model gains more than SCHEDULE_MIN_GAIN over whole tiles.
+MAX_SPLIT_K = 16
+PARTIAL_TILE_COST = 0.135
+SCHEDULE_MIN_GAIN = 0.05
+# Shared memory a cut tile's pipeline stages and its float32 staging (two column halves) may take on sm_90.
 _SPLIT_K_SMEM_BYTES = 220 * 1024
 
 
-def split_k_for(M: int, N: int, K: int, meta: dict, num_sms: int) -> int:
-    """The split (1 … MAX_SPLIT_K) with the fewest K-iterations on the busiest SM (waves × iterations per unit),
-    1 unless it beats whole tiles by more than SPLIT_K_MIN_GAIN."""
+def schedule_cost(tiles: int, k_tiles: int, whole: int, split: int, num_sms: int) -> float:
+    """Model cost of computing `whole` tiles whole (a multiple of num_sms, or all of them) and cutting the other
+    tiles into `split` runs each: K-iterations on the busiest SM plus the partial tiles' traffic."""
+    cut = tiles - whole
+    if split == 1:
+        return cdiv(tiles, num_sms) * k_tiles
+    return (whole // num_sms * k_tiles + cdiv(cut * split, num_sms) * cdiv(k_tiles, split)
+            + cut * split * PARTIAL_TILE_COST)
+
+
+def schedule_for(M: int, N: int, K: int, meta: dict, num_sms: int) -> tuple[int, int]:
+    """(whole tiles, split) for a product at this tile: all tiles whole, split 1, unless cutting the tiles of the
+    last wave (or all tiles, when there is less than one wave) beats that by more than SCHEDULE_MIN_GAIN."""
     tiles = cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])
     k_tiles = cdiv(K, meta["BLOCK_K"])
+    options = [(whole, split) for whole in sorted({0, tiles // num_sms * num_sms}) if whole < tiles
+               for split in range(2, min(MAX_SPLIT_K, k_tiles) + 1)]
+    if not options:
+        return tiles, 1
+    best = min(options, key=lambda o: (schedule_cost(tiles, k_tiles, *o, num_sms), o[1]))
+    unsplit = schedule_cost(tiles, k_tiles, tiles, 1, num_sms)
+    if schedule_cost(tiles, k_tiles, *best, num_sms) < (1 - SCHEDULE_MIN_GAIN) * unsplit:
+        return best
+    return tiles, 1
 
-    def busiest(split: int) -> int:
-        return cdiv(tiles * split, num_sms) * cdiv(k_tiles, split)
 
-    best = min(range(1, MAX_SPLIT_K + 1), key=busiest)
-    return best if busiest(best) < (1 - SPLIT_K_MIN_GAIN) * busiest(1) else 1
+def schedule_meta(meta: dict, whole: int, split: int) -> dict:
+    """A tile config's launch meta with its schedule: WHOLE_TILES computed whole, the rest cut SPLIT_K ways."""
+    return {**meta, "WHOLE_TILES": whole, "SPLIT_K": split}
 
 
-def split_meta(meta: dict, split_k: int) -> dict:
-    """Launch meta of a product split split_k ways: float32 partial tiles are staged in two column halves, with as
-    many pipeline stages as leave them room."""
-    if split_k == 1:
-        return {**meta, "SPLIT_K": 1}
-    split = {**meta, "SPLIT_K": split_k, "SPLIT_EPILOGUE": True}
-    stage_bytes = (meta["BLOCK_M"] + meta["BLOCK_N"]) * meta["BLOCK_K"] * 2
-    staging_bytes = meta["BLOCK_M"] * meta["BLOCK_N"] // 2 * 4
-    while split["num_stages"] > 2 and split["num_stages"] * stage_bytes + staging_bytes > _SPLIT_K_SMEM_BYTES:
-        split["num_stages"] -= 1
-    return split
+def _partial_launch_meta(tile_meta: dict) -> dict:
+    """The tile meta of the cut tiles' launch: float32 partial tiles are staged in two column halves, with as many
+    pipeline stages as leave them room."""
+    cut = {**tile_meta, "SPLIT_EPILOGUE": True}
+    stage_bytes = (cut["BLOCK_M"] + cut["BLOCK_N"]) * cut["BLOCK_K"] * 2
+    staging_bytes = cut["BLOCK_M"] * cut["BLOCK_N"] // 2 * 4
+    while cut["num_stages"] > 2 and cut["num_stages"] * stage_bytes + staging_bytes > _SPLIT_K_SMEM_BYTES:
+        cut["num_stages"] -= 1
+    return cut
 
 
 def _candidates(M: int, N: int, K: int, num_sms: int) -> list:
-    """Launch metas for the tuner: every fitting tile unsplit, and split where split_k_for says it pays."""
+    """Launch metas for the tuner: every fitting tile with whole tiles, and cut where schedule_for says it pays."""
     candidates = []
     for config in fitting_configs(_TMA_CONFIGS, M, N, 2):
         meta = config.all_kwargs()
-        candidates.append(split_meta(meta, 1))
-        split = split_meta(meta, split_k_for(M, N, K, meta, num_sms))
-        if split["SPLIT_K"] > 1 and split not in candidates:
-            candidates.append(split)
+        tiles = cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])
+        candidates.append(schedule_meta(meta, tiles, 1))
+        scheduled = schedule_meta(meta, *schedule_for(M, N, K, meta, num_sms))
+        if scheduled["SPLIT_K"] > 1 and scheduled not in candidates:
+            candidates.append(scheduled)
     return candidates
 
 
 def launch_on(args: tuple, flags: dict, meta: dict, num_sms: int) -> None:
     """One product with args (a, b, c, preact, bias, M, N, K, stride_a, stride_b), flags and launch meta (a tile
-    config and SPLIT_K, see split_meta) on at most num_sms persistent programs (+ the sum of a split's partials)."""
+    config with WHOLE_TILES and SPLIT_K, see schedule_meta) on at most num_sms persistent programs: the whole
+    tiles, then the cut tiles' runs and the sum of their partials."""
     use_descriptor_memory()
     a, b, c, preact, bias, M, N = args[:7]
-    split_k, block_m = meta["SPLIT_K"], meta["BLOCK_M"]
-    tiles_m = cdiv(M, block_m)
-    units = tiles_m * cdiv(N, meta["BLOCK_N"]) * split_k
-    partial = c if split_k == 1 else torch.empty((split_k * tiles_m * block_m, N), device=c.device,
-                                                  dtype=torch.float32)
-    _matmul_tma_kernel[(min(num_sms, units),)](a, b, c, preact, bias, partial, *args[5:], **flags,
-                                               NUM_SMS=num_sms, **meta)
-    if split_k > 1:
-        _split_k_sum_kernel[(cdiv(M, 32), cdiv(N, 128))](
-            partial, c, preact, bias, M, N, tiles_m * block_m, SPLIT_K=split_k, HAS_BIAS=flags["HAS_BIAS"],
-            ACT=flags["ACT"], STORE_PREACT=flags["STORE_PREACT"], BLOCK_M=32, BLOCK_N=128, num_warps=4)
+    tile_meta = {k: v for k, v in meta.items() if k not in ("WHOLE_TILES", "SPLIT_K")}
+    block_m, block_n = meta["BLOCK_M"], meta["BLOCK_N"]
+    tiles = cdiv(M, block_m) * cdiv(N, block_n)
+    split = meta["SPLIT_K"]
+    whole = tiles if split == 1 else min(meta["WHOLE_TILES"], tiles)
+    cut = tiles - whole
+    if whole:
+        _matmul_tma_kernel[(min(num_sms, whole),)](a, b, c, preact, bias, c, *args[5:], 0, whole, 1, **flags,
+                                                   NUM_SMS=num_sms, PARTIAL=False, **tile_meta)
+    if cut:
+        partial = torch.empty((cut * split * block_m, block_n), device=c.device, dtype=torch.float32)
+        _matmul_tma_kernel[(min(num_sms, cut * split),)](a, b, c, preact, bias, partial, *args[5:], whole, cut,
+                                                         split, **flags, NUM_SMS=num_sms, PARTIAL=True,
+                                                         **_partial_launch_meta(tile_meta))
+        sum_m, sum_n = min(32, block_m), min(128, block_n)
+        _split_k_sum_kernel[(cut, block_m // sum_m, block_n // sum_n)](
+            partial, c, preact, bias, M, N, whole, cut, split, HAS_BIAS=flags["HAS_BIAS"], ACT=flags["ACT"],
+            STORE_PREACT=flags["STORE_PREACT"], BLOCK_M=block_m, BLOCK_N=block_n, GROUP_M=meta["GROUP_M"],
+            SUM_M=sum_m, SUM_N=sum_n, num_warps=4)
 
 
 def launch(views, c: torch.Tensor, bias: torch.Tensor | None, preact: torch.Tensor | None, act: int) -> None:
@@ -229,6 +276,9 @@ def launch(views, c: torch.Tensor, bias: torch.Tensor | None, preact: torch.Tens
 
     fixed = fixed_config(_TMA_CONFIGS, FORCED_CONFIG, M, N, c.element_size())
     if fixed is not None:
-        run(split_meta(fixed.all_kwargs(), FORCED_SPLIT_K or 1))
+        meta = fixed.all_kwargs()
+        tiles = cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])
+        whole_share, split = FORCED_SCHEDULE or (1.0, 1)
+        run(schedule_meta(meta, round(tiles * whole_share), split))
     else:
         launch_tuned(("tma", M, N, K, c.dtype, *flags.values()), lambda: _candidates(M, N, K, num_sms), run)
