@@ -1,6 +1,7 @@
 """On a GPU host: the three products of a linear layer's forward and backward (Y = X·Wᵀ, dX = dZ·W, dW = dZᵀ·X)
 at the benchmark shapes, cuBLAS (torch.mm) beside our TMA kernel, each tile forced in turn and the tuner's pick;
-GPU time (CUDA graph, L2 flushed). With the argument `gated` (as well as or instead of `products`): the backward's
+GPU time (CUDA graph, L2 flushed). With the argument `configs`: every tile, with a few outside the tuning space,
+whole and cut, at the first two shapes. With the argument `gated` (as well as or instead of `products`): the backward's
 gated pass (dZ = dY ⊙ relu'(Y) and db) by tile and warps against torch's dY·mask of the same bytes. Not part of
 the pipeline. (The stream-K schedule an earlier version
 compared lives in git history: 8a0c3a4.)"""
@@ -62,6 +63,36 @@ def product_table():
                   flush=True)
 
 
+# Tiles outside the tuning space, timed by `configs` beside it: two warpgroups on a 128×128 tile, deeper pipelines.
+EXTRA_CONFIGS = [matmul_tma._config(128, 128, 64, 4, 8), matmul_tma._config(128, 128, 64, 5, 8),
+                 matmul_tma._config(128, 128, 64, 6, 4), matmul_tma._config(64, 256, 64, 5, 4)]
+
+
+def config_table():
+    """Every tile of the tuning space and EXTRA_CONFIGS, whole and cut as schedule_for says, at the first two
+    shapes."""
+    print("\nPer tile (µs, GPU time): whole tiles / cut as schedule_for says ('-': not cut)")
+    for M, K, N in SHAPES[:2]:
+        for name, (a, b) in products(M, K, N).items():
+            Mp, Kp, Np = a.shape[0], a.shape[1], b.shape[1]
+            cells = [f"torch.mm {gpu_ms(lambda: torch.mm(a, b)) * 1e3:.1f}"]
+            for config in matmul_tma._TMA_CONFIGS + EXTRA_CONFIGS:
+                k = config.kwargs
+                tiles = -(-Mp // k["BLOCK_M"]) * -(-Np // k["BLOCK_N"])
+                whole, split = matmul_tma.schedule_for(Mp, Np, Kp, config.all_kwargs(), SMS)
+                times = []
+                for schedule in [(1.0, 1)] + ([(whole / tiles, split)] if split > 1 else []):
+                    matmul_tma.FORCED_CONFIG, matmul_tma.FORCED_SCHEDULE = config, schedule
+                    try:
+                        times.append(f"{gpu_ms(lambda: matmul(a, b)) * 1e3:.1f}")
+                    except Exception as error:  # a tile that does not compile here
+                        times.append(type(error).__name__)
+                cells.append(f"{k['BLOCK_M']}x{k['BLOCK_N']} w{config.num_warps} s{config.num_stages}: "
+                             + " / ".join(times + ["-"] * (2 - len(times))))
+            matmul_tma.FORCED_CONFIG = matmul_tma.FORCED_SCHEDULE = None
+            print(f"{M},{K},{N:<8d} {name:12s} " + "; ".join(cells), flush=True)
+
+
 def gated_table():
     print("\nGated pass dZ = dY ⊙ relu'(Y), db = Σ_rows dZ: GPU µs by (BLOCK_M, BLOCK_N, warps, rows per program);"
           " 'of mul' = torch.mul(dY, mask, out=dZ) time ÷ ours (same bytes, no db)")
@@ -90,5 +121,7 @@ if __name__ == "__main__":
     parts = sys.argv[1:] or ["products"]
     if "products" in parts:
         product_table()
+    if "configs" in parts:
+        config_table()
     if "gated" in parts:
         gated_table()

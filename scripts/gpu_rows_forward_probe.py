@@ -2,14 +2,25 @@
 LayerNorm / RMSNorm forward by launch shape, against three ceilings measured in the same run: the 1 GiB device
 copy rate, torch's copy of the same tensor, and a Triton kernel that only loads and stores the rows with the
 norms' own tiling; then dropout against a variant that issues all its loads before the Philox rounds.
-Prints one table; not part of the pipeline."""
+With the argument `persistent`: the norms' forward as a persistent kernel (a few programs per SM, each looping
+over rows with Triton's software pipelining, so the next rows' loads are in flight while this row is reduced)
+against the library's one-program-per-tile launch. With `hints`: the forwards of LayerNorm, RMSNorm, softmax and
+dropout with cache hints on every load and store (copies of the library's kernel modules, tl.load / tl.store
+swapped for hinted ones) against the library. With `softmax`: the softmax forward by warps, and as a one-row 1-D
+kernel, beside Liger-Kernel's when installed. Prints tables; not part of the pipeline."""
+
+import importlib.util
+import sys
+import tempfile
+from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
 
 from triformer.bench.timing import copy_bandwidth_gbps, gpu_ms
-from triformer.kernels import dropout, norms
+from triformer import kernels
+from triformer.kernels import dropout, norms, softmax
 from triformer.kernels._runtime import cdiv
 
 SIZES = [(4096, 4096), (16384, 1024), (4096, 768), (4096, 8192)]
@@ -38,6 +49,146 @@ def _dropout_loads_first(x_ptr, y_ptr, n, threshold, scale, seed, BLOCK: tl.cons
     u = tl.reshape(tl.permute(tl.join(lo, hi), (2, 1, 3, 0)), (8, BLOCK))  # run 2i + h ← half h of r_i
     y = tl.where(u.to(tl.int32) >= threshold, x * scale, 0.0)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _norm_forward_persistent(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, M, N, eps, CENTER: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr):
+    """LayerNorm (CENTER) / RMSNorm forward of whole rows, program p taking row blocks p, p + programs, ..."""
+    cols = tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    for r0 in tl.range(tl.program_id(0) * BLOCK_M, M, tl.num_programs(0) * BLOCK_M, num_stages=STAGES):
+        rows = r0 + tl.arange(0, BLOCK_M)
+        mask = (rows < M)[:, None] & col_mask[None, :]
+        offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if CENTER:
+            mean = tl.sum(x, axis=1) / N
+            x = tl.where(mask, x - mean[:, None], 0.0)
+            tl.store(mean_ptr + rows, mean, mask=rows < M)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / N + eps)
+        y = x * rstd[:, None] * w[None, :]
+        if CENTER:
+            y += b[None, :]
+        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(rstd_ptr + rows, rstd, mask=rows < M)
+
+
+def persistent():
+    copy = copy_bandwidth_gbps("cuda")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    print(f"\n{torch.cuda.get_device_name()}: norms forward, library launch vs persistent (÷ 1 GiB copy {copy:.0f} GB/s)")
+    for m, n in SIZES[:2]:
+        x = torch.randn(m, n, device="cuda", dtype=bf)
+        y = torch.empty_like(x)
+        w, b = torch.randn(n, device="cuda", dtype=bf), torch.randn(n, device="cuda", dtype=bf)
+        mean, rstd = (torch.empty(m, device="cuda") for _ in range(2))
+        gb = 2 * x.numel() * 2 / 1e9
+        for center in (True, False):
+            name = "layer_norm" if center else "rms_norm"
+            lib = gpu_ms(lambda: norms.norm_forward(x, w, b if center else None, 1e-5, center)) * 1e3
+            cells = [f"library {gb / (lib * 1e-6) / copy:.3f}"]
+            bn = triton.next_power_of_2(n)
+            for bm in sorted({1, max(1, 2048 // bn)}):
+                for warps in (4, 8):
+                    for per_sm in (4, 8, 16):
+                        for stages in (1, 2, 3):
+                            grid = (min(cdiv(m, bm), per_sm * sms),)
+                            try:
+                                us = gpu_ms(lambda: _norm_forward_persistent[grid](
+                                    x, w, b, y, mean, rstd, m, n, 1e-5, CENTER=center, BLOCK_M=bm, BLOCK_N=bn,
+                                    STAGES=stages, num_warps=warps)) * 1e3
+                            except Exception as error:
+                                cells.append(f"{bm}x{bn} w{warps} p{per_sm} s{stages} {type(error).__name__}")
+                                continue
+                            cells.append(f"{bm}x{bn} w{warps} p{per_sm} s{stages} {gb / (us * 1e-6) / copy:.3f}")
+            print(f"{m}x{n} {name}: " + "; ".join(cells), flush=True)
+
+
+HINTS = {"store .cs": ("", ', cache_modifier=".cs"'),
+         "load evict_first, store .cs": (', eviction_policy="evict_first"', ', cache_modifier=".cs"'),
+         "load .ca, store .cs": (', cache_modifier=".ca"', ', cache_modifier=".cs"')}
+_HINTED = """
+
+@triton.jit
+def _hinted_load(ptr, mask=None, other=None):
+    return tl.load(ptr, mask=mask, other=other{load})
+
+
+@triton.jit
+def _hinted_store(ptr, value, mask=None):
+    tl.store(ptr, value, mask=mask{store})
+"""
+
+
+def _hinted_module(name: str, tag: int, load: str, store: str):
+    """A copy of triformer.kernels.<name> whose kernels load and store with the given keyword hints."""
+    src = (Path(kernels.__file__).parent / f"{name}.py").read_text().replace("from .", "from triformer.kernels.")
+    src = src.replace("tl.load(", "_hinted_load(").replace("tl.store(", "_hinted_store(")
+    path = Path(tempfile.mkdtemp()) / f"hinted_{name}_{tag}.py"
+    path.write_text(src + _HINTED.format(load=load, store=store))
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def hints():
+    copy = copy_bandwidth_gbps("cuda")
+    print(f"\n{torch.cuda.get_device_name()}: row forwards with cache hints, fraction of the 1 GiB copy ({copy:.0f} GB/s)")
+    variants = {"library": (norms, softmax, dropout)}
+    for tag, (hint, (load, store)) in enumerate(HINTS.items()):
+        variants[hint] = tuple(_hinted_module(name, tag, load, store) for name in ("norms", "softmax", "dropout"))
+    for m, n in [(4096, 4096), (16384, 1024), (4096, 8192), (4096, 768)]:
+        x = torch.randn(m, n, device="cuda", dtype=bf)
+        w, b = torch.randn(n, device="cuda", dtype=bf), torch.randn(n, device="cuda", dtype=bf)
+        gb = 2 * x.numel() * 2 / 1e9
+        ops = {"layer_norm": lambda mods: mods[0].norm_forward(x, w, b, 1e-5, True),
+               "rms_norm": lambda mods: mods[0].norm_forward(x, w, None, 1e-5, False),
+               "softmax": lambda mods: mods[1].softmax_forward(x, False),
+               "dropout": lambda mods: mods[2].dropout(x, 0.1, 1234)}
+        for op, fn in ops.items():
+            cells = []
+            for hint, mods in variants.items():
+                us = gpu_ms(lambda: fn(mods)) * 1e3
+                cells.append(f"{hint} {gb / (us * 1e-6) / copy:.3f}")
+            print(f"{m}x{n} {op:10s}: " + "; ".join(cells), flush=True)
+
+
+@triton.jit
+def _softmax_row_kernel(x_ptr, y_ptr, N, BLOCK_N: tl.constexpr):
+    """softmax of one row per program, as a 1-D block."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    x = tl.load(x_ptr + row * N + cols, mask=cols < N, other=float("-inf")).to(tl.float32)
+    e = tl.exp(x - tl.max(x, axis=0))
+    tl.store(y_ptr + row * N + cols, (e / tl.sum(e, axis=0)).to(y_ptr.dtype.element_ty), mask=cols < N)
+
+
+def softmax_warps():
+    copy = copy_bandwidth_gbps("cuda")
+    print(f"\n{torch.cuda.get_device_name()}: softmax forward, fraction of the 1 GiB copy ({copy:.0f} GB/s)")
+    try:
+        from liger_kernel.ops.softmax import LigerSoftmaxFunction
+    except ImportError:
+        LigerSoftmaxFunction = None
+    for m, n in [(4096, 4096), (4096, 8192), (16384, 1024), (4096, 768)]:
+        x = torch.randn(m, n, device="cuda", dtype=bf)
+        y = torch.empty_like(x)
+        gb = 2 * x.numel() * 2 / 1e9
+        bn = triton.next_power_of_2(n)
+        cases = {"library": lambda: softmax.softmax_forward(x, False)}
+        if LigerSoftmaxFunction is not None:
+            cases["liger"] = lambda: LigerSoftmaxFunction.apply(x)
+        for warps in (4, 8, 16, 32):
+            if bn // (32 * warps) >= 2:
+                cases[f"2-D 1x{bn} w{warps}"] = (lambda w=warps: softmax._softmax_forward_kernel[(m,)](
+                    x, y, m, n, 1, n, n, CAUSAL=False, BLOCK_M=1, BLOCK_N=bn, ONE_BLOCK=True, num_warps=w))
+                cases[f"1-D w{warps}"] = (lambda w=warps: _softmax_row_kernel[(m,)](x, y, n, BLOCK_N=bn, num_warps=w))
+        cells = [f"{name} {gb / (gpu_ms(fn) * 1e-3) / copy:.3f}" for name, fn in cases.items()]
+        print(f"{m}x{n}: " + "; ".join(cells), flush=True)
 
 
 def main():
@@ -88,4 +239,12 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    parts = sys.argv[1:] or ["shapes"]
+    if "shapes" in parts:
+        main()
+    if "persistent" in parts:
+        persistent()
+    if "hints" in parts:
+        hints()
+    if "softmax" in parts:
+        softmax_warps()

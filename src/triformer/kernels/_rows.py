@@ -71,10 +71,18 @@ def _tiling(n_rows: int, n_cols: int, loop: bool, max_block: int, tile: int) -> 
     return tuple(meta.items())
 
 
-def launch_rows(kernel, n_rows: int, n_cols: int, *args, **flags) -> None:
-    """kernel[one program per BLOCK_M rows](*args, **flags, tiling meta); nothing to launch for an empty input."""
+# Warps a one-row tile of WIDE_ROW elements or more may take instead of row_tiling's (launch_rows' wide_row_warps).
+WIDE_ROW = 8192
+
+
+def launch_rows(kernel, n_rows: int, n_cols: int, *args, wide_row_warps: int | None = None, **flags) -> None:
+    """kernel[one program per BLOCK_M rows](*args, **flags, tiling meta); nothing to launch for an empty input.
+    wide_row_warps: num_warps for whole-row tiles of one row of WIDE_ROW elements or more (a kernel measured to
+    want more)."""
     if n_rows and n_cols:
         meta = row_tiling(n_rows, n_cols)
+        if wide_row_warps and meta.get("ONE_BLOCK") and meta["BLOCK_M"] == 1 and meta["BLOCK_N"] >= WIDE_ROW:
+            meta = {**meta, "num_warps": wide_row_warps}
         kernel[(cdiv(n_rows, meta["BLOCK_M"]),)](*args, **flags, **meta)
 
 
