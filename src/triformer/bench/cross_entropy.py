@@ -20,6 +20,8 @@ from .norms import COMPILE_CUDA_ONLY, failure_row, peak_extra_mib, result_row
 from .timing import timings
 
 DEFAULT_SIZES = [(8192, 50304), (16384, 32768)]
+# Providers that cannot run inside a CUDA graph capture (their rows get no GPU-time column).
+UNCAPTURABLE = {"liger"}
 CPU_SIZES = [(16, 1000)]
 
 
@@ -64,10 +66,10 @@ def run(sizes=DEFAULT_SIZES, dtype: torch.dtype = torch.bfloat16, device: str = 
                 torch.autograd.graph.increment_version(logits)
                 return grad
 
-            # No CUDA graph: triformer's backward failed under capture on torch 2.11 ("operation would make the
-            # legacy stream depend on a capturing blocking stream") and a failed capture spoils the process's RNG
-            # state for every later row. These calls are milliseconds long; host launch cost hardly counts.
-            times = timings(step, capture=False)
+            # Liger-Kernel's cross-entropy reads a value back to the host, which a CUDA graph capture forbids, and
+            # a failed capture spoils the process's RNG state for every later row: its row has host-launch time
+            # only (reports/gpu/h200-2026-11-26d-ce-capture-probe.log). These calls are milliseconds long.
+            times = timings(step, capture=name not in UNCAPTURABLE)
             peak = peak_extra_mib(step, device)
         except Exception as exc:  # e.g. torch.compile failing on this host: the row says why
             rows.append(failure_row("cross_entropy", (n, v), dtype, "fwd+bwd", name, exc))
