@@ -1,7 +1,8 @@
 """On a GPU host: the three products of a linear layer's forward and backward (Y = X·Wᵀ, dX = dZ·W, dW = dZᵀ·X)
 at the benchmark shapes, cuBLAS (torch.mm) beside our TMA kernel, each tile forced in turn and the tuner's pick;
 GPU time (CUDA graph, L2 flushed). With the argument `configs`: every tile, with a few outside the tuning space,
-whole and cut, at the first two shapes. With the argument `gated` (as well as or instead of `products`): the backward's
+whole and cut, at the first two shapes. With `forward`: the fused forward relu(X·Wᵀ + b) per tile (some outside
+the tuning space) beside eager and torch._addmm_activation. With the argument `gated` (as well as or instead of `products`): the backward's
 gated pass (dZ = dY ⊙ relu'(Y) and db) by tile and warps against torch's dY·mask of the same bytes. Not part of
 the pipeline. (The stream-K schedule an earlier version
 compared lives in git history: 8a0c3a4.)"""
@@ -93,6 +94,34 @@ def config_table():
             print(f"{M},{K},{N:<8d} {name:12s} " + "; ".join(cells), flush=True)
 
 
+# Tiles tried for the fused forward only (`forward`): deeper K steps, 256-row tiles.
+FORWARD_CONFIGS = [matmul_tma._config(128, 256, 128, 2, 8), matmul_tma._config(128, 128, 128, 3, 4),
+                   matmul_tma._config(256, 128, 64, 3, 8), matmul_tma._config(256, 128, 64, 4, 8, split=True),
+                   matmul_tma._config(128, 128, 64, 6, 4)]
+
+
+def forward_table():
+    """The fused forward act(X·Wᵀ + b) (relu) per tile, beside eager relu(F.linear) and torch._addmm_activation,
+    at the first two shapes: which tile, if any, reaches 1.4× eager."""
+    print("\nFused forward relu(X·Wᵀ + b), GPU µs per tile (÷ eager in brackets)")
+    for M, K, N in SHAPES[:2]:
+        x = torch.randn(M, K, device="cuda", dtype=bf)
+        w = torch.randn(N, K, device="cuda", dtype=bf) * K ** -0.5
+        b = torch.randn(N, device="cuda", dtype=bf)
+        eager = gpu_ms(lambda: torch.relu(torch.nn.functional.linear(x, w, b))) * 1e3
+        addmm = gpu_ms(lambda: torch._addmm_activation(b, x, w.t())) * 1e3
+        cells = [f"eager {eager:.1f}", f"addmm_activation {addmm:.1f} ({eager / addmm:.2f})"]
+        for config in matmul_tma._TMA_CONFIGS + FORWARD_CONFIGS:
+            k = config.kwargs
+            matmul_tma.FORCED_CONFIG = config
+            us = gpu_ms(lambda: matmul(x, w.t(), bias=b, activation="relu")) * 1e3
+            split = "-split" if k["SPLIT_EPILOGUE"] else ""
+            cells.append(f"{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']} w{config.num_warps} s{config.num_stages}"
+                         f"{split} {us:.1f} ({eager / us:.2f})")
+        matmul_tma.FORCED_CONFIG = None
+        print(f"{M},{K},{N:<8d} " + "; ".join(cells), flush=True)
+
+
 def gated_table():
     print("\nGated pass dZ = dY ⊙ relu'(Y), db = Σ_rows dZ: GPU µs by (BLOCK_M, BLOCK_N, warps, rows per program);"
           " 'of mul' = torch.mul(dY, mask, out=dZ) time ÷ ours (same bytes, no db)")
@@ -123,5 +152,7 @@ if __name__ == "__main__":
         product_table()
     if "configs" in parts:
         config_table()
+    if "forward" in parts:
+        forward_table()
     if "gated" in parts:
         gated_table()
