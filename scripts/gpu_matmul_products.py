@@ -37,7 +37,7 @@ def best_tile(a, b, cut):
     M, K, N = a.shape[0], a.shape[1], b.shape[1]
     for config in _tiles.fitting_configs(matmul_tma._TMA_CONFIGS, M, N, 2):
         k = config.kwargs
-        tiles = -(-M // k["BLOCK_M"]) * -(-N // k["BLOCK_N"])
+        tiles = matmul_tma.count_tiles(M, N, k)
         whole, split = matmul_tma.schedule_for(M, N, K, config.all_kwargs(), SMS) if cut else (tiles, 1)
         if cut and split == 1:
             continue
@@ -79,7 +79,7 @@ def config_table():
             cells = [f"torch.mm {gpu_ms(lambda: torch.mm(a, b)) * 1e3:.1f}"]
             for config in matmul_tma._TMA_CONFIGS + EXTRA_CONFIGS:
                 k = config.kwargs
-                tiles = -(-Mp // k["BLOCK_M"]) * -(-Np // k["BLOCK_N"])
+                tiles = matmul_tma.count_tiles(Mp, Np, k)
                 whole, split = matmul_tma.schedule_for(Mp, Np, Kp, config.all_kwargs(), SMS)
                 times = []
                 for schedule in [(1.0, 1)] + ([(whole / tiles, split)] if split > 1 else []):

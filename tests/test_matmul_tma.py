@@ -60,8 +60,8 @@ def test_tma_product(M, N, K, a_trans, b_trans, schedule, programs, activation, 
     args = (a_view, b_view, c, preact, bias, M, N, K, a_view.stride(0), b_view.stride(0))
     flags = dict(HAS_BIAS=True, ACT=activation_code(activation), STORE_PREACT=True, A_TRANS=a_trans, B_TRANS=b_trans)
     whole_share, split = SCHEDULES[schedule]
-    tiles = -(-M // TILE["BLOCK_M"]) * -(-N // TILE["BLOCK_N"])
-    matmul_tma.launch_on(args, flags, matmul_tma.schedule_meta(TILE, round(tiles * whole_share), split), programs)
+    whole = round(matmul_tma.count_tiles(M, N, TILE) * whole_share)
+    matmul_tma.launch_on(args, flags, matmul_tma.schedule_meta(TILE, whole, split), programs)
 
     a64, b64 = a.double().cpu(), b.double().cpu()
     ref = a64 @ b64 + bias.double().cpu()

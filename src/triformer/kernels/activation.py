@@ -8,6 +8,8 @@ with c = √(2/π), a = 0.044715 (GELU's tanh approximation, as torch's approxim
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -195,7 +197,9 @@ _WHOLE_COLUMN_MAX_ROWS = 1024
 _WHOLE_COLUMN_TILE = 8192
 
 
+@functools.lru_cache(maxsize=None)
 def _whole_column_launch(rows: int) -> dict:
+    """The one-tile launch for `rows` rows (computed once per row count; callers only unpack it)."""
     block_m = next_power_of_2(max(rows, 1))
     block_n = max(16, min(128, _WHOLE_COLUMN_TILE // block_m))
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8 if block_m * block_n >= 8192 else 4)

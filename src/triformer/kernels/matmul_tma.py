@@ -178,6 +178,11 @@ SCHEDULE_MIN_GAIN = 0.05
 _SPLIT_K_SMEM_BYTES = 220 * 1024
 
 
+def count_tiles(M: int, N: int, meta: dict) -> int:
+    """How many BLOCK_M×BLOCK_N tiles cover an [M, N] output."""
+    return cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])
+
+
 def schedule_cost(tiles: int, k_tiles: int, whole: int, split: int, num_sms: int) -> float:
     """Model cost of computing `whole` tiles whole (a multiple of num_sms, or all of them) and cutting the other
     tiles into `split` runs each: K-iterations on the busiest SM plus the partial tiles' traffic."""
@@ -191,7 +196,7 @@ def schedule_cost(tiles: int, k_tiles: int, whole: int, split: int, num_sms: int
 def schedule_for(M: int, N: int, K: int, meta: dict, num_sms: int) -> tuple[int, int]:
     """(whole tiles, split) for a product at this tile: all tiles whole, split 1, unless cutting the tiles of the
     last wave (or all tiles, when there is less than one wave) beats that by more than SCHEDULE_MIN_GAIN."""
-    tiles = cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])
+    tiles = count_tiles(M, N, meta)
     k_tiles = cdiv(K, meta["BLOCK_K"])
     options = [(whole, split) for whole in sorted({0, tiles // num_sms * num_sms}) if whole < tiles
                for split in range(2, min(MAX_SPLIT_K, k_tiles) + 1)]
@@ -225,8 +230,7 @@ def _candidates(M: int, N: int, K: int, num_sms: int) -> list:
     candidates = []
     for config in fitting_configs(_TMA_CONFIGS, M, N, 2):
         meta = config.all_kwargs()
-        tiles = cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])
-        candidates.append(schedule_meta(meta, tiles, 1))
+        candidates.append(schedule_meta(meta, count_tiles(M, N, meta), 1))
         scheduled = schedule_meta(meta, *schedule_for(M, N, K, meta, num_sms))
         if scheduled["SPLIT_K"] > 1 and scheduled not in candidates:
             candidates.append(scheduled)
@@ -241,7 +245,7 @@ def launch_on(args: tuple, flags: dict, meta: dict, num_sms: int) -> None:
     a, b, c, preact, bias, M, N = args[:7]
     tile_meta = {k: v for k, v in meta.items() if k not in ("WHOLE_TILES", "SPLIT_K")}
     block_m, block_n = meta["BLOCK_M"], meta["BLOCK_N"]
-    tiles = cdiv(M, block_m) * cdiv(N, block_n)
+    tiles = count_tiles(M, N, meta)
     split = meta["SPLIT_K"]
     whole = tiles if split == 1 else min(meta["WHOLE_TILES"], tiles)
     cut = tiles - whole
@@ -277,8 +281,7 @@ def launch(views, c: torch.Tensor, bias: torch.Tensor | None, preact: torch.Tens
     fixed = fixed_config(_TMA_CONFIGS, FORCED_CONFIG, M, N, c.element_size())
     if fixed is not None:
         meta = fixed.all_kwargs()
-        tiles = cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])
         whole_share, split = FORCED_SCHEDULE or (1.0, 1)
-        run(schedule_meta(meta, round(tiles * whole_share), split))
+        run(schedule_meta(meta, round(count_tiles(M, N, meta) * whole_share), split))
     else:
         launch_tuned(("tma", M, N, K, c.dtype, *flags.values()), lambda: _candidates(M, N, K, num_sms), run)
