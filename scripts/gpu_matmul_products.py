@@ -49,19 +49,29 @@ def best_tile(a, b, cut):
     return best
 
 
+def candidate_label(meta: dict) -> str:
+    """A tuner candidate in short: '128x256s3' (whole tiles), '128x256s3/k2' (the last wave cut two ways)."""
+    tile = f"{meta['BLOCK_M']}x{meta['BLOCK_N']}s{meta['num_stages']}"
+    return tile + (f"/k{meta['SPLIT_K']}" if meta["SPLIT_K"] > 1 else "")
+
+
 def product_table():
     print(torch.cuda.get_device_name(), "— GPU time (µs) of each product; ratios = torch.mm ÷ ours")
     print(f"{'M,K,N':16s} {'product':12s} {'torch.mm':>9s} {'best whole tiles':>24s} {'best cut':>29s} "
-          f"{'tuned':>9s} {'split':>6s} {'mm÷tuned':>9s}")
+          f"{'tuned':>9s} {'mm÷tuned':>9s}  pick")
     for M, K, N in SHAPES:
         for name, (a, b) in products(M, K, N).items():
             ref = gpu_ms(lambda: torch.mm(a, b)) * 1e3
             whole, cut = best_tile(a, b, False), best_tile(a, b, True)
             tuned = gpu_ms(lambda: matmul(a, b)) * 1e3  # first call (inside gpu_ms, before capture) tunes
-            pick = [v for k, v in _tiles._CHOSEN.items() if k[:4] == ("tma", a.shape[0], b.shape[1], a.shape[1])]
+            keys = [k for k in _tiles._CHOSEN if k[:4] == ("tma", a.shape[0], b.shape[1], a.shape[1])]
+            pick = [_tiles._CHOSEN[k] for k in keys]
             print(f"{M},{K},{N:<8d} {name:12s} {ref:9.1f} {whole[0]:9.1f} {whole[1]:>14s} {cut[0]:9.1f} "
-                  f"{cut[1]:>19s} {tuned:9.1f} {pick[-1]['SPLIT_K'] if pick else '?':>6} {ref / tuned:9.2f}",
+                  f"{cut[1]:>19s} {tuned:9.1f} {ref / tuned:9.2f}  {candidate_label(pick[-1]) if pick else '?'}",
                   flush=True)
+            if keys and keys[-1] in _tiles.TIMED:
+                print("    tuner (µs, queued): " + ", ".join(f"{candidate_label(m)} {ms * 1e3:.1f}"
+                                                          for m, ms in _tiles.TIMED[keys[-1]]), flush=True)
 
 
 # Tiles outside the tuning space, timed by `configs` beside it: two warpgroups on a 128×128 tile, deeper pipelines.

@@ -4,6 +4,9 @@ torch eager, torch.compile and Liger-Kernel (where installed and where it has th
 Rates in GB/s count each input read once and each output written once: forward x and y (plus the parameters),
 forward+backward also dy and dx (plus the parameter gradients). Forward runs under torch.no_grad();
 forward+backward is torch.autograd.grad of the output against x and the parameters (no .grad accumulation).
+The providers of one case are timed side by side: do_bench once each, the GPU time as the median of `rounds`
+rounds that time every provider in turn (ratios between kernels that share one bandwidth ceiling are then not
+decided by the drift between two measurements).
 The bench stage (experiments/bench.py) runs it as suite `norms`; cross_entropy.py has the loss.
 """
 
@@ -16,7 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .. import nn as tnn
-from .timing import timings
+from .timing import interleaved_gpu_ms, median_ms
 
 DEFAULT_SIZES = [(4096, 768), (4096, 4096), (4096, 8192), (16384, 1024)]
 CPU_SIZES = [(33, 129)]
@@ -77,12 +80,15 @@ def make_module(op: str, provider: str, n: int, device: str, dtype: torch.dtype)
     return module
 
 
-def time_modes(fn, inputs: list[torch.Tensor], dy: torch.Tensor, mode: str) -> dict:
-    """timings() of fn() (mode "fwd", no autograd) or of fn() and its gradients against inputs ("fwd+bwd")."""
+def mode_call(fn, inputs: list[torch.Tensor], dy: torch.Tensor, mode: str):
+    """What one timed call runs: fn() under no_grad (mode "fwd"), or fn() and its gradients against inputs
+    ("fwd+bwd")."""
     if mode == "fwd":
-        with torch.no_grad():
-            return timings(fn)
-    return timings(lambda: torch.autograd.grad(fn(), inputs, dy))
+        def forward():
+            with torch.no_grad():
+                return fn()
+        return forward
+    return lambda: torch.autograd.grad(fn(), inputs, dy)
 
 
 def peak_extra_mib(fn, device: str) -> float:
@@ -122,23 +128,31 @@ def _bytes(module: nn.Module, m: int, n: int, dtype: torch.dtype, mode: str) -> 
 
 
 def run(sizes=DEFAULT_SIZES, dtype: torch.dtype = torch.bfloat16, device: str = "cuda", progress: bool = True,
-        ops=OPS, modes=("fwd", "fwd+bwd")) -> list[dict]:
-    """One row per (op, size, mode, provider): ms, GB/s. A provider that fails is reported (error), not hidden;
-    Liger rows are absent when liger-kernel is not installed or lacks the op."""
+        ops=OPS, modes=("fwd", "fwd+bwd"), rounds: int = 3) -> list[dict]:
+    """One row per (op, size, mode, provider): ms, GB/s (GPU time: median of `rounds` interleaved rounds). A
+    provider that fails is reported (error), not hidden; Liger rows are absent when liger-kernel is not installed
+    or lacks the op."""
     rows = []
-    work = [(op, tuple(size), mode, p) for op in ops for size in sizes for mode in modes for p in PROVIDERS]
-    for op, (m, n), mode, provider in tqdm(work, desc="norms bench", disable=not progress):
-        try:
-            module = make_module(op, provider, n, device, dtype)
-            if module is None:
+    cases = [(op, tuple(size), mode) for op in ops for size in sizes for mode in modes]
+    for op, (m, n), mode in tqdm(cases, desc="norms bench", disable=not progress):
+        calls, ms, nbytes = {}, {}, {}
+        for provider in PROVIDERS:
+            try:
+                module = make_module(op, provider, n, device, dtype)
+                if module is None:
+                    continue
+                x = torch.randn(m, n, device=device, dtype=dtype, requires_grad=mode != "fwd")
+                dy = torch.randn(m, n, device=device, dtype=dtype)
+                call = mode_call(lambda module=module, x=x: module(x), [x, *module.parameters()], dy, mode)
+                ms[provider] = median_ms(call)  # compiles and warms up too
+            except Exception as exc:  # e.g. torch.compile failing on this host: the row says why
+                rows.append(failure_row(op, (m, n), dtype, mode, provider, exc))
                 continue
-            x = torch.randn(m, n, device=device, dtype=dtype, requires_grad=mode != "fwd")
-            dy = torch.randn(m, n, device=device, dtype=dtype)
-            times = time_modes(lambda: module(x), [x, *module.parameters()], dy, mode)
-        except Exception as exc:  # e.g. torch.compile failing on this host: the row says why
-            rows.append(failure_row(op, (m, n), dtype, mode, provider, exc))
-            continue
-        rows.append(result_row(op, (m, n), dtype, mode, provider, times, _bytes(module, m, n, dtype, mode)))
+            calls[provider], nbytes[provider] = call, _bytes(module, m, n, dtype, mode)
+        gpu = interleaved_gpu_ms(calls, rounds)
+        for provider in calls:
+            times = {"ms": ms[provider], "gpu_ms": gpu[provider]}
+            rows.append(result_row(op, (m, n), dtype, mode, provider, times, nbytes[provider]))
     return rows
 
 

@@ -9,6 +9,7 @@ Two times per call, both with L2 flushed before each call (a 256 MiB write), bot
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -86,6 +87,17 @@ def _replay_ms(graph: torch.cuda.CUDAGraph, replays: int) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return sorted(times)[len(times) // 2]
+
+
+def interleaved_gpu_ms(fns: dict, rounds: int) -> dict:
+    """Median gpu_ms of each fn over `rounds` rounds, each round timing every fn once in turn, so that a drift of
+    the clock or the temperature during the run touches all of them alike (NaN for a fn any round left NaN)."""
+    samples = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            samples[name].append(gpu_ms(fn))
+    return {name: float("nan") if any(map(math.isnan, times)) else sorted(times)[len(times) // 2]
+            for name, times in samples.items()}
 
 
 def timings(fn, capture: bool = True) -> dict:
