@@ -57,16 +57,12 @@ def test_every_tile_config(config, activation, dtype, monkeypatch, seed):
 @pytest.mark.parametrize("dtype", TMA_DTYPES)
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
 @pytest.mark.parametrize("config", TMA_CONFIGS, ids=config_id)
-@pytest.mark.parametrize("schedule", [None, (0.0, 3), (0.5, 3), "bands"], ids=["whole", "cut3", "half-cut3", "bands"])
+@pytest.mark.parametrize("schedule", [None, (0.0, 3), (0.5, 3)], ids=["whole", "cut3", "half-cut3"])
 def test_every_tma_config(schedule, config, activation, dtype, monkeypatch, tma_launches, seed):
     """Edges in every dimension (TMA zero-fills and clips them): the forward, dX, and dW with its transposed dZ;
-    every tile whole, every tile cut into three runs of its K-iterations, half of them whole and half cut, and
-    half the rows on the tile with the rest on 64×128 tiles."""
+    every tile whole, every tile cut into three runs of its K-iterations, half of them whole and half cut."""
     monkeypatch.setattr(matmul_tma, "FORCED_CONFIG", config)
-    if schedule == "bands":
-        monkeypatch.setattr(matmul_tma, "FORCED_BANDS", (0.5, TMA_CONFIGS[-1]))
-    else:
-        monkeypatch.setattr(matmul_tma, "FORCED_SCHEDULE", schedule)
+    monkeypatch.setattr(matmul_tma, "FORCED_SCHEDULE", schedule)
     run_and_compare(*make_inputs(515, 264, 392, dtype), activation, True, dtype)
     assert len(tma_launches) == 3
 
@@ -121,14 +117,10 @@ def test_autotuned_pick_is_launched_directly_later(M, K, N, dtype, monkeypatch, 
 
 
 @pytest.mark.parametrize("M,K,N,schedule", [(1031, 769, 1537, None), (1032, 768, 1544, None),
-                                            (1032, 768, 1544, (0.5, 3)), (1032, 768, 1544, "bands")],
-                         ids=["pointer", "tma", "tma-half-cut3", "tma-bands"])
+                                            (1032, 768, 1544, (0.5, 3))], ids=["pointer", "tma", "tma-half-cut3"])
 def test_results_do_not_move_between_runs(M, K, N, schedule, monkeypatch, seed):
     """Same inputs, same outputs and gradients bit for bit: a race would show as a moving result."""
-    if schedule == "bands":
-        monkeypatch.setattr(matmul_tma, "FORCED_BANDS", (0.5, TMA_CONFIGS[-1]))
-    else:
-        monkeypatch.setattr(matmul_tma, "FORCED_SCHEDULE", schedule)
+    monkeypatch.setattr(matmul_tma, "FORCED_SCHEDULE", schedule)
     x, w, b = make_inputs(M, K, N, torch.bfloat16)
     results = [forward_and_gradients(x, w, b, "gelu") for _ in range(3)]
     for other in results[1:]:

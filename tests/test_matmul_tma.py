@@ -2,7 +2,7 @@
 interpreter (it emulates TMA descriptors), on a Hopper GPU natively (bf16 too). Transposed operands (descriptors
 on the memory as it lies), edges in every dimension, and program counts from one program for every tile to one
 program per tile; every tile whole, every tile cut into 2 or 3 runs of its K-iterations, and half the tiles whole
-with the others cut (float32 partials summed by a third kernel); and two row bands of different tiles."""
+with the others cut (float32 partials summed by a third kernel)."""
 
 from __future__ import annotations
 
@@ -68,45 +68,6 @@ def test_tma_product(M, N, K, a_trans, b_trans, schedule, programs, activation, 
     floor = well_conditioned_norm(a64, b64)
     assert_close(preact, ref, dtype, "preactivation", scale_floor=floor)
     assert_close(c, REFERENCE_ACTIVATION[activation](ref), dtype, "output", scale_floor=floor)
-
-
-TAIL_TILE = {**TILE, "BLOCK_M": 16, "BLOCK_N": 16, "num_stages": 2}
-
-
-@pytest.mark.parametrize("dtype", DTYPES_16)
-@pytest.mark.parametrize("programs", [1, 5, 10_000])
-@pytest.mark.parametrize("M,N,K,a_trans,b_trans", PRODUCTS)
-def test_tma_row_bands(M, N, K, a_trans, b_trans, programs, dtype, seed):
-    """The first 32 rows on 32×32 tiles, the rest on 16×16 tiles: two launches on row-offset views of A (its
-    columns when A is transposed), C and P."""
-    a, b = _operand(M, K, a_trans, dtype), _operand(K, N, b_trans, dtype)
-    bias = randn(N, dtype=dtype)
-    c, preact = _poisoned((M, N), dtype, a), _poisoned((M, N), dtype, a)
-    a_view, b_view = (a.t() if a_trans else a), (b.t() if b_trans else b)
-    args = (a_view, b_view, c, preact, bias, M, N, K, a_view.stride(0), b_view.stride(0))
-    flags = dict(HAS_BIAS=True, ACT=activation_code("gelu"), STORE_PREACT=True, A_TRANS=a_trans, B_TRANS=b_trans)
-    matmul_tma.launch_on(args, flags, matmul_tma.band_meta(TILE, 32, TAIL_TILE, N), programs)
-
-    a64, b64 = a.double().cpu(), b.double().cpu()
-    ref = a64 @ b64 + bias.double().cpu()
-    floor = well_conditioned_norm(a64, b64)
-    assert_close(preact, ref, dtype, "preactivation", scale_floor=floor)
-    assert_close(c, REFERENCE_ACTIVATION["gelu"](ref), dtype, "output", scale_floor=floor)
-
-
-def test_row_bands_fill_the_thin_wave():
-    # forward 8192×3072 → 768: 192 tiles of 128×256 are 1.45 waves (96 K-iterations on the busiest SM); 44 row
-    # blocks × 3 make one whole wave, the other 2560 rows make 120 tiles of 128×128: one wave of half-size steps
-    head, tail = (matmul_tma._TMA_CONFIGS[i].all_kwargs() for i in (0, 2))
-    assert matmul_tma.bands_for(8192, 768, 3072, head, tail, num_sms=132) == 44 * 128
-    expected = 48 + 48 * 0.5 / matmul_tma.SMALL_TILE_RATE
-    assert matmul_tma.band_cost(8192, 768, 3072, head, tail, 44 * 128, 132) == pytest.approx(expected)
-    candidates = matmul_tma._candidates(8192, 768, 3072, num_sms=132)
-    assert any(c.get("HEAD_ROWS") == 5632 and c["TAIL"]["BLOCK_N"] == 128 for c in candidates)
-    # no bands where whole tiles already fill their waves, nor with a tail tile as big as the head's
-    assert matmul_tma.bands_for(8192, 3072, 768, head, tail, num_sms=132) is None
-    assert matmul_tma.bands_for(8192, 768, 3072, tail, head, num_sms=132) is None
-    assert not any("HEAD_ROWS" in c for c in matmul_tma._candidates(4096, 4096, 4096, num_sms=132))
 
 
 

@@ -11,11 +11,8 @@ A product whose last wave of tiles is thin would leave SMs idle (the backward's 
 144 tiles of 128×128 for 132 SMs, or 72 of 128×256): there the tiles of the last wave (or all tiles, with less than
 a wave) can be cut, each into SPLIT_K runs of its K-iterations, one work unit each, so every SM gets a share; a
 small kernel adds each cut tile's float32 partial products (in a fixed order: deterministic) before the epilogue.
-The whole tiles and the cut ones are two launches of the same kernel, so no branch enters its pipelined loop.
-Where cutting does not pay (a thin last wave of tiles with few K-iterations: the forward 8192×3072×768 has 192
-tiles of 128×256, 1.45 waves), the rows can instead run in two bands: the first rows in whole waves of the big
-tile, the rest with a smaller tile whose tiles fill about one wave; the second band is a launch on row-offset views
-of A and C. The tuner times each schedule end to end. (A stream-K schedule, equal K-slices per SM with a runtime branch between
+The whole tiles and the cut ones are two launches of the same kernel, so no branch enters its pipelined loop. The
+tuner times each schedule end to end. (A stream-K schedule, equal K-slices per SM with a runtime branch between
 finished and cut tiles, was 1.4–1.7× slower per K-iteration under triton 3.6 on an H200; reports/NOTES.md.)
 """
 
@@ -37,8 +34,6 @@ ENABLED = True
 # computed whole, split of the others); None: all tiles whole.
 FORCED_CONFIG: triton.Config | None = None
 FORCED_SCHEDULE: tuple[float, int] | None = None
-# FORCED_BANDS = (share of the rows in the first band, the second band's tile); None: one band.
-FORCED_BANDS: tuple[float, triton.Config] | None = None
 
 
 @triton.jit
@@ -219,49 +214,6 @@ def schedule_meta(meta: dict, whole: int, split: int) -> dict:
     return {**meta, "WHOLE_TILES": whole, "SPLIT_K": split}
 
 
-# Row bands (see the module docstring). SMALL_TILE_RATE: the work per SM-second of a smaller tile relative to the big
-# one (128×128 with four warps against 128×256 with eight: 0.325 against 0.39 µs per 128×128×64 step on an H200).
-SMALL_TILE_RATE = 0.83
-
-
-def band_cost(M: int, N: int, K: int, head: dict, tail: dict, head_rows: int, num_sms: int) -> float:
-    """Model cost of rows [0, head_rows) on head's tile and the rest on tail's, in the head tile's K-iterations on
-    the busiest SM of each band (the bands run one after the other)."""
-    head_cost = cdiv(count_tiles(head_rows, N, head), num_sms) * cdiv(K, head["BLOCK_K"])
-    tail_steps = cdiv(count_tiles(M - head_rows, N, tail), num_sms) * cdiv(K, tail["BLOCK_K"])
-    tail_volume = tail["BLOCK_M"] * tail["BLOCK_N"] * tail["BLOCK_K"]
-    head_volume = head["BLOCK_M"] * head["BLOCK_N"] * head["BLOCK_K"]
-    return head_cost + tail_steps * tail_volume / head_volume / SMALL_TILE_RATE
-
-
-def bands_for(M: int, N: int, K: int, head: dict, tail: dict, num_sms: int) -> int | None:
-    """Rows of the first band (whole waves of head's tiles) when two bands, head's tile then tail's (a smaller
-    one), beat head's tile alone by more than SCHEDULE_MIN_GAIN in the model; None otherwise."""
-    if tail["BLOCK_M"] * tail["BLOCK_N"] >= head["BLOCK_M"] * head["BLOCK_N"]:
-        return None
-    rows_per_wave = num_sms // cdiv(N, head["BLOCK_N"]) * head["BLOCK_M"]
-    options = [waves * rows_per_wave for waves in range(1, cdiv(M, max(rows_per_wave, 1)))]
-    if not options or rows_per_wave == 0:
-        return None
-    best = min(options, key=lambda rows: band_cost(M, N, K, head, tail, rows, num_sms))
-    tiles = count_tiles(M, N, head)
-    alone = schedule_cost(tiles, cdiv(K, head["BLOCK_K"]), tiles, 1, num_sms)
-    return best if band_cost(M, N, K, head, tail, best, num_sms) < (1 - SCHEDULE_MIN_GAIN) * alone else None
-
-
-def band_meta(head: dict, head_rows: int, tail: dict, N: int) -> dict:
-    """Launch meta of two row bands: head's tile (whole) on the first head_rows rows, tail's (whole) on the rest."""
-    return {**schedule_meta(head, count_tiles(head_rows, N, head), 1), "HEAD_ROWS": head_rows,
-            "TAIL": schedule_meta(tail, 0, 1)}
-
-
-def _row_band(args: tuple, start: int, stop: int, a_trans: bool) -> tuple:
-    """The product's args restricted to output rows [start, stop): row-offset views of A, C and P."""
-    a, b, c, preact, bias, M, N, K, stride_a, stride_b = args
-    a_band = a[:, start:stop] if a_trans else a[start:stop]
-    return a_band, b, c[start:stop], preact[start:stop], bias, stop - start, N, K, stride_a, stride_b
-
-
 def _partial_launch_meta(tile_meta: dict) -> dict:
     """The tile meta of the cut tiles' launch: float32 partial tiles are staged in two column halves, with as many
     pipeline stages as leave them room."""
@@ -282,25 +234,13 @@ def _candidates(M: int, N: int, K: int, num_sms: int) -> list:
         scheduled = schedule_meta(meta, *schedule_for(M, N, K, meta, num_sms))
         if scheduled["SPLIT_K"] > 1 and scheduled not in candidates:
             candidates.append(scheduled)
-        for tail_config in fitting_configs(_TMA_CONFIGS, M, N, 2):
-            tail = tail_config.all_kwargs()
-            head_rows = bands_for(M, N, K, meta, tail, num_sms)
-            if head_rows is not None:
-                candidates.append(band_meta(meta, head_rows, tail, N))
     return candidates
 
 
 def launch_on(args: tuple, flags: dict, meta: dict, num_sms: int) -> None:
     """One product with args (a, b, c, preact, bias, M, N, K, stride_a, stride_b), flags and launch meta (a tile
     config with WHOLE_TILES and SPLIT_K, see schedule_meta) on at most num_sms persistent programs: the whole
-    tiles, then the cut tiles' runs and the sum of their partials; with HEAD_ROWS (see band_meta) each row band in
-    turn."""
-    if "HEAD_ROWS" in meta:
-        head_rows, M = meta["HEAD_ROWS"], args[5]
-        head = {k: v for k, v in meta.items() if k not in ("HEAD_ROWS", "TAIL")}
-        launch_on(_row_band(args, 0, head_rows, flags["A_TRANS"]), flags, head, num_sms)
-        launch_on(_row_band(args, head_rows, M, flags["A_TRANS"]), flags, meta["TAIL"], num_sms)
-        return
+    tiles, then the cut tiles' runs and the sum of their partials."""
     use_descriptor_memory()
     a, b, c, preact, bias, M, N = args[:7]
     tile_meta = {k: v for k, v in meta.items() if k not in ("WHOLE_TILES", "SPLIT_K")}
@@ -342,11 +282,6 @@ def launch(views, c: torch.Tensor, bias: torch.Tensor | None, preact: torch.Tens
     if fixed is not None:
         meta = fixed.all_kwargs()
         whole_share, split = FORCED_SCHEDULE or (1.0, 1)
-        if FORCED_BANDS is not None and M > meta["BLOCK_M"]:
-            row_share, tail = FORCED_BANDS
-            head_rows = max(1, min(round(M * row_share / meta["BLOCK_M"]), cdiv(M, meta["BLOCK_M"]) - 1))
-            run(band_meta(meta, head_rows * meta["BLOCK_M"], tail.all_kwargs(), N))
-        else:
-            run(schedule_meta(meta, round(count_tiles(M, N, meta) * whole_share), split))
+        run(schedule_meta(meta, round(count_tiles(M, N, meta) * whole_share), split))
     else:
         launch_tuned(("tma", M, N, K, c.dtype, *flags.values()), lambda: _candidates(M, N, K, num_sms), run)
