@@ -7,6 +7,7 @@ one and with two programs per SM, beside torch.mm, torch._addmm_activation and t
 
 import torch
 
+from gpu_wide_tile_probe import timed_cell  # scripts/ is on the path when this runs as scripts/<name>
 from triformer.bench.timing import gpu_ms
 from triformer.kernels import matmul_tma
 from triformer.kernels.activation import activation_code
@@ -44,14 +45,7 @@ def main():
             bm, bn, bk, stages, warps, split = config
             for per_sm in (1, 2):
                 name = f"{bm}x{bn}x{bk} s{stages} w{warps}{' se' if split else ''} x{per_sm}"
-                try:
-                    c.fill_(float("nan"))
-                    forward_on(x, w, b, c, config, per_sm * sms)
-                    err = ((c.float() - ref).norm() / ref.norm()).item()
-                    us = gpu_ms(lambda: forward_on(x, w, b, c, config, per_sm * sms)) * 1e3
-                    cells.append(f"{name} {us:.1f} ({library / us:.2f}{'' if err < 1e-2 else f', ERR {err:.1e}'})")
-                except Exception as error:
-                    cells.append(f"{name} {type(error).__name__}")
+                cells.append(timed_cell(name, lambda: forward_on(x, w, b, c, config, per_sm * sms), c, ref, library))
         print(f"{M},{K},{N}: " + "; ".join(cells), flush=True)
 
 
