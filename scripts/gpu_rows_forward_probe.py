@@ -7,7 +7,9 @@ over rows with Triton's software pipelining, so the next rows' loads are in flig
 against the library's one-program-per-tile launch. With `hints`: the forwards of LayerNorm, RMSNorm, softmax and
 dropout with cache hints on every load and store (copies of the library's kernel modules, tl.load / tl.store
 swapped for hinted ones) against the library. With `softmax`: the softmax forward by warps, and as a one-row 1-D
-kernel, beside Liger-Kernel's when installed. Prints tables; not part of the pipeline."""
+kernel, beside Liger-Kernel's when installed. With `liger`: the norms' forward kernel by rows per program and warps
+beside Liger-Kernel's modules, in five interleaved rounds (medians), to see whether any launch shape is faster than
+Liger's where the library is level with it. Prints tables; not part of the pipeline."""
 
 import importlib.util
 import sys
@@ -18,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from triformer.bench.timing import copy_bandwidth_gbps, gpu_ms
+from triformer.bench.timing import copy_bandwidth_gbps, gpu_ms, interleaved_gpu_ms
 from triformer import kernels
 from triformer.kernels import dropout, norms, softmax
 from triformer.kernels._runtime import cdiv
@@ -238,8 +240,40 @@ def main():
                       flush=True)
 
 
+def norms_against_liger():
+    from liger_kernel.transformers import LigerLayerNorm, LigerRMSNorm
+
+    copy = copy_bandwidth_gbps("cuda")
+    print(f"\n{torch.cuda.get_device_name()}: norm forwards, fraction of the 1 GiB copy ({copy:.0f} GB/s), medians "
+          "of 5 interleaved rounds; in brackets Liger's time ÷ the case's (> 1: faster than Liger)")
+    for m, n in SIZES:
+        x = torch.randn(m, n, device="cuda", dtype=bf)
+        y = torch.empty_like(x)
+        w, b = torch.randn(n, device="cuda", dtype=bf), torch.randn(n, device="cuda", dtype=bf)
+        mean, rstd = (torch.empty(m, device="cuda", dtype=torch.float32) for _ in range(2))
+        bn = triton.next_power_of_2(n)
+        for center, liger in ((True, LigerLayerNorm(n)), (False, LigerRMSNorm(n, eps=1e-6))):
+            liger = liger.to("cuda", bf)
+            cases = {"liger": lambda liger=liger: liger(x),
+                     "library": lambda c=center: norms.norm_forward(x, w, b if c else None, 1e-5, c)}
+            for rows in (1, 2, 4):
+                for warps in (2, 4, 8, 16):
+                    if rows * bn // (32 * warps) < 4 or rows * bn > 16384:
+                        continue
+                    cases[f"{rows}x{bn} w{warps}"] = (lambda r=rows, wp=warps, c=center: norms._norm_forward_kernel[
+                        (cdiv(m, r),)](x, w, b, y, mean, rstd, m, n, n, n, 1e-5, CENTER=c, HAS_W=True, HAS_B=c,
+                                       BLOCK_M=r, BLOCK_N=bn, ONE_BLOCK=True, num_warps=wp))
+            with torch.no_grad():
+                times = interleaved_gpu_ms(cases, rounds=5)
+            gb = 2 * x.numel() * 2 / 1e9
+            cells = [f"{name} {gb / (ms * 1e-3) / copy:.3f} ({times['liger'] / ms:.2f})" for name, ms in times.items()]
+            print(f"{m}x{n} {'layer_norm' if center else 'rms_norm'}: " + "; ".join(cells), flush=True)
+
+
 if __name__ == "__main__":
     parts = sys.argv[1:] or ["shapes"]
+    if "liger" in parts:
+        norms_against_liger()
     if "shapes" in parts:
         main()
     if "persistent" in parts:

@@ -74,7 +74,8 @@ def compile_all() -> dict:
         if op in ("layer_norm", "rms_norm"):
             width, center = int(rest), op == "layer_norm"
             flags = dict(CENTER=center, HAS_W=True)
-            warps, m = meta(width)
+            m = _rows.launch_meta(4096, width, **norms.forward_launch_options(width))
+            warps = m.pop("num_warps")
             fwd = spills(norms._norm_forward_kernel, NORM_FWD, {**flags, "HAS_B": center, **m}, warps)
             warps, m = meta(width, max_block=norms._BACKWARD_MAX_BLOCK, gpu_tile=norms.BACKWARD_TILE)
             flags = {**flags, "DW": True, "DB": center, "STAGES": norms.BACKWARD_STAGES,

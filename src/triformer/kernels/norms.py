@@ -250,6 +250,17 @@ def _norm_backward_kernel(
                     tl.store(db_row + c, acc + tl.sum(dy, axis=0), mask=c < N)
 
 
+# The forward over rows of 513–1024 elements: four rows a program on four warps (32 elements a thread) instead of
+# row_tiling's two rows: 1.15× at 4096×768 (LayerNorm and RMSNorm; then 1.15–1.17× Liger-Kernel's) and level at
+# 16384×1024 on an H100 (scripts/gpu_rows_forward_probe.py liger; reports/NOTES.md).
+_NARROW_FORWARD = {"gpu_tile": 4096, "shared_row_warps": 4}
+
+
+def forward_launch_options(n: int) -> dict:
+    """launch_rows' tiling options for the forward over rows of n elements."""
+    return _NARROW_FORWARD if 512 < n <= 1024 else {}
+
+
 def norm_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
                  center: bool):
     """Normalize x [..., N] over its last dimension (LayerNorm when center, else RMSNorm).
@@ -266,6 +277,7 @@ def norm_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tenso
         _norm_forward_kernel, m, n,
         x2, x2 if weight is None else weight, x2 if bias is None else bias, y, rstd if mean is None else mean,
         rstd, m, n, x2.stride(0), n, eps, CENTER=center, HAS_W=weight is not None, HAS_B=bias is not None,
+        **forward_launch_options(n),
     )
     return y, x2, mean, rstd
 
