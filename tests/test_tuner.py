@@ -62,27 +62,41 @@ def test_a_single_candidate_is_launched_without_timing(fake_clock):
 
 def test_queued_clock_holds_the_stream_then_times_batches_of_calls(monkeypatch):
     """queued_ms with a stand-in CUDA: each batch is a GPU-side wait, then the start event, the calls, the end
-    event; the result is the median batch's time per call (no host clock anywhere)."""
-    trace, batch_ms = [], iter([12.0, 8.0, 10.0])
+    event; the result is the median batch's time per call. A batch whose queuing outlasted the wait (the second
+    here) is timed again behind a wait twice as long."""
+    trace = []
+    # per batch attempt: (how long the wait lasted, the calls' time) in ms; the second attempt's wait is too short
+    attempts = iter([(50.0, 12.0), (0.0, 30.0), (50.0, 8.0), (50.0, 10.0)])
 
     class Event:
         def __init__(self, enable_timing):
             assert enable_timing
+            self.name = ("held", "start", "end")[len(trace_events) % 3]
+            trace_events.append(self)
 
         def record(self):
-            trace.append("record")
+            trace.append(f"record {self.name}")
 
         def synchronize(self):
             trace.append("sync")
 
-        def elapsed_time(self, end):
-            return next(batch_ms)
+        def elapsed_time(self, other):
+            if self.name == "held":
+                self.attempt = next(attempts)
+                other.attempt = self.attempt
+                return self.attempt[0]
+            return self.attempt[1]
 
+    trace_events = []
     monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: trace.append(f"hold {cycles}"), raising=False)
     monkeypatch.setattr(torch.cuda, "Event", Event)
     monkeypatch.setattr(_tiles, "_TUNE_CALLS", 4)
     monkeypatch.setattr(_tiles, "_TUNE_BATCHES", 3)
     ms = _tiles.queued_ms(lambda: trace.append("call"))
-    batch = [f"hold {_tiles._TUNE_HOLD_CYCLES}", "record"] + ["call"] * 4 + ["record", "sync"]
-    assert trace == ["call"] + batch * 3  # one call first: compiles outside the timing
-    assert ms == 10.0 / 4
+
+    def batch(cycles):
+        return ["record held", f"hold {cycles}", "record start"] + ["call"] * 4 + ["record end", "sync"]
+
+    hold = _tiles._TUNE_HOLD_CYCLES
+    assert trace == ["call"] + batch(hold) + batch(hold) + batch(2 * hold) + batch(2 * hold)
+    assert ms == 10.0 / 4  # median of 12, 8, 10 (the batch queued too slowly is not counted)

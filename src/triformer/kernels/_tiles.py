@@ -4,6 +4,7 @@ epilogue, which tiles fit a product, and the tuner that picks a product's launch
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 import triton
@@ -68,7 +69,7 @@ _CHOSEN: dict[tuple, object] = {}
 TIMED: dict[tuple, list] = {}
 
 # Per candidate: batches of calls queued behind a GPU-side wait of about _TUNE_HOLD_CYCLES clock cycles (a few ms).
-_TUNE_CALLS, _TUNE_BATCHES, _TUNE_HOLD_CYCLES = 10, 3, 10_000_000
+_TUNE_CALLS, _TUNE_BATCHES, _TUNE_HOLD_CYCLES, _TUNE_MAX_HOLDS = 10, 3, 10_000_000, 4
 
 
 def launch_tuned(key: tuple, candidates, run) -> None:
@@ -99,19 +100,27 @@ def _fastest(key: tuple, candidates: list, run):
 def queued_ms(fn) -> float:
     """GPU time of one call of fn() in ms with the host out of the way: the stream is held by a GPU-side wait
     (torch.cuda._sleep) while _TUNE_CALLS calls are queued behind it, so they run back to back and a schedule of
-    two launches is not charged the host's time between them; median of _TUNE_BATCHES batches. (do_bench, where
-    torch has no _sleep.)"""
+    two launches is not charged the host's time between them; median of _TUNE_BATCHES batches. A batch whose
+    queuing took the host longer than the wait lasted on the GPU is timed again with a wait twice as long (up to
+    _TUNE_MAX_HOLDS times; then it counts as it is). (do_bench, where torch has no _sleep.)"""
     fn()  # compile
     if not hasattr(torch.cuda, "_sleep"):
         return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
-    times = []
+    times, hold = [], _TUNE_HOLD_CYCLES
     for _ in range(_TUNE_BATCHES):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(_TUNE_HOLD_CYCLES)
-        start.record()
-        for _ in range(_TUNE_CALLS):
-            fn()
-        end.record()
-        end.synchronize()
+        for attempt in range(_TUNE_MAX_HOLDS):
+            held, start, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+            held.record()
+            torch.cuda._sleep(hold)
+            start.record()
+            queuing = time.perf_counter()
+            for _ in range(_TUNE_CALLS):
+                fn()
+            queuing_ms = (time.perf_counter() - queuing) * 1e3
+            end.record()
+            end.synchronize()
+            if queuing_ms <= held.elapsed_time(start) or attempt == _TUNE_MAX_HOLDS - 1:
+                break
+            hold *= 2
         times.append(start.elapsed_time(end) / _TUNE_CALLS)
     return sorted(times)[len(times) // 2]
