@@ -7,11 +7,9 @@ one and with two programs per SM, beside torch.mm, torch._addmm_activation and t
 
 import torch
 
-from gpu_wide_tile_probe import timed_cell  # scripts/ is on the path when this runs as scripts/<name>
-from triformer.bench.timing import gpu_ms
+from gpu_wide_tile_probe import forward_case, timed_cell  # scripts/ is on the path when this runs as scripts/<name>
 from triformer.kernels import matmul_tma
 from triformer.kernels.activation import activation_code
-from triformer.kernels.matmul import matmul
 
 SHAPES = [(8192, 3072, 768), (8192, 768, 3072), (16384, 1024, 4096), (4096, 4096, 4096)]
 # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps, split epilogue): shared memory ≤ ~112 KB, so two fit in an SM
@@ -33,14 +31,7 @@ def main():
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     print(torch.cuda.get_device_name(), f"({sms} SMs) — relu(X·Wᵀ + b), GPU µs (÷ library in brackets)")
     for M, K, N in SHAPES:
-        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-        w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * K ** -0.5
-        b = torch.randn(N, device="cuda", dtype=torch.bfloat16)
-        ref = torch.relu(x.float() @ w.float().t() + b.float())
-        library = gpu_ms(lambda: matmul(x, w.t(), bias=b, activation="relu")) * 1e3
-        cells = [f"library {library:.1f}", f"torch.mm {gpu_ms(lambda: torch.mm(x, w.t())) * 1e3:.1f}",
-                 f"addmm_act {gpu_ms(lambda: torch._addmm_activation(b, x, w.t())) * 1e3:.1f}"]
-        c = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
+        x, w, b, ref, c, library, cells = forward_case(M, K, N)
         for config in CONFIGS:
             bm, bn, bk, stages, warps, split = config
             for per_sm in (1, 2):

@@ -83,18 +83,23 @@ def timed_cell(name: str, run, c: torch.Tensor, ref: torch.Tensor, library_us: f
         return f"{name} {type(error).__name__}"
 
 
+def forward_case(M: int, K: int, N: int):
+    """Inputs of relu(X·Wᵀ + b) at [M, K] → [M, N] (bf16), its float32 result, an output buffer, the library's GPU
+    time (µs) and the table's first cells: the library, torch.mm and torch._addmm_activation."""
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * K ** -0.5
+    b = torch.randn(N, device="cuda", dtype=torch.bfloat16)
+    ref = torch.relu(x.float() @ w.float().t() + b.float())
+    library = gpu_ms(lambda: matmul(x, w.t(), bias=b, activation="relu")) * 1e3
+    cells = [f"library {library:.1f}", f"torch.mm {gpu_ms(lambda: torch.mm(x, w.t())) * 1e3:.1f}",
+             f"addmm_act {gpu_ms(lambda: torch._addmm_activation(b, x, w.t())) * 1e3:.1f}"]
+    return x, w, b, ref, torch.empty(M, N, device="cuda", dtype=torch.bfloat16), library, cells
+
+
 def main():
     print(torch.cuda.get_device_name(), "— relu(X·Wᵀ + b), GPU µs (÷ ours-now in brackets: > 1 = faster)")
     for M, K, N in [(8192, 3072, 768), (16384, 3072, 768), (8192, 768, 3072)]:
-        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-        w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * K ** -0.5
-        b = torch.randn(N, device="cuda", dtype=torch.bfloat16)
-        ref = torch.relu(x.float() @ w.float().t() + b.float())
-        library = gpu_ms(lambda: matmul(x, w.t(), bias=b, activation="relu")) * 1e3
-        cells = [f"library {library:.1f}",
-                 f"torch.mm {gpu_ms(lambda: torch.mm(x, w.t())) * 1e3:.1f}",
-                 f"addmm_activation {gpu_ms(lambda: torch._addmm_activation(b, x, w.t())) * 1e3:.1f}"]
-        c = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
+        x, w, b, ref, c, library, cells = forward_case(M, K, N)
         for config in CONFIGS:
             bm, n0, n1, bk, stages, warps = config
             cells.append(timed_cell(f"{bm}x({n0}+{n1})x{bk} s{stages} w{warps}",
