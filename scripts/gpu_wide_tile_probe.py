@@ -80,7 +80,7 @@ def timed_cell(name: str, run, c: torch.Tensor, ref: torch.Tensor, library_us: f
         us = gpu_ms(run) * 1e3
         return f"{name} {us:.1f} ({library_us / us:.2f}, err {err:.1e})"
     except Exception as error:
-        return f"{name} {type(error).__name__}"
+        return f"{name} {type(error).__name__}: {' '.join(str(error).split())[:160]}"
 
 
 def forward_case(M: int, K: int, N: int):
