@@ -2,7 +2,8 @@
 # On a GPU host (device tool), each step optional, logs in $OUT:
 #   the test suite natively (bf16 included): TESTS (files; default tests/, none: skip), -k TEST_SELECT;
 #   every kernel benchmark as ratio tables: SUITES (default all, none: skip);
-#   probes: PROBES="name.py:seconds ..." runs scripts/name.py under that time limit.
+#   probes: PROBES="name.py:seconds ..." runs scripts/name.py under that time limit ("name.py+a+b:seconds": with
+#   the arguments a b).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; export OUT
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
@@ -18,6 +19,8 @@ if [ "${TESTS:-}" != none ]; then
 fi
 [ "${SUITES:-}" = none ] || timeout ${BENCH_TIMEOUT:-300} python3 scripts/gpu_kernels.py ${SUITES:-} 2>&1 | tee "$OUT/bench_kernels.log"
 for probe in ${PROBES:-}; do
-  name=${probe%%:*}; limit=${probe##*:}
-  timeout "$limit" python3 scripts/$name 2>&1 | tee "$OUT/${name%.py}.log"
+  spec=${probe%%:*}; limit=${probe##*:}
+  name=${spec%%+*}; args=""
+  [ "$spec" != "$name" ] && args=${spec#*+} && args=${args//+/ }
+  timeout "$limit" python3 scripts/$name $args 2>&1 | tee "$OUT/${name%.py}.log"
 done
