@@ -13,6 +13,7 @@ whether any launch shape is faster than Liger's where the library is level with 
 the pipeline."""
 
 import importlib.util
+import itertools
 import sys
 import tempfile
 from pathlib import Path
@@ -242,12 +243,16 @@ def main():
 
 
 @triton.jit
-def _layer_norm_row_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, N, eps, BLOCK_N: tl.constexpr):
-    """LayerNorm of one row per program as a 1-D block: y = (x − μ) · rstd · w + b, μ and rstd stored."""
+def _layer_norm_row_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, N, eps, BLOCK_N: tl.constexpr,
+                           PIVOT: tl.constexpr):
+    """LayerNorm of one row per program as a 1-D block: y = (x − μ) · rstd · w + b, μ and rstd stored; PIVOT:
+    the row's first element is subtracted first, as the library does (the stored μ is then of x − x₀)."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N
     x = tl.load(x_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
+    if PIVOT:
+        x = tl.where(mask, x - tl.load(x_ptr + row * N).to(tl.float32), 0.0)
     mean = tl.sum(x, axis=0) / N
     centered = tl.where(mask, x - mean, 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / N + eps)
@@ -283,9 +288,10 @@ def norms_against_liger():
                         (cdiv(m, r),)](x, w, b, y, mean, rstd, m, n, n, n, 1e-5, CENTER=c, HAS_W=True, HAS_B=c,
                                        BLOCK_M=r, BLOCK_N=bn, ONE_BLOCK=True, num_warps=wp))
             if center and bn >= 2048:
-                for warps in (4, 8, 16):
-                    cases[f"1-D row w{warps}"] = (lambda wp=warps: _layer_norm_row_kernel[(m,)](
-                        x, w, b, y, mean, rstd, n, 1e-5, BLOCK_N=bn, num_warps=wp))
+                for warps, pivot in itertools.product((4, 8, 16), (False, True)):
+                    cases[f"1-D row w{warps}{' pivot' if pivot else ''}"] = (
+                        lambda wp=warps, pv=pivot: _layer_norm_row_kernel[(m,)](
+                            x, w, b, y, mean, rstd, n, 1e-5, BLOCK_N=bn, PIVOT=pv, num_warps=wp))
             with torch.no_grad():
                 times = interleaved_gpu_ms(cases, rounds=5)
             gb = 2 * x.numel() * 2 / 1e9
