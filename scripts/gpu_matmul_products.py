@@ -50,7 +50,11 @@ def best_tile(a, b, cut):
 
 
 def candidate_label(meta: dict) -> str:
-    """A tuner candidate in short: '128x256s3' (whole tiles), '128x256s3/k2' (the last wave cut two ways)."""
+    """A tuner candidate in short: '128x256s3' (whole tiles), '128x256s3/k2' (the last wave cut two ways),
+    'ws128x(128+64)s4' (the warp-specialized Gluon kernel)."""
+    if "WS_CONFIG" in meta:
+        n0, n1, stages = meta["WS_CONFIG"]
+        return f"ws128x({n0}+{n1})s{stages}"
     tile = f"{meta['BLOCK_M']}x{meta['BLOCK_N']}s{meta['num_stages']}"
     return tile + (f"/k{meta['SPLIT_K']}" if meta["SPLIT_K"] > 1 else "")
 

@@ -9,15 +9,11 @@ process started without it (this file run as a script), which reports every case
 from __future__ import annotations
 
 import json
-import os
-import re
-import subprocess
-import sys
-import tempfile
 
 import pytest
 
 from harness import ON_GPU
+from sm90_compile import child_report, compile_for_sm90, spilled_bytes
 
 pytestmark = pytest.mark.skipif(ON_GPU, reason="on a GPU every other test compiles these kernels natively")
 
@@ -44,26 +40,10 @@ CASES = ([f"{op}-{w}" for op in ("layer_norm", "rms_norm") for w in NORM_WIDTHS]
 
 def compile_all() -> dict:
     """In a process without the interpreter: case → {kernel: spilled bytes} or the error that stopped it."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from triformer.kernels import _rows, cross_entropy, dropout, norms, softmax
 
     def spills(kernel, types, constexprs, num_warps):
-        names = kernel.arg_names
-        signature = {n: "constexpr" if n in constexprs else types[n] for n in names}
-        source = ASTSource(kernel, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
-        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
-        ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-            f.write(compiled.asm["ptx"])
-        try:
-            report = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True,
-                                    text=True, check=True).stderr
-        finally:
-            os.unlink(f.name)
-        return sum(int(b) for b in re.findall(r"(\d+) bytes spill stores", report))
+        return spilled_bytes(compile_for_sm90(kernel, types, constexprs, num_warps))
 
     def meta(width, **kwargs):
         m = _rows.row_tiling(4096, width, **kwargs)
@@ -105,10 +85,7 @@ def compile_all() -> dict:
 
 @pytest.fixture(scope="module")
 def compiled():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.splitlines()[-1])
+    return child_report(__file__)
 
 
 @pytest.mark.parametrize("case", CASES)

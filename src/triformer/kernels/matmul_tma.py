@@ -14,9 +14,14 @@ small kernel adds each cut tile's float32 partial products (in a fixed order: de
 The whole tiles and the cut ones are two launches of the same kernel, so no branch enters its pipelined loop. The
 tuner times each schedule end to end. (A stream-K schedule, equal K-slices per SM with a runtime branch between
 finished and cut tiles, was 1.4–1.7× slower per K-iteration under triton 3.6 on an H200; reports/NOTES.md.)
+
+For nn.Linear's forward layout on an sm_90 GPU (A row-major, B = Wᵀ), the tuner also times matmul_ws.py's
+warp-specialized Gluon kernel, whose 128×(128+64) tiles fill two whole waves at N = 768.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -30,6 +35,12 @@ from .activation import apply_activation
 
 # False: every product runs matmul.py's pointer kernel (benchmarks compare the two).
 ENABLED = True
+# False: the tuner never offers matmul_ws.py's warp-specialized kernel.
+WARP_SPECIALIZED = True
+# Its tiles (BLOCK_N0, BLOCK_N1, STAGES) for the tuner, those that won somewhere in the H100 probe
+# (scripts/gpu_gluon_ws_probe.py): 128×(128+64) at N = 768, 128×(128+128) at N = 3072, 128×(64+64) for small
+# products.
+WARP_SPECIALIZED_CONFIGS = [(128, 64, 4), (128, 128, 3), (64, 64, 6)]
 # Tests set these to check every tile shape and schedule without autotuning: FORCED_SCHEDULE = (share of the tiles
 # computed whole, split of the others); None: all tiles whole.
 FORCED_CONFIG: triton.Config | None = None
@@ -225,8 +236,31 @@ def _partial_launch_meta(tile_meta: dict) -> dict:
     return cut
 
 
-def _candidates(M: int, N: int, K: int, num_sms: int) -> list:
-    """Launch metas for the tuner: every fitting tile with whole tiles, and cut where schedule_for says it pays."""
+# The warp-specialized Gluon kernel (matmul_ws.py) joins the tuner's candidates for products of at least this many
+# output elements (below, its extra compilations cost more than it can gain).
+WARP_SPECIALIZED_MIN_OUTPUTS = 1 << 20
+
+
+def warp_specialized_fits(a_trans: bool, b_trans: bool, device: torch.device, outputs: int) -> bool:
+    """Whether matmul_ws.py's kernel may take a product: nn.Linear's forward layout (A row-major, B = Wᵀ with W
+    row-major), a Hopper GPU (its warpgroup MMAs are sm_90's), a Triton with Gluon, a large enough output."""
+    return (WARP_SPECIALIZED and not a_trans and b_trans and outputs >= WARP_SPECIALIZED_MIN_OUTPUTS
+            and device.type == "cuda" and device_properties(device).major == 9 and _gluon_kernel() is not None)
+
+
+@functools.cache
+def _gluon_kernel():
+    """matmul_ws, imported on first use (Gluon has no interpreter); None where this Triton lacks what it uses."""
+    try:
+        from . import matmul_ws
+    except (ImportError, AttributeError):
+        return None
+    return matmul_ws
+
+
+def _candidates(M: int, N: int, K: int, num_sms: int, warp_specialized: bool = False) -> list:
+    """Launch metas for the tuner: every fitting tile with whole tiles, and cut where schedule_for says it pays;
+    with warp_specialized, matmul_ws.py's tiles too (metas {"WS_CONFIG": its config})."""
     candidates = []
     for config in fitting_configs(_TMA_CONFIGS, M, N, 2):
         meta = config.all_kwargs()
@@ -234,6 +268,8 @@ def _candidates(M: int, N: int, K: int, num_sms: int) -> list:
         scheduled = schedule_meta(meta, *schedule_for(M, N, K, meta, num_sms))
         if scheduled["SPLIT_K"] > 1 and scheduled not in candidates:
             candidates.append(scheduled)
+    if warp_specialized:
+        candidates += [{"WS_CONFIG": config} for config in WARP_SPECIALIZED_CONFIGS]
     return candidates
 
 
@@ -241,8 +277,12 @@ def launch_on(args: tuple, flags: dict, meta: dict, num_sms: int) -> None:
     """One product with args (a, b, c, preact, bias, M, N, K, stride_a, stride_b), flags and launch meta (a tile
     config with WHOLE_TILES and SPLIT_K, see schedule_meta) on at most num_sms persistent programs: the whole
     tiles, then the cut tiles' runs and the sum of their partials."""
-    use_descriptor_memory()
     a, b, c, preact, bias, M, N = args[:7]
+    if "WS_CONFIG" in meta:  # B transposed: b is its memory, W [N, K] (see tma_views)
+        _gluon_kernel().launch(a, b, c, preact if flags["STORE_PREACT"] else None,
+                               bias if flags["HAS_BIAS"] else None, flags["ACT"], meta["WS_CONFIG"], num_sms)
+        return
+    use_descriptor_memory()
     tile_meta = {k: v for k, v in meta.items() if k not in ("WHOLE_TILES", "SPLIT_K")}
     block_m, block_n = meta["BLOCK_M"], meta["BLOCK_N"]
     tiles = count_tiles(M, N, meta)
@@ -284,4 +324,6 @@ def launch(views, c: torch.Tensor, bias: torch.Tensor | None, preact: torch.Tens
         whole_share, split = FORCED_SCHEDULE or (1.0, 1)
         run(schedule_meta(meta, round(count_tiles(M, N, meta) * whole_share), split))
     else:
-        launch_tuned(("tma", M, N, K, c.dtype, *flags.values()), lambda: _candidates(M, N, K, num_sms), run)
+        launch_tuned(("tma", M, N, K, c.dtype, *flags.values()),
+                     lambda: _candidates(M, N, K, num_sms, warp_specialized_fits(a_trans, b_trans, c.device, M * N)),
+                     run)

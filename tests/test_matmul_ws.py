@@ -1,0 +1,126 @@
+"""The warp-specialized Gluon product (matmul_ws.py) on a Hopper GPU, launched directly with every tile the tuner
+offers, against float64: every activation, with and without bias and stored preactivation, bf16 and fp16, edges
+in every dimension (TMA zero-fills and clips them), one program for all tiles (the ring's phases wrap many times)
+and one per tile. Outputs are poisoned first. Also: the tuner offers it exactly for nn.Linear's forward layout.
+Gluon has no interpreter: on the CPU, tests/test_matmul_ws_compile.py compiles it for sm_90 instead."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness import ON_GPU, assert_close, randn, well_conditioned_norm
+from test_linear import REFERENCE_ACTIVATION, make_inputs, run_and_compare
+from triformer.kernels import _tiles, matmul_tma
+from triformer.kernels.activation import activation_code
+
+ON_HOPPER = ON_GPU and torch.cuda.get_device_capability()[0] == 9
+needs_hopper = pytest.mark.skipif(
+    not ON_HOPPER,
+    reason="Gluon has no interpreter and its warpgroup MMAs need an sm_90 GPU (compiled on the CPU instead)",
+)
+
+# (M, N, K): edges in every dimension (K a multiple of 8: TMA's 16-byte rows), the second tile column only
+# partly inside N (N1 block past N), a single row, and a product of many tiles per program.
+PRODUCTS = [(300, 200, 104), (129, 72, 48), (1, 8, 8), (1000, 328, 520), (640, 768, 256)]
+
+
+# (activation, bias?, preactivation stored?, dtype): every activation, flag and dtype at least once, kept few
+# because each is a compilation of its own.
+EPILOGUES = [
+    (None, True, False, torch.bfloat16), (None, False, True, torch.float16), ("relu", True, False, torch.bfloat16),
+    ("relu", False, False, torch.float16), ("gelu", True, True, torch.bfloat16), ("silu", False, True, torch.float16),
+]
+
+
+def epilogue_id(epilogue) -> str:
+    activation, has_bias, store_preact, dtype = epilogue
+    return (f"{activation}-{'bias' if has_bias else 'no-bias'}-{'preact' if store_preact else 'out-only'}-"
+            f"{str(dtype).removeprefix('torch.')}")
+
+
+@needs_hopper
+@pytest.mark.parametrize("epilogue", EPILOGUES, ids=epilogue_id)
+@pytest.mark.parametrize("programs", [1, 10_000])
+@pytest.mark.parametrize("config", matmul_tma.WARP_SPECIALIZED_CONFIGS, ids=str)
+@pytest.mark.parametrize("M,N,K", PRODUCTS)
+def test_warp_specialized_product(M, N, K, config, programs, epilogue, seed):
+    activation, has_bias, store_preact, dtype = epilogue
+    x, w = randn(M, K, dtype=dtype), randn(N, K, dtype=dtype)
+    bias = randn(N, dtype=dtype) if has_bias else None
+    c = torch.full((M, N), float("nan"), dtype=dtype, device=x.device)
+    preact = torch.full_like(c, float("nan")) if store_preact else None
+    matmul_tma._gluon_kernel().launch(x, w, c, preact, bias, activation_code(activation), config, programs)
+
+    x64, w64 = x.double().cpu(), w.double().cpu()
+    ref = x64 @ w64.t() + (bias.double().cpu() if has_bias else 0.0)
+    floor = well_conditioned_norm(x64, w64.t())
+    if store_preact:
+        assert_close(preact, ref, dtype, "preactivation", scale_floor=floor)
+    assert_close(c, REFERENCE_ACTIVATION[activation](ref), dtype, "output", scale_floor=floor)
+
+
+def test_offered_for_the_forward_layout_only():
+    device = torch.device("cuda" if ON_GPU else "cpu")
+    big = matmul_tma.WARP_SPECIALIZED_MIN_OUTPUTS
+    assert matmul_tma.warp_specialized_fits(False, True, device, big) == ON_HOPPER
+    assert not matmul_tma.warp_specialized_fits(False, False, device, big)  # dX = dZ·W: W as it lies
+    assert not matmul_tma.warp_specialized_fits(True, False, device, big)   # dW = dZᵀ·X
+    assert not matmul_tma.warp_specialized_fits(False, True, device, big - 1)
+    with_ws = matmul_tma._candidates(8192, 768, 3072, 132, warp_specialized=True)
+    assert [m["WS_CONFIG"] for m in with_ws if "WS_CONFIG" in m] == matmul_tma.WARP_SPECIALIZED_CONFIGS
+    assert not any("WS_CONFIG" in m for m in matmul_tma._candidates(8192, 768, 3072, 132))
+
+
+@needs_hopper
+@pytest.mark.parametrize("activation", [None, "gelu"])
+@pytest.mark.parametrize("config", matmul_tma.WARP_SPECIALIZED_CONFIGS, ids=str)
+def test_tuner_candidate_launches_it(config, activation, seed):
+    """launch_on with a {"WS_CONFIG": ...} meta, as the tuner calls it for y = act(x·Wᵀ + b): B = Wᵀ arrives as
+    W's memory (tma_views), and the flags choose bias and preactivation."""
+    M, N, K = 515, 392, 264
+    x, w, bias = randn(M, K, dtype=torch.bfloat16), randn(N, K, dtype=torch.bfloat16), randn(N, dtype=torch.bfloat16)
+    c = torch.full((M, N), float("nan"), dtype=torch.bfloat16, device=x.device)
+    preact = torch.full_like(c, float("nan"))
+    (a_view, a_trans), (b_view, b_trans) = matmul_tma.tma_views(x, w.t(), c)
+    assert (a_trans, b_trans) == (False, True) and b_view.data_ptr() == w.data_ptr()
+    args = (a_view, b_view, c, preact, bias, M, N, K, a_view.stride(0), b_view.stride(0))
+    flags = dict(HAS_BIAS=True, ACT=activation_code(activation), STORE_PREACT=True, A_TRANS=False, B_TRANS=True)
+    matmul_tma.launch_on(args, flags, {"WS_CONFIG": config}, 132)
+
+    ref = x.double().cpu() @ w.double().cpu().t() + bias.double().cpu()
+    floor = well_conditioned_norm(x.double().cpu(), w.double().cpu().t())
+    assert_close(preact, ref, torch.bfloat16, "preactivation", scale_floor=floor)
+    assert_close(c, REFERENCE_ACTIVATION[activation](ref), torch.bfloat16, "output", scale_floor=floor)
+
+
+@needs_hopper
+@pytest.mark.parametrize("activation", ["relu", "silu"])
+def test_linear_forward_through_the_tuner(activation, monkeypatch, seed):
+    """TritonLinear's functional form, forward and backward, with the tuner on and offered only this kernel for
+    the forward (the backward's products keep the Triton kernels): every output and gradient against float64."""
+    offered = matmul_tma._candidates
+
+    def forward_only_warp_specialized(M, N, K, num_sms, warp_specialized=False):
+        candidates = offered(M, N, K, num_sms, warp_specialized)
+        return [c for c in candidates if "WS_CONFIG" in c] if warp_specialized else candidates
+
+    monkeypatch.setattr(matmul_tma, "_candidates", forward_only_warp_specialized)
+    monkeypatch.setattr(_tiles, "_CHOSEN", {})
+    monkeypatch.setenv("TRIFORMER_AUTOTUNE", "1")
+    run_and_compare(*make_inputs(2060, 768, 1536, torch.bfloat16), activation, True, torch.bfloat16)
+    assert any(isinstance(choice, dict) and "WS_CONFIG" in choice for choice in _tiles._CHOSEN.values())
+
+
+@needs_hopper
+@pytest.mark.parametrize("config", matmul_tma.WARP_SPECIALIZED_CONFIGS, ids=str)
+def test_results_do_not_move_between_runs(config, seed):
+    """Same inputs, same outputs bit for bit over runs of many tiles per program: a race in the ring would show."""
+    x, w = randn(4100, 520, dtype=torch.bfloat16), randn(776, 520, dtype=torch.bfloat16)
+    bias = randn(776, dtype=torch.bfloat16)
+    outputs = []
+    for _ in range(3):
+        c, preact = (torch.full((4100, 776), float("nan"), dtype=torch.bfloat16, device=x.device) for _ in range(2))
+        matmul_tma._gluon_kernel().launch(x, w, c, preact, bias, activation_code("gelu"), config, 7)
+        outputs.append((c, preact))
+    assert all(torch.equal(a, b) for other in outputs[1:] for a, b in zip(outputs[0], other))
