@@ -22,6 +22,8 @@ Gluon has no interpreter: on the CPU this module is only compiled for sm_90 (tes
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 from triton.experimental import gluon
@@ -173,9 +175,15 @@ def _linear_ws_kernel(x_desc, w_desc_0, w_desc_1, c_desc_0, c_desc_1, preact_des
 _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 
 
+@functools.cache
+def _shared_layout(block: tuple, dtype: torch.dtype) -> gl.NVMMASharedLayout:
+    """The swizzled shared-memory layout of a TMA block (built once: building one takes ~9 µs of host time, and a
+    launch needs up to seven descriptors)."""
+    return gl.NVMMASharedLayout.get_default_for(list(block), _GL_DTYPES[dtype])
+
+
 def _descriptor(t: torch.Tensor, block: list) -> TensorDescriptor:
-    layout = gl.NVMMASharedLayout.get_default_for(block, _GL_DTYPES[t.dtype])
-    return TensorDescriptor.from_tensor(t, block, layout)
+    return TensorDescriptor.from_tensor(t, block, _shared_layout(tuple(block), t.dtype))
 
 
 def launch(x: torch.Tensor, w: torch.Tensor, c: torch.Tensor, preact: torch.Tensor | None,
