@@ -124,3 +124,16 @@ def test_results_do_not_move_between_runs(config, seed):
         matmul_tma._gluon_kernel().launch(x, w, c, preact, bias, activation_code("gelu"), config, 7)
         outputs.append((c, preact))
     assert all(torch.equal(a, b) for other in outputs[1:] for a, b in zip(outputs[0], other))
+
+
+def test_older_tritons_never_get_it(monkeypatch):
+    """Gluon's API moves between Triton releases: below GLUON_MIN_TRITON the tuner never offers the kernel."""
+    monkeypatch.setattr(matmul_tma.triton, "__version__", "3.5.1")
+    matmul_tma._gluon_kernel.cache_clear()
+    try:
+        assert matmul_tma._gluon_kernel() is None
+        assert not matmul_tma.warp_specialized_fits(False, True, torch.device("cuda"), 1 << 30)
+    finally:
+        monkeypatch.undo()
+        matmul_tma._gluon_kernel.cache_clear()
+    assert matmul_tma._gluon_kernel() is not None  # this Triton (≥ 3.6 here and on the GPU hosts) has it

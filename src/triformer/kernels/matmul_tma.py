@@ -245,12 +245,20 @@ def warp_specialized_fits(a_trans: bool, b_trans: bool, device: torch.device, ou
     """Whether matmul_ws.py's kernel may take a product: nn.Linear's forward layout (A row-major, B = Wᵀ with W
     row-major), a Hopper GPU (its warpgroup MMAs are sm_90's), a Triton with Gluon, a large enough output."""
     return (WARP_SPECIALIZED and not a_trans and b_trans and outputs >= WARP_SPECIALIZED_MIN_OUTPUTS
-            and device.type == "cuda" and device_properties(device).major == 9 and _gluon_kernel() is not None)
+            and device.type == "cuda" and _gluon_kernel() is not None and device_properties(device).major == 9)
+
+
+# The first Triton whose Gluon this kernel was run with (3.6 on the GPU hosts; 3.8 compiles it too). Gluon is
+# experimental and its API moves between releases.
+GLUON_MIN_TRITON = (3, 6)
 
 
 @functools.cache
 def _gluon_kernel():
-    """matmul_ws, imported on first use (Gluon has no interpreter); None where this Triton lacks what it uses."""
+    """matmul_ws, imported on first use (Gluon has no interpreter); None where this Triton is older than
+    GLUON_MIN_TRITON or lacks what it uses."""
+    if tuple(int(part) for part in triton.__version__.split(".")[:2]) < GLUON_MIN_TRITON:
+        return None
     try:
         from . import matmul_ws
     except (ImportError, AttributeError):
