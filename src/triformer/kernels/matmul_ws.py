@@ -16,7 +16,7 @@ reading it (one arrival each). The epilogue (bias, activation, bf16/fp16) goes t
 stores, which clip at the edges; TMA loads zero-fill past them. Persistent: program p takes tiles p, p + P, ...
 
 Measured on an H100 (reports/NOTES.md, sixth session): 8192×3072×768 forward 59 µs against 65 µs for the
-Triton TMA kernel (cuBLASLt 52.7 µs). matmul_tma's tuner times these tiles beside its own where `supports` holds.
+Triton TMA kernel (cuBLASLt 52.7 µs). matmul_tma's tuner times these tiles beside its own where `warp_specialized_fits` holds.
 Gluon has no interpreter: on the CPU this module is only compiled for sm_90 (tests/test_matmul_ws_compile.py).
 """
 
@@ -41,7 +41,7 @@ _partition_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 BLOCK_M, BLOCK_K = 128, 64
 MMA_PARTITIONS = 2  # one warpgroup (4 warps) each, BLOCK_M / 2 rows of every tile
 _PRODUCER_REGS, _MMA_REGS = 40, 232
-
+GROUP_M = gl.constexpr(8)  # rows of tiles that sweep the columns together (grouped_tile)
 
 
 @gluon.jit
@@ -56,7 +56,7 @@ def _load_partition(x_desc, w_desc_0, w_desc_1, a_ring, b0_ring, b1_ring, ready,
     k_steps = gl.cdiv(K, BK)
     step = 0
     for tile in range(gl.program_id(0), tiles_m * tiles_n, gl.num_programs(0)):
-        pid_m, pid_n = grouped_tile(tile, tiles_m, tiles_n, 8)
+        pid_m, pid_n = grouped_tile(tile, tiles_m, tiles_n, GROUP_M)
         row, col = pid_m * BM, pid_n * (BLOCK_N0 + BLOCK_N1)
         for kk in range(k_steps):
             slot = step % STAGES
@@ -129,7 +129,7 @@ def _mma_partition(outputs, a_ring, b0_ring, b1_ring, ready, empty, bias_ptr, M,
             acc0, acc1 = warpgroup_mma_wait(num_outstanding=2, deps=(acc0, acc1))
             mbarrier.arrive(empty.index((step + STAGES - 1) % STAGES), pred=kk > 0)
             step += 1
-        pid_m, pid_n = grouped_tile(tile, tiles_m, tiles_n, 8)
+        pid_m, pid_n = grouped_tile(tile, tiles_m, tiles_n, GROUP_M)
         row, col = pid_m * BM + PART * ROWS, pid_n * (BLOCK_N0 + BLOCK_N1)
         bias0 = _bias_row(bias_ptr, col, N, BLOCK_N0, layout0, HAS_BIAS)  # loaded while the last MMAs finish
         bias1 = _bias_row(bias_ptr, col + BLOCK_N0, N, BLOCK_N1, layout1, HAS_BIAS)
