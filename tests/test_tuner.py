@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from triton.compiler.errors import CompilationError
 from triton.runtime.errors import OutOfResources
 
 from triformer.kernels import _tiles
@@ -23,6 +24,8 @@ def fake_clock(monkeypatch):
         timed.append(candidate)
         if candidate == "too big":
             raise OutOfResources(300_000, 232_448, "shared memory")
+        if candidate == "other dialect":  # e.g. a Gluon kernel whose API this Triton changed
+            raise CompilationError(None, None, "unsupported")
         return {"slow": 2.0, "fast": 0.5, "medium": 1.0}[candidate]
 
     launched = []
@@ -33,11 +36,12 @@ def fake_clock(monkeypatch):
 
 def test_launches_the_fastest_and_skips_what_does_not_compile(fake_clock):
     launched, timed = fake_clock
-    _tiles.launch_tuned(("key",), lambda: ["slow", "too big", "fast", "medium"], launched.append)
-    assert timed == ["slow", "too big", "fast", "medium"]
+    _tiles.launch_tuned(("key",), lambda: ["slow", "too big", "fast", "other dialect", "medium"], launched.append)
+    assert timed == ["slow", "too big", "fast", "other dialect", "medium"]
     assert launched[-1] == "fast"  # after timing, the pick itself is launched
     assert _tiles._CHOSEN[("key",)] == "fast"
-    assert _tiles.TIMED[("key",)] == [("slow", 2.0), ("too big", float("inf")), ("fast", 0.5), ("medium", 1.0)]
+    assert _tiles.TIMED[("key",)] == [("slow", 2.0), ("too big", float("inf")), ("fast", 0.5),
+                                      ("other dialect", float("inf")), ("medium", 1.0)]
 
 
 def test_a_key_is_timed_once(fake_clock):

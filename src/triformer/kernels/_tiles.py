@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 import triton.testing
+from triton.compiler.errors import CompilationError
 from triton.runtime.errors import OutOfResources, PTXASError
 
 
@@ -89,7 +90,7 @@ def _fastest(key: tuple, candidates: list, run):
     def time_ms(candidate) -> float:
         try:
             return queued_ms(lambda: run(candidate))
-        except (OutOfResources, PTXASError):
+        except (OutOfResources, PTXASError, CompilationError):
             return float("inf")
 
     times = [time_ms(c) for c in candidates]

@@ -284,7 +284,8 @@ def _candidates(M: int, N: int, K: int, num_sms: int, warp_specialized: bool = F
 def launch_on(args: tuple, flags: dict, meta: dict, num_sms: int) -> None:
     """One product with args (a, b, c, preact, bias, M, N, K, stride_a, stride_b), flags and launch meta (a tile
     config with WHOLE_TILES and SPLIT_K, see schedule_meta) on at most num_sms persistent programs: the whole
-    tiles, then the cut tiles' runs and the sum of their partials."""
+    tiles, then the cut tiles' runs and the sum of their partials. A meta {"WS_CONFIG": tile} runs matmul_ws.py's
+    kernel instead (A row-major, B transposed)."""
     a, b, c, preact, bias, M, N = args[:7]
     if "WS_CONFIG" in meta:  # B transposed: b is its memory, W [N, K] (see tma_views)
         _gluon_kernel().launch(a, b, c, preact if flags["STORE_PREACT"] else None,
@@ -332,6 +333,7 @@ def launch(views, c: torch.Tensor, bias: torch.Tensor | None, preact: torch.Tens
         whole_share, split = FORCED_SCHEDULE or (1.0, 1)
         run(schedule_meta(meta, round(count_tiles(M, N, meta) * whole_share), split))
     else:
-        launch_tuned(("tma", M, N, K, c.dtype, *flags.values()),
+        props = device_properties(c.device)  # a pick holds for one kind of GPU, with or without the Gluon kernel
+        launch_tuned(("tma", M, N, K, c.dtype, *flags.values(), props.major, props.minor, WARP_SPECIALIZED),
                      lambda: _candidates(M, N, K, num_sms, warp_specialized_fits(a_trans, b_trans, c.device, M * N)),
                      run)

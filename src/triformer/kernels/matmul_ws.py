@@ -16,7 +16,8 @@ reading it (one arrival each). The epilogue (bias, activation, bf16/fp16) goes t
 stores, which clip at the edges; TMA loads zero-fill past them. Persistent: program p takes tiles p, p + P, ...
 
 Measured on an H100 (reports/NOTES.md, sixth session): 8192×3072×768 forward 59 µs against 65 µs for the
-Triton TMA kernel (cuBLASLt 52.7 µs). matmul_tma's tuner times these tiles beside its own where `warp_specialized_fits` holds.
+Triton TMA kernel (cuBLASLt 52.7 µs). matmul_tma's tuner times these tiles beside its own where
+`warp_specialized_fits` holds.
 Gluon has no interpreter: on the CPU this module is only compiled for sm_90 (tests/test_matmul_ws_compile.py).
 """
 
