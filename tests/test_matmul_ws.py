@@ -10,14 +10,13 @@ import types
 
 import pytest
 import torch
-import triton
 
 from harness import ON_GPU, assert_close, randn, well_conditioned_norm
 from test_linear import REFERENCE_ACTIVATION, make_inputs, run_and_compare
 from triformer.kernels import _tiles, matmul_tma
 from triformer.kernels.activation import activation_code
 
-TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
+GLUON_TRITON = matmul_tma.gluon_triton()  # before any test patches the version
 ON_HOPPER = ON_GPU and torch.cuda.get_device_capability()[0] == 9
 needs_hopper = pytest.mark.skipif(
     not ON_HOPPER,
@@ -156,5 +155,5 @@ def test_older_tritons_never_get_it(monkeypatch):
     finally:
         monkeypatch.undo()
         matmul_tma._gluon_kernel.cache_clear()
-    if TRITON_VERSION >= matmul_tma.GLUON_MIN_TRITON:  # the lock's 3.8 here, 3.6 on the GPU hosts
+    if GLUON_TRITON:  # the lock's 3.8 here, 3.6 on the GPU hosts
         assert matmul_tma._gluon_kernel() is not None

@@ -7,16 +7,14 @@ from __future__ import annotations
 import json
 
 import pytest
-import triton
 
 from harness import ON_GPU
 from sm90_compile import child_report, compile_for_sm90, spilled_bytes
-from triformer.kernels.matmul_tma import GLUON_MIN_TRITON, WARP_SPECIALIZED_CONFIGS
+from triformer.kernels.matmul_tma import GLUON_MIN_TRITON, WARP_SPECIALIZED_CONFIGS, gluon_triton
 
 pytestmark = [
     pytest.mark.skipif(ON_GPU, reason="on a GPU test_matmul_ws.py compiles and runs the kernel natively"),
-    pytest.mark.skipif(tuple(int(p) for p in triton.__version__.split(".")[:2]) < GLUON_MIN_TRITON,
-                       reason=f"the Gluon kernel is offered from Triton {GLUON_MIN_TRITON} on"),
+    pytest.mark.skipif(not gluon_triton(), reason=f"the Gluon kernel is offered from Triton {GLUON_MIN_TRITON} on"),
 ]
 
 SM90_SHARED_MEMORY = 227 * 1024  # the most one block may opt into on an H100

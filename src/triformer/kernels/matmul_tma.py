@@ -253,11 +253,16 @@ def warp_specialized_fits(a_trans: bool, b_trans: bool, device: torch.device, ou
 GLUON_MIN_TRITON = (3, 6)
 
 
+def gluon_triton() -> bool:
+    """Whether this Triton is GLUON_MIN_TRITON or newer (read at each call: tests patch triton.__version__)."""
+    return tuple(int(part) for part in triton.__version__.split(".")[:2]) >= GLUON_MIN_TRITON
+
+
 @functools.cache
 def _gluon_kernel():
     """matmul_ws, imported on first use (Gluon has no interpreter); None where this Triton is older than
     GLUON_MIN_TRITON or lacks what it uses."""
-    if tuple(int(part) for part in triton.__version__.split(".")[:2]) < GLUON_MIN_TRITON:
+    if not gluon_triton():
         return None
     try:
         from . import matmul_ws
