@@ -3,10 +3,10 @@ its tiles, beside the library as tuned (which may pick it), torch.mm and torch._
 relu(X·Wᵀ + b) in bf16; GPU time (CUDA graph, L2 flushed), the error against float32. Not part of the pipeline.
 
 The design was chosen here (sixth session, H100 logs reports/gpu/h100-2026-11-26f-gluon-ws-probe*.log; the probe's
-kernel as it was then is in git history, commit dd6d82b): a producer warp and MMA partitions of one warpgroup
-each (59.1 µs at 8192×3072×768) beat one 8-warp MMA partition synchronised at every K step (59.6), a single
-partition issuing loads and MMAs (80, gpu_gluon_probe.py), epilogue stores straight from registers with one more
-stage (66–69) and 32-deep K steps with twice the stages (69).
+kernel as it was then is in git history, commit dd6d82b): a producer warp and MMA partitions of one warpgroup each
+(59.1 µs at 8192×3072×768) beat one 8-warp MMA partition synchronised at every K step (59.6), a single partition
+issuing loads and MMAs (80; gpu_gluon_probe.py, removed after e6c30d8), epilogue stores straight from registers with
+one more stage (66–69) and 32-deep K steps with twice the stages (69).
 """
 
 import torch
