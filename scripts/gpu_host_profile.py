@@ -12,7 +12,8 @@ import triton
 import triton.language as tl
 
 import triformer.functional as TF
-from triformer.kernels import norms
+from triformer.kernels import matmul_tma, norms
+from triformer.kernels.matmul import matmul
 
 
 @triton.jit
@@ -82,13 +83,33 @@ cases.update({
     "TF.layer_norm backward only": lambda: torch.autograd.grad(y_ours, (x, w, b), dy, retain_graph=True),
     "F.layer_norm backward only": lambda: torch.autograd.grad(y_torch, (x, w, b), dy, retain_graph=True),
 })
+# The warp-specialized Gluon product (seven TMA descriptors a launch) beside the Triton TMA kernel, at a product
+# just large enough for the tuner to offer it (2²⁰ outputs) and small enough to leave the host the bottleneck.
+xg, wg, bg = (torch.randn(*shape, device=dev, dtype=bf) for shape in ((1024, 64), (1024, 64), (1024,)))
+cg = torch.empty(1024, 1024, device=dev, dtype=bf)
+ws = matmul_tma._gluon_kernel()
+if ws is not None:
+    cases["matmul_ws.launch (Gluon kernel, direct)"] = lambda: ws.launch(xg, wg, cg, None, bg, 1,
+                                                                         matmul_tma.WARP_SPECIALIZED_CONFIGS[0], 132)
+cases["matmul 1024x64x1024 (tuned, Gluon offered)"] = lambda: matmul(xg, wg.t(), bias=bg, activation="relu")
+
+
+def without_gluon():
+    matmul_tma.WARP_SPECIALIZED = False
+    try:
+        return matmul(xg, wg.t(), bias=bg, activation="relu")
+    finally:
+        matmul_tma.WARP_SPECIALIZED = True
+
+
+cases["matmul 1024x64x1024 (tuned, Triton only)"] = without_gluon
 print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)
 print(f"{'case':40s} {'host us/call':>12s}")
 for name, fn in cases.items():
     with torch.no_grad() if "no_grad" in name else torch.enable_grad():
         print(f"{name:40s} {per_call_us(fn):12.1f}", flush=True)
 
-for name in ("TF.layer_norm fwd+bwd", "TF.linear relu fwd+bwd"):
+for name in [n for n in ("TF.linear relu fwd+bwd", "matmul_ws.launch (Gluon kernel, direct)") if n in cases]:
     profile = cProfile.Profile()
     profile.enable()
     for _ in range(300):

@@ -49,12 +49,17 @@ def best_tile(a, b, cut):
     return best
 
 
+def ws_label(config: tuple) -> str:
+    """matmul_ws.py's config (BLOCK_N0, BLOCK_N1, STAGES, schedule) in short: 'ws128x(128+64)s4', '…pp'."""
+    n0, n1, stages, schedule = config
+    return f"ws128x({n0}+{n1})s{stages}" + ("pp" if schedule == "pingpong" else "")
+
+
 def candidate_label(meta: dict) -> str:
     """A tuner candidate in short: '128x256s3' (whole tiles), '128x256s3/k2' (the last wave cut two ways),
-    'ws128x(128+64)s4' (the warp-specialized Gluon kernel)."""
+    'ws128x(128+64)s4' (the warp-specialized Gluon kernel; 'pp' appended for its ping-pong schedule)."""
     if "WS_CONFIG" in meta:
-        n0, n1, stages = meta["WS_CONFIG"]
-        return f"ws128x({n0}+{n1})s{stages}"
+        return ws_label(meta["WS_CONFIG"])
     tile = f"{meta['BLOCK_M']}x{meta['BLOCK_N']}s{meta['num_stages']}"
     return tile + (f"/k{meta['SPLIT_K']}" if meta["SPLIT_K"] > 1 else "")
 

@@ -1,7 +1,7 @@
 """The warp-specialized Gluon product (matmul_ws.py) on a Hopper GPU, launched directly with every tile the tuner
 offers, against float64: every activation, with and without bias and stored preactivation, bf16 and fp16, edges
-in every dimension (TMA zero-fills and clips them), one program for all tiles (the ring's phases wrap many times)
-and one per tile. Outputs are poisoned first. Also: the tuner offers it exactly for nn.Linear's forward layout.
+in every dimension (TMA zero-fills and clips them), one program for all tiles (the ring's phases wrap many times),
+three (the ping-pong partitions get unequal tile counts) and one per tile (the second ping-pong partition idles). Outputs are poisoned first. Also: the tuner offers it exactly for nn.Linear's forward layout.
 Gluon has no interpreter: on the CPU, tests/test_matmul_ws_compile.py compiles it for sm_90 instead."""
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ needs_hopper = pytest.mark.skipif(
 )
 
 # (M, N, K): edges in every dimension (K a multiple of 8: TMA's 16-byte rows), the second tile column only
-# partly inside N (N1 block past N), a single row, and a product of many tiles per program.
-PRODUCTS = [(300, 200, 104), (129, 72, 48), (1, 8, 8), (1000, 328, 520), (640, 768, 256)]
+# partly inside N (N1 block past N), a single row, a product of many tiles per program, and many tiles of one K
+# step each (the ping-pong partitions' epilogues overlap: their staging buffers must not).
+PRODUCTS = [(300, 200, 104), (129, 72, 48), (1, 8, 8), (1000, 328, 520), (640, 768, 256), (1024, 768, 16)]
 
 
 # (activation, bias?, preactivation stored?, dtype): every activation, flag and dtype at least once, kept few
@@ -44,7 +45,7 @@ def epilogue_id(epilogue) -> str:
 
 @needs_hopper
 @pytest.mark.parametrize("epilogue", EPILOGUES, ids=epilogue_id)
-@pytest.mark.parametrize("programs", [1, 10_000])
+@pytest.mark.parametrize("programs", [1, 3, 10_000])
 @pytest.mark.parametrize("config", matmul_tma.WARP_SPECIALIZED_CONFIGS, ids=str)
 @pytest.mark.parametrize("M,N,K", PRODUCTS)
 def test_warp_specialized_product(M, N, K, config, programs, epilogue, seed):
@@ -80,6 +81,10 @@ def test_offered_for_the_forward_layout_only(monkeypatch):
     assert not matmul_tma.warp_specialized_fits(False, True, cuda, big)  # Blackwell has no warpgroup MMA
     with_ws = matmul_tma._candidates(8192, 768, 3072, 132, warp_specialized=True)
     assert [m["WS_CONFIG"] for m in with_ws if "WS_CONFIG" in m] == matmul_tma.WARP_SPECIALIZED_CONFIGS
+    training = matmul_tma._candidates(8192, 768, 3072, 132, warp_specialized=True, store_preact=True)
+    offered = [m["WS_CONFIG"] for m in training if "WS_CONFIG" in m]
+    assert offered and not set(offered) & set(matmul_tma.WARP_SPECIALIZED_INFERENCE_ONLY)
+    assert set(offered) | set(matmul_tma.WARP_SPECIALIZED_INFERENCE_ONLY) == set(matmul_tma.WARP_SPECIALIZED_CONFIGS)
     assert not any("WS_CONFIG" in m for m in matmul_tma._candidates(8192, 768, 3072, 132))
 
 
@@ -120,8 +125,8 @@ def test_linear_forward_through_the_tuner(activation, monkeypatch, seed):
     the forward (the backward's products keep the Triton kernels): every output and gradient against float64."""
     offered = matmul_tma._candidates
 
-    def forward_only_warp_specialized(M, N, K, num_sms, warp_specialized=False):
-        candidates = offered(M, N, K, num_sms, warp_specialized)
+    def forward_only_warp_specialized(M, N, K, num_sms, warp_specialized=False, store_preact=False):
+        candidates = offered(M, N, K, num_sms, warp_specialized, store_preact)
         return [c for c in candidates if "WS_CONFIG" in c] if warp_specialized else candidates
 
     monkeypatch.setattr(matmul_tma, "_candidates", forward_only_warp_specialized)

@@ -37,10 +37,14 @@ from .activation import apply_activation
 ENABLED = True
 # False: the tuner never offers matmul_ws.py's warp-specialized kernel.
 WARP_SPECIALIZED = True
-# Its tiles (BLOCK_N0, BLOCK_N1, STAGES) for the tuner, those that won somewhere in the H100 probe
-# (scripts/gpu_gluon_ws_probe.py): 128×(128+64) at N = 768, 128×(128+128) at N = 3072, 128×(64+64) for small
-# products.
-WARP_SPECIALIZED_CONFIGS = [(128, 64, 4), (128, 128, 3), (64, 64, 6)]
+# Its tiles (BLOCK_N0, BLOCK_N1, STAGES, schedule) for the tuner, those that won somewhere in the H100 probe
+# (scripts/gpu_gluon_ws_probe.py): 128×(128+64) at N = 768 (ping-pong for inference, cooperative when the
+# preactivation is stored), 128×(128+128) at N = 3072, ping-pong 128×(64+64) at N = 3072 and 4096.
+WARP_SPECIALIZED_CONFIGS = [(128, 64, 4, "cooperative"), (128, 128, 3, "cooperative"), (64, 64, 5, "pingpong"),
+                            (128, 64, 4, "pingpong")]
+# Tiles not offered when the preactivation is stored: the ping-pong 128×(128+64) tile holds 192 accumulator
+# registers a thread, and its epilogue spills kilobytes when it stores two outputs (tests/test_matmul_ws_compile.py).
+WARP_SPECIALIZED_INFERENCE_ONLY = [(128, 64, 4, "pingpong")]
 # Tests set these to check every tile shape and schedule without autotuning: FORCED_SCHEDULE = (share of the tiles
 # computed whole, split of the others); None: all tiles whole.
 FORCED_CONFIG: triton.Config | None = None
@@ -271,9 +275,11 @@ def _gluon_kernel():
     return matmul_ws
 
 
-def _candidates(M: int, N: int, K: int, num_sms: int, warp_specialized: bool = False) -> list:
+def _candidates(M: int, N: int, K: int, num_sms: int, warp_specialized: bool = False,
+                store_preact: bool = False) -> list:
     """Launch metas for the tuner: every fitting tile with whole tiles, and cut where schedule_for says it pays;
-    with warp_specialized, matmul_ws.py's tiles too (metas {"WS_CONFIG": its config})."""
+    with warp_specialized, matmul_ws.py's tiles too (metas {"WS_CONFIG": its config}), those for inference only
+    when no preactivation is stored."""
     candidates = []
     for config in fitting_configs(_TMA_CONFIGS, M, N, 2):
         meta = config.all_kwargs()
@@ -282,7 +288,8 @@ def _candidates(M: int, N: int, K: int, num_sms: int, warp_specialized: bool = F
         if scheduled["SPLIT_K"] > 1 and scheduled not in candidates:
             candidates.append(scheduled)
     if warp_specialized:
-        candidates += [{"WS_CONFIG": config} for config in WARP_SPECIALIZED_CONFIGS]
+        candidates += [{"WS_CONFIG": config} for config in WARP_SPECIALIZED_CONFIGS
+                       if not (store_preact and config in WARP_SPECIALIZED_INFERENCE_ONLY)]
     return candidates
 
 
@@ -340,5 +347,6 @@ def launch(views, c: torch.Tensor, bias: torch.Tensor | None, preact: torch.Tens
     else:
         props = device_properties(c.device)  # a pick holds for one kind of GPU, with or without the Gluon kernel
         launch_tuned(("tma", M, N, K, c.dtype, *flags.values(), props.major, props.minor, WARP_SPECIALIZED),
-                     lambda: _candidates(M, N, K, num_sms, warp_specialized_fits(a_trans, b_trans, c.device, M * N)),
+                     lambda: _candidates(M, N, K, num_sms, warp_specialized_fits(a_trans, b_trans, c.device, M * N),
+                                         flags["STORE_PREACT"]),
                      run)
