@@ -48,3 +48,14 @@ def child_report(script: str) -> dict:
     done = subprocess.run([sys.executable, script], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.splitlines()[-1])
+
+
+def report_each(cases: dict) -> dict:
+    """name → what cases[name]() returns, or the exception it raised as text (each test reports its own case)."""
+    results = {}
+    for name, case in cases.items():
+        try:
+            results[name] = case()
+        except Exception as exc:
+            results[name] = f"{type(exc).__name__}: {exc}"
+    return results

@@ -5,12 +5,13 @@ Gluon has no interpreter, so this is all the CPU can check; tests/test_matmul_ws
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
 
 from harness import ON_GPU
-from sm90_compile import child_report, compile_for_sm90, spilled_bytes
+from sm90_compile import child_report, compile_for_sm90, report_each, spilled_bytes
 from triformer.kernels.matmul_tma import (GLUON_MIN_TRITON, WARP_SPECIALIZED_CONFIGS, WARP_SPECIALIZED_INFERENCE_ONLY,
                                           gluon_triton)
 
@@ -30,6 +31,8 @@ def case_name(config: tuple, epilogue: tuple) -> str:
 
 
 CASES = [case_name(config, epilogue) for config in WARP_SPECIALIZED_CONFIGS for epilogue in EPILOGUES]
+INFERENCE_ONLY_CASES = {case_name(config, epilogue) for config in WARP_SPECIALIZED_INFERENCE_ONLY
+                        for epilogue in EPILOGUES}
 
 
 def compile_all() -> dict:
@@ -57,14 +60,8 @@ def compile_all() -> dict:
         compiled = compile_for_sm90(matmul_ws._linear_ws_kernel, types, constexprs, 4, GluonASTSource)
         return {"spills": spilled_bytes(compiled), "shared": compiled.metadata.shared}
 
-    results = {}
-    for config in WARP_SPECIALIZED_CONFIGS:
-        for epilogue in EPILOGUES:
-            try:
-                results[case_name(config, epilogue)] = case(*config, *epilogue)
-            except Exception as exc:  # reported per case by the test
-                results[case_name(config, epilogue)] = f"{type(exc).__name__}: {exc}"
-    return results
+    return report_each({case_name(config, epilogue): functools.partial(case, *config, *epilogue)
+                        for config in WARP_SPECIALIZED_CONFIGS for epilogue in EPILOGUES})
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +74,7 @@ def test_compiles_for_sm90_and_fits(case, compiled):
     result = compiled[case]
     assert isinstance(result, dict), f"{case} does not compile for sm_90: {result}"
     assert result["shared"] <= SM90_SHARED_MEMORY, f"{case} needs {result['shared']} bytes of shared memory"
-    inference_only = [case_name(config, EPILOGUES[0]).split("-")[0] for config in WARP_SPECIALIZED_INFERENCE_ONLY]
-    if case.split("-")[0] in inference_only:
+    if case in INFERENCE_ONLY_CASES:
         # 192 accumulator registers a thread: it spills a few hundred bytes (triton 3.8: 216; it measured fastest at
         # N = 768 all the same); with the preactivation stored, kilobytes: the tuner does not offer it then.
         if "-relu-out-" in case:

@@ -8,12 +8,13 @@ process started without it (this file run as a script), which reports every case
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
 
 from harness import ON_GPU
-from sm90_compile import child_report, compile_for_sm90, spilled_bytes
+from sm90_compile import child_report, compile_for_sm90, report_each, spilled_bytes
 
 pytestmark = pytest.mark.skipif(ON_GPU, reason="on a GPU every other test compiles these kernels natively")
 
@@ -74,13 +75,7 @@ def compile_all() -> dict:
                     "scale": spills(cross_entropy._scale_rows_kernel, SCALE_ROWS, {"BLOCK_N": 4096}, 8)}
         return {"dropout": spills(dropout._dropout_kernel, DROPOUT, {"BLOCK": dropout.BLOCK}, 4)}
 
-    results = {}
-    for name in CASES:
-        try:
-            results[name] = case(name)
-        except Exception as exc:  # reported per case by the test
-            results[name] = f"{type(exc).__name__}: {exc}"
-    return results
+    return report_each({name: functools.partial(case, name) for name in CASES})
 
 
 @pytest.fixture(scope="module")

@@ -82,6 +82,14 @@ def _bias_row(bias_ptr, col, N, WIDTH: gl.constexpr, layout: gl.constexpr, HAS_B
 
 
 @gluon.jit
+def _bias_rows(bias_ptr, col, N, BLOCK_N0: gl.constexpr, BLOCK_N1: gl.constexpr, layout0: gl.constexpr,
+               layout1: gl.constexpr, HAS_BIAS: gl.constexpr):
+    """The bias rows of a tile's two accumulators, whose columns start at col and col + BLOCK_N0."""
+    return (_bias_row(bias_ptr, col, N, BLOCK_N0, layout0, HAS_BIAS),
+            _bias_row(bias_ptr, col + BLOCK_N0, N, BLOCK_N1, layout1, HAS_BIAS))
+
+
+@gluon.jit
 def _store_through(value, desc, staging, row, col):
     """desc[row:, col:] = value (cast to desc's dtype) through the staging buffer and one TMA store."""
     staging.store(value.to(desc.dtype))
@@ -153,13 +161,11 @@ def _mma_partition(outputs, a_ring, b0_ring, b1_ring, ready, empty, turn, bias_p
         pid_m, pid_n = grouped_tile(tile, tiles_m, tiles_n, GROUP_M)
         row, col = pid_m * BM + FIRST_ROW, pid_n * (BLOCK_N0 + BLOCK_N1)
         if not PINGPONG:  # loaded while the last MMAs finish (a ping-pong tile's accumulators leave no room)
-            bias0 = _bias_row(bias_ptr, col, N, BLOCK_N0, layout0, HAS_BIAS)
-            bias1 = _bias_row(bias_ptr, col + BLOCK_N0, N, BLOCK_N1, layout1, HAS_BIAS)
+            bias0, bias1 = _bias_rows(bias_ptr, col, N, BLOCK_N0, BLOCK_N1, layout0, layout1, HAS_BIAS)
         acc0, acc1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc0, acc1))
         mbarrier.arrive(empty.index((step + STAGES - 1) % STAGES))  # the tile's last slot
         if PINGPONG:
-            bias0 = _bias_row(bias_ptr, col, N, BLOCK_N0, layout0, HAS_BIAS)
-            bias1 = _bias_row(bias_ptr, col + BLOCK_N0, N, BLOCK_N1, layout1, HAS_BIAS)
+            bias0, bias1 = _bias_rows(bias_ptr, col, N, BLOCK_N0, BLOCK_N1, layout0, layout1, HAS_BIAS)
         _epilogue(acc0 + bias0, c_desc_0, preact_desc_0, staging_0, row, col, ACT, STORE_PREACT, not PINGPONG)
         _epilogue(acc1 + bias1, c_desc_1, preact_desc_1, staging_1, row, col + BLOCK_N0, ACT, STORE_PREACT,
                   not PINGPONG)
