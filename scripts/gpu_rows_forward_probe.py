@@ -9,8 +9,12 @@ dropout with cache hints on every load and store (copies of the library's kernel
 swapped for hinted ones) against the library. With `softmax`: the softmax forward by warps, and as a one-row 1-D
 kernel, beside Liger-Kernel's when installed. With `liger`: the norms' forward kernel by rows per program and warps
 (and LayerNorm as a one-row 1-D kernel) beside Liger-Kernel's modules, in five interleaved rounds (medians), to see
-whether any launch shape is faster than Liger's where the library is level with it. Prints tables; not part of
-the pipeline."""
+whether any launch shape is faster than Liger's where the library is level with it. With `softmax-liger`:
+the softmax forward and backward by launch beside Liger-Kernel's kernels (timed twice, to show the spread); with
+`launch`: the norm forwards at
+4096 and 8192 columns by parameter order, rows per program and warps; with `flags`: the norm forwards with
+either order of the parameter loads at the library's launch. Prints tables; not part of the
+pipeline."""
 
 import importlib.util
 import itertools
@@ -127,16 +131,21 @@ def _hinted_store(ptr, value, mask=None):
 """
 
 
-def _hinted_module(name: str, tag: int, load: str, store: str):
-    """A copy of triformer.kernels.<name> whose kernels load and store with the given keyword hints."""
+def _module_variant(name: str, stem: str, edit):
+    """A copy of triformer.kernels.<name> whose source edit(source) rewrote, imported as module `stem`."""
     src = (Path(kernels.__file__).parent / f"{name}.py").read_text().replace("from .", "from triformer.kernels.")
-    src = src.replace("tl.load(", "_hinted_load(").replace("tl.store(", "_hinted_store(")
-    path = Path(tempfile.mkdtemp()) / f"hinted_{name}_{tag}.py"
-    path.write_text(src + _HINTED.format(load=load, store=store))
+    path = Path(tempfile.mkdtemp()) / f"{stem}.py"
+    path.write_text(edit(src))
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _hinted_module(name: str, tag: int, load: str, store: str):
+    """A copy of triformer.kernels.<name> whose kernels load and store with the given keyword hints."""
+    return _module_variant(name, f"hinted_{name}_{tag}", lambda src: src.replace(
+        "tl.load(", "_hinted_load(").replace("tl.store(", "_hinted_store(") + _HINTED.format(load=load, store=store))
 
 
 def hints():
@@ -299,6 +308,125 @@ def norms_against_liger():
             print(f"{m}x{n} {'layer_norm' if center else 'rms_norm'}: " + "; ".join(cells), flush=True)
 
 
+@triton.jit
+def _softmax_backward_row_kernel(y_ptr, dy_ptr, dx_ptr, N, BLOCK_N: tl.constexpr):
+    """dx = y ⊙ (dy − Σ y ⊙ dy) of one row per program, as a 1-D block (float32 math)."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    y = tl.load(y_ptr + row * N + cols, mask=cols < N, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + row * N + cols, mask=cols < N, other=0.0).to(tl.float32)
+    dx = y * (dy - tl.sum(y * dy, axis=0))
+    tl.store(dx_ptr + row * N + cols, dx.to(dx_ptr.dtype.element_ty), mask=cols < N)
+
+
+@triton.jit
+def _softmax_reciprocal_row_kernel(x_ptr, y_ptr, N, BLOCK_N: tl.constexpr):
+    """softmax of one row per program, as a 1-D block, multiplying by 1 / Σ e^(x − m) instead of dividing."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    x = tl.load(x_ptr + row * N + cols, mask=cols < N, other=float("-inf")).to(tl.float32)
+    e = tl.exp(x - tl.max(x, axis=0))
+    tl.store(y_ptr + row * N + cols, (e * (1.0 / tl.sum(e, axis=0))).to(y_ptr.dtype.element_ty), mask=cols < N)
+
+
+def _against_liger_report():
+    """report(label, cases, gb): prints each case's fraction of the 1 GiB copy and Liger's time ÷ its time, from
+    medians of 7 interleaved rounds (cases["liger"] is Liger's)."""
+    copy = copy_bandwidth_gbps("cuda")
+    print(f"\n{torch.cuda.get_device_name()}: fraction of the 1 GiB copy ({copy:.0f} GB/s), medians of 7 interleaved "
+          "rounds; in brackets Liger's time ÷ the case's (> 1: faster than Liger)")
+
+    def report(label, cases, gb):
+        with torch.no_grad():
+            times = interleaved_gpu_ms(cases, rounds=7, rep_ms=50)
+        cells = [f"{name} {gb / (ms * 1e-3) / copy:.3f} ({times['liger'] / ms:.3f})" for name, ms in times.items()]
+        print(f"{label}: " + "; ".join(cells), flush=True)
+
+    return report
+
+
+def params_launch():
+    """The norm forwards at 4096 and 8192 columns by parameter order (w and b loaded before or after the row's
+    reductions), rows per program and warps, beside Liger-Kernel's (timed twice)."""
+    from liger_kernel.transformers import LigerLayerNorm, LigerRMSNorm
+
+    report = _against_liger_report()
+    for m, n in [(4096, 4096), (4096, 8192)]:
+        x = torch.randn(m, n, device="cuda", dtype=bf)
+        y = torch.empty_like(x)
+        w, b = torch.randn(n, device="cuda", dtype=bf), torch.randn(n, device="cuda", dtype=bf)
+        mean, rstd = (torch.empty(m, device="cuda", dtype=torch.float32) for _ in range(2))
+        launches = [(1, 8), (1, 16), (2, 16), (2, 8)] if n == 4096 else [(1, 8), (1, 16), (2, 16), (2, 32)]
+        for center, liger in ((True, LigerLayerNorm(n)), (False, LigerRMSNorm(n, eps=1e-6))):
+            liger = liger.to("cuda", bf)
+            cases = {"liger": lambda liger=liger: liger(x), "liger again": lambda liger=liger: liger(x),
+                     "library": lambda: norms.norm_forward(x, w, b if center else None, 1e-5, center)}
+            for first, (rows, warps) in itertools.product((True, False), launches):
+                cases[f"{'first' if first else 'after'} {rows}x{n} w{warps}"] = (
+                    lambda first=first, rows=rows, warps=warps: norms._norm_forward_kernel[(cdiv(m, rows),)](
+                        x, w, b, y, mean, rstd, m, n, n, n, 1e-5, CENTER=center, HAS_W=True, HAS_B=center,
+                        BLOCK_M=rows, BLOCK_N=n, ONE_BLOCK=True, PARAMS_FIRST=first, num_warps=warps))
+            report(f"{m}x{n} {'layer_norm' if center else 'rms_norm'} forward", cases, 2 * x.numel() * 2 / 1e9)
+
+
+def softmax_against_liger():
+    """The softmax forward and backward by launch (2-D tiles and 1-D rows, warps; a forward that multiplies by the
+    reciprocal of the sum), beside Liger-Kernel's kernels, timed twice (how far two timings of one kernel differ)."""
+    from liger_kernel.ops.softmax import _softmax_backward, _softmax_forward
+
+    report = _against_liger_report()
+    for m, n in [(4096, 4096), (4096, 8192)]:
+        x = torch.randn(m, n, device="cuda", dtype=bf)
+        y = torch.empty_like(x)
+        bn = triton.next_power_of_2(n)
+        gb = 2 * x.numel() * 2 / 1e9
+        liger_y, block, warps, multi = _softmax_forward(x)
+        dy = torch.randn_like(x)
+        cases = {"liger": lambda: _softmax_forward(x), "liger again": lambda: _softmax_forward(x),
+                 "library": lambda: softmax.softmax_forward(x, False)}
+        for wp in (8, 16):
+            cases[f"1-D w{wp}"] = lambda wp=wp: _softmax_row_kernel[(m,)](x, y, n, BLOCK_N=bn, num_warps=wp)
+            cases[f"1-D reciprocal w{wp}"] = lambda wp=wp: _softmax_reciprocal_row_kernel[(m,)](
+                x, y, n, BLOCK_N=bn, num_warps=wp)
+        report(f"{m}x{n} softmax forward", cases, gb)
+        cases = {"liger": lambda: _softmax_backward(dy, liger_y, block, warps, multi),
+                 "liger again": lambda: _softmax_backward(dy, liger_y, block, warps, multi),
+                 "library": lambda: softmax.softmax_backward(liger_y, dy, False)}
+        for wp in (4, 8, 16):
+            cases[f"2-D 1x{bn} w{wp}"] = lambda wp=wp: softmax._softmax_backward_kernel[(m,)](
+                liger_y, dy, y, m, n, 1, n, n, n, CAUSAL=False, BLOCK_M=1, BLOCK_N=bn, ONE_BLOCK=True, num_warps=wp)
+            cases[f"1-D w{wp}"] = lambda wp=wp: _softmax_backward_row_kernel[(m,)](
+                liger_y, dy, y, n, BLOCK_N=bn, num_warps=wp)
+        report(f"{m}x{n} softmax backward", cases, 1.5 * gb)
+
+
+def flag_combinations():
+    """The norm forwards at the library's launch with either order of the parameter loads (PARAMS_FIRST), beside
+    the library's own choice and Liger-Kernel's (timed twice). (The run of 2026-11-26 logged in
+    `h100-2026-11-26h-forward-flags-probe.log` also tried a flag for rows that fill their block, since dropped.)"""
+    from liger_kernel.transformers import LigerLayerNorm, LigerRMSNorm
+
+    from triformer.kernels._rows import launch_meta
+
+    report = _against_liger_report()
+    for m, n in [(4096, 4096), (4096, 8192), (16384, 1024), (4096, 768)]:
+        x = torch.randn(m, n, device="cuda", dtype=bf)
+        y = torch.empty_like(x)
+        w, b = torch.randn(n, device="cuda", dtype=bf), torch.randn(n, device="cuda", dtype=bf)
+        mean, rstd = (torch.empty(m, device="cuda", dtype=torch.float32) for _ in range(2))
+        meta = launch_meta(m, n, **norms.forward_launch_options(n))
+        for center, liger in ((True, LigerLayerNorm(n)), (False, LigerRMSNorm(n, eps=1e-6))):
+            liger = liger.to("cuda", bf)
+            cases = {"liger": lambda liger=liger: liger(x), "liger again": lambda liger=liger: liger(x),
+                     "library": lambda: norms.norm_forward(x, w, b if center else None, 1e-5, center)}
+            for first in (True, False):
+                cases["first" if first else "after"] = (
+                    lambda first=first: norms._norm_forward_kernel[(cdiv(m, meta["BLOCK_M"]),)](
+                        x, w, b, y, mean, rstd, m, n, n, n, 1e-5, CENTER=center, HAS_W=True, HAS_B=center,
+                        PARAMS_FIRST=first, **meta))
+            report(f"{m}x{n} {'layer_norm' if center else 'rms_norm'} forward {norms.forward_flags(n, center)} "
+                   f"{meta}", cases, 2 * x.numel() * 2 / 1e9)
+
 if __name__ == "__main__":
     parts = sys.argv[1:] or ["shapes"]
     if "liger" in parts:
@@ -311,3 +439,9 @@ if __name__ == "__main__":
         hints()
     if "softmax" in parts:
         softmax_warps()
+    if "softmax-liger" in parts:
+        softmax_against_liger()
+    if "launch" in parts:
+        params_launch()
+    if "flags" in parts:
+        flag_combinations()

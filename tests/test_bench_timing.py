@@ -15,13 +15,15 @@ def test_interleaved_rounds_time_every_fn_once_per_round_and_take_medians(monkey
     order = []
     clock = {"a": iter([3.0, 1.0, 2.0]), "b": iter([5.0, 9.0, 7.0]), "c": iter([1.0, float("nan"), 1.0])}
 
-    def fake_gpu_ms(fn):
+    def fake_gpu_ms(fn, rep_ms):
+        assert rep_ms == 40
         name = fn()
         order.append(name)
         return next(clock[name])
 
     monkeypatch.setattr(timing, "gpu_ms", fake_gpu_ms)
-    medians = timing.interleaved_gpu_ms({name: (lambda name=name: name) for name in "abc"}, rounds=3)
+    medians = timing.interleaved_gpu_ms({name: (lambda name=name: name) for name in "abc"}, rounds=3,
+                                        rep_ms=40)
     assert order == list("abc") * 3
     assert medians["a"] == 2.0 and medians["b"] == 7.0 and math.isnan(medians["c"])
 

@@ -68,6 +68,18 @@ def test_against_float64(op, width, dtype, row_path, seed):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("width", [256, 1024, 4096, 8192])
+@pytest.mark.parametrize("op", OPS)
+def test_rows_that_fill_their_block(op, width, dtype, seed):
+    """Rows held whole at the widths whose forward launches differ (several rows a program; w and b loaded before
+    the reductions; LayerNorm's rows of 8192 loading them after, on 16 warps), a row count that leaves the last
+    program's extra rows masked, and (float32) a large common offset."""
+    run_and_compare(op, *make_inputs(op, (rows_for(width),), width, dtype), dtype)
+    run_and_compare(op, *make_inputs(op, (rows_for(width),), width, dtype, shift=1e4 if dtype == torch.float32 else 0),
+                    dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("op", OPS)
 def test_leading_dims_and_no_affine(op, dtype, seed):
     run_and_compare(op, *make_inputs(op, (2, 3, 5), 65, dtype), dtype)

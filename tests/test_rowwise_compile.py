@@ -57,7 +57,8 @@ def compile_all() -> dict:
             flags = dict(CENTER=center, HAS_W=True)
             m = _rows.launch_meta(4096, width, **norms.forward_launch_options(width))
             warps = m.pop("num_warps")
-            fwd = spills(norms._norm_forward_kernel, NORM_FWD, {**flags, "HAS_B": center, **m}, warps)
+            fwd = spills(norms._norm_forward_kernel, NORM_FWD,
+                         {**flags, "HAS_B": center, **m, **norms.forward_flags(width, center)}, warps)
             warps, m = meta(width, max_block=norms._BACKWARD_MAX_BLOCK, gpu_tile=norms.BACKWARD_TILE)
             flags = {**flags, "DW": True, "DB": center, "STAGES": norms.BACKWARD_STAGES,
                      "PREFETCH": norms.backward_prefetch(m), **m}

@@ -89,13 +89,13 @@ def _replay_ms(graph: torch.cuda.CUDAGraph, replays: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def interleaved_gpu_ms(fns: dict, rounds: int) -> dict:
+def interleaved_gpu_ms(fns: dict, rounds: int, rep_ms: int = 100) -> dict:
     """Median gpu_ms of each fn over `rounds` rounds, each round timing every fn once in turn, so that a drift of
     the clock or the temperature during the run touches all of them alike (NaN for a fn any round left NaN)."""
     samples = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            samples[name].append(gpu_ms(fn))
+            samples[name].append(gpu_ms(fn, rep_ms))
     return {name: float("nan") if any(map(math.isnan, times)) else sorted(times)[len(times) // 2]
             for name, times in samples.items()}
 

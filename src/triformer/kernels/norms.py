@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._rows import as_rows, launch_rows, persistent_programs, row_tiling
+from ._rows import WIDE_ROW, as_rows, launch_rows, persistent_programs, row_tiling
 from ._runtime import cdiv, new_empty
 from .activation import column_sum
 
@@ -50,13 +50,25 @@ def backward_prefetch(meta: dict) -> bool:
 
 
 @triton.jit
-def _scale_shift(xhat, cols, col_mask, w_ptr, b_ptr, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
-    """x̂ · w + b for a [BLOCK_M, BLOCK_N] block at columns cols."""
+def _affine_params(cols, col_mask, w_ptr, b_ptr, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    """(w, b) at columns cols as float32 [1, BLOCK_N] rows (unused placeholders where the norm has none)."""
+    w = tl.full((1, cols.shape[0]), 1.0, dtype=tl.float32)
+    b = tl.zeros((1, cols.shape[0]), dtype=tl.float32)
+    if HAS_W:
+        w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_B:
+        b = tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    return w, b
+
+
+@triton.jit
+def _affine(xhat, w, b, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    """x̂ · w + b, leaving out what the norm does not have."""
     y = xhat
     if HAS_W:
-        y = y * tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        y = y * w
     if HAS_B:
-        y = y + tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        y = y + b
     return y
 
 
@@ -66,8 +78,10 @@ def _norm_forward_kernel(
     M, N, stride_xm, stride_ym, eps,
     CENTER: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_BLOCK: tl.constexpr,
+    PARAMS_FIRST: tl.constexpr = True,
 ):
-    """y = x̂ · w + b per row; stores μ (when CENTER) and rstd per row."""
+    """y = x̂ · w + b per row; stores μ (when CENTER) and rstd per row. Whole rows (ONE_BLOCK) load w and b
+    before the row's reductions when PARAMS_FIRST, else after them."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
@@ -76,14 +90,19 @@ def _norm_forward_kernel(
     mean = tl.zeros((BLOCK_M,), dtype=tl.float32)  # of x − x₀
     pivot = _row_pivot(x_rows, row_mask, CENTER)
     if ONE_BLOCK:
-        mask = row_mask[:, None] & (cols < N)[None, :]
+        col_mask = cols < N
+        if PARAMS_FIRST:
+            w, b = _affine_params(cols, col_mask, w_ptr, b_ptr, HAS_W, HAS_B)
+        mask = row_mask[:, None] & col_mask[None, :]
         x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        if CENTER:
-            x = tl.where(mask, x - pivot, 0.0)
+        if CENTER:  # masked rows hold x = x₀ = μ = 0: only masked columns need zeroing
+            x = tl.where(col_mask[None, :], x - pivot, 0.0)
             mean = tl.sum(x, axis=1) / N
-            x = tl.where(mask, x - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / N + eps)
-        y = _scale_shift(x * rstd[:, None], cols, cols < N, w_ptr, b_ptr, HAS_W, HAS_B)
+            x = tl.where(col_mask[None, :], x - mean[:, None], 0.0)
+        rstd = tl.math.rsqrt(tl.sum(x * x, axis=1) / N + eps)
+        if not PARAMS_FIRST:
+            w, b = _affine_params(cols, col_mask, w_ptr, b_ptr, HAS_W, HAS_B)
+        y = _affine(x * rstd[:, None], w, b, HAS_W, HAS_B)
         tl.store(y_rows + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
     else:
         m2 = tl.zeros((BLOCK_M,), dtype=tl.float32)  # Σ(x − μ)² so far (Σx² for RMSNorm)
@@ -102,12 +121,13 @@ def _norm_forward_kernel(
                 m2 = m2 + tl.sum(d * d, axis=1) + delta * delta * (n_a * n_b / (n_a + n_b))
             else:
                 m2 = m2 + tl.sum(x * x, axis=1)
-        rstd = 1.0 / tl.sqrt(m2 / N + eps)
+        rstd = tl.math.rsqrt(m2 / N + eps)
         for start in range(0, N, BLOCK_N):
             c = start + cols
+            w, b = _affine_params(c, c < N, w_ptr, b_ptr, HAS_W, HAS_B)
             mask = row_mask[:, None] & (c < N)[None, :]
             x = tl.load(x_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
-            y = _scale_shift((x - pivot - mean[:, None]) * rstd[:, None], c, c < N, w_ptr, b_ptr, HAS_W, HAS_B)
+            y = _affine((x - pivot - mean[:, None]) * rstd[:, None], w, b, HAS_W, HAS_B)
             tl.store(y_rows + c[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
     if CENTER:
         tl.store(mean_ptr + rows, mean, mask=row_mask)
@@ -256,9 +276,24 @@ def _norm_backward_kernel(
 _NARROW_FORWARD = {"gpu_tile": 4096, "shared_row_warps": 4}
 
 
+# Whole rows of WIDE_ROW (8192) elements or more take 16 warps instead of 8 (H100, 4096×8192: RMSNorm 0.943 → 0.950
+# of the copy rate, LayerNorm 0.913 → 0.928; reports/gpu/h100-2026-11-26h-params-launch-probe.log).
+_WIDE_FORWARD = {"wide_row_warps": 16}
+
+
 def forward_launch_options(n: int) -> dict:
     """launch_rows' tiling options for the forward over rows of n elements."""
-    return _NARROW_FORWARD if 512 < n <= 1024 else {}
+    return _NARROW_FORWARD if 512 < n <= 1024 else _WIDE_FORWARD
+
+
+def forward_flags(n: int, center: bool) -> dict:
+    """The forward kernel's flags for rows of n elements (see _norm_forward_kernel).
+
+    The order of the parameter loads was measured on an H100 (scripts/gpu_rows_forward_probe.py launch and flags;
+    reports/NOTES.md): loading w and b first is faster for LayerNorm's rows of 1024–4096 (4096²: +1.5 %), but its
+    rows of 8192 run 8 % slower with it, so they load w and b after the reductions. Elsewhere the order moves the
+    time by ≤ 1.5 % either way, and from one width to the next; they load first."""
+    return {"PARAMS_FIRST": not (center and n >= WIDE_ROW)}
 
 
 def norm_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
@@ -277,7 +312,7 @@ def norm_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tenso
         _norm_forward_kernel, m, n,
         x2, x2 if weight is None else weight, x2 if bias is None else bias, y, rstd if mean is None else mean,
         rstd, m, n, x2.stride(0), n, eps, CENTER=center, HAS_W=weight is not None, HAS_B=bias is not None,
-        **forward_launch_options(n),
+        **forward_flags(n, center), **forward_launch_options(n),
     )
     return y, x2, mean, rstd
 
