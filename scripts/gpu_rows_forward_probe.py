@@ -13,7 +13,10 @@ whether any launch shape is faster than Liger's where the library is level with 
 the softmax forward and backward by launch beside Liger-Kernel's kernels (timed twice, to show the spread); with
 `launch`: the norm forwards at
 4096 and 8192 columns by parameter order, rows per program and warps; with `flags`: the norm forwards with
-either order of the parameter loads at the library's launch. Prints tables; not part of the
+either order of the parameter loads at the library's launch; with `softmax-pair`: the softmax forward
+and backward as one pair, with and without cache hints, beside Liger-Kernel's pair (`softmax-pair-launch`:
+at 4096² by each kernel's launch); with `softmax-precision`: the softmax backward's error against float64,
+ours and Liger's. Prints tables; not part of the
 pipeline."""
 
 import importlib.util
@@ -427,6 +430,81 @@ def flag_combinations():
             report(f"{m}x{n} {'layer_norm' if center else 'rms_norm'} forward {norms.forward_flags(n, center)} "
                    f"{meta}", cases, 2 * x.numel() * 2 / 1e9)
 
+def softmax_pair():
+    """The softmax forward and backward as one pair (the backward reading the y the forward just wrote, as in
+    training), the library's kernels with and without cache hints on every load and store, beside Liger-Kernel's
+    pair (timed twice)."""
+    from liger_kernel.ops.softmax import _softmax_backward, _softmax_forward
+
+    variants = {"library": softmax}
+    for tag, (hint, (load, store)) in enumerate(HINTS.items()):
+        variants[hint] = _hinted_module("softmax", tag, load, store)
+    report = _against_liger_report()
+    for m, n in [(4096, 4096), (4096, 8192), (16384, 1024), (4096, 768)]:
+        x, dy = torch.randn(m, n, device="cuda", dtype=bf), torch.randn(m, n, device="cuda", dtype=bf)
+
+        def liger_pair():
+            y, block, warps, multi = _softmax_forward(x)
+            _softmax_backward(dy, y, block, warps, multi)
+
+        cases = {"liger": liger_pair, "liger again": liger_pair}
+        for name, module in variants.items():
+            cases[name] = lambda module=module: module.softmax_backward(module.softmax_forward(x, False), dy, False)
+        report(f"{m}x{n} softmax forward+backward", cases, 2.5 * 2 * x.numel() * 2 / 1e9)
+
+
+def softmax_pair_launch():
+    """The softmax forward+backward pair at 4096² with each kernel launched by rows per program and warps (the
+    other kernel as the library launches it), beside Liger-Kernel's pair (timed twice)."""
+    from liger_kernel.ops.softmax import _softmax_backward, _softmax_forward
+
+    report = _against_liger_report()
+    m = n = 4096
+    x, dy = torch.randn(m, n, device="cuda", dtype=bf), torch.randn(m, n, device="cuda", dtype=bf)
+    y, dx = torch.empty_like(x), torch.empty_like(x)
+
+    def liger_pair():
+        ly, block, warps, multi = _softmax_forward(x)
+        _softmax_backward(dy, ly, block, warps, multi)
+
+    def forward(rows, warps):
+        softmax._softmax_forward_kernel[(cdiv(m, rows),)](x, y, m, n, 1, n, n, CAUSAL=False, BLOCK_M=rows,
+                                                          BLOCK_N=n, ONE_BLOCK=True, num_warps=warps)
+
+    def backward(rows, warps):
+        softmax._softmax_backward_kernel[(cdiv(m, rows),)](y, dy, dx, m, n, 1, n, n, n, CAUSAL=False,
+                                                           BLOCK_M=rows, BLOCK_N=n, ONE_BLOCK=True, num_warps=warps)
+
+    library = (1, 8)  # the library's launch for rows of 4096
+    cases = {"liger": liger_pair, "liger again": liger_pair,
+             "library": lambda: softmax.softmax_backward(softmax.softmax_forward(x, False), dy, False)}
+    for rows, warps in [(1, 4), (1, 8), (2, 8), (2, 16)]:
+        cases[f"backward {rows}x{n} w{warps}"] = lambda r=rows, w=warps: (forward(*library), backward(r, w))
+        if (rows, warps) != library:
+            cases[f"forward {rows}x{n} w{warps}"] = lambda r=rows, w=warps: (forward(r, w), backward(*library))
+    report(f"{m}x{n} softmax forward+backward", cases, 2.5 * 2 * x.numel() * 2 / 1e9)
+
+
+def softmax_backward_precision():
+    """dx of the softmax backward, ours and Liger-Kernel's, against float64 on the same bf16 y and dy: the error
+    each leaves (Liger's backward multiplies and sums y · dy in bf16, ours in float32)."""
+    from liger_kernel.ops.softmax import _softmax_backward, _softmax_forward
+
+    print(f"\n{torch.cuda.get_device_name()}: softmax backward dx against float64 (same bf16 y and dy)")
+    for m, n in [(4096, 4096), (4096, 8192), (16384, 1024)]:
+        x, dy = torch.randn(m, n, device="cuda", dtype=bf), torch.randn(m, n, device="cuda", dtype=bf)
+        y, block, warps, multi = _softmax_forward(x)
+        y64, dy64 = y.double(), dy.double()
+        reference = y64 * (dy64 - (y64 * dy64).sum(-1, keepdim=True))
+        for name, dx in (("library", softmax.softmax_backward(y, dy, False)),
+                         ("liger", _softmax_backward(dy, y, block, warps, multi))):
+            error = (dx.double() - reference).abs()
+            rounding = (reference.to(bf).double() - reference).norm() / reference.norm()
+            print(f"{m}x{n} {name:8s}: max |dx − ref| {error.max().item():.3e}, ‖dx − ref‖ / ‖ref‖ "
+                  f"{(error.norm() / reference.norm()).item():.3e} (bf16 rounding of ref alone: {rounding.item():.3e})",
+                  flush=True)
+
+
 if __name__ == "__main__":
     parts = sys.argv[1:] or ["shapes"]
     if "liger" in parts:
@@ -445,3 +523,9 @@ if __name__ == "__main__":
         params_launch()
     if "flags" in parts:
         flag_combinations()
+    if "softmax-pair" in parts:
+        softmax_pair()
+    if "softmax-pair-launch" in parts:
+        softmax_pair_launch()
+    if "softmax-precision" in parts:
+        softmax_backward_precision()

@@ -66,9 +66,15 @@ def compile_all() -> dict:
             return {"forward": fwd, "backward": bwd}
         if op == "softmax":
             causal = rest.startswith("causal")
-            warps, m = meta(int(rest.rpartition("-")[2]))
-            return {"forward": spills(softmax._softmax_forward_kernel, SOFTMAX_FWD, {"CAUSAL": causal, **m}, warps),
-                    "backward": spills(softmax._softmax_backward_kernel, SOFTMAX_BWD, {"CAUSAL": causal, **m}, warps)}
+            width = int(rest.rpartition("-")[2])
+            result = {}
+            for name, kernel, types, options in (
+                    ("forward", softmax._softmax_forward_kernel, SOFTMAX_FWD, softmax.FORWARD_LAUNCH),
+                    ("backward", softmax._softmax_backward_kernel, SOFTMAX_BWD, softmax.BACKWARD_LAUNCH)):
+                m = _rows.launch_meta(4096, width, **options)
+                warps = m.pop("num_warps")
+                result[name] = spills(kernel, types, {"CAUSAL": causal, **m}, warps)
+            return result
         if op == "cross_entropy":
             warps, m = meta(50304, loop=True, max_block=cross_entropy._BLOCK_V)
             flags = dict(MEAN=True, SMOOTH=rest == "buffer", GRAD=True, INPLACE=rest == "inplace", **m)

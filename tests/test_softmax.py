@@ -46,6 +46,14 @@ def test_against_float64(width, causal, dtype, row_path, seed):
     run_and_compare(x, dtype, causal=causal)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("width", [2048, 4096, 8192])
+def test_whole_rows_at_each_launch(width, dtype, seed):
+    """Rows held whole, one a program, at the widths whose launches differ (on a GPU the backward runs them on 4, 4
+    and 8 warps, the forward on 8, 8 and 16)."""
+    run_and_compare(randn(rows_for(width), width, dtype=dtype, requires_grad=True), dtype)
+
+
 @pytest.mark.parametrize("s_q,s_k", [(9, 4), (5, 5), (1, 7)])
 def test_causal_square_and_tall(s_q, s_k, seed):
     """More queries than keys (later rows see every key), square, and a single query."""

@@ -76,24 +76,29 @@ WIDE_ROW = 8192
 
 
 def launch_meta(n_rows: int, n_cols: int, wide_row_warps: int | None = None, gpu_tile: int | None = None,
-                shared_row_warps: int | None = None) -> dict:
+                shared_row_warps: int | None = None, row_elements_per_thread: int | None = None) -> dict:
     """The meta launch_rows launches with (see there)."""
     meta = row_tiling(n_rows, n_cols, gpu_tile=gpu_tile)
-    if wide_row_warps and meta.get("ONE_BLOCK") and meta["BLOCK_M"] == 1 and meta["BLOCK_N"] >= WIDE_ROW:
+    one_row = meta.get("ONE_BLOCK") and meta["BLOCK_M"] == 1
+    if wide_row_warps and one_row and meta["BLOCK_N"] >= WIDE_ROW:
         meta["num_warps"] = wide_row_warps
+    if row_elements_per_thread and one_row:
+        meta["num_warps"] = min(32, max(4, meta["BLOCK_N"] // (32 * row_elements_per_thread)))
     if shared_row_warps and meta["BLOCK_M"] > 1:
         meta["num_warps"] = shared_row_warps
     return meta
 
 
 def launch_rows(kernel, n_rows: int, n_cols: int, *args, wide_row_warps: int | None = None,
-                gpu_tile: int | None = None, shared_row_warps: int | None = None, **flags) -> None:
+                gpu_tile: int | None = None, shared_row_warps: int | None = None,
+                row_elements_per_thread: int | None = None, **flags) -> None:
     """kernel[one program per BLOCK_M rows](*args, **flags, tiling meta); nothing to launch for an empty input.
     wide_row_warps: num_warps for whole-row tiles of one row of WIDE_ROW elements or more (a kernel measured to
-    want more). gpu_tile, shared_row_warps: elements per program (see row_tiling) and num_warps where several rows
-    share a program."""
+    want more). row_elements_per_thread: num_warps for every one-row whole-row tile, so that each thread holds this
+    many elements (4 to 32 warps). gpu_tile, shared_row_warps: elements per program (see row_tiling) and num_warps
+    where several rows share a program."""
     if n_rows and n_cols:
-        meta = launch_meta(n_rows, n_cols, wide_row_warps, gpu_tile, shared_row_warps)
+        meta = launch_meta(n_rows, n_cols, wide_row_warps, gpu_tile, shared_row_warps, row_elements_per_thread)
         kernel[(cdiv(n_rows, meta["BLOCK_M"]),)](*args, **flags, **meta)
 
 

@@ -93,9 +93,14 @@ def _softmax_backward_kernel(
             tl.store(dx_rows + c[None, :], dx.to(dx_ptr.dtype.element_ty), mask=row_mask[:, None] & (c < N)[None, :])
 
 
-# Rows of 8192+ elements (one per program) take 16 warps instead of 8: on an H200 the forward at 4096×8192 went from
-# 0.88 to 0.90 of the copy bandwidth, level with Liger-Kernel (reports/gpu/h200-2026-11-26d-rows-softmax-warps.log).
-WIDE_ROW_WARPS = 16
+# launch_rows' options. The forward's rows of 8192+ elements (one per program) take 16 warps instead of 8: on an
+# H200 the forward at 4096×8192 went from 0.88 to 0.90 of the copy bandwidth, level with Liger-Kernel
+# (reports/gpu/h200-2026-11-26d-rows-softmax-warps.log). The backward's whole rows take 32 elements a thread (4096:
+# 4 warps, 8192: 8 instead of 8 and 16): on an H100 the forward+backward pair at 4096² went from 0.995 to 1.004 of
+# Liger's speed, the backward alone at 4096×8192 from 0.994 to 1.001
+# (reports/gpu/h100-2026-11-26h-softmax-pair-launch-probe.log, …-params-order-probe.log).
+FORWARD_LAUNCH = {"wide_row_warps": 16}
+BACKWARD_LAUNCH = {"row_elements_per_thread": 32}
 
 
 def softmax_forward(x: torch.Tensor, causal: bool) -> torch.Tensor:
@@ -105,8 +110,7 @@ def softmax_forward(x: torch.Tensor, causal: bool) -> torch.Tensor:
     m = x2.shape[0]
     y = new_empty(x.shape, like=x)
     sq = x.shape[-2] if causal else 1
-    launch_rows(_softmax_forward_kernel, m, n, x2, y, m, n, sq, x2.stride(0), n, CAUSAL=causal,
-                wide_row_warps=WIDE_ROW_WARPS)
+    launch_rows(_softmax_forward_kernel, m, n, x2, y, m, n, sq, x2.stride(0), n, CAUSAL=causal, **FORWARD_LAUNCH)
     return y
 
 
@@ -118,5 +122,5 @@ def softmax_backward(y: torch.Tensor, dy: torch.Tensor, causal: bool) -> torch.T
     dx = new_empty(y.shape, like=y)
     sq = y.shape[-2] if causal else 1
     launch_rows(_softmax_backward_kernel, m, n, y, dy2, dx, m, n, sq, n, dy2.stride(0), n, CAUSAL=causal,
-                wide_row_warps=WIDE_ROW_WARPS)
+                **BACKWARD_LAUNCH)
     return dx
