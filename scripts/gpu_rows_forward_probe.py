@@ -450,6 +450,11 @@ def softmax_pair():
         cases = {"liger": liger_pair, "liger again": liger_pair}
         for name, module in variants.items():
             cases[name] = lambda module=module: module.softmax_backward(module.softmax_forward(x, False), dy, False)
+        streaming = variants["store .cs"]
+        cases["forward store .cs only"] = lambda: softmax.softmax_backward(streaming.softmax_forward(x, False), dy,
+                                                                           False)
+        cases["backward store .cs only"] = lambda: streaming.softmax_backward(softmax.softmax_forward(x, False), dy,
+                                                                              False)
         report(f"{m}x{n} softmax forward+backward", cases, 2.5 * 2 * x.numel() * 2 / 1e9)
 
 

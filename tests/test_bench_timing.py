@@ -38,3 +38,15 @@ def test_norms_suite_rows_on_the_cpu():
         assert math.isnan(by[mode, "triformer"]["gpu_ms"])  # no GPU: no GPU time, never a made-up one
         assert norms.COMPILE_CUDA_ONLY in by[mode, "torch.compile"]["error"]
     assert by["fwd", "triformer"]["shape"] == "33x129"
+
+
+def test_timings_of_uncapturable_code_take_the_profilers_gpu_time(monkeypatch):
+    monkeypatch.setattr(timing, "median_ms", lambda fn: 2.0)
+    monkeypatch.setattr(timing, "gpu_ms", lambda fn: pytest.fail("captured code that cannot be captured"))
+    monkeypatch.setattr(timing, "kernel_ms", lambda fn: 1.5)
+    assert timing.timings(lambda: None, capture=False) == {"ms": 2.0, "gpu_ms": 1.5}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU run's bookkeeping")
+def test_kernel_ms_has_no_gpu_time_on_the_cpu():
+    assert math.isnan(timing.kernel_ms(lambda: None))

@@ -209,6 +209,42 @@ def test_bad_inputs():
         TF.cross_entropy(randn(1, 10, requires_grad=True).expand(4, 10), good, inplace_grad=True)
 
 
+def test_checked_kernel_does_nothing_when_a_target_is_out_of_range(seed):
+    from triformer.kernels import cross_entropy as ce_kernels
+
+    logits = randn(5, 10)
+    targets = torch.tensor([3, -100, 11, 9, -100], device=DEVICE)
+    grad = torch.full_like(logits, 7.0)
+    _, n_valid, n_bad = ce_kernels.cross_entropy_forward(logits, targets, -100, True, 0.0, grad, 1, checked=True)
+    assert (n_valid.item(), n_bad.item()) == (3, 1)
+    assert torch.equal(grad, torch.full_like(logits, 7.0))
+
+
+def test_strided_targets(seed):
+    """A targets view with a stride (every other class index of a longer tensor) is read as the view, not as the
+    memory under it."""
+    targets = make_targets((8,), 10, ignored=0.0)[::2]
+    assert targets.stride(0) == 2
+    run_and_compare(randn(4, 10), targets, torch.float32)
+
+
+def test_out_of_range_target_leaves_the_logits_untouched():
+    """The target check is read back after the kernel is queued: the kernel must then have done nothing, so
+    logits that would have received the gradient in their storage still hold the logits, and a later call
+    with good targets works on them."""
+    leaf = randn(6, 37, requires_grad=True)
+    logits = leaf * 1  # a non-leaf: the gradient would go into its storage
+    before = logits.detach().clone()
+    bad = make_targets((6,), 37, ignored=0.0)
+    bad[4] = 37
+    with pytest.raises(ValueError, match="found 37"):
+        TF.cross_entropy(logits, bad)
+    assert torch.equal(logits.detach(), before)
+    good = make_targets((6,), 37, ignored=0.0)
+    reference = F.cross_entropy(before.double(), good)
+    assert_close(TF.cross_entropy(logits, good), reference, torch.float32, "loss after the rejected call")
+
+
 def test_cpu_tensor_without_interpreter(monkeypatch):
     monkeypatch.setattr(_runtime, "_INTERPRETER", False)
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
@@ -223,7 +259,9 @@ def test_kernel_guards_targets_out_of_range(seed):
     logits = randn(4, 10)
     targets = torch.tensor([3, 10, -1, 9], device=DEVICE)
     grad = torch.empty_like(logits)
-    losses, _ = ce_kernels.cross_entropy_forward(logits, targets, -100, False, 0.0, grad, 1)
+    losses, n_valid, n_bad = ce_kernels.cross_entropy_forward(logits, targets, -100, False, 0.0, grad, 1,
+                                                              checked=False)
+    assert (n_valid.item(), n_bad.item()) == (4, 2)
     assert torch.isnan(losses[1:3]).all() and torch.isnan(grad[1:3]).all()
     good = torch.tensor([0, 3])
     ref = F.cross_entropy(logits[good].double(), targets[good], reduction="none")

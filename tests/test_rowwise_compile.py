@@ -27,7 +27,7 @@ SOFTMAX_FWD = dict(x_ptr="*bf16", y_ptr="*bf16", M="i32", N="i32", SQ="i32", str
 SOFTMAX_BWD = dict(y_ptr="*bf16", dy_ptr="*bf16", dx_ptr="*bf16", M="i32", N="i32", SQ="i32", stride_ym="i32",
                    stride_dym="i32", stride_dxm="i32")
 CROSS_ENTROPY = dict(logits_ptr="*bf16", targets_ptr="*i64", loss_ptr="*fp32", grad_ptr="*bf16", n_valid_ptr="*i64",
-                     M="i32", V="i32", stride_lm="i32", stride_lv="i32", stride_gm="i32", stride_gv="i32",
+                     bad_count_ptr="*i64", M="i32", V="i32", stride_lm="i32", stride_lv="i32", stride_gm="i32", stride_gv="i32",
                      ignore_index="i32", smoothing="fp32")
 SCALE_ROWS = dict(g_ptr="*bf16", scale_ptr="*fp32", M="i32", V="i32", stride_gm="i32", stride_gv="i32", stride_s="i32")
 DROPOUT = dict(x_ptr="*bf16", y_ptr="*bf16", n="i32", threshold="i32", scale="fp32", seed="i32")
@@ -76,9 +76,10 @@ def compile_all() -> dict:
                 result[name] = spills(kernel, types, {"CAUSAL": causal, **m}, warps)
             return result
         if op == "cross_entropy":
-            warps, m = meta(50304, loop=True, max_block=cross_entropy._BLOCK_V)
-            flags = dict(MEAN=True, SMOOTH=rest == "buffer", GRAD=True, INPLACE=rest == "inplace", **m)
-            return {"loss+grad": spills(cross_entropy._cross_entropy_kernel, CROSS_ENTROPY, flags, min(warps, 4)),
+            m = cross_entropy.launch_meta(4096, 50304)
+            warps = m.pop("num_warps")
+            flags = dict(MEAN=True, SMOOTH=rest == "buffer", GRAD=True, INPLACE=rest == "inplace", CHECKED=True, **m)
+            return {"loss+grad": spills(cross_entropy._cross_entropy_kernel, CROSS_ENTROPY, flags, warps),
                     "scale": spills(cross_entropy._scale_rows_kernel, SCALE_ROWS, {"BLOCK_N": 4096}, 8)}
         return {"dropout": spills(dropout._dropout_kernel, DROPOUT, {"BLOCK": dropout.BLOCK}, 4)}
 

@@ -271,13 +271,6 @@ def _check_cross_entropy_inputs(logits, targets, ignore_index, reduction, label_
         raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
     if isinstance(n_chunks, bool) or not isinstance(n_chunks, int) or n_chunks < 1:
         raise ValueError(f"n_chunks must be a positive int, got {n_chunks!r}")
-    v = logits.shape[-1]
-    bad = (targets != ignore_index) & ((targets < 0) | (targets >= v))
-    # Reading the check back waits for the GPU, which a CUDA graph capture forbids: there the kernel's own guard
-    # stands alone (an out-of-range target gives a NaN loss and NaN gradients for its row, never a stray read).
-    if not (logits.is_cuda and torch.cuda.is_current_stream_capturing()) and bad.any():
-        raise ValueError(f"targets must lie in [0, {v}) or equal ignore_index={ignore_index}; "
-                         f"found {int(targets[bad][0])}")
     base = logits._base if logits._base is not None else logits
     if getattr(base, "_triformer_grad_version", None) == base._version:
         raise ValueError("these logits already hold the gradient of an earlier triformer cross_entropy (written "
@@ -296,14 +289,28 @@ def _grad_in_place(logits2d: torch.Tensor, inplace_grad: bool | None) -> bool:
     return bool(inplace_grad)
 
 
+def _raise_for_bad_targets(n_bad: torch.Tensor, targets1d: torch.Tensor, v: int, ignore_index: int):
+    """The clear error for targets out of range. Read back after the kernel is queued, so the GPU is busy while
+    the host waits (the kernel itself did nothing)."""
+    if n_bad.item():
+        bad = (targets1d != ignore_index) & ((targets1d < 0) | (targets1d >= v))
+        raise ValueError(f"targets must lie in [0, {v}) or equal ignore_index={ignore_index}; "
+                         f"found {int(targets1d[bad][0])}")
+
+
 class _CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits2d, targets1d, ignore_index, reduction, label_smoothing, n_chunks, inplace):
         grad = None
         if ctx.needs_input_grad[0]:
             grad = logits2d if inplace else new_empty(logits2d.shape, like=logits2d)
-        losses, n_valid = ce_kernels.cross_entropy_forward(
-            logits2d, targets1d, ignore_index, reduction == "mean", label_smoothing, grad, n_chunks)
+        # Under CUDA graph capture the host cannot read the check back: the kernel's own guard stands alone (an
+        # out-of-range target gives its row a NaN loss and NaN gradients, never a stray read).
+        checked = not (logits2d.is_cuda and torch.cuda.is_current_stream_capturing())
+        losses, n_valid, n_bad = ce_kernels.cross_entropy_forward(
+            logits2d, targets1d, ignore_index, reduction == "mean", label_smoothing, grad, n_chunks, checked)
+        if checked:
+            _raise_for_bad_targets(n_bad, targets1d, logits2d.shape[1], ignore_index)
         if grad is logits2d:
             torch.autograd.graph.increment_version(logits2d)
             base = logits2d._base if logits2d._base is not None else logits2d
@@ -348,6 +355,6 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     v = logits.shape[-1]
     logits2d = logits.reshape(-1, v)
     inplace = _grad_in_place(logits2d, inplace_grad)
-    loss = _CrossEntropyFunction.apply(logits2d, targets.reshape(-1), int(ignore_index), reduction,
+    loss = _CrossEntropyFunction.apply(logits2d, targets.reshape(-1).contiguous(), int(ignore_index), reduction,
                                        float(label_smoothing), n_chunks, inplace)
     return loss.view(targets.shape) if reduction == "none" else loss

@@ -1,10 +1,11 @@
 """Timing and the two ceilings every benchmark is read against, measured in the same run.
 
-Two times per call, both with L2 flushed before each call (a 256 MiB write), both medians:
+Two times per call, both with L2 flushed before each call (a 256 MiB write):
 - `median_ms`: triton.testing.do_bench, events around each call from the host, so the host's launch cost counts
   whenever it exceeds the GPU's work (what an eager training loop sees);
 - `gpu_ms`: the same calls captured in one CUDA graph and replayed, minus a graph of the flushes alone: the GPU's
-  time with no host in the way (what a captured or compiled model sees).
+  time with no host in the way (what a captured or compiled model sees). Code that cannot be captured (it reads
+  values back to the host) gets `kernel_ms` instead: the profiler's sum of its GPU work, host gaps left out.
 """
 
 from __future__ import annotations
@@ -39,17 +40,23 @@ def median_ms(fn, warmup_ms: int = 25, rep_ms: int = 100) -> float:
 _FLUSH_BYTES = 256 * 2**20
 
 
-def gpu_ms(fn, rep_ms: int = 100) -> float:
-    """GPU time of fn() in ms, host launch cost excluded (see the module docstring); NaN without a GPU or when fn
-    cannot be captured in a CUDA graph."""
-    if interpreter_active() or not torch.cuda.is_available():
-        return float("nan")
+def _with_flush(fn):
+    """(the flush buffer, a call of fn that first flushes L2 by writing the buffer)."""
     flush = torch.empty(_FLUSH_BYTES, dtype=torch.int8, device="cuda")
 
     def flushed_call():
         flush.zero_()
         fn()
 
+    return flush, flushed_call
+
+
+def gpu_ms(fn, rep_ms: int = 100) -> float:
+    """GPU time of fn() in ms, host launch cost excluded (see the module docstring); NaN without a GPU or when fn
+    cannot be captured in a CUDA graph."""
+    if interpreter_active() or not torch.cuda.is_available():
+        return float("nan")
+    flush, flushed_call = _with_flush(fn)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     try:
@@ -66,6 +73,31 @@ def gpu_ms(fn, rep_ms: int = 100) -> float:
     finally:
         torch.cuda.current_stream().wait_stream(stream)
     return max(with_fn - flush_only, 0.0) / calls
+
+
+def kernel_ms(fn, calls: int = 20) -> float:
+    """GPU time of fn() in ms for code a CUDA graph cannot capture (it reads values back to the host): the summed
+    durations of the GPU kernels and memory operations of `calls` calls under torch.profiler, L2 flushed before
+    each, minus the same for the flushes alone. The host's gaps between kernels are not counted, as in gpu_ms.
+    NaN without a GPU."""
+    if interpreter_active() or not torch.cuda.is_available():
+        return float("nan")
+    flush, flushed_call = _with_flush(fn)
+    flushed_call()  # compile, autotune and allocate outside the profile
+    torch.cuda.synchronize()
+    return max(_profiled_device_us(flushed_call, calls) - _profiled_device_us(flush.zero_, calls), 0.0) / calls / 1e3
+
+
+def _profiled_device_us(step, calls: int) -> float:
+    """Summed duration in µs of the GPU activities (kernels, copies, fills) of `calls` steps."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            step()
+        torch.cuda.synchronize()
+    return sum(event.time_range.elapsed_us() for event in prof.events() if event.device_type == DeviceType.CUDA)
 
 
 def _captured(step, calls: int) -> torch.cuda.CUDAGraph:
@@ -101,9 +133,10 @@ def interleaved_gpu_ms(fns: dict, rounds: int, rep_ms: int = 100) -> dict:
 
 
 def timings(fn, capture: bool = True) -> dict:
-    """{"ms": median_ms(fn), "gpu_ms": gpu_ms(fn)}: a benchmark row's two times (gpu_ms NaN when capture is off:
-    a failed capture can leave CUDA's RNG state unusable for the rest of the process)."""
-    return {"ms": median_ms(fn), "gpu_ms": gpu_ms(fn) if capture else float("nan")}
+    """{"ms": median_ms(fn), "gpu_ms": gpu_ms(fn)}: a benchmark row's two times. capture=False (fn cannot run in a
+    CUDA graph; a failed capture can leave CUDA's RNG state unusable for the rest of the process): gpu_ms is
+    kernel_ms(fn), the profiler's sum of its GPU work."""
+    return {"ms": median_ms(fn), "gpu_ms": gpu_ms(fn) if capture else kernel_ms(fn)}
 
 
 def copy_bandwidth_gbps(device: str, gib: float = 1.0) -> float:

@@ -10,7 +10,10 @@ Every difference of logits is formed before anything is added to it — (m − x
 Σ_j (x_j − x_0) with x_0 the row's first logit — so logits of ±1e4 lose nothing to float32 rounding.
 
 Rows whose target is ignore_index have loss 0 and gradient 0 (their logits are never read); a target outside
-[0, V) (which the host rejects, except under CUDA graph capture) gives its row a NaN loss and gradient. The kernel makes
+[0, V) gives its row a NaN loss and gradient. A first small kernel counts the valid targets and those out of
+range; the main kernel reads the second count and, when it is not 0, reads and writes nothing (the host raises
+once the kernel is queued; under CUDA graph capture the host cannot read it back, the kernel runs unchecked and
+the NaN rows stand). The kernel makes
 two passes over a row: the online max and sum (plus Σx when ε > 0), then, when a gradient is wanted, the
 gradient times `scale` (1 / number of non-ignored rows for reduction="mean", read from device memory so the
 host never waits; 1 otherwise). The gradient may be written into the logits' own storage (grad_ptr == logits_ptr:
@@ -27,21 +30,39 @@ import triton.language as tl
 from ._rows import online_softmax_update, row_tiling
 from ._runtime import cdiv, new_empty, next_power_of_2
 
-# Vocabulary block per loop step, with 4 warps (32 logits per thread): several programs per SM, so one's
-# block reductions overlap another's loads. Chosen from register counts (sm_90), not yet from measurements.
-_BLOCK_V = 4096
+# Vocabulary block per loop step, on 16 warps (16 logits a thread) for rows of one block or more. Measured on an H100
+# (scripts/gpu_cross_entropy_launch_probe.py, reports/gpu/h100-2026-11-26h-cross-entropy-launch-probe.log; kernel
+# alone, L2 flushed): 0.816 ms at 8192×50304 and 0.890 at 16384×32768, against 0.861 and 1.088 for blocks of 4096
+# on 4 warps: with fewer rows in flight, a row's second read (the gradient pass) more often finds it in L2.
+_BLOCK_V = 8192
+_WIDE_ROW_WARPS = 16
+# Targets per step (and warps) of the one-program count of valid and out-of-range targets, one launch instead of
+# torch's seven: blocks of 1024 on 4 warps took 14 µs for 8192 targets on an H100, one dependent load per step.
+_COUNT_BLOCK, _COUNT_WARPS = 4096, 8
+
+
+def launch_meta(m: int, v: int) -> dict:
+    """The cross-entropy kernel's tiling for m rows of v logits: whole vocabulary blocks of _BLOCK_V on
+    _WIDE_ROW_WARPS warps, or several narrow rows a program on at most 4 warps."""
+    meta = row_tiling(m, v, loop=True, max_block=_BLOCK_V)
+    wide = meta["BLOCK_M"] == 1 and meta["BLOCK_N"] == _BLOCK_V
+    meta["num_warps"] = _WIDE_ROW_WARPS if wide else min(meta["num_warps"], 4)
+    return meta
 
 
 @triton.jit
 def _cross_entropy_kernel(
-    logits_ptr, targets_ptr, loss_ptr, grad_ptr, n_valid_ptr,
+    logits_ptr, targets_ptr, loss_ptr, grad_ptr, n_valid_ptr, bad_count_ptr,
     M, V, stride_lm, stride_lv, stride_gm, stride_gv, ignore_index, smoothing,
-    MEAN: tl.constexpr, SMOOTH: tl.constexpr, GRAD: tl.constexpr, INPLACE: tl.constexpr,
+    MEAN: tl.constexpr, SMOOTH: tl.constexpr, GRAD: tl.constexpr, INPLACE: tl.constexpr, CHECKED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """loss[row] for BLOCK_M rows and, when GRAD, scale · ∂loss/∂logits into grad (INPLACE: into the logits)."""
+    """loss[row] for BLOCK_M rows and, when GRAD, scale · ∂loss/∂logits into grad (INPLACE: into the logits);
+    CHECKED: nothing at all when the count of out-of-range targets at bad_count_ptr is not 0."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
+    if CHECKED:
+        row_mask = row_mask & (tl.load(bad_count_ptr) == 0)
     t = tl.load(targets_ptr + rows, mask=row_mask, other=ignore_index).to(tl.int64)
     valid = row_mask & (t != ignore_index)
     x_rows = logits_ptr + rows.to(tl.int64)[:, None] * stride_lm
@@ -92,41 +113,60 @@ def _cross_entropy_kernel(
 
 @triton.jit
 def _scale_rows_kernel(g_ptr, scale_ptr, M, V, stride_gm, stride_gv, stride_s, BLOCK_N: tl.constexpr):
-    """g[row, :] *= scale[row · stride_s] for one block of one row; nothing is read or written where scale is 1."""
+    """g[row, :] *= scale[row · stride_s], one row a program; nothing is read or written where scale is 1."""
     row = tl.program_id(0)
     scale = tl.load(scale_ptr + row * stride_s).to(tl.float32)
     if scale != 1.0:
-        c = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        ptrs = g_ptr + row.to(tl.int64) * stride_gm + c.to(tl.int64) * stride_gv
-        g = tl.load(ptrs, mask=c < V, other=0.0)
-        tl.store(ptrs, (g.to(tl.float32) * scale).to(g_ptr.dtype.element_ty), mask=c < V)
+        for start in range(0, V, BLOCK_N):
+            c = start + tl.arange(0, BLOCK_N)
+            ptrs = g_ptr + row.to(tl.int64) * stride_gm + c.to(tl.int64) * stride_gv
+            g = tl.load(ptrs, mask=c < V, other=0.0)
+            tl.store(ptrs, (g.to(tl.float32) * scale).to(g_ptr.dtype.element_ty), mask=c < V)
+
+
+@triton.jit
+def _count_targets_kernel(targets_ptr, counts_ptr, M, V, ignore_index, BLOCK: tl.constexpr):
+    """counts[0] = #{t ≠ ignore_index}, counts[1] = #{t ≠ ignore_index, t ∉ [0, V)} over M targets; one program."""
+    valid_total = tl.zeros((BLOCK,), dtype=tl.int32)
+    bad_total = tl.zeros((BLOCK,), dtype=tl.int32)
+    for start in range(0, M, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        t = tl.load(targets_ptr + offs, mask=offs < M, other=ignore_index)
+        valid = t != ignore_index
+        valid_total += valid.to(tl.int32)
+        bad_total += (valid & ((t < 0) | (t >= V))).to(tl.int32)
+    tl.store(counts_ptr, tl.sum(valid_total).to(tl.int64))
+    tl.store(counts_ptr + 1, tl.sum(bad_total).to(tl.int64))
 
 
 def cross_entropy_forward(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, mean: bool,
-                          smoothing: float, grad: torch.Tensor | None, n_chunks: int):
-    """Per-row losses (float32 [M]) of 2-D logits [M, V] (any strides) and integer targets [M].
+                          smoothing: float, grad: torch.Tensor | None, n_chunks: int, checked: bool = True):
+    """Per-row losses (float32 [M]) of 2-D logits [M, V] (any strides) and contiguous integer targets [M].
 
     grad: None for no gradient, else an [M, V] tensor (`logits` itself to overwrite the logits) that receives
-    scale · ∂loss/∂logits. Also returns the number of non-ignored rows as a 0-d device tensor.
-    Rows are processed in n_chunks launches (one launch covers them all when n_chunks = 1).
+    scale · ∂loss/∂logits. Rows are processed in n_chunks launches (one launch covers them all when n_chunks = 1).
+    Also returns two 0-d device tensors: the number of non-ignored rows and the number of targets out of range;
+    checked: the kernel touches nothing when that second count is not 0 (see the module doc).
     """
     m, v = logits.shape
     losses = new_empty((m,), like=logits, dtype=torch.float32)
-    n_valid = (targets != ignore_index).sum()
+    counts = torch.empty(2, device=logits.device, dtype=torch.int64)
+    _count_targets_kernel[(1,)](targets, counts, m, v, ignore_index, BLOCK=_COUNT_BLOCK, num_warps=_COUNT_WARPS)
+    n_valid, n_bad = counts[0], counts[1]
     if m == 0:
-        return losses, n_valid
-    meta = row_tiling(m, v, loop=True, max_block=_BLOCK_V)
-    meta["num_warps"] = min(meta["num_warps"], 4)
+        return losses, n_valid, n_bad
+    meta = launch_meta(m, v)
     rows_per_chunk = cdiv(cdiv(m, n_chunks), meta["BLOCK_M"]) * meta["BLOCK_M"]
     g = logits if grad is None else grad
     for first in range(0, m, rows_per_chunk):
         last = min(m, first + rows_per_chunk)
         _cross_entropy_kernel[(cdiv(last - first, meta["BLOCK_M"]),)](
-            logits[first:last], targets[first:last], losses[first:last], g[first:last], n_valid,
+            logits[first:last], targets[first:last], losses[first:last], g[first:last], n_valid, n_bad,
             last - first, v, logits.stride(0), logits.stride(1), g.stride(0), g.stride(1), ignore_index,
-            float(smoothing), MEAN=mean, SMOOTH=smoothing > 0, GRAD=grad is not None, INPLACE=grad is logits, **meta,
+            float(smoothing), MEAN=mean, SMOOTH=smoothing > 0, GRAD=grad is not None, INPLACE=grad is logits,
+            CHECKED=checked, **meta,
         )
-    return losses, n_valid
+    return losses, n_valid, n_bad
 
 
 def scale_rows_(g: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -135,7 +175,8 @@ def scale_rows_(g: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     if m and v:
         block = min(next_power_of_2(v), 4096)
         stride_s = 0 if scale.dim() == 0 else scale.stride(0)
-        _scale_rows_kernel[(m, cdiv(v, block))](g, scale, m, v, g.stride(0), g.stride(1), stride_s,
-                                                        BLOCK_N=block)
+        # One program a row (not a block): where scale is 1 (loss.backward() of a mean or sum) the launch
+        # then costs a few µs, not the ~65 µs that 8192 × 13 programs took at 8192×50304 on an H100.
+        _scale_rows_kernel[(m,)](g, scale, m, v, g.stride(0), g.stride(1), stride_s, BLOCK_N=block)
     return g
 
