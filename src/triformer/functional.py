@@ -355,6 +355,6 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     v = logits.shape[-1]
     logits2d = logits.reshape(-1, v)
     inplace = _grad_in_place(logits2d, inplace_grad)
-    loss = _CrossEntropyFunction.apply(logits2d, targets.reshape(-1).contiguous(), int(ignore_index), reduction,
+    loss = _CrossEntropyFunction.apply(logits2d, targets.reshape(-1), int(ignore_index), reduction,
                                        float(label_smoothing), n_chunks, inplace)
     return loss.view(targets.shape) if reduction == "none" else loss

@@ -141,7 +141,7 @@ def _count_targets_kernel(targets_ptr, counts_ptr, M, V, ignore_index, BLOCK: tl
 
 def cross_entropy_forward(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, mean: bool,
                           smoothing: float, grad: torch.Tensor | None, n_chunks: int, checked: bool = True):
-    """Per-row losses (float32 [M]) of 2-D logits [M, V] (any strides) and contiguous integer targets [M].
+    """Per-row losses (float32 [M]) of 2-D logits [M, V] and integer targets [M] (any strides).
 
     grad: None for no gradient, else an [M, V] tensor (`logits` itself to overwrite the logits) that receives
     scale · ∂loss/∂logits. Rows are processed in n_chunks launches (one launch covers them all when n_chunks = 1).
@@ -149,6 +149,7 @@ def cross_entropy_forward(logits: torch.Tensor, targets: torch.Tensor, ignore_in
     checked: the kernel touches nothing when that second count is not 0 (see the module doc).
     """
     m, v = logits.shape
+    targets = targets.contiguous()  # the kernels read targets[row] at unit stride
     losses = new_empty((m,), like=logits, dtype=torch.float32)
     counts = torch.empty(2, device=logits.device, dtype=torch.int64)
     _count_targets_kernel[(1,)](targets, counts, m, v, ignore_index, BLOCK=_COUNT_BLOCK, num_warps=_COUNT_WARPS)
