@@ -174,13 +174,18 @@ def hints():
 
 
 @triton.jit
-def _softmax_row_kernel(x_ptr, y_ptr, N, BLOCK_N: tl.constexpr):
-    """softmax of one row per program, as a 1-D block."""
+def _softmax_row_kernel(x_ptr, y_ptr, N, BLOCK_N: tl.constexpr, RECIPROCAL: tl.constexpr = False):
+    """softmax of one row per program, as a 1-D block; RECIPROCAL: multiplying by 1 / Σ e^(x − m) instead of
+    dividing by it."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     x = tl.load(x_ptr + row * N + cols, mask=cols < N, other=float("-inf")).to(tl.float32)
     e = tl.exp(x - tl.max(x, axis=0))
-    tl.store(y_ptr + row * N + cols, (e / tl.sum(e, axis=0)).to(y_ptr.dtype.element_ty), mask=cols < N)
+    if RECIPROCAL:
+        y = e * (1.0 / tl.sum(e, axis=0))
+    else:
+        y = e / tl.sum(e, axis=0)
+    tl.store(y_ptr + row * N + cols, y.to(y_ptr.dtype.element_ty), mask=cols < N)
 
 
 def softmax_warps():
@@ -322,16 +327,6 @@ def _softmax_backward_row_kernel(y_ptr, dy_ptr, dx_ptr, N, BLOCK_N: tl.constexpr
     tl.store(dx_ptr + row * N + cols, dx.to(dx_ptr.dtype.element_ty), mask=cols < N)
 
 
-@triton.jit
-def _softmax_reciprocal_row_kernel(x_ptr, y_ptr, N, BLOCK_N: tl.constexpr):
-    """softmax of one row per program, as a 1-D block, multiplying by 1 / Σ e^(x − m) instead of dividing."""
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK_N)
-    x = tl.load(x_ptr + row * N + cols, mask=cols < N, other=float("-inf")).to(tl.float32)
-    e = tl.exp(x - tl.max(x, axis=0))
-    tl.store(y_ptr + row * N + cols, (e * (1.0 / tl.sum(e, axis=0))).to(y_ptr.dtype.element_ty), mask=cols < N)
-
-
 def _against_liger_report():
     """report(label, cases, gb): prints each case's fraction of the 1 GiB copy and Liger's time ÷ its time, from
     medians of 7 interleaved rounds (cases["liger"] is Liger's)."""
@@ -389,8 +384,8 @@ def softmax_against_liger():
                  "library": lambda: softmax.softmax_forward(x, False)}
         for wp in (8, 16):
             cases[f"1-D w{wp}"] = lambda wp=wp: _softmax_row_kernel[(m,)](x, y, n, BLOCK_N=bn, num_warps=wp)
-            cases[f"1-D reciprocal w{wp}"] = lambda wp=wp: _softmax_reciprocal_row_kernel[(m,)](
-                x, y, n, BLOCK_N=bn, num_warps=wp)
+            cases[f"1-D reciprocal w{wp}"] = lambda wp=wp: _softmax_row_kernel[(m,)](
+                x, y, n, BLOCK_N=bn, RECIPROCAL=True, num_warps=wp)
         report(f"{m}x{n} softmax forward", cases, gb)
         cases = {"liger": lambda: _softmax_backward(dy, liger_y, block, warps, multi),
                  "liger again": lambda: _softmax_backward(dy, liger_y, block, warps, multi),

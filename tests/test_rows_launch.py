@@ -10,10 +10,7 @@ from triformer.kernels import _rows, norms, softmax
 
 @pytest.fixture
 def gpu_tiling(monkeypatch):
-    monkeypatch.setattr(_rows, "interpreter_active", lambda: False)
-    _rows._tiling.cache_clear()
-    yield
-    _rows._tiling.cache_clear()
+    monkeypatch.setattr(_rows, "interpreter_active", lambda: False)  # (_tiling's cache is keyed by the tile size)
 
 
 def launch(n_cols, options):
