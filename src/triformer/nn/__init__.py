@@ -7,8 +7,8 @@ import functools
 import torch
 from torch import nn
 
-from . import functional as TF
-from .kernels.activation import canonical_activation
+from .. import functional as TF
+from ..kernels.activation import canonical_activation
 
 _TORCH_ACTIVATIONS = {
     None: lambda z: z,

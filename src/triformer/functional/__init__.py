@@ -6,13 +6,13 @@ import math
 
 import torch
 
-from .kernels import cross_entropy as ce_kernels
-from .kernels import dropout as dropout_kernels
-from .kernels import linear as linear_kernels
-from .kernels import norms as norm_kernels
-from .kernels import softmax as softmax_kernels
-from .kernels._runtime import check_same_dtype, check_tensor, new_empty
-from .kernels.activation import canonical_activation
+from ..kernels import cross_entropy as ce_kernels
+from ..kernels import dropout as dropout_kernels
+from ..kernels import linear as linear_kernels
+from ..kernels import norms as norm_kernels
+from ..kernels import softmax as softmax_kernels
+from ..kernels._runtime import check_same_dtype, check_tensor, new_empty
+from ..kernels.activation import canonical_activation
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
