@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 FASHION_MNIST_DEBIAN := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup offline-data repro test test-gpu bench clean-venv
+.PHONY: setup offline-data repro test clean-venv
 
 setup: $(STAMP)
 
