@@ -101,3 +101,26 @@ def test_amp_must_be_known():
     config = training.TrainConfig(epochs=1, amp="fp8", progress=False)
     with pytest.raises(ValueError, match="amp"):
         training.fit(make_model("torch"), tiny_data(8, 1), tiny_data(8, 2), config)
+
+
+class PlantedCode:
+    """Unpickling this runs code: it creates the folder `marker`."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return os.mkdir, (self.marker,)
+
+
+def test_a_planted_checkpoint_is_refused_and_runs_no_code(tmp_path):
+    marker = tmp_path / "code-ran"
+    torch.save({"extra": {}, "payload": PlantedCode(marker)}, tmp_path / "epoch_0000.pt")
+    config = training.TrainConfig(epochs=1, batch_size=8, progress=False)
+    with pytest.raises(ValueError, match="not a checkpoint of triformer.training"):
+        training.checkpoint_extra(tmp_path)
+    with pytest.raises(ValueError, match="not a checkpoint of triformer.training"):
+        training.fit(make_model("torch"), tiny_data(8, 1), tiny_data(8, 2), config, checkpoint_dir=tmp_path)
+    assert not marker.exists(), "loading the checkpoint ran the code planted in it"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -81,16 +82,32 @@ def evaluate(model: nn.Module, dataset: TensorDataset, config: TrainConfig, devi
 
 
 def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+    """Every RNG the loop may draw from, as tensors and plain numbers: checkpoints load with weights_only=True."""
+    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                      "cached_gaussian": float(cached_gaussian)},
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
     random.setstate(state["python"])
+    numpy = state["numpy"]
+    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
+                         numpy["cached_gaussian"]))
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A checkpoint this loop wrote. Loaded with weights_only=True: a file holding anything but tensors and plain
+    data (a pickle that would run code, say) is refused, never executed."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(f"{path} is not a checkpoint of triformer.training: it holds objects other than tensors and "
+                         f"plain data, and was not loaded ({str(error).splitlines()[0]})") from error
 
 
 def latest_checkpoint(directory: str | Path | None) -> Path | None:
@@ -103,7 +120,7 @@ def latest_checkpoint(directory: str | Path | None) -> Path | None:
 def checkpoint_extra(directory: str | Path | None) -> dict:
     """The `extra` dictionary stored with the latest checkpoint (e.g. the MLflow run to continue), or {}."""
     path = latest_checkpoint(directory)
-    return torch.load(path, map_location="cpu", weights_only=False)["extra"] if path else {}
+    return load_checkpoint(path)["extra"] if path else {}
 
 
 def _save_checkpoint(directory: Path, epoch: int, state: dict, keep: int) -> None:
@@ -145,7 +162,7 @@ def fit(model: nn.Module, train_set: TensorDataset, val_set: TensorDataset, conf
     start_epoch = 0
     resume = latest_checkpoint(checkpoint_dir)
     if resume is not None:
-        state = torch.load(resume, map_location="cpu", weights_only=False)
+        state = load_checkpoint(resume)
         changed = {k for k, v in asdict(config).items() if k != "progress" and state["config"].get(k) != v}
         if changed:
             raise ValueError(f"{resume} was written with other settings ({sorted(changed)}): resuming it would not "
