@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .. import functional as TF
+from .._compat import relu_or_none, renamed_arguments
 from ..kernels.activation import canonical_activation
 
 _TORCH_ACTIVATIONS = {
@@ -24,6 +25,7 @@ class TritonLinear(nn.Module):
     Parameters and initialisation as nn.Linear; activation in (None, "relu", "gelu" (tanh approximation), "silu").
     """
 
+    @renamed_arguments(use_relu=("activation", relu_or_none))
     def __init__(self, in_features: int, out_features: int, bias: bool = True, activation: str | None = "relu",
                  fused: bool = True, device=None, dtype=None):
         super().__init__()
@@ -108,8 +110,12 @@ class TritonRMSNorm(nn.Module):
 class TritonSoftmax(nn.Module):
     """softmax along dim; causal=True masks key j > query i over the last two dims (attention scores)."""
 
+    @renamed_arguments(is_causal="causal")
     def __init__(self, dim: int = -1, causal: bool = False):
         super().__init__()
+        if isinstance(dim, bool):
+            raise TypeError("TritonSoftmax: dim must be an int, got a bool (dame-cell/Triformer's TritonSoftmax took "
+                            "is_causal first: pass causal=True or is_causal=True)")
         self.dim, self.causal = dim, causal
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -119,6 +125,7 @@ class TritonSoftmax(nn.Module):
         return f"dim={self.dim}, causal={self.causal}"
 
 
+@renamed_arguments(dropout_prob="p")
 def _dropout_apply(x: torch.Tensor, p: float = 0.5, seed: int | None = None) -> torch.Tensor:
     """TritonDropout.apply(x, p, seed): dropout in training mode, the original package's functional entry."""
     return TF.dropout(x, p, seed, training=True)
@@ -161,6 +168,7 @@ class TritonCrossEntropyLoss(nn.Module):
     triformer.functional.cross_entropy for inplace_grad and n_chunks.
     """
 
+    @renamed_arguments(pad_token_id="ignore_index")
     def __init__(self, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
                  n_chunks: int = 1, inplace_grad: bool | None = None):
         super().__init__()
