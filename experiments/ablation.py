@@ -1,7 +1,8 @@
 """Stage `ablation`: fused vs unfused TritonLinear, with nn.Linear (+ the same activation) as the baseline.
 
 Kernel level: each layer variant timed forward and forward+backward across params `ablation.shapes` ([M, K, N]).
-Model level: TritonMLP trained briefly with each variant (images/s, step time, accuracy), one MLflow run each.
+Model level: TritonMLP (with the same activation) trained briefly with each variant (images/s, step time,
+accuracy), one MLflow run each.
 Variants and sizes come from params, so `dvc exp run -S ablation.activation=gelu` or
 `-S 'ablation.variants=[fused,unfused]'` launch an ablation and `dvc exp show` compares them.
 Writes results/ablation/{kernels,models}.csv and metrics.json.
@@ -23,11 +24,12 @@ MODES = ("fwd", "fwd+bwd")
 MODEL_METRICS = ("perf/images_per_s", "perf/step_ms", "val/accuracy", "val/loss", "train/loss", "mem/peak_mib")
 
 
-def time_layer(variant: str, shape, mode: str, activation: str, dtype: torch.dtype, device: str) -> float:
+def time_layer(variant: str, shape, mode: str, activation: str, dtype: torch.dtype, device: str,
+               seed: int = 0) -> float:
     """Median ms of one layer variant on x [M, K] → [M, N]; fwd+bwd computes dx, dW and db."""
     m, k, n = shape
     backend, fused = VARIANTS[variant]
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     layer = make_linear(k, n, activation, backend, fused).to(device=device, dtype=dtype)
     x = torch.randn(m, k, device=device, dtype=dtype, requires_grad=mode == "fwd+bwd")
     if mode == "fwd":
@@ -50,7 +52,8 @@ def kernel_rows(config: dict, device: str) -> list[dict]:
         shape = f"{m}x{k}x{n}"
         for mode in MODES:
             flops = 2 * m * k * n * (1 if mode == "fwd" else 3)
-            times = {v: time_layer(v, (m, k, n), mode, activation, dtype, device) for v in config["variants"]}
+            times = {v: time_layer(v, (m, k, n), mode, activation, dtype, device, config["seed"])
+                     for v in config["variants"]}
             for variant, ms in times.items():
                 rows.append({"label": f"{mode} {shape} {variant}", "case": f"{mode} {shape}",
                              "op": f"linear_{activation}", "shape": shape, "dtype": config["dtype"], "mode": mode,
@@ -65,7 +68,8 @@ def main() -> None:
     unknown = set(config["variants"]) - set(VARIANTS)
     if unknown:
         raise SystemExit(f"unknown ablation variants {sorted(unknown)}; choose from {sorted(VARIANTS)}")
-    with common.start_run("ablation", config, info, role="kernels"):
+    kernel_params = common.used(config, "variants", "activation", "shapes", "dtype", "seed")
+    with common.start_run("ablation", kernel_params, info, role="kernels"):
         kernels = kernel_rows(config, info["device"])
         common.write_csv(OUT / "kernels.csv", kernels)
         tracking.log_metrics({tracking.metric_key("perf/tflops", r["op"], r["mode"], r["provider"], r["shape"]):

@@ -48,7 +48,8 @@ def geomean(values) -> float:
 def main() -> None:
     config, info = common.setup("bench")
     device, dtype = info["device"], getattr(torch, config["dtype"])
-    with common.start_run("bench", config, info):
+    params = {**common.used(config, "suites", "dtype"), **{name: config.get(name, {}) for name in config["suites"]}}
+    with common.start_run("bench", params, info):
         ceilings = {"GB/s": copy_bandwidth_gbps(device), "TFLOP/s": matmul_tflops(device)}
         print(f"ceilings: copy {ceilings['GB/s']:.1f} GB/s, matmul {ceilings['TFLOP/s']:.2f} TFLOP/s")
         rows, missing = [], []

@@ -12,7 +12,7 @@ import csv
 import hashlib
 import json
 import uuid
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -89,11 +89,18 @@ def label(info: dict) -> dict:
             "timings": tracking.INTERPRETER_WARNING if info["interpreter"] else "measured"}
 
 
-def start_run(stage: str, config: dict, info: dict, *, kind: str | None = None, role: str = "main",
+def start_run(stage: str, params: dict, info: dict, *, kind: str | None = None, role: str = "main",
               run_id: str | None = None):
-    """tracking.start_run with the stage's profile, role and execution (this process) as tags."""
-    return tracking.start_run(stage, config, kind=kind, run_name=f"{stage}:{role}", run_id=run_id,
+    """tracking.start_run logging `params` (only what the run uses) with the profile and device it ran on, and the
+    stage's profile, role and execution (this process) as tags."""
+    return tracking.start_run(stage, {"profile": info["profile"], "device": info["device"], **params}, kind=kind,
+                              run_name=f"{stage}:{role}", run_id=run_id,
                               tags={"profile": info["profile"], "role": role, "execution": EXECUTION})
+
+
+def used(config: dict, *keys: str) -> dict:
+    """The params of `config` a run uses (what it logs): keys it lacks are left out."""
+    return {key: config[key] for key in keys if key in config}
 
 
 def write_json(path: str | Path, obj) -> None:
@@ -138,7 +145,9 @@ def train_mlp(config: dict, info: dict, *, stage: str, kind: str, role: str, bac
               checkpoint_dir: Path | None = None) -> dict:
     """One TritonMLP training run (its own MLflow run, tagged `role`); returns fit()'s final metrics.
 
-    With checkpoint_dir, a crashed run resumes from its latest checkpoint and continues its own MLflow run.
+    The run logs what it used: the data (dataset, subsets), the model (hidden_size, activation, backend, fused) and
+    every training setting. With checkpoint_dir, a crashed run resumes from its latest checkpoint and continues its
+    own MLflow run.
     """
     name = config["dataset"]
     root = DATA_ROOT / name
@@ -148,11 +157,13 @@ def train_mlp(config: dict, info: dict, *, stage: str, kind: str, role: str, bac
     run_id = training.checkpoint_extra(checkpoint_dir).get("mlflow_run_id")
     if run_id is not None and not tracking.run_exists(run_id):
         run_id = None
-    run_config = {**config, "backend": backend, "fused": fused}
-    with start_run(stage, run_config, info, kind=kind, role=role, run_id=run_id) as run:
+    model_params = {"hidden_size": config["hidden_size"], "activation": config["activation"], "backend": backend,
+                    "fused": fused}
+    settings_params = {k: v for k, v in asdict(settings).items() if k != "progress"}
+    run_params = {**used(config, "dataset", "train_subset", "val_subset"), **model_params, **settings_params}
+    with start_run(stage, run_params, info, kind=kind, role=role, run_id=run_id) as run:
         torch.manual_seed(settings.seed)
-        model = TritonMLP(train_set.tensors[0][0].numel(), image_module(name).NUM_CLASSES,
-                          hidden_size=config["hidden_size"], fused=fused, backend=backend)
+        model = TritonMLP(train_set.tensors[0][0].numel(), image_module(name).NUM_CLASSES, **model_params)
         tracking.set_tags({"backend": backend, "fused": fused, "dataset": name,
                            "parameters": sum(p.numel() for p in model.parameters())})
         result = training.fit(model, train_set, val_set, settings, info["device"], checkpoint_dir,

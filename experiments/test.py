@@ -58,7 +58,8 @@ def stage_metrics(report: dict, config: dict, info: dict, returncode: int) -> di
 
 def main() -> None:
     config, info = common.setup("test")
-    with tempfile.TemporaryDirectory() as tmp, common.start_run("test", config, info):
+    params = common.used(config, "paths", "markers", "sample_every", "workers", "extra_args")
+    with tempfile.TemporaryDirectory() as tmp, common.start_run("test", params, info):
         report_path, junit = Path(tmp) / "report.json", Path(tmp) / "junit.xml"
         returncode = run_pytest(config, report_path, junit)
         report = common.read_json(report_path)

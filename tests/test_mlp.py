@@ -9,16 +9,17 @@ from harness import DEVICE, assert_close
 from triformer import TritonMLP
 
 
-def twin_models(fused: bool, hidden: int = 16):
-    ours = TritonMLP(3 * 5 * 5, 10, hidden_size=hidden, fused=fused).to(DEVICE)
-    ref = TritonMLP(3 * 5 * 5, 10, hidden_size=hidden, backend="torch").to(DEVICE)
+def twin_models(fused: bool, hidden: int = 16, activation: str = "relu"):
+    ours = TritonMLP(3 * 5 * 5, 10, hidden_size=hidden, fused=fused, activation=activation).to(DEVICE)
+    ref = TritonMLP(3 * 5 * 5, 10, hidden_size=hidden, backend="torch", activation=activation).to(DEVICE)
     ref.load_state_dict(ours.state_dict())
     return ours, ref
 
 
+@pytest.mark.parametrize("activation", ["relu", "gelu", "silu"])
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
-def test_matches_nn_linear_mlp_with_same_weights(fused, seed):
-    ours, ref = twin_models(fused)
+def test_matches_nn_linear_mlp_with_same_weights(fused, activation, seed):
+    ours, ref = twin_models(fused, activation=activation)
     images = torch.randn(9, 3, 5, 5, device=DEVICE)  # an image batch: flattened by the model
     labels = torch.randint(0, 10, (9,), device=DEVICE)
     out, out_ref = ours(images), ref(images)
@@ -45,6 +46,22 @@ def test_learns_a_fixed_batch(seed):
         opt.step()
     accuracy = (model(images).argmax(1) == labels).float().mean().item()
     assert loss.item() < 0.2 * first and accuracy > 0.9, (first, loss.item(), accuracy)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_activation_is_the_one_asked_for_in_both_backends(backend, seed):
+    """Between the layers, gelu (tanh form) computed by hand from the model's weights; the logits stay plain."""
+    model = TritonMLP(3 * 5 * 5, 10, hidden_size=16, backend=backend, activation="gelu").to(DEVICE)
+    assert model.activation == "gelu" and [m.activation for m in (model.fc1, model.fc2, model.fc3)] == \
+        ["gelu", "gelu", None]
+    images = torch.randn(9, 3, 5, 5, device=DEVICE)
+    x = images.flatten(1).double()
+    for layer in (model.fc1, model.fc2):
+        x = torch.nn.functional.gelu(x @ layer.weight.double().T + layer.bias.double(), approximate="tanh")
+    expected = x @ model.fc3.weight.double().T + model.fc3.bias.double()
+    assert_close(model(images), expected, torch.float32, "logits of the gelu MLP", tol=1e-5)
+    with pytest.raises(ValueError, match="needs an activation"):
+        TritonMLP(4, 2, backend=backend, activation="none")
 
 
 def test_unknown_backend():
