@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-import triformer.functional as TF
+from triformer.functional import layer_norm, linear, rms_norm, softmax
 from triformer.kernels import matmul_tma, norms
 from triformer.kernels.matmul import matmul
 
@@ -57,30 +57,30 @@ cases = {
     "norms.norm_forward (launcher)": lambda: norms.norm_forward(xd, w, b, 1e-5, True),
 }
 with torch.no_grad():
-    cases["TF.layer_norm no_grad"] = lambda: TF.layer_norm(x, 256, w, b)
+    cases["triformer layer_norm no_grad"] = lambda: layer_norm(x, 256, w, b)
     cases["F.layer_norm no_grad"] = lambda: F.layer_norm(x, (256,), w, b)
-    cases["TF.linear relu no_grad"] = lambda: TF.linear(x, W, b, "relu")
+    cases["triformer linear relu no_grad"] = lambda: linear(x, W, b, "relu")
     cases["relu(F.linear) no_grad"] = lambda: torch.relu(F.linear(x, W, b))
 cases.update({
-    "TF.layer_norm fwd+bwd": grad_step(lambda: TF.layer_norm(x, 256, w, b), (x, w, b), dy),
+    "triformer layer_norm fwd+bwd": grad_step(lambda: layer_norm(x, 256, w, b), (x, w, b), dy),
     "F.layer_norm fwd+bwd": grad_step(lambda: F.layer_norm(x, (256,), w, b), (x, w, b), dy),
-    "TF.rms_norm fwd+bwd": grad_step(lambda: TF.rms_norm(x, 256, w), (x, w), dy),
+    "triformer rms_norm fwd+bwd": grad_step(lambda: rms_norm(x, 256, w), (x, w), dy),
     "F.rms_norm fwd+bwd": grad_step(lambda: F.rms_norm(x, (256,), w), (x, w), dy),
-    "TF.linear relu fwd+bwd": grad_step(lambda: TF.linear(x, W, b, "relu"), (x, W, b), dy),
+    "triformer linear relu fwd+bwd": grad_step(lambda: linear(x, W, b, "relu"), (x, W, b), dy),
     "relu(F.linear) fwd+bwd": grad_step(lambda: torch.relu(F.linear(x, W, b)), (x, W, b), dy),
-    "TF.softmax fwd+bwd": grad_step(lambda: TF.softmax(x), (x,), dy),
+    "triformer softmax fwd+bwd": grad_step(lambda: softmax(x), (x,), dy),
     "torch.softmax fwd+bwd": grad_step(lambda: torch.softmax(x, -1), (x,), dy),
 })
 _, x2, mean_s, rstd_s = norms.norm_forward(xd, w.detach(), b.detach(), 1e-5, True)
 part = torch.randn(2, 16, 256, device=dev)
 from triformer.kernels.activation import column_sum  # noqa: E402
 
-y_ours = TF.layer_norm(x, 256, w, b)
+y_ours = layer_norm(x, 256, w, b)
 y_torch = F.layer_norm(x, (256,), w, b)
 cases.update({
     "norms.norm_backward (launcher)": lambda: norms.norm_backward(dy, x2, w.detach(), mean_s, rstd_s, bf, bf),
     "column_sum of [2, 16, 256]": lambda: column_sum(part, bf, rows_per_program=16),
-    "TF.layer_norm backward only": lambda: torch.autograd.grad(y_ours, (x, w, b), dy, retain_graph=True),
+    "triformer layer_norm backward only": lambda: torch.autograd.grad(y_ours, (x, w, b), dy, retain_graph=True),
     "F.layer_norm backward only": lambda: torch.autograd.grad(y_torch, (x, w, b), dy, retain_graph=True),
 })
 # The warp-specialized Gluon product (seven TMA descriptors a launch) beside the Triton TMA kernel, at a product
@@ -109,7 +109,7 @@ for name, fn in cases.items():
     with torch.no_grad() if "no_grad" in name else torch.enable_grad():
         print(f"{name:40s} {per_call_us(fn):12.1f}", flush=True)
 
-for name in [n for n in ("TF.linear relu fwd+bwd", "matmul_ws.launch (Gluon kernel, direct)") if n in cases]:
+for name in [n for n in ("triformer linear relu fwd+bwd", "matmul_ws.launch (Gluon kernel, direct)") if n in cases]:
     profile = cProfile.Profile()
     profile.enable()
     for _ in range(300):

@@ -1,20 +1,29 @@
-"""On a GPU host: every kernel benchmark side by side with its ceilings, printed as ratio tables (logs to $OUT)."""
+"""On a GPU host: every kernel benchmark side by side with its ceilings, printed as ratio tables (logs to $OUT).
+
+The suites, their shapes and the dtype are the bench stage's, from params.yaml's `bench` group at its `gpu` profile;
+arguments pick some of the suites (`gpu_kernels.py linear norms`)."""
 
 import os
 import sys
+from pathlib import Path
 
 import pandas as pd
 import torch
 
-from triformer.bench.suites import load_suite, with_fractions
-from triformer.bench.timing import copy_bandwidth_gbps, matmul_tflops
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for experiments.common
+from experiments.common import load_params, stage_config  # noqa: E402
+from triformer.bench.suites import load_suite, with_fractions  # noqa: E402
+from triformer.bench.timing import copy_bandwidth_gbps, matmul_tflops  # noqa: E402
 
 out = os.environ.get("OUT", "/tmp/out")
-suites = sys.argv[1:] or ["linear", "norms", "cross_entropy"]
+config = stage_config("bench", load_params(), "gpu")
+suites = sys.argv[1:] or config["suites"]
+dtype = getattr(torch, config["dtype"])
 ceilings = {"GB/s": copy_bandwidth_gbps("cuda"), "TFLOP/s": matmul_tflops("cuda")}
 print(f"{torch.cuda.get_device_name()}: copy {ceilings['GB/s']:.0f} GB/s, "
       f"bf16 matmul 8192^3 {ceilings['TFLOP/s']:.0f} TFLOP/s", flush=True)
-rows = [row for suite in filter(None, map(load_suite, suites)) for row in suite.run(progress=False)]
+rows = [row for name in suites if (suite := load_suite(name))
+        for row in suite.run(**config.get(name, {}), dtype=dtype, device="cuda", progress=False)]
 frame = pd.DataFrame(with_fractions(rows, ceilings))
 frame.to_csv(f"{out}/bench_kernels.csv", index=False)
 pd.set_option("display.width", 250)

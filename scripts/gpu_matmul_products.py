@@ -9,14 +9,18 @@ compared lives in git history: 8a0c3a4.)"""
 
 import itertools
 import sys
+from pathlib import Path
 
 import torch
 
-from triformer.bench.timing import gpu_ms
-from triformer.kernels import _tiles, activation, matmul_tma
-from triformer.kernels.matmul import matmul
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for experiments.common
+from experiments.common import load_params, stage_config  # noqa: E402
+from triformer.bench.timing import gpu_ms  # noqa: E402
+from triformer.kernels import _tiles, activation, matmul_tma  # noqa: E402
+from triformer.kernels.matmul import matmul  # noqa: E402
 
-SHAPES = [(8192, 768, 3072), (8192, 3072, 768), (16384, 1024, 4096), (4096, 4096, 4096), (512, 3072, 768)]
+# The linear benchmark's shapes (M, K, N), from params.yaml's bench group at its gpu profile.
+SHAPES = [tuple(shape) for shape in stage_config("bench", load_params(), "gpu")["linear"]["shapes"]]
 bf = torch.bfloat16
 SMS = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 132
 
