@@ -8,3 +8,5 @@ from .nn import (TorchLinear, TritonCrossEntropyLoss, TritonDropout, TritonLayer
 __version__ = "0.1.0"
 __all__ = ["functional", "TritonLinear", "TorchLinear", "TritonMLP", "TritonLayerNorm", "TritonRMSNorm",
            "TritonSoftmax", "TritonDropout", "TritonCrossEntropyLoss"]
+from .nn import TritonGatedMLP, TritonRotaryEmbedding  # noqa: E402
+__all__ += ["TritonRotaryEmbedding", "TritonGatedMLP"]

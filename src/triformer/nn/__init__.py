@@ -184,3 +184,5 @@ class TritonCrossEntropyLoss(nn.Module):
     def extra_repr(self) -> str:
         return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
                 f"label_smoothing={self.label_smoothing}, n_chunks={self.n_chunks}, inplace_grad={self.inplace_grad}")
+from .rope import TorchRotaryEmbedding, TritonRotaryEmbedding  # noqa: E402
+from .gated import TorchGatedMLP, TritonGatedMLP  # noqa: E402

@@ -1,0 +1,71 @@
+"""Rotary position embedding modules: TritonRotaryEmbedding (triformer's kernel) and its PyTorch twin."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import functional as TF
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """[−x₂, x₁] for the halves x₁ = x[..., :D/2], x₂ = x[..., D/2:] (GPT-NeoX, LLaMA)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def torch_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, offset: int = 0):
+    """x·cos + rotate_half(x)·sin for q, k [B, H, S, D] in plain torch ops, as Hugging Face's LLaMA writes it: the
+    half tables [S_max, D/2] are repeated to [S, D] and cast to q's dtype."""
+    seq = q.shape[-2]
+    cos = cos[offset:offset + seq].repeat(1, 2).to(q.dtype)
+    sin = sin[offset:offset + seq].repeat(1, 2).to(q.dtype)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+class _RotaryTables(nn.Module):
+    """Holds cos and sin [max_seq_len, head_dim / 2] (float32, non-persistent buffers: rebuilt, not saved)."""
+
+    def __init__(self, head_dim: int, max_seq_len: int = 2048, base: float = 10000.0, device=None):
+        super().__init__()
+        cos, sin = TF.rope_tables(head_dim, max_seq_len, base, device)
+        self.head_dim, self.max_seq_len, self.base = head_dim, max_seq_len, base
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        """Module.to / .half() / .cuda(): the tables follow the device but stay float32 (rebuilt exactly when a
+        dtype cast rounded them)."""
+        super()._apply(fn, recurse)
+        if self.cos.dtype != torch.float32:
+            self.cos, self.sin = TF.rope_tables(self.head_dim, self.max_seq_len, self.base, self.cos.device)
+        return self
+
+    def _check(self, q: torch.Tensor, offset: int) -> None:
+        if q.shape[-1] != self.head_dim:
+            raise ValueError(f"q has head dim {q.shape[-1]} but this rotary embedding was built for "
+                             f"head_dim={self.head_dim}")
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise ValueError(f"offset must be a non-negative int, got {offset!r}")
+        if offset + q.shape[-2] > self.max_seq_len:
+            raise ValueError(f"positions up to {offset + q.shape[-2] - 1} exceed max_seq_len={self.max_seq_len}")
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}, max_seq_len={self.max_seq_len}, base={self.base}"
+
+
+class TritonRotaryEmbedding(_RotaryTables):
+    """forward(q [B, Hq, S, D], k [B, Hk, S, D], offset=0) → (q_rot, k_rot): rotate-half RoPE on triformer's kernel
+    (out of place; see triformer.functional.rope), positions offset .. offset + S − 1, θ_p,i = p · base^(−2i/D)."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, offset: int = 0):
+        self._check(q, offset)
+        return TF.rope(q, k, self.cos, self.sin, offset)
+
+
+class TorchRotaryEmbedding(_RotaryTables):
+    """The PyTorch twin of TritonRotaryEmbedding (same constructor and tables): torch_rope in plain torch ops."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, offset: int = 0):
+        self._check(q, offset)
+        return torch_rope(q, k, self.cos, self.sin, offset)

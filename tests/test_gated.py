@@ -1,0 +1,197 @@
+"""SwiGLU / GeGLU on a fused up-projection (functional and the gated MLP modules) against float64 references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import triformer.functional as TF
+from harness import DEVICE, DTYPES, ON_GPU, assert_close, randn, reference_copy
+from triformer import TritonGatedMLP
+from triformer.kernels import gated as gated_kernels
+from triformer.nn import TorchGatedMLP
+
+GATES = {"silu": F.silu, "gelu": lambda a: F.gelu(a, approximate="tanh")}
+GPU_ONLY = "LLaMA-sized rows: GPU only (the interpreter would take minutes)"
+
+
+def reference_gate(x64: torch.Tensor, activation: str) -> torch.Tensor:
+    a, b = x64.chunk(2, dim=-1)
+    return GATES[activation](a) * b
+
+
+def check(leaf: torch.Tensor, view, activation: str, dtype: torch.dtype, dh=None, inplace_grad=None):
+    """view(leaf) → x; ours and the float64 reference on the same rounded inputs: h, then the leaf's gradient."""
+    ref_leaf = reference_copy(leaf)
+    x = view(leaf)
+    h = TF.gated_activation(x, activation, inplace_grad=inplace_grad)
+    ref = reference_gate(view(ref_leaf), activation)
+    assert h.dtype == x.dtype and h.shape == (*x.shape[:-1], x.shape[-1] // 2) and h.is_contiguous()
+    assert_close(h, ref, dtype, "h")
+    if dh is None:
+        dh = randn(*h.shape, dtype=dtype)
+    h.backward(dh)
+    ref.backward(dh.detach().double().cpu())
+    assert_close(leaf.grad, ref_leaf.grad, dtype, "grad of x")
+
+
+def same(x):
+    return x
+
+
+def non_leaf(x):
+    """x as an op's output (as the up-projection's): the gradient then goes into its storage."""
+    return x * 1.0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(7, 66), (2, 3, 32), (1, 2), (33, 128)],
+                         ids=["7x2*33", "2x3x2*16", "1x2*1", "33x2*64"])
+@pytest.mark.parametrize("where", ["buffer", "in-place"])
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+def test_against_float64(activation, where, shape, dtype, seed):
+    """Odd hidden sizes and leading dims; the gradient in its own buffer (leaf x) and in x's storage (non-leaf x)."""
+    check(randn(*shape, dtype=dtype, requires_grad=True), same if where == "buffer" else non_leaf, activation, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+def test_several_row_and_column_blocks(activation, dtype, monkeypatch, seed):
+    """Small tiles under the interpreter: 16-column blocks (the last partly masked) and 4-row blocks."""
+    monkeypatch.setattr(gated_kernels, "INTERPRETER_TILE", 64)
+    monkeypatch.setattr(gated_kernels, "INTERPRETER_MAX_BLOCK_N", 16)
+    grid, meta = gated_kernels.launch_config(7, 33)
+    if not ON_GPU:
+        assert grid == (2, 3) and (meta["BLOCK_M"], meta["BLOCK_N"]) == (4, 16)
+    check(randn(7, 66, dtype=dtype, requires_grad=True), non_leaf, activation, dtype)
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+def test_strided_and_stride_zero_inputs(activation, seed):
+    """x a column slice of a wider tensor (rows 71 apart), x transposed (column stride ≠ 1), x broadcast from one
+    row (row stride 0), and gradients dh with stride 0 (from a sum) or transposed."""
+    dtype = torch.float32
+    wide = randn(5, 71, dtype=dtype, requires_grad=True)
+    check(wide, lambda t: t[:, 3:69], activation, dtype)
+    wide.grad = None
+    check(wide, lambda t: non_leaf(t)[:, 3:69], activation, dtype, dh=torch.ones(1, device=DEVICE).expand(5, 33))
+    stored_t = randn(66, 5, dtype=dtype, requires_grad=True)
+    check(stored_t, lambda t: t.t(), activation, dtype, dh=randn(33, 5, dtype=dtype).t())
+    stored_t.grad = None
+    check(stored_t, lambda t: non_leaf(t).t(), activation, dtype)
+    row = randn(1, 66, dtype=dtype, requires_grad=True)
+    check(row, lambda t: t.expand(6, 66), activation, dtype)
+    row.grad = None
+    check(row, lambda t: non_leaf(t).expand(6, 66), activation, dtype)
+
+
+def test_gradient_goes_into_the_up_projection_output(seed):
+    """Non-leaf x: after the backward its storage holds [da | db] (no gradient buffer); leaf x is never written."""
+    leaf = randn(7, 66, requires_grad=True)
+    x = non_leaf(leaf)
+    h = TF.swiglu(x)
+    h.backward(randn(*h.shape))
+    assert torch.equal(x.detach(), leaf.grad)
+    kept = leaf.detach().clone()
+    TF.swiglu(leaf).backward(randn(7, 33))
+    assert torch.equal(leaf.detach(), kept)
+    copy = leaf.detach().clone().requires_grad_()
+    TF.swiglu(copy, inplace_grad=True).backward(randn(7, 33))
+    assert copy.grad.data_ptr() == copy.data_ptr()
+
+
+def test_in_place_gradient_is_never_silently_wrong(seed):
+    """Another op that saved x raises when its backward runs after ours, and so does a second backward of ours."""
+    leaf = randn(5, 16, requires_grad=True)
+    x = non_leaf(leaf)
+    square = x * x  # saves x; created first, so its backward runs after the gate's
+    loss = TF.geglu(x).sum() + square.sum()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    h = TF.swiglu(non_leaf(leaf))
+    h.backward(torch.ones_like(h), retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        h.backward(torch.ones_like(h))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+def test_nan_and_inf_propagate(activation, dtype):
+    """NaN and ±inf in a or b give NaN/inf in h and in [da | db] exactly where torch's formulas do."""
+    x = randn(3, 8, dtype=dtype)
+    x[0, 1], x[0, 2], x[1, 0], x[1, 6], x[2, 7] = float("nan"), float("inf"), float("-inf"), float("nan"), float("inf")
+    leaf = x.requires_grad_()
+    h = TF.gated_activation(leaf, activation)
+    dh = randn(3, 4, dtype=dtype)
+    h.backward(dh)
+    ref_leaf = reference_copy(leaf)
+    ref = reference_gate(ref_leaf, activation)
+    ref.backward(dh.double().cpu())
+    for ours, expected in ((h, ref), (leaf.grad, ref_leaf.grad)):
+        assert torch.equal(ours.detach().cpu().isnan(), expected.isnan())
+        assert torch.equal(ours.detach().cpu().isinf(), expected.isinf())
+        finite = expected.isfinite()
+        assert_close(ours.detach().cpu()[finite], expected[finite], dtype, "finite part")
+
+
+def test_named_entries():
+    x = randn(3, 10)
+    assert torch.equal(TF.swiglu(x), TF.gated_activation(x, "silu"))
+    assert torch.equal(TF.geglu(x), TF.gated_activation(x, "gelu"))
+
+
+def test_bad_inputs_get_clear_errors():
+    x = randn(4, 10)
+    cases = [
+        (ValueError, "even", lambda: TF.swiglu(randn(4, 9))),
+        (ValueError, "even", lambda: TF.swiglu(randn(4, 0))),
+        (ValueError, r"\[\.\.\., 2·hidden\]", lambda: TF.swiglu(torch.tensor(1.0))),
+        (TypeError, "dtype", lambda: TF.geglu(x.long())),
+        (TypeError, "torch.Tensor", lambda: TF.swiglu(x.tolist())),
+        (ValueError, "unknown gated activation", lambda: TF.gated_activation(x, "relu")),
+        (ValueError, "do not overlap", lambda: TF.swiglu(randn(1, 10).expand(4, 10), inplace_grad=True)),
+        (ValueError, "do not overlap", lambda: TF.swiglu(randn(10, 4).t(), inplace_grad=True)),
+        (TypeError, "inplace_grad", lambda: TF.swiglu(x, inplace_grad="yes")),
+        (ValueError, "activation must be one of", lambda: TritonGatedMLP(8, 4, activation="gelu")),
+        (ValueError, "hidden must be a positive int", lambda: TorchGatedMLP(8, 0)),
+        (ValueError, "in_features", lambda: TritonGatedMLP(8, 4)(randn(3, 7))),
+    ]
+    for error, match, call in cases:
+        with pytest.raises(error, match=match):
+            call()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("activation", ["swiglu", "geglu"])
+def test_module_twins_agree(activation, bias, dtype, seed):
+    """TritonGatedMLP and TorchGatedMLP with one state_dict: the same outputs and gradients of x and every
+    parameter (each against the float64 twin)."""
+    ours = TritonGatedMLP(24, 33, activation=activation, bias=bias).to(DEVICE, dtype)
+    twin = TorchGatedMLP(24, 33, activation=activation, bias=bias).to(DEVICE, dtype)
+    twin.load_state_dict(ours.state_dict())
+    reference = TorchGatedMLP(24, 33, activation=activation, bias=bias).double()
+    reference.load_state_dict({k: v.double().cpu() for k, v in ours.state_dict().items()})
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in twin.named_parameters()]
+    x = randn(2, 5, 24, dtype=dtype, requires_grad=True)
+    xt, xr = x.detach().clone().requires_grad_(), reference_copy(x)
+    dy = randn(2, 5, 24, dtype=dtype)
+    outs = [module(inp) for module, inp in ((ours, x), (twin, xt), (reference, xr))]
+    for out in outs:
+        out.backward(dy.to(out.device, out.dtype))
+    for name, out, inp, module in (("triton", outs[0], x, ours), ("torch", outs[1], xt, twin)):
+        assert_close(out, outs[2], dtype, f"{name} output")
+        assert_close(inp.grad, xr.grad, dtype, f"{name} grad of x")
+        for (pname, p), (_, pr) in zip(module.named_parameters(), reference.named_parameters()):
+            assert_close(p.grad, pr.grad, dtype, f"{name} grad of {pname}")
+    assert ours.residual_projection() is ours.down.weight
+
+
+@pytest.mark.skipif(not ON_GPU, reason=GPU_ONLY)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("where", ["buffer", "in-place"])
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+@pytest.mark.parametrize("shape", [(2048, 2 * 11008), (4097, 2 * 3072), (513, 2 * 1377)])
+def test_large_on_gpu(shape, activation, where, dtype, seed):
+    check(randn(*shape, dtype=dtype, requires_grad=True), same if where == "buffer" else non_leaf, activation, dtype)

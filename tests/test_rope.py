@@ -1,0 +1,244 @@
+"""Rotary position embedding (functional and modules): outputs and both gradients against float64 references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import triformer.functional as TF
+from harness import DEVICE, DTYPES, ON_GPU, assert_close, randn, reference_copy
+from triformer import TritonRotaryEmbedding
+from triformer.kernels import rope as rope_kernels
+from triformer.nn import TorchRotaryEmbedding
+
+GPU_ONLY = "long sequences and many heads: GPU only (the interpreter would take minutes)"
+
+
+def reference_rope(x64: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, offset: int) -> torch.Tensor:
+    """x·cos + rotate_half(x)·sin in float64, from the first D/2 columns of the tables."""
+    d = x64.shape[-1]
+    seq = x64.shape[-2]
+    c = cos.detach().double().cpu()[offset:offset + seq, : d // 2]
+    s = sin.detach().double().cpu()[offset:offset + seq, : d // 2]
+    x1, x2 = x64[..., : d // 2], x64[..., d // 2:]
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+
+
+def random_tables(rows: int, half: int, dtype=torch.float32):
+    """cos, sin of random angles (not only RoPE's own frequencies: every pair gets its own rotation)."""
+    angles = torch.rand(rows, half, dtype=torch.float64) * 20 - 10
+    return angles.cos().to(DEVICE, dtype), angles.sin().to(DEVICE, dtype)
+
+
+def check(leaves: list[torch.Tensor], views, cos, sin, offset: int, dtype: torch.dtype, grads=None):
+    """views(*leaves) → (q, k); ours and the float64 reference on the same rounded inputs: q_rot, k_rot, then the
+    gradient of every leaf. grads: (dq_rot, dk_rot) to back-propagate (fresh random ones by default)."""
+    refs = [reference_copy(t) for t in leaves]
+    q, k = views(*leaves)
+    q_rot, k_rot = TF.rope(q, k, cos, sin, offset)
+    q_ref, k_ref = (reference_rope(t, cos, sin, offset) for t in views(*refs))
+    for out, ref, x, name in ((q_rot, q_ref, q, "q_rot"), (k_rot, k_ref, k, "k_rot")):
+        assert out.dtype == x.dtype and out.shape == x.shape and out.is_contiguous(), name
+        assert_close(out, ref, dtype, name)
+    if grads is None:
+        grads = randn(*q.shape, dtype=dtype), randn(*k.shape, dtype=dtype)
+    torch.autograd.backward((q_rot, k_rot), grads)
+    torch.autograd.backward((q_ref, k_ref), [g.detach().double().cpu() for g in grads])
+    for i, (leaf, ref) in enumerate(zip(leaves, refs)):
+        assert leaf.grad is not None, f"no gradient reached input {i}"
+        assert_close(leaf.grad, ref.grad, dtype, f"grad of input {i}")
+
+
+def plain(q, k):
+    return q, k
+
+
+def qk(b, hq, hk, s, d, dtype):
+    return [randn(b, hq, s, d, dtype=dtype, requires_grad=True), randn(b, hk, s, d, dtype=dtype, requires_grad=True)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [16, 64, 40])
+@pytest.mark.parametrize("s", [1, 7, 33])
+def test_against_float64(s, d, dtype, seed):
+    """Contiguous q [2, 3, S, D] and k with one head (grouped-query), positions from a random offset."""
+    offset = int(torch.randint(0, 5, ()).item())
+    cos, sin = random_tables(s + offset, d // 2)
+    check(qk(2, 3, 1, s, d, dtype), plain, cos, sin, offset, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_views_of_a_fused_qkv_projection(dtype, seed):
+    """q and k as permuted views of one [B, S, 3, H, D] tensor (no copy); its v third gets no gradient."""
+    b, s, h, d = 2, 7, 3, 40
+    fused = randn(b, s, 3, h, d, dtype=dtype, requires_grad=True)
+    cos, sin = random_tables(s + 4, d // 2)
+
+    def views(t):
+        return t[:, :, 0].permute(0, 2, 1, 3), t[:, :, 1].permute(0, 2, 1, 3)
+
+    check([fused], views, cos, sin, 4, dtype)
+    assert not fused.grad[:, :, 2].any()
+
+
+def test_stride_zero_and_transposed_inputs(seed):
+    """q broadcast over the batch (stride 0), k transposed in its last two dims then swapped back (column stride ≠ 1),
+    a cos table expanded from one row (stride 0: every position gets the same angle), and gradients with stride 0
+    (from a sum) or transposed."""
+    dtype = torch.float32
+    s, d = 7, 16
+    q_base = randn(1, 2, s, d, dtype=dtype, requires_grad=True)
+    k_store = randn(2, 1, d, s, dtype=dtype, requires_grad=True)
+
+    def views(qb, ks):
+        return qb.expand(2, 2, s, d), ks.transpose(2, 3)
+
+    angle = torch.rand(1, d // 2, dtype=torch.float64) * 6
+    cos, sin = (f(angle).float().to(DEVICE).expand(s + 2, d // 2) for f in (torch.cos, torch.sin))
+    check([q_base, k_store], views, cos, sin, 2, dtype)
+    for t in (q_base, k_store):
+        t.grad = None
+    grads = (torch.ones(1, dtype=dtype, device=DEVICE).expand(2, 2, s, d),
+             randn(2, 1, d, s, dtype=dtype).transpose(2, 3))
+    check([q_base, k_store], views, cos, sin, 2, dtype, grads=grads)
+
+
+def test_full_width_tables(seed):
+    """Tables [S_max, D] whose halves repeat each other (Hugging Face's layout) give the [S_max, D/2] result."""
+    q, k = (t.detach() for t in qk(1, 2, 2, 7, 16, torch.float32))
+    cos, sin = random_tables(9, 8)
+    half = TF.rope(q, k, cos, sin, 2)
+    full = TF.rope(q, k, cos.repeat(1, 2), sin.repeat(1, 2), 2)
+    assert all(torch.equal(a, b) for a, b in zip(half, full))
+
+
+def test_offset_is_a_slice_of_the_longer_sequence(seed):
+    """Rotating positions offset .. offset + S − 1 equals rotating the whole sequence and keeping those positions."""
+    q, k = (t.detach() for t in qk(2, 2, 1, 33, 16, torch.float32))
+    cos, sin = TF.rope_tables(16, 40)
+    whole = TF.rope(q, k, cos, sin, 0)
+    part = TF.rope(q[:, :, 26:], k[:, :, 26:], cos, sin, 26)
+    assert all(torch.equal(w[:, :, 26:], p) for w, p in zip(whole, part))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_several_position_blocks_and_head_groups(dtype, monkeypatch, seed):
+    """Small tiles: four blocks of two positions and head groups of two, one of them holding q's last head and k's
+    first (the GPU's launch shape, under the interpreter)."""
+    monkeypatch.setattr(rope_kernels, "INTERPRETER_TILE", 2 * 2 * 16)
+    monkeypatch.setattr(rope_kernels, "INTERPRETER_HEADS_PER_PROGRAM", 2)
+    grid, per_program, meta = rope_kernels.launch_config(2, 7, 16, 5, torch.device(DEVICE))
+    if not ON_GPU:
+        assert (grid, per_program, meta["BLOCK_S"]) == ((4, 3, 2), 2, 2)
+    cos, sin = random_tables(10, 16)
+    check(qk(2, 3, 2, 7, 32, dtype), plain, cos, sin, 3, dtype)
+
+
+def test_gradient_of_one_input_only(seed):
+    """Only k_rot reaches the loss: q gets no gradient (none is computed), k's is the rotation by −θ."""
+    q, k = qk(2, 2, 1, 7, 16, torch.float32)
+    cos, sin = random_tables(7, 8)
+    _, k_rot = TF.rope(q, k, cos, sin)
+    dk = randn(*k.shape)
+    k_rot.backward(dk)
+    assert q.grad is None
+    kr = reference_copy(k)
+    reference_rope(kr, cos, sin, 0).backward(dk.double().cpu())
+    assert_close(k.grad, kr.grad, torch.float32, "grad of k")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nan_and_inf_propagate(dtype, seed):
+    """NaN and ±inf in q give NaN/inf exactly where the float64 formula does (position 0 has sin = 0, so
+    inf·sin is NaN there, as in torch)."""
+    q, k = (t.detach() for t in qk(1, 2, 1, 7, 16, dtype))
+    q[0, 0, 0, 3] = float("nan")
+    q[0, 0, 0, 12] = float("inf")
+    q[0, 1, 4, 5] = float("-inf")
+    k[0, 0, 2, 9] = float("nan")
+    cos, sin = TF.rope_tables(16, 7)
+    for out, x in zip(TF.rope(q, k, cos, sin), (q, k)):
+        ref = reference_rope(x.double().cpu(), cos, sin, 0)
+        assert torch.equal(out.cpu().isnan(), ref.isnan())
+        assert torch.equal(out.cpu().isinf(), ref.isinf())
+        finite = ref.isfinite()
+        assert ref.isnan().any() and finite.any()
+        assert_close(out.cpu()[finite], ref[finite], dtype, "finite part")
+
+
+def test_bad_inputs_get_clear_errors():
+    q = randn(1, 2, 7, 16)
+    k = randn(1, 1, 7, 16)
+    cos, sin = TF.rope_tables(16, 8)
+    cases = [
+        (ValueError, "odd", lambda: TF.rope(randn(1, 2, 7, 15), randn(1, 1, 7, 15), cos, sin)),
+        (ValueError, "4-D", lambda: TF.rope(randn(2, 7, 16), k, cos, sin)),
+        (ValueError, "agree in B, S", lambda: TF.rope(q, randn(1, 1, 6, 16), cos, sin)),
+        (ValueError, "agree in B, S", lambda: TF.rope(q, randn(2, 1, 7, 16), cos, sin)),
+        (TypeError, "dtype", lambda: TF.rope(q, k.half(), cos, sin)),
+        (TypeError, "dtype", lambda: TF.rope(q.long(), k.long(), cos, sin)),
+        (TypeError, "torch.Tensor", lambda: TF.rope(q, None, cos, sin)),
+        (ValueError, r"\[S_max, D/2\]", lambda: TF.rope(q, k, cos[:, :5], sin[:, :5])),
+        (ValueError, "same shape", lambda: TF.rope(q, k, cos, sin[:7])),
+        (ValueError, "do not fit", lambda: TF.rope(q, k, cos, sin, offset=2)),
+        (ValueError, "do not fit", lambda: TF.rope(q, k, cos, sin, offset=-1)),
+        (TypeError, "offset must be an int", lambda: TF.rope(q, k, cos, sin, offset=True)),
+        (ValueError, "requires grad", lambda: TF.rope(q, k, cos.clone().requires_grad_(), sin)),
+        (ValueError, "is on meta", lambda: TF.rope(q, k, cos.to("meta"), sin)),
+        (ValueError, "even", lambda: TritonRotaryEmbedding(15)),
+        (ValueError, "head_dim=16", lambda: TritonRotaryEmbedding(16, 8)(randn(1, 1, 7, 32), randn(1, 1, 7, 32))),
+        (ValueError, "max_seq_len=8", lambda: TorchRotaryEmbedding(16, 8)(q, k, offset=2)),
+    ]
+    for error, match, call in cases:
+        with pytest.raises(error, match=match):
+            call()
+
+
+def test_tables_are_exact():
+    """cos, sin of p · base^(−2i/D) in float64 rounded once; the module keeps them float32 through .to(dtype)."""
+    cos, sin = TF.rope_tables(64, 4096, base=500000.0)
+    inv_freq = 500000.0 ** (-torch.arange(0, 64, 2, dtype=torch.float64) / 64)
+    angle = torch.arange(4096, dtype=torch.float64)[:, None] * inv_freq[None, :]
+    assert cos.dtype == torch.float32
+    assert torch.equal(cos, angle.cos().float()) and torch.equal(sin, angle.sin().float())
+    module = TritonRotaryEmbedding(64, 128, base=500000.0).to(torch.float16)
+    assert module.cos.dtype == torch.float32 and torch.equal(module.cos, cos[:128])
+    assert not module.state_dict()  # non-persistent: rebuilt from the constructor, never saved
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_module_twins_agree(dtype, seed):
+    """TritonRotaryEmbedding and TorchRotaryEmbedding give the same rotation and gradients (both against float64)."""
+    triton_rope = TritonRotaryEmbedding(40, max_seq_len=16).to(DEVICE)
+    torch_rope = TorchRotaryEmbedding(40, max_seq_len=16).to(DEVICE)
+    q, k = qk(2, 4, 2, 7, 40, dtype)
+    qt, kt = (t.detach().clone().requires_grad_() for t in (q, k))
+    ours = triton_rope(q, k, offset=5)
+    twin = torch_rope(qt, kt, offset=5)
+    qr, kr = reference_copy(q), reference_copy(k)
+    refs = [reference_rope(t, triton_rope.cos, triton_rope.sin, 5) for t in (qr, kr)]
+    grads = [randn(*t.shape, dtype=dtype) for t in (q, k)]
+    for outs in (ours, twin, refs):
+        torch.autograd.backward(outs, [g.to(outs[0].dtype).to(outs[0].device) for g in grads])
+    for name, a, b, ref in (("q_rot", ours[0], twin[0], refs[0]), ("k_rot", ours[1], twin[1], refs[1])):
+        assert_close(a, ref, dtype, f"triton {name}")
+        assert_close(b, ref, dtype, f"torch {name}")
+    for name, a, b, ref in (("q", q, qt, qr), ("k", k, kt, kr)):
+        assert_close(a.grad, ref.grad, dtype, f"triton grad of {name}")
+        assert_close(b.grad, ref.grad, dtype, f"torch grad of {name}")
+
+
+@pytest.mark.skipif(not ON_GPU, reason=GPU_ONLY)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 32, 8, 2048, 128), (4, 12, 12, 1024, 64), (1, 8, 1, 4097, 80)])
+def test_large_on_gpu(shape, dtype, seed):
+    """Long sequences, D 128 / 64 / 80, grouped-query and multi-query heads, q and k from one fused projection,
+    the GPU's own launch (several head groups)."""
+    b, hq, hk, s, d = shape
+    fused = randn(b, s, hq + 2 * hk, d, dtype=dtype, requires_grad=True)
+
+    def views(t):
+        return t[:, :, :hq].permute(0, 2, 1, 3), t[:, :, hq:hq + hk].permute(0, 2, 1, 3)
+
+    cos, sin = TF.rope_tables(d, s + 7, device=DEVICE)
+    check([fused], views, cos, sin, 7, dtype)
