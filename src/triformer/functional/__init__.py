@@ -358,5 +358,6 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     loss = _CrossEntropyFunction.apply(logits2d, targets.reshape(-1), int(ignore_index), reduction,
                                        float(label_smoothing), n_chunks, inplace)
     return loss.view(targets.shape) if reduction == "none" else loss
+from .attention import attention  # noqa: E402,F401  (its own module; imported last: it uses _cast_for_autocast)
 from .rope import rope, rope_tables  # noqa: E402,F401  (its own module)
 from .gated import gated_activation, geglu, swiglu  # noqa: E402,F401  (its own module)

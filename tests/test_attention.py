@@ -1,0 +1,257 @@
+"""Flash attention (triformer.functional.attention): output and dq, dk, dv against a float64 reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import triformer.functional as TF
+from harness import DEVICE, DTYPES, ON_GPU, assert_close, randn, relative_error, tolerance
+from triformer.kernels import attention as attention_kernels
+
+GPU_ONLY_LONG = "sequences of 257+ tokens: GPU only (the interpreter would take minutes)"
+
+# (B, Hq, Hkv, S, D): S not a multiple of any block, D padded (24, 40), grouped-query and multi-query heads.
+SHAPES = [
+    (1, 2, 2, 1, 16),
+    (2, 1, 1, 7, 64),
+    (1, 2, 2, 33, 16),
+    (1, 1, 1, 129, 64),
+    (1, 2, 2, 33, 40),
+    (1, 4, 2, 33, 24),
+    (1, 4, 1, 33, 16),
+] + [
+    pytest.param(shape, marks=pytest.mark.skipif(not ON_GPU, reason=GPU_ONLY_LONG))
+    for shape in [(2, 4, 4, 257, 64), (2, 8, 8, 1000, 128), (1, 8, 2, 2048, 128), (1, 4, 4, 2048, 128),
+                  (1, 2, 1, 513, 256), (4, 6, 6, 256, 64), (1, 4, 4, 600, 72)]
+]
+CAUSAL = [pytest.param(False, id="full"), pytest.param(True, id="causal")]
+
+
+def reference_attention(q, k, v, causal: bool, scale: float):
+    """softmax(scale · q kᵀ) v in the inputs' dtype (float64 here), kv heads repeated over their query group."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    scores = (q @ k.transpose(-1, -2)) * scale
+    if causal:
+        s = q.shape[2]
+        scores = scores.masked_fill(torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    return torch.softmax(scores, -1) @ v
+
+
+def float64_copy(t: torch.Tensor) -> torch.Tensor:
+    """A float64 leaf with t's values on t's device (large references run on the GPU in float64)."""
+    return t.detach().double().requires_grad_(t.requires_grad)
+
+
+def make_qkv(b, h, h_kv, s, d, dtype, q_scale=1.0):
+    q = randn(b, h, s, d, dtype=dtype, scale=q_scale, requires_grad=True)
+    k = randn(b, h_kv, s, d, dtype=dtype, requires_grad=True)
+    v = randn(b, h_kv, s, d, dtype=dtype, requires_grad=True)
+    return q, k, v
+
+
+def run_and_compare(leaves, views, causal, scale, dtype, tol=None):
+    """attention(*views) and its float64 twin on the same rounded values: output, then the gradient of every leaf
+    (views are the leaves themselves or views of them, built by the same function of the leaves)."""
+    refs = [float64_copy(t) for t in leaves]
+    out = TF.attention(*views(leaves), causal=causal, scale=scale)
+    d = out.shape[-1]
+    ref = reference_attention(*views(refs), causal, 1 / math.sqrt(d) if scale is None else scale)
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert_close(out, ref, dtype, "output", tol)
+    dy = randn(*out.shape, dtype=dtype)
+    out.backward(dy)
+    ref.backward(dy.double())
+    for name, tested, reference in zip("qkv", leaves, refs):
+        assert tested.grad is not None, f"no gradient reached {name}"
+        assert_close(tested.grad, reference.grad, dtype, f"grad of {name}", tol)
+    return out
+
+
+def as_is(leaves):
+    return leaves
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", CAUSAL)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_against_float64(shape, causal, dtype, seed):
+    """Default scale 1/√D; every gradient."""
+    run_and_compare(make_qkv(*shape, dtype), as_is, causal, None, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", CAUSAL)
+def test_explicit_scale(causal, dtype, seed):
+    run_and_compare(make_qkv(1, 2, 1, 19, 32, dtype), as_is, causal, 0.37, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", CAUSAL)
+def test_large_logits(causal, dtype, seed):
+    """q scaled by 100: logits in the hundreds, far past exp's float32 range without the running max.
+    The gradients are ill-conditioned (a relative change ε of the inputs moves the logits by ε·|logit|): the
+    tolerance is ten times the dtype's own (seen on the CPU: float32 ≤ 2.1e-5, float16 ≤ 3e-3)."""
+    q, k, v = make_qkv(1, 2, 2, 33, 64, dtype, q_scale=100.0)
+    logits = (q.detach().double() @ k.detach().double().transpose(-1, -2)) / 8
+    assert logits.abs().max() > 100  # past exp's float32 range (e^88)
+    out = run_and_compare((q, k, v), as_is, causal, None, dtype, tol=10 * tolerance(dtype))
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_causal_first_row_sees_one_key(dtype, seed):
+    """Query 0 of a causal head attends to key 0 alone: its output is v[0] exactly and its dq is zero (up to the
+    rounding of dp − Δ, two sums of the same products in different orders)."""
+    q, k, v = make_qkv(2, 4, 2, 9, 16, dtype)
+    out = TF.attention(q, k, v, causal=True)
+    assert torch.equal(out[:, :, 0], v.detach().repeat_interleave(2, 1)[:, :, 0])
+    out.backward(randn(*out.shape, dtype=dtype))
+    scale = q.grad.abs().max().item()
+    assert q.grad[:, :, 0].abs().max().item() <= tolerance(dtype) * scale
+
+
+def fused_qkv_views(h, h_kv):
+    """q, k, v as [B, H, S, D] views of one fused projection [B, S, H + 2·H_kv, D] (no copies)."""
+    def views(leaves):
+        (qkv,) = leaves
+        q, k, v = qkv.split([h, h_kv, h_kv], dim=2)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    return views
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", CAUSAL)
+@pytest.mark.parametrize("heads", [(2, 2), (4, 2)], ids=["mha", "gqa"])
+def test_views_of_fused_qkv(heads, causal, dtype, seed):
+    """Strided inputs: q, k, v read through the strides of a [B, S, 3, H, D]-style projection; the gradients
+    reach the fused tensor."""
+    h, h_kv = heads
+    qkv = randn(2, 21, h + 2 * h_kv, 40, dtype=dtype, requires_grad=True)
+    views = fused_qkv_views(h, h_kv)
+    assert not views([qkv])[0].is_contiguous()
+    run_and_compare((qkv,), views, causal, None, dtype)
+
+
+def test_strided_incoming_gradient(seed):
+    """A non-contiguous dy (here a transposed view) is read through its strides."""
+    q, k, v = make_qkv(1, 2, 2, 17, 16, torch.float32)
+    refs = [float64_copy(t) for t in (q, k, v)]
+    out = TF.attention(q, k, v, causal=True)
+    ref = reference_attention(*refs, True, 0.25)
+    dy = randn(1, 2, 16, 17, dtype=torch.float32).transpose(-1, -2)
+    assert not dy.is_contiguous()
+    out.backward(dy)
+    ref.backward(dy.double())
+    for name, tested, reference in zip("qkv", (q, k, v), refs):
+        assert_close(tested.grad, reference.grad, torch.float32, f"grad of {name}")
+
+
+@pytest.mark.parametrize("needs", ["q", "kv"])
+def test_gradients_of_some_inputs(needs, seed):
+    """Only the inputs that require a gradient get one (the other kernel is not launched)."""
+    q, k, v = make_qkv(1, 2, 1, 12, 16, torch.float32)
+    for name, t in zip("qkv", (q, k, v)):
+        t.requires_grad_(name in needs)
+    refs = [float64_copy(t) for t in (q, k, v)]
+    out = TF.attention(q, k, v)
+    ref = reference_attention(*refs, False, 0.25)
+    dy = randn(*out.shape)
+    out.backward(dy)
+    ref.backward(dy.double())
+    for name, tested, reference in zip("qkv", (q, k, v), refs):
+        if name in needs:
+            assert_close(tested.grad, reference.grad, torch.float32, f"grad of {name}")
+        else:
+            assert tested.grad is None
+
+
+def _bad(**changes):
+    """Valid inputs q [2, 4, 9, 16], k, v [2, 2, 9, 16] with some replaced."""
+    def make():
+        args = dict(q=randn(2, 4, 9, 16), k=randn(2, 2, 9, 16), v=randn(2, 2, 9, 16), causal=False, scale=None)
+        args.update({name: change() if callable(change) else change for name, change in changes.items()})
+        return args
+    return make
+
+
+BAD_INPUTS = [
+    ("3-D q", _bad(q=lambda: randn(4, 9, 16)), ValueError, "q must be 4-D"),
+    ("heads not a multiple", _bad(k=lambda: randn(2, 3, 9, 16), v=lambda: randn(2, 3, 9, 16)), ValueError,
+     "not a multiple"),
+    ("k and v differ", _bad(v=lambda: randn(2, 1, 9, 16)), ValueError, "k and v must have the same shape"),
+    ("head dims differ", _bad(k=lambda: randn(2, 2, 9, 32), v=lambda: randn(2, 2, 9, 32)), ValueError, "head dim"),
+    ("lengths differ", _bad(k=lambda: randn(2, 2, 8, 16), v=lambda: randn(2, 2, 8, 16)), ValueError,
+     "sequence length"),
+    ("batches differ", _bad(k=lambda: randn(1, 2, 9, 16), v=lambda: randn(1, 2, 9, 16)), ValueError, "batch size"),
+    ("dtypes differ", _bad(k=lambda: randn(2, 2, 9, 16, dtype=torch.float16)), TypeError, "dtype"),
+    ("integer q", _bad(q=lambda: torch.ones(2, 4, 9, 16, dtype=torch.int32, device=DEVICE)), TypeError, "dtype"),
+    ("not a tensor", _bad(q=[[1.0]]), TypeError, "torch.Tensor"),
+    ("devices differ", _bad(v=lambda: torch.empty(2, 2, 9, 16, device="meta")), ValueError, "is on meta"),
+    ("head dim 12", _bad(q=lambda: randn(2, 4, 9, 12), k=lambda: randn(2, 2, 9, 12), v=lambda: randn(2, 2, 9, 12)),
+     ValueError, "multiple of 8"),
+    ("head dim 264", _bad(q=lambda: randn(1, 1, 2, 264), k=lambda: randn(1, 1, 2, 264),
+                          v=lambda: randn(1, 1, 2, 264)), ValueError, "at most 256"),
+    ("empty sequence", _bad(q=lambda: randn(2, 4, 0, 16), k=lambda: randn(2, 2, 0, 16), v=lambda: randn(2, 2, 0, 16)),
+     ValueError, "empty dimension"),
+    ("negative scale", _bad(scale=-0.5), ValueError, "scale"),
+    ("scale not a number", _bad(scale="0.5"), TypeError, "scale"),
+    ("causal not a bool", _bad(causal=1), TypeError, "causal"),
+]
+
+
+@pytest.mark.parametrize("make, error, message", [b[1:] for b in BAD_INPUTS], ids=[b[0] for b in BAD_INPUTS])
+def test_bad_inputs(make, error, message):
+    with pytest.raises(error, match=message):
+        TF.attention(**make())
+
+
+# ------------------------------------------------------------------------------------------------- GPU only
+
+gpu_only = pytest.mark.skipif(not ON_GPU, reason="the Hopper tiles and autocast run natively on a GPU only")
+
+
+def _config_cases():
+    cases = []
+    for d in (64, 128, 256):
+        for kernel in ("forward", "dkdv", "dq"):
+            for meta in attention_kernels.configs(kernel, d, 4096):
+                cases.append(pytest.param(kernel, d, meta, id=f"{kernel}-d{d}-{meta['BLOCK_M']}x{meta['BLOCK_N']}-"
+                                          f"w{meta['num_warps']}s{meta['num_stages']}"))
+    return cases
+
+
+@gpu_only
+@pytest.mark.parametrize("causal", CAUSAL)
+@pytest.mark.parametrize("kernel, d, meta", _config_cases())
+def test_every_tile(kernel, d, meta, causal, seed):
+    """Each Hopper candidate of each kernel (the tuner may pick any), bf16, GQA, S not a multiple of a block."""
+    dtype = torch.bfloat16
+    q, k, v = make_qkv(1, 4, 2, 700, d, dtype)
+    scale = 1 / math.sqrt(d)
+    refs = [float64_copy(t) for t in (q, k, v)]
+    ref = reference_attention(*refs, causal, scale)
+    dy = randn(*ref.shape, dtype=dtype)
+    ref.backward(dy.double())
+    with torch.no_grad():
+        o, lse = attention_kernels.attention_forward(q, k, v, causal, scale,
+                                                     meta=meta if kernel == "forward" else None)
+        assert_close(o, ref, dtype, "output")
+        dq, dk, dv = attention_kernels.attention_backward(dy, q, k, v, o, lse, causal, scale,
+                                                          meta_dkdv=meta if kernel == "dkdv" else None,
+                                                          meta_dq=meta if kernel == "dq" else None)
+    for name, tested, reference in zip("qkv", (dq, dk, dv), refs):
+        assert_close(tested, reference.grad, dtype, f"grad of {name}")
+
+
+@gpu_only
+def test_autocast_runs_in_the_autocast_dtype(seed):
+    q, k, v = make_qkv(2, 4, 4, 100, 64, torch.float32)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = TF.attention(q, k, v, causal=True)
+    assert out.dtype == torch.bfloat16
+    ref = reference_attention(*(float64_copy(t) for t in (q, k, v)), True, 1 / 8)
+    assert relative_error(out, ref) < tolerance(torch.bfloat16)
