@@ -10,3 +10,5 @@ __all__ = ["functional", "TritonLinear", "TorchLinear", "TritonMLP", "TritonLaye
            "TritonSoftmax", "TritonDropout", "TritonCrossEntropyLoss"]
 from .nn import TritonGatedMLP, TritonRotaryEmbedding  # noqa: E402
 __all__ += ["TritonRotaryEmbedding", "TritonGatedMLP"]
+from .nn import TritonLinearCrossEntropyLoss  # noqa: E402
+__all__ += ["TritonLinearCrossEntropyLoss"]

@@ -361,3 +361,4 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
 from .attention import attention  # noqa: E402,F401  (its own module; imported last: it uses _cast_for_autocast)
 from .rope import rope, rope_tables  # noqa: E402,F401  (its own module)
 from .gated import gated_activation, geglu, swiglu  # noqa: E402,F401  (its own module)
+from .linear_cross_entropy import linear_cross_entropy  # noqa: E402,F401  (fused linear + cross-entropy)

@@ -186,3 +186,4 @@ class TritonCrossEntropyLoss(nn.Module):
                 f"label_smoothing={self.label_smoothing}, n_chunks={self.n_chunks}, inplace_grad={self.inplace_grad}")
 from .rope import TorchRotaryEmbedding, TritonRotaryEmbedding  # noqa: E402
 from .gated import TorchGatedMLP, TritonGatedMLP  # noqa: E402
+from .linear_cross_entropy import TorchLinearCrossEntropyLoss, TritonLinearCrossEntropyLoss  # noqa: E402

@@ -1,0 +1,251 @@
+"""Fused linear + cross-entropy over chunks of rows: the loss of cross_entropy(x·Wᵀ + b, targets) and the gradients
+of x, W and b, without the full [N, V] logits ever in memory.
+
+Per chunk of C rows (x_c [C, H], targets t_c), every product on triformer's kernels:
+
+    Z_c = x_c·Wᵀ + b               matmul.py (on Hopper its TMA kernel)                      [C, V], x's dtype
+    loss_c, G_c = CE(Z_c, t_c)     cross_entropy.py's kernel; G_c = ∂loss_c/∂Z_c is written over Z_c
+    G_c ⊙= s_c                     the per-row incoming gradient (reduction="none", in its backward)
+    dx_c = G_c·W                   matmul.py, copied into dx's rows
+    dW = α·G_cᵀ·x_c (+ dW)         this file's product, accumulated across chunks (float32, or W's dtype)
+    db += Σ_rows G_c               activation.py's column_sum, float32
+
+α (a device scalar: 1 / number of non-ignored targets for reduction="mean") is folded into the dW product's
+epilogue, so no pass ever rescales dW; dx and db, both small, take it together with the incoming gradient in the
+backward. Peak extra memory: one chunk's logits plus the gradients (and dW's float32 accumulator when asked).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import matmul_tma
+from ._runtime import cdiv, device_properties, interpreter_active, new_empty
+from ._tiles import fitting_configs, fixed_config, grouped_tile, launch_tuned
+from ._tma import load_tile, operand_descriptors, tile_counts, use_descriptor_memory
+from .activation import column_sum
+from .cross_entropy import cross_entropy_forward, scale_rows_
+from .matmul import matmul
+
+# Default chunk: its logits are at most 1/CHUNK_FRACTION of the full logits and at most CHUNK_MAX_BYTES, in whole
+# 128-row tiles when there are that many rows (N = 8192: 1024 rows, for V = 50304 as for V = 128256 in bf16).
+CHUNK_FRACTION = 8
+CHUNK_MAX_BYTES = 256 * 2**20
+_CHUNK_ROW_MULTIPLE = 128
+
+
+def default_chunk_rows(n: int, v: int, element_size: int) -> int:
+    """Rows per chunk when the caller gives none (see CHUNK_FRACTION and CHUNK_MAX_BYTES); at least 1."""
+    rows = min(n // CHUNK_FRACTION, CHUNK_MAX_BYTES // max(v * element_size, 1))
+    if rows >= _CHUNK_ROW_MULTIPLE:
+        rows -= rows % _CHUNK_ROW_MULTIPLE
+    return max(rows, 1)
+
+
+@triton.jit
+def _accumulate_epilogue(acc, rows, cols, M, N, c_ptr, d_ptr, alpha_ptr, ACCUMULATE: tl.constexpr,
+                         HAS_ALPHA: tl.constexpr):
+    """D[rows, cols] = α·acc (+ C[rows, cols] when ACCUMULATE), float32 math, for contiguous C, D [M, N]
+    (C may be D: each element is read before the same program overwrites it)."""
+    if HAS_ALPHA:
+        acc = acc * tl.load(alpha_ptr)
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    offsets = rows.to(tl.int64)[:, None] * N + cols[None, :]
+    if ACCUMULATE:
+        acc += tl.load(c_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    tl.store(d_ptr + offsets, acc.to(d_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _accumulate_kernel(
+    a_ptr, b_ptr, c_ptr, d_ptr, alpha_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+    ACCUMULATE: tl.constexpr, HAS_ALPHA: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """One BLOCK_M×BLOCK_N tile of D = α·A·B (+ C): A [M, K], B [K, N] of any strides, K swept in BLOCK_K steps
+    into a float32 accumulator; edges masked."""
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_am + ks.to(tl.int64)[None, :] * stride_ak
+    b_ptrs = b_ptr + ks.to(tl.int64)[:, None] * stride_bk + cols.to(tl.int64)[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = ks < K - k0
+        a = tl.load(a_ptrs, mask=(rows < M)[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & (cols < N)[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    _accumulate_epilogue(acc, rows, cols, M, N, c_ptr, d_ptr, alpha_ptr, ACCUMULATE, HAS_ALPHA)
+
+
+@triton.jit
+def _accumulate_tma_kernel(
+    a_ptr, b_ptr, c_ptr, d_ptr, alpha_ptr, M, N, K, stride_a, stride_b,
+    ACCUMULATE: tl.constexpr, HAS_ALPHA: tl.constexpr, A_TRANS: tl.constexpr, B_TRANS: tl.constexpr,
+    NUM_SMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """D = α·A·B (+ C) on Hopper, persistent: program p computes tiles p, p + NUM_SMS, ... in grouped order.
+    A and B load through TMA descriptors (row strides stride_a, stride_b, or transposed views: A_TRANS/B_TRANS,
+    see _tma.operand_descriptor); the tile loop and its K loop are flattened into one software-pipelined loop."""
+    a_desc, b_desc = operand_descriptors(a_ptr, b_ptr, M, N, K, stride_a, stride_b, BLOCK_M, BLOCK_N, BLOCK_K,
+                                         A_TRANS, B_TRANS)
+    tiles_m, tiles_n, k_tiles = tile_counts(M, N, K, BLOCK_M, BLOCK_N, BLOCK_K)
+    # The epilogue keeps its own tile counter: the pipeliner must not see one value used by both ends.
+    tile_e = tl.program_id(0) - NUM_SMS
+    for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, NUM_SMS, flatten=True):
+        pid_m, pid_n = grouped_tile(tile, tiles_m, tiles_n, GROUP_M)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kk in range(k_tiles):
+            a = load_tile(a_desc, pid_m * BLOCK_M, kk * BLOCK_K, A_TRANS)
+            b = load_tile(b_desc, kk * BLOCK_K, pid_n * BLOCK_N, B_TRANS)
+            acc = tl.dot(a, b, acc)
+        tile_e += NUM_SMS
+        pid_m, pid_n = grouped_tile(tile_e, tiles_m, tiles_n, GROUP_M)
+        _accumulate_epilogue(acc, pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N + tl.arange(0, BLOCK_N),
+                             M, N, c_ptr, d_ptr, alpha_ptr, ACCUMULATE, HAS_ALPHA)
+
+
+def _config(bm, bn, bk, stages, warps):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=stages,
+                         num_warps=warps)
+
+
+# Hopper tiles for the tuner. The epilogue holds the float32 accumulator and the loaded C tile in registers at once,
+# so wide tiles get 8 warps (128×128: 64 + 64 registers a thread).
+_TMA_CONFIGS = [_config(128, 256, 64, 3, 8), _config(128, 128, 64, 4, 8), _config(128, 128, 64, 3, 8),
+                _config(64, 256, 64, 4, 8), _config(64, 128, 64, 5, 4)]
+_POINTER_CONFIGS = [_config(128, 128, 64, 4, 8), _config(128, 64, 64, 4, 4), _config(64, 128, 64, 4, 4),
+                    _config(64, 64, 64, 5, 4)]
+# Under the interpreter every program runs in numpy one after another: one small fixed tile, no tuning.
+_INTERPRETER_META = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
+
+# Product keys whose tuning has run (on a scratch output: the tuner runs each candidate many times, and the real
+# output accumulates).
+_TUNED: set = set()
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    """Float32 products run in true fp32 unless the user allowed TF32 in torch (as matmul.py)."""
+    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def launch_tma(views, c, d, alpha, meta: dict, num_sms: int) -> None:
+    """D = α·A·B (+ C) with the TMA kernel, A and B as matmul_tma.tma_views gives them, on at most num_sms
+    persistent programs with the tile meta."""
+    (a_view, a_trans), (b_view, b_trans) = views
+    M, N = d.shape
+    K = a_view.shape[0] if a_trans else a_view.shape[1]
+    use_descriptor_memory()
+    tiles = cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])
+    _accumulate_tma_kernel[(min(num_sms, tiles),)](
+        a_view, b_view, d if c is None else c, d, d if alpha is None else alpha, M, N, K,
+        a_view.stride(0), b_view.stride(0), ACCUMULATE=c is not None, HAS_ALPHA=alpha is not None,
+        A_TRANS=a_trans, B_TRANS=b_trans, NUM_SMS=num_sms, **meta)
+
+
+def launch_pointer(a, b, c, d, alpha, meta: dict) -> None:
+    """D = α·A·B (+ C) with the pointer kernel (any strides of A and B) and the tile meta."""
+    M, K = a.shape
+    N = b.shape[1]
+    grid = (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
+    _accumulate_kernel[grid](
+        a, b, d if c is None else c, d, d if alpha is None else alpha, M, N, K,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), ACCUMULATE=c is not None, HAS_ALPHA=alpha is not None,
+        INPUT_PRECISION=_input_precision(a.dtype), **meta)
+
+
+def accumulate_product(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None, d: torch.Tensor,
+                       alpha: torch.Tensor | None) -> torch.Tensor:
+    """d = α·(a @ b) + c for a [M, K], b [K, N] of any strides and contiguous c, d [M, N] (c None: nothing added;
+    c may be d itself; alpha None: 1, else a float32 device scalar). Float32 accumulation, rounded once to d's
+    dtype. On Hopper with 16-bit operands the persistent TMA kernel runs, else the pointer kernel."""
+    M, K = a.shape
+    N = b.shape[1]
+    if M == 0 or N == 0:
+        return d
+    views = matmul_tma.tma_views(a, b, d)
+    if views is not None:
+        num_sms = device_properties(d.device).multi_processor_count
+        configs = _TMA_CONFIGS
+
+        def run(meta, out=d):
+            launch_tma(views, c, out, alpha, meta, num_sms)
+    else:
+        configs = _POINTER_CONFIGS
+
+        def run(meta, out=d):
+            launch_pointer(a, b, c, out, alpha, meta)
+    if interpreter_active():
+        run(_INTERPRETER_META)
+        return d
+    fixed = fixed_config(configs, None, M, N, a.element_size())
+    if fixed is not None:
+        run(fixed.all_kwargs())
+        return d
+    props = device_properties(d.device)  # a pick holds for one kind of GPU
+    key = ("accumulate", views is not None, M, N, K, a.dtype, d.dtype, c is not None, alpha is not None,
+           props.major, props.minor)
+
+    def candidates():
+        return [cfg.all_kwargs() for cfg in fitting_configs(configs, M, N, a.element_size())]
+
+    if key not in _TUNED:
+        scratch = torch.empty_like(d)
+        launch_tuned(key, candidates, lambda meta: run(meta, scratch))
+        _TUNED.add(key)
+    launch_tuned(key, candidates, run)
+    return d
+
+
+def chunked_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                    ignore_index: int, smoothing: float, chunk_rows: int, need: tuple, alpha: torch.Tensor | None,
+                    float32_dw: bool, row_scale: torch.Tensor | None = None, checked: bool = True):
+    """The chunk loop of the module doc for x [N, H], weight [V, H], bias [V] or None, contiguous targets [N].
+
+    need = (dx, dW, db) wanted. Returns (per-row losses float32 [N], dx [N, H] unscaled, dW [V, H] in weight's
+    dtype with α folded in, db float32 [V] unscaled, number of out-of-range targets as a 0-d device tensor); None
+    for a gradient not wanted. float32_dw: dW accumulates in a float32 buffer across chunks (rounded once, at the
+    last chunk), else in dW itself. row_scale: float32 [N] multiplying each row's logit gradient (G_c) before the
+    products. checked: see cross_entropy.cross_entropy_forward (a chunk with a target out of range is left as it is).
+    """
+    n, h = x.shape
+    v = weight.shape[0]
+    need_dx, need_dw, need_db = need
+    any_grad = need_dx or need_dw or need_db
+    losses = new_empty((n,), like=x, dtype=torch.float32)
+    dx = new_empty((n, h), like=x) if need_dx else None
+    dw = (new_empty((v, h), like=weight) if n else torch.zeros_like(weight)) if need_dw else None
+    starts = range(0, n, chunk_rows)
+    acc = dw
+    if need_dw and float32_dw and weight.dtype != torch.float32 and len(starts) > 1:
+        acc = new_empty((v, h), like=weight, dtype=torch.float32)
+    db = torch.zeros(v, device=x.device, dtype=torch.float32) if need_db and not n else None
+    bad = []
+    for i, start in enumerate(starts):
+        stop = min(n, start + chunk_rows)
+        z = matmul(x[start:stop], weight.t(), bias=bias)[0]
+        chunk_losses, _, n_bad = cross_entropy_forward(z, targets[start:stop], ignore_index, mean=False,
+                                                       smoothing=smoothing, grad=z if any_grad else None, n_chunks=1,
+                                                       checked=checked)
+        losses[start:stop] = chunk_losses
+        bad.append(n_bad)
+        if not any_grad:
+            continue
+        if row_scale is not None:
+            scale_rows_(z, row_scale[start:stop])
+        if need_dx:
+            dx[start:stop] = matmul(z, weight)[0]
+        if need_dw:
+            accumulate_product(z.t(), x[start:stop], acc if i else None, dw if i == len(starts) - 1 else acc, alpha)
+        if need_db:
+            sums = column_sum(z, torch.float32)
+            db = sums if db is None else db.add_(sums)
+        del z  # the next chunk's logits reuse its memory
+    n_bad = torch.stack(bad).sum() if bad else torch.zeros((), device=x.device, dtype=torch.int64)
+    return losses, dx, dw, db, n_bad

@@ -1,0 +1,377 @@
+"""Fused linear + cross-entropy (functional and modules): loss and the gradients of x, weight and bias against
+float64 F.cross_entropy(F.linear(...)); chunking (sizes that do not divide N, the logits never whole); strided
+inputs; the accumulating product of the weight gradient (pointer and TMA kernels) on its own; bad inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import triformer.functional as TF
+from harness import DEVICE, DTYPES, ON_GPU, TOLERANCE, assert_close, randn, reference_copy
+from triformer import TritonLinearCrossEntropyLoss
+from triformer.kernels import _runtime, matmul_tma
+from triformer.kernels import linear_cross_entropy as lce_kernels
+from triformer.nn import TorchLinearCrossEntropyLoss
+
+# Ignored and padding rows compute −inf − (−inf), log 0 and 1 / 0 in numpy under the interpreter; all masked.
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
+                                        "ignore:divide by zero encountered:RuntimeWarning")
+
+# (N, H, V, chunk_size): N not a multiple of the chunk, V not a multiple of any block; larger natively.
+SHAPE = (2049, 256, 1000, 300) if ON_GPU else (19, 17, 257, 7)
+
+
+def make_inputs(n, h, v, dtype, bias=True, lead=()):
+    x = randn(*lead, n, h, dtype=dtype, requires_grad=True)
+    w = randn(v, h, dtype=dtype, scale=h ** -0.5, requires_grad=True)
+    b = randn(v, dtype=dtype, requires_grad=True) if bias else None
+    return x, w, b
+
+
+def make_targets(shape, v, ignore_index=-100, ignored=0.25):
+    t = torch.randint(0, v, shape)
+    t[torch.rand(shape) < ignored] = ignore_index
+    return t.to(DEVICE)
+
+
+def reference(x, w, b, targets, **kwargs):
+    """The loss in float64 on the CPU, from leaves that collect the gradients."""
+    xr, wr, br = (reference_copy(t) for t in (x, w, b))
+    loss = F.cross_entropy(F.linear(xr, wr, br).reshape(-1, wr.shape[0]), targets.cpu().reshape(-1), **kwargs)
+    if kwargs.get("reduction") == "none":
+        loss = loss.view(targets.shape)
+    return loss, (xr, wr, br)
+
+
+def run_and_compare(x, w, b, targets, dtype, dloss_scale=2.0, **kwargs):
+    """Ours against the float64 reference: the loss, then the gradients of every input that requires one."""
+    ref, ref_leaves = reference(x, w, b, targets, **{k: a for k, a in kwargs.items()
+                                                     if k not in ("chunk_size", "accum_dtype")})
+    ours = TF.linear_cross_entropy(x, w, targets, b, **kwargs)
+    assert ours.dtype == torch.float32 and ours.shape == ref.shape
+    assert_close(ours, ref, dtype, "loss")  # the logits are rounded to the input dtype (as F.linear's)
+    dloss = torch.rand(ref.shape, dtype=torch.float64) + 0.5 if ref.dim() else torch.tensor(dloss_scale).double()
+    inputs = [t for t in (x, w, b) if t is not None and t.requires_grad]
+    grads = torch.autograd.grad(ours, inputs, dloss.to(DEVICE, torch.float32))
+    ref_grads = torch.autograd.grad(ref, [r for t, r in zip((x, w, b), ref_leaves) if t is not None
+                                          and t.requires_grad], dloss)
+    for name, got, want, t in zip(("x", "weight", "bias"), grads, ref_grads, inputs):
+        assert got.dtype == t.dtype and got.shape == t.shape, name
+        assert_close(got, want, dtype, f"grad of {name}")
+    return ours, grads
+
+
+CASES = [("mean", 0.0), ("sum", 0.1), ("none", 0.0), ("mean", 0.2)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction,smoothing", CASES, ids=[f"{r}-ls{s}" for r, s in CASES])
+def test_against_float64(reduction, smoothing, dtype, seed):
+    n, h, v, chunk = SHAPE
+    x, w, b = make_inputs(n, h, v, dtype)
+    run_and_compare(x, w, b, make_targets((n,), v), dtype, reduction=reduction, label_smoothing=smoothing,
+                    chunk_size=chunk)
+
+
+@pytest.mark.parametrize("v", [1000, 65])
+def test_vocabulary_and_leading_dims(v, seed):
+    """[B, T, H] inputs with [B, T] targets, no bias, a custom ignore_index; V not a multiple of any block."""
+    x, w, _ = make_inputs(5, 9, v, torch.float32, bias=False, lead=(2,))
+    run_and_compare(x, w, None, make_targets((2, 5), v, ignore_index=3), torch.float32, ignore_index=3,
+                    chunk_size=4)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 11, 64, None])
+def test_chunk_sizes(chunk_size, seed):
+    """One row a chunk, sizes that do not divide N, exactly N, more than N, and the default."""
+    x, w, b = make_inputs(11, 8, 33, torch.float32)
+    run_and_compare(x, w, b, make_targets((11,), 33), torch.float32, chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_weight_gradient_accumulated_in_its_own_dtype(dtype, seed):
+    """accum_dtype=None: dW accumulates in the gradient itself (rounded once per chunk), still within tolerance."""
+    n, h, v, chunk = SHAPE
+    x, w, b = make_inputs(n, h, v, dtype)
+    run_and_compare(x, w, b, make_targets((n,), v), dtype, chunk_size=chunk, accum_dtype=None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_equals_linear_then_cross_entropy(dtype, seed):
+    """The same numbers as triformer's own cross_entropy(linear(x)) on the full logits."""
+    n, h, v, chunk = SHAPE
+    x, w, b = make_inputs(n, h, v, dtype)
+    targets = make_targets((n,), v)
+    ours = TF.linear_cross_entropy(x, w, targets, b, label_smoothing=0.1, chunk_size=chunk)
+    grads = torch.autograd.grad(ours, (x, w, b))
+    unfused = TF.cross_entropy(TF.linear(x, w, b, activation=None), targets, label_smoothing=0.1)
+    unfused_grads = torch.autograd.grad(unfused, (x, w, b))
+    # Both round the logits and their gradient to the input dtype alike; only sums may run in another order.
+    assert_close(ours, unfused, dtype, "loss", tol=TOLERANCE[dtype] / 10)
+    for name, got, want in zip(("x", "weight", "bias"), grads, unfused_grads):
+        assert_close(got, want, dtype, f"grad of {name}")
+
+
+def test_only_some_inputs_need_gradients(seed):
+    """Gradients are computed only for what requires them; no gradient at all runs the loss alone."""
+    x, w, b = make_inputs(9, 8, 33, torch.float32)
+    targets = make_targets((9,), 33)
+    w.requires_grad_(False)
+    run_and_compare(x, w, b, targets, torch.float32, chunk_size=4)
+    x.requires_grad_(False)
+    w.requires_grad_(True)
+    b.requires_grad_(False)
+    run_and_compare(x, w, b, targets, torch.float32, chunk_size=4)
+    with torch.no_grad():
+        loss = TF.linear_cross_entropy(x, w, targets, b, chunk_size=4)
+    assert_close(loss, reference(x, w, b, targets)[0], torch.float32, "loss under no_grad")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_targets_ignored(reduction, seed):
+    """As torch: "mean" gives NaN (0 / 0), "sum" 0, "none" zeros; every gradient is zero."""
+    x, w, b = make_inputs(6, 8, 33, torch.float32)
+    targets = torch.full((6,), -100, device=DEVICE)
+    ours = TF.linear_cross_entropy(x, w, targets, b, reduction=reduction, chunk_size=4)
+    ref = F.cross_entropy(F.linear(x, w, b).detach().double().cpu(), targets.cpu(), reduction=reduction)
+    assert torch.equal(ours.isnan().cpu(), ref.isnan())
+    assert torch.equal(ours.nan_to_num().cpu().double(), ref.nan_to_num())
+    for grad in torch.autograd.grad(ours.sum(), (x, w, b)):
+        assert torch.equal(grad, torch.zeros_like(grad))
+
+
+def test_strided_and_broadcast_views(seed):
+    """x a time-shifted [B, T−1, H] slice and a stride-0 broadcast row; weight a transposed view and a column
+    step; bias with a step and broadcast; targets with a step and broadcast."""
+    v, h = 33, 8
+    x_shifted = randn(2, 6, h, requires_grad=True)
+    w_t = randn(h, v, scale=h ** -0.5, requires_grad=True)
+    b_step = randn(2 * v, requires_grad=True)
+    targets = make_targets((2, 10), v)[:, ::2]
+    run_and_compare(x_shifted[:, :-1], w_t.t(), b_step[::2], targets, torch.float32, chunk_size=3)
+    x_row = randn(1, h, requires_grad=True)
+    w_step = randn(v, 2 * h, scale=h ** -0.5, requires_grad=True)
+    b_row = randn(1, requires_grad=True)
+    target = make_targets((1,), v, ignored=0.0)
+    run_and_compare(x_row.expand(7, h), w_step[:, ::2], b_row.expand(v), target.expand(7), torch.float32,
+                    chunk_size=3)
+
+
+def test_out_of_range_targets_raise(seed):
+    x, w, b = make_inputs(5, 8, 10, torch.float32)
+    with pytest.raises(ValueError, match=r"targets must lie in \[0, 10\) or equal ignore_index=-100; found 10"):
+        TF.linear_cross_entropy(x, w, torch.tensor([0, 1, 2, 3, 10], device=DEVICE), b, chunk_size=2)
+    with pytest.raises(ValueError, match="found -1"):
+        TF.linear_cross_entropy(x, w, torch.tensor([0, -1, 2, 3, 4], device=DEVICE), b, reduction="none")
+
+
+def test_bad_inputs():
+    x, w, b = make_inputs(4, 8, 10, torch.float32)
+    t = make_targets((4,), 10, ignored=0.0)
+    lce = TF.linear_cross_entropy
+    with pytest.raises(TypeError, match="weight has dtype torch.float16 but x has torch.float32"):
+        lce(x, w.half(), t)
+    with pytest.raises(TypeError, match="bias has dtype torch.float16"):
+        lce(x, w, t, b.half())
+    with pytest.raises(TypeError, match="x has dtype torch.int64"):
+        lce(torch.ones(4, 8, dtype=torch.int64, device=DEVICE), w, t)
+    with pytest.raises(TypeError, match="targets has dtype torch.float32"):
+        lce(x, w, t.float())
+    with pytest.raises(ValueError, match=r"x of shape \(4, 7\) must be \[\.\.\., H\] with H = 8"):
+        lce(x[:, :7], w, t)
+    with pytest.raises(ValueError, match=r"weight must be 2-D \[V, H\]"):
+        lce(x, w[None], t)
+    with pytest.raises(ValueError, match=r"bias must have shape \(10,\)"):
+        lce(x, w, t, b[:9])
+    with pytest.raises(ValueError, match=r"targets of shape \(3,\) do not match x \(4, 8\)"):
+        lce(x, w, t[:3])
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        lce(x, w, t, reduction="avg")
+    with pytest.raises(ValueError, match="label_smoothing must lie in"):
+        lce(x, w, t, label_smoothing=-0.1)
+    for chunk in (0, True, 2.5):
+        with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+            lce(x, w, t, chunk_size=chunk)
+    with pytest.raises(ValueError, match="accum_dtype must be torch.float32 or None"):
+        lce(x, w, t, accum_dtype=torch.float16)
+    with pytest.raises(TypeError, match="ignore_index must be an int"):
+        lce(x, w, t, ignore_index=1.5)
+    if ON_GPU:
+        with pytest.raises(ValueError, match="targets are on cpu"):
+            lce(x, w, t.cpu())
+
+
+def test_module_constructor_validates():
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        TritonLinearCrossEntropyLoss(reduction="avg")
+    with pytest.raises(ValueError, match="label_smoothing must be a number in"):
+        TorchLinearCrossEntropyLoss(label_smoothing=2.0)
+    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+        TritonLinearCrossEntropyLoss(chunk_size=0)
+    with pytest.raises(ValueError, match="accum_dtype must be"):
+        TritonLinearCrossEntropyLoss(accum_dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="ignore_index must be an int"):
+        TritonLinearCrossEntropyLoss(ignore_index=None)
+
+
+def test_cpu_tensor_without_interpreter(monkeypatch):
+    monkeypatch.setattr(_runtime, "_INTERPRETER", False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        TF.linear_cross_entropy(torch.randn(2, 8), torch.randn(5, 8), torch.zeros(2, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_module_as_tied_head_matches_twin(dtype, seed):
+    """A GPT head with tied embeddings: the embedding's weight passed to forward; the twin gives the same loss and
+    gradients (the embedding's gradient collects both uses)."""
+    v, h = 65, 16
+    embedding = torch.nn.Embedding(v, h, device=DEVICE, dtype=dtype)
+    tokens = torch.randint(0, v, (2, 7), device=DEVICE)
+    targets = make_targets((2, 7), v)
+    losses, grads = [], []
+    for head in (TritonLinearCrossEntropyLoss(label_smoothing=0.1, chunk_size=5),
+                 TorchLinearCrossEntropyLoss(label_smoothing=0.1)):
+        embedding.zero_grad()
+        hidden = torch.tanh(embedding(tokens).float()).to(dtype)
+        loss = head(hidden, embedding.weight, targets)
+        loss.backward()
+        losses.append(loss)
+        grads.append(embedding.weight.grad.clone())
+    assert_close(losses[0], losses[1].double(), torch.float32 if dtype == torch.float32 else dtype, "loss")
+    assert_close(grads[0], grads[1], dtype, "grad of the tied embedding", tol=2 * TOLERANCE[dtype])
+
+
+def test_autocast_runs_in_its_dtype(seed):
+    """Under autocast x, weight and bias are cast as F.linear casts them; the gradients come back in float32."""
+    dtype = torch.bfloat16 if ON_GPU else torch.float16
+    x, w, b = make_inputs(9, 8, 33, torch.float32)
+    targets = make_targets((9,), 33)
+    with torch.autocast(DEVICE, dtype=dtype):
+        loss = TF.linear_cross_entropy(x, w, targets, b, chunk_size=4)
+    grads = torch.autograd.grad(loss, (x, w, b))
+    rounded = [t.detach().to(dtype).requires_grad_() for t in (x, w, b)]
+    ref, leaves = reference(*rounded, targets)
+    assert_close(loss, ref, dtype, "loss")
+    for name, got, want in zip(("x", "weight", "bias"), grads, torch.autograd.grad(ref, leaves)):
+        assert got.dtype == torch.float32
+        assert_close(got, want, dtype, f"grad of {name}")
+
+
+def test_backward_of_stored_gradients_runs_once(seed):
+    x, w, b = make_inputs(5, 8, 10, torch.float32)
+    targets = make_targets((5,), 10)
+    loss = TF.linear_cross_entropy(x, w, targets, b)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="its backward can run only once"):
+        loss.backward()
+    losses = TF.linear_cross_entropy(x, w, targets, b, reduction="none")  # recomputed: any number of times
+    first = torch.autograd.grad(losses.sum(), x, retain_graph=True)[0]
+    assert torch.equal(torch.autograd.grad(losses.sum(), x)[0], first)
+
+
+def test_logits_exist_one_chunk_at_a_time(monkeypatch, seed):
+    """The forward products make logits of at most chunk_size rows, one chunk after another: never [N, V]. The
+    default chunk holds at most 1/8 of the rows (so of the full logits)."""
+    products = []
+    real_matmul = lce_kernels.matmul
+
+    def counting_matmul(a, b, **kwargs):
+        out = real_matmul(a, b, **kwargs)
+        products.append(tuple(out[0].shape))
+        return out
+
+    monkeypatch.setattr(lce_kernels, "matmul", counting_matmul)
+    n, h, v = 41, 8, 33
+    x, w, b = make_inputs(n, h, v, torch.float32)
+    targets = make_targets((n,), v)
+    for chunk_size, chunks in ((9, 5), (None, 9)):
+        products.clear()
+        run_and_compare(x, w, b, targets, torch.float32, chunk_size=chunk_size)
+        logits = [shape for shape in products if shape[1] == v]
+        assert len(logits) == chunks and sum(rows for rows, _ in logits) == n
+        assert max(rows for rows, _ in logits) <= (chunk_size or n // 8)
+    assert lce_kernels.default_chunk_rows(8192, 50304, 2) == 1024
+    assert lce_kernels.default_chunk_rows(8192, 128256, 2) == 1024
+    assert lce_kernels.default_chunk_rows(8192, 128256, 4) == 512  # 256 MiB: 523 rows, whole 128-row tiles
+    assert lce_kernels.default_chunk_rows(5, 33, 4) == 1
+
+
+@pytest.mark.skipif(not ON_GPU, reason="peak memory is measured with torch.cuda's allocator statistics")
+@pytest.mark.parametrize("accum_dtype", [torch.float32, None])
+def test_peak_memory_is_one_chunk_and_the_gradients(accum_dtype, seed):
+    n, h, v = 8192, 512, 16384
+    x, w, b = make_inputs(n, h, v, torch.bfloat16)
+    targets = make_targets((n,), v)
+    step = lambda: torch.autograd.grad(TF.linear_cross_entropy(x, w, targets, b, accum_dtype=accum_dtype),  # noqa
+                                       (x, w, b))
+    step()  # compile
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    extra = torch.cuda.max_memory_allocated() - base
+    chunk = lce_kernels.default_chunk_rows(n, v, 2)
+    gradients = (n * h + v * h + v) * 2 + (v * h * 4 if accum_dtype else 0)
+    # One chunk's logits, its dx product before the copy, its float32 losses and column sums, the bias sums.
+    allowed = gradients + chunk * (v + h) * 2 + 4 * (n + 3 * v) + 2**20
+    assert extra <= allowed, f"{extra / 2**20:.1f} MiB extra, allowed {allowed / 2**20:.1f}"
+    assert chunk * v * 2 <= n * v * 2 // 8  # the default chunk's logits: at most 1/8 of the full logits
+
+
+# ------------------------------------------------------------------ the accumulating product on its own
+
+TMA_SKIP = pytest.mark.skipif(ON_GPU and torch.cuda.get_device_capability()[0] < 9,
+                              reason="TMA needs compute capability 9.0 (Hopper)")
+DTYPES_16 = [d for d in DTYPES if d.values[0] != torch.float32]
+
+
+def _accumulate_reference(a, bmat, c, alpha):
+    out = alpha.double().cpu() * (a.double().cpu() @ bmat.double().cpu())
+    return out if c is None else out + c.double().cpu()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_pointer_product_accumulates(accumulate, dtype, seed):
+    """D = α·Gᵀ·x (+ C) with Gᵀ a transposed view (as the weight gradient reads it), C float32, D of any dtype."""
+    m, n, k = 45, 37, 19
+    g = randn(k, m, dtype=dtype)
+    x = randn(k, n, dtype=dtype)
+    c = randn(m, n, dtype=torch.float32) if accumulate else None
+    d = torch.full((m, n), float("nan"), device=DEVICE, dtype=dtype)
+    alpha = torch.tensor(0.37, device=DEVICE)
+    meta = lce_kernels._INTERPRETER_META if not ON_GPU else {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32,
+                                                               "GROUP_M": 4}
+    lce_kernels.launch_pointer(g.t(), x, c, d, alpha, meta)
+    assert_close(d, _accumulate_reference(g.t(), x, c, alpha), dtype, "D")
+
+
+@TMA_SKIP
+@pytest.mark.parametrize("dtype", DTYPES_16)
+@pytest.mark.parametrize("programs", [1, 5])
+def test_tma_product_accumulates(programs, dtype, seed):
+    """The persistent TMA kernel (emulated by the interpreter): Gᵀ transposed, edges in M and N, C float32 into D of
+    the input dtype, then C = D itself (in place)."""
+    m, n, k = 72, 40, 24
+    g, x = randn(k, m, dtype=dtype), randn(k, n, dtype=dtype)
+    c = randn(m, n, dtype=torch.float32)
+    d = torch.full((m, n), float("nan"), device=DEVICE, dtype=dtype)
+    alpha = torch.tensor(1.5, device=DEVICE)
+    views = ((g, True), (x, False))
+    meta = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 2}
+    lce_kernels.launch_tma(views, c, d, alpha, meta, programs)
+    expected = _accumulate_reference(g.t(), x, c, alpha)
+    assert_close(d, expected, dtype, "D = C + α·A·B")
+    lce_kernels.launch_tma(views, d, d, None, meta, programs)
+    assert_close(d, expected + g.t().double().cpu() @ x.double().cpu(), dtype, "D += A·B in place", tol=4e-3)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the TMA path is taken on a Hopper GPU only")
+def test_hopper_takes_the_tma_path():
+    g = randn(64, 256, dtype=torch.bfloat16)
+    x = randn(64, 128, dtype=torch.bfloat16)
+    d = torch.empty(256, 128, device=DEVICE, dtype=torch.float32)
+    expect = torch.cuda.get_device_capability()[0] >= 9
+    assert (matmul_tma.tma_views(g.t(), x, d) is not None) == expect
