@@ -335,7 +335,8 @@ def _accumulate_reference(a, bmat, c, alpha):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("accumulate", [False, True])
 def test_pointer_product_accumulates(accumulate, dtype, seed):
-    """D = α·Gᵀ·x (+ C) with Gᵀ a transposed view (as the weight gradient reads it), C float32, D of any dtype."""
+    """D = α·Gᵀ·x (+ C) with Gᵀ a transposed view (as the weight gradient reads it), C float32, D of any
+    dtype."""
     m, n, k = 45, 37, 19
     g = randn(k, m, dtype=dtype)
     x = randn(k, n, dtype=dtype)

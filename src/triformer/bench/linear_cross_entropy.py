@@ -7,7 +7,8 @@ as loss then torch.autograd.grad(loss, (x, W)). triformer rows: the defaults (ch
 accumulated in float32), "dW in weight dtype" (accum_dtype=None: no float32 accumulator, Liger's default), and
 "Liger-size chunks" (Liger's chunk, ≈ N·H/V rows, with dW in the weight's dtype: the same memory as Liger).
 peak_extra_mib is the peak memory above the inputs during one forward+backward, the returned gradients included;
-full_logits_mib is the size of the [N, V] logits in the input dtype beside it. TFLOP/s counts the three products, 6·N·H·V.
+full_logits_mib is the size of the [N, V] logits in the input dtype beside it. TFLOP/s counts the three products,
+6·N·H·V.
 """
 
 from __future__ import annotations

@@ -189,7 +189,8 @@ def accumulate_product(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None,
         run(fixed.all_kwargs())
         return d
     props = device_properties(d.device)  # a pick holds for one kind of GPU
-    key = ("accumulate", views is not None, M, N, K, a.dtype, d.dtype, c is not None, alpha is not None,
+    layout = (a.stride(), b.stride()) if views is None else (views[0][1], views[1][1])
+    key = ("accumulate", views is not None, *layout, M, N, K, a.dtype, d.dtype, c is not None, alpha is not None,
            props.major, props.minor)
 
     def candidates():
