@@ -142,9 +142,9 @@ def _grid(total: int):
 
 
 def bias_add(z: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """z + bias for contiguous z [M, N] and bias [N]."""
+    """z + bias for contiguous z [M, N] and bias [N] of any stride (read at unit stride: copied if it has another)."""
     out = new_empty(z.shape, like=z)
-    _bias_add_kernel[_grid(z.numel())](z, bias, out, z.numel(), z.shape[-1], BLOCK=ELEMENTWISE_BLOCK)
+    _bias_add_kernel[_grid(z.numel())](z, bias.contiguous(), out, z.numel(), z.shape[-1], BLOCK=ELEMENTWISE_BLOCK)
     return out
 
 

@@ -127,13 +127,16 @@ def _input_precision(dtype: torch.dtype) -> str:
 
 def matmul(a: torch.Tensor, b: torch.Tensor, *, bias: torch.Tensor | None = None, activation: str | None = None,
            store_preactivation: bool = False):
-    """C = act(a @ b + bias) for 2-D a [M, K], b [K, N] of any strides (views are not copied).
+    """C = act(a @ b + bias) for 2-D a [M, K], b [K, N] of any strides (views are not copied) and bias [N] (every
+    kernel reads it at unit stride: a strided or expanded bias is copied here, N elements).
 
     Returns (c, the preactivation a @ b + bias or None), contiguous, in a's dtype.
     """
     M, K = a.shape
     K2, N = b.shape
     assert K == K2, (a.shape, b.shape)
+    if bias is not None:
+        bias = bias.contiguous()
     c = new_empty((M, N), like=a)
     preact = new_empty((M, N), like=a) if store_preactivation else None
     act = activation_code(activation)

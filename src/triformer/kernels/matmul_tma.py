@@ -157,8 +157,10 @@ def _device_sms(device: torch.device) -> int:
 
 
 def _rows_addressable(t: torch.Tensor) -> bool:
-    """TMA's rule for a 2-D tensor: 16-byte aligned base and row stride, contiguous rows."""
-    return t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+    """TMA's rule for a 2-D tensor: 16-byte aligned base and row stride, contiguous rows that do not overlap (an
+    expanded view's row stride 0 is aligned too, but not a layout a descriptor describes)."""
+    return (t.stride(1) == 1 and t.stride(0) >= t.shape[1] and (t.stride(0) * t.element_size()) % 16 == 0
+            and t.data_ptr() % 16 == 0)
 
 
 def _tma_view(t: torch.Tensor):

@@ -296,15 +296,23 @@ def forward_flags(n: int, center: bool) -> dict:
     return {"PARAMS_FIRST": not (center and n >= WIDE_ROW)}
 
 
+def _unit_stride(param: torch.Tensor | None) -> torch.Tensor | None:
+    """A weight or bias [N] as the kernels read it (param[c] at c): a strided or expanded (stride-0) view is
+    copied, N elements."""
+    return None if param is None else param.contiguous()
+
+
 def norm_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
                  center: bool):
-    """Normalize x [..., N] over its last dimension (LayerNorm when center, else RMSNorm).
+    """Normalize x [..., N] over its last dimension (LayerNorm when center, else RMSNorm); weight and bias [N] or
+    None, any strides.
 
     Returns (y shaped like x and contiguous, x as [M, N] rows for the backward, μ [M] or None, rstd [M]).
     """
     n = x.shape[-1]
     x2 = as_rows(x, n)
     m = x2.shape[0]
+    weight, bias = _unit_stride(weight), _unit_stride(bias)
     y = new_empty(x.shape, like=x)
     mean = new_empty((m,), like=x, dtype=torch.float32) if center else None
     rstd = new_empty((m,), like=x, dtype=torch.float32)
@@ -323,6 +331,7 @@ def norm_backward(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor | Non
     dw_dtype (db_dtype), None for no gradient."""
     m, n = x2.shape
     dy2 = as_rows(dy, n)
+    weight = _unit_stride(weight)
     dx = new_empty((m, n), like=x2)
     wanted = [dtype for dtype in (dw_dtype, db_dtype) if dtype is not None]
     sum_dtype = wanted[0] if len(set(wanted)) == 1 else torch.float32  # cast after the sum only if they differ
