@@ -59,3 +59,10 @@ def report_each(cases: dict) -> dict:
         except Exception as exc:
             results[name] = f"{type(exc).__name__}: {exc}"
     return results
+
+
+def assert_compiled_without_spills(compiled: dict, case: str) -> None:
+    """A compile test's verdict on one case of a child_report: it compiled, and no kernel of it spills."""
+    result = compiled[case]
+    assert isinstance(result, dict), f"{case} does not compile for sm_90: {result}"
+    assert not any(result.values()), f"{case} spills registers (bytes per kernel): {result}"

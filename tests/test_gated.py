@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import triformer.functional as TF
 from harness import DEVICE, DTYPES, ON_GPU, assert_close, randn, reference_copy
+from sm90_compile import assert_compiled_without_spills, child_report, compile_for_sm90, report_each, spilled_bytes
 from triformer import TritonGatedMLP
 from triformer.kernels import gated as gated_kernels
 from triformer.nn import TorchGatedMLP
@@ -195,3 +198,64 @@ def test_module_twins_agree(activation, bias, dtype, seed):
 @pytest.mark.parametrize("shape", [(2048, 2 * 11008), (4097, 2 * 3072), (513, 2 * 1377)])
 def test_large_on_gpu(shape, activation, where, dtype, seed):
     check(randn(*shape, dtype=dtype, requires_grad=True), same if where == "buffer" else non_leaf, activation, dtype)
+
+
+def test_bench_suite_rows(seed):
+    """The gated_mlp bench suite: a row per op, mode and provider, the same bytes for each (forward: a, b in and h
+    out; forward+backward also dh, a, b in and da, db out)."""
+    from triformer.bench import gated_mlp as gated_bench
+
+    names = ("triformer", "triformer (grad buffer)", "torch")
+    rows = gated_bench.run([(5, 9)], dtype=torch.float32, device=DEVICE, progress=False, rounds=1, names=names)
+    assert [(r["op"], r["mode"], r["provider"]) for r in rows] == [
+        (op, mode, name) for op in ("swiglu", "geglu") for mode in ("fwd", "fwd+bwd") for name in names]
+    for row in rows:
+        assert row["error"] == "" and row["shape"] == "5x9"
+        elements = 3 * 45 if row["mode"] == "fwd" else 8 * 45
+        assert row["rate"] * row["ms"] * 1e6 == pytest.approx(elements * 4)
+    if not ON_GPU:
+        assert isinstance(gated_bench.providers("cpu")["torch.compile"], RuntimeError)
+
+
+FORWARD_TYPES = dict(x_ptr="*bf16", h_ptr="*bf16", M="i32", N="i32", stride_xm="i32", stride_xn="i32",
+                     stride_hm="i32")
+BACKWARD_TYPES = dict(dh_ptr="*bf16", x_ptr="*bf16", dx_ptr="*bf16", M="i32", N="i32", stride_dhm="i32",
+                      stride_dhn="i32", stride_xm="i32", stride_xn="i32", stride_dxm="i32", stride_dxn="i32")
+# [M, hidden] as the GPU launches them; unit column strides specialized to 1 (constexpr) as Triton does
+COMPILE_CASES = [f"{act}-{m}x{n}" for act in ("silu", "gelu") for m, n in ((8192, 11008), (16384, 3072), (7, 33))]
+
+
+def compile_all() -> dict:
+    """In a process without the interpreter: case → {kernel: spilled bytes} or the error that stopped it."""
+    from triformer.kernels import gated as kernels
+    from triformer.kernels.activation import activation_code
+
+    def case(name):
+        act, _, shape = name.partition("-")
+        m, n = map(int, shape.split("x"))
+        meta = dict(kernels._launch(m, n, kernels.GPU_TILE, kernels.GPU_MAX_BLOCK_N)[1])
+        warps = meta.pop("num_warps")
+        flags = {**meta, "ACT": activation_code(act)}
+        return {"forward": spilled_bytes(compile_for_sm90(
+                    kernels._gated_forward_kernel, FORWARD_TYPES, {**flags, "stride_xn": 1}, warps)),
+                "backward": spilled_bytes(compile_for_sm90(
+                    kernels._gated_backward_kernel, BACKWARD_TYPES,
+                    {**flags, "stride_xn": 1, "stride_dhn": 1, "stride_dxn": 1}, warps))}
+
+    return report_each({name: (lambda name=name: case(name)) for name in COMPILE_CASES})
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    return child_report(__file__)
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU every other test compiles the kernels natively")
+@pytest.mark.parametrize("case", COMPILE_CASES)
+def test_compiles_for_sm90_without_spills(case, compiled):
+    """The GPU launches compile for an H100 without spilling registers."""
+    assert_compiled_without_spills(compiled, case)
+
+
+if __name__ == "__main__":
+    print(json.dumps(compile_all()))

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 import triformer.functional as TF
 from harness import DEVICE, DTYPES, ON_GPU, assert_close, randn, reference_copy
+from sm90_compile import assert_compiled_without_spills, child_report, compile_for_sm90, report_each, spilled_bytes
 from triformer import TritonRotaryEmbedding
 from triformer.kernels import rope as rope_kernels
 from triformer.nn import TorchRotaryEmbedding
@@ -242,3 +245,62 @@ def test_large_on_gpu(shape, dtype, seed):
 
     cos, sin = TF.rope_tables(d, s + 7, device=DEVICE)
     check([fused], views, cos, sin, 7, dtype)
+
+
+def test_bench_suite_rows(seed):
+    """The rope bench suite: a row per mode and provider, the same bytes for each (q, k in, q_rot, k_rot out and
+    the two float32 half tables, twice for forward+backward); torch.compile is an error row off CUDA."""
+    from triformer.bench import rope as rope_bench
+
+    rows = rope_bench.run([(1, 2, 7, 16)], dtype=torch.float32, device=DEVICE, progress=False, rounds=1,
+                          names=("triformer", "torch"))
+    assert [(r["mode"], r["provider"]) for r in rows] == [
+        ("fwd", "triformer"), ("fwd", "torch"), ("fwd+bwd", "triformer"), ("fwd+bwd", "torch")]
+    for row in rows:
+        passes = 1 if row["mode"] == "fwd" else 2
+        assert row["error"] == "" and row["shape"] == "1x2x7x16"
+        assert row["rate"] * row["ms"] * 1e6 == pytest.approx(passes * (4 * 224 * 4 + 2 * 7 * 8 * 4))
+    if not ON_GPU:
+        assert isinstance(rope_bench.providers("cpu")["torch.compile"], RuntimeError)
+
+
+ROPE_TYPES = dict(q_ptr="*bf16", k_ptr="*bf16", qo_ptr="*bf16", ko_ptr="*bf16", cos_ptr="*fp32", sin_ptr="*fp32",
+                  **{name: "i32" for name in ("S", "HALF", "HQ", "HK", "offset", "heads_per_program", "stride_qb",
+                                              "stride_qh", "stride_qs", "stride_qd", "stride_kb", "stride_kh",
+                                              "stride_ks", "stride_kd", "stride_cs", "stride_cd", "stride_ss",
+                                              "stride_sd")})
+# (B, S, D, q and k heads) as the GPU launches them, and arguments Triton would specialize to 1 (constexpr)
+COMPILE_CASES = {"B4-S4096-D128-H64": ((4, 4096, 128, 64), {}), "B8-S1024-D64-H24": ((8, 1024, 64, 24), {}),
+                 "B1-S1-D40-unit": ((1, 1, 40, 2), {"S": 1, "HQ": 1, "HK": 1, "stride_qd": 1, "stride_kd": 1,
+                                                     "stride_cd": 1, "stride_sd": 1})}
+
+
+def compile_all() -> dict:
+    """In a process without the interpreter: case → {kernel: spilled bytes} or the error that stopped it."""
+    from triformer.kernels import rope as kernels
+
+    def case(shape, unit):
+        b, s, d, heads = shape
+        meta = dict(kernels._launch(b, s, d // 2, heads, 8 * 132, kernels.GPU_TILE, heads)[2])
+        warps = meta.pop("num_warps")
+        flags = {**unit, **meta}
+        return {f"inverse={inverse}": spilled_bytes(compile_for_sm90(
+            kernels._rope_kernel, ROPE_TYPES, {**flags, "INVERSE": inverse}, warps)) for inverse in (False, True)}
+
+    return report_each({name: (lambda args=args: case(*args)) for name, args in COMPILE_CASES.items()})
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    return child_report(__file__)
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU every other test compiles the kernel natively")
+@pytest.mark.parametrize("case", COMPILE_CASES)
+def test_compiles_for_sm90_without_spills(case, compiled):
+    """The GPU launches (and arguments specialized to 1) compile for an H100 without spilling registers."""
+    assert_compiled_without_spills(compiled, case)
+
+
+if __name__ == "__main__":
+    print(json.dumps(compile_all()))

@@ -84,17 +84,20 @@ def _gated_backward_kernel(dh_ptr, x_ptr, dx_ptr, M, N, stride_dhm, stride_dhn, 
 
 @functools.lru_cache(maxsize=1024)
 def _launch(m: int, n: int, tile: int, max_block_n: int) -> tuple:
+    """(grid, meta as (key, value) pairs), computed once per shape."""
     block_n = min(next_power_of_2(n), max_block_n)
     block_m = max(1, min(next_power_of_2(m), tile // block_n))
     meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": 4 if block_m * block_n <= 2048 else 8}
-    return (cdiv(m, block_m), cdiv(n, block_n)), meta
+    return (cdiv(m, block_m), cdiv(n, block_n)), tuple(meta.items())
 
 
 def launch_config(m: int, n: int) -> tuple:
     """(grid, meta) over the [m, n] half-plane."""
     if interpreter_active():
-        return _launch(m, n, INTERPRETER_TILE, INTERPRETER_MAX_BLOCK_N)
-    return _launch(m, n, GPU_TILE, GPU_MAX_BLOCK_N)
+        grid, meta = _launch(m, n, INTERPRETER_TILE, INTERPRETER_MAX_BLOCK_N)
+    else:
+        grid, meta = _launch(m, n, GPU_TILE, GPU_MAX_BLOCK_N)
+    return grid, dict(meta)
 
 
 def gated_forward(x: torch.Tensor, activation: str) -> torch.Tensor:

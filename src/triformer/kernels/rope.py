@@ -56,15 +56,14 @@ def _rope_kernel(
     S, HALF, HQ, HK, offset, heads_per_program,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
-    stride_qob, stride_qoh, stride_kob, stride_koh,
     stride_cs, stride_cd, stride_ss, stride_sd,
     INVERSE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Rotate positions [pid₀·BLOCK_S, …) of batch element pid₂, heads [pid₁·heads_per_program, …) of q's HQ heads
     followed by k's HK (HQ or HK may be 0), by +θ, or by −θ when INVERSE (the backward).
 
-    q, k: any strides (element units, stride_*d between the elements of a head vector). qo, ko: unit stride along
-    D, row stride 2·HALF between positions, head and batch strides given. cos, sin: tables [S_max, ≥ HALF] read at
+    q, k: any strides (element units, stride_*d between the elements of a head vector). qo, ko: contiguous
+    [B, HQ, S, 2·HALF] and [B, HK, S, 2·HALF]. cos, sin: tables [S_max, ≥ HALF] read at
     rows offset + position, columns < HALF, through their strides (0 allowed: expanded tables).
     """
     positions = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -78,19 +77,21 @@ def _rope_kernel(
         s = -s
     p64 = positions.to(tl.int64)[:, None]
     out_offsets = p64 * (2 * HALF) + cols[None, :]
+    out_head = S * (2 * HALF)  # the outputs' head stride (multiplied by int64 indices only)
     h_begin = tl.program_id(1).to(tl.int64) * heads_per_program
     h_end = tl.minimum(h_begin + heads_per_program, HQ + HK)
-    _rotate_heads(q_ptr + b * stride_qb, qo_ptr + b * stride_qob, h_begin, tl.minimum(h_end, HQ), stride_qh,
-                  stride_qoh, p64 * stride_qs + cols[None, :] * stride_qd, out_offsets, HALF * stride_qd, HALF, mask,
+    _rotate_heads(q_ptr + b * stride_qb, qo_ptr + b * HQ * out_head, h_begin, tl.minimum(h_end, HQ), stride_qh,
+                  out_head, p64 * stride_qs + cols[None, :] * stride_qd, out_offsets, HALF * stride_qd, HALF, mask,
                   c, s)
-    _rotate_heads(k_ptr + b * stride_kb, ko_ptr + b * stride_kob, tl.maximum(h_begin, HQ) - HQ, h_end - HQ,
-                  stride_kh, stride_koh, p64 * stride_ks + cols[None, :] * stride_kd, out_offsets, HALF * stride_kd,
+    _rotate_heads(k_ptr + b * stride_kb, ko_ptr + b * HK * out_head, tl.maximum(h_begin, HQ) - HQ, h_end - HQ,
+                  stride_kh, out_head, p64 * stride_ks + cols[None, :] * stride_kd, out_offsets, HALF * stride_kd,
                   HALF, mask, c, s)
 
 
 @functools.lru_cache(maxsize=1024)
 def _launch(batch: int, seq: int, half: int, heads: int, gpu_programs: int, tile: int, max_group: int) -> tuple:
-    """(grid, heads_per_program, meta) for the kernel; gpu_programs = 0 under the interpreter."""
+    """(grid, heads_per_program, meta as (key, value) pairs) for the kernel, computed once per shape;
+    gpu_programs = 0 under the interpreter."""
     block_d = next_power_of_2(half)
     block_s = max(1, min(next_power_of_2(seq), tile // (2 * block_d)))
     position_blocks = cdiv(seq, block_s)
@@ -101,15 +102,17 @@ def _launch(batch: int, seq: int, half: int, heads: int, gpu_programs: int, tile
     groups = cdiv(heads, per_program)
     elements = block_s * 2 * block_d
     meta = {"BLOCK_S": block_s, "BLOCK_D": block_d, "num_warps": 4 if elements <= 2048 else 8}
-    return (position_blocks, groups, batch), per_program, meta
+    return (position_blocks, groups, batch), per_program, tuple(meta.items())
 
 
 def launch_config(batch: int, seq: int, half: int, heads: int, device: torch.device) -> tuple:
     """(grid, heads_per_program, meta) for `heads` heads (q's and k's together) of `seq` positions."""
     if interpreter_active() or device.type != "cuda":
-        return _launch(batch, seq, half, heads, 0, INTERPRETER_TILE, INTERPRETER_HEADS_PER_PROGRAM)
-    programs = PROGRAMS_PER_SM * device_properties(device).multi_processor_count
-    return _launch(batch, seq, half, heads, programs, GPU_TILE, heads)
+        grid, per_program, meta = _launch(batch, seq, half, heads, 0, INTERPRETER_TILE, INTERPRETER_HEADS_PER_PROGRAM)
+    else:
+        programs = PROGRAMS_PER_SM * device_properties(device).multi_processor_count
+        grid, per_program, meta = _launch(batch, seq, half, heads, programs, GPU_TILE, heads)
+    return grid, per_program, dict(meta)
 
 
 def rotate(q: torch.Tensor | None, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, offset: int,
@@ -133,7 +136,6 @@ def rotate(q: torch.Tensor | None, k: torch.Tensor | None, cos: torch.Tensor, si
     grid, per_program, meta = launch_config(batch, seq, half, hq + hk, present.device)
     _rope_kernel[grid](
         q_in, k_in, qo, ko, cos, sin, seq, half, hq, hk, offset, per_program,
-        *q_in.stride(), *k_in.stride(), qo.stride(0), qo.stride(1), ko.stride(0), ko.stride(1),
-        *cos.stride(), *sin.stride(), INVERSE=inverse, **meta,
+        *q_in.stride(), *k_in.stride(), *cos.stride(), *sin.stride(), INVERSE=inverse, **meta,
     )
     return q_out, k_out
