@@ -81,6 +81,30 @@ def test_p_zero_and_one_are_exact(dtype, seed):
     assert not x.grad.any()
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("p", [0.5, 1.0])
+def test_nan_and_inf_are_not_dropped_to_zero(p, dtype, seed):
+    """A dropped element is x · 0, as torch computes it (input · mask · scale): NaN and ±inf give NaN, so corrupted
+    data shows; p = 1 included (torch: NaN · 0 = NaN). The backward treats dy alike."""
+    x = randn(33, 65, dtype=dtype)
+    dy = randn(33, 65, dtype=dtype)
+    specials = torch.rand(33, 65, device=DEVICE) < 0.2
+    values = torch.tensor([float("nan"), float("inf"), float("-inf")], device=DEVICE, dtype=dtype)
+    x[specials] = values[torch.randint(0, 3, (int(specials.sum()),), device=DEVICE)]
+    dy[specials] = float("nan")
+    x.requires_grad_()
+    y = TF.dropout(x, p, seed)
+    keep = TF.dropout(torch.ones_like(x), p, seed) != 0  # the same mask: a function of (seed, shape)
+    scale = 0.0 if p == 1.0 else 1.0 / (1.0 - p)
+    factor = torch.where(keep, scale, 0.0)
+    torch.testing.assert_close(y, (x.detach().float() * factor).to(dtype), rtol=0, atol=0, equal_nan=True)
+    assert torch.isnan(y[specials & ~keep]).all() and torch.isnan(y[specials]).any()
+    y.backward(dy)
+    torch.testing.assert_close(x.grad, (dy.float() * factor).to(dtype), rtol=0, atol=0, equal_nan=True)
+    if p == 1.0:
+        torch.testing.assert_close(y, torch.nn.functional.dropout(x.detach(), 1.0), rtol=0, atol=0, equal_nan=True)
+
+
 def test_module_train_and_eval(seed):
     drop = TritonDropout(0.5)
     x = randn(64, 64)

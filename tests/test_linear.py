@@ -160,6 +160,42 @@ def test_module_forward_backward(activation, seed):
     assert_close(out, ref, torch.float32, "module output", tol=1e-5)
 
 
+def assert_same_nans_and_close(out, ref, dtype, what):
+    """NaN exactly where the float64 reference has NaN, the other elements within tolerance."""
+    nan = torch.isnan(ref)
+    assert torch.equal(torch.isnan(out).cpu(), nan), f"{what}: NaN at other places than torch's"
+    if not nan.all():
+        assert_close(out.detach().cpu()[~nan], ref[~nan], dtype, what)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_nan_propagates_as_in_torch(activation, fused, dtype, seed):
+    """A NaN in x poisons its output row for every activation (relu too: torch.relu(NaN) is NaN; corrupted data must
+    not pass silently), and every gradient has NaN exactly where torch's has: relu's derivative lets dy through at
+    a NaN (torch's threshold_backward), so with relu only dW's column of the NaN is NaN; gelu's and silu's dZ row
+    is NaN, so dX's row, all of dW and db are. (K and N are multiples of 8: 16-bit products take TMA on a GPU.)"""
+    x, w, b = make_inputs(7, 40, 72, dtype)
+    with torch.no_grad():
+        x[2, 5] = float("nan")
+    xr, wr, br = (reference_copy(t) for t in (x, w, b))
+    ref, z_ref = reference_linear(xr, wr, br, activation)
+    dy = torch.randn(ref.shape, dtype=torch.float64)
+    if activation == "relu":  # no upstream gradient at the kink (see run_and_compare); the NaN row keeps its own
+        dy = dy * ~(z_ref.detach().abs() <= 1e-2 * z_ref.detach().nan_to_num().abs().mean())
+    out = TF.linear(x, w, b, activation=activation, fused=fused)
+    rows_with_nan = torch.isnan(out).any(-1).cpu()
+    assert torch.isnan(out[2]).all() and rows_with_nan.sum() == 1
+    assert_same_nans_and_close(out, ref.detach(), dtype, "output")
+    out.backward(dy.to(device=out.device, dtype=dtype))
+    ref.backward(dy)
+    for name, ours, theirs in (("x", x, xr), ("weight", w, wr), ("bias", b, br)):
+        assert_same_nans_and_close(ours.grad, theirs.grad, dtype, f"grad of {name}")
+    assert torch.isnan(w.grad[:, 5]).all()
+    assert torch.isnan(b.grad).any() == (activation in ("gelu", "silu"))
+
+
 # ----------------------------------------------------------------------------------------------- bad input
 
 

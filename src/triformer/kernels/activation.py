@@ -1,6 +1,6 @@
 """Pointwise activations and their derivatives, plus the elementwise kernels of the unfused linear.
 
-    relu(z) = max(z, 0)                              relu'(z) = [z > 0]
+    relu(z) = max(z, 0)                              relu'(z) = [z > 0]   (NaN → NaN; relu'(NaN) = 1, as torch)
     gelu(z) = ½ z (1 + tanh(u)), u = c (z + a z³)    gelu'(z) = ½ (1 + t) + ½ z (1 − t²) c (1 + 3 a z²),  t = tanh(u)
     silu(z) = z σ(z)                                 silu'(z) = σ(z) (1 + z (1 − σ(z)))
 with c = √(2/π), a = 0.044715 (GELU's tanh approximation, as torch's approximate="tanh").
@@ -50,7 +50,7 @@ def _tanh(u):
 def apply_activation(z, ACT: tl.constexpr):
     """act(z) for z in float32."""
     if ACT == 1:
-        return tl.maximum(z, 0.0)
+        return tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)  # NaN stays NaN, as torch.relu
     elif ACT == 2:
         t = _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z))
         return 0.5 * z * (1.0 + t)
@@ -62,9 +62,10 @@ def apply_activation(z, ACT: tl.constexpr):
 
 @triton.jit
 def activation_derivative(g, ACT: tl.constexpr):
-    """act'(z) in float32. For relu `g` may be act(z) itself (relu(z) > 0 ⇔ z > 0); otherwise g = z."""
+    """act'(z) in float32. For relu `g` may be act(z) itself (relu(z) > 0 ⇔ z > 0); otherwise g = z. relu' is 0
+    where g ≤ 0 and 1 elsewhere, NaN included: torch's threshold_backward passes dy through at a NaN."""
     if ACT == 1:
-        return tl.where(g > 0.0, 1.0, 0.0)
+        return tl.where(g <= 0.0, 0.0, 1.0)
     elif ACT == 2:
         t = _tanh(0.7978845608028654 * (g + 0.044715 * g * g * g))
         return 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * g * g)

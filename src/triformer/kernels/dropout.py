@@ -8,7 +8,8 @@ draws, eight 16-bit uniforms: element i takes half (i // BLOCK) mod 8 of the cal
 (i // 8·BLOCK)·BLOCK + i mod BLOCK, BLOCK fixed below. Halving the draws per element halves the integer work that
 bounded this kernel; the price is p rounded to a multiple of 2⁻¹⁶ (keep probability off by at most 2⁻¹⁷).
 The mask depends only on (seed, shape), never on strides or device, and the backward is this same kernel applied
-to dy. p = 0 keeps everything exactly (t = 0, scale 1); p = 1 gives exact zeros (t = 2¹⁶, scale 0).
+to dy. p = 0 keeps everything exactly (t = 0, scale 1); p = 1 gives exact zeros (t = 2¹⁶, scale 0). A dropped
+element is x · 0, as torch computes it: NaN and ±inf become NaN, not 0.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def _dropout_kernel(x_ptr, y_ptr, n, threshold, scale, seed, BLOCK: tl.constexpr
     x = tl.load(x_ptr + offs, mask=mask)
     r0, r1, r2, r3 = tl.randint4x(seed, base)
     keep = _sixteen_bit_runs(r0, r1, r2, r3).to(tl.int32) >= threshold
-    y = tl.where(keep, x.to(tl.float32) * scale, 0.0)
+    y = x.to(tl.float32) * tl.where(keep, scale, 0.0)  # a dropped NaN or inf stays NaN (NaN · 0), as torch
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
