@@ -7,9 +7,10 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; export OUT
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
-if ls .whl/*.whl >/dev/null 2>&1; then  # the wheelhouse (dvc, mlflow-skinny, liger-kernel, ...): kept for later calls
-  [ -d /tmp/site ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-  export PYTHONPATH=$PYTHONPATH:/tmp/site
+if ls .whl/*.whl >/dev/null 2>&1; then  # the wheelhouse (dvc, mlflow-skinny, liger-kernel, ...): this call's wheels only
+  SITE=$(mktemp -d "${TMPDIR:-/tmp}/site.XXXXXX")   # a fresh folder each call: never what an earlier call installed
+  python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .whl/*.whl || exit 2
+  export PYTHONPATH=$PYTHONPATH:$SITE
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"

@@ -1,15 +1,14 @@
 #!/usr/bin/env bash
 # On a GPU host without internet (device tool): the whole pipeline at full size, results tarred into $OUT.
-# Needs the wheelhouse (.whl, from ../shared/device/wheelhouse.sh requirements.lock .whl) installed in /tmp/site
-# by this call or an earlier one on the same machine, and Debian's FashionMNIST files in .gpu-data/fashion-mnist.
+# Needs the wheelhouse (.whl, from ../shared/device/wheelhouse.sh requirements.lock .whl), installed by each call into
+# a fresh folder, and Debian's FashionMNIST files in .gpu-data/fashion-mnist.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-if [ ! -d /tmp/site ]; then
-  ls .whl/*.whl >/dev/null 2>&1 || { echo "no wheelhouse: carry .whl"; exit 2; }
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 2
-fi
-export PYTHONPATH=/tmp/site:$PWD/src PATH=/tmp/site/bin:$PATH JUPYTER_PATH=/tmp/site/share/jupyter  # nbconvert templates
+ls .whl/*.whl >/dev/null 2>&1 || { echo "no wheelhouse: carry .whl"; exit 2; }
+SITE=$(mktemp -d "${TMPDIR:-/tmp}/site.XXXXXX")   # a fresh folder each call: never what an earlier call installed
+python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .whl/*.whl || exit 2
+export PYTHONPATH=$SITE:$PWD/src PATH=$SITE/bin:$PATH JUPYTER_PATH=$SITE/share/jupyter  # nbconvert templates
 mkdir -p /usr/share/datasets/fashion-mnist && cp .gpu-data/fashion-mnist/*.gz /usr/share/datasets/fashion-mnist/ || exit 2
 if [ ! -d .git ]; then  # the copied tree has no git repository; DVC wants one
   if command -v git >/dev/null; then
