@@ -34,16 +34,20 @@ def reference(logits, targets, **kwargs):
 
 
 def run_and_compare(logits, targets, dtype, dloss_scale=1.0, **kwargs):
-    """Ours on a non-leaf copy of `logits` (the default in-place path) against the reference: loss and gradient."""
-    leaf = logits.detach().clone().requires_grad_()
-    ours = TF.cross_entropy(leaf * 1, targets, **kwargs)  # a non-leaf: the gradient goes into its storage
+    """Ours on a non-leaf copy of `logits` against the reference, loss and gradient, on both paths: the gradient in a
+    buffer of its own (the default) and in the logits' storage (inplace_grad=True)."""
     ref, ref_leaf = reference(logits, targets, **{k: a for k, a in kwargs.items() if k != "n_chunks"})
-    assert ours.dtype == torch.float32 and ours.shape == ref.shape
-    assert_close(ours, ref, torch.float32 if ours.dim() == 0 else dtype, "loss")
     dloss = torch.rand(ref.shape, dtype=torch.float64) + 0.5 if ref.dim() else torch.tensor(dloss_scale).double()
-    ours.backward(dloss.to(DEVICE, torch.float32))
     ref.backward(dloss)
-    assert_close(leaf.grad, ref_leaf.grad, dtype, "grad of logits")
+    rows = logits.reshape(-1, logits.shape[-1])
+    own_rows = rows.stride(-1) == 1 and rows.stride(0) >= rows.shape[1]  # what inplace_grad=True can write into
+    for inplace in (False, True) if own_rows else (False,):
+        leaf = logits.detach().clone().requires_grad_()
+        ours = TF.cross_entropy(leaf * 1, targets, inplace_grad=inplace, **kwargs)
+        assert ours.dtype == torch.float32 and ours.shape == ref.shape
+        assert_close(ours, ref, torch.float32 if ours.dim() == 0 else dtype, "loss")
+        ours.backward(dloss.to(DEVICE, torch.float32))
+        assert_close(leaf.grad, ref_leaf.grad, dtype, f"grad of logits (inplace_grad={inplace})")
 
 
 CASES = [("mean", 0.0), ("sum", 0.1), ("none", 0.0), ("mean", 0.2)]
@@ -115,7 +119,8 @@ def test_strided_logits(seed):
 
 
 def test_where_the_gradient_goes(seed):
-    """Non-leaf logits are overwritten by their gradient (the memory saving); leaves and inplace_grad=False not."""
+    """By default the gradient gets a buffer of its own and no logits are touched, leaf or not; inplace_grad=True
+    writes it into the logits' storage (leaves included); without a gradient wanted nothing is written."""
     base = randn(6, 65)
     targets = make_targets((6,), 65)
     leaf = base.clone().requires_grad_()
@@ -123,13 +128,15 @@ def test_where_the_gradient_goes(seed):
     assert torch.equal(leaf.detach(), base)
 
     logits = leaf * 1
-    loss = TF.cross_entropy(logits, targets)
-    assert torch.equal(logits.detach(), leaf.grad)  # the gradient already sits in the logits' storage
-    loss.backward()
-
-    logits = leaf * 1
-    TF.cross_entropy(logits, targets, inplace_grad=False).backward()
+    TF.cross_entropy(logits, targets).backward()
     assert torch.equal(logits.detach(), base)
+    assert TritonCrossEntropyLoss().inplace_grad is False
+
+    leaf.grad = None
+    logits = leaf * 1
+    loss = TF.cross_entropy(logits, targets, inplace_grad=True)
+    loss.backward()
+    assert torch.equal(logits.detach(), leaf.grad)  # the gradient sits in the logits' storage
 
     own = base.clone().requires_grad_()
     TF.cross_entropy(own, targets, inplace_grad=True).backward()
@@ -137,22 +144,51 @@ def test_where_the_gradient_goes(seed):
 
     with torch.no_grad():
         logits = leaf * 1
-        TF.cross_entropy(logits, targets)
+        TF.cross_entropy(logits, targets, inplace_grad=True)
     assert torch.equal(logits, base)  # no gradient wanted: nothing written
 
 
+def test_logits_stay_usable_after_the_loss_by_default(seed):
+    """The default leaves the logits as they are: accuracy read off them after loss.backward() is the accuracy,
+    and another op using them afterwards gets the right values and gradient (PyTorch's behaviour; the in-place
+    gradient had turned the accuracy to 0 and both losses' gradients wrong, silently)."""
+    x = randn(12, 16, requires_grad=True)
+    w = randn(33, 16, requires_grad=True)
+    xr, wr = (t.detach().double().cpu().requires_grad_() for t in (x, w))
+    logits_ref = xr @ wr.t()
+    targets = make_targets((12,), 33, ignored=0.0)
+    targets[:6] = logits_ref[:6].argmax(-1).to(DEVICE)  # half the rows right
+    expected_accuracy = (logits_ref.argmax(-1) == targets.cpu()).double().mean()
+    assert expected_accuracy >= 0.5
+    logits = x @ w.t()  # a non-leaf, as an LM head's output
+    loss = TF.cross_entropy(logits, targets)
+    loss.backward(retain_graph=True)
+    assert (logits.argmax(-1).cpu() == targets.cpu()).double().mean() == expected_accuracy
+    other = make_targets((12,), 33, ignored=0.0)
+    second = F.cross_entropy(logits, other) + (logits ** 2).mean()  # another consumer, after the loss
+    second_ref = F.cross_entropy(logits_ref, other.cpu()) + (logits_ref ** 2).mean()
+    assert_close(second, second_ref, torch.float32, "the other consumer's loss")
+    second.backward()
+    (F.cross_entropy(logits_ref, targets.cpu()) + second_ref).backward()
+    assert_close(w.grad, wr.grad, torch.float32, "grad of the weight from both losses")
+    assert_close(x.grad, xr.grad, torch.float32, "grad of the input from both losses")
+
+
 def test_overwritten_logits_are_guarded(seed):
-    """Reusing logits that hold a gradient, or an op that saved them for its backward, fails loudly."""
+    """With inplace_grad=True, reusing logits that hold a gradient, or an op that saved them for its backward (their
+    version is bumped), fails loudly; a second backward fails too."""
     leaf = randn(4, 33, requires_grad=True)
     targets = make_targets((4,), 33, ignored=0.0)
     logits = leaf * 1
-    TF.cross_entropy(logits, targets)
+    TF.cross_entropy(logits, targets, inplace_grad=True)
     with pytest.raises(ValueError, match="already hold the gradient"):
         TF.cross_entropy(logits, targets)
     logits = torch.tanh(leaf)  # tanh saves its output for the backward
-    loss = TF.cross_entropy(logits, targets)
+    loss = TF.cross_entropy(logits, targets, inplace_grad=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+    logits = torch.tanh(leaf)
+    TF.cross_entropy(logits, targets).backward()  # the default touches nothing tanh saved
     loss = TF.cross_entropy(leaf * 1, targets)
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="its backward can run only once"):
@@ -171,14 +207,15 @@ def test_module_matches_torch(dtype, seed):
 
 @pytest.mark.skipif(not ON_GPU, reason="peak memory is measured with torch.cuda's allocator statistics")
 def test_no_extra_memory_for_the_gradient(seed):
-    """Forward+backward on non-leaf logits allocates nothing of their size: the gradient goes into their storage."""
+    """Forward+backward with inplace_grad=True allocates nothing of the logits' size: the gradient goes into their
+    storage."""
     leaf = randn(4096, 8192, dtype=torch.bfloat16, requires_grad=True)
     targets = make_targets((4096,), 8192)
     logits = leaf * 1
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    (grad,) = torch.autograd.grad(TF.cross_entropy(logits, targets), logits)
+    (grad,) = torch.autograd.grad(TF.cross_entropy(logits, targets, inplace_grad=True), logits)
     extra = torch.cuda.max_memory_allocated() - base
     assert grad.data_ptr() == logits.data_ptr()
     assert extra < logits.numel() * logits.element_size() // 8, f"{extra / 2**20:.0f} MiB extra"
@@ -207,6 +244,23 @@ def test_bad_inputs():
         TF.cross_entropy(logits, good, n_chunks=0)
     with pytest.raises(ValueError, match="inplace_grad=True needs logits whose rows do not overlap"):
         TF.cross_entropy(randn(1, 10, requires_grad=True).expand(4, 10), good, inplace_grad=True)
+    with pytest.raises(TypeError, match="inplace_grad must be True or False, got None"):
+        TF.cross_entropy(logits, good, inplace_grad=None)
+
+
+@pytest.mark.parametrize("kwargs,error,message", [
+    (dict(label_smoothing=2), ValueError, "label_smoothing must lie in \\[0, 1\\], got 2"),
+    (dict(label_smoothing=float("nan")), ValueError, "label_smoothing must lie in"),
+    (dict(label_smoothing="0.1"), ValueError, "label_smoothing must lie in"),
+    (dict(reduction="avg"), ValueError, "reduction must be one of"),
+    (dict(n_chunks=0), ValueError, "n_chunks must be a positive int"),
+    (dict(ignore_index=1.5), TypeError, "ignore_index must be an int"),
+    (dict(inplace_grad="yes"), TypeError, "inplace_grad must be True or False"),
+])
+def test_module_arguments_checked_at_construction(kwargs, error, message):
+    """A bad argument fails when the module is built, not at its first call (label_smoothing=2 was accepted)."""
+    with pytest.raises(error, match=message):
+        TritonCrossEntropyLoss(**kwargs)
 
 
 def test_checked_kernel_does_nothing_when_a_target_is_out_of_range(seed):
@@ -233,12 +287,12 @@ def test_out_of_range_target_leaves_the_logits_untouched():
     logits that would have received the gradient in their storage still hold the logits, and a later call
     with good targets works on them."""
     leaf = randn(6, 37, requires_grad=True)
-    logits = leaf * 1  # a non-leaf: the gradient would go into its storage
+    logits = leaf * 1  # inplace_grad=True: the gradient would go into its storage
     before = logits.detach().clone()
     bad = make_targets((6,), 37, ignored=0.0)
     bad[4] = 37
     with pytest.raises(ValueError, match="found 37"):
-        TF.cross_entropy(logits, bad)
+        TF.cross_entropy(logits, bad, inplace_grad=True)
     assert torch.equal(logits.detach(), before)
     good = make_targets((6,), 37, ignored=0.0)
     reference = F.cross_entropy(before.double(), good)
@@ -274,7 +328,7 @@ def test_kernel_guards_targets_out_of_range(seed):
 
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-@pytest.mark.parametrize("inplace", [None, True, False], ids=["default", "inplace", "buffer"])
+@pytest.mark.parametrize("inplace", [False, True], ids=["buffer", "inplace"])
 @pytest.mark.parametrize("leaf", [True, False], ids=["leaf-logits", "computed-logits"])
 def test_forward_and_backward_capture_in_a_cuda_graph(leaf, inplace, reduction, seed):
     """Training steps captured in a CUDA graph (torch.compile's reduce-overhead mode, manual graphs; the benchmark

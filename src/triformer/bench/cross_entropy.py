@@ -3,8 +3,8 @@ users write it), its torch.compile, and Liger-Kernel's LigerCrossEntropyLoss (wh
 
 Every provider gets the same bf16 leaf logits [N, V] that require grad and int64 targets, and is timed as
 loss then torch.autograd.grad(loss, logits). triformer runs with inplace_grad=True, as Liger always does: both
-write the gradient into the logits' storage (which a model's LM-head output allows by default); the
-"triformer (grad buffer)" row is the path that keeps the logits (inplace_grad=False). peak_extra_mib is the
+write the gradient into the logits' storage; the "triformer (grad buffer)" row is triformer's default, which keeps
+the logits (inplace_grad=False). peak_extra_mib is the
 peak memory above the inputs during one forward+backward, the returned gradient included. GB/s counts the
 logits read once, the gradient written once and the targets read once.
 """

@@ -252,7 +252,22 @@ def dropout(x: torch.Tensor, p: float = 0.5, seed: int | None = None, training: 
 _REDUCTIONS = ("mean", "sum", "none")
 
 
-def _check_cross_entropy_inputs(logits, targets, ignore_index, reduction, label_smoothing, n_chunks):
+def _check_cross_entropy_options(ignore_index, reduction, label_smoothing, n_chunks, inplace_grad) -> None:
+    """The arguments of cross_entropy and TritonCrossEntropyLoss other than the tensors."""
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if (isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float))
+            or not 0.0 <= label_smoothing <= 1.0):
+        raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing!r}")
+    if isinstance(n_chunks, bool) or not isinstance(n_chunks, int) or n_chunks < 1:
+        raise ValueError(f"n_chunks must be a positive int, got {n_chunks!r}")
+    if not isinstance(inplace_grad, bool):
+        raise TypeError(f"inplace_grad must be True or False, got {inplace_grad!r}")
+
+
+def _check_cross_entropy_inputs(logits, targets):
     check_tensor(logits, "logits")
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
@@ -265,28 +280,17 @@ def _check_cross_entropy_inputs(logits, targets, ignore_index, reduction, label_
                          f"expected {tuple(logits.shape[:-1])} (classes along the last dim of logits)")
     if targets.device != logits.device:
         raise ValueError(f"targets are on {targets.device} but logits are on {logits.device}")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
-    if isinstance(n_chunks, bool) or not isinstance(n_chunks, int) or n_chunks < 1:
-        raise ValueError(f"n_chunks must be a positive int, got {n_chunks!r}")
     base = logits._base if logits._base is not None else logits
     if getattr(base, "_triformer_grad_version", None) == base._version:
         raise ValueError("these logits already hold the gradient of an earlier triformer cross_entropy (written "
-                         "into their storage); pass inplace_grad=False to the first call to keep them")
+                         "into their storage by inplace_grad=True); leave inplace_grad=False to keep them")
 
 
-def _grad_in_place(logits2d: torch.Tensor, inplace_grad: bool | None) -> bool:
-    """Whether the gradient goes into the logits' storage (see cross_entropy)."""
+def _check_in_place(logits2d: torch.Tensor) -> None:
+    """inplace_grad=True: the gradient goes into the logits' storage, which must hold each element once."""
     m, v = logits2d.shape
-    dense = logits2d.is_contiguous() or (logits2d.stride(1) == 1 and logits2d.stride(0) >= v)
-    if inplace_grad is None:
-        base = logits2d._base if logits2d._base is not None else logits2d
-        return dense and base.grad_fn is not None
-    if inplace_grad and not dense:
+    if not (logits2d.is_contiguous() or (logits2d.stride(1) == 1 and logits2d.stride(0) >= v)):
         raise ValueError(f"inplace_grad=True needs logits whose rows do not overlap; got strides {logits2d.stride()}")
-    return bool(inplace_grad)
 
 
 def _raise_for_bad_targets(n_bad: torch.Tensor, targets1d: torch.Tensor, v: int, ignore_index: int):
@@ -334,29 +338,31 @@ class _CrossEntropyFunction(torch.autograd.Function):
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, reduction: str = "mean",
-                  label_smoothing: float = 0.0, n_chunks: int = 1, inplace_grad: bool | None = None) -> torch.Tensor:
+                  label_smoothing: float = 0.0, n_chunks: int = 1, inplace_grad: bool = False) -> torch.Tensor:
     """Cross-entropy of logits [..., V] (classes along the LAST dim) against integer targets [...], as
     F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ...) computes it; the loss is float32.
 
     One kernel computes the loss and, when logits need a gradient, the gradient too (online softmax, two passes
     over each row); the backward only scales it by the incoming gradient. Where that gradient is written:
-      inplace_grad=None (default): into the logits' own storage when they are a non-leaf (the output of some
-        op, e.g. the LM head) — the memory saving: no [N, V] gradient buffer. After the call such logits hold
-        the gradient, so read anything else off them (accuracy, argmax) before the loss. Autograd notices
-        if another op saved them for its backward (their version is bumped), and a second triformer
-        cross_entropy on them raises. Leaf logits (the user's own tensor) are never overwritten: the
-        gradient gets a buffer of its own.
-      inplace_grad=True: always into the logits' storage, leaves included. False: always a separate buffer.
-    n_chunks: rows are processed in that many launches (the original package's knob; with the gradient in the
-    logits' storage there is no per-chunk temporary, so it does not change peak memory here).
+      inplace_grad=False (default): a buffer of its own; the logits keep their values, as with F.cross_entropy.
+      inplace_grad=True: into the logits' own storage (leaves included) — the memory saving (no [N, V] gradient
+        buffer) that Liger-Kernel's cross-entropy always takes. After the call the logits hold the gradient:
+        read anything else off them (accuracy, argmax) before the loss, and use them in nothing else. Their
+        version is bumped, so an op that saved them for its backward raises there ("modified by an inplace
+        operation"), and a second triformer cross_entropy on them raises at once. (For an LM head,
+        linear_cross_entropy saves the memory without touching any logits.)
+    n_chunks: rows are processed in that many launches (the original package's knob; the gradient is computed in
+    the forward, so it does not change peak memory here).
     The backward can run once. All targets ignored: "mean" gives NaN (0/0), "sum" 0, as torch.
     """
-    _check_cross_entropy_inputs(logits, targets, ignore_index, reduction, label_smoothing, n_chunks)
+    _check_cross_entropy_options(ignore_index, reduction, label_smoothing, n_chunks, inplace_grad)
+    _check_cross_entropy_inputs(logits, targets)
     v = logits.shape[-1]
     logits2d = logits.reshape(-1, v)
-    inplace = _grad_in_place(logits2d, inplace_grad)
+    if inplace_grad:
+        _check_in_place(logits2d)
     loss = _CrossEntropyFunction.apply(logits2d, targets.reshape(-1), int(ignore_index), reduction,
-                                       float(label_smoothing), n_chunks, inplace)
+                                       float(label_smoothing), n_chunks, inplace_grad)
     return loss.view(targets.shape) if reduction == "none" else loss
 from .attention import attention  # noqa: E402,F401  (its own module; imported last: it uses _cast_for_autocast)
 from .rope import rope, rope_tables  # noqa: E402,F401  (its own module)

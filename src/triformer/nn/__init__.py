@@ -163,17 +163,16 @@ class TritonCrossEntropyLoss(nn.Module):
     """Cross-entropy of logits [N, V] or [B, T, V] against int64 targets [N] or [B, T] (classes along the last dim).
 
     ignore_index, reduction ("mean" over non-ignored targets, "sum", "none") and label_smoothing as
-    nn.CrossEntropyLoss. The gradient is computed in the forward and, by default, written into the logits'
-    storage when they are a non-leaf (read accuracy off the logits before the loss); see
+    nn.CrossEntropyLoss. The gradient is computed in the forward into a buffer of its own; inplace_grad=True writes
+    it into the logits' storage instead (the memory saving; the logits are then spent): see
     triformer.functional.cross_entropy for inplace_grad and n_chunks.
     """
 
     @renamed_arguments(pad_token_id="ignore_index")
     def __init__(self, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
-                 n_chunks: int = 1, inplace_grad: bool | None = None):
+                 n_chunks: int = 1, inplace_grad: bool = False):
         super().__init__()
-        if reduction not in TF._REDUCTIONS:
-            raise ValueError(f"reduction must be one of {TF._REDUCTIONS}, got {reduction!r}")
+        TF._check_cross_entropy_options(ignore_index, reduction, label_smoothing, n_chunks, inplace_grad)
         self.ignore_index, self.reduction, self.label_smoothing = ignore_index, reduction, label_smoothing
         self.n_chunks, self.inplace_grad = n_chunks, inplace_grad
 
