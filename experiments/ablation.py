@@ -64,29 +64,26 @@ def kernel_rows(config: dict, device: str) -> list[dict]:
 
 
 def main() -> None:
-    config, info = common.setup("ablation")
-    unknown = set(config["variants"]) - set(VARIANTS)
-    if unknown:
-        raise SystemExit(f"unknown ablation variants {sorted(unknown)}; choose from {sorted(VARIANTS)}")
-    kernel_params = common.used(config, "variants", "activation", "shapes", "dtype", "seed")
-    with common.start_run("ablation", kernel_params, info, role="kernels"):
-        kernels = kernel_rows(config, info["device"])
-        common.write_csv(OUT / "kernels.csv", kernels)
-        tracking.log_metrics({tracking.metric_key("perf/tflops", r["op"], r["mode"], r["provider"], r["shape"]):
-                              r["rate"] for r in kernels})
-        tracking.log_artifact(OUT / "kernels.csv")
-    models = []
-    for variant in config["variants"]:
-        backend, fused = VARIANTS[variant]
-        result = common.train_mlp(config, info, stage="ablation", kind="ablation", role=variant, backend=backend,
-                                  fused=fused)
-        models.append({"variant": variant, **common.flat_metrics(result, MODEL_METRICS)})
-    common.write_csv(OUT / "models.csv", models)
-    common.write_json(OUT / "metrics.json", {
-        "kernels": {f"{r['mode']}/{r['shape']}/{r['provider']}": {"ms": r["ms"], "tflops": r["rate"]}
-                    for r in kernels},
-        "models": {row["variant"]: {k: v for k, v in row.items() if k != "variant"} for row in models},
-        "run": common.label(info)})
+    with common.stage("ablation") as (config, info):
+        kernel_params = common.used(config, "variants", "activation", "shapes", "dtype", "seed")
+        with common.start_run("ablation", kernel_params, info, role="kernels"):
+            kernels = kernel_rows(config, info["device"])
+            common.write_csv(OUT / "kernels.csv", kernels)
+            tracking.log_metrics({tracking.metric_key("perf/tflops", r["op"], r["mode"], r["provider"], r["shape"]):
+                                  r["rate"] for r in kernels})
+            tracking.log_artifact(OUT / "kernels.csv")
+        models = []
+        for variant in config["variants"]:
+            backend, fused = VARIANTS[variant]
+            result = common.train_mlp(config, info, stage="ablation", kind="ablation", role=variant, backend=backend,
+                                      fused=fused)
+            models.append({"variant": variant, **common.flat_metrics(result, MODEL_METRICS)})
+        common.write_csv(OUT / "models.csv", models)
+        common.write_json(OUT / "metrics.json", {
+            "kernels": {f"{r['mode']}/{r['shape']}/{r['provider']}": {"ms": r["ms"], "tflops": r["rate"]}
+                        for r in kernels},
+            "models": {row["variant"]: {k: v for k, v in row.items() if k != "variant"} for row in models},
+            "run": common.label(info)})
 
 
 if __name__ == "__main__":

@@ -46,31 +46,31 @@ def geomean(values) -> float:
 
 
 def main() -> None:
-    config, info = common.setup("bench")
-    device, dtype = info["device"], getattr(torch, config["dtype"])
-    params = {**common.used(config, "suites", "dtype"), **{name: config.get(name, {}) for name in config["suites"]}}
-    with common.start_run("bench", params, info):
-        ceilings = {"GB/s": copy_bandwidth_gbps(device), "TFLOP/s": matmul_tflops(device)}
-        print(f"ceilings: copy {ceilings['GB/s']:.1f} GB/s, matmul {ceilings['TFLOP/s']:.2f} TFLOP/s")
-        rows, missing = [], []
-        for name in config["suites"]:
-            suite = load_suite(name)
-            if suite is None:
-                missing.append(name)
-                continue
-            rows += suite.run(**config.get(name, {}), dtype=dtype, device=device, progress=True)
-        rows = with_fractions(rows, ceilings)
-        common.write_csv(OUT / "bench.csv", rows, COLUMNS + sorted({k for r in rows for k in r} - set(COLUMNS)))
-        common.write_json(OUT / "metrics.json", {
-            "ceiling": {"copy_gbps": ceilings["GB/s"], "matmul_tflops": ceilings["TFLOP/s"]},
-            "suites_run": [s for s in config["suites"] if s not in missing], "suites_missing": missing,
-            "rows": len(rows), "summary": summary(rows), "run": common.label(info)})
-        tracking.log_metrics({"ceiling/gbps": ceilings["GB/s"], "ceiling/tflops": ceilings["TFLOP/s"]})
-        tracking.log_metrics({key: value for row in rows for key, value in row_metrics(row).items()})
-        tracking.set_tags({"suites_missing": ",".join(missing) or "none"})
-        tracking.log_artifact(OUT / "bench.csv")
-        print(f"bench: {len(rows)} rows from {len(config['suites']) - len(missing)} suite(s); "
-              f"missing: {missing or 'none'}")
+    with common.stage("bench") as (config, info):
+        device, dtype = info["device"], getattr(torch, config["dtype"])
+        params = {**common.used(config, "suites", "dtype"), **{name: config.get(name, {}) for name in config["suites"]}}
+        with common.start_run("bench", params, info):
+            ceilings = {"GB/s": copy_bandwidth_gbps(device), "TFLOP/s": matmul_tflops(device)}
+            print(f"ceilings: copy {ceilings['GB/s']:.1f} GB/s, matmul {ceilings['TFLOP/s']:.2f} TFLOP/s")
+            rows, missing = [], []
+            for name in config["suites"]:
+                suite = load_suite(name)
+                if suite is None:
+                    missing.append(name)
+                    continue
+                rows += suite.run(**config.get(name, {}), dtype=dtype, device=device, progress=True)
+            rows = with_fractions(rows, ceilings)
+            common.write_csv(OUT / "bench.csv", rows, COLUMNS + sorted({k for r in rows for k in r} - set(COLUMNS)))
+            common.write_json(OUT / "metrics.json", {
+                "ceiling": {"copy_gbps": ceilings["GB/s"], "matmul_tflops": ceilings["TFLOP/s"]},
+                "suites_run": [s for s in config["suites"] if s not in missing], "suites_missing": missing,
+                "rows": len(rows), "summary": summary(rows), "run": common.label(info)})
+            tracking.log_metrics({"ceiling/gbps": ceilings["GB/s"], "ceiling/tflops": ceilings["TFLOP/s"]})
+            tracking.log_metrics({key: value for row in rows for key, value in row_metrics(row).items()})
+            tracking.set_tags({"suites_missing": ",".join(missing) or "none"})
+            tracking.log_artifact(OUT / "bench.csv")
+            print(f"bench: {len(rows)} rows from {len(config['suites']) - len(missing)} suite(s); "
+                  f"missing: {missing or 'none'}")
 
 
 def row_metrics(row: dict) -> dict:

@@ -8,12 +8,15 @@ and the group that way, so `dvc exp run -S train_mlp.gpu.epochs=20` or `-S train
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
+import re
 import uuid
 from dataclasses import asdict, fields
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import yaml
@@ -21,6 +24,8 @@ import yaml
 from triformer import tracking, training
 from triformer.data import image_classification, image_module
 from triformer.models import TritonMLP
+
+from . import schema
 
 PARAMS_FILE = Path("params.yaml")
 MACHINE_FILE = Path("results/machine.json")
@@ -30,8 +35,18 @@ PROFILES = ("cpu", "gpu")
 EXECUTION = uuid.uuid4().hex[:12]  # one per stage process: tags every MLflow run it makes, for the report to group
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader reading numbers as DVC (YAML 1.2) does: `lr: 1e-3` is the float 0.001, not the string
+    "1e-3" of YAML 1.1."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)[eE][-+]?[0-9]+$"),
+                              list("-+.0123456789"))
+
+
 def load_params(path: Path = PARAMS_FILE) -> dict:
-    return yaml.safe_load(path.read_text()) or {}
+    return yaml.load(path.read_text(), Loader=_Loader) or {}
 
 
 def machine(params: dict | None = None) -> dict:
@@ -77,10 +92,23 @@ def stage_config(group: str, params: dict, profile: str) -> dict:
 
 
 def setup(group: str) -> tuple[dict, dict]:
-    """(config, machine) for a stage: the merged params of `group` and the checked machine description."""
+    """(config, machine) for a stage: the merged params of `group`, checked against its schema (schema.ParamsError
+    naming every bad key), and the checked machine description."""
     params = load_params()
     info = checked_machine(params)
+    schema.validate(params, group, info["profile"])
     return stage_config(group, params, info["profile"]), info
+
+
+@contextlib.contextmanager
+def stage(group: str) -> Iterator[tuple[dict, dict]]:
+    """One stage process: (config, machine) from setup(group), the body run inside tracking.stage_execution (the
+    stage's runs that a dead process left RUNNING end KILLED first; when the body raises, every run it made ends
+    FAILED). Params that do not fit their schema stop the process with the schema's message, before any work."""
+    with schema.exit_on_error():
+        config, info = setup(group)
+    with tracking.stage_execution(group, EXECUTION):
+        yield config, info
 
 
 def label(info: dict) -> dict:

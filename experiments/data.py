@@ -9,16 +9,19 @@ import sys
 
 from triformer import data
 
-from . import common
+from . import common, schema
 
 
 def main(name: str) -> None:
-    datasets = common.load_params().get("data", {})
+    params = common.load_params()
+    datasets = params.get("data") or {}
     if name not in datasets:
         raise SystemExit(f"params.yaml has no data.{name}; datasets: {sorted(datasets)}")
     module = getattr(data, name, None)
     if module is None or not hasattr(module, "prepare"):
         raise SystemExit(f"no dataset module triformer.data.{name}")
+    with schema.exit_on_error():
+        schema.validate(params, f"data.{name}")
     origin = module.prepare(common.DATA_ROOT / name, **(datasets[name] or {}))
     print(f"{name}: prepared under {common.DATA_ROOT / name} ({origin if isinstance(origin, str) else 'ok'})")
 

@@ -9,7 +9,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import common
+from triformer import tracking
+
+from . import common, schema
 
 SOURCES = Path("reports")
 HTML = SOURCES / "html"
@@ -18,7 +20,7 @@ FIGURES = SOURCES / "figures"
 
 def render(name: str, timeout_s: int = 900) -> Path:
     """jupytext → .ipynb (in a temporary folder), then nbconvert --execute → reports/html/<name>.html."""
-    env = {**os.environ, "TRIFORMER_ROOT": str(Path.cwd().resolve())}
+    env = {**os.environ, "TRIFORMER_ROOT": str(Path.cwd().resolve()), "MLFLOW_TRACKING_URI": tracking.tracking_uri()}
     with tempfile.TemporaryDirectory() as tmp:
         notebook = Path(tmp) / f"{name}.ipynb"
         subprocess.run([sys.executable, "-m", "jupytext", "--quiet", "--to", "ipynb", "--output", str(notebook),
@@ -30,7 +32,10 @@ def render(name: str, timeout_s: int = 900) -> Path:
 
 
 def main() -> None:
-    config = common.load_params().get("report", {})
+    params = common.load_params()
+    with schema.exit_on_error():
+        schema.validate(params, "report")
+    config = params.get("report") or {}
     for folder in (HTML, FIGURES):
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)

@@ -57,26 +57,27 @@ def stage_metrics(report: dict, config: dict, info: dict, returncode: int) -> di
 
 
 def main() -> None:
-    config, info = common.setup("test")
-    params = common.used(config, "paths", "markers", "sample_every", "workers", "extra_args")
-    with tempfile.TemporaryDirectory() as tmp, common.start_run("test", params, info):
-        report_path, junit = Path(tmp) / "report.json", Path(tmp) / "junit.xml"
-        returncode = run_pytest(config, report_path, junit)
-        report = common.read_json(report_path)
-        counts, rows = report["counts"], relerr_rows(report["relerr"])
-        common.write_json(OUT / "metrics.json", stage_metrics(report, config, info, returncode))
-        common.write_csv(OUT / "errors.csv", rows, ERROR_COLUMNS)
-        tracking.log_metrics({**{f"tests/{key}": value for key, value in counts.items()},
-                              "tests/duration_s": report["duration_s"],
-                              **{f"relerr/{row['op']}/{row['dtype']}": float(row["worst"]) for row in rows}})
-        tracking.set_tags({"pytest.markers": config["markers"], "pytest.exitstatus": returncode,
-                           "pytest.sample_every": report["sample_every"]})
-        for path in (report_path, junit, OUT / "errors.csv"):
-            if path.exists():
-                tracking.log_artifact(path)
-        print(f"tests: {counts} ({report['duration_s']:.0f} s); exit status {returncode}")
-        if counts["failed"] or counts["error"] or returncode not in (0, 5):  # 5: nothing collected
-            raise SystemExit(f"the correctness suite failed (pytest exit status {returncode}); see {OUT}/metrics.json")
+    with common.stage("test") as (config, info):
+        params = common.used(config, "paths", "markers", "sample_every", "workers", "extra_args")
+        with tempfile.TemporaryDirectory() as tmp, common.start_run("test", params, info):
+            report_path, junit = Path(tmp) / "report.json", Path(tmp) / "junit.xml"
+            returncode = run_pytest(config, report_path, junit)
+            report = common.read_json(report_path)
+            counts, rows = report["counts"], relerr_rows(report["relerr"])
+            common.write_json(OUT / "metrics.json", stage_metrics(report, config, info, returncode))
+            common.write_csv(OUT / "errors.csv", rows, ERROR_COLUMNS)
+            tracking.log_metrics({**{f"tests/{key}": value for key, value in counts.items()},
+                                  "tests/duration_s": report["duration_s"],
+                                  **{f"relerr/{row['op']}/{row['dtype']}": float(row["worst"]) for row in rows}})
+            tracking.set_tags({"pytest.markers": config["markers"], "pytest.exitstatus": returncode,
+                               "pytest.sample_every": report["sample_every"]})
+            for path in (report_path, junit, OUT / "errors.csv"):
+                if path.exists():
+                    tracking.log_artifact(path)
+            print(f"tests: {counts} ({report['duration_s']:.0f} s); exit status {returncode}")
+            if counts["failed"] or counts["error"] or returncode not in (0, 5):  # 5: nothing collected
+                raise SystemExit(f"the correctness suite failed (pytest exit status {returncode}); "
+                                 f"see {OUT}/metrics.json")
 
 
 if __name__ == "__main__":

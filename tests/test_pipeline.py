@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -15,6 +17,7 @@ import pytest
 import yaml
 
 from fake_datasets import write_fashion_mnist
+from triformer import training
 
 pytestmark = [pytest.mark.pipeline, pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy")]
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,14 +48,16 @@ def test_profiles_override_their_group_and_common(common):
 
 def test_a_stage_refuses_results_of_another_machine(common, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "params.yaml").write_text("common: {device: auto, profile: auto}\ntest: {}\n")
+    (tmp_path / "params.yaml").write_text("common: {seed: 0, device: auto, profile: auto, dtype: float32}\n"
+                                          "test: {paths: [tests], markers: not slow}\n")
     info = common.machine(common.load_params())
     assert info["profile"] == ("cpu" if info["interpreter"] else "gpu")
     common.write_json(common.MACHINE_FILE, {**info, "profile": "gpu" if info["interpreter"] else "cpu"})
     with pytest.raises(RuntimeError, match="delete results/machine.json"):
         common.setup("test")
     common.write_json(common.MACHINE_FILE, info)
-    assert common.setup("test") == ({"device": "auto", "profile": "auto"}, info)
+    assert common.setup("test") == ({"seed": 0, "device": "auto", "profile": "auto", "dtype": "float32",
+                                     "paths": ["tests"], "markers": "not slow"}, info)
 
 
 def test_report_plugin_counts_outcomes_and_worst_errors(tmp_path):
@@ -95,9 +100,12 @@ def test_report_plugin_counts_outcomes_and_worst_errors(tmp_path):
     assert result["relerr"]["probe/fails"]["fp32"]["worst"] == pytest.approx(1.0)
 
 
+EPOCHS = 4
+
+
 def make_project(work: Path) -> dict:
-    """A copy of the pipeline's files with a tiny CPU profile and fake FashionMNIST; `dvc repro train_mlp` twice,
-    then the report stage's entry point."""
+    """A copy of the pipeline's files with a tiny CPU profile and fake FashionMNIST; `dvc repro train_mlp` twice, then
+    once more forced and killed after its first checkpoint, then again (it resumes), then the report's entry point."""
     for name in ("dvc.yaml", "params.yaml", ".dvcignore", "experiments", "reports", "src/triformer"):
         source = ROOT / name
         if source.is_dir():
@@ -107,18 +115,42 @@ def make_project(work: Path) -> dict:
     write_fashion_mnist(work / "debian")
     params = yaml.safe_load((work / "params.yaml").read_text())
     params["data"]["fashion_mnist"] = {"offline_dir": str(work / "debian"), "download": False}
-    params["train_mlp"]["cpu"] = {"hidden_size": 8, "epochs": 2, "batch_size": 16, "train_subset": 32,
+    params["train_mlp"]["cpu"] = {"hidden_size": 8, "epochs": EPOCHS, "batch_size": 16, "train_subset": 32,
                                   "val_subset": 24, "log_every": 1}
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}", "TRITON_INTERPRET": "1",
+    env = {**os.environ, "TRITON_INTERPRET": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    env.pop("DVC_EXP_NAME", None)
+    for name in ("DVC_EXP_NAME", "DVC_ROOT", "MLFLOW_TRACKING_URI"):  # the stages find the project's own store
+        env.pop(name, None)
     dvc = [sys.executable, "-m", "dvc"]
     run(dvc + ["init", "--no-scm", "-q"], work, env)
     first = run(dvc + ["repro", "train_mlp"], work, env)
     second = run(dvc + ["repro", "train_mlp"], work, env)
+    killed = kill_after_first_checkpoint(dvc + ["repro", "--force", "--single-item", "train_mlp"], work, env)
+    resumed = run(dvc + ["repro", "train_mlp"], work, env)
     run([sys.executable, "-m", "experiments.report"], work, env)
-    return {"dir": work, "first": first, "second": second, "uri": env["MLFLOW_TRACKING_URI"]}
+    return {"dir": work, "first": first, "second": second, "killed": killed, "resumed": resumed,
+            "uri": f"sqlite:///{work / 'mlflow.db'}"}
+
+
+def kill_after_first_checkpoint(command, cwd: Path, env, timeout=300) -> dict:
+    """Runs `command` in its own process group and kills the group (SIGKILL, as the OOM killer would) as soon as a
+    training checkpoint exists; returns {role: the MLflow run id stored in its latest checkpoint}."""
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while not list(cwd.glob("checkpoints/train_mlp/*/*/epoch_*.pt")):
+            assert process.poll() is None, "the stage ended before writing a checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint in time"
+            time.sleep(0.02)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    roles = {folder.name: folder for folder in cwd.glob("checkpoints/train_mlp/*/*")
+             if training.latest_checkpoint(folder)}
+    assert roles, "the stage finished before it was killed"
+    return {role: training.checkpoint_extra(folder)["mlflow_run_id"] for role, folder in roles.items()}
 
 
 def test_cpu_profile_slice_runs_once_logs_to_mlflow_and_renders_the_report(tmp_path):
@@ -127,6 +159,7 @@ def test_cpu_profile_slice_runs_once_logs_to_mlflow_and_renders_the_report(tmp_p
     check_stages(project)
     check_results(project)
     check_mlflow(project)
+    check_resumed(project)
     check_report(project)
 
 
@@ -146,23 +179,40 @@ def check_results(project):
     assert metrics["model"]["backend"] == "triton" and metrics["baseline"]["backend"] == "torch"
     assert 0 <= metrics["model"]["val_accuracy"] <= 1 and "accuracy_gap_points" in metrics
     rows = (results / "epochs.csv").read_text().splitlines()
-    assert rows[0].startswith("epoch,") and "baseline_val_accuracy" in rows[0] and len(rows) == 3
+    assert rows[0].startswith("epoch,") and "baseline_val_accuracy" in rows[0] and len(rows) == 1 + EPOCHS
     checkpoints = project["dir"] / "checkpoints" / "train_mlp"
     assert not checkpoints.exists() or not any(checkpoints.iterdir())  # removed after success
 
 
 def check_mlflow(project):
+    """The first execution (the first `dvc repro`): one run per role, its curves complete."""
     client = mlflow.MlflowClient(project["uri"])
-    runs = client.search_runs([client.get_experiment_by_name("train").experiment_id])
-    tags = [run.data.tags for run in runs]
+    runs = client.search_runs([client.get_experiment_by_name("train").experiment_id], order_by=["start_time ASC"])
+    first = [run for run in runs if run.data.tags["execution"] == runs[0].data.tags["execution"]]
+    tags = [run.data.tags for run in first]
     assert sorted(t["role"] for t in tags) == ["baseline", "model"]
-    assert {run.info.status for run in runs} == {"FINISHED"} and {t["interpreter"] for t in tags} == {"true"}
-    assert {t["stage"] for t in tags} == {"train_mlp"} and len({t["execution"] for t in tags}) == 1
-    for run in runs:
-        assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 4  # 2 steps × 2 epochs
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "val/accuracy")] == [1, 2]
+    assert {run.info.status for run in first} == {"FINISHED"} and {t["interpreter"] for t in tags} == {"true"}
+    assert {t["stage"] for t in tags} == {"train_mlp"}
+    for run in first:
+        assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 2 * EPOCHS  # 2 steps an epoch
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val/accuracy")] == \
+            list(range(1, EPOCHS + 1))
         assert client.get_metric_history(run.info.run_id, "perf/images_per_s")
         assert run.data.params["backend"] == {"model": "triton", "baseline": "torch"}[run.data.tags["role"]]
+
+
+def check_resumed(project):
+    """The killed run: DVC ran the stage again (no results restored from its run cache), the killed roles resumed
+    from their checkpoints in their own MLflow runs, and no run is left RUNNING."""
+    assert "Running stage 'train_mlp'" in project["resumed"], project["resumed"]
+    client = mlflow.MlflowClient(project["uri"])
+    runs = client.search_runs([client.get_experiment_by_name("train").experiment_id])
+    assert {run.info.status for run in runs} == {"FINISHED"}
+    for role, run_id in project["killed"].items():
+        run = client.get_run(run_id)
+        assert run.data.tags["role"] == role and int(run.data.tags["resumed_from_epoch"]) >= 1
+        assert [m.step for m in client.get_metric_history(run_id, "val/accuracy")][-1] == EPOCHS
+    assert not list(project["dir"].glob("checkpoints/train_mlp/*/*/epoch_*.pt"))
 
 
 def check_report(project):

@@ -3,10 +3,13 @@ logs and uses, params validation, and how runs end when a stage fails or its pro
 
 from __future__ import annotations
 
+import re
+
 from pathlib import Path
 
 import mlflow
 import pytest
+import yaml
 
 from fake_datasets import write_fashion_mnist
 from triformer import training
@@ -38,6 +41,18 @@ def project(tmp_path, monkeypatch):
     return mlflow.MlflowClient(uri)
 
 
+def write_params(**groups) -> None:
+    """params.yaml in the working directory: `common` and the given groups."""
+    params = {"common": {"seed": 0, "device": "auto", "profile": "auto", "cpu": {"dtype": "float32"}}, **groups}
+    Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def train_mlp_params(**overrides) -> dict:
+    fixed = {k: v for k, v in TRAINING.items() if k != "seed"}
+    return {"train_mlp": {**fixed, "backend": "triton", "fused": True, "baseline": True, "min_lr_frac": 0.0,
+                          "keep_checkpoints": False, **overrides}}
+
+
 def runs_of(client, experiment: str):
     return client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
 
@@ -62,3 +77,91 @@ def test_a_training_run_uses_the_activation_it_logs_and_logs_only_what_it_uses(c
     assert set(params) == {"profile", "device", "dataset", "train_subset", "val_subset", "hidden_size",
                            "activation", "backend", "fused", *settings}
     assert params["device"] == info["device"] and params["epochs"] == "1" and params["lr"] == "0.01"
+
+
+def test_a_stage_that_raises_ends_every_run_it_made_failed(common, project, monkeypatch):
+    """train_mlp fails after both training runs finished (writing its results): both runs end FAILED."""
+    from experiments import train_mlp
+
+    write_params(**train_mlp_params())
+
+    def broken(results):
+        raise KeyError("epochs")
+
+    monkeypatch.setattr(train_mlp, "epoch_rows", broken)
+    with pytest.raises(KeyError, match="epochs"):
+        train_mlp.main()
+    runs = runs_of(project, "train")
+    assert sorted(run.data.tags["role"] for run in runs) == ["baseline", "model"]
+    assert {run.info.status for run in runs} == {"FAILED"}
+
+
+def setup_error(common, **groups) -> str:
+    write_params(**groups)
+    with pytest.raises(common.schema.ParamsError) as error:
+        common.setup("train_mlp")
+    return str(error.value)
+
+
+@pytest.mark.parametrize("where,key,value,expected", [
+    ("cpu", "epoch", 2, r"train_mlp\.cpu\.epoch: unknown key \(did you mean 'epochs'\?\)"),
+    ("group", "lr", "1e-3", r"train_mlp\.lr: must be a number, got '1e-3' \(str\)"),
+    ("cpu", "epochs", -1, r"train_mlp\.cpu\.epochs: must be ≥ 1, got -1"),
+    ("cpu", "train_subset", -5, r"train_mlp\.cpu\.train_subset: must be ≥ 0, got -5"),
+    ("group", "fused", "yes", r"train_mlp\.fused: must be true or false"),
+    ("group", "activation", "tanh", r"train_mlp\.activation: must be one of \['relu', 'gelu', 'silu'\]"),
+    ("gpu", "hidden_sise", 768, r"train_mlp\.gpu\.hidden_sise: unknown key \(did you mean 'hidden_size'\?\)"),
+])
+def test_a_bad_param_is_one_error_naming_its_key(common, tmp_path, monkeypatch, where, key, value, expected):
+    """Checked before any work (the other profile's keys too); before, each was ignored or failed minutes later."""
+    monkeypatch.chdir(tmp_path)
+    group = train_mlp_params()["train_mlp"]
+    group = {**group, key: value} if where == "group" else {**group, where: {key: value}}
+    write_params(train_mlp=group)
+    text = Path("params.yaml").read_text()
+    Path("params.yaml").write_text(text.replace("lr: 1e-3", "lr: '1e-3'"))  # quoted: a string for DVC too
+    with pytest.raises(common.schema.ParamsError) as error:
+        common.setup("train_mlp")
+    message = str(error.value)
+    assert len(message.splitlines()) == 2, message  # the heading and this one problem
+    assert re.search(expected, message), message
+
+
+def test_every_problem_of_the_group_in_one_error_and_missing_keys(common, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    group = {k: v for k, v in train_mlp_params()["train_mlp"].items() if k != "epochs"}
+    message = setup_error(common, train_mlp={**group, "lr": "fast", "cpu": {"epoch": 2}})
+    assert "train_mlp.lr: must be a number" in message and "train_mlp.cpu.epoch: unknown key" in message
+    assert "train_mlp.epochs: missing (set it in train_mlp or train_mlp.cpu)" in message
+
+
+def test_numbers_read_as_dvc_reads_them(common, tmp_path, monkeypatch):
+    """`lr: 1e-3` is a float for DVC (YAML 1.2): the stages read it so too (PyYAML alone reads the string "1e-3")."""
+    monkeypatch.chdir(tmp_path)
+    write_params(**train_mlp_params())
+    Path("params.yaml").write_text(Path("params.yaml").read_text().replace("lr: 0.01", "lr: 1e-3"))
+    config, _ = common.setup("train_mlp")
+    assert config["lr"] == 0.001 and isinstance(config["lr"], float)
+
+
+def test_the_project_params_fit_their_schema_in_both_profiles(common):
+    params = common.load_params(ROOT / "params.yaml")
+    for group in ("test", "bench", "ablation", "train_mlp"):
+        for profile in common.PROFILES:
+            common.schema.validate(params, group, profile)
+    for group in ("report", *(f"data.{name}" for name in params["data"])):
+        common.schema.validate(params, group)
+    with pytest.raises(common.schema.ParamsError, match=r"bench\.cpu\.linear: unknown arguments \['shape'\]"):
+        common.schema.validate({**params, "bench": {"suites": ["linear"], "cpu": {"linear": {"shape": []}}}},
+                               "bench", "cpu")
+
+
+def test_a_stage_with_bad_params_stops_before_any_work(common, project, monkeypatch):
+    """No data loaded, no MLflow run: the process ends with the schema's message alone."""
+    from experiments import train_mlp
+
+    write_params(**train_mlp_params(epoch=2))
+    monkeypatch.setattr(common, "image_classification", lambda *a, **k: pytest.fail("data loaded"))
+    with pytest.raises(SystemExit, match=r"train_mlp\.epoch: unknown key \(did you mean 'epochs'\?\)"):
+        train_mlp.main()
+    assert project.search_experiments(filter_string="name != 'Default'") == []

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+
 import mlflow
 import pytest
 
@@ -23,10 +28,23 @@ def client(store, monkeypatch):
     return mlflow.MlflowClient(uri)
 
 
-def test_default_uri_is_the_project_sqlite_store(monkeypatch):
+def test_the_store_is_the_project_the_stage_runs_in_not_the_install(tmp_path, monkeypatch):
+    """A checkout using triformer installed from elsewhere logs into its own mlflow.db: the DVC project of the
+    working directory (from a subfolder too), or DVC_ROOT when DVC runs the stage."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    uri = tracking.tracking_uri()
-    assert uri == f"sqlite:///{tracking.project_root() / 'mlflow.db'}" and tracking.project_root().is_absolute()
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    project = tmp_path / "checkout"
+    (project / "experiments").mkdir(parents=True)
+    (project / "dvc.yaml").write_text("stages: {}\n")
+    monkeypatch.chdir(project / "experiments")
+    assert tracking.tracking_uri() == f"sqlite:///{project.resolve() / 'mlflow.db'}"
+    with tracking.start_run("bench", {}) as run:
+        pass
+    client = mlflow.MlflowClient(tracking.tracking_uri())
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+    assert (project / "mlflow.db").is_file() and not (project / "experiments" / "mlflow.db").exists()
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "parent"))  # a queued experiment's copy logs to its parent
+    assert tracking.project_root() == (tmp_path / "parent").resolve()
 
 
 def test_run_holds_flat_params_tags_metrics_and_artifacts(client, store, tmp_path):
@@ -94,3 +112,20 @@ def test_metric_keys_and_flat_params():
     assert tracking.metric_key("perf/tflops", "linear+relu", "fwd+bwd", "torch eager", "33x65x17") == \
         "perf/tflops/linear_relu/fwd_bwd/torch eager/33x65x17"
     assert tracking.flatten({"a": {"b": {"c": 1}}, "d": None}) == {"a.b.c": "1", "d": "None"}
+
+
+def test_runs_a_dead_process_left_running_end_killed(client):
+    """Only runs of the stage, of this host, whose process is gone: a live process's run and another host's stay."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host, experiment = socket.gethostname(), client.create_experiment("dead-runs")
+    left = {name: client.create_run(experiment, tags={"stage": "train_mlp", **tags}).info.run_id for name, tags in {
+        "dead": {"host": host, "pid": str(dead.pid)}, "alive": {"host": host, "pid": str(os.getpid())},
+        "elsewhere": {"host": host + "-other", "pid": str(dead.pid)}}.items()}
+    other = client.create_run(experiment, tags={"stage": "ablation", "host": host, "pid": str(dead.pid)}).info.run_id
+    assert tracking.close_dead_runs("train_mlp") == [left["dead"]]
+    status = {name: client.get_run(run_id).info.status for name, run_id in left.items()}
+    assert status == {"dead": "KILLED", "alive": "RUNNING", "elsewhere": "RUNNING"}
+    assert client.get_run(other).info.status == "RUNNING"
+    for run_id in [*left.values(), other]:
+        client.set_terminated(run_id, "KILLED")

@@ -1,11 +1,13 @@
 """The one place that talks to MLflow.
 
-Store: `sqlite:///<absolute project root>/mlflow.db` (MLflow 3's store), artifacts beside it in `mlartifacts/`;
-the environment variable MLFLOW_TRACKING_URI overrides it (tests point it at a temporary store). One experiment per
-stage kind (`test`, `bench`, `ablation`, `train`, ...). Every run carries params flat (`group.key`) and the tags that
-say where its numbers come from: git commit, DVC experiment, GPU name (or "cpu"), torch/triton versions and whether
-Triton ran through its interpreter (then timings mean nothing). A run whose body raises ends FAILED (KILLED on
-Ctrl-C) and the exception propagates, so the DVC stage fails too.
+Store: `sqlite:///<project>/mlflow.db` (MLflow 3's store) of the project the stage runs in (project_root()),
+artifacts beside it in `mlartifacts/`; the environment variable MLFLOW_TRACKING_URI overrides it (tests point it at a
+temporary store). One experiment per stage kind (`test`, `bench`, `ablation`, `train`, ...). Every run carries params
+flat (`group.key`) and the tags that say where its numbers come from: git commit, DVC experiment, GPU name (or "cpu"),
+torch/triton versions, whether Triton ran through its interpreter (then timings mean nothing), and the host and
+process that made it. A run whose body raises ends FAILED (KILLED on Ctrl-C) and the exception propagates, so the DVC
+stage fails too; `stage_execution`, around a whole stage process, ends every run of a failed stage FAILED and closes
+the runs that a dead process of the stage left RUNNING as KILLED.
 
 Metric names are shared by all runs: `train/loss`, `val/loss`, `val/accuracy`, `perf/images_per_s`,
 `perf/tokens_per_s`, `perf/step_ms`, `perf/tflops`, `perf/gbps`, `mem/peak_mib`, ...
@@ -18,6 +20,7 @@ import importlib.metadata
 import os
 import platform
 import re
+import socket
 import subprocess
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -28,9 +31,13 @@ INTERPRETER_WARNING = "INTERPRETER RUN — timings mean nothing"
 
 
 def project_root() -> Path:
-    """The source checkout triformer is installed from (editable install), else the working directory."""
-    here = Path(__file__).resolve().parents[2]
-    return here if (here / "pyproject.toml").exists() else Path.cwd().resolve()
+    """The project the stage runs in, wherever triformer is installed from: DVC_ROOT (set by DVC for every stage,
+    the parent project's root for a queued or temporary experiment), else the nearest folder from the working
+    directory up that holds dvc.yaml, else the working directory."""
+    if os.environ.get("DVC_ROOT"):
+        return Path(os.environ["DVC_ROOT"]).resolve()
+    cwd = Path.cwd().resolve()
+    return next((folder for folder in (cwd, *cwd.parents) if (folder / "dvc.yaml").is_file()), cwd)
 
 
 def tracking_uri() -> str:
@@ -121,7 +128,8 @@ def start_run(stage: str, params: Mapping, *, kind: str | None = None, run_name:
 
     mlflow.set_tracking_uri(tracking_uri())
     experiment_id = _experiment_id(mlflow.MlflowClient(), kind or stage)
-    all_tags = {"stage": stage, **environment_tags(), **(tags or {})}
+    all_tags = {"stage": stage, **environment_tags(), "host": socket.gethostname(), "pid": str(os.getpid()),
+                **(tags or {})}
     run = mlflow.start_run(run_id=run_id, experiment_id=experiment_id, run_name=None if run_id else run_name or stage,
                            nested=mlflow.active_run() is not None)
     try:
@@ -135,6 +143,55 @@ def start_run(stage: str, params: Mapping, *, kind: str | None = None, run_name:
         mlflow.end_run("FAILED")
         raise
     mlflow.end_run("FINISHED")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def _runs(client, filter_string: str) -> list:
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(experiments, filter_string, max_results=50_000) if experiments else []
+
+
+def close_dead_runs(stage: str) -> list[str]:
+    """End KILLED the runs of `stage` left RUNNING by a process of this host that no longer exists (killed, out of
+    memory, machine restarted); returns their ids. Runs of live processes and of other hosts are left alone."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri())
+    host, closed = socket.gethostname(), []
+    for run in _runs(client, f"tags.stage = '{stage}' and attributes.status = 'RUNNING'"):
+        pid = run.data.tags.get("pid", "")
+        if run.data.tags.get("host") == host and pid.isdigit() and not _process_alive(int(pid)):
+            client.set_terminated(run.info.run_id, "KILLED")
+            closed.append(run.info.run_id)
+    return closed
+
+
+@contextlib.contextmanager
+def stage_execution(stage: str, execution: str) -> Iterator[None]:
+    """Around one stage process whose runs carry the tag `execution`: first the stage's runs that a dead process left
+    RUNNING end KILLED; when the body raises, every run of this execution ends FAILED (KILLED for Ctrl-C), those that
+    had finished too, since a failed stage has no results; the exception propagates."""
+    import mlflow
+
+    close_dead_runs(stage)
+    try:
+        yield
+    except BaseException as error:
+        status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+        client = mlflow.MlflowClient(tracking_uri())
+        for run in _runs(client, f"tags.execution = '{execution}'"):
+            if run.info.status not in ("FAILED", "KILLED"):
+                client.set_terminated(run.info.run_id, status)
+        raise
 
 
 def metric_key(*parts) -> str:

@@ -24,6 +24,8 @@ def image_module(name: str):
 
 def image_classification(name: str, root: str | Path, train: bool, subset: int = 0) -> TensorDataset:
     """Normalised float32 images [N, C, H, W] and int64 labels; `subset` > 0 keeps the first `subset` examples."""
+    if isinstance(subset, bool) or not isinstance(subset, int) or subset < 0:
+        raise ValueError(f"subset must be an integer ≥ 0 (0: all examples), got {subset!r}")
     module = image_module(name)
     images, labels = module.tensors(root, train)
     if subset:
