@@ -40,12 +40,19 @@ def device_properties(device: torch.device):
     return torch.cuda.get_device_properties(device)
 
 
+BF16_NEEDS_GPU = ("bf16 needs a GPU: Triton's interpreter computes bfloat16 on the raw bits (numpy has no bf16) and "
+                  "returns garbage; on the CPU use float32 or float16 (torch.autocast(\"cpu\", dtype=torch.bfloat16) "
+                  "makes bf16 too)")
+
+
 def check_tensor(t: torch.Tensor, name: str) -> None:
-    """Raise a clear error for a tensor no kernel of ours can take."""
+    """Raise a clear error for a tensor no kernel of ours can take (every functional op checks its tensors here)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} has dtype {t.dtype}; triformer kernels take float32, float16 or bfloat16")
+    if t.dtype == torch.bfloat16 and interpreter_active():
+        raise TypeError(f"{name} is bfloat16 under Triton's interpreter (TRITON_INTERPRET=1): {BF16_NEEDS_GPU}")
     if not t.is_cuda and not interpreter_active():
         raise ValueError(
             f"{name} is on {t.device}: triformer kernels run on a CUDA GPU, or on the CPU through "
