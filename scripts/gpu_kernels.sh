@@ -7,7 +7,7 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; export OUT
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
-if ls .whl/*.whl >/dev/null 2>&1; then  # the wheelhouse (dvc, mlflow-skinny, liger-kernel, ...): this call's wheels only
+if ls .whl/*.whl >/dev/null 2>&1; then  # the wheelhouse (dvc, mlflow-skinny, liger-kernel, ...), this call's only
   SITE=$(mktemp -d "${TMPDIR:-/tmp}/site.XXXXXX")   # a fresh folder each call: never what an earlier call installed
   python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .whl/*.whl || exit 2
   export PYTHONPATH=$PYTHONPATH:$SITE
