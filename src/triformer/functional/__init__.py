@@ -16,8 +16,9 @@ from ..kernels.activation import canonical_activation
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The dtype torch.autocast asks for on this device type, or None when autocast is off."""
-    if torch.is_autocast_enabled(device_type):
+    """The dtype torch.autocast asks for on this device type, or None when autocast is off (or the device has
+    no autocast, e.g. meta: check_tensor then names what is wrong)."""
+    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
 
@@ -58,7 +59,7 @@ class _LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, activation, fused):
         out_features, in_features = weight.shape
-        x2d = x.reshape(-1, in_features)
+        x2d = x.reshape(x.shape[:-1].numel(), in_features)  # not (-1, K): ambiguous when K or the batch is 0
         needs_grad = any(ctx.needs_input_grad[:3])
         if fused:
             y, saved = linear_kernels.fused_forward(x2d, weight, bias, activation, save_for_backward=needs_grad)
@@ -71,7 +72,7 @@ class _LinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x2d, weight, saved = ctx.saved_tensors
-        dy2d = dy.reshape(-1, weight.shape[0])
+        dy2d = dy.reshape(x2d.shape[0], weight.shape[0])
         backward = linear_kernels.fused_backward if ctx.fused else linear_kernels.unfused_backward
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         dx, dw, db = backward(dy2d, x2d, weight, saved, ctx.activation, need_dx, need_dw, need_db)
@@ -95,6 +96,23 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 # ------------------------------------------------------------------------------ layer_norm, rms_norm
 
 
+def _check_eps(eps, allow_none: bool = False) -> None:
+    """A norm's eps: a finite number ≥ 0 (None where torch takes it: the input dtype's machine epsilon)."""
+    if eps is None and allow_none:
+        return
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 <= eps < math.inf:
+        raise ValueError(f"eps must be a finite number ≥ 0{' or None' if allow_none else ''}, got {eps!r}")
+
+
+def _check_normalized_shape(normalized_shape) -> tuple:
+    """normalized_shape as a tuple of positive ints (an int is one dim)."""
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else normalized_shape
+    if (not isinstance(shape, (tuple, list, torch.Size)) or not shape
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
+        raise ValueError(f"normalized_shape must be a positive int or a tuple of them, got {normalized_shape!r}")
+    return tuple(shape)
+
+
 def _check_param(param, name: str, x: torch.Tensor, shape: tuple) -> None:
     """A norm's weight or bias: any float dtype (math is float32; grads come back in its dtype), x's device."""
     if param is None:
@@ -109,9 +127,7 @@ def _check_param(param, name: str, x: torch.Tensor, shape: tuple) -> None:
 def _normalized_width(x: torch.Tensor, normalized_shape, weight, bias) -> int:
     """Validate a norm's inputs; the number of trailing elements normalized together."""
     check_tensor(x, "x")
-    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
-    if not shape or not all(isinstance(d, int) and d > 0 for d in shape):
-        raise ValueError(f"normalized_shape must be a positive int or a tuple of them, got {normalized_shape!r}")
+    shape = _check_normalized_shape(normalized_shape)
     if tuple(x.shape[x.dim() - len(shape):]) != shape or x.dim() < len(shape):
         raise ValueError(f"x of shape {tuple(x.shape)} does not end in normalized_shape {shape}")
     _check_param(weight, "weight", x, shape)
@@ -140,6 +156,9 @@ class _NormFunction(torch.autograd.Function):
 
 def _normalize(x, normalized_shape, weight, bias, eps, center):
     n = _normalized_width(x, normalized_shape, weight, bias)
+    _check_eps(eps, allow_none=not center)
+    if eps is None:
+        eps = torch.finfo(x.dtype).eps
     if x.dim() and x.shape[-1] == n:  # one normalized dim: no reshapes (each would be one more autograd node)
         return _NormFunction.apply(x, _as_vector(weight, n), _as_vector(bias, n), float(eps), center)
     k = len(normalized_shape)
@@ -161,8 +180,10 @@ def layer_norm(x: torch.Tensor, normalized_shape, weight: torch.Tensor | None = 
     return _normalize(x, normalized_shape, weight, bias, eps, center=True)
 
 
-def rms_norm(x: torch.Tensor, normalized_shape, weight: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
-    """x / √(mean(x²) + eps) · weight over the trailing normalized_shape dims, as F.rms_norm (eps given)."""
+def rms_norm(x: torch.Tensor, normalized_shape, weight: torch.Tensor | None = None,
+             eps: float | None = 1e-6) -> torch.Tensor:
+    """x / √(mean(x²) + eps) · weight over the trailing normalized_shape dims, as F.rms_norm; eps=None is x's
+    dtype's machine epsilon, as torch takes it."""
     return _normalize(x, normalized_shape, weight, None, eps, center=False)
 
 

@@ -34,8 +34,9 @@ _INTERPRETER_TILE = 16384
 
 
 def as_rows(x: torch.Tensor, n_cols: int) -> torch.Tensor:
-    """x [..., n_cols] as a 2-D [rows, n_cols] tensor with unit column stride: a view when possible, else a copy."""
-    rows = x.reshape(-1, n_cols)
+    """x [..., n_cols] as a 2-D [rows, n_cols] tensor with unit column stride: a view when possible, else a copy.
+    (The row count is spelled out: reshape(-1, 0) of an empty row is ambiguous.)"""
+    rows = x.reshape(x.shape[:-1].numel(), n_cols)
     if n_cols > 1 and rows.stride(1) != 1:
         rows = rows.contiguous()
     return rows

@@ -53,6 +53,9 @@ def check_tensor(t: torch.Tensor, name: str) -> None:
         raise TypeError(f"{name} has dtype {t.dtype}; triformer kernels take float32, float16 or bfloat16")
     if t.dtype == torch.bfloat16 and interpreter_active():
         raise TypeError(f"{name} is bfloat16 under Triton's interpreter (TRITON_INTERPRET=1): {BF16_NEEDS_GPU}")
+    if t.is_meta:
+        raise ValueError(f"{name} is a meta tensor (shape and dtype, no data): triformer kernels compute on real "
+                         "tensors, on a CUDA GPU or on the CPU through Triton's interpreter")
     if not t.is_cuda and not interpreter_active():
         raise ValueError(
             f"{name} is on {t.device}: triformer kernels run on a CUDA GPU, or on the CPU through "

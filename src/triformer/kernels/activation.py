@@ -207,8 +207,10 @@ def _whole_column_launch(rows: int) -> dict:
 
 
 def _column_sum(x, dtype, rows_per_program, gate=None, gated=None, gate_act=0, launch=_COLUMN_SUM_LAUNCH):
-    planes = x.reshape(-1, x.shape[-2], x.shape[-1])
+    planes = x.reshape(x.shape[:-2].numel(), x.shape[-2], x.shape[-1])  # M = 0 (an empty batch) sums to zeros
     P, M, N = planes.shape
+    if not (P and N):
+        return torch.zeros((*x.shape[:-2], N), device=x.device, dtype=dtype)
     if gate is None and M <= _WHOLE_COLUMN_MAX_ROWS:
         rows_per_program, launch = max(M, 1), _whole_column_launch(M)
     chunks = max(1, cdiv(M, rows_per_program))

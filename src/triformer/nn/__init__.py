@@ -19,6 +19,16 @@ _TORCH_ACTIVATIONS = {
 }
 
 
+def _check_size(value, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an int ≥ 0, got {value!r}")
+
+
+def _check_flag(value, name: str) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
 class TritonLinear(nn.Module):
     """y = act(x·Wᵀ + b) with the activation fused into the matmul (or not: fused=False, for the ablation).
 
@@ -29,6 +39,9 @@ class TritonLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, activation: str | None = "relu",
                  fused: bool = True, device=None, dtype=None):
         super().__init__()
+        _check_size(in_features, "in_features")
+        _check_size(out_features, "out_features")
+        _check_flag(fused, "fused")
         self.in_features, self.out_features = in_features, out_features
         self.activation = canonical_activation(activation)
         self.fused = fused
@@ -68,7 +81,10 @@ class TritonLayerNorm(nn.Module):
     def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
                  device=None, dtype=None):
         super().__init__()
-        self.normalized_shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+        self.normalized_shape = TF._check_normalized_shape(normalized_shape)
+        TF._check_eps(eps)
+        _check_flag(elementwise_affine, "elementwise_affine")
+        _check_flag(bias, "bias")
         self.eps, self.elementwise_affine = eps, elementwise_affine
         factory = dict(device=device, dtype=dtype)
         self.weight = nn.Parameter(torch.empty(self.normalized_shape, **factory)) if elementwise_affine else None
@@ -90,10 +106,13 @@ class TritonLayerNorm(nn.Module):
 
 
 class TritonRMSNorm(nn.Module):
-    """y = x / √(mean(x²) + eps) · weight over the last dim, as nn.RMSNorm(hidden_size, eps) (same parameter)."""
+    """y = x / √(mean(x²) + eps) · weight over the last dim, as nn.RMSNorm(hidden_size, eps) (same parameter);
+    eps=None is the input dtype's machine epsilon, as nn.RMSNorm takes it."""
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6, device=None, dtype=None):
+    def __init__(self, hidden_size: int, eps: float | None = 1e-6, device=None, dtype=None):
         super().__init__()
+        TF._check_normalized_shape(hidden_size)
+        TF._check_eps(eps, allow_none=True)
         self.hidden_size, self.eps = hidden_size, eps
         self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
 
@@ -116,6 +135,9 @@ class TritonSoftmax(nn.Module):
         if isinstance(dim, bool):
             raise TypeError("TritonSoftmax: dim must be an int, got a bool (dame-cell/Triformer's TritonSoftmax took "
                             "is_causal first: pass causal=True or is_causal=True)")
+        if not isinstance(dim, int):
+            raise TypeError(f"TritonSoftmax: dim must be an int, got {dim!r}")
+        _check_flag(causal, "causal")
         self.dim, self.causal = dim, causal
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
