@@ -165,3 +165,11 @@ def test_a_stage_with_bad_params_stops_before_any_work(common, project, monkeypa
     with pytest.raises(SystemExit, match=r"train_mlp\.epoch: unknown key \(did you mean 'epochs'\?\)"):
         train_mlp.main()
     assert project.search_experiments(filter_string="name != 'Default'") == []
+
+
+def test_bench_suites_take_their_run_arguments_and_a_listed_missing_suite_anything(common):
+    group = {"suites": ["linear", "not_written_yet"],
+             "cpu": {"linear": {"shapes": [[3, 5, 7]]}, "not_written_yet": {"sizes": [1]}, "lineer": {}}}
+    with pytest.raises(common.schema.ParamsError) as error:
+        common.schema.validate({"common": {"seed": 0, "dtype": "float32"}, "bench": group}, "bench", "cpu")
+    assert str(error.value).splitlines()[1:] == ["  bench.cpu.lineer: unknown key (known keys: ['suites'])"]
