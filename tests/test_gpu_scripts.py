@@ -34,10 +34,10 @@ def write_wheel(folder: Path, version: str) -> None:
 
 def test_gpu_kernels_sh_installs_each_calls_wheels_into_a_fresh_folder(tmp_path):
     work, tmp = tmp_path / "work", tmp_path / "tmp"
-    (work / "scripts").mkdir(parents=True)
+    (work / "tools").mkdir(parents=True)
     tmp.mkdir()
-    shutil.copy(ROOT / "scripts" / "gpu_kernels.sh", work / "scripts")
-    (work / "scripts" / "probe.py").write_text(PROBE)
+    shutil.copy(ROOT / "tools" / "gpu_kernels.sh", work / "tools")
+    (work / "tools" / "probe.py").write_text(PROBE)
     stubs = tmp_path / "bin"
     stubs.mkdir()
     (stubs / "nvidia-smi").write_text("#!/bin/sh\necho 'stub GPU, 80 GiB, 0'\n")
@@ -47,7 +47,7 @@ def test_gpu_kernels_sh_installs_each_calls_wheels_into_a_fresh_folder(tmp_path)
     seen = []
     for version in ("1.0", "2.0"):  # the second call carries a newer wheel: it must be the one imported
         write_wheel(work / ".whl", version)
-        done = subprocess.run(["bash", "scripts/gpu_kernels.sh"], cwd=work, env=env, capture_output=True, text=True,
+        done = subprocess.run(["bash", "tools/gpu_kernels.sh"], cwd=work, env=env, capture_output=True, text=True,
                               timeout=300)
         assert done.returncode == 0, done.stdout + done.stderr
         line = next(line for line in done.stdout.splitlines() if line.startswith("probe "))
@@ -59,5 +59,5 @@ def test_gpu_kernels_sh_installs_each_calls_wheels_into_a_fresh_folder(tmp_path)
 
 @pytest.mark.parametrize("script", ["gpu_kernels.sh", "gpu_pipeline.sh"])
 def test_no_gpu_script_names_a_fixed_site_folder(script):
-    text = (ROOT / "scripts" / script).read_text()
+    text = (ROOT / "tools" / script).read_text()
     assert "/tmp/site" not in text and 'mktemp -d "${TMPDIR:-/tmp}/site.XXXXXX"' in text

@@ -1,7 +1,7 @@
 """Linear(+bias+relu) benchmark: triformer fused and unfused against PyTorch's paths, forward and forward+backward.
 
 Rates count 2·M·N·K flops for the forward and 3× that for forward+backward (dX and dW are products of the
-same size). On a GPU: the pipeline's bench stage, or `python3 scripts/gpu_kernels.py linear` for the tables.
+same size). On a GPU: the pipeline's bench stage, or `python3 tools/gpu_kernels.py linear` for the tables.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Benchmark suites by name (`triformer.bench.<suite>`, each with run(..., dtype, device, progress) -> rows) and the
-fraction of the measured ceiling each row reaches; shared by the pipeline's bench stage and scripts/gpu_kernels.py."""
+fraction of the measured ceiling each row reaches; shared by the pipeline's bench stage and tools/gpu_kernels.py."""
 
 import importlib
 

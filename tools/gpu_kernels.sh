@@ -2,7 +2,7 @@
 # On a GPU host (device tool), each step optional, logs in $OUT:
 #   the test suite natively (bf16 included): TESTS (files; default tests/, none: skip), -k TEST_SELECT;
 #   every kernel benchmark as ratio tables: SUITES (default all, none: skip);
-#   probes: PROBES="name.py:seconds ..." runs scripts/name.py under that time limit ("name.py+a+b:seconds": with
+#   tools: PROBES="name.py:seconds ..." runs tools/name.py under that time limit ("name.py+a+b:seconds": with
 #   the arguments a b).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; export OUT
@@ -18,10 +18,10 @@ if [ "${TESTS:-}" != none ]; then
   timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -n 16 -m "not pipeline" ${TESTS:-tests} -k "${TEST_SELECT:-not nothing}" \
     -p no:benchmark -rfE 2>&1 | tee "$OUT/pytest_kernels.log" | grep -v "^[.sFE]*\s*\[" | tail -40
 fi
-[ "${SUITES:-}" = none ] || timeout ${BENCH_TIMEOUT:-300} python3 scripts/gpu_kernels.py ${SUITES:-} 2>&1 | tee "$OUT/bench_kernels.log"
+[ "${SUITES:-}" = none ] || timeout ${BENCH_TIMEOUT:-300} python3 tools/gpu_kernels.py ${SUITES:-} 2>&1 | tee "$OUT/bench_kernels.log"
 for probe in ${PROBES:-}; do
   spec=${probe%%:*}; limit=${probe##*:}
   name=${spec%%+*}; args=""
   [ "$spec" != "$name" ] && args=${spec#*+} && args=${args//+/ }
-  timeout "$limit" python3 scripts/$name $args 2>&1 | tee "$OUT/${name%.py}.log"
+  timeout "$limit" python3 tools/$name $args 2>&1 | tee "$OUT/${name%.py}.log"
 done
