@@ -205,6 +205,9 @@ class TritonCrossEntropyLoss(nn.Module):
     def extra_repr(self) -> str:
         return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
                 f"label_smoothing={self.label_smoothing}, n_chunks={self.n_chunks}, inplace_grad={self.inplace_grad}")
+
+
+from .attention import TorchMultiheadAttention, TritonMultiheadAttention  # noqa: E402
 from .rope import TorchRotaryEmbedding, TritonRotaryEmbedding  # noqa: E402
 from .gated import TorchGatedMLP, TritonGatedMLP  # noqa: E402
 from .linear_cross_entropy import TorchLinearCrossEntropyLoss, TritonLinearCrossEntropyLoss  # noqa: E402

@@ -1,0 +1,125 @@
+"""The transformer block shared by the GPT and the ViT, its parts per backend, and GPT-2's initialisation.
+
+Every part comes in two twins with the same parameter names and shapes: backend="triton" builds it from triformer.nn,
+backend="torch" from the PyTorch modules (nn.Linear, nn.LayerNorm / nn.RMSNorm, F.scaled_dot_product_attention),
+so a model's state_dict loads into its twin.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .. import nn as tnn
+from .mlp import BACKENDS, make_linear
+
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu", "geglu")
+LAYER_NORM_EPS, RMS_NORM_EPS = 1e-5, 1e-6
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {choices}")
+
+
+def by_backend(backend: str, triton_cls, torch_cls):
+    """The class for this backend (a clear error for an unknown one)."""
+    check_choice("backend", backend, BACKENDS)
+    return triton_cls if backend == "triton" else torch_cls
+
+
+def make_norm(kind: str, dim: int, bias: bool, backend: str) -> nn.Module:
+    """LayerNorm (bias optional) or RMSNorm over the last dim."""
+    check_choice("norm", kind, NORMS)
+    if kind == "layernorm":
+        return by_backend(backend, tnn.TritonLayerNorm, nn.LayerNorm)(dim, eps=LAYER_NORM_EPS, bias=bias)
+    return by_backend(backend, tnn.TritonRMSNorm, nn.RMSNorm)(dim, eps=RMS_NORM_EPS)
+
+
+def make_dropout(p: float, backend: str) -> nn.Module:
+    """Dropout on the residual stream (nn.Identity when p == 0: no kernel launched for nothing)."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout must be a number in [0, 1), got {p!r}")
+    cls = by_backend(backend, tnn.TritonDropout, nn.Dropout)
+    return cls(p) if p > 0 else nn.Identity()
+
+
+def make_rotary(head_dim: int, max_seq_len: int, backend: str) -> nn.Module:
+    """Rotary position embedding (rotate-half convention) applied to q and k of every attention layer."""
+    return by_backend(backend, tnn.TritonRotaryEmbedding, tnn.TorchRotaryEmbedding)(head_dim, max_seq_len=max_seq_len)
+
+
+class MLP(nn.Module):
+    """x → gelu(x·W_fcᵀ + b) → ·W_projᵀ + b: the GPT-2 feed-forward (tanh gelu fused into the first linear)."""
+
+    def __init__(self, dim: int, hidden: int, bias: bool, backend: str):
+        super().__init__()
+        self.fc = make_linear(dim, hidden, "gelu", backend, bias=bias)
+        self.proj = make_linear(hidden, dim, None, backend, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.fc(x))  # (B, T, C) → (B, T, hidden) → (B, T, C)
+
+    def residual_projection(self) -> nn.Parameter:
+        return self.proj.weight
+
+
+def make_mlp(kind: str, dim: int, hidden: int, bias: bool, backend: str) -> nn.Module:
+    """The GPT-2 MLP ("gelu") or a gated MLP ("swiglu": silu(a)·b, "geglu": gelu_tanh(a)·b)."""
+    check_choice("mlp", kind, MLPS)
+    if kind == "gelu":
+        return MLP(dim, hidden, bias, backend)
+    return by_backend(backend, tnn.TritonGatedMLP, tnn.TorchGatedMLP)(dim, hidden, activation=kind, bias=bias)
+
+
+def default_mlp_hidden(kind: str, dim: int) -> int:
+    """4·dim for gelu; for a gated MLP 8/3·dim rounded up to a multiple of 8, the same parameter count (LLaMA)."""
+    if kind == "gelu":
+        return 4 * dim
+    return math.ceil(math.ceil(8 * dim / 3) / 8) * 8
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block on x (B, T, C):
+    x + dropout(attention(norm_1(x))), then x + dropout(mlp(norm_2(x)))."""
+
+    def __init__(self, dim: int, n_head: int, *, n_kv_head: int | None = None, causal: bool, norm: str = "layernorm",
+                 mlp: str = "gelu", mlp_hidden: int | None = None, bias: bool = True, dropout: float = 0.0,
+                 rotary: nn.Module | None = None, backend: str = "triton"):
+        super().__init__()
+        attention = by_backend(backend, tnn.TritonMultiheadAttention, tnn.TorchMultiheadAttention)
+        self.ln_1 = make_norm(norm, dim, bias, backend)
+        self.attn = attention(dim, n_head, n_kv_head, causal=causal, bias=bias, rotary=rotary)
+        self.ln_2 = make_norm(norm, dim, bias, backend)
+        self.mlp = make_mlp(mlp, dim, mlp_hidden or default_mlp_hidden(mlp, dim), bias, backend)
+        self.drop = make_dropout(dropout, backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln_1(x)))  # (B, T, C)
+        x = x + self.drop(self.mlp(self.ln_2(x)))  # (B, T, C)
+        return x
+
+    def residual_projections(self) -> list[nn.Parameter]:
+        """The two weights that write into the residual stream (GPT-2 scales their initialisation)."""
+        return [self.attn.out_proj.weight, self.mlp.residual_projection()]
+
+
+@torch.no_grad()
+def init_gpt2_(model: nn.Module, n_layer: int, std: float = 0.02) -> None:
+    """GPT-2's initialisation, in place: every matrix (linear weights, embeddings) N(0, std²), biases 0, norm weights
+    1; the residual projections of each Block N(0, (std / √(2·n_layer))²), so the residual stream's variance does not
+    grow with depth. Same draws in the same order for both backends (same parameter names)."""
+    for name, p in model.named_parameters():
+        if p.dim() >= 2:
+            nn.init.normal_(p, mean=0.0, std=std)
+        elif name.endswith("bias"):
+            nn.init.zeros_(p)
+        else:
+            nn.init.ones_(p)
+    for block in model.modules():
+        if isinstance(block, Block):
+            for p in block.residual_projections():
+                nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * n_layer))

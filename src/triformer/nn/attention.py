@@ -1,0 +1,115 @@
+"""Multi-head self-attention: one fused QKV projection, optional rotary embedding, attention, output projection.
+
+TritonMultiheadAttention runs on triformer's kernels (TritonLinear, triformer.functional.attention and, when given,
+TritonRotaryEmbedding); TorchMultiheadAttention is its PyTorch twin with the same parameter names and shapes
+(nn.Linear and F.scaled_dot_product_attention), so `twin.load_state_dict(module.state_dict())` gives the same function.
+
+Grouped-query attention: num_kv_heads < num_heads key/value heads, each shared by num_heads / num_kv_heads query heads
+(num_kv_heads = 1 is multi-query attention). The QKV projection's output row is laid out as
+[q heads | k heads | v heads], each head head_dim = embed_dim / num_heads wide.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .. import functional as TF
+from . import TorchLinear, TritonLinear
+
+ATTENTION_DROPOUT_MISSING = (
+    "dropout on the attention probabilities is not implemented by triformer's attention kernel; pass dropout=0.0 "
+    "and apply dropout to the residual branch instead (as the models in triformer.models do)")
+
+
+def _check_attention_args(embed_dim, num_heads, num_kv_heads, dropout, rotary) -> int:
+    """Validates the constructor's arguments; returns the head dim."""
+    for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if embed_dim % num_heads:
+        raise ValueError(f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads} "
+                         "(each key/value head serves the same number of query heads)")
+    if dropout != 0.0:
+        raise ValueError(f"attention dropout={dropout!r}: {ATTENTION_DROPOUT_MISSING}")
+    head_dim = embed_dim // num_heads
+    if rotary is not None and getattr(rotary, "head_dim", head_dim) != head_dim:
+        raise ValueError(f"rotary embedding has head_dim={rotary.head_dim} but the attention heads are "
+                         f"embed_dim / num_heads = {head_dim} wide")
+    return head_dim
+
+
+class _MultiheadAttentionBase(nn.Module):
+    """What both twins share: arguments, the QKV and output projections, the split into heads."""
+
+    def __init__(self, linear_cls, embed_dim: int, num_heads: int, num_kv_heads: int | None, causal: bool,
+                 bias: bool, dropout: float, rotary: nn.Module | None):
+        super().__init__()
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        self.head_dim = _check_attention_args(embed_dim, num_heads, num_kv_heads, dropout, rotary)
+        self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
+        self.causal = bool(causal)
+        qkv_features = (num_heads + 2 * num_kv_heads) * self.head_dim
+        self.qkv = linear_cls(embed_dim, qkv_features, bias=bias, activation=None)
+        self.out_proj = linear_cls(embed_dim, embed_dim, bias=bias, activation=None)
+        self.rotary = rotary
+
+    def split_heads(self, qkv: torch.Tensor):
+        """q (B, H, T, D), k and v (B, Hkv, T, D): strided views of the projection's output, no copies."""
+        B, T, _ = qkv.shape
+        H, Hkv = self.num_heads, self.num_kv_heads
+        heads = qkv.view(B, T, H + 2 * Hkv, self.head_dim)  # (B, T, H + 2·Hkv, D)
+        q = heads[:, :, :H].transpose(1, 2)  # (B, H, T, D)
+        k = heads[:, :, H:H + Hkv].transpose(1, 2)  # (B, Hkv, T, D)
+        v = heads[:, :, H + Hkv:].transpose(1, 2)  # (B, Hkv, T, D)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.embed_dim:
+            raise ValueError(f"x must be (B, T, embed_dim={self.embed_dim}), got shape {tuple(x.shape)}")
+        B, T, C = x.shape
+        q, k, v = self.split_heads(self.qkv(x))
+        if self.rotary is not None:
+            q, k = self.rotary(q, k)
+        y = self.attend(q, k, v)  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(B, T, C)  # heads side by side again: (B, T, C)
+        return self.out_proj(y)
+
+    def attend(self, q, k, v) -> torch.Tensor:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
+                f"head_dim={self.head_dim}, causal={self.causal}")
+
+
+class TritonMultiheadAttention(_MultiheadAttentionBase):
+    """Self-attention on x (B, T, embed_dim) → (B, T, embed_dim), every op on triformer's Triton kernels.
+
+    qkv: TritonLinear(embed_dim → (num_heads + 2·num_kv_heads)·head_dim); q, k, v are views of its output;
+    rotary (a TritonRotaryEmbedding, optional) rotates q and k; triformer.functional.attention(q, k, v, causal);
+    out_proj: TritonLinear(embed_dim → embed_dim). dropout > 0 (on the attention probabilities) raises ValueError.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: int | None = None, causal: bool = False,
+                 bias: bool = True, dropout: float = 0.0, rotary: nn.Module | None = None):
+        super().__init__(TritonLinear, embed_dim, num_heads, num_kv_heads, causal, bias, dropout, rotary)
+
+    def attend(self, q, k, v) -> torch.Tensor:
+        return TF.attention(q, k, v, causal=self.causal)
+
+
+class TorchMultiheadAttention(_MultiheadAttentionBase):
+    """The PyTorch twin of TritonMultiheadAttention (same parameters): nn.Linear projections and
+    F.scaled_dot_product_attention (enable_gqa for grouped-query heads); rotary a TorchRotaryEmbedding."""
+
+    def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: int | None = None, causal: bool = False,
+                 bias: bool = True, dropout: float = 0.0, rotary: nn.Module | None = None):
+        super().__init__(TorchLinear, embed_dim, num_heads, num_kv_heads, causal, bias, dropout, rotary)
+
+    def attend(self, q, k, v) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal,
+                                              enable_gqa=self.num_kv_heads != self.num_heads)

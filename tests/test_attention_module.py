@@ -1,0 +1,113 @@
+"""TritonMultiheadAttention against its PyTorch twin (float64) with the same weights: output and every gradient;
+q, k, v reach the kernel as views of one QKV projection; bad arguments give clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import triformer.functional as TF
+from harness import DEVICE, assert_close, randn, tolerance
+from triformer.nn import (TorchMultiheadAttention, TorchRotaryEmbedding, TritonMultiheadAttention,
+                          TritonRotaryEmbedding)
+
+EMBED, HEADS = 64, 4  # head dim 16
+
+
+def twins(num_kv_heads=None, causal=False, bias=True, rope=False):
+    """The module under test and its float64 PyTorch twin with the same weights."""
+    rotary = TritonRotaryEmbedding(EMBED // HEADS, max_seq_len=16) if rope else None
+    ours = TritonMultiheadAttention(EMBED, HEADS, num_kv_heads, causal=causal, bias=bias, rotary=rotary).to(DEVICE)
+    rotary_ref = TorchRotaryEmbedding(EMBED // HEADS, max_seq_len=16) if rope else None
+    ref = TorchMultiheadAttention(EMBED, HEADS, num_kv_heads, causal=causal, bias=bias, rotary=rotary_ref)
+    ref = ref.to(DEVICE).double()
+    ref.load_state_dict(ours.state_dict())
+    return ours, ref
+
+
+@pytest.mark.parametrize("rope", [False, True], ids=["no-rope", "rope"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("num_kv_heads", [None, 2, 1], ids=["mha", "gqa", "mqa"])
+def test_matches_torch_twin(num_kv_heads, causal, rope, seed):
+    ours, ref = twins(num_kv_heads, causal, bias=not rope, rope=rope)
+    x = randn(2, 7, EMBED, requires_grad=True)
+    x_ref = x.detach().double().requires_grad_()
+    out, out_ref = ours(x), ref(x_ref)
+    assert out.shape == (2, 7, EMBED) and out.dtype == torch.float32
+    assert_close(out, out_ref, torch.float32, "output")
+    dy = randn(2, 7, EMBED)
+    out.backward(dy)
+    out_ref.backward(dy.double())
+    assert_close(x.grad, x_ref.grad, torch.float32, "grad of x")
+    for (name, p), (name_ref, p_ref) in zip(ours.named_parameters(), ref.named_parameters(), strict=True):
+        assert name == name_ref
+        assert_close(p.grad, p_ref.grad, torch.float32, f"grad of {name}")
+
+
+def test_causal_output_ignores_later_tokens(seed):
+    ours, _ = twins(causal=True)
+    x = randn(1, 9, EMBED)
+    changed = x.clone()
+    changed[:, 5:] = randn(1, 4, EMBED)
+    with torch.no_grad():
+        out, out_changed = ours(x), ours(changed)
+    assert_close(out_changed[:, :5], out[:, :5], torch.float32, "outputs before the changed tokens")
+    assert (out_changed[:, 5:] - out[:, 5:]).abs().max() > 1e-3
+
+
+def test_parameters_match_the_twin():
+    ours, ref = twins(num_kv_heads=2)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    # one fused projection: 4 query heads, 2 key heads, 2 value heads of 16
+    assert ours.qkv.weight.shape == ((4 + 2 * 2) * 16, EMBED) and ours.out_proj.weight.shape == (EMBED, EMBED)
+    assert ours.qkv.activation is None and ours.out_proj.activation is None
+
+
+def test_heads_are_views_of_one_projection(monkeypatch, seed):
+    """q, k and v are strided views into the QKV projection's output: no copy before the kernel."""
+    seen = {}
+    real = TF.attention
+
+    def spy(q, k, v, causal=False, scale=None):
+        seen.update(q=q, k=k, v=v)
+        return real(q, k, v, causal=causal, scale=scale)
+
+    monkeypatch.setattr(TF, "attention", spy)
+    ours, _ = twins(num_kv_heads=2)
+    with torch.no_grad():
+        ours(randn(2, 7, EMBED))
+    q, k, v = seen["q"], seen["k"], seen["v"]
+    assert q.shape == (2, 4, 7, 16) and k.shape == v.shape == (2, 2, 7, 16)
+    storage = q.untyped_storage().data_ptr()
+    assert k.untyped_storage().data_ptr() == storage == v.untyped_storage().data_ptr()
+    assert not q.is_contiguous() and q.stride() == (7 * 128, 16, 128, 1)
+
+
+@pytest.mark.parametrize("cls", [TritonMultiheadAttention, TorchMultiheadAttention])
+def test_bad_arguments(cls):
+    with pytest.raises(ValueError, match="embed_dim=30 is not divisible by num_heads=4"):
+        cls(30, 4)
+    with pytest.raises(ValueError, match="num_heads=4 is not a multiple of num_kv_heads=3"):
+        cls(48, 4, num_kv_heads=3)
+    with pytest.raises(ValueError, match="attention dropout=0.1: dropout on the attention probabilities is not"):
+        cls(64, 4, dropout=0.1)
+    with pytest.raises(ValueError, match="num_heads must be a positive int"):
+        cls(64, 0)
+    rotary = TorchRotaryEmbedding(32)
+    with pytest.raises(ValueError, match="rotary embedding has head_dim=32 but the attention heads are .* 16 wide"):
+        cls(64, 4, rotary=rotary)
+    with pytest.raises(ValueError, match=r"x must be \(B, T, embed_dim=64\), got shape \(2, 7, 32\)"):
+        cls(64, 4)(torch.randn(2, 7, 32))
+
+
+def test_under_autocast_matches_twin(seed):
+    """bf16 autocast on the GPU (fp16 on the CPU: the interpreter has no bf16): the projections and attention run in
+    the autocast dtype, as the twin's nn.Linear and SDPA do."""
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+    ours, ref = twins(num_kv_heads=2, causal=True)
+    ref.float()
+    x = randn(2, 7, EMBED)
+    with torch.autocast(DEVICE, dtype=dtype):
+        out, out_ref = ours(x), ref(x)
+    assert out.dtype == dtype
+    assert_close(out, out_ref, dtype, "output under autocast", tol=10 * tolerance(dtype))

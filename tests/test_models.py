@@ -1,0 +1,286 @@
+"""GPT and ViT on triformer's kernels against their PyTorch twins (backend="torch", float64) with the same weights:
+logits, loss and the gradient of every parameter; the same seed builds the same weights; generation; bad configs.
+
+The whole model chains some thirty kernels, each within float32 rounding of float64: the outputs and gradients
+agree to the harness's float32 tolerance (1e-5 relative) with room to spare on these sizes (measured ≤ 4e-7).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from harness import DEVICE, assert_close, tolerance
+from triformer import GPT, ViT, GPTConfig, ViTConfig
+from triformer.models.blocks import Block
+
+TINY_GPT = dict(vocab_size=37, block_size=9, n_layer=2, n_head=2, n_embd=32)
+GPT_VARIANTS = {
+    "gpt2": dict(),  # LayerNorm with bias, learned positions, GELU MLP, logits + cross-entropy
+    "fused-head": dict(fused_head=True, vocab_size=65),
+    "llama": dict(norm="rmsnorm", mlp="swiglu", rope=True, n_head=4, n_kv_head=2, n_embd=64, bias=False,
+                  fused_head=True),
+    "geglu-mqa": dict(mlp="geglu", rope=True, n_head=4, n_kv_head=1, n_embd=64, bias=False, vocab_size=11),
+}
+TINY_VIT = dict(image_size=12, patch_size=4, channels=3, num_classes=5, n_layer=2, n_head=2, n_embd=32,
+                mlp_ratio=2.0)
+
+
+def gpt_config(variant="gpt2", **overrides) -> GPTConfig:
+    return GPTConfig(**{**TINY_GPT, **GPT_VARIANTS[variant], **overrides})
+
+
+def with_reference(model_cls, config):
+    """The Triton model and its float64 torch twin carrying the same weights."""
+    ours = model_cls(config).to(DEVICE)
+    ref = model_cls(type(config)(**{**vars(config), "backend": "torch"})).to(DEVICE).double()
+    ref.load_state_dict(ours.state_dict())
+    return ours, ref
+
+
+def assert_same_parameter_grads(ours, ref, tol=None):
+    for (name, p), (name_ref, p_ref) in zip(ours.named_parameters(), ref.named_parameters(), strict=True):
+        assert name == name_ref
+        assert p.grad is not None, f"no gradient reached {name}"
+        assert_close(p.grad, p_ref.grad, torch.float32, f"grad of {name}", tol)
+
+
+def tokens(config, batch=2, length=None):
+    return torch.randint(0, config.vocab_size, (batch, length or config.block_size), device=DEVICE)
+
+
+# ------------------------------------------------------------------------------------------------------ GPT
+
+
+@pytest.mark.parametrize("variant", GPT_VARIANTS)
+def test_gpt_matches_torch_twin(variant, seed):
+    config = gpt_config(variant)
+    ours, ref = with_reference(GPT, config)
+    idx, targets = tokens(config), tokens(config)
+    targets[0, :2] = -100  # ignored positions
+    logits, none = ours(idx)
+    logits_ref, _ = ref(idx)
+    assert none is None and logits.shape == (2, config.block_size, config.vocab_size)
+    assert_close(logits, logits_ref, torch.float32, "logits")
+    logits_with_loss, loss = ours(idx, targets)
+    _, loss_ref = ref(idx, targets)
+    assert loss.shape == () and loss.dtype == torch.float32
+    assert_close(loss, loss_ref, torch.float32, "loss")
+    loss.backward()
+    loss_ref.backward()
+    assert_same_parameter_grads(ours, ref)
+    if config.fused_head:
+        assert logits_with_loss is None, "the fused head makes no logits"
+    else:
+        assert_close(logits_with_loss, logits_ref, torch.float32, "logits returned with the loss, after backward")
+
+
+def test_gpt_shorter_sequence_matches_twin(seed):
+    """T below block_size: learned positions sliced, causal attention over T only."""
+    config = gpt_config()
+    ours, ref = with_reference(GPT, config)
+    idx = tokens(config, batch=3, length=5)
+    assert_close(ours(idx)[0], ref(idx)[0], torch.float32, "logits at T=5")
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "llama"])
+def test_gpt_same_seed_same_weights_and_training_run(variant, seed):
+    """A run and its twin built with the same seed start from identical weights and follow each other under AdamW."""
+    config = gpt_config(variant)
+    torch.manual_seed(seed)
+    ours = GPT(config).to(DEVICE)
+    torch.manual_seed(seed)
+    twin = GPT(GPTConfig(**{**vars(config), "backend": "torch"})).to(DEVICE)
+    state, twin_state = ours.state_dict(), twin.state_dict()
+    assert list(state) == list(twin_state)
+    assert all(torch.equal(state[k], twin_state[k]) for k in state)
+    idx, targets = tokens(config), tokens(config)
+    losses = {}
+    for name, model in (("triton", ours), ("torch", twin)):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        losses[name] = []
+        for _ in range(3):
+            loss = model(idx, targets)[1]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses[name].append(loss.item())
+    assert losses["triton"][-1] < losses["triton"][0]
+    for a, b in zip(losses["triton"], losses["torch"]):
+        assert abs(a - b) < 1e-4 * abs(b), losses
+
+
+def test_gpt_tied_embeddings(seed):
+    model = GPT(gpt_config())
+    assert model.lm_head.weight is model.wte.weight
+    assert sum(p is model.wte.weight for p in model.parameters()) == 1
+    with torch.no_grad():
+        model.wte.weight[3] += 1.0
+    assert torch.equal(model.lm_head.weight[3], model.wte.weight[3])
+
+
+def test_gpt_initialisation():
+    """GPT-2's: matrices N(0, 0.02²), residual projections N(0, (0.02/√(2·n_layer))²), biases 0, norms 1."""
+    config = GPTConfig(vocab_size=512, block_size=64, n_layer=4, n_head=4, n_embd=128, backend="torch")
+    model = GPT(config)
+    residual = {f"blocks.{i}.{name}" for i in range(4) for name in ("attn.out_proj.weight", "mlp.proj.weight")}
+    for name, p in model.named_parameters():
+        if name in residual:
+            assert abs(p.std().item() / (0.02 / math.sqrt(8)) - 1) < 0.05, name
+        elif p.dim() == 2:
+            assert abs(p.std().item() / 0.02 - 1) < 0.05 and abs(p.mean().item()) < 2e-3, name
+        elif name.endswith("bias"):
+            assert torch.equal(p, torch.zeros_like(p)), name
+        else:
+            assert torch.equal(p, torch.ones_like(p)), name
+
+
+def test_gpt_rope_has_no_position_embedding():
+    model = GPT(gpt_config("llama"))
+    assert model.wpe is None and not any("wpe" in name for name, _ in model.named_parameters())
+    assert all(block.attn.rotary is model.rotary for block in model.blocks)  # one table for every layer
+
+
+def test_gpt_dropout_in_training_only(seed):
+    config = gpt_config(dropout=0.3)
+    ours, ref = with_reference(GPT, config)
+    idx = tokens(config)
+    first, second = ours(idx)[0], ours(idx)[0]
+    assert not torch.allclose(first, second), "training mode: a fresh dropout mask each call"
+    ours.eval()
+    ref.eval()
+    assert_close(ours(idx)[0], ref(idx)[0], torch.float32, "logits in eval mode (no dropout)")
+
+
+def test_generate_shape_range_and_context_crop(seed):
+    config = gpt_config(dropout=0.1)
+    model = GPT(config).to(DEVICE)
+    prompt = tokens(config, batch=2, length=3)
+    out = model.generate(prompt, max_new_tokens=8)  # 11 tokens > block_size 9: the context is cropped
+    assert out.shape == (2, 11) and out.dtype == torch.int64
+    assert torch.equal(out[:, :3], prompt)
+    assert ((out >= 0) & (out < config.vocab_size)).all()
+    assert model.training, "generate restores the training mode it found"
+
+
+def test_generate_respects_top_k(seed):
+    config = gpt_config()
+    model = GPT(config).to(DEVICE).eval()
+    prompt = tokens(config, batch=3, length=2)
+    greedy = model.generate(prompt, max_new_tokens=3, top_k=1)
+    sampled = model.generate(prompt, max_new_tokens=3, top_k=3, temperature=2.0)
+    for out, k in ((greedy, 1), (sampled, 3)):
+        for t in range(2, 5):
+            with torch.no_grad():
+                logits = model(out[:, :t])[0][:, -1]  # (B, V)
+            top = logits.topk(k).indices
+            assert (top == out[:, t:t + 1]).any(dim=1).all(), f"token {t} outside the top {k}"
+
+
+def test_gpt_bad_configs():
+    with pytest.raises(ValueError, match="n_embd=30 is not divisible by n_head=4"):
+        GPTConfig(n_embd=30, n_head=4)
+    with pytest.raises(ValueError, match="num_heads=4 is not a multiple of num_kv_heads=3"):
+        GPT(gpt_config(n_head=4, n_kv_head=3, n_embd=64))
+    with pytest.raises(ValueError, match=r"norm='batchnorm' is not one of \('layernorm', 'rmsnorm'\)"):
+        GPTConfig(norm="batchnorm")
+    with pytest.raises(ValueError, match="mlp='relu' is not one of"):
+        GPTConfig(mlp="relu")
+    with pytest.raises(ValueError, match="backend='jax' is not one of"):
+        GPTConfig(backend="jax")
+    with pytest.raises(ValueError, match="GPTConfig.vocab_size must be a positive int"):
+        GPTConfig(vocab_size=0)
+    with pytest.raises(ValueError, match="rope needs an even head dim"):
+        GPTConfig(n_embd=18, n_head=2, rope=True)
+    with pytest.raises(ValueError, match=r"dropout must be a number in \[0, 1\)"):
+        GPT(gpt_config(dropout=1.0))
+    model = GPT(gpt_config(backend="torch"))
+    with pytest.raises(ValueError, match="sequence of length 10 is longer than block_size=9"):
+        model(torch.zeros(1, 10, dtype=torch.int64))
+    with pytest.raises(ValueError, match="targets must have the shape of idx"):
+        model(torch.zeros(2, 5, dtype=torch.int64), torch.zeros(2, 4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        model.generate(torch.zeros(1, 2, dtype=torch.int64), 1, temperature=0.0)
+    with pytest.raises(ValueError, match="top_k must be a positive int"):
+        model.generate(torch.zeros(1, 2, dtype=torch.int64), 1, top_k=0)
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "llama"])
+def test_gpt_under_autocast_matches_twin(variant, seed):
+    """bf16 autocast on the GPU (fp16 on the CPU: the interpreter has no bf16): the loss matches the twin under the
+    same autocast, and the gradients reach the float32 parameters."""
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+    config = gpt_config(variant)
+    ours, ref = with_reference(GPT, config)
+    ref.float()
+    idx, targets = tokens(config), tokens(config)
+    with torch.autocast(DEVICE, dtype=dtype):
+        loss, loss_ref = ours(idx, targets)[1], ref(idx, targets)[1]
+    assert_close(loss, loss_ref, dtype, "loss under autocast", tol=10 * tolerance(dtype))
+    loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in ours.parameters())
+
+
+# ------------------------------------------------------------------------------------------------------ ViT
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+def test_vit_matches_torch_twin(pool, seed):
+    config = ViTConfig(**TINY_VIT, pool=pool)
+    ours, ref = with_reference(ViT, config)
+    images = torch.randn(3, 3, 12, 12, device=DEVICE)
+    labels = torch.randint(0, 5, (3,), device=DEVICE)
+    logits, loss = ours(images, labels)
+    logits_ref, loss_ref = ref(images.double(), labels)
+    assert logits.shape == (3, 5)
+    assert_close(logits, logits_ref, torch.float32, "logits")
+    assert_close(loss, loss_ref, torch.float32, "loss")
+    kept = logits.detach().clone()
+    loss.backward()
+    loss_ref.backward()
+    assert torch.equal(logits.detach(), kept), "the logits returned with the loss stay logits after backward"
+    assert_same_parameter_grads(ours, ref)
+    assert (ours.cls_token is None) == (pool == "mean")
+    assert ours.pos_embed.shape == (1, 9 + (pool == "cls"), 32)
+
+
+def test_vit_patches_are_a_strided_convolution(seed):
+    """The patch embedding over flattened patches equals a Conv2d with kernel = stride = patch and the same weight."""
+    model = ViT(ViTConfig(**TINY_VIT, backend="torch"))
+    images = torch.randn(2, 3, 12, 12)
+    embedded = model.patch_embed(model.patchify(images))  # (B, N, C)
+    weight = model.patch_embed.weight.view(32, 3, 4, 4)
+    conv = torch.nn.functional.conv2d(images, weight, model.patch_embed.bias, stride=4)  # (B, C, 3, 3)
+    assert_close(embedded, conv.flatten(2).transpose(1, 2), torch.float32, "patch embedding")
+
+
+def test_gpt_and_vit_share_the_block():
+    gpt, vit = GPT(gpt_config(backend="torch")), ViT(ViTConfig(**TINY_VIT, backend="torch"))
+    assert type(gpt.blocks[0]) is type(vit.blocks[0]) is Block
+    assert gpt.blocks[0].attn.causal and not vit.blocks[0].attn.causal
+
+
+def test_vit_bad_configs_and_inputs():
+    with pytest.raises(ValueError, match="image_size=28 is not divisible by patch_size=5"):
+        ViTConfig(patch_size=5)
+    with pytest.raises(ValueError, match="pool='max' is not one of"):
+        ViTConfig(pool="max")
+    with pytest.raises(ValueError, match="mlp_ratio must be > 0"):
+        ViTConfig(mlp_ratio=0)
+    model = ViT(ViTConfig(**TINY_VIT, backend="torch"))
+    with pytest.raises(ValueError, match=r"images must be \(B, 3, 12, 12\), got shape \(2, 1, 12, 12\)"):
+        model(torch.randn(2, 1, 12, 12))
+
+
+def test_gpt_bench_suite_rows(seed):
+    """The bench suite's training step runs both backends from the same weights and reports a rate per row."""
+    from triformer.bench import gpt as gpt_bench
+
+    rows = gpt_bench.run(gpt_bench.CPU_MODELS, providers=("triformer", "torch"), steps=1, warmup=0, device=DEVICE,
+                         dtype=torch.float32, progress=False)
+    assert [row["provider"] for row in rows] == ["triformer", "torch"]
+    for row in rows:
+        assert row["error"] == "" and row["ms"] > 0 and row["tokens_per_s"] > 0 and row["rate"] > 0, row
+        assert row["unit"] == "TFLOP/s" and row["shape"] == "tiny L2-H2-C32-T8-B2-V65"
