@@ -90,14 +90,22 @@ def test_strided_and_stride_zero_inputs(activation, seed):
 
 
 def test_gradient_goes_into_the_up_projection_output(seed):
-    """Non-leaf x: after the backward its storage holds [da | db] (no gradient buffer); leaf x is never written."""
+    """By default x is never written (non-leaf included: it may be read again after the backward, as logits are);
+    inplace_grad=None puts [da | db] into a non-leaf x's storage (no gradient buffer) and leaves a leaf x alone;
+    inplace_grad=True writes into any x."""
     leaf = randn(7, 66, requires_grad=True)
     x = non_leaf(leaf)
+    kept = x.detach().clone()
     h = TF.swiglu(x)
+    h.backward(randn(*h.shape))
+    assert torch.equal(x.detach(), kept) and not torch.equal(leaf.grad, kept)
+    leaf.grad = None
+    x = non_leaf(leaf)
+    h = TF.swiglu(x, inplace_grad=None)
     h.backward(randn(*h.shape))
     assert torch.equal(x.detach(), leaf.grad)
     kept = leaf.detach().clone()
-    TF.swiglu(leaf).backward(randn(7, 33))
+    TF.swiglu(leaf, inplace_grad=None).backward(randn(7, 33))
     assert torch.equal(leaf.detach(), kept)
     copy = leaf.detach().clone().requires_grad_()
     TF.swiglu(copy, inplace_grad=True).backward(randn(7, 33))
@@ -109,10 +117,10 @@ def test_in_place_gradient_is_never_silently_wrong(seed):
     leaf = randn(5, 16, requires_grad=True)
     x = non_leaf(leaf)
     square = x * x  # saves x; created first, so its backward runs after the gate's
-    loss = TF.geglu(x).sum() + square.sum()
+    loss = TF.geglu(x, inplace_grad=None).sum() + square.sum()
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
-    h = TF.swiglu(non_leaf(leaf))
+    h = TF.swiglu(non_leaf(leaf), inplace_grad=None)
     h.backward(torch.ones_like(h), retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         h.backward(torch.ones_like(h))

@@ -5,7 +5,7 @@ LigerGELUMulFunction (where installed).
 Shapes [M, hidden]: the up-projection's output x [M, 2·hidden] (gate half first). triformer, torch and
 torch.compile take that x; Liger takes its two halves as separate contiguous [M, hidden] tensors (LLaMA's separate
 gate and up projections, its own layout, so it copies nothing). Liger writes its gradients into its inputs'
-storage; so does "triformer" (inplace_grad=True, what it does by default for a model's up-projection output);
+storage; so does "triformer" (inplace_grad=True, what TritonGatedMLP does with its up-projection output);
 "triformer (grad buffer)" allocates the gradient. GB/s counts a and b read and h written once (forward+backward:
 also dh, a and b read and da, db written), the same bytes for every provider; peak_extra_mib is the peak memory
 above the inputs during one call, its outputs included.

@@ -51,18 +51,18 @@ class _GatedFunction(torch.autograd.Function):
         return dx, None, None
 
 
-def gated_activation(x: torch.Tensor, activation: str = "silu", inplace_grad: bool | None = None) -> torch.Tensor:
+def gated_activation(x: torch.Tensor, activation: str = "silu", inplace_grad: bool | None = False) -> torch.Tensor:
     """act(a) ⊙ b for x = [a | b] [..., 2·hidden], the two halves of one fused up-projection (a = x[..., :hidden],
     the gate; b = x[..., hidden:]); returns [..., hidden] in x's dtype, contiguous.
 
     activation: "silu" (SwiGLU) or "gelu" (GeGLU, tanh approximation as F.gelu(approximate="tanh")). The halves
     are read through x's strides (no copy); float32 math. Nothing but x is kept for the backward (act(a) and
-    act'(a) are recomputed). The gradient [da | db] goes, by default (inplace_grad=None), into x's own storage when
-    x is a non-leaf (e.g. the up-projection's output, which nothing else needs): no [.., 2·hidden] gradient buffer.
-    Afterwards x holds the gradient; an op that saved x for a later backward (and a second backward of this one)
-    then raises autograd's "modified by an inplace operation" instead of reading it (x's version is bumped). Leaf x
-    (the user's own tensor) is never overwritten unless inplace_grad=True; inplace_grad=False always allocates
-    the gradient.
+    act'(a) are recomputed). By default (inplace_grad=False) the gradient [da | db] is a new tensor and x is
+    never written. inplace_grad=None writes it into x's own storage when x is a non-leaf (TritonGatedMLP does this
+    with its up-projection's output, which nothing else reads): no [.., 2·hidden] gradient buffer; inplace_grad=True
+    does so for any x. Afterwards x holds the gradient; an op that saved x for a later backward (and a second
+    backward of this one) then raises autograd's "modified by an inplace operation" instead of reading it (x's
+    version is bumped).
     """
     _check_gated_input(x, activation, inplace_grad)
     width = x.shape[-1]
@@ -71,11 +71,11 @@ def gated_activation(x: torch.Tensor, activation: str = "silu", inplace_grad: bo
     return _GatedFunction.apply(x2d, activation, inplace).view(*x.shape[:-1], width // 2)
 
 
-def swiglu(x: torch.Tensor, inplace_grad: bool | None = None) -> torch.Tensor:
+def swiglu(x: torch.Tensor, inplace_grad: bool | None = False) -> torch.Tensor:
     """silu(a) ⊙ b for x = [a | b] [..., 2·hidden] (see gated_activation)."""
     return gated_activation(x, "silu", inplace_grad)
 
 
-def geglu(x: torch.Tensor, inplace_grad: bool | None = None) -> torch.Tensor:
+def geglu(x: torch.Tensor, inplace_grad: bool | None = False) -> torch.Tensor:
     """gelu_tanh(a) ⊙ b for x = [a | b] [..., 2·hidden] (see gated_activation)."""
     return gated_activation(x, "gelu", inplace_grad)

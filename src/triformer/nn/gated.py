@@ -56,7 +56,7 @@ class TritonGatedMLP(_GatedMLP):
                          device, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(TF.gated_activation(self.up(x), self.gate))
+        return self.down(TF.gated_activation(self.up(x), self.gate, inplace_grad=None))
 
 
 class TorchGatedMLP(_GatedMLP):
