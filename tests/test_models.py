@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from harness import DEVICE, assert_close, tolerance
+from harness import DEVICE, ON_GPU, assert_close, relative_error, tolerance
 from triformer import GPT, ViT, GPTConfig, ViTConfig
 from triformer.models.blocks import Block
 
@@ -221,6 +221,31 @@ def test_gpt_under_autocast_matches_twin(variant, seed):
     assert_close(loss, loss_ref, dtype, "loss under autocast", tol=10 * tolerance(dtype))
     loss.backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in ours.parameters())
+
+
+@pytest.mark.skipif(not ON_GPU, reason="bf16 and the character GPT's size need a GPU (the interpreter has no bf16)")
+@pytest.mark.parametrize("variant", ["gpt2", "llama"])
+def test_gpt_char_size_bf16_no_worse_than_twin(variant, seed):
+    """The character GPT (6 layers, 6 heads, 384 wide, T 256) under bf16 autocast: the loss and every parameter's
+    gradient are as close to the float64 twin as the torch twin's own bf16 run is (within 2x, plus 1e-3)."""
+    config = gpt_config(variant, vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384,
+                        n_kv_head=2 if variant == "llama" else None)
+    ours, ref = with_reference(GPT, config)
+    twin = GPT(GPTConfig(**{**vars(config), "backend": "torch"})).to(DEVICE)
+    twin.load_state_dict(ours.state_dict())
+    idx, targets = tokens(config, batch=8), tokens(config, batch=8)
+    loss_ref = ref(idx, targets)[1]
+    loss_ref.backward()
+    errors = {}
+    for name, model in (("ours", ours), ("twin", twin)):
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            loss = model(idx, targets)[1]
+        loss.backward()
+        errors[name] = {"loss": relative_error(loss, loss_ref)}
+        errors[name].update({n: relative_error(p.grad, p_ref.grad)
+                             for (n, p), p_ref in zip(model.named_parameters(), ref.parameters())})
+    for key, ours_error in errors["ours"].items():
+        assert ours_error <= 2 * errors["twin"][key] + 1e-3, (key, ours_error, errors["twin"][key])
 
 
 # ------------------------------------------------------------------------------------------------------ ViT
