@@ -78,14 +78,17 @@ def test_tma_path(M, K, N, bias, activation, dtype, tma_launches, seed):
 
 
 @needs_tma
-@pytest.mark.parametrize("layout", ["odd-width", "sliced-columns", "offset-base"])
+@pytest.mark.parametrize("layout", ["odd-width", "sliced-columns", "offset-base", "row-expanded"])
 def test_tma_ineligible_inputs_fall_back(layout, tma_launches, seed):
-    """Rows not 16-byte aligned, a non-unit inner stride, a base off 16 bytes: the pointer kernel takes over."""
+    """Rows not 16-byte aligned, a non-unit inner stride, a base off 16 bytes, one row repeated (row stride 0,
+    aligned but no descriptor layout): the pointer kernel takes over."""
     dtype, K, N = torch.bfloat16, 64, 72
     if layout == "odd-width":
         x = randn(100, K + 1, dtype=dtype)[:, :K]  # row stride of 65 elements
     elif layout == "sliced-columns":
         x = randn(100, 2 * K, dtype=dtype)[:, ::2]
+    elif layout == "row-expanded":
+        x = randn(1, K, dtype=dtype).expand(100, K)
     else:
         x = randn(100 * K + 1, dtype=dtype)[1:].view(100, K)  # 2-byte offset base
     x = x.detach().requires_grad_(True)

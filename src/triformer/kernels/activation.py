@@ -207,9 +207,9 @@ def _whole_column_launch(rows: int) -> dict:
 
 
 def _column_sum(x, dtype, rows_per_program, gate=None, gated=None, gate_act=0, launch=_COLUMN_SUM_LAUNCH):
-    planes = x.reshape(x.shape[:-2].numel(), x.shape[-2], x.shape[-1])  # M = 0 (an empty batch) sums to zeros
+    planes = x.reshape(x.shape[:-2].numel(), x.shape[-2], x.shape[-1])
     P, M, N = planes.shape
-    if not (P and N):
+    if not (P and M and N):  # M = 0 (an empty batch) sums to zeros; an empty tensor may have no storage to pass
         return torch.zeros((*x.shape[:-2], N), device=x.device, dtype=dtype)
     if gate is None and M <= _WHOLE_COLUMN_MAX_ROWS:
         rows_per_program, launch = max(M, 1), _whole_column_launch(M)

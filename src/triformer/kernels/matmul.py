@@ -141,10 +141,12 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, bias: torch.Tensor | None = None
     preact = new_empty((M, N), like=a) if store_preactivation else None
     act = activation_code(activation)
     if M > 0 and N > 0:
-        views = matmul_tma.tma_views(a, b, c)
+        views = matmul_tma.tma_views(a, b, c)  # None for K = 0
         if views is not None:
             matmul_tma.launch(views, c, bias, preact, act)
         else:
+            if not K:  # C = act(bias): nothing is read from a and b, which may have no storage; c stands in
+                a = b = c
             args = (a, b, c, c if bias is None else bias, c if preact is None else preact, M, N, K,
                     a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1))
             flags = dict(HAS_BIAS=bias is not None, ACT=act, STORE_PREACT=preact is not None,
