@@ -248,6 +248,26 @@ def test_every_tile(kernel, d, meta, causal, seed):
 
 
 @gpu_only
+@pytest.mark.parametrize("causal", CAUSAL)
+def test_extra_memory_is_per_row(causal, seed):
+    """Forward+backward allocate o, dq, dk, dv and two float32 rows per query (lse, Δ): nothing of size S²."""
+    b, h, s, d = 1, 4, 4096, 64
+    q, k, v = make_qkv(b, h, h, s, d, torch.bfloat16)
+    dy = randn(b, h, s, d, dtype=torch.bfloat16)
+    TF.attention(q, k, v, causal=causal).backward(dy)  # compile outside the measurement
+    q.grad = k.grad = v.grad = None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    TF.attention(q, k, v, causal=causal).backward(dy)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    tensors = 4 * q.numel() * q.element_size()  # o, dq, dk, dv
+    rows = 2 * b * h * s * 4
+    assert extra <= tensors + rows + 2**20, f"{extra} bytes beyond the inputs (S² scores would be {b * h * s * s * 2})"
+
+
+@gpu_only
 def test_autocast_runs_in_the_autocast_dtype(seed):
     q, k, v = make_qkv(2, 4, 4, 100, 64, torch.float32)
     with torch.autocast("cuda", dtype=torch.bfloat16):
