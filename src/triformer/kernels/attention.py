@@ -353,7 +353,7 @@ _FORWARD_CONFIGS = {
 _DKDV_CONFIGS = {
     64: [(64, 128, 8, 3), (32, 128, 4, 4), (64, 64, 4, 3), (32, 64, 4, 4)],
     128: [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 2)],
-    256: [(32, 64, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
+    256: [(32, 64, 8, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
 }
 _DQ_CONFIGS = {
     64: [(128, 64, 8, 3), (64, 32, 4, 4), (128, 32, 4, 4), (64, 64, 4, 3)],
@@ -372,15 +372,18 @@ def _block_d(d: int) -> int:
     return max(16, next_power_of_2(d))
 
 
-def configs(kernel: str, d: int, s: int) -> list[dict]:
+def configs(kernel: str, d: int, s: int, element_size: int = 2) -> list[dict]:
     """The Hopper candidates of `kernel` ("forward", "dkdv", "dq") for head dim d and sequence length s: those of
     the smallest table head dim ≥ the padded one, without blocks longer than max(64, the sequence rounded
-    up to a power of two)."""
+    up to a power of two). 4-byte inputs get half-size blocks on 4 warps without pipelining (the 16-bit tiles'
+    buffers would not fit Hopper's 228 KB of shared memory twice over)."""
     table = _TABLES[kernel]
     block_d = _block_d(d)
     rows = table[min((dim for dim in table if dim >= block_d), default=max(table))]
     limit = max(64, next_power_of_2(s))
     fits = [r for r in rows if max(r[0], r[1]) <= limit] or [min(rows, key=lambda r: r[0] * r[1])]
+    if element_size == 4:
+        fits = list(dict.fromkeys((max(16, m // 2), max(16, n // 2), 4, 1) for m, n, _, _ in fits))
     return [_config(*r) for r in fits]
 
 
@@ -395,7 +398,7 @@ def _launch(name: str, kernel, grid, args: tuple, flags: dict, key: tuple, meta:
     elif interpreter_active():
         run(_INTERPRETER_CONFIGS[name])
     else:
-        candidates = configs(name, key[4], key[3])
+        candidates = configs(name, key[4], key[3], key[5].itemsize)
         if autotune_enabled():
             launch_tuned((f"attention.{name}", *key), lambda: candidates, run)
         else:
