@@ -2,10 +2,9 @@
 at the benchmark shapes, cuBLAS (torch.mm) beside our TMA kernel, each tile forced in turn and the tuner's pick;
 GPU time (CUDA graph, L2 flushed). With the argument `configs`: every tile, with a few outside the tuning space,
 whole and cut, at the first two shapes. With `forward`: the fused forward relu(X·Wᵀ + b) per tile (some outside
-the tuning space) beside eager and torch._addmm_activation. With the argument `gated` (as well as or instead of `products`): the backward's
-gated pass (dZ = dY ⊙ relu'(Y) and db) by tile and warps against torch's dY·mask of the same bytes. Not part of
-the pipeline. (The stream-K schedule an earlier version
-compared lives in git history: 8a0c3a4.)"""
+the tuning space) beside eager and torch._addmm_activation. With the argument `gated` (as well as or instead of
+`products`): the backward's gated pass (dZ = dY ⊙ relu'(Y) and db) by tile and warps against torch's dY·mask of
+the same bytes. Not part of the pipeline."""
 
 import itertools
 import sys

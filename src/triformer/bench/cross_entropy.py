@@ -67,8 +67,8 @@ def run(sizes=DEFAULT_SIZES, dtype: torch.dtype = torch.bfloat16, device: str = 
                 return grad
 
             # Liger-Kernel's cross-entropy reads a value back to the host, which a CUDA graph capture forbids, and
-            # a failed capture spoils the process's RNG state for every later row
-            # (reports/gpu/h200-2026-11-26d-ce-capture-probe.log): its GPU time is the profiler's (kernel_ms).
+            # a failed capture spoils the process's RNG state for every later row: its GPU time is the profiler's
+            # (kernel_ms).
             times = timings(step, capture=name not in UNCAPTURABLE)
             peak = peak_extra_mib(step, device)
         except Exception as exc:  # e.g. torch.compile failing on this host: the row says why

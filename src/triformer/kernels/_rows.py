@@ -24,9 +24,8 @@ from ._runtime import cdiv, device_properties, interpreter_active, next_power_of
 
 # Widest row block held in registers; wider rows loop. Tests lower it to exercise the looping path on small rows.
 MAX_ROW_BLOCK = 16384
-# Elements per program when several narrow rows share one: a GPU wants ~2K (on an H200 2048 beat 4096 and more:
-# more programs in flight, none spilling); the interpreter runs programs one after another in numpy and wants
-# few, large tiles.
+# Elements per program when several narrow rows share one: a GPU wants ~2K (more programs in flight, none
+# spilling); the interpreter runs programs one after another in numpy and wants few, large tiles.
 _GPU_TILE = 2048
 # Column block of the looping path: the row is not held, so a smaller block keeps registers free (no spills).
 _LOOP_BLOCK = 8192
@@ -94,8 +93,8 @@ def launch_rows(kernel, n_rows: int, n_cols: int, *args, wide_row_warps: int | N
                 gpu_tile: int | None = None, shared_row_warps: int | None = None,
                 row_elements_per_thread: int | None = None, **flags) -> None:
     """kernel[one program per BLOCK_M rows](*args, **flags, tiling meta); nothing to launch for an empty input.
-    wide_row_warps: num_warps for whole-row tiles of one row of WIDE_ROW elements or more (a kernel measured to
-    want more). row_elements_per_thread: num_warps for every one-row whole-row tile, so that each thread holds this
+    wide_row_warps: num_warps for whole-row tiles of one row of WIDE_ROW elements or more (for a kernel that
+    wants more). row_elements_per_thread: num_warps for every one-row whole-row tile, so that each thread holds this
     many elements (4 to 32 warps). gpu_tile, shared_row_warps: elements per program (see row_tiling) and num_warps
     where several rows share a program."""
     if n_rows and n_cols:

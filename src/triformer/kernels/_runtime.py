@@ -15,7 +15,7 @@ POISON_OUTPUTS = False
 
 def cdiv(a: int, b: int) -> int:
     """⌈a / b⌉ for host-side grid arithmetic. (triton.cdiv is a constexpr function whose host call unwraps its
-    arguments: ~5 µs a call on a slow host, several per launch.)"""
+    arguments, several times per launch.)"""
     return -(-a // b)
 
 

@@ -66,7 +66,7 @@ def fixed_config(configs, forced: triton.Config | None, M: int, N: int, element_
 # than the launch itself on a slow host, and it times the kernel alone, where a schedule may need a second one).
 _CHOSEN: dict[tuple, object] = {}
 
-# What each candidate took (ms per call) on its key's first call, by key: for probes that show the tuner's view.
+# What each candidate took (ms per call) on its key's first call, by key: for tools that show the tuner's view.
 TIMED: dict[tuple, list] = {}
 
 # Per candidate: batches of calls queued behind a GPU-side wait of about _TUNE_HOLD_CYCLES clock cycles (a few ms).

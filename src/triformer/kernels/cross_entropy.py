@@ -30,14 +30,12 @@ import triton.language as tl
 from ._rows import online_softmax_update, row_tiling
 from ._runtime import cdiv, new_empty, next_power_of_2
 
-# Vocabulary block per loop step, on 16 warps (16 logits a thread) for rows of one block or more. Measured on an H100
-# (scripts/gpu_cross_entropy_launch_probe.py, reports/gpu/h100-2026-11-26h-cross-entropy-launch-probe.log; kernel
-# alone, L2 flushed): 0.816 ms at 8192×50304 and 0.890 at 16384×32768, against 0.861 and 1.088 for blocks of 4096
-# on 4 warps: with fewer rows in flight, a row's second read (the gradient pass) more often finds it in L2.
+# Vocabulary block per loop step, on 16 warps (16 logits a thread) for rows of one block or more: large blocks keep
+# fewer rows in flight, so a row's second read (the gradient pass) more often finds it in L2.
 _BLOCK_V = 8192
 _WIDE_ROW_WARPS = 16
-# Targets per step (and warps) of the one-program count of valid and out-of-range targets, one launch instead of
-# torch's seven: blocks of 1024 on 4 warps took 14 µs for 8192 targets on an H100, one dependent load per step.
+# Targets per step (and warps) of the one-program count of valid and out-of-range targets (one launch instead of
+# torch's seven): each step is one dependent load, so the blocks are wide.
 _COUNT_BLOCK, _COUNT_WARPS = 4096, 8
 
 
@@ -176,8 +174,8 @@ def scale_rows_(g: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     if m and v:
         block = min(next_power_of_2(v), 4096)
         stride_s = 0 if scale.dim() == 0 else scale.stride(0)
-        # One program a row (not a block): where scale is 1 (loss.backward() of a mean or sum) the launch
-        # then costs a few µs, not the ~65 µs that 8192 × 13 programs took at 8192×50304 on an H100.
+        # One program a row (not one a block of a row): where scale is 1 (loss.backward() of a mean or sum), as
+        # few programs as rows load it and return.
         _scale_rows_kernel[(m,)](g, scale, m, v, g.stride(0), g.stride(1), stride_s, BLOCK_N=block)
     return g
 

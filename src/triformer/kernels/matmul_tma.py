@@ -12,8 +12,8 @@ A product whose last wave of tiles is thin would leave SMs idle (the backward's 
 a wave) can be cut, each into SPLIT_K runs of its K-iterations, one work unit each, so every SM gets a share; a
 small kernel adds each cut tile's float32 partial products (in a fixed order: deterministic) before the epilogue.
 The whole tiles and the cut ones are two launches of the same kernel, so no branch enters its pipelined loop. The
-tuner times each schedule end to end. (A stream-K schedule, equal K-slices per SM with a runtime branch between
-finished and cut tiles, was 1.4–1.7× slower per K-iteration under triton 3.6 on an H200; reports/NOTES.md.)
+tuner times each schedule end to end. (A runtime branch inside the pipelined loop, as between finished and cut
+tiles in a stream-K schedule, would stop Triton's software pipelining.)
 
 For nn.Linear's forward layout on an sm_90 GPU (A row-major, B = Wᵀ), the tuner also times matmul_ws.py's
 warp-specialized Gluon kernel, whose 128×(128+64) tiles fill two whole waves at N = 768.
@@ -37,9 +37,8 @@ from .activation import apply_activation
 ENABLED = True
 # False: the tuner never offers matmul_ws.py's warp-specialized kernel.
 WARP_SPECIALIZED = True
-# Its tiles (BLOCK_N0, BLOCK_N1, STAGES, schedule) for the tuner, those that won somewhere in the H100 probe
-# (scripts/gpu_gluon_ws_probe.py): 128×(128+64) at N = 768 (ping-pong for inference, cooperative when the
-# preactivation is stored), 128×(128+128) at N = 3072, ping-pong 128×(64+64) at N = 3072 and 4096.
+# Its tiles (BLOCK_N0, BLOCK_N1, STAGES, schedule) for the tuner: 128×(128+64) for N = 768 (ping-pong for inference,
+# cooperative when the preactivation is stored), 128×(128+128) for N = 3072, ping-pong 128×(64+64) for N ≥ 3072.
 WARP_SPECIALIZED_CONFIGS = [(128, 64, 4, "cooperative"), (128, 128, 3, "cooperative"), (64, 64, 5, "pingpong"),
                             (128, 64, 4, "pingpong")]
 # Tiles not offered when the preactivation is stored: the ping-pong 128×(128+64) tile holds 192 accumulator
@@ -137,10 +136,10 @@ def _config(bm, bn, bk, stages, warps, split=False):
                          num_stages=stages, num_warps=warps)
 
 
-# The winners of a sweep on H200: 128×256 tiles (two warpgroups) for most products, 128×128 with deep pipelining
-# where 128×256 tiles leave the last wave half empty (N = 768), 64-row tiles for short products. Largest first:
-# fixed_config takes the first that fits up to 128×128. (Triton's automatic warp specialization compiled for
-# sm_90 with triton 3.6 but was slower than the flattened software pipeline.)
+# The tiles the tuner times: 128×256 (two warpgroups) for most products, 128×128 with deep pipelining where 128×256
+# tiles leave the last wave half empty (N = 768), 64-row tiles for short products. Largest first: fixed_config
+# takes the first that fits up to 128×128. The main loop is Triton's flattened software pipeline, without its
+# automatic warp specialization (matmul_ws.py specializes warps by hand).
 _TMA_CONFIGS = [
     _config(128, 256, 64, 3, 8),
     _config(128, 256, 64, 4, 8, split=True),
@@ -186,7 +185,7 @@ def tma_views(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor):
 # every SM gets a share ("data-parallel + split-K", the balance stream-K aims at, with no branch in the kernel).
 # A cut tile costs a float32 partial tile written and read back, which the model charges as PARTIAL_TILE_COST
 # K-iterations of one SM (partials move at the device's bandwidth, shared by all SMs: ≈ 4·(SM rate)/(bandwidth ·
-# BLOCK_K) for bf16, 0.135 on an H200: 6.5 TFLOP/s per SM, ~3 TB/s; it matched split-K's measured loss there).
+# BLOCK_K) for bf16: 0.135 for an H200's 6.5 TFLOP/s per SM and ~3 TB/s).
 # A schedule is offered to the tuner when the model gains more than SCHEDULE_MIN_GAIN over whole tiles.
 MAX_SPLIT_K = 16
 PARTIAL_TILE_COST = 0.135
@@ -254,8 +253,8 @@ def warp_specialized_fits(a_trans: bool, b_trans: bool, device: torch.device, ou
             and device.type == "cuda" and _gluon_kernel() is not None and device_properties(device).major == 9)
 
 
-# The first Triton whose Gluon this kernel was run with (3.6 on the GPU hosts; 3.8 compiles it too). Gluon is
-# experimental and its API moves between releases.
+# The oldest Triton whose Gluon API matmul_ws.py is written for (3.6, the GPU hosts'; 3.8 compiles it too). Gluon
+# is experimental and its API moves between releases.
 GLUON_MIN_TRITON = (3, 6)
 
 

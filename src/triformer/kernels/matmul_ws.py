@@ -18,9 +18,7 @@ loads land; its `empty` barrier the same phase when the MMA partitions reading i
 The epilogue (bias, activation, bf16/fp16) goes through shared memory and TMA stores, which clip at the edges; TMA
 loads zero-fill past them. Persistent: program p takes tiles p, p + P, ...
 
-Measured on an H100 (reports/NOTES.md, sixth and seventh sessions): 8192×3072×768 forward 58.3–58.7 µs (ping-pong
-128×(128+64)) against 65 µs for the Triton TMA kernel (cuBLASLt 52.5–52.8 µs). matmul_tma's tuner times these
-tiles beside its own where `warp_specialized_fits` holds.
+matmul_tma's tuner times these tiles beside its own where `warp_specialized_fits` holds.
 Gluon has no interpreter: on the CPU this module is only compiled for sm_90 (tests/test_matmul_ws_compile.py).
 """
 
@@ -223,8 +221,8 @@ _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 
 @functools.cache
 def _shared_layout(block: tuple, dtype: torch.dtype) -> gl.NVMMASharedLayout:
-    """The swizzled shared-memory layout of a TMA block (built once: building one takes ~9 µs of host time, and a
-    launch needs up to seven descriptors)."""
+    """The swizzled shared-memory layout of a TMA block, built once per block shape and dtype (building one is
+    host work, and a launch needs up to seven descriptors)."""
     return gl.NVMMASharedLayout.get_default_for(list(block), _GL_DTYPES[dtype])
 
 

@@ -32,10 +32,8 @@ from .activation import column_sum
 # (16 warps, sm_90), so they take the looping path instead.
 _BACKWARD_MAX_BLOCK = 8192
 # The backward's loop over blocks of whole rows: Triton's software-pipelining depth (1: none) and whether the
-# next block's loads are issued before the current block is computed.
-# Picked on an H200 by scripts/gpu_rows_tuning.py (reports/NOTES.md): prefetching and a 2048-element block
-# halve the GPU time of narrow rows (16384×1024); 3 stages help the widest whole rows (8192), where the
-# prefetch is off.
+# next block's loads are issued before the current block is computed (with a 2048-element block this keeps narrow
+# rows' loads in flight); the 3 stages serve the widest whole rows (8192), where the prefetch is off.
 BACKWARD_STAGES = 3
 BACKWARD_PREFETCH = True
 # Elements of the block of rows the backward computes at once (rows narrower than this share a block).
@@ -271,13 +269,11 @@ def _norm_backward_kernel(
 
 
 # The forward over rows of 513–1024 elements: four rows a program on four warps (32 elements a thread) instead of
-# row_tiling's two rows: 1.15× at 4096×768 (LayerNorm and RMSNorm; then 1.15–1.17× Liger-Kernel's) and level at
-# 16384×1024 on an H100 (scripts/gpu_rows_forward_probe.py liger; reports/NOTES.md).
+# row_tiling's two rows.
 _NARROW_FORWARD = {"gpu_tile": 4096, "shared_row_warps": 4}
 
 
-# Whole rows of WIDE_ROW (8192) elements or more take 16 warps instead of 8 (H100, 4096×8192: RMSNorm 0.943 → 0.950
-# of the copy rate, LayerNorm 0.913 → 0.928; reports/gpu/h100-2026-11-26h-params-launch-probe.log).
+# Whole rows of WIDE_ROW (8192) elements or more take 16 warps instead of 8.
 _WIDE_FORWARD = {"wide_row_warps": 16}
 
 
@@ -289,10 +285,9 @@ def forward_launch_options(n: int) -> dict:
 def forward_flags(n: int, center: bool) -> dict:
     """The forward kernel's flags for rows of n elements (see _norm_forward_kernel).
 
-    The order of the parameter loads was measured on an H100 (scripts/gpu_rows_forward_probe.py launch and flags;
-    reports/NOTES.md): loading w and b first is faster for LayerNorm's rows of 1024–4096 (4096²: +1.5 %), but its
-    rows of 8192 run 8 % slower with it, so they load w and b after the reductions. Elsewhere the order moves the
-    time by ≤ 1.5 % either way, and from one width to the next; they load first."""
+    PARAMS_FIRST: w and b are loaded before the row's reductions, which is faster for LayerNorm's rows of
+    1024–4096; LayerNorm's rows of WIDE_ROW (8192) elements or more are faster loading them after. Elsewhere the
+    order matters little; they load first."""
     return {"PARAMS_FIRST": not (center and n >= WIDE_ROW)}
 
 
@@ -325,36 +320,50 @@ def norm_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tenso
     return y, x2, mean, rstd
 
 
-def norm_backward(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor | None,
-                  rstd: torch.Tensor, dw_dtype: torch.dtype | None, db_dtype: torch.dtype | None):
-    """(dx [M, N], dw or None, db or None) from dy [..., N] and what norm_forward saved; dw (db) is computed in
-    dw_dtype (db_dtype), None for no gradient."""
+def sums_dtype(dw_dtype: torch.dtype | None, db_dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype dw and db are summed in: theirs when they agree, else float32 (each cast after the sum)."""
+    wanted = {dtype for dtype in (dw_dtype, db_dtype) if dtype is not None}
+    return wanted.pop() if len(wanted) == 1 else torch.float32
+
+
+def norm_backward_sums(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor | None,
+                       rstd: torch.Tensor, need_dw: bool, need_db: bool, sum_dtype: torch.dtype):
+    """(dx [M, N], the wanted of dw and db as the rows of one [k, N] tensor in sum_dtype) from dy [..., N] and what
+    norm_forward saved."""
     m, n = x2.shape
     dy2 = as_rows(dy, n)
     weight = _unit_stride(weight)
     dx = new_empty((m, n), like=x2)
-    wanted = [dtype for dtype in (dw_dtype, db_dtype) if dtype is not None]
-    sum_dtype = wanted[0] if len(set(wanted)) == 1 else torch.float32  # cast after the sum only if they differ
+    k = need_dw + need_db
     if not (m and n):
-        sums = torch.zeros((len(wanted), n), device=x2.device, dtype=sum_dtype)
-    else:
-        meta = row_tiling(m, n, max_block=_BACKWARD_MAX_BLOCK, gpu_tile=BACKWARD_TILE)
-        tiles = cdiv(m, meta["BLOCK_M"])
-        programs = persistent_programs(x2.device, tiles, meta["num_warps"])
-        rows_per_program = cdiv(tiles, programs) * meta["BLOCK_M"]
-        programs = cdiv(m, rows_per_program)
-        # a [programs, N] float32 plane per gradient; looping programs add into theirs, so it starts at zero
-        shape = (len(wanted), programs, n)
-        partials = (new_empty(shape, like=x2, dtype=torch.float32) if meta["ONE_BLOCK"]
-                    else torch.zeros(shape, device=x2.device, dtype=torch.float32))
-        _norm_backward_kernel[(programs,)](
-            dy2, x2, x2 if weight is None else weight, rstd if mean is None else mean, rstd, dx,
-            partials if wanted else rstd, m, n, dy2.stride(0), x2.stride(0), n, rows_per_program,
-            CENTER=mean is not None, HAS_W=weight is not None, DW=dw_dtype is not None, DB=db_dtype is not None,
-            STAGES=BACKWARD_STAGES, PREFETCH=backward_prefetch(meta), **meta,
-        )
-        sums = column_sum(partials, sum_dtype, rows_per_program=programs) if wanted else partials
-    sums = [total.to(dtype) for total, dtype in zip(sums.unbind(0), wanted)]
-    dw = sums.pop(0) if dw_dtype is not None else None
-    db = sums.pop(0) if db_dtype is not None else None
+        return dx, torch.zeros((k, n), device=x2.device, dtype=sum_dtype)
+    meta = row_tiling(m, n, max_block=_BACKWARD_MAX_BLOCK, gpu_tile=BACKWARD_TILE)
+    tiles = cdiv(m, meta["BLOCK_M"])
+    programs = persistent_programs(x2.device, tiles, meta["num_warps"])
+    rows_per_program = cdiv(tiles, programs) * meta["BLOCK_M"]
+    programs = cdiv(m, rows_per_program)
+    # a [programs, N] float32 plane per gradient; looping programs add into theirs, so it starts at zero
+    shape = (k, programs, n)
+    partials = (new_empty(shape, like=x2, dtype=torch.float32) if meta["ONE_BLOCK"]
+                else torch.zeros(shape, device=x2.device, dtype=torch.float32))
+    _norm_backward_kernel[(programs,)](
+        dy2, x2, x2 if weight is None else weight, rstd if mean is None else mean, rstd, dx,
+        partials if k else rstd, m, n, dy2.stride(0), x2.stride(0), n, rows_per_program,
+        CENTER=mean is not None, HAS_W=weight is not None, DW=need_dw, DB=need_db,
+        STAGES=BACKWARD_STAGES, PREFETCH=backward_prefetch(meta), **meta,
+    )
+    if not k:
+        return dx, new_empty((0, n), like=x2, dtype=sum_dtype)
+    return dx, column_sum(partials, sum_dtype, rows_per_program=programs)
+
+
+def norm_backward(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor | None,
+                  rstd: torch.Tensor, dw_dtype: torch.dtype | None, db_dtype: torch.dtype | None):
+    """(dx [M, N], dw or None, db or None) from dy [..., N] and what norm_forward saved; dw (db) is computed in
+    dw_dtype (db_dtype), None for no gradient."""
+    dx, sums = norm_backward_sums(dy, x2, weight, mean, rstd, dw_dtype is not None, db_dtype is not None,
+                                  sums_dtype(dw_dtype, db_dtype))
+    sums = list(sums.unbind(0))
+    dw = sums.pop(0).to(dw_dtype) if dw_dtype is not None else None
+    db = sums.pop(0).to(db_dtype) if db_dtype is not None else None
     return dx, dw, db

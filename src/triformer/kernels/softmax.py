@@ -93,12 +93,8 @@ def _softmax_backward_kernel(
             tl.store(dx_rows + c[None, :], dx.to(dx_ptr.dtype.element_ty), mask=row_mask[:, None] & (c < N)[None, :])
 
 
-# launch_rows' options. The forward's rows of 8192+ elements (one per program) take 16 warps instead of 8: on an
-# H200 the forward at 4096×8192 went from 0.88 to 0.90 of the copy bandwidth, level with Liger-Kernel
-# (reports/gpu/h200-2026-11-26d-rows-softmax-warps.log). The backward's whole rows take 32 elements a thread (4096:
-# 4 warps, 8192: 8 instead of 8 and 16): on an H100 the forward+backward pair at 4096² went from 0.995 to 1.004 of
-# Liger's speed, the backward alone at 4096×8192 from 0.994 to 1.001
-# (reports/gpu/h100-2026-11-26h-softmax-pair-launch-probe.log, …-params-order-probe.log).
+# launch_rows' options: the forward's rows of 8192+ elements (one per program) take 16 warps instead of 8; the
+# backward's whole rows take 32 elements a thread (4096: 4 warps, 8192: 8).
 FORWARD_LAUNCH = {"wide_row_warps": 16}
 BACKWARD_LAUNCH = {"row_elements_per_thread": 32}
 
