@@ -1,5 +1,6 @@
 """Choose how kernels run before anything imports triton: natively with CUDA, else through the interpreter."""
 
+import contextlib
 import os
 import sys
 
@@ -19,9 +20,17 @@ from triformer.kernels import _runtime  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def poison_outputs(monkeypatch):
+def poison_outputs():
     """Every output a kernel launcher allocates starts as NaN, so an element no program writes fails the test."""
-    monkeypatch.setattr(_runtime, "POISON_OUTPUTS", True)
+    with _runtime.poisoned_outputs():
+        yield
+
+
+@pytest.fixture
+def without_interpreter():
+    """The kernels answer as if TRITON_INTERPRET were not set (what a CPU tensor is told then)."""
+    with _runtime.assume_interpreter(False):
+        yield
 
 
 @pytest.fixture
@@ -35,11 +44,10 @@ def seed():
 
 
 @pytest.fixture(params=["one-block", "looped"])
-def row_path(request, monkeypatch):
+def row_path(request):
     """Row-wise ops run twice: rows held in one register block, and rows covered by a loop over column blocks."""
     from rowwise import LOOPED_BLOCK
     from triformer.kernels import _rows
 
-    if request.param == "looped":
-        monkeypatch.setattr(_rows, "MAX_ROW_BLOCK", LOOPED_BLOCK)
-    return request.param
+    with _rows.row_block_cap(LOOPED_BLOCK) if request.param == "looped" else contextlib.nullcontext():
+        yield request.param

@@ -10,7 +10,6 @@ import triformer.functional as TF
 from harness import DEVICE, DTYPES, ON_GPU, assert_close, randn
 from rowwise import WIDTHS, rows_for
 from triformer import TritonCrossEntropyLoss
-from triformer.kernels import _runtime
 
 # Padding rows and ignored rows compute −inf − (−inf), log 0 and 1 / 0 in numpy under the interpreter; all masked.
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
@@ -299,8 +298,7 @@ def test_out_of_range_target_leaves_the_logits_untouched():
     assert_close(TF.cross_entropy(logits, good), reference, torch.float32, "loss after the rejected call")
 
 
-def test_cpu_tensor_without_interpreter(monkeypatch):
-    monkeypatch.setattr(_runtime, "_INTERPRETER", False)
+def test_cpu_tensor_without_interpreter(without_interpreter):
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         TF.cross_entropy(torch.randn(2, 8), torch.zeros(2, dtype=torch.int64))
 

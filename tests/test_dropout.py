@@ -10,7 +10,6 @@ import torch
 import triformer.functional as TF
 from harness import DEVICE, DTYPES, ON_GPU, assert_close, randn
 from triformer import TritonDropout
-from triformer.kernels import _runtime
 from triformer.kernels import dropout as dropout_kernels
 
 N = 1 << 20 if ON_GPU else 1 << 16
@@ -142,7 +141,6 @@ def test_bad_inputs():
         TF.dropout(torch.ones(4, dtype=torch.int32, device=DEVICE), 0.5, 1)
 
 
-def test_cpu_tensor_without_interpreter(monkeypatch):
-    monkeypatch.setattr(_runtime, "_INTERPRETER", False)
+def test_cpu_tensor_without_interpreter(without_interpreter):
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         TF.dropout(torch.randn(8), 0.5, 1)

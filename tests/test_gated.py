@@ -60,14 +60,13 @@ def test_against_float64(activation, where, shape, dtype, seed):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("activation", ["silu", "gelu"])
-def test_several_row_and_column_blocks(activation, dtype, monkeypatch, seed):
+def test_several_row_and_column_blocks(activation, dtype, seed):
     """Small tiles under the interpreter: 16-column blocks (the last partly masked) and 4-row blocks."""
-    monkeypatch.setattr(gated_kernels, "INTERPRETER_TILE", 64)
-    monkeypatch.setattr(gated_kernels, "INTERPRETER_MAX_BLOCK_N", 16)
-    grid, meta = gated_kernels.launch_config(7, 33)
-    if not ON_GPU:
-        assert grid == (2, 3) and (meta["BLOCK_M"], meta["BLOCK_N"]) == (4, 16)
-    check(randn(7, 66, dtype=dtype, requires_grad=True), non_leaf, activation, dtype)
+    with gated_kernels.interpreter_tiling(64, 16):
+        grid, meta = gated_kernels.launch_config(7, 33)
+        if not ON_GPU:
+            assert grid == (2, 3) and (meta["BLOCK_M"], meta["BLOCK_N"]) == (4, 16)
+        check(randn(7, 66, dtype=dtype, requires_grad=True), non_leaf, activation, dtype)
 
 
 @pytest.mark.parametrize("activation", ["silu", "gelu"])

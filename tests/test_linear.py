@@ -219,8 +219,7 @@ def test_errors_name_what_is_wrong():
         TF.linear(x, w[None])
 
 
-def test_cpu_tensor_without_interpreter_says_how_to_run(monkeypatch):
-    monkeypatch.setattr(_runtime, "_INTERPRETER", False)
+def test_cpu_tensor_without_interpreter_says_how_to_run(without_interpreter):
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         TF.linear(torch.randn(2, 3), torch.randn(4, 3))
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import triformer.functional as TF
 from harness import DEVICE, DTYPES, ON_GPU, TOLERANCE, assert_close, randn, reference_copy
 from triformer import TritonLinearCrossEntropyLoss
-from triformer.kernels import _runtime, matmul_tma
+from triformer.kernels import matmul_tma
 from triformer.kernels import linear_cross_entropy as lce_kernels
 from triformer.nn import TorchLinearCrossEntropyLoss
 
@@ -216,8 +216,7 @@ def test_module_constructor_validates():
         TritonLinearCrossEntropyLoss(ignore_index=None)
 
 
-def test_cpu_tensor_without_interpreter(monkeypatch):
-    monkeypatch.setattr(_runtime, "_INTERPRETER", False)
+def test_cpu_tensor_without_interpreter(without_interpreter):
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         TF.linear_cross_entropy(torch.randn(2, 8), torch.randn(5, 8), torch.zeros(2, dtype=torch.int64))
 

@@ -47,10 +47,9 @@ def tma_launches(monkeypatch):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
 @pytest.mark.parametrize("config", CONFIGS, ids=config_id)
-def test_every_tile_config(config, activation, dtype, monkeypatch, seed):
-    monkeypatch.setattr(matmul_tma, "ENABLED", False)
-    monkeypatch.setattr(matmul_module, "FORCED_CONFIG", config)
-    run_and_compare(*make_inputs(515, 257, 383, dtype), activation, True, dtype)
+def test_every_tile_config(config, activation, dtype, seed):
+    with matmul_tma.disabled(), matmul_module.forced(config):
+        run_and_compare(*make_inputs(515, 257, 383, dtype), activation, True, dtype)
 
 
 @needs_tma
@@ -58,12 +57,11 @@ def test_every_tile_config(config, activation, dtype, monkeypatch, seed):
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
 @pytest.mark.parametrize("config", TMA_CONFIGS, ids=config_id)
 @pytest.mark.parametrize("schedule", [None, (0.0, 3), (0.5, 3)], ids=["whole", "cut3", "half-cut3"])
-def test_every_tma_config(schedule, config, activation, dtype, monkeypatch, tma_launches, seed):
+def test_every_tma_config(schedule, config, activation, dtype, tma_launches, seed):
     """Edges in every dimension (TMA zero-fills and clips them): the forward, dX, and dW with its transposed dZ;
     every tile whole, every tile cut into three runs of its K-iterations, half of them whole and half cut."""
-    monkeypatch.setattr(matmul_tma, "FORCED_CONFIG", config)
-    monkeypatch.setattr(matmul_tma, "FORCED_SCHEDULE", schedule)
-    run_and_compare(*make_inputs(515, 264, 392, dtype), activation, True, dtype)
+    with matmul_tma.forced(config, schedule):
+        run_and_compare(*make_inputs(515, 264, 392, dtype), activation, True, dtype)
     assert len(tma_launches) == 3
 
 
@@ -111,21 +109,21 @@ def test_autotuned_pick_is_launched_directly_later(M, K, N, dtype, monkeypatch, 
     """After a product's first call the tuner's pick is cached and launched without timing again: the later
     call must give the same forward and gradients bit for bit, and match float64."""
     monkeypatch.setenv("TRIFORMER_AUTOTUNE", "1")
-    monkeypatch.setattr(_tiles, "_CHOSEN", {})
     x, w, b = make_inputs(M, K, N, dtype)
-    first, second = (forward_and_gradients(x, w, b, "silu") for _ in range(2))
-    assert len(_tiles._CHOSEN) == 3  # forward, dX, dW: one pick each, reused by the second call
-    assert all(torch.equal(a, c) for a, c in zip(first, second))
-    run_and_compare(x, w, b, "silu", True, dtype)
+    with _tiles.fresh_picks() as picks:
+        first, second = (forward_and_gradients(x, w, b, "silu") for _ in range(2))
+        assert len(picks) == 3  # forward, dX, dW: one pick each, reused by the second call
+        assert all(torch.equal(a, c) for a, c in zip(first, second))
+        run_and_compare(x, w, b, "silu", True, dtype)
 
 
 @pytest.mark.parametrize("M,K,N,schedule", [(1031, 769, 1537, None), (1032, 768, 1544, None),
                                             (1032, 768, 1544, (0.5, 3))], ids=["pointer", "tma", "tma-half-cut3"])
-def test_results_do_not_move_between_runs(M, K, N, schedule, monkeypatch, seed):
+def test_results_do_not_move_between_runs(M, K, N, schedule, seed):
     """Same inputs, same outputs and gradients bit for bit: a race would show as a moving result."""
-    monkeypatch.setattr(matmul_tma, "FORCED_SCHEDULE", schedule)
     x, w, b = make_inputs(M, K, N, torch.bfloat16)
-    results = [forward_and_gradients(x, w, b, "gelu") for _ in range(3)]
+    with matmul_tma.forced(None, schedule):
+        results = [forward_and_gradients(x, w, b, "gelu") for _ in range(3)]
     for other in results[1:]:
         assert all(torch.equal(a, c) for a, c in zip(results[0], other))
 

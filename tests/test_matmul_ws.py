@@ -74,9 +74,8 @@ def test_offered_for_the_forward_layout_only(monkeypatch):
     assert not matmul_tma.warp_specialized_fits(True, False, cuda, big)   # dW = dZᵀ·X
     assert not matmul_tma.warp_specialized_fits(False, True, cuda, big - 1)
     assert not matmul_tma.warp_specialized_fits(False, True, torch.device("cpu"), big)
-    monkeypatch.setattr(matmul_tma, "WARP_SPECIALIZED", False)
-    assert not matmul_tma.warp_specialized_fits(False, True, cuda, big)
-    monkeypatch.setattr(matmul_tma, "WARP_SPECIALIZED", True)
+    with matmul_tma.without_warp_specialization():
+        assert not matmul_tma.warp_specialized_fits(False, True, cuda, big)
     monkeypatch.setattr(matmul_tma, "device_properties", lambda device: types.SimpleNamespace(major=10, minor=0))
     assert not matmul_tma.warp_specialized_fits(False, True, cuda, big)  # Blackwell has no warpgroup MMA
     with_ws = matmul_tma._candidates(8192, 768, 3072, 132, warp_specialized=True)
@@ -130,10 +129,10 @@ def test_linear_forward_through_the_tuner(activation, monkeypatch, seed):
         return [c for c in candidates if "WS_CONFIG" in c] if warp_specialized else candidates
 
     monkeypatch.setattr(matmul_tma, "_candidates", forward_only_warp_specialized)
-    monkeypatch.setattr(_tiles, "_CHOSEN", {})
     monkeypatch.setenv("TRIFORMER_AUTOTUNE", "1")
-    run_and_compare(*make_inputs(2060, 768, 1536, torch.bfloat16), activation, True, torch.bfloat16)
-    assert any(isinstance(choice, dict) and "WS_CONFIG" in choice for choice in _tiles._CHOSEN.values())
+    with _tiles.fresh_picks() as picks:
+        run_and_compare(*make_inputs(2060, 768, 1536, torch.bfloat16), activation, True, torch.bfloat16)
+    assert any(isinstance(choice, dict) and "WS_CONFIG" in choice for choice in picks.values())
 
 
 @needs_hopper

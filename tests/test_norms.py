@@ -10,7 +10,6 @@ import triformer.functional as TF
 from harness import DEVICE, DTYPES, assert_close, assert_grads_close, randn, reference_copy
 from rowwise import WIDTHS, rows_for
 from triformer import TritonLayerNorm, TritonRMSNorm
-from triformer.kernels import _runtime
 
 OPS = {
     "layer_norm": (lambda x, w, b, eps: TF.layer_norm(x, x.shape[-1], w, b, eps),
@@ -203,8 +202,7 @@ def test_bad_inputs():
         TF.rms_norm(x, 0)
 
 
-def test_cpu_tensor_without_interpreter(monkeypatch):
-    monkeypatch.setattr(_runtime, "_INTERPRETER", False)
+def test_cpu_tensor_without_interpreter(without_interpreter):
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         TF.layer_norm(torch.randn(2, 8), 8)
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):

@@ -125,16 +125,15 @@ def test_offset_is_a_slice_of_the_longer_sequence(seed):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_several_position_blocks_and_head_groups(dtype, monkeypatch, seed):
+def test_several_position_blocks_and_head_groups(dtype, seed):
     """Small tiles: four blocks of two positions and head groups of two, one of them holding q's last head and k's
     first (the GPU's launch shape, under the interpreter)."""
-    monkeypatch.setattr(rope_kernels, "INTERPRETER_TILE", 2 * 2 * 16)
-    monkeypatch.setattr(rope_kernels, "INTERPRETER_HEADS_PER_PROGRAM", 2)
-    grid, per_program, meta = rope_kernels.launch_config(2, 7, 16, 5, torch.device(DEVICE))
-    if not ON_GPU:
-        assert (grid, per_program, meta["BLOCK_S"]) == ((4, 3, 2), 2, 2)
-    cos, sin = random_tables(10, 16)
-    check(qk(2, 3, 2, 7, 32, dtype), plain, cos, sin, 3, dtype)
+    with rope_kernels.interpreter_tiling(2 * 2 * 16, 2):
+        grid, per_program, meta = rope_kernels.launch_config(2, 7, 16, 5, torch.device(DEVICE))
+        if not ON_GPU:
+            assert (grid, per_program, meta["BLOCK_S"]) == ((4, 3, 2), 2, 2)
+        cos, sin = random_tables(10, 16)
+        check(qk(2, 3, 2, 7, 32, dtype), plain, cos, sin, 3, dtype)
 
 
 def test_gradient_of_one_input_only(seed):

@@ -9,8 +9,8 @@ from triformer.kernels import _rows, norms, softmax
 
 
 @pytest.fixture
-def gpu_tiling(monkeypatch):
-    monkeypatch.setattr(_rows, "interpreter_active", lambda: False)  # (_tiling's cache is keyed by the tile size)
+def gpu_tiling(without_interpreter):
+    """The launches a GPU run gets, computed here (_tiling's cache is keyed by the tile size)."""
 
 
 def launch(n_cols, options):

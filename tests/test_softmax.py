@@ -9,7 +9,6 @@ import triformer.functional as TF
 from harness import DEVICE, DTYPES, assert_close, assert_grads_close, randn, reference_copy
 from rowwise import WIDTHS, rows_for
 from triformer import TritonSoftmax
-from triformer.kernels import _runtime
 
 # Padding rows and −inf rows compute −inf − (−inf) in numpy under the interpreter (NaN where torch has NaN too).
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
@@ -121,7 +120,6 @@ def test_bad_inputs():
         TF.softmax(randn(3, 4), dim=2)
 
 
-def test_cpu_tensor_without_interpreter(monkeypatch):
-    monkeypatch.setattr(_runtime, "_INTERPRETER", False)
+def test_cpu_tensor_without_interpreter(without_interpreter):
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         TF.softmax(torch.randn(2, 8))

@@ -30,8 +30,8 @@ def fake_clock(monkeypatch):
 
     launched = []
     monkeypatch.setattr(_tiles, "queued_ms", queued_ms)
-    monkeypatch.setattr(_tiles, "_CHOSEN", {})
-    return launched, timed
+    with _tiles.fresh_picks():
+        yield launched, timed
 
 
 def test_launches_the_fastest_and_skips_what_does_not_compile(fake_clock):

@@ -95,11 +95,8 @@ cases["matmul 1024x64x1024 (tuned, Gluon offered)"] = lambda: matmul(xg, wg.t(),
 
 
 def without_gluon():
-    matmul_tma.WARP_SPECIALIZED = False
-    try:
+    with matmul_tma.without_warp_specialization():
         return matmul(xg, wg.t(), bias=bg, activation="relu")
-    finally:
-        matmul_tma.WARP_SPECIALIZED = True
 
 
 cases["matmul 1024x64x1024 (tuned, Triton only)"] = without_gluon

@@ -44,11 +44,10 @@ def best_tile(a, b, cut):
         whole, split = matmul_tma.schedule_for(M, N, K, config.all_kwargs(), SMS) if cut else (tiles, 1)
         if cut and split == 1:
             continue
-        matmul_tma.FORCED_CONFIG, matmul_tma.FORCED_SCHEDULE = config, (whole / tiles, split)
-        us = gpu_ms(lambda: matmul(a, b)) * 1e3
+        with matmul_tma.forced(config, (whole / tiles, split)):
+            us = gpu_ms(lambda: matmul(a, b)) * 1e3
         label = f"{k['BLOCK_M']}x{k['BLOCK_N']} s{config.num_stages}" + (f" w{whole} k{split}" if cut else "")
         best = min(best, (us, label), key=lambda t: t[0])
-    matmul_tma.FORCED_CONFIG = matmul_tma.FORCED_SCHEDULE = None
     return best
 
 
@@ -105,14 +104,13 @@ def config_table():
                 whole, split = matmul_tma.schedule_for(Mp, Np, Kp, config.all_kwargs(), SMS)
                 times = []
                 for schedule in [(1.0, 1)] + ([(whole / tiles, split)] if split > 1 else []):
-                    matmul_tma.FORCED_CONFIG, matmul_tma.FORCED_SCHEDULE = config, schedule
                     try:
-                        times.append(f"{gpu_ms(lambda: matmul(a, b)) * 1e3:.1f}")
+                        with matmul_tma.forced(config, schedule):
+                            times.append(f"{gpu_ms(lambda: matmul(a, b)) * 1e3:.1f}")
                     except Exception as error:  # a tile that does not compile here
                         times.append(type(error).__name__)
                 cells.append(f"{k['BLOCK_M']}x{k['BLOCK_N']} w{config.num_warps} s{config.num_stages}: "
                              + " / ".join(times + ["-"] * (2 - len(times))))
-            matmul_tma.FORCED_CONFIG = matmul_tma.FORCED_SCHEDULE = None
             print(f"{M},{K},{N:<8d} {name:12s} " + "; ".join(cells), flush=True)
 
 
@@ -135,18 +133,19 @@ def forward_table():
         cells = [f"eager {eager:.1f}", f"addmm_activation {addmm:.1f} ({eager / addmm:.2f})"]
         for config in matmul_tma._TMA_CONFIGS + FORWARD_CONFIGS:
             k = config.kwargs
-            matmul_tma.FORCED_CONFIG = config
-            us = gpu_ms(lambda: matmul(x, w.t(), bias=b, activation="relu")) * 1e3
+            with matmul_tma.forced(config):
+                us = gpu_ms(lambda: matmul(x, w.t(), bias=b, activation="relu")) * 1e3
             split = "-split" if k["SPLIT_EPILOGUE"] else ""
             cells.append(f"{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']} w{config.num_warps} s{config.num_stages}"
                          f"{split} {us:.1f} ({eager / us:.2f})")
-        matmul_tma.FORCED_CONFIG = None
         print(f"{M},{K},{N:<8d} " + "; ".join(cells), flush=True)
 
 
 def gated_table():
     print("\nGated pass dZ = dY ⊙ relu'(Y), db = Σ_rows dZ: GPU µs by (BLOCK_M, BLOCK_N, warps, rows per program);"
           " 'of mul' = torch.mul(dY, mask, out=dZ) time ÷ ours (same bytes, no db)")
+    default = (activation.GATED_BLOCK_M, activation.GATED_BLOCK_N, activation.GATED_WARPS,
+               activation.GATED_ROWS_PER_PROGRAM)
     for M, K, N in SHAPES[:3]:
         dy, y = (torch.randn(M, N, device="cuda", dtype=bf) for _ in range(2))
         keep = y > 0
@@ -156,16 +155,16 @@ def gated_table():
         for bm, bn, warps, rows in itertools.product((16, 32, 64), (64, 128, 256), (4, 8), (64, 128)):
             if bm * bn > 8192 or bm > rows:
                 continue
-            activation.GATED_BLOCK_M, activation.GATED_BLOCK_N = bm, bn
-            activation.GATED_WARPS, activation.GATED_ROWS_PER_PROGRAM = warps, rows
-            results.append((gpu_ms(lambda: activation.gated_column_sum(dy, y, "relu")) * 1e3, bm, bn, warps, rows))
+            with activation.gated_launch(bm, bn, warps, rows):
+                us = gpu_ms(lambda: activation.gated_column_sum(dy, y, "relu")) * 1e3
+            results.append((us, bm, bn, warps, rows))
         results.sort()
         print(f"{M}x{N}: torch.mul {ref:.1f} µs; best five: " + "; ".join(
             f"{us:.1f} µs ({bm}, {bn}, w{w}, r{r}, of mul {ref / us:.2f})" for us, bm, bn, w, r in results[:5]),
             flush=True)
-        default = [r for r in results if r[1:] == (32, 128, 4, 64)]
-        if default:
-            print(f"    current default (32, 128, w4, r64): {default[0][0]:.1f} µs", flush=True)
+        current = [r for r in results if r[1:] == default]
+        if current:
+            print(f"    current default {default}: {current[0][0]:.1f} µs", flush=True)
 
 
 if __name__ == "__main__":

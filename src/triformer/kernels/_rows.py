@@ -15,14 +15,16 @@ so its softmax is NaN, as torch gives.
 from __future__ import annotations
 
 import functools
+import sys
 
 import torch
 import triton
 import triton.language as tl
 
-from ._runtime import cdiv, device_properties, interpreter_active, next_power_of_2
+from ._runtime import cdiv, device_properties, interpreter_active, next_power_of_2, overridden
 
-# Widest row block held in registers; wider rows loop. Tests lower it to exercise the looping path on small rows.
+# Widest row block held in registers; wider rows loop. Tests lower it (row_block_cap) to run the looping path on
+# small rows.
 MAX_ROW_BLOCK = 16384
 # Elements per program when several narrow rows share one: a GPU wants ~2K (more programs in flight, none
 # spilling); the interpreter runs programs one after another in numpy and wants few, large tiles.
@@ -30,6 +32,11 @@ _GPU_TILE = 2048
 # Column block of the looping path: the row is not held, so a smaller block keeps registers free (no spills).
 _LOOP_BLOCK = 8192
 _INTERPRETER_TILE = 16384
+
+
+def row_block_cap(n: int):
+    """Within the block rows wider than n elements take the looping path (MAX_ROW_BLOCK = n)."""
+    return overridden(sys.modules[__name__], MAX_ROW_BLOCK=n)
 
 
 def as_rows(x: torch.Tensor, n_cols: int) -> torch.Tensor:

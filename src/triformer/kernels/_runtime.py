@@ -2,15 +2,42 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import sys
 
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# Tests flip this to fill every freshly allocated output with NaN, so that unwritten elements show.
+# True: every freshly allocated output is filled with NaN, so that unwritten elements show. Set by poisoned_outputs().
 POISON_OUTPUTS = False
+
+
+@contextlib.contextmanager
+def overridden(module, **values):
+    """Within the block, the named attributes of `module` (its switches) hold `values`; on exit, exceptions included,
+    each gets back the value it had. Every switch of the kernel modules is set through this, never assigned."""
+    saved = {name: getattr(module, name) for name in values}  # AttributeError for a name the module lacks
+    try:
+        for name, value in values.items():
+            setattr(module, name, value)
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
+
+
+def poisoned_outputs():
+    """Within the block every output new_empty allocates starts as NaN (tests: an unwritten element fails)."""
+    return overridden(sys.modules[__name__], POISON_OUTPUTS=True)
+
+
+def assume_interpreter(active: bool):
+    """Within the block interpreter_active() answers `active` (tests: what a CPU tensor is told without the
+    interpreter, or the GPU's launch shapes computed on the CPU)."""
+    return overridden(sys.modules[__name__], _INTERPRETER=bool(active))
 
 
 def cdiv(a: int, b: int) -> int:
@@ -25,7 +52,7 @@ def next_power_of_2(n: int) -> int:
 
 
 # Triton decides when a kernel is defined (at import) whether it runs through the interpreter, so this is read
-# once; tests that need the other answer patch it.
+# once; tests that need the other answer use assume_interpreter().
 _INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 

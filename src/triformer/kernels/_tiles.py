@@ -3,7 +3,9 @@ epilogue, which tiles fit a product, and the tuner that picks a product's launch
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import time
 
 import torch
@@ -12,6 +14,8 @@ import triton.language as tl
 import triton.testing
 from triton.compiler.errors import CompilationError
 from triton.runtime.errors import OutOfResources, PTXASError
+
+from ._runtime import overridden
 
 
 @triton.jit
@@ -65,6 +69,14 @@ def fixed_config(configs, forced: triton.Config | None, M: int, N: int, element_
 # directly (Triton's own autotuner rebuilds argument dicts and its key on every call, which costs more host time
 # than the launch itself on a slow host, and it times the kernel alone, where a schedule may need a second one).
 _CHOSEN: dict[tuple, object] = {}
+
+
+@contextlib.contextmanager
+def fresh_picks():
+    """Within the block the tuner starts with no picks (every key's first call times its candidates again) and
+    yields the dict of the picks it makes; the earlier picks come back on exit."""
+    with overridden(sys.modules[__name__], _CHOSEN={}):
+        yield _CHOSEN
 
 # What each candidate took (ms per call) on its key's first call, by key: for tools that show the tuner's view.
 TIMED: dict[tuple, list] = {}

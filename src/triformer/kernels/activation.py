@@ -9,12 +9,13 @@ with c = √(2/π), a = 0.044715 (GELU's tanh approximation, as torch's approxim
 from __future__ import annotations
 
 import functools
+import sys
 
 import torch
 import triton
 import triton.language as tl
 
-from ._runtime import cdiv, new_empty, next_power_of_2
+from ._runtime import cdiv, new_empty, next_power_of_2, overridden
 
 ACTIVATIONS = (None, "relu", "gelu", "silu")
 _CODES = {None: 0, "relu": 1, "gelu": 2, "silu": 3}
@@ -175,9 +176,16 @@ def column_sum(x: torch.Tensor, dtype: torch.dtype | None = None, rows_per_progr
 
 
 # Launch of the gated pass: it streams three [M, N] tensors, so more, shorter programs keep more loads in flight
-# than column_sum's default. `tools/gpu_matmul_products.py gated` times the alternatives.
+# than column_sum's default. `tools/gpu_matmul_products.py gated` times the alternatives (gated_launch).
 GATED_ROWS_PER_PROGRAM = 128
 GATED_BLOCK_M, GATED_BLOCK_N, GATED_WARPS = 64, 64, 4
+
+
+def gated_launch(block_m: int, block_n: int, warps: int, rows_per_program: int):
+    """Within the block the gated pass launches BLOCK_M × BLOCK_N tiles on `warps` warps, `rows_per_program` rows a
+    program (rows_per_program a multiple of block_m)."""
+    return overridden(sys.modules[__name__], GATED_BLOCK_M=block_m, GATED_BLOCK_N=block_n, GATED_WARPS=warps,
+                      GATED_ROWS_PER_PROGRAM=rows_per_program)
 
 
 def gated_column_sum(dy: torch.Tensor, gate: torch.Tensor, activation: str | None):

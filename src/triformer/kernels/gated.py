@@ -14,22 +14,29 @@ Float32 math; outputs in x's dtype. Programs cover [BLOCK_M, BLOCK_N] tiles of t
 from __future__ import annotations
 
 import functools
+import sys
 
 import torch
 import triton
 import triton.language as tl
 
-from ._runtime import cdiv, interpreter_active, new_empty, next_power_of_2
+from ._runtime import cdiv, interpreter_active, new_empty, next_power_of_2, overridden
 from .activation import _sigmoid, _tanh, activation_code
 
 GATED_ACTIVATIONS = ("silu", "gelu")
 
 # Elements of a program's tile on a GPU and the widest column block; the interpreter wants few, large tiles.
-# Tests lower INTERPRETER_TILE and INTERPRETER_MAX_BLOCK_N to cover several row and column blocks.
+# Tests lower the interpreter's values (interpreter_tiling) to cover several row and column blocks.
 GPU_TILE = 4096
 GPU_MAX_BLOCK_N = 1024
 INTERPRETER_TILE = 16384
 INTERPRETER_MAX_BLOCK_N = 4096
+
+
+def interpreter_tiling(tile: int, max_block_n: int):
+    """Within the block the interpreter's launch takes tiles of `tile` elements and column blocks of at most
+    `max_block_n`."""
+    return overridden(sys.modules[__name__], INTERPRETER_TILE=tile, INTERPRETER_MAX_BLOCK_N=max_block_n)
 
 
 @triton.jit

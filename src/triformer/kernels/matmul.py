@@ -10,12 +10,14 @@ instead (same epilogue); this kernel takes everything else.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import triton
 import triton.language as tl
 
 from . import matmul_tma
-from ._runtime import cdiv, interpreter_active, new_empty
+from ._runtime import cdiv, interpreter_active, new_empty, overridden
 from ._tiles import add_bias, fitting_configs, fixed_config, grouped_tile, launch_tuned
 from .activation import activation_code, apply_activation
 
@@ -97,7 +99,7 @@ def _even_flags(meta: dict, M: int, N: int, K: int) -> dict:
 # Under the interpreter every program runs in numpy one after another: one small fixed tile, no tuning.
 _INTERPRETER_META = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
 
-# Tests set this to one of _HOPPER_CONFIGS to check every tile shape on the GPU without autotuning.
+# One of _HOPPER_CONFIGS for every product instead of the tuner's pick (tests check each tile on the GPU): forced().
 FORCED_CONFIG: triton.Config | None = None
 
 
@@ -153,3 +155,8 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, bias: torch.Tensor | None = None
                          INPUT_PRECISION=_input_precision(a.dtype))
             _launch(args, flags, M, N, K)
     return c, preact
+
+
+def forced(config: triton.Config | None):
+    """Within the block every product this kernel takes runs the tile `config` instead of the tuner's pick."""
+    return overridden(sys.modules[__name__], FORCED_CONFIG=config)

@@ -22,20 +22,22 @@ warp-specialized Gluon kernel, whose 128×(128+64) tiles fill two whole waves at
 from __future__ import annotations
 
 import functools
+import sys
 
 import torch
 import triton
 import triton.language as tl
 
-from ._runtime import cdiv, device_properties, interpreter_active
+from ._runtime import cdiv, device_properties, interpreter_active, overridden
 from ._tiles import add_bias, fitting_configs, fixed_config, grouped_tile, launch_tuned
 from ._tma import (load_tile, operand_descriptors, output_descriptor, output_descriptors, store_epilogue, store_tile,
                    tile_counts, use_descriptor_memory)
 from .activation import apply_activation
 
-# False: every product runs matmul.py's pointer kernel (benchmarks compare the two).
+# Switches, set only through the context managers at the end of this module (they restore them on exit).
+# False: every product runs matmul.py's pointer kernel (benchmarks compare the two): disabled().
 ENABLED = True
-# False: the tuner never offers matmul_ws.py's warp-specialized kernel.
+# False: the tuner never offers matmul_ws.py's warp-specialized kernel: without_warp_specialization().
 WARP_SPECIALIZED = True
 # Its tiles (BLOCK_N0, BLOCK_N1, STAGES, schedule) for the tuner: 128×(128+64) for N = 768 (ping-pong for inference,
 # cooperative when the preactivation is stored), 128×(128+128) for N = 3072, ping-pong 128×(64+64) for N ≥ 3072.
@@ -44,8 +46,8 @@ WARP_SPECIALIZED_CONFIGS = [(128, 64, 4, "cooperative"), (128, 128, 3, "cooperat
 # Tiles not offered when the preactivation is stored: the ping-pong 128×(128+64) tile holds 192 accumulator
 # registers a thread, and its epilogue spills kilobytes when it stores two outputs (tests/test_matmul_ws_compile.py).
 WARP_SPECIALIZED_INFERENCE_ONLY = [(128, 64, 4, "pingpong")]
-# Tests set these to check every tile shape and schedule without autotuning: FORCED_SCHEDULE = (share of the tiles
-# computed whole, split of the others); None: all tiles whole.
+# One tile config and schedule for every product instead of the tuner's pick (tests and tools check each): forced().
+# FORCED_SCHEDULE = (share of the tiles computed whole, split of the others); None: all tiles whole.
 FORCED_CONFIG: triton.Config | None = None
 FORCED_SCHEDULE: tuple[float, int] | None = None
 
@@ -351,3 +353,20 @@ def launch(views, c: torch.Tensor, bias: torch.Tensor | None, preact: torch.Tens
                      lambda: _candidates(M, N, K, num_sms, warp_specialized_fits(a_trans, b_trans, c.device, M * N),
                                          flags["STORE_PREACT"]),
                      run)
+
+
+def forced(config: triton.Config | None, schedule: tuple[float, int] | None = None):
+    """Within the block every TMA product runs `config` (a tile like _TMA_CONFIGS'; None: the tuner's pick, or the
+    default tile while autotuning is off) with `schedule` = (share of the tiles computed whole, split of the
+    others; None: all tiles whole), instead of what the tuner would pick."""
+    return overridden(sys.modules[__name__], FORCED_CONFIG=config, FORCED_SCHEDULE=schedule)
+
+
+def disabled():
+    """Within the block no product runs here: matmul.py's pointer kernel takes every one."""
+    return overridden(sys.modules[__name__], ENABLED=False)
+
+
+def without_warp_specialization():
+    """Within the block the tuner never offers matmul_ws.py's warp-specialized kernel."""
+    return overridden(sys.modules[__name__], WARP_SPECIALIZED=False)

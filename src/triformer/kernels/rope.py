@@ -19,19 +19,25 @@ for every head of the group. Float32 math; outputs in the inputs' dtype.
 from __future__ import annotations
 
 import functools
+import sys
 
 import torch
 import triton
 import triton.language as tl
 
-from ._runtime import cdiv, device_properties, interpreter_active, new_empty, next_power_of_2
+from ._runtime import cdiv, device_properties, interpreter_active, new_empty, next_power_of_2, overridden
 
 # Elements (positions × D) of one head's tile on a GPU; the interpreter runs programs one after another in numpy
-# and wants few, large tiles. Tests lower the interpreter's values to cover several position blocks and head
-# groups (one straddling q's and k's heads).
+# and wants few, large tiles. Tests lower the interpreter's values (interpreter_tiling) to cover several position
+# blocks and head groups (one straddling q's and k's heads).
 GPU_TILE = 4096
 INTERPRETER_TILE = 16384
 INTERPRETER_HEADS_PER_PROGRAM = 1024
+
+
+def interpreter_tiling(tile: int, heads_per_program: int):
+    """Within the block the interpreter's launch takes tiles of `tile` elements and `heads_per_program` heads."""
+    return overridden(sys.modules[__name__], INTERPRETER_TILE=tile, INTERPRETER_HEADS_PER_PROGRAM=heads_per_program)
 # Programs per SM the GPU launch aims at, splitting the heads into groups when positions × batch give fewer.
 PROGRAMS_PER_SM = 8
 
