@@ -19,9 +19,6 @@ from .. import functional as TF
 from .norms import failure_row, mode_call, peak_extra_mib
 from .timing import timings
 
-DEFAULT_SHAPES = [(4, 16, 8192, 128, False), (4, 16, 8192, 128, True), (8, 12, 1024, 64, True),
-                  (64, 6, 256, 64, True)]
-CPU_SHAPES = [(1, 2, 33, 16, True)]
 # The MATH backend writes the B·H·S² scores (and their softmax) to memory: beyond this length it needs GBs.
 MATH_MAX_SEQ = 2048
 CUDA_ONLY = "SDPA's FLASH and cuDNN backends run on CUDA only"
@@ -61,10 +58,11 @@ def _row(shape, dtype, mode, name, times, tflop, peak=float("nan")) -> dict:
                 error="")
 
 
-def run(shapes=DEFAULT_SHAPES, dtype: torch.dtype = torch.bfloat16, device: str = "cuda", progress: bool = True,
+def run(shapes, dtype: torch.dtype = torch.bfloat16, device: str = "cuda", progress: bool = True,
         modes=("fwd", "fwd+bwd")) -> list[dict]:
-    """One row per (shape, mode, provider): ms, TFLOP/s and (CUDA) the peak memory one call adds, in MiB. A provider
-    that fails is reported (error), not hidden; the MATH backend only up to MATH_MAX_SEQ tokens."""
+    """One row per (shape, mode, provider) for shapes [(B, H, S, D, causal), ...]: ms, TFLOP/s and (CUDA) the peak
+    memory one call adds, in MiB. A provider that fails is reported (error), not hidden; the MATH backend only up
+    to MATH_MAX_SEQ tokens."""
     rows = []
     table = providers(device)
     work = [(tuple(shape), mode, name) for shape in shapes for mode in modes for name in table
@@ -87,10 +85,3 @@ def run(shapes=DEFAULT_SHAPES, dtype: torch.dtype = torch.bfloat16, device: str 
             continue
         rows.append(_row(shape, dtype, mode, name, times, flops(b, h, s, d, bool(causal), mode) / 1e12, peak))
     return rows
-
-
-if __name__ == "__main__":
-    on_gpu = torch.cuda.is_available()
-    for row in run(DEFAULT_SHAPES if on_gpu else CPU_SHAPES, device="cuda" if on_gpu else "cpu",
-                   dtype=torch.bfloat16 if on_gpu else torch.float32):
-        print(row)

@@ -19,10 +19,8 @@ from .. import functional as TF
 from .norms import COMPILE_CUDA_ONLY, failure_row, peak_extra_mib, result_row
 from .timing import timings
 
-DEFAULT_SIZES = [(8192, 50304), (16384, 32768)]
 # Providers that cannot run inside a CUDA graph capture (their GPU time is the profiler's sum of their kernels).
 UNCAPTURABLE = {"liger"}
-CPU_SIZES = [(16, 1000)]
 
 
 def _torch_loss(logits, targets):
@@ -45,9 +43,10 @@ def providers(device: str) -> dict:
     return table
 
 
-def run(sizes=DEFAULT_SIZES, dtype: torch.dtype = torch.bfloat16, device: str = "cuda", progress: bool = True
+def run(sizes, dtype: torch.dtype = torch.bfloat16, device: str = "cuda", progress: bool = True
         ) -> list[dict]:
-    """One row per (size, provider), mode "fwd+bwd": ms, GB/s and peak extra memory in MiB."""
+    """One row per (size, provider) for sizes [(N, V), ...], mode "fwd+bwd": ms, GB/s and peak extra memory in
+    MiB."""
     rows = []
     table = providers(device)
     work = [(tuple(size), name) for size in sizes for name in table]
@@ -77,9 +76,3 @@ def run(sizes=DEFAULT_SIZES, dtype: torch.dtype = torch.bfloat16, device: str = 
         nbytes = 2 * n * v * logits.element_size() + targets.numel() * targets.element_size()
         rows.append(result_row("cross_entropy", (n, v), dtype, "fwd+bwd", name, times, nbytes, peak))
     return rows
-
-
-if __name__ == "__main__":
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    for row in run(DEFAULT_SIZES if device == "cuda" else CPU_SIZES, device=device):
-        print(row)

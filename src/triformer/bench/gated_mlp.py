@@ -21,7 +21,6 @@ from .. import functional as TF
 from .norms import COMPILE_CUDA_ONLY, mode_call
 from .side_by_side import time_providers
 
-DEFAULT_SHAPES = [(8192, 11008), (16384, 3072)]
 OPS = {"swiglu": "silu", "geglu": "gelu"}
 _TORCH_ACT = {"silu": F.silu, "gelu": lambda a: F.gelu(a, approximate="tanh")}
 
@@ -75,11 +74,11 @@ def _setup(name, fn, activation, shape, dtype, device, mode):
     return setup
 
 
-def run(shapes=DEFAULT_SHAPES, dtype: torch.dtype = torch.bfloat16, device: str = "cuda", progress: bool = True,
+def run(shapes, dtype: torch.dtype = torch.bfloat16, device: str = "cuda", progress: bool = True,
         ops=tuple(OPS), modes=("fwd", "fwd+bwd"), rounds: int = 3, names=None) -> list[dict]:
-    """One row per (op, shape, mode, provider): ms, GPU ms, GB/s and peak extra MiB. A provider that fails is
-    reported (error), not hidden; Liger rows are absent when liger-kernel is not installed. names: only these
-    providers."""
+    """One row per (op, shape, mode, provider) for shapes [(M, hidden), ...] (x [M, 2·hidden]): ms, GPU ms, GB/s and
+    peak extra MiB. A provider that fails is reported (error), not hidden; Liger rows are absent when liger-kernel is
+    not installed. names: only these providers."""
     table = {name: fn for name, fn in providers(device).items() if names is None or name in names}
     rows = []
     cases = [(op, tuple(shape), mode) for op in ops for shape in shapes for mode in modes]

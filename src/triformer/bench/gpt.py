@@ -27,11 +27,6 @@ from ..models import GPT, GPTConfig
 from .norms import COMPILE_CUDA_ONLY
 from .timing import kernel_ms
 
-DEFAULT_MODELS = [
-    dict(name="char", n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, vocab_size=65),
-    dict(name="gpt2-small", n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=16, vocab_size=50304),
-]
-CPU_MODELS = [dict(name="tiny", n_layer=2, n_head=2, n_embd=32, block_size=8, batch_size=2, vocab_size=65)]
 PROVIDERS = ("triformer", "triformer (fused head)", "triformer (compiled)", "torch", "torch.compile")
 OP, MODE = "gpt_train_step", "fwd+bwd+adamw"
 
@@ -102,7 +97,7 @@ def shape_name(entry: dict) -> str:
             f"-T{entry['block_size']}-B{entry['batch_size']}-V{entry['vocab_size']}")
 
 
-def run(models=DEFAULT_MODELS, providers=PROVIDERS, steps: int = 20, warmup: int = 5, profile_steps: int = 3,
+def run(models, steps: int, warmup: int, providers=PROVIDERS, profile_steps: int = 3,
         seed: int = 0, dtype: torch.dtype = torch.bfloat16, device: str = "cuda", progress: bool = True) -> list[dict]:
     """One row per (model, provider); a provider that fails (e.g. torch.compile of the triformer model) gets a row
     with its error. Model entries: GPTConfig fields plus batch_size (and an optional name)."""
@@ -127,11 +122,3 @@ def run(models=DEFAULT_MODELS, providers=PROVIDERS, steps: int = 20, warmup: int
                 torch._dynamo.reset()
                 torch.cuda.empty_cache()
     return rows
-
-
-if __name__ == "__main__":
-    on_gpu = torch.cuda.is_available()
-    for row in run(DEFAULT_MODELS if on_gpu else CPU_MODELS, device="cuda" if on_gpu else "cpu",
-                   dtype=torch.bfloat16 if on_gpu else torch.float32, steps=20 if on_gpu else 2,
-                   warmup=5 if on_gpu else 1):
-        print(row)

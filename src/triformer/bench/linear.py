@@ -13,9 +13,6 @@ from tqdm import tqdm
 from .. import functional as TF
 from .timing import timings
 
-DEFAULT_SHAPES = [(8192, 768, 3072), (8192, 3072, 768), (16384, 1024, 4096), (4096, 4096, 4096), (512, 3072, 768)]
-
-
 def _eager(x, w, b):
     return torch.relu(F.linear(x, w, b))
 
@@ -51,9 +48,10 @@ def _timed(fn, x, w, b, mode: str) -> dict:
     return timings(lambda: torch.autograd.grad(fn(*inputs), inputs, dy))
 
 
-def run(shapes=DEFAULT_SHAPES, dtype: torch.dtype = torch.bfloat16, device: str = "cuda", progress: bool = True,
+def run(shapes, dtype: torch.dtype = torch.bfloat16, device: str = "cuda", progress: bool = True,
         modes=("fwd", "fwd+bwd")) -> list[dict]:
-    """One row per (shape, mode, provider): ms and TFLOP/s. A provider that fails is reported, not hidden."""
+    """One row per (shape, mode, provider) for shapes [(M, K, N), ...]: ms and TFLOP/s. A provider that fails is
+    reported, not hidden."""
     rows = []
     table = providers(device)
     work = [(s, m, p) for s in shapes for m in modes for p in table]

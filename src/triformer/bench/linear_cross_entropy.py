@@ -22,8 +22,6 @@ from ..kernels._runtime import cdiv, next_power_of_2
 from .norms import COMPILE_CUDA_ONLY, peak_extra_mib
 from .timing import timings
 
-DEFAULT_SHAPES = [(8192, 768, 50304), (8192, 4096, 128256)]  # (N, H, V)
-CPU_SHAPES = [(16, 32, 100)]
 # Providers that cannot run inside a CUDA graph capture (they read values back to the host): GPU time from the
 # profiler (kernel_ms).
 UNCAPTURABLE = {"liger"}
@@ -66,10 +64,10 @@ def _row(shape, dtype, name, times, peak, error=""):
                 full_logits_mib=n * v * (torch.finfo(dtype).bits // 8) / 2**20, error=error)
 
 
-def run(shapes=DEFAULT_SHAPES, dtype: torch.dtype = torch.bfloat16, device: str = "cuda", progress: bool = True
+def run(shapes, dtype: torch.dtype = torch.bfloat16, device: str = "cuda", progress: bool = True
         ) -> list[dict]:
-    """One row per (shape, provider), mode "fwd+bwd": ms, TFLOP/s and peak extra memory in MiB. A provider that
-    fails is reported (error), not hidden."""
+    """One row per (shape, provider) for shapes [(N, H, V), ...], mode "fwd+bwd": ms, TFLOP/s and peak extra memory
+    in MiB. A provider that fails is reported (error), not hidden."""
     rows = []
     table = providers(device)
     work = [(tuple(shape), name) for shape in shapes for name in table]
@@ -93,9 +91,3 @@ def run(shapes=DEFAULT_SHAPES, dtype: torch.dtype = torch.bfloat16, device: str 
             continue
         rows.append(_row((n, h, v), dtype, name, times, peak))
     return rows
-
-
-if __name__ == "__main__":
-    on_gpu = torch.cuda.is_available()
-    for row in run(DEFAULT_SHAPES if on_gpu else CPU_SHAPES, device="cuda" if on_gpu else "cpu"):
-        print(row)

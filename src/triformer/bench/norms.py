@@ -21,8 +21,6 @@ from tqdm import tqdm
 from .. import nn as tnn
 from .timing import interleaved_gpu_ms, median_ms
 
-DEFAULT_SIZES = [(4096, 768), (4096, 4096), (4096, 8192), (16384, 1024)]
-CPU_SIZES = [(33, 129)]
 OPS = ("layer_norm", "rms_norm", "softmax", "dropout")
 PROVIDERS = ("triformer", "torch", "torch.compile", "liger")
 COMPILE_CUDA_ONLY = "torch.compile provider runs on CUDA only (CPU inductor compile time would swamp the run)"
@@ -127,11 +125,11 @@ def _bytes(module: nn.Module, m: int, n: int, dtype: torch.dtype, mode: str) -> 
     return tensors * m * n * element + params * (1 if mode == "fwd" else 2)
 
 
-def run(sizes=DEFAULT_SIZES, dtype: torch.dtype = torch.bfloat16, device: str = "cuda", progress: bool = True,
+def run(sizes, dtype: torch.dtype = torch.bfloat16, device: str = "cuda", progress: bool = True,
         ops=OPS, modes=("fwd", "fwd+bwd"), rounds: int = 3) -> list[dict]:
-    """One row per (op, size, mode, provider): ms, GB/s (GPU time: median of `rounds` interleaved rounds). A
-    provider that fails is reported (error), not hidden; Liger rows are absent when liger-kernel is not installed
-    or lacks the op."""
+    """One row per (op, size, mode, provider) for sizes [(rows, N), ...]: ms, GB/s (GPU time: median of `rounds`
+    interleaved rounds). A provider that fails is reported (error), not hidden; Liger rows are absent when
+    liger-kernel is not installed or lacks the op."""
     rows = []
     cases = [(op, tuple(size), mode) for op in ops for size in sizes for mode in modes]
     for op, (m, n), mode in tqdm(cases, desc="norms bench", disable=not progress):
@@ -154,9 +152,3 @@ def run(sizes=DEFAULT_SIZES, dtype: torch.dtype = torch.bfloat16, device: str = 
             times = {"ms": ms[provider], "gpu_ms": gpu[provider]}
             rows.append(result_row(op, (m, n), dtype, mode, provider, times, nbytes[provider]))
     return rows
-
-
-if __name__ == "__main__":
-    on_gpu = torch.cuda.is_available()
-    for row in run(DEFAULT_SIZES if on_gpu else CPU_SIZES, device="cuda" if on_gpu else "cpu"):
-        print(row)

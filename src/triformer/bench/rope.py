@@ -21,9 +21,6 @@ from ..nn.rope import torch_rope
 from .norms import COMPILE_CUDA_ONLY, mode_call
 from .side_by_side import time_providers
 
-DEFAULT_SHAPES = [(4, 32, 4096, 128), (8, 12, 1024, 64)]
-
-
 def _liger_rope():
     """Liger-Kernel's rope autograd function, or None when liger-kernel is not installed."""
     try:
@@ -66,10 +63,11 @@ def _setup(fn, shape, dtype, device, mode):
     return setup
 
 
-def run(shapes=DEFAULT_SHAPES, dtype: torch.dtype = torch.bfloat16, device: str = "cuda", progress: bool = True,
+def run(shapes, dtype: torch.dtype = torch.bfloat16, device: str = "cuda", progress: bool = True,
         modes=("fwd", "fwd+bwd"), rounds: int = 3, names=None) -> list[dict]:
-    """One row per (shape, mode, provider): ms, GPU ms, GB/s and peak extra MiB. A provider that fails is reported
-    (error), not hidden; Liger rows are absent when liger-kernel is not installed. names: only these providers."""
+    """One row per (shape, mode, provider) for shapes [(B, H, S, D), ...]: ms, GPU ms, GB/s and peak extra MiB. A
+    provider that fails is reported (error), not hidden; Liger rows are absent when liger-kernel is not installed.
+    names: only these providers."""
     table = {name: fn for name, fn in providers(device).items() if names is None or name in names}
     rows = []
     cases = [(tuple(shape), mode) for shape in shapes for mode in modes]
