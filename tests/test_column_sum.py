@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from harness import DTYPES, assert_close, randn
-from triformer.kernels.activation import column_sum
+from triformer.kernels.reductions import column_sum
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -73,7 +73,7 @@ cases.update({
 })
 _, x2, mean_s, rstd_s = norms.norm_forward(xd, w.detach(), b.detach(), 1e-5, True)
 part = torch.randn(2, 16, 256, device=dev)
-from triformer.kernels.activation import column_sum  # noqa: E402
+from triformer.kernels.reductions import column_sum  # noqa: E402
 
 y_ours = layer_norm(x, 256, w, b)
 y_torch = F.layer_norm(x, (256,), w, b)

@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for experiments.common
 from experiments.common import load_params, stage_config  # noqa: E402
 from triformer.bench.timing import gpu_ms  # noqa: E402
-from triformer.kernels import _tiles, activation, matmul_tma  # noqa: E402
+from triformer.kernels import _tiles, matmul_tma, reductions  # noqa: E402
 from triformer.kernels.matmul import matmul  # noqa: E402
 
 # The linear benchmark's shapes (M, K, N), from params.yaml's bench group at its gpu profile.
@@ -144,8 +144,8 @@ def forward_table():
 def gated_table():
     print("\nGated pass dZ = dY ⊙ relu'(Y), db = Σ_rows dZ: GPU µs by (BLOCK_M, BLOCK_N, warps, rows per program);"
           " 'of mul' = torch.mul(dY, mask, out=dZ) time ÷ ours (same bytes, no db)")
-    default = (activation.GATED_BLOCK_M, activation.GATED_BLOCK_N, activation.GATED_WARPS,
-               activation.GATED_ROWS_PER_PROGRAM)
+    default = (reductions.GATED_BLOCK_M, reductions.GATED_BLOCK_N, reductions.GATED_WARPS,
+               reductions.GATED_ROWS_PER_PROGRAM)
     for M, K, N in SHAPES[:3]:
         dy, y = (torch.randn(M, N, device="cuda", dtype=bf) for _ in range(2))
         keep = y > 0
@@ -155,8 +155,8 @@ def gated_table():
         for bm, bn, warps, rows in itertools.product((16, 32, 64), (64, 128, 256), (4, 8), (64, 128)):
             if bm * bn > 8192 or bm > rows:
                 continue
-            with activation.gated_launch(bm, bn, warps, rows):
-                us = gpu_ms(lambda: activation.gated_column_sum(dy, y, "relu")) * 1e3
+            with reductions.gated_launch(bm, bn, warps, rows):
+                us = gpu_ms(lambda: reductions.gated_column_sum(dy, y, "relu")) * 1e3
             results.append((us, bm, bn, warps, rows))
         results.sort()
         print(f"{M}x{N}: torch.mul {ref:.1f} µs; best five: " + "; ".join(

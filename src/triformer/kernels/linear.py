@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import torch
 
-from .activation import (activation_backward, activation_code, activation_forward, bias_add, column_sum,
-                         gated_column_sum)
+from .activation import activation_code
+from .elementwise import activation_backward, activation_forward, bias_add
 from .matmul import matmul
+from .reductions import column_sum, gated_column_sum
 
 _RELU = activation_code("relu")
 

@@ -8,7 +8,7 @@ Per chunk of C rows (x_c [C, H], targets t_c), every product on triformer's kern
     G_c ⊙= s_c                     the per-row incoming gradient (reduction="none", in its backward)
     dx_c = G_c·W                   matmul.py, copied into dx's rows
     dW = α·G_cᵀ·x_c (+ dW)         this file's product, accumulated across chunks (float32, or W's dtype)
-    db += Σ_rows G_c               activation.py's column_sum, float32
+    db += Σ_rows G_c               reductions.py's column_sum, float32
 
 α (a device scalar: 1 / number of non-ignored targets for reduction="mean") is folded into the dW product's
 epilogue, so no pass ever rescales dW; dx and db, both small, take it together with the incoming gradient in the
@@ -25,9 +25,9 @@ from . import matmul_tma
 from ._runtime import cdiv, device_properties, interpreter_active, new_empty
 from ._tiles import fitting_configs, fixed_config, grouped_tile, launch_tuned
 from ._tma import load_tile, operand_descriptors, tile_counts, use_descriptor_memory
-from .activation import column_sum
 from .cross_entropy import cross_entropy_forward, scale_rows_
 from .matmul import matmul
+from .reductions import column_sum
 
 # Default chunk: its logits are at most 1/CHUNK_FRACTION of the full logits and at most CHUNK_MAX_BYTES, in whole
 # 128-row tiles when there are that many rows (N = 8192: 1024 rows, for V = 50304 as for V = 128256 in bf16).

@@ -25,7 +25,7 @@ import triton.language as tl
 
 from ._rows import WIDE_ROW, as_rows, launch_rows, persistent_programs, row_tiling
 from ._runtime import cdiv, new_empty
-from .activation import column_sum
+from .reductions import column_sum
 
 
 # The backward holds x̂, w ⊙ dy, dy and the dw, db accumulators per element: rows wider than this spill registers
