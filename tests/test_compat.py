@@ -1,4 +1,4 @@
-"""The original triformer package's (dame-cell/Triformer ≤ 3.0.6) import paths and argument names keep working:
+"""dame-cell/Triformer's (the original triformer package, ≤ 3.0.6) import paths and argument names keep working:
 old imports give the current classes, old argument names give the same results as the current ones, and an old
 name passed together with its current name is a clear TypeError."""
 
@@ -37,7 +37,8 @@ def test_old_import_paths_give_the_current_classes(module, name):
 
 
 def test_causal_softmax_by_its_old_name(seed):
-    """TritonSoftmax(is_causal=...) as in the original README: same output and gradient as causal=...; float64 check."""
+    """TritonSoftmax(is_causal=...) as in dame-cell/Triformer's README: same output and gradient as causal=...;
+    float64 check."""
     x = randn(2, 7, 7, requires_grad=True)
     for flag in (True, False):
         old, new = TritonSoftmax(is_causal=flag), TritonSoftmax(causal=flag)
@@ -53,7 +54,7 @@ def test_causal_softmax_by_its_old_name(seed):
 
 
 def test_cross_entropy_by_its_old_names(seed):
-    """TritonCrossEntropyLoss(pad_token_id=0, reduction='mean', n_chunks=1) as in the original README: padding
+    """TritonCrossEntropyLoss(pad_token_id=0, reduction='mean', n_chunks=1) as in dame-cell/Triformer's README: padding
     targets ignored, same loss and logits gradient as ignore_index=0."""
     vocab = 33
     targets = torch.randint(0, vocab, (3, 5), device=DEVICE)
@@ -84,7 +85,7 @@ def test_linear_use_relu_by_its_old_name(seed):
 
 
 def test_dropout_apply_by_its_old_argument_name(seed):
-    """TritonDropout.apply(x, dropout_prob=0.5, seed=42), the call the original README shows."""
+    """TritonDropout.apply(x, dropout_prob=0.5, seed=42), the call dame-cell/Triformer's README shows."""
     x = randn(3, 1000)
     assert torch.equal(TritonDropout.apply(x, dropout_prob=0.25, seed=seed), TritonDropout.apply(x, 0.25, seed))
 
@@ -104,7 +105,8 @@ def test_an_old_name_with_its_current_name_is_an_error(make, names):
 
 
 def test_softmax_flag_first_as_in_the_original_is_an_error():
-    """The original took is_causal first; here the first argument is dim, so TritonSoftmax(True) must not pass."""
+    """dame-cell/Triformer's TritonSoftmax took is_causal first; here the first argument is dim, so
+    TritonSoftmax(True) must not pass."""
     with pytest.raises(TypeError, match="dim must be an int, got a bool.*is_causal"):
         TritonSoftmax(True)
 

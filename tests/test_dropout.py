@@ -118,7 +118,7 @@ def test_module_train_and_eval(seed):
 
 
 def test_original_functional_entry(seed):
-    """TritonDropout.apply(x, p, seed) as in the original package; module.apply(fn) still walks modules."""
+    """TritonDropout.apply(x, p, seed) as in dame-cell/Triformer; module.apply(fn) still walks modules."""
     x = randn(3, 1000)
     assert torch.equal(TritonDropout.apply(x, 0.25, seed), TF.dropout(x, 0.25, seed))
     seen = []

@@ -1,6 +1,6 @@
-"""The original triformer package's names, so its users switch without edits.
+"""The names of dame-cell/Triformer, the original triformer package, so its users switch without edits.
 
-The original is dame-cell/Triformer (PyPI `triformer`, versions 0.0.1–3.0.6). Its import paths are the thin modules
+dame-cell/Triformer is PyPI `triformer`, versions 0.0.1–3.0.6. Its import paths are the thin modules
 beside this one (`triformer.layernorm`, `.rms_norm`, `.softmax`, `.dropout`, `.cross_entropy`, `.mlp`,
 `.forward_mlp`); its argument names (`TritonSoftmax(is_causal=)`, `TritonCrossEntropyLoss(pad_token_id=)`,
 `TritonLinear(use_relu=)`, `TritonDropout.apply(x, dropout_prob=)`) are accepted by the current classes through
@@ -49,5 +49,5 @@ def renamed_arguments(**renames):
 
 
 def relu_or_none(use_relu) -> str | None:
-    """The original TritonLinear's use_relu flag as the current activation argument."""
+    """dame-cell/Triformer's TritonLinear(use_relu=) flag as the current activation argument."""
     return "relu" if use_relu else None

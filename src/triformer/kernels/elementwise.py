@@ -1,5 +1,5 @@
-"""The elementwise kernels of the unfused linear (the original three-kernel design, kept for the ablation): the bias
-add, the activation and its derivative, each a separate pass over contiguous tensors.
+"""The elementwise kernels of the unfused linear (kept for the ablation): the bias add, the activation and its
+derivative, each a separate pass over contiguous tensors.
 
     out = z + bias[n]        out = act(z)        dz = dy ⊙ act'(z)          (act, act' as in activation.py)
 """

@@ -6,8 +6,8 @@ Fused: the forward is one kernel (bias and activation in the epilogue). The back
 kernel (one pass reads dY and what act' needs, writes dZ and column partial sums), then dX and dW are plain
 products over dZ (on Hopper, the TMA kernel), whose operands go from memory to the tensor cores untouched.
 Nothing but Z (for gelu/silu) is saved; relu's derivative is read off Y.
-Unfused (the original three-kernel design, kept for the ablation): matmul, bias add and activation as separate
-kernels, forward and backward.
+Unfused (kept for the ablation): matmul, bias add and activation as three separate kernels, forward and backward
+(elementwise.py).
 """
 
 from __future__ import annotations

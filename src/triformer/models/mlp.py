@@ -1,4 +1,4 @@
-"""TritonMLP: the original project's classifier (input → h → 2h → classes), built from triformer.nn."""
+"""TritonMLP: the classifier of dame-cell/Triformer's demo (input → h → 2h → classes), built from triformer.nn."""
 
 from __future__ import annotations
 

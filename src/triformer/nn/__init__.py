@@ -149,12 +149,12 @@ class TritonSoftmax(nn.Module):
 
 @renamed_arguments(dropout_prob="p")
 def _dropout_apply(x: torch.Tensor, p: float = 0.5, seed: int | None = None) -> torch.Tensor:
-    """TritonDropout.apply(x, p, seed): dropout in training mode, the original package's functional entry."""
+    """TritonDropout.apply(x, p, seed): dropout in training mode, dame-cell/Triformer's functional entry."""
     return TF.dropout(x, p, seed, training=True)
 
 
 class _ClassOrInstanceApply:
-    """`TritonDropout.apply(x, p, seed)` on the class is functional dropout (as in the original package), while
+    """`TritonDropout.apply(x, p, seed)` on the class is functional dropout (as in dame-cell/Triformer), while
     `module.apply(fn)` on an instance stays nn.Module.apply, so model.apply(init_fn) still walks every module."""
 
     def __get__(self, instance, owner):
