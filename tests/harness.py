@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from triformer.kernels._runtime import interpreter_active
+
+INTERPRETER = interpreter_active()  # Triton's choice at import (conftest sets TRITON_INTERPRET without a GPU)
 ON_GPU = torch.cuda.is_available() and not INTERPRETER
 DEVICE = "cuda" if ON_GPU else "cpu"
 

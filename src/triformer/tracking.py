@@ -27,6 +27,8 @@ from typing import Iterator, Mapping
 
 import torch
 
+from .kernels._runtime import interpreter_active
+
 INTERPRETER_WARNING = "INTERPRETER RUN — timings mean nothing"
 
 
@@ -49,10 +51,6 @@ def _artifact_location(uri: str, kind: str) -> str | None:
     if uri.startswith("sqlite:///"):
         return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts" / kind).as_uri()
     return None
-
-
-def interpreter_active() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def device_name() -> str:
