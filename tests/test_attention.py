@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-import triformer.functional as TF
+import triformer.functional as F_tri
 from harness import DEVICE, DTYPES, ON_GPU, assert_close, randn, relative_error, tolerance
 from triformer.kernels import attention as attention_kernels
 
@@ -57,7 +57,7 @@ def run_and_compare(leaves, views, causal, scale, dtype, tol=None):
     """attention(*views) and its float64 twin on the same rounded values: output, then the gradient of every leaf
     (views are the leaves themselves or views of them, built by the same function of the leaves)."""
     refs = [float64_copy(t) for t in leaves]
-    out = TF.attention(*views(leaves), causal=causal, scale=scale)
+    out = F_tri.attention(*views(leaves), causal=causal, scale=scale)
     d = out.shape[-1]
     ref = reference_attention(*views(refs), causal, 1 / math.sqrt(d) if scale is None else scale)
     assert out.dtype == dtype and out.shape == ref.shape
@@ -107,7 +107,7 @@ def test_causal_first_row_sees_one_key(dtype, seed):
     """Query 0 of a causal head attends to key 0 alone: its output is v[0] exactly and its dq is zero (up to the
     rounding of dp − Δ, two sums of the same products in different orders)."""
     q, k, v = make_qkv(2, 4, 2, 9, 16, dtype)
-    out = TF.attention(q, k, v, causal=True)
+    out = F_tri.attention(q, k, v, causal=True)
     assert torch.equal(out[:, :, 0], v.detach().repeat_interleave(2, 1)[:, :, 0])
     out.backward(randn(*out.shape, dtype=dtype))
     scale = q.grad.abs().max().item()
@@ -140,7 +140,7 @@ def test_strided_incoming_gradient(seed):
     """A non-contiguous dy (here a transposed view) is read through its strides."""
     q, k, v = make_qkv(1, 2, 2, 17, 16, torch.float32)
     refs = [float64_copy(t) for t in (q, k, v)]
-    out = TF.attention(q, k, v, causal=True)
+    out = F_tri.attention(q, k, v, causal=True)
     ref = reference_attention(*refs, True, 0.25)
     dy = randn(1, 2, 16, 17, dtype=torch.float32).transpose(-1, -2)
     assert not dy.is_contiguous()
@@ -157,7 +157,7 @@ def test_gradients_of_some_inputs(needs, seed):
     for name, t in zip("qkv", (q, k, v)):
         t.requires_grad_(name in needs)
     refs = [float64_copy(t) for t in (q, k, v)]
-    out = TF.attention(q, k, v)
+    out = F_tri.attention(q, k, v)
     ref = reference_attention(*refs, False, 0.25)
     dy = randn(*out.shape)
     out.backward(dy)
@@ -206,7 +206,7 @@ BAD_INPUTS = [
 @pytest.mark.parametrize("make, error, message", [b[1:] for b in BAD_INPUTS], ids=[b[0] for b in BAD_INPUTS])
 def test_bad_inputs(make, error, message):
     with pytest.raises(error, match=message):
-        TF.attention(**make())
+        F_tri.attention(**make())
 
 
 # ------------------------------------------------------------------------------------------------- GPU only
@@ -254,12 +254,12 @@ def test_extra_memory_is_per_row(causal, seed):
     b, h, s, d = 1, 4, 4096, 64
     q, k, v = make_qkv(b, h, h, s, d, torch.bfloat16)
     dy = randn(b, h, s, d, dtype=torch.bfloat16)
-    TF.attention(q, k, v, causal=causal).backward(dy)  # compile outside the measurement
+    F_tri.attention(q, k, v, causal=causal).backward(dy)  # compile outside the measurement
     q.grad = k.grad = v.grad = None
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    TF.attention(q, k, v, causal=causal).backward(dy)
+    F_tri.attention(q, k, v, causal=causal).backward(dy)
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
     tensors = 4 * q.numel() * q.element_size()  # o, dq, dk, dv
@@ -271,7 +271,7 @@ def test_extra_memory_is_per_row(causal, seed):
 def test_autocast_runs_in_the_autocast_dtype(seed):
     q, k, v = make_qkv(2, 4, 4, 100, 64, torch.float32)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        out = TF.attention(q, k, v, causal=True)
+        out = F_tri.attention(q, k, v, causal=True)
     assert out.dtype == torch.bfloat16
     ref = reference_attention(*(float64_copy(t) for t in (q, k, v)), True, 1 / 8)
     assert relative_error(out, ref) < tolerance(torch.bfloat16)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import triformer.functional as TF
+import triformer.functional as F_tri
 from harness import DEVICE, assert_close, randn, tolerance
 from triformer.nn import (TorchMultiheadAttention, TorchRotaryEmbedding, TritonMultiheadAttention,
                           TritonRotaryEmbedding)
@@ -66,13 +66,13 @@ def test_parameters_match_the_twin():
 def test_heads_are_views_of_one_projection(monkeypatch, seed):
     """q, k and v are strided views into the QKV projection's output: no copy before the kernel."""
     seen = {}
-    real = TF.attention
+    real = F_tri.attention
 
     def spy(q, k, v, causal=False, scale=None):
         seen.update(q=q, k=k, v=v)
         return real(q, k, v, causal=causal, scale=scale)
 
-    monkeypatch.setattr(TF, "attention", spy)
+    monkeypatch.setattr(F_tri, "attention", spy)
     ours, _ = twins(num_kv_heads=2)
     with torch.no_grad():
         ours(randn(2, 7, EMBED))

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-import triformer.functional as TF
+import triformer.functional as F_tri
 from harness import DEVICE, DTYPES, ON_GPU, assert_close, randn
 from triformer import TritonDropout
 from triformer.kernels import dropout as dropout_kernels
@@ -24,7 +24,7 @@ def binomial_bound(p: float, n: int) -> float:
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
 def test_rate_and_scale(p, dtype, seed):
     x = randn(N, dtype=dtype)
-    y = TF.dropout(x, p, seed)
+    y = F_tri.dropout(x, p, seed)
     kept = y != 0
     assert abs((1 - kept.double().mean().item()) - p) < binomial_bound(p, N)
     assert_close(y[kept], x[kept].double() / (1 - p), dtype, "kept values")
@@ -34,7 +34,7 @@ def test_rate_and_scale(p, dtype, seed):
 def test_mask_is_not_correlated_along_the_tensor(p, seed):
     """Each run of elements that shares a Philox call (the low and the high half of its draws, each of its four
     draws) drops at the rate p on its own."""
-    y = TF.dropout(randn(64, 4096), p, seed)
+    y = F_tri.dropout(randn(64, 4096), p, seed)
     dropped_per_run = (y == 0).double().reshape(-1, dropout_kernels.BLOCK).mean(1)
     assert (dropped_per_run - p).abs().max() < binomial_bound(p, dropout_kernels.BLOCK)
     pairs = (y[:, :-1] == 0) & (y[:, 1:] == 0)  # neighbours dropped together: p² if independent
@@ -45,7 +45,7 @@ def test_mask_is_not_correlated_along_the_tensor(p, seed):
 def test_backward_reuses_the_mask(dtype, seed):
     p = 0.3
     x = randn(7, 33, 5, dtype=dtype, requires_grad=True)
-    y = TF.dropout(x, p, seed)
+    y = F_tri.dropout(x, p, seed)
     dy = randn(7, 33, 5, dtype=dtype)
     y.backward(dy)
     kept = y.detach() != 0
@@ -55,7 +55,7 @@ def test_backward_reuses_the_mask(dtype, seed):
 
 def test_same_seed_same_mask_other_seed_other_mask(seed):
     x = randn(257, 129)
-    a, b, c = TF.dropout(x, 0.5, seed), TF.dropout(x, 0.5, seed), TF.dropout(x, 0.5, seed + 1)
+    a, b, c = F_tri.dropout(x, 0.5, seed), F_tri.dropout(x, 0.5, seed), F_tri.dropout(x, 0.5, seed + 1)
     assert torch.equal(a, b)
     differs = ((a == 0) != (c == 0)).double().mean().item()
     assert abs(differs - 0.5) < binomial_bound(0.5, x.numel())  # independent masks disagree half the time
@@ -63,18 +63,18 @@ def test_same_seed_same_mask_other_seed_other_mask(seed):
 
 def test_mask_does_not_depend_on_strides(seed):
     x = randn(65, 33)
-    assert torch.equal(TF.dropout(x.t(), 0.4, seed), TF.dropout(x.t().contiguous(), 0.4, seed))
+    assert torch.equal(F_tri.dropout(x.t(), 0.4, seed), F_tri.dropout(x.t().contiguous(), 0.4, seed))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_p_zero_and_one_are_exact(dtype, seed):
     x = randn(33, 65, dtype=dtype, requires_grad=True)
-    y = TF.dropout(x, 0.0, seed)
+    y = F_tri.dropout(x, 0.0, seed)
     assert torch.equal(y, x)
     y.backward(torch.full_like(y, 3.0))
     assert torch.equal(x.grad, torch.full_like(x, 3.0))
     x.grad = None
-    y = TF.dropout(x, 1.0, seed)
+    y = F_tri.dropout(x, 1.0, seed)
     assert not y.any()
     y.backward(torch.ones_like(y))
     assert not x.grad.any()
@@ -92,8 +92,8 @@ def test_nan_and_inf_are_not_dropped_to_zero(p, dtype, seed):
     x[specials] = values[torch.randint(0, 3, (int(specials.sum()),), device=DEVICE)]
     dy[specials] = float("nan")
     x.requires_grad_()
-    y = TF.dropout(x, p, seed)
-    keep = TF.dropout(torch.ones_like(x), p, seed) != 0  # the same mask: a function of (seed, shape)
+    y = F_tri.dropout(x, p, seed)
+    keep = F_tri.dropout(torch.ones_like(x), p, seed) != 0  # the same mask: a function of (seed, shape)
     scale = 0.0 if p == 1.0 else 1.0 / (1.0 - p)
     factor = torch.where(keep, scale, 0.0)
     torch.testing.assert_close(y, (x.detach().float() * factor).to(dtype), rtol=0, atol=0, equal_nan=True)
@@ -114,13 +114,13 @@ def test_module_train_and_eval(seed):
     assert not torch.equal(drop(x), first)  # and a new one each call
     drop.eval()
     assert drop(x) is x
-    assert TF.dropout(x, 0.5, training=False) is x
+    assert F_tri.dropout(x, 0.5, training=False) is x
 
 
 def test_original_functional_entry(seed):
     """TritonDropout.apply(x, p, seed) as in dame-cell/Triformer; module.apply(fn) still walks modules."""
     x = randn(3, 1000)
-    assert torch.equal(TritonDropout.apply(x, 0.25, seed), TF.dropout(x, 0.25, seed))
+    assert torch.equal(TritonDropout.apply(x, 0.25, seed), F_tri.dropout(x, 0.25, seed))
     seen = []
     torch.nn.Sequential(TritonDropout(0.1), torch.nn.Identity()).apply(lambda m: seen.append(type(m).__name__))
     assert seen == ["TritonDropout", "Identity", "Sequential"]
@@ -130,17 +130,17 @@ def test_bad_inputs():
     x = randn(4, 4)
     for p in (-0.1, 1.5, "0.5", None):
         with pytest.raises(ValueError, match="dropout probability p must be a number in \\[0, 1\\]"):
-            TF.dropout(x, p, 1)
+            F_tri.dropout(x, p, 1)
     with pytest.raises(ValueError, match="p must be a number"):
         TritonDropout(2.0)
     with pytest.raises(TypeError, match="seed must be an int"):
-        TF.dropout(x, 0.5, 1.5)
+        F_tri.dropout(x, 0.5, 1.5)
     with pytest.raises(ValueError, match="seed must lie in"):
-        TF.dropout(x, 0.5, -3)
+        F_tri.dropout(x, 0.5, -3)
     with pytest.raises(TypeError, match="x has dtype torch.int32"):
-        TF.dropout(torch.ones(4, dtype=torch.int32, device=DEVICE), 0.5, 1)
+        F_tri.dropout(torch.ones(4, dtype=torch.int32, device=DEVICE), 0.5, 1)
 
 
 def test_cpu_tensor_without_interpreter(without_interpreter):
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
-        TF.dropout(torch.randn(8), 0.5, 1)
+        F_tri.dropout(torch.randn(8), 0.5, 1)

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import triformer.functional as TF
+import triformer.functional as F_tri
 from harness import DEVICE, DTYPES, INTERPRETER, assert_close, randn, reference_copy, relative_error, tolerance
 from triformer import (TritonCrossEntropyLoss, TritonDropout, TritonLayerNorm, TritonLinear, TritonRMSNorm,
                        TritonSoftmax)
@@ -22,13 +22,13 @@ def _ops(dtype, device=DEVICE):
 
     targets = torch.zeros(4, dtype=torch.int64, device=device)
     return [
-        ("linear", lambda: TF.linear(t(4, 8), t(5, 8), t(5), activation="relu")),
-        ("layer_norm", lambda: TF.layer_norm(t(4, 8), 8, t(8), t(8))),
-        ("layer_norm weight", lambda: TF.layer_norm(torch.randn(4, 8, device=device), 8, t(8))),
-        ("rms_norm", lambda: TF.rms_norm(t(4, 8), 8, t(8))),
-        ("softmax", lambda: TF.softmax(t(4, 8))),
-        ("dropout", lambda: TF.dropout(t(4, 8), 0.5, 1)),
-        ("cross_entropy", lambda: TF.cross_entropy(t(4, 8), targets)),
+        ("linear", lambda: F_tri.linear(t(4, 8), t(5, 8), t(5), activation="relu")),
+        ("layer_norm", lambda: F_tri.layer_norm(t(4, 8), 8, t(8), t(8))),
+        ("layer_norm weight", lambda: F_tri.layer_norm(torch.randn(4, 8, device=device), 8, t(8))),
+        ("rms_norm", lambda: F_tri.rms_norm(t(4, 8), 8, t(8))),
+        ("softmax", lambda: F_tri.softmax(t(4, 8))),
+        ("dropout", lambda: F_tri.dropout(t(4, 8), 0.5, 1)),
+        ("cross_entropy", lambda: F_tri.cross_entropy(t(4, 8), targets)),
     ]
 
 
@@ -85,7 +85,7 @@ def _linear_like_torch(x_shape, n, activation, fused, bias=True):
     w = randn(n, k, requires_grad=True)
     b = randn(n, requires_grad=True) if bias else None
     refs = [reference_copy(t) for t in (x, w, b)]
-    out = TF.linear(x, w, b, activation=activation, fused=fused)
+    out = F_tri.linear(x, w, b, activation=activation, fused=fused)
     ref = REFERENCE_ACTIVATION[activation](F.linear(*refs))
     assert out.shape == ref.shape
     assert_close(out, ref, torch.float32, "output")
@@ -121,11 +121,11 @@ def test_zero_features_linear_gives_what_torch_gives(activation, fused, seed):
 def test_softmax_over_an_empty_last_dim(causal, seed):
     """softmax over a last dim of 0 elements: an empty result and an empty gradient, as torch.softmax."""
     x = randn(2, 3, 0, requires_grad=True)
-    out = TF.softmax(x, causal=causal)
+    out = F_tri.softmax(x, causal=causal)
     assert out.shape == (2, 3, 0)
     out.backward(torch.ones_like(out))
     assert x.grad.shape == (2, 3, 0)
-    assert TF.softmax(randn(3, 0, 4), dim=1).shape == (3, 0, 4)
+    assert F_tri.softmax(randn(3, 0, 4), dim=1).shape == (3, 0, 4)
 
 
 # ----------------------------------------------------------------------------------------------------- eps=None
@@ -144,9 +144,9 @@ def test_rms_norm_eps_none_is_the_dtypes_epsilon(dtype, seed):
     out.backward(torch.ones_like(out))
     ref.backward(torch.ones_like(ref))
     assert_close(x.grad, xr.grad, dtype, "grad of x", scale_floor=xr.grad.norm().item())
-    assert_close(TF.rms_norm(x, 33, eps=None), ref, dtype, "functional output")
+    assert_close(F_tri.rms_norm(x, 33, eps=None), ref, dtype, "functional output")
     if dtype == torch.float32:  # the default eps (1e-6) would be 8x the dtype's epsilon: visibly different
-        assert relative_error(TF.rms_norm(x, 33), ref) > 100 * tolerance(dtype)
+        assert relative_error(F_tri.rms_norm(x, 33), ref) > 100 * tolerance(dtype)
 
 
 # ------------------------------------------------------------------------------------------- constructor checks
@@ -186,6 +186,6 @@ def test_functional_eps_is_checked():
     x = randn(4, 8)
     for eps in (-1.0, float("nan"), float("inf"), None):
         with pytest.raises(ValueError, match="eps must be a finite number ≥ 0"):
-            TF.layer_norm(x, 8, eps=eps)
+            F_tri.layer_norm(x, 8, eps=eps)
     with pytest.raises(ValueError, match="eps must be a finite number ≥ 0 or None"):
-        TF.rms_norm(x, 8, eps=-1.0)
+        F_tri.rms_norm(x, 8, eps=-1.0)

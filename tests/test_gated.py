@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import triformer.functional as TF
+import triformer.functional as F_tri
 from harness import DEVICE, DTYPES, ON_GPU, assert_close, randn, reference_copy
 from sm90_compile import assert_compiled_without_spills, child_report, compile_for_sm90, report_each, spilled_bytes
 from triformer import TritonGatedMLP
@@ -28,7 +28,7 @@ def check(leaf: torch.Tensor, view, activation: str, dtype: torch.dtype, dh=None
     """view(leaf) → x; ours and the float64 reference on the same rounded inputs: h, then the leaf's gradient."""
     ref_leaf = reference_copy(leaf)
     x = view(leaf)
-    h = TF.gated_activation(x, activation, inplace_grad=inplace_grad)
+    h = F_tri.gated_activation(x, activation, inplace_grad=inplace_grad)
     ref = reference_gate(view(ref_leaf), activation)
     assert h.dtype == x.dtype and h.shape == (*x.shape[:-1], x.shape[-1] // 2) and h.is_contiguous()
     assert_close(h, ref, dtype, "h")
@@ -95,19 +95,19 @@ def test_gradient_goes_into_the_up_projection_output(seed):
     leaf = randn(7, 66, requires_grad=True)
     x = non_leaf(leaf)
     kept = x.detach().clone()
-    h = TF.swiglu(x)
+    h = F_tri.swiglu(x)
     h.backward(randn(*h.shape))
     assert torch.equal(x.detach(), kept) and not torch.equal(leaf.grad, kept)
     leaf.grad = None
     x = non_leaf(leaf)
-    h = TF.swiglu(x, inplace_grad=None)
+    h = F_tri.swiglu(x, inplace_grad=None)
     h.backward(randn(*h.shape))
     assert torch.equal(x.detach(), leaf.grad)
     kept = leaf.detach().clone()
-    TF.swiglu(leaf, inplace_grad=None).backward(randn(7, 33))
+    F_tri.swiglu(leaf, inplace_grad=None).backward(randn(7, 33))
     assert torch.equal(leaf.detach(), kept)
     copy = leaf.detach().clone().requires_grad_()
-    TF.swiglu(copy, inplace_grad=True).backward(randn(7, 33))
+    F_tri.swiglu(copy, inplace_grad=True).backward(randn(7, 33))
     assert copy.grad.data_ptr() == copy.data_ptr()
 
 
@@ -116,10 +116,10 @@ def test_in_place_gradient_is_never_silently_wrong(seed):
     leaf = randn(5, 16, requires_grad=True)
     x = non_leaf(leaf)
     square = x * x  # saves x; created first, so its backward runs after the gate's
-    loss = TF.geglu(x, inplace_grad=None).sum() + square.sum()
+    loss = F_tri.geglu(x, inplace_grad=None).sum() + square.sum()
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
-    h = TF.swiglu(non_leaf(leaf), inplace_grad=None)
+    h = F_tri.swiglu(non_leaf(leaf), inplace_grad=None)
     h.backward(torch.ones_like(h), retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         h.backward(torch.ones_like(h))
@@ -132,7 +132,7 @@ def test_nan_and_inf_propagate(activation, dtype):
     x = randn(3, 8, dtype=dtype)
     x[0, 1], x[0, 2], x[1, 0], x[1, 6], x[2, 7] = float("nan"), float("inf"), float("-inf"), float("nan"), float("inf")
     leaf = x.requires_grad_()
-    h = TF.gated_activation(leaf, activation)
+    h = F_tri.gated_activation(leaf, activation)
     dh = randn(3, 4, dtype=dtype)
     h.backward(dh)
     ref_leaf = reference_copy(leaf)
@@ -147,22 +147,22 @@ def test_nan_and_inf_propagate(activation, dtype):
 
 def test_named_entries():
     x = randn(3, 10)
-    assert torch.equal(TF.swiglu(x), TF.gated_activation(x, "silu"))
-    assert torch.equal(TF.geglu(x), TF.gated_activation(x, "gelu"))
+    assert torch.equal(F_tri.swiglu(x), F_tri.gated_activation(x, "silu"))
+    assert torch.equal(F_tri.geglu(x), F_tri.gated_activation(x, "gelu"))
 
 
 def test_bad_inputs_get_clear_errors():
     x = randn(4, 10)
     cases = [
-        (ValueError, "even", lambda: TF.swiglu(randn(4, 9))),
-        (ValueError, "even", lambda: TF.swiglu(randn(4, 0))),
-        (ValueError, r"\[\.\.\., 2·hidden\]", lambda: TF.swiglu(torch.tensor(1.0))),
-        (TypeError, "dtype", lambda: TF.geglu(x.long())),
-        (TypeError, "torch.Tensor", lambda: TF.swiglu(x.tolist())),
-        (ValueError, "unknown gated activation", lambda: TF.gated_activation(x, "relu")),
-        (ValueError, "do not overlap", lambda: TF.swiglu(randn(1, 10).expand(4, 10), inplace_grad=True)),
-        (ValueError, "do not overlap", lambda: TF.swiglu(randn(10, 4).t(), inplace_grad=True)),
-        (TypeError, "inplace_grad", lambda: TF.swiglu(x, inplace_grad="yes")),
+        (ValueError, "even", lambda: F_tri.swiglu(randn(4, 9))),
+        (ValueError, "even", lambda: F_tri.swiglu(randn(4, 0))),
+        (ValueError, r"\[\.\.\., 2·hidden\]", lambda: F_tri.swiglu(torch.tensor(1.0))),
+        (TypeError, "dtype", lambda: F_tri.geglu(x.long())),
+        (TypeError, "torch.Tensor", lambda: F_tri.swiglu(x.tolist())),
+        (ValueError, "unknown gated activation", lambda: F_tri.gated_activation(x, "relu")),
+        (ValueError, "do not overlap", lambda: F_tri.swiglu(randn(1, 10).expand(4, 10), inplace_grad=True)),
+        (ValueError, "do not overlap", lambda: F_tri.swiglu(randn(10, 4).t(), inplace_grad=True)),
+        (TypeError, "inplace_grad", lambda: F_tri.swiglu(x, inplace_grad="yes")),
         (ValueError, "activation must be one of", lambda: TritonGatedMLP(8, 4, activation="gelu")),
         (ValueError, "hidden must be a positive int", lambda: TorchGatedMLP(8, 0)),
         (ValueError, "in_features", lambda: TritonGatedMLP(8, 4)(randn(3, 7))),

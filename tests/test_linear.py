@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-import triformer.functional as TF
+import triformer.functional as F_tri
 from harness import DTYPES, ON_GPU, assert_close, assert_grads_close, randn, reference_copy, well_conditioned_norm
 from triformer import TritonLinear
 from triformer.kernels import _runtime
@@ -43,7 +43,7 @@ def run_and_compare(x, w, b, activation, fused, dtype):
         # Where Z is within rounding distance of relu's kink the derivative depends on the last bit of Z:
         # those elements get no upstream gradient (in both computations), so the comparison stays exact.
         dy = dy * (z_ref.detach().abs() > 1e-2 * z_ref.detach().abs().mean())
-    out = TF.linear(x, w, b, activation=activation, fused=fused)
+    out = F_tri.linear(x, w, b, activation=activation, fused=fused)
     assert out.dtype == dtype and out.shape == ref.shape
     # The output as a dot product of K + 1 terms: [x, 1]·[w, b].
     x_ones = torch.cat([xr.reshape(-1, xr.shape[-1]), torch.ones(out.numel() // wr.shape[0], 1, dtype=xr.dtype)], 1)
@@ -119,7 +119,7 @@ def test_linear_non_contiguous_input(layout, fused, dtype, seed):
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
 def test_non_contiguous_upstream_gradient(fused, seed):
     x, w, b = make_inputs(7, 33, 65, torch.float32)
-    out = TF.linear(x, w, b, activation="gelu", fused=fused)
+    out = F_tri.linear(x, w, b, activation="gelu", fused=fused)
     out.sum().backward()  # dy is an expanded (stride-0) tensor
     xr, wr, br = (reference_copy(t) for t in (x, w, b))
     reference_linear(xr, wr, br, "gelu")[0].sum().backward()
@@ -131,11 +131,11 @@ def test_only_some_gradients(seed):
     x, w, b = make_inputs(7, 33, 65, torch.float32)
     w.requires_grad_(False)
     b.requires_grad_(False)
-    TF.linear(x, w, b, activation="relu").sum().backward()
+    F_tri.linear(x, w, b, activation="relu").sum().backward()
     assert x.grad is not None and w.grad is None
     x2, w2, b2 = make_inputs(7, 33, 65, torch.float32)
     x2.requires_grad_(False)
-    TF.linear(x2, w2, b2, activation="gelu").sum().backward()
+    F_tri.linear(x2, w2, b2, activation="gelu").sum().backward()
     assert w2.grad is not None and b2.grad is not None
 
 
@@ -184,7 +184,7 @@ def test_nan_propagates_as_in_torch(activation, fused, dtype, seed):
     dy = torch.randn(ref.shape, dtype=torch.float64)
     if activation == "relu":  # no upstream gradient at the kink (see run_and_compare); the NaN row keeps its own
         dy = dy * ~(z_ref.detach().abs() <= 1e-2 * z_ref.detach().nan_to_num().abs().mean())
-    out = TF.linear(x, w, b, activation=activation, fused=fused)
+    out = F_tri.linear(x, w, b, activation=activation, fused=fused)
     rows_with_nan = torch.isnan(out).any(-1).cpu()
     assert torch.isnan(out[2]).all() and rows_with_nan.sum() == 1
     assert_same_nans_and_close(out, ref.detach(), dtype, "output")
@@ -204,29 +204,29 @@ def test_errors_name_what_is_wrong():
     x = torch.randn(4, 8, device=dev)
     w = torch.randn(5, 8, device=dev)
     with pytest.raises(ValueError, match="last dimension 7.*in_features=8"):
-        TF.linear(torch.randn(4, 7, device=dev), w)
+        F_tri.linear(torch.randn(4, 7, device=dev), w)
     with pytest.raises(TypeError, match="x has dtype torch.int64"):
-        TF.linear(torch.ones(4, 8, dtype=torch.int64, device=dev), w)
+        F_tri.linear(torch.ones(4, 8, dtype=torch.int64, device=dev), w)
     with pytest.raises(TypeError, match="weight has dtype torch.float16 but x has torch.float32"):
-        TF.linear(x, w.half())
+        F_tri.linear(x, w.half())
     with pytest.raises(ValueError, match="unknown activation 'tanh'"):
-        TF.linear(x, w, activation="tanh")
+        F_tri.linear(x, w, activation="tanh")
     with pytest.raises(ValueError, match="unknown activation"):
         TritonLinear(8, 5, activation="swish")
     with pytest.raises(ValueError, match=r"bias must have shape \(5,\)"):
-        TF.linear(x, w, torch.randn(6, device=dev))
+        F_tri.linear(x, w, torch.randn(6, device=dev))
     with pytest.raises(ValueError, match="weight must be 2-D"):
-        TF.linear(x, w[None])
+        F_tri.linear(x, w[None])
 
 
 def test_cpu_tensor_without_interpreter_says_how_to_run(without_interpreter):
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
-        TF.linear(torch.randn(2, 3), torch.randn(4, 3))
+        F_tri.linear(torch.randn(2, 3), torch.randn(4, 3))
 
 
 def test_poisoned_outputs_are_overwritten(seed):
     """Poisoning is on in every test (conftest): a kernel that leaves an element unwritten fails; check it does."""
     assert _runtime.POISON_OUTPUTS
     x, w, b = make_inputs(33, 7, 65, torch.float32)
-    out = TF.linear(x, w, b, activation="relu")
+    out = F_tri.linear(x, w, b, activation="relu")
     assert not torch.isnan(out).any()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import triformer.functional as TF
+import triformer.functional as F_tri
 from harness import DTYPES, ON_GPU, randn
 from test_linear import make_inputs, run_and_compare
 from triformer.kernels import _tiles
@@ -131,7 +131,7 @@ def test_results_do_not_move_between_runs(M, K, N, schedule, seed):
 def forward_and_gradients(x, w, b, activation):
     """(y, dx, dw, db) of one forward and backward with an all-ones upstream gradient; the leaves' .grad is left
     empty for whoever comes next."""
-    y = TF.linear(x, w, b, activation=activation)
+    y = F_tri.linear(x, w, b, activation=activation)
     y.backward(torch.ones_like(y))
     result = (y.detach().clone(), x.grad, w.grad, b.grad)
     for t in (x, w, b):

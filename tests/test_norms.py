@@ -6,15 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import triformer.functional as TF
+import triformer.functional as F_tri
 from harness import DEVICE, DTYPES, assert_close, assert_grads_close, randn, reference_copy
 from rowwise import WIDTHS, rows_for
 from triformer import TritonLayerNorm, TritonRMSNorm
 
 OPS = {
-    "layer_norm": (lambda x, w, b, eps: TF.layer_norm(x, x.shape[-1], w, b, eps),
+    "layer_norm": (lambda x, w, b, eps: F_tri.layer_norm(x, x.shape[-1], w, b, eps),
                    lambda x, w, b, eps: F.layer_norm(x, (x.shape[-1],), w, b, eps)),
-    "rms_norm": (lambda x, w, b, eps: TF.rms_norm(x, x.shape[-1], w, eps),
+    "rms_norm": (lambda x, w, b, eps: F_tri.rms_norm(x, x.shape[-1], w, eps),
                  lambda x, w, b, eps: F.rms_norm(x, (x.shape[-1],), w, eps)),
 }
 EPS = {"layer_norm": 1e-5, "rms_norm": 1e-6}
@@ -53,7 +53,7 @@ def test_against_float64(op, width, dtype, row_path, seed):
     x, w, b = make_inputs(op, (rows_for(width),), width, dtype, scale=scale)
     if op == "layer_norm" and width == 1:
         # x − μ ≡ 0: y = b, dx = dw = 0 and db = Σ dy exactly (the float64 reference carries 1e-14 noise there).
-        out = TF.layer_norm(x, 1, w, b)
+        out = F_tri.layer_norm(x, 1, w, b)
         dy = randn(*x.shape, dtype=dtype)
         out.backward(dy)
         assert torch.equal(out, b.detach().expand_as(out))
@@ -127,7 +127,7 @@ def test_multi_dim_normalized_shape(seed):
     w = randn(5, 7, requires_grad=True)
     b = randn(5, 7, requires_grad=True)
     xr, wr, br = (reference_copy(t) for t in (x, w, b))
-    out = TF.layer_norm(x, (5, 7), w, b)
+    out = F_tri.layer_norm(x, (5, 7), w, b)
     ref = F.layer_norm(xr, (5, 7), wr, br)
     assert_close(out, ref, torch.float32, "output")
     dy = randn(*x.shape)
@@ -144,7 +144,7 @@ def test_weight_gradient_is_deterministic(seed):
     dy = randn(1029, 96)
     grads = []
     for _ in range(2):
-        grads.append(torch.autograd.grad(TF.layer_norm(x, 96, w, b), (w, b), dy))
+        grads.append(torch.autograd.grad(F_tri.layer_norm(x, 96, w, b), (w, b), dy))
     assert all(torch.equal(a, c) for a, c in zip(*grads))
 
 
@@ -153,7 +153,7 @@ def test_frozen_parameters_get_no_gradient(seed):
     w = randn(33)
     b = randn(33, requires_grad=True)
     xr, wr, br = (reference_copy(t) for t in (x, w, b))
-    TF.layer_norm(x, 33, w, b).backward(torch.ones(7, 33, device=DEVICE))
+    F_tri.layer_norm(x, 33, w, b).backward(torch.ones(7, 33, device=DEVICE))
     F.layer_norm(xr, (33,), wr, br).backward(torch.ones(7, 33, dtype=torch.float64))
     assert w.grad is None
     assert_grads_close([("x", x, xr), ("bias", b, br)], torch.float32)
@@ -181,7 +181,7 @@ def test_modules_match_torch_modules(dtype, seed):
 def test_empty_batch():
     x = randn(0, 33, requires_grad=True)
     w = randn(33, requires_grad=True)
-    out = TF.rms_norm(x, 33, w)
+    out = F_tri.rms_norm(x, 33, w)
     out.sum().backward()
     assert out.shape == (0, 33) and x.grad.shape == (0, 33) and torch.equal(w.grad, torch.zeros_like(w))
 
@@ -189,21 +189,21 @@ def test_empty_batch():
 def test_bad_inputs():
     x = randn(4, 8)
     with pytest.raises(TypeError, match="x has dtype torch.int64"):
-        TF.layer_norm(torch.ones(4, 8, dtype=torch.int64, device=DEVICE), 8)
+        F_tri.layer_norm(torch.ones(4, 8, dtype=torch.int64, device=DEVICE), 8)
     with pytest.raises(ValueError, match=r"does not end in normalized_shape \(6,\)"):
-        TF.layer_norm(x, 6)
+        F_tri.layer_norm(x, 6)
     with pytest.raises(ValueError, match=r"weight must have shape \(8,\)"):
-        TF.layer_norm(x, 8, randn(7))
+        F_tri.layer_norm(x, 8, randn(7))
     with pytest.raises(ValueError, match=r"bias must have shape \(8,\)"):
-        TF.layer_norm(x, 8, randn(8), randn(8, 1))
+        F_tri.layer_norm(x, 8, randn(8), randn(8, 1))
     with pytest.raises(TypeError, match="weight has dtype torch.int32"):
-        TF.rms_norm(x, 8, torch.ones(8, dtype=torch.int32, device=DEVICE))
+        F_tri.rms_norm(x, 8, torch.ones(8, dtype=torch.int32, device=DEVICE))
     with pytest.raises(ValueError, match="normalized_shape must be a positive int"):
-        TF.rms_norm(x, 0)
+        F_tri.rms_norm(x, 0)
 
 
 def test_cpu_tensor_without_interpreter(without_interpreter):
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
-        TF.layer_norm(torch.randn(2, 8), 8)
+        F_tri.layer_norm(torch.randn(2, 8), 8)
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         TritonRMSNorm(8)(torch.randn(2, 8))

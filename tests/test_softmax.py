@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import triformer.functional as TF
+import triformer.functional as F_tri
 from harness import DEVICE, DTYPES, assert_close, assert_grads_close, randn, reference_copy
 from rowwise import WIDTHS, rows_for
 from triformer import TritonSoftmax
@@ -25,7 +25,7 @@ def reference_softmax(x, dim=-1, causal=False):
 def run_and_compare(x, dtype, dim=-1, causal=False, dy=None):
     xr = reference_copy(x)
     ref = reference_softmax(xr, dim, causal)
-    out = TF.softmax(x, dim, causal)
+    out = F_tri.softmax(x, dim, causal)
     assert out.dtype == x.dtype and out.shape == x.shape
     assert_close(out, ref, dtype, "output")
     if dy is None:
@@ -81,7 +81,7 @@ def test_rows_of_minus_infinity(row_path, seed):
     x[3, ::2] = float("-inf")
     x[4, :700] = float("-inf")  # the first blocks of the looped path are all −inf
     x.requires_grad_()
-    out = TF.softmax(x)
+    out = F_tri.softmax(x)
     ref = torch.softmax(x.detach().double().cpu(), -1)
     assert out[1].isnan().all() and ref[1].isnan().all()
     finite = [0, 2, 3, 4, 5]
@@ -111,15 +111,15 @@ def test_module(seed):
 
 def test_bad_inputs():
     with pytest.raises(TypeError, match="x has dtype torch.int64"):
-        TF.softmax(torch.ones(3, 4, dtype=torch.int64, device=DEVICE))
+        F_tri.softmax(torch.ones(3, 4, dtype=torch.int64, device=DEVICE))
     with pytest.raises(ValueError, match="causal softmax runs over the last dim"):
-        TF.softmax(randn(3, 4), dim=0, causal=True)
+        F_tri.softmax(randn(3, 4), dim=0, causal=True)
     with pytest.raises(ValueError, match="causal softmax runs over the last dim"):
-        TF.softmax(randn(4), causal=True)
+        F_tri.softmax(randn(4), causal=True)
     with pytest.raises(ValueError, match="dim 2 is out of range"):
-        TF.softmax(randn(3, 4), dim=2)
+        F_tri.softmax(randn(3, 4), dim=2)
 
 
 def test_cpu_tensor_without_interpreter(without_interpreter):
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
-        TF.softmax(torch.randn(2, 8))
+        F_tri.softmax(torch.randn(2, 8))

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import triformer.functional as TF
+import triformer.functional as F_tri
 from harness import DEVICE, DTYPES, ON_GPU, assert_close, reference_copy
 
 # (M, K, N) of the linear; rows M and width N of the row-wise ops. On a GPU multiples of 8 (16-byte rows): the
@@ -113,7 +113,7 @@ def run_case(inputs: Inputs, ours, reference, dy_kind: str, dtype, grad_floor=No
 
 def _linear_case(activation, fused):
     def ours(x, weight, bias):
-        return TF.linear(x, weight, bias, activation=activation, fused=fused)
+        return F_tri.linear(x, weight, bias, activation=activation, fused=fused)
 
     def reference(x, weight, bias):
         return REFERENCE_ACTIVATION[activation](F.linear(x, weight, bias))
@@ -126,9 +126,9 @@ def _norm_case(center):
     shapes = {"x": (M, N), "weight": (N,), "bias": (N,)} if center else {"x": (M, N), "weight": (N,)}
     exclude = {"x": ("scalar",)}
     if center:
-        return shapes, exclude, (lambda x, weight, bias: TF.layer_norm(x, N, weight, bias)), \
+        return shapes, exclude, (lambda x, weight, bias: F_tri.layer_norm(x, N, weight, bias)), \
             (lambda x, weight, bias: F.layer_norm(x, (N,), weight, bias))
-    return shapes, exclude, (lambda x, weight: TF.rms_norm(x, N, weight)), \
+    return shapes, exclude, (lambda x, weight: F_tri.rms_norm(x, N, weight)), \
         (lambda x, weight: F.rms_norm(x, (N,), weight, 1e-6))
 
 
@@ -138,7 +138,7 @@ def _softmax_case(causal):
             x = x.masked_fill(torch.ones(SEQ, SEQ, dtype=torch.bool).triu(1), float("-inf"))
         return torch.softmax(x, -1)
 
-    return {"x": (3, SEQ, SEQ)}, {}, (lambda x: TF.softmax(x, causal=causal)), reference
+    return {"x": (3, SEQ, SEQ)}, {}, (lambda x: F_tri.softmax(x, causal=causal)), reference
 
 
 CASES = {
@@ -208,7 +208,7 @@ def test_cross_entropy_views(name, kind, dtype, seed):
     inputs = Inputs(dtype)
     inputs.add("logits", (M, N), kind if name == "logits" else "contiguous")
     inputs.add("targets", (M,), kind if name == "targets" else "contiguous", requires_grad=False, make=_targets)
-    run_case(inputs, lambda logits, targets: TF.cross_entropy(logits, targets, reduction="none"),
+    run_case(inputs, lambda logits, targets: F_tri.cross_entropy(logits, targets, reduction="none"),
              lambda logits, targets: F.cross_entropy(logits, targets, reduction="none"),
              kind if name == "dloss" else "contiguous", dtype)
 
@@ -228,7 +228,7 @@ def test_dropout_views(name, kind, dtype, seed):
     x = x_view(x_base)
     check_layout(x if name == "x" else dy, kind)
     copy = x.detach().contiguous().requires_grad_()
-    out, expected = TF.dropout(x, 0.4, seed), TF.dropout(copy, 0.4, seed)
+    out, expected = F_tri.dropout(x, 0.4, seed), F_tri.dropout(copy, 0.4, seed)
     assert torch.equal(out, expected)
     out.backward(dy)
     expected.backward(dy.contiguous())

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .. import functional as TF
+from .. import functional as F_tri
 from .norms import failure_row, mode_call, peak_extra_mib
 from .timing import timings
 
@@ -37,7 +37,7 @@ def providers(device: str) -> dict:
     """name → attention(q, k, v, causal), or an exception saying why the provider cannot run here."""
     from torch.nn.attention import SDPBackend
 
-    table: dict = {"triformer": lambda q, k, v, causal: TF.attention(q, k, v, causal=causal),
+    table: dict = {"triformer": lambda q, k, v, causal: F_tri.attention(q, k, v, causal=causal),
                    "sdpa flash": _sdpa(SDPBackend.FLASH_ATTENTION), "sdpa cudnn": _sdpa(SDPBackend.CUDNN_ATTENTION),
                    "torch math": _sdpa(SDPBackend.MATH)}
     if device != "cuda":

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .. import functional as TF
+from .. import functional as F_tri
 from .norms import COMPILE_CUDA_ONLY, failure_row, peak_extra_mib, result_row
 from .timing import timings
 
@@ -30,8 +30,8 @@ def _torch_loss(logits, targets):
 def providers(device: str) -> dict:
     """name → loss(logits, targets), or an exception saying why the provider cannot run here."""
     table: dict = {
-        "triformer": lambda logits, targets: TF.cross_entropy(logits, targets, inplace_grad=True),
-        "triformer (grad buffer)": lambda logits, targets: TF.cross_entropy(logits, targets, inplace_grad=False),
+        "triformer": lambda logits, targets: F_tri.cross_entropy(logits, targets, inplace_grad=True),
+        "triformer (grad buffer)": lambda logits, targets: F_tri.cross_entropy(logits, targets, inplace_grad=False),
         "torch": _torch_loss,
         "torch.compile": torch.compile(_torch_loss) if device == "cuda" else RuntimeError(COMPILE_CUDA_ONLY),
     }

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .. import functional as TF
+from .. import functional as F_tri
 from .norms import COMPILE_CUDA_ONLY, mode_call
 from .side_by_side import time_providers
 
@@ -44,8 +44,8 @@ def providers(device: str) -> dict:
     """name → (f(x, activation) on the fused x, or f(a, b, activation) on the halves when the name is "liger");
     an exception where the provider cannot run here."""
     table: dict = {
-        "triformer": lambda x, act: TF.gated_activation(x, act, inplace_grad=True),
-        "triformer (grad buffer)": lambda x, act: TF.gated_activation(x, act, inplace_grad=False),
+        "triformer": lambda x, act: F_tri.gated_activation(x, act, inplace_grad=True),
+        "triformer (grad buffer)": lambda x, act: F_tri.gated_activation(x, act, inplace_grad=False),
         "torch": _torch_gated,
         "torch.compile": torch.compile(_torch_gated) if device == "cuda" else RuntimeError(COMPILE_CUDA_ONLY),
     }

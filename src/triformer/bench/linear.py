@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .. import functional as TF
+from .. import functional as F_tri
 from .timing import timings
 
 def _eager(x, w, b):
@@ -28,8 +28,8 @@ def _addmm_activation(x, w, b):
 def providers(device: str) -> dict:
     """name → f(x, w, b) computing relu(x·wᵀ + b)."""
     table = {
-        "triformer fused": lambda x, w, b: TF.linear(x, w, b, activation="relu", fused=True),
-        "triformer unfused": lambda x, w, b: TF.linear(x, w, b, activation="relu", fused=False),
+        "triformer fused": lambda x, w, b: F_tri.linear(x, w, b, activation="relu", fused=True),
+        "triformer unfused": lambda x, w, b: F_tri.linear(x, w, b, activation="relu", fused=False),
         "torch eager": _eager,
         "torch 3 ops": _three_ops,
     }

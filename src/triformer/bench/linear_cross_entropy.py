@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .. import functional as TF
+from .. import functional as F_tri
 from ..kernels._runtime import cdiv, next_power_of_2
 from .norms import COMPILE_CUDA_ONLY, peak_extra_mib
 from .timing import timings
@@ -39,9 +39,9 @@ def liger_chunk_rows(n: int, h: int, v: int) -> int:
 def providers(device: str) -> dict:
     """name → loss(x, w, targets), or an exception saying why the provider cannot run here."""
     table: dict = {
-        "triformer": lambda x, w, t: TF.linear_cross_entropy(x, w, t),
-        "triformer (dW in weight dtype)": lambda x, w, t: TF.linear_cross_entropy(x, w, t, accum_dtype=None),
-        "triformer (Liger-size chunks)": lambda x, w, t: TF.linear_cross_entropy(
+        "triformer": lambda x, w, t: F_tri.linear_cross_entropy(x, w, t),
+        "triformer (dW in weight dtype)": lambda x, w, t: F_tri.linear_cross_entropy(x, w, t, accum_dtype=None),
+        "triformer (Liger-size chunks)": lambda x, w, t: F_tri.linear_cross_entropy(
             x, w, t, chunk_size=liger_chunk_rows(x.shape[0], x.shape[1], w.shape[0]), accum_dtype=None),
         "torch": _torch_loss,
         "torch.compile": torch.compile(_torch_loss) if device == "cuda" else RuntimeError(COMPILE_CUDA_ONLY),

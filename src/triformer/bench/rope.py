@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
-from .. import functional as TF
+from .. import functional as F_tri
 from ..nn.rope import torch_rope
 from .norms import COMPILE_CUDA_ONLY, mode_call
 from .side_by_side import time_providers
@@ -34,7 +34,7 @@ def providers(device: str) -> dict:
     """name → f(q, k, cos, sin) → (q_rot, k_rot), with cos, sin float32 [S, D/2]; an exception where the provider
     cannot run here."""
     table: dict = {
-        "triformer": TF.rope,
+        "triformer": F_tri.rope,
         "torch": torch_rope,
         "torch.compile": torch.compile(torch_rope) if device == "cuda" else RuntimeError(COMPILE_CUDA_ONLY),
     }
@@ -53,7 +53,7 @@ def _setup(fn, shape, dtype, device, mode):
             raise fn
         b, h, s, d = shape
         q, k = (torch.randn(b, s, h, d, device=device, dtype=dtype).transpose(1, 2) for _ in range(2))
-        cos, sin = TF.rope_tables(d, s, device=device)
+        cos, sin = F_tri.rope_tables(d, s, device=device)
         inputs = [q.requires_grad_(mode != "fwd"), k.requires_grad_(mode != "fwd")]
         grads = [torch.randn_like(q), torch.randn_like(k)]
         call = mode_call(lambda: fn(q, k, cos, sin), inputs, grads, mode)

@@ -7,7 +7,7 @@ import functools
 import torch
 from torch import nn
 
-from .. import functional as TF
+from .. import functional as F_tri
 from .._compat import relu_or_none, renamed_arguments
 from ..kernels.activation import canonical_activation
 
@@ -53,7 +53,7 @@ class TritonLinear(nn.Module):
         nn.Linear.reset_parameters(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return TF.linear(x, self.weight, self.bias, activation=self.activation, fused=self.fused)
+        return F_tri.linear(x, self.weight, self.bias, activation=self.activation, fused=self.fused)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -81,8 +81,8 @@ class TritonLayerNorm(nn.Module):
     def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
                  device=None, dtype=None):
         super().__init__()
-        self.normalized_shape = TF._check_normalized_shape(normalized_shape)
-        TF._check_eps(eps)
+        self.normalized_shape = F_tri._check_normalized_shape(normalized_shape)
+        F_tri._check_eps(eps)
         _check_flag(elementwise_affine, "elementwise_affine")
         _check_flag(bias, "bias")
         self.eps, self.elementwise_affine = eps, elementwise_affine
@@ -98,7 +98,7 @@ class TritonLayerNorm(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return TF.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return F_tri.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, " \
@@ -111,8 +111,8 @@ class TritonRMSNorm(nn.Module):
 
     def __init__(self, hidden_size: int, eps: float | None = 1e-6, device=None, dtype=None):
         super().__init__()
-        TF._check_normalized_shape(hidden_size)
-        TF._check_eps(eps, allow_none=True)
+        F_tri._check_normalized_shape(hidden_size)
+        F_tri._check_eps(eps, allow_none=True)
         self.hidden_size, self.eps = hidden_size, eps
         self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
 
@@ -120,7 +120,7 @@ class TritonRMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return TF.rms_norm(x, self.hidden_size, self.weight, self.eps)
+        return F_tri.rms_norm(x, self.hidden_size, self.weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.hidden_size}, eps={self.eps}"
@@ -141,7 +141,7 @@ class TritonSoftmax(nn.Module):
         self.dim, self.causal = dim, causal
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return TF.softmax(x, self.dim, self.causal)
+        return F_tri.softmax(x, self.dim, self.causal)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, causal={self.causal}"
@@ -150,7 +150,7 @@ class TritonSoftmax(nn.Module):
 @renamed_arguments(dropout_prob="p")
 def _dropout_apply(x: torch.Tensor, p: float = 0.5, seed: int | None = None) -> torch.Tensor:
     """TritonDropout.apply(x, p, seed): dropout in training mode, dame-cell/Triformer's functional entry."""
-    return TF.dropout(x, p, seed, training=True)
+    return F_tri.dropout(x, p, seed, training=True)
 
 
 class _ClassOrInstanceApply:
@@ -171,11 +171,11 @@ class TritonDropout(nn.Module):
 
     def __init__(self, p: float = 0.5):
         super().__init__()
-        TF._check_dropout_args(p, None)
+        F_tri._check_dropout_args(p, None)
         self.p = p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return TF.dropout(x, self.p, None, training=self.training)
+        return F_tri.dropout(x, self.p, None, training=self.training)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -194,12 +194,12 @@ class TritonCrossEntropyLoss(nn.Module):
     def __init__(self, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
                  n_chunks: int = 1, inplace_grad: bool = False):
         super().__init__()
-        TF._check_cross_entropy_options(ignore_index, reduction, label_smoothing, n_chunks, inplace_grad)
+        F_tri._check_cross_entropy_options(ignore_index, reduction, label_smoothing, n_chunks, inplace_grad)
         self.ignore_index, self.reduction, self.label_smoothing = ignore_index, reduction, label_smoothing
         self.n_chunks, self.inplace_grad = n_chunks, inplace_grad
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return TF.cross_entropy(logits, targets, self.ignore_index, self.reduction, self.label_smoothing,
+        return F_tri.cross_entropy(logits, targets, self.ignore_index, self.reduction, self.label_smoothing,
                                 self.n_chunks, self.inplace_grad)
 
     def extra_repr(self) -> str:

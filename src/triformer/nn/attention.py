@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .. import functional as TF
+from .. import functional as F_tri
 from . import TorchLinear, TritonLinear
 
 ATTENTION_DROPOUT_MISSING = (
@@ -99,7 +99,7 @@ class TritonMultiheadAttention(_MultiheadAttentionBase):
         super().__init__(TritonLinear, embed_dim, num_heads, num_kv_heads, causal, bias, dropout, rotary)
 
     def attend(self, q, k, v) -> torch.Tensor:
-        return TF.attention(q, k, v, causal=self.causal)
+        return F_tri.attention(q, k, v, causal=self.causal)
 
 
 class TorchMultiheadAttention(_MultiheadAttentionBase):

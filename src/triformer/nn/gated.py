@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .. import functional as TF
+from .. import functional as F_tri
 from . import TritonLinear
 
 GATED_MLP_ACTIVATIONS = {"swiglu": "silu", "geglu": "gelu"}
@@ -56,7 +56,7 @@ class TritonGatedMLP(_GatedMLP):
                          device, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(TF.gated_activation(self.up(x), self.gate, inplace_grad=None))
+        return self.down(F_tri.gated_activation(self.up(x), self.gate, inplace_grad=None))
 
 
 class TorchGatedMLP(_GatedMLP):

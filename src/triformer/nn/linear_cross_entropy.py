@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .. import functional as TF
+from .. import functional as F_tri
 from ..functional.linear_cross_entropy import ACCUM_DTYPES
 
 
@@ -21,8 +21,8 @@ class _LinearCrossEntropyLoss(nn.Module):
         super().__init__()
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
             raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-        if reduction not in TF._REDUCTIONS:
-            raise ValueError(f"reduction must be one of {TF._REDUCTIONS}, got {reduction!r}")
+        if reduction not in F_tri._REDUCTIONS:
+            raise ValueError(f"reduction must be one of {F_tri._REDUCTIONS}, got {reduction!r}")
         if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) \
                 or not 0.0 <= label_smoothing <= 1.0:
             raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
@@ -49,7 +49,7 @@ class TritonLinearCrossEntropyLoss(_LinearCrossEntropyLoss):
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
-        return TF.linear_cross_entropy(x, weight, targets, bias, self.ignore_index, self.reduction,
+        return F_tri.linear_cross_entropy(x, weight, targets, bias, self.ignore_index, self.reduction,
                                        self.label_smoothing, self.chunk_size, self.accum_dtype)
 
     def extra_repr(self) -> str:

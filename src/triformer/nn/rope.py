@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import functional as TF
+from .. import functional as F_tri
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -28,7 +28,7 @@ class _RotaryTables(nn.Module):
 
     def __init__(self, head_dim: int, max_seq_len: int = 2048, base: float = 10000.0, device=None):
         super().__init__()
-        cos, sin = TF.rope_tables(head_dim, max_seq_len, base, device)
+        cos, sin = F_tri.rope_tables(head_dim, max_seq_len, base, device)
         self.head_dim, self.max_seq_len, self.base = head_dim, max_seq_len, base
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
@@ -38,7 +38,7 @@ class _RotaryTables(nn.Module):
         dtype cast rounded them)."""
         super()._apply(fn, recurse)
         if self.cos.dtype != torch.float32:
-            self.cos, self.sin = TF.rope_tables(self.head_dim, self.max_seq_len, self.base, self.cos.device)
+            self.cos, self.sin = F_tri.rope_tables(self.head_dim, self.max_seq_len, self.base, self.cos.device)
         return self
 
     def _check(self, q: torch.Tensor, offset: int) -> None:
@@ -60,7 +60,7 @@ class TritonRotaryEmbedding(_RotaryTables):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, offset: int = 0):
         self._check(q, offset)
-        return TF.rope(q, k, self.cos, self.sin, offset)
+        return F_tri.rope(q, k, self.cos, self.sin, offset)
 
 
 class TorchRotaryEmbedding(_RotaryTables):
