@@ -14,7 +14,7 @@ import torch
 
 from harness import DEVICE, ON_GPU, assert_close, relative_error, tolerance
 from triformer import GPT, ViT, GPTConfig, ViTConfig
-from triformer.models.blocks import Block
+from triformer.models.blocks import PARTS, Block
 
 TINY_GPT = dict(vocab_size=37, block_size=9, n_layer=2, n_head=2, n_embd=32)
 GPT_VARIANTS = {
@@ -75,6 +75,34 @@ def test_gpt_matches_torch_twin(variant, seed):
         assert logits_with_loss is None, "the fused head makes no logits"
     else:
         assert_close(logits_with_loss, logits_ref, torch.float32, "logits returned with the loss, after backward")
+
+
+@pytest.mark.parametrize("part", PARTS)
+def test_gpt_with_one_part_on_torch_matches_twin(part, seed):
+    """torch_parts puts that part (and only it) on PyTorch inside the triformer model: the same parameters and
+    function."""
+    config = gpt_config("llama", dropout=0.1 if part == "dropout" else 0.0, torch_parts=[part])
+    ours, ref = with_reference(GPT, config)
+    block = ours.blocks[0]
+    on_torch = {"attention": type(block.attn).__name__ == "TorchMultiheadAttention" and
+                type(ours.rotary).__name__ == "TorchRotaryEmbedding",
+                "norm": type(block.ln_1) is type(ours.ln_f) is torch.nn.RMSNorm,
+                "mlp": type(block.mlp).__name__ == "TorchGatedMLP",
+                "head": type(ours.lm_head).__name__ == "TorchLinear" and
+                type(ours.loss_fn).__name__ == "TorchLinearCrossEntropyLoss",
+                "dropout": type(block.drop) is type(ours.drop) is torch.nn.Dropout}
+    assert [name for name, torch_part in on_torch.items() if torch_part] == [part]
+    assert config.torch_parts == (part,)
+    ours.eval()
+    ref.eval()
+    idx, targets = tokens(config), tokens(config)
+    loss, loss_ref = ours(idx, targets)[1], ref(idx, targets)[1]
+    assert_close(loss, loss_ref, torch.float32, "loss")
+    loss.backward()
+    loss_ref.backward()
+    assert_same_parameter_grads(ours, ref)
+    with pytest.raises(ValueError, match=r"torch_parts \['attn'\] are not parts of the model"):
+        GPTConfig(torch_parts=["attn"])
 
 
 def test_gpt_shorter_sequence_matches_twin(seed):

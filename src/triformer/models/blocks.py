@@ -2,12 +2,14 @@
 
 Every part comes in two twins with the same parameter names and shapes: backend="triton" builds it from triformer.nn,
 backend="torch" from the PyTorch modules (nn.Linear, nn.LayerNorm / nn.RMSNorm, F.scaled_dot_product_attention),
-so a model's state_dict loads into its twin.
+so a model's state_dict loads into its twin. `part_backends` gives each part (PARTS) its own backend, so one part at
+a time can run on PyTorch inside a triformer model (the ablation's swaps).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -18,6 +20,9 @@ from .mlp import BACKENDS, make_linear
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu", "geglu")
 LAYER_NORM_EPS, RMS_NORM_EPS = 1e-5, 1e-6
+# The parts of a model that can run on either backend: attention (its projections, RoPE and the attention itself),
+# the norms, the MLP, the head (the output linear and the loss) and dropout.
+PARTS = ("attention", "norm", "mlp", "head", "dropout")
 
 
 def check_choice(name: str, value, choices) -> None:
@@ -29,6 +34,15 @@ def by_backend(backend: str, triton_cls, torch_cls):
     """The class for this backend (a clear error for an unknown one)."""
     check_choice("backend", backend, BACKENDS)
     return triton_cls if backend == "triton" else torch_cls
+
+
+def part_backends(backend: str, torch_parts=()) -> dict[str, str]:
+    """{part: backend} for every part in PARTS: `backend`, except the parts named in torch_parts, which run on torch."""
+    check_choice("backend", backend, BACKENDS)
+    unknown = sorted(set(torch_parts) - set(PARTS))
+    if unknown:
+        raise ValueError(f"torch_parts {unknown} are not parts of the model; choose from {PARTS}")
+    return {part: "torch" if part in torch_parts else backend for part in PARTS}
 
 
 def make_norm(kind: str, dim: int, bias: bool, backend: str) -> nn.Module:
@@ -88,14 +102,16 @@ class Block(nn.Module):
 
     def __init__(self, dim: int, n_head: int, *, n_kv_head: int | None = None, causal: bool, norm: str = "layernorm",
                  mlp: str = "gelu", mlp_hidden: int | None = None, bias: bool = True, dropout: float = 0.0,
-                 rotary: nn.Module | None = None, backend: str = "triton"):
+                 rotary: nn.Module | None = None, backend: str | Mapping[str, str] = "triton"):
+        """backend: one for every part, or {part: backend} as part_backends gives."""
         super().__init__()
-        attention = by_backend(backend, tnn.TritonMultiheadAttention, tnn.TorchMultiheadAttention)
-        self.ln_1 = make_norm(norm, dim, bias, backend)
+        backends = backend if isinstance(backend, Mapping) else part_backends(backend)
+        attention = by_backend(backends["attention"], tnn.TritonMultiheadAttention, tnn.TorchMultiheadAttention)
+        self.ln_1 = make_norm(norm, dim, bias, backends["norm"])
         self.attn = attention(dim, n_head, n_kv_head, causal=causal, bias=bias, rotary=rotary)
-        self.ln_2 = make_norm(norm, dim, bias, backend)
-        self.mlp = make_mlp(mlp, dim, mlp_hidden or default_mlp_hidden(mlp, dim), bias, backend)
-        self.drop = make_dropout(dropout, backend)
+        self.ln_2 = make_norm(norm, dim, bias, backends["norm"])
+        self.mlp = make_mlp(mlp, dim, mlp_hidden or default_mlp_hidden(mlp, dim), bias, backends["mlp"])
+        self.drop = make_dropout(dropout, backends["dropout"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop(self.attn(self.ln_1(x)))  # (B, T, C)

@@ -6,7 +6,8 @@
 
 backend="torch" builds the twin with the same parameter names on nn.Linear, nn.LayerNorm / nn.RMSNorm,
 F.scaled_dot_product_attention and F.cross_entropy: `twin.load_state_dict(model.state_dict())` gives the same
-function, and with the same seed both start from the same weights.
+function, and with the same seed both start from the same weights. torch_parts puts single parts on PyTorch
+(torch_parts=("attention",): SDPA inside an otherwise triformer model), for ablations.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from .. import nn as tnn
-from .blocks import MLPS, NORMS, Block, by_backend, check_choice, init_gpt2_, make_dropout, make_norm, make_rotary
+from .blocks import (MLPS, NORMS, Block, by_backend, check_choice, init_gpt2_, make_dropout, make_norm, make_rotary,
+                     part_backends)
 from .mlp import make_linear
 
 
@@ -39,15 +41,17 @@ class GPTConfig:
     rope: bool = False  # rotary position embedding instead of a learned one
     fused_head: bool = False  # loss by fused linear + cross-entropy (no (B, T, V) logits) instead of logits + CE
     backend: str = "triton"  # triton | torch (the twin)
+    torch_parts: tuple[str, ...] = ()  # parts on PyTorch whatever the backend: attention, norm, mlp, head, dropout
 
     def __post_init__(self):
+        self.torch_parts = tuple(self.torch_parts)
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
         check_choice("norm", self.norm, NORMS)
         check_choice("mlp", self.mlp, MLPS)
-        by_backend(self.backend, None, None)
+        part_backends(self.backend, self.torch_parts)
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if self.rope and (self.n_embd // self.n_head) % 2:
@@ -59,21 +63,23 @@ class GPT(nn.Module):
         super().__init__()
         self.config = c = config
         head_dim = c.n_embd // c.n_head
+        backends = part_backends(c.backend, c.torch_parts)
         self.wte = nn.Embedding(c.vocab_size, c.n_embd)
         self.wpe = None if c.rope else nn.Embedding(c.block_size, c.n_embd)
-        self.rotary = make_rotary(head_dim, c.block_size, c.backend) if c.rope else None
-        self.drop = make_dropout(c.dropout, c.backend)
+        self.rotary = make_rotary(head_dim, c.block_size, backends["attention"]) if c.rope else None
+        self.drop = make_dropout(c.dropout, backends["dropout"])
         self.blocks = nn.ModuleList(
             Block(c.n_embd, c.n_head, n_kv_head=c.n_kv_head, causal=True, norm=c.norm, mlp=c.mlp,
-                  mlp_hidden=c.mlp_hidden, bias=c.bias, dropout=c.dropout, rotary=self.rotary, backend=c.backend)
+                  mlp_hidden=c.mlp_hidden, bias=c.bias, dropout=c.dropout, rotary=self.rotary, backend=backends)
             for _ in range(c.n_layer))
-        self.ln_f = make_norm(c.norm, c.n_embd, c.bias, c.backend)
-        self.lm_head = make_linear(c.n_embd, c.vocab_size, None, c.backend, bias=False)
+        self.ln_f = make_norm(c.norm, c.n_embd, c.bias, backends["norm"])
+        self.lm_head = make_linear(c.n_embd, c.vocab_size, None, backends["head"], bias=False)
         self.wte.weight = self.lm_head.weight  # tied input and output embeddings
         if c.fused_head:
-            self.loss_fn = by_backend(c.backend, tnn.TritonLinearCrossEntropyLoss, tnn.TorchLinearCrossEntropyLoss)()
+            self.loss_fn = by_backend(backends["head"], tnn.TritonLinearCrossEntropyLoss,
+                                      tnn.TorchLinearCrossEntropyLoss)()
         else:
-            self.loss_fn = by_backend(c.backend, tnn.TritonCrossEntropyLoss, nn.CrossEntropyLoss)()
+            self.loss_fn = by_backend(backends["head"], tnn.TritonCrossEntropyLoss, nn.CrossEntropyLoss)()
         init_gpt2_(self, c.n_layer)
 
     def num_params(self, non_embedding: bool = True) -> int:
