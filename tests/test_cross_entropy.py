@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import triformer.functional as TF
+import triformer.functional as F_tri
 from harness import DEVICE, DTYPES, ON_GPU, assert_close, randn
 from rowwise import WIDTHS, rows_for
 from triformer import TritonCrossEntropyLoss
@@ -42,7 +42,7 @@ def run_and_compare(logits, targets, dtype, dloss_scale=1.0, **kwargs):
     own_rows = rows.stride(-1) == 1 and rows.stride(0) >= rows.shape[1]  # what inplace_grad=True can write into
     for inplace in (False, True) if own_rows else (False,):
         leaf = logits.detach().clone().requires_grad_()
-        ours = TF.cross_entropy(leaf * 1, targets, inplace_grad=inplace, **kwargs)
+        ours = F_tri.cross_entropy(leaf * 1, targets, inplace_grad=inplace, **kwargs)
         assert ours.dtype == torch.float32 and ours.shape == ref.shape
         assert_close(ours, ref, torch.float32 if ours.dim() == 0 else dtype, "loss")
         ours.backward(dloss.to(DEVICE, torch.float32))
@@ -94,7 +94,7 @@ def test_all_targets_ignored(reduction, seed):
     """As torch: "mean" gives NaN (0 / 0), "sum" 0, "none" zeros; the gradient is zero in every case."""
     logits = randn(5, 33, requires_grad=True)
     targets = torch.full((5,), -100, device=DEVICE)
-    ours = TF.cross_entropy(logits, targets, reduction=reduction)
+    ours = F_tri.cross_entropy(logits, targets, reduction=reduction)
     ref = F.cross_entropy(logits.detach().double().cpu(), targets.cpu(), reduction=reduction)
     assert torch.equal(ours.isnan().cpu(), ref.isnan())
     assert torch.equal(ours.nan_to_num().cpu().double(), ref.nan_to_num())
@@ -123,27 +123,27 @@ def test_where_the_gradient_goes(seed):
     base = randn(6, 65)
     targets = make_targets((6,), 65)
     leaf = base.clone().requires_grad_()
-    TF.cross_entropy(leaf, targets).backward()
+    F_tri.cross_entropy(leaf, targets).backward()
     assert torch.equal(leaf.detach(), base)
 
     logits = leaf * 1
-    TF.cross_entropy(logits, targets).backward()
+    F_tri.cross_entropy(logits, targets).backward()
     assert torch.equal(logits.detach(), base)
     assert TritonCrossEntropyLoss().inplace_grad is False
 
     leaf.grad = None
     logits = leaf * 1
-    loss = TF.cross_entropy(logits, targets, inplace_grad=True)
+    loss = F_tri.cross_entropy(logits, targets, inplace_grad=True)
     loss.backward()
     assert torch.equal(logits.detach(), leaf.grad)  # the gradient sits in the logits' storage
 
     own = base.clone().requires_grad_()
-    TF.cross_entropy(own, targets, inplace_grad=True).backward()
+    F_tri.cross_entropy(own, targets, inplace_grad=True).backward()
     assert torch.equal(own.detach(), own.grad)
 
     with torch.no_grad():
         logits = leaf * 1
-        TF.cross_entropy(logits, targets, inplace_grad=True)
+        F_tri.cross_entropy(logits, targets, inplace_grad=True)
     assert torch.equal(logits, base)  # no gradient wanted: nothing written
 
 
@@ -160,7 +160,7 @@ def test_logits_stay_usable_after_the_loss_by_default(seed):
     expected_accuracy = (logits_ref.argmax(-1) == targets.cpu()).double().mean()
     assert expected_accuracy >= 0.5
     logits = x @ w.t()  # a non-leaf, as an LM head's output
-    loss = TF.cross_entropy(logits, targets)
+    loss = F_tri.cross_entropy(logits, targets)
     loss.backward(retain_graph=True)
     assert (logits.argmax(-1).cpu() == targets.cpu()).double().mean() == expected_accuracy
     other = make_targets((12,), 33, ignored=0.0)
@@ -179,16 +179,16 @@ def test_overwritten_logits_are_guarded(seed):
     leaf = randn(4, 33, requires_grad=True)
     targets = make_targets((4,), 33, ignored=0.0)
     logits = leaf * 1
-    TF.cross_entropy(logits, targets, inplace_grad=True)
+    F_tri.cross_entropy(logits, targets, inplace_grad=True)
     with pytest.raises(ValueError, match="already hold the gradient"):
-        TF.cross_entropy(logits, targets)
+        F_tri.cross_entropy(logits, targets)
     logits = torch.tanh(leaf)  # tanh saves its output for the backward
-    loss = TF.cross_entropy(logits, targets, inplace_grad=True)
+    loss = F_tri.cross_entropy(logits, targets, inplace_grad=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
     logits = torch.tanh(leaf)
-    TF.cross_entropy(logits, targets).backward()  # the default touches nothing tanh saved
-    loss = TF.cross_entropy(leaf * 1, targets)
+    F_tri.cross_entropy(logits, targets).backward()  # the default touches nothing tanh saved
+    loss = F_tri.cross_entropy(leaf * 1, targets)
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="its backward can run only once"):
         loss.backward()
@@ -214,7 +214,7 @@ def test_no_extra_memory_for_the_gradient(seed):
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    (grad,) = torch.autograd.grad(TF.cross_entropy(logits, targets, inplace_grad=True), logits)
+    (grad,) = torch.autograd.grad(F_tri.cross_entropy(logits, targets, inplace_grad=True), logits)
     extra = torch.cuda.max_memory_allocated() - base
     assert grad.data_ptr() == logits.data_ptr()
     assert extra < logits.numel() * logits.element_size() // 8, f"{extra / 2**20:.0f} MiB extra"
@@ -224,27 +224,27 @@ def test_bad_inputs():
     logits = randn(4, 10)
     good = make_targets((4,), 10, ignored=0.0)
     with pytest.raises(ValueError, match=r"targets must lie in \[0, 10\) or equal ignore_index=-100; found 10"):
-        TF.cross_entropy(logits, torch.tensor([0, 10, 1, 2], device=DEVICE))
+        F_tri.cross_entropy(logits, torch.tensor([0, 10, 1, 2], device=DEVICE))
     with pytest.raises(ValueError, match="found -1"):
-        TF.cross_entropy(logits, torch.tensor([0, -1, 1, 2], device=DEVICE))
+        F_tri.cross_entropy(logits, torch.tensor([0, -1, 1, 2], device=DEVICE))
     with pytest.raises(TypeError, match="targets has dtype torch.float32"):
-        TF.cross_entropy(logits, good.float())
+        F_tri.cross_entropy(logits, good.float())
     with pytest.raises(ValueError, match=r"targets of shape \(3,\) do not match logits \(4, 10\)"):
-        TF.cross_entropy(logits, good[:3])
+        F_tri.cross_entropy(logits, good[:3])
     with pytest.raises(TypeError, match="logits has dtype torch.int64"):
-        TF.cross_entropy(torch.ones(4, 10, dtype=torch.int64, device=DEVICE), good)
+        F_tri.cross_entropy(torch.ones(4, 10, dtype=torch.int64, device=DEVICE), good)
     with pytest.raises(ValueError, match="reduction must be one of"):
-        TF.cross_entropy(logits, good, reduction="avg")
+        F_tri.cross_entropy(logits, good, reduction="avg")
     with pytest.raises(ValueError, match="reduction must be one of"):
         TritonCrossEntropyLoss(reduction="avg")
     with pytest.raises(ValueError, match="label_smoothing must lie in"):
-        TF.cross_entropy(logits, good, label_smoothing=1.5)
+        F_tri.cross_entropy(logits, good, label_smoothing=1.5)
     with pytest.raises(ValueError, match="n_chunks must be a positive int"):
-        TF.cross_entropy(logits, good, n_chunks=0)
+        F_tri.cross_entropy(logits, good, n_chunks=0)
     with pytest.raises(ValueError, match="inplace_grad=True needs logits whose rows do not overlap"):
-        TF.cross_entropy(randn(1, 10, requires_grad=True).expand(4, 10), good, inplace_grad=True)
+        F_tri.cross_entropy(randn(1, 10, requires_grad=True).expand(4, 10), good, inplace_grad=True)
     with pytest.raises(TypeError, match="inplace_grad must be True or False, got None"):
-        TF.cross_entropy(logits, good, inplace_grad=None)
+        F_tri.cross_entropy(logits, good, inplace_grad=None)
 
 
 @pytest.mark.parametrize("kwargs,error,message", [
@@ -291,16 +291,16 @@ def test_out_of_range_target_leaves_the_logits_untouched():
     bad = make_targets((6,), 37, ignored=0.0)
     bad[4] = 37
     with pytest.raises(ValueError, match="found 37"):
-        TF.cross_entropy(logits, bad, inplace_grad=True)
+        F_tri.cross_entropy(logits, bad, inplace_grad=True)
     assert torch.equal(logits.detach(), before)
     good = make_targets((6,), 37, ignored=0.0)
     reference = F.cross_entropy(before.double(), good)
-    assert_close(TF.cross_entropy(logits, good), reference, torch.float32, "loss after the rejected call")
+    assert_close(F_tri.cross_entropy(logits, good), reference, torch.float32, "loss after the rejected call")
 
 
 def test_cpu_tensor_without_interpreter(without_interpreter):
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
-        TF.cross_entropy(torch.randn(2, 8), torch.zeros(2, dtype=torch.int64))
+        F_tri.cross_entropy(torch.randn(2, 8), torch.zeros(2, dtype=torch.int64))
 
 
 def test_kernel_guards_targets_out_of_range(seed):
@@ -340,7 +340,7 @@ def test_forward_and_backward_capture_in_a_cuda_graph(leaf, inplace, reduction, 
         with torch.no_grad():
             source.copy_(original)  # fresh logits, as a model's next forward would compute them
         logits = source if leaf else source * 2.0
-        loss = TF.cross_entropy(logits, targets, reduction=reduction, inplace_grad=inplace)
+        loss = F_tri.cross_entropy(logits, targets, reduction=reduction, inplace_grad=inplace)
         (grad,) = torch.autograd.grad(loss.sum(), source)
         return loss.detach().clone(), grad.clone()
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import triformer.functional as TF
+import triformer.functional as F_tri
 from harness import DEVICE, DTYPES, ON_GPU, TOLERANCE, assert_close, randn, reference_copy
 from triformer import TritonLinearCrossEntropyLoss
 from triformer.kernels import matmul_tma
@@ -49,7 +49,7 @@ def run_and_compare(x, w, b, targets, dtype, dloss_scale=2.0, **kwargs):
     """Ours against the float64 reference: the loss, then the gradients of every input that requires one."""
     ref, ref_leaves = reference(x, w, b, targets, **{k: a for k, a in kwargs.items()
                                                      if k not in ("chunk_size", "accum_dtype")})
-    ours = TF.linear_cross_entropy(x, w, targets, b, **kwargs)
+    ours = F_tri.linear_cross_entropy(x, w, targets, b, **kwargs)
     assert ours.dtype == torch.float32 and ours.shape == ref.shape
     assert_close(ours, ref, dtype, "loss")  # the logits are rounded to the input dtype (as F.linear's)
     dloss = torch.rand(ref.shape, dtype=torch.float64) + 0.5 if ref.dim() else torch.tensor(dloss_scale).double()
@@ -104,9 +104,9 @@ def test_equals_linear_then_cross_entropy(dtype, seed):
     n, h, v, chunk = SHAPE
     x, w, b = make_inputs(n, h, v, dtype)
     targets = make_targets((n,), v)
-    ours = TF.linear_cross_entropy(x, w, targets, b, label_smoothing=0.1, chunk_size=chunk)
+    ours = F_tri.linear_cross_entropy(x, w, targets, b, label_smoothing=0.1, chunk_size=chunk)
     grads = torch.autograd.grad(ours, (x, w, b))
-    unfused = TF.cross_entropy(TF.linear(x, w, b, activation=None), targets, label_smoothing=0.1)
+    unfused = F_tri.cross_entropy(F_tri.linear(x, w, b, activation=None), targets, label_smoothing=0.1)
     unfused_grads = torch.autograd.grad(unfused, (x, w, b))
     # Both round the logits and their gradient to the input dtype alike; only sums may run in another order.
     assert_close(ours, unfused, dtype, "loss", tol=TOLERANCE[dtype] / 10)
@@ -125,7 +125,7 @@ def test_only_some_inputs_need_gradients(seed):
     b.requires_grad_(False)
     run_and_compare(x, w, b, targets, torch.float32, chunk_size=4)
     with torch.no_grad():
-        loss = TF.linear_cross_entropy(x, w, targets, b, chunk_size=4)
+        loss = F_tri.linear_cross_entropy(x, w, targets, b, chunk_size=4)
     assert_close(loss, reference(x, w, b, targets)[0], torch.float32, "loss under no_grad")
 
 
@@ -134,7 +134,7 @@ def test_all_targets_ignored(reduction, seed):
     """As torch: "mean" gives NaN (0 / 0), "sum" 0, "none" zeros; every gradient is zero."""
     x, w, b = make_inputs(6, 8, 33, torch.float32)
     targets = torch.full((6,), -100, device=DEVICE)
-    ours = TF.linear_cross_entropy(x, w, targets, b, reduction=reduction, chunk_size=4)
+    ours = F_tri.linear_cross_entropy(x, w, targets, b, reduction=reduction, chunk_size=4)
     ref = F.cross_entropy(F.linear(x, w, b).detach().double().cpu(), targets.cpu(), reduction=reduction)
     assert torch.equal(ours.isnan().cpu(), ref.isnan())
     assert torch.equal(ours.nan_to_num().cpu().double(), ref.nan_to_num())
@@ -162,15 +162,15 @@ def test_strided_and_broadcast_views(seed):
 def test_out_of_range_targets_raise(seed):
     x, w, b = make_inputs(5, 8, 10, torch.float32)
     with pytest.raises(ValueError, match=r"targets must lie in \[0, 10\) or equal ignore_index=-100; found 10"):
-        TF.linear_cross_entropy(x, w, torch.tensor([0, 1, 2, 3, 10], device=DEVICE), b, chunk_size=2)
+        F_tri.linear_cross_entropy(x, w, torch.tensor([0, 1, 2, 3, 10], device=DEVICE), b, chunk_size=2)
     with pytest.raises(ValueError, match="found -1"):
-        TF.linear_cross_entropy(x, w, torch.tensor([0, -1, 2, 3, 4], device=DEVICE), b, reduction="none")
+        F_tri.linear_cross_entropy(x, w, torch.tensor([0, -1, 2, 3, 4], device=DEVICE), b, reduction="none")
 
 
 def test_bad_inputs():
     x, w, b = make_inputs(4, 8, 10, torch.float32)
     t = make_targets((4,), 10, ignored=0.0)
-    lce = TF.linear_cross_entropy
+    lce = F_tri.linear_cross_entropy
     with pytest.raises(TypeError, match="weight has dtype torch.float16 but x has torch.float32"):
         lce(x, w.half(), t)
     with pytest.raises(TypeError, match="bias has dtype torch.float16"):
@@ -218,7 +218,7 @@ def test_module_constructor_validates():
 
 def test_cpu_tensor_without_interpreter(without_interpreter):
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
-        TF.linear_cross_entropy(torch.randn(2, 8), torch.randn(5, 8), torch.zeros(2, dtype=torch.int64))
+        F_tri.linear_cross_entropy(torch.randn(2, 8), torch.randn(5, 8), torch.zeros(2, dtype=torch.int64))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -248,7 +248,7 @@ def test_autocast_runs_in_its_dtype(seed):
     x, w, b = make_inputs(9, 8, 33, torch.float32)
     targets = make_targets((9,), 33)
     with torch.autocast(DEVICE, dtype=dtype):
-        loss = TF.linear_cross_entropy(x, w, targets, b, chunk_size=4)
+        loss = F_tri.linear_cross_entropy(x, w, targets, b, chunk_size=4)
     grads = torch.autograd.grad(loss, (x, w, b))
     rounded = [t.detach().to(dtype).requires_grad_() for t in (x, w, b)]
     ref, leaves = reference(*rounded, targets)
@@ -261,11 +261,11 @@ def test_autocast_runs_in_its_dtype(seed):
 def test_backward_of_stored_gradients_runs_once(seed):
     x, w, b = make_inputs(5, 8, 10, torch.float32)
     targets = make_targets((5,), 10)
-    loss = TF.linear_cross_entropy(x, w, targets, b)
+    loss = F_tri.linear_cross_entropy(x, w, targets, b)
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="its backward can run only once"):
         loss.backward()
-    losses = TF.linear_cross_entropy(x, w, targets, b, reduction="none")  # recomputed: any number of times
+    losses = F_tri.linear_cross_entropy(x, w, targets, b, reduction="none")  # recomputed: any number of times
     first = torch.autograd.grad(losses.sum(), x, retain_graph=True)[0]
     assert torch.equal(torch.autograd.grad(losses.sum(), x)[0], first)
 
@@ -303,7 +303,7 @@ def test_peak_memory_is_one_chunk_and_the_gradients(accum_dtype, seed):
     n, h, v = 8192, 512, 16384
     x, w, b = make_inputs(n, h, v, torch.bfloat16)
     targets = make_targets((n,), v)
-    step = lambda: torch.autograd.grad(TF.linear_cross_entropy(x, w, targets, b, accum_dtype=accum_dtype),  # noqa
+    step = lambda: torch.autograd.grad(F_tri.linear_cross_entropy(x, w, targets, b, accum_dtype=accum_dtype),  # noqa
                                        (x, w, b))
     step()  # compile
     torch.cuda.synchronize()

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-import triformer.functional as TF
+import triformer.functional as F_tri
 from harness import DEVICE, DTYPES, ON_GPU, assert_close, randn, reference_copy
 from sm90_compile import assert_compiled_without_spills, child_report, compile_for_sm90, report_each, spilled_bytes
 from triformer import TritonRotaryEmbedding
@@ -38,7 +38,7 @@ def check(leaves: list[torch.Tensor], views, cos, sin, offset: int, dtype: torch
     gradient of every leaf. grads: (dq_rot, dk_rot) to back-propagate (fresh random ones by default)."""
     refs = [reference_copy(t) for t in leaves]
     q, k = views(*leaves)
-    q_rot, k_rot = TF.rope(q, k, cos, sin, offset)
+    q_rot, k_rot = F_tri.rope(q, k, cos, sin, offset)
     q_ref, k_ref = (reference_rope(t, cos, sin, offset) for t in views(*refs))
     for out, ref, x, name in ((q_rot, q_ref, q, "q_rot"), (k_rot, k_ref, k, "k_rot")):
         assert out.dtype == x.dtype and out.shape == x.shape and out.is_contiguous(), name
@@ -110,17 +110,17 @@ def test_full_width_tables(seed):
     """Tables [S_max, D] whose halves repeat each other (Hugging Face's layout) give the [S_max, D/2] result."""
     q, k = (t.detach() for t in qk(1, 2, 2, 7, 16, torch.float32))
     cos, sin = random_tables(9, 8)
-    half = TF.rope(q, k, cos, sin, 2)
-    full = TF.rope(q, k, cos.repeat(1, 2), sin.repeat(1, 2), 2)
+    half = F_tri.rope(q, k, cos, sin, 2)
+    full = F_tri.rope(q, k, cos.repeat(1, 2), sin.repeat(1, 2), 2)
     assert all(torch.equal(a, b) for a, b in zip(half, full))
 
 
 def test_offset_is_a_slice_of_the_longer_sequence(seed):
     """Rotating positions offset .. offset + S − 1 equals rotating the whole sequence and keeping those positions."""
     q, k = (t.detach() for t in qk(2, 2, 1, 33, 16, torch.float32))
-    cos, sin = TF.rope_tables(16, 40)
-    whole = TF.rope(q, k, cos, sin, 0)
-    part = TF.rope(q[:, :, 26:], k[:, :, 26:], cos, sin, 26)
+    cos, sin = F_tri.rope_tables(16, 40)
+    whole = F_tri.rope(q, k, cos, sin, 0)
+    part = F_tri.rope(q[:, :, 26:], k[:, :, 26:], cos, sin, 26)
     assert all(torch.equal(w[:, :, 26:], p) for w, p in zip(whole, part))
 
 
@@ -140,7 +140,7 @@ def test_gradient_of_one_input_only(seed):
     """Only k_rot reaches the loss: q gets no gradient (none is computed), k's is the rotation by −θ."""
     q, k = qk(2, 2, 1, 7, 16, torch.float32)
     cos, sin = random_tables(7, 8)
-    _, k_rot = TF.rope(q, k, cos, sin)
+    _, k_rot = F_tri.rope(q, k, cos, sin)
     dk = randn(*k.shape)
     k_rot.backward(dk)
     assert q.grad is None
@@ -158,8 +158,8 @@ def test_nan_and_inf_propagate(dtype, seed):
     q[0, 0, 0, 12] = float("inf")
     q[0, 1, 4, 5] = float("-inf")
     k[0, 0, 2, 9] = float("nan")
-    cos, sin = TF.rope_tables(16, 7)
-    for out, x in zip(TF.rope(q, k, cos, sin), (q, k)):
+    cos, sin = F_tri.rope_tables(16, 7)
+    for out, x in zip(F_tri.rope(q, k, cos, sin), (q, k)):
         ref = reference_rope(x.double().cpu(), cos, sin, 0)
         assert torch.equal(out.cpu().isnan(), ref.isnan())
         assert torch.equal(out.cpu().isinf(), ref.isinf())
@@ -171,22 +171,22 @@ def test_nan_and_inf_propagate(dtype, seed):
 def test_bad_inputs_get_clear_errors():
     q = randn(1, 2, 7, 16)
     k = randn(1, 1, 7, 16)
-    cos, sin = TF.rope_tables(16, 8)
+    cos, sin = F_tri.rope_tables(16, 8)
     cases = [
-        (ValueError, "odd", lambda: TF.rope(randn(1, 2, 7, 15), randn(1, 1, 7, 15), cos, sin)),
-        (ValueError, "4-D", lambda: TF.rope(randn(2, 7, 16), k, cos, sin)),
-        (ValueError, "agree in B, S", lambda: TF.rope(q, randn(1, 1, 6, 16), cos, sin)),
-        (ValueError, "agree in B, S", lambda: TF.rope(q, randn(2, 1, 7, 16), cos, sin)),
-        (TypeError, "dtype", lambda: TF.rope(q, k.half(), cos, sin)),
-        (TypeError, "dtype", lambda: TF.rope(q.long(), k.long(), cos, sin)),
-        (TypeError, "torch.Tensor", lambda: TF.rope(q, None, cos, sin)),
-        (ValueError, r"\[S_max, D/2\]", lambda: TF.rope(q, k, cos[:, :5], sin[:, :5])),
-        (ValueError, "same shape", lambda: TF.rope(q, k, cos, sin[:7])),
-        (ValueError, "do not fit", lambda: TF.rope(q, k, cos, sin, offset=2)),
-        (ValueError, "do not fit", lambda: TF.rope(q, k, cos, sin, offset=-1)),
-        (TypeError, "offset must be an int", lambda: TF.rope(q, k, cos, sin, offset=True)),
-        (ValueError, "requires grad", lambda: TF.rope(q, k, cos.clone().requires_grad_(), sin)),
-        (ValueError, "is on meta", lambda: TF.rope(q, k, cos.to("meta"), sin)),
+        (ValueError, "odd", lambda: F_tri.rope(randn(1, 2, 7, 15), randn(1, 1, 7, 15), cos, sin)),
+        (ValueError, "4-D", lambda: F_tri.rope(randn(2, 7, 16), k, cos, sin)),
+        (ValueError, "agree in B, S", lambda: F_tri.rope(q, randn(1, 1, 6, 16), cos, sin)),
+        (ValueError, "agree in B, S", lambda: F_tri.rope(q, randn(2, 1, 7, 16), cos, sin)),
+        (TypeError, "dtype", lambda: F_tri.rope(q, k.half(), cos, sin)),
+        (TypeError, "dtype", lambda: F_tri.rope(q.long(), k.long(), cos, sin)),
+        (TypeError, "torch.Tensor", lambda: F_tri.rope(q, None, cos, sin)),
+        (ValueError, r"\[S_max, D/2\]", lambda: F_tri.rope(q, k, cos[:, :5], sin[:, :5])),
+        (ValueError, "same shape", lambda: F_tri.rope(q, k, cos, sin[:7])),
+        (ValueError, "do not fit", lambda: F_tri.rope(q, k, cos, sin, offset=2)),
+        (ValueError, "do not fit", lambda: F_tri.rope(q, k, cos, sin, offset=-1)),
+        (TypeError, "offset must be an int", lambda: F_tri.rope(q, k, cos, sin, offset=True)),
+        (ValueError, "requires grad", lambda: F_tri.rope(q, k, cos.clone().requires_grad_(), sin)),
+        (ValueError, "is on meta", lambda: F_tri.rope(q, k, cos.to("meta"), sin)),
         (ValueError, "even", lambda: TritonRotaryEmbedding(15)),
         (ValueError, "head_dim=16", lambda: TritonRotaryEmbedding(16, 8)(randn(1, 1, 7, 32), randn(1, 1, 7, 32))),
         (ValueError, "max_seq_len=8", lambda: TorchRotaryEmbedding(16, 8)(q, k, offset=2)),
@@ -198,7 +198,7 @@ def test_bad_inputs_get_clear_errors():
 
 def test_tables_are_exact():
     """cos, sin of p · base^(−2i/D) in float64 rounded once; the module keeps them float32 through .to(dtype)."""
-    cos, sin = TF.rope_tables(64, 4096, base=500000.0)
+    cos, sin = F_tri.rope_tables(64, 4096, base=500000.0)
     inv_freq = 500000.0 ** (-torch.arange(0, 64, 2, dtype=torch.float64) / 64)
     angle = torch.arange(4096, dtype=torch.float64)[:, None] * inv_freq[None, :]
     assert cos.dtype == torch.float32
@@ -242,7 +242,7 @@ def test_large_on_gpu(shape, dtype, seed):
     def views(t):
         return t[:, :, :hq].permute(0, 2, 1, 3), t[:, :, hq:hq + hk].permute(0, 2, 1, 3)
 
-    cos, sin = TF.rope_tables(d, s + 7, device=DEVICE)
+    cos, sin = F_tri.rope_tables(d, s + 7, device=DEVICE)
     check([fused], views, cos, sin, 7, dtype)
 
 

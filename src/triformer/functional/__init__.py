@@ -372,7 +372,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
         version is bumped, so an op that saved them for its backward raises there ("modified by an inplace
         operation"), and a second triformer cross_entropy on them raises at once. (For an LM head,
         linear_cross_entropy saves the memory without touching any logits.)
-    n_chunks: rows are processed in that many launches (the original package's knob; the gradient is computed in
+    n_chunks: rows are processed in that many launches (dame-cell/Triformer's knob; the gradient is computed in
     the forward, so it does not change peak memory here).
     The backward can run once. All targets ignored: "mean" gives NaN (0/0), "sum" 0, as torch.
     """
