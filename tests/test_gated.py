@@ -165,7 +165,7 @@ def test_bad_inputs_get_clear_errors():
         (TypeError, "inplace_grad", lambda: F_tri.swiglu(x, inplace_grad="yes")),
         (ValueError, "activation must be one of", lambda: TritonGatedMLP(8, 4, activation="gelu")),
         (ValueError, "hidden must be a positive int", lambda: TorchGatedMLP(8, 0)),
-        (ValueError, "in_features", lambda: TritonGatedMLP(8, 4)(randn(3, 7))),
+        (ValueError, "in_features", lambda: TritonGatedMLP(8, 4).to(DEVICE)(randn(3, 7))),
     ]
     for error, match, call in cases:
         with pytest.raises(error, match=match):

@@ -358,7 +358,7 @@ _DKDV_CONFIGS = {
 _DQ_CONFIGS = {
     64: [(128, 64, 8, 3), (64, 32, 4, 4), (128, 32, 4, 4), (64, 64, 4, 3)],
     128: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 3), (128, 64, 8, 2)],
-    256: [(64, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2)],
+    256: [(64, 64, 4, 2), (64, 32, 4, 2)],
 }
 # Under the interpreter every program runs in numpy one after another: one small fixed tile (several blocks and
 # partial ones even on the tests' short sequences).
