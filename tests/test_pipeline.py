@@ -188,7 +188,7 @@ def kill_after_first_checkpoint(command, cwd: Path, env, timeout=300) -> dict:
                                start_new_session=True)
     deadline = time.monotonic() + timeout
     try:
-        while not list(cwd.glob("checkpoints/train_mlp/*/*/epoch_*.pt")):
+        while not list(cwd.glob(f"checkpoints/train_mlp/*/*/{training.CHECKPOINT_GLOB}")):
             assert process.poll() is None, "the stage ended before writing a checkpoint"
             assert time.monotonic() < deadline, "no checkpoint in time"
             time.sleep(0.02)
@@ -260,7 +260,7 @@ def check_resumed(project):
         run = client.get_run(run_id)
         assert run.data.tags["role"] == role and int(run.data.tags["resumed_from_epoch"]) >= 1
         assert [m.step for m in client.get_metric_history(run_id, "val/accuracy")][-1] == EPOCHS
-    assert not list(project["dir"].glob("checkpoints/train_mlp/*/*/epoch_*.pt"))
+    assert not list(project["dir"].glob(f"checkpoints/train_mlp/*/*/{training.CHECKPOINT_GLOB}"))
 
 
 def check_report(project):

@@ -7,11 +7,12 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from fake_datasets import pattern_tokens
 from harness import DEVICE
-from triformer import TritonMLP, training
+from triformer import GPT, GPTConfig, TritonMLP, training
 
 pytestmark = pytest.mark.pipeline
-TIMING_KEYS = ("perf/images_per_s", "perf/step_ms")
+TIMING_KEYS = ("perf/images_per_s", "perf/tokens_per_s", "perf/step_ms", "perf/mfu")
 
 
 class Crash(RuntimeError):
@@ -34,13 +35,13 @@ def make_model(backend: str) -> nn.Module:
 
 
 def run(backend, config, checkpoint_dir=None, crash_after=None, log=None):
-    def on_epoch_end(epoch, metrics):
+    def after_eval(epoch, metrics):
         if epoch == crash_after:
             raise Crash(f"crash after epoch {epoch}")
 
     model = make_model(backend)
     result = training.fit(model, tiny_data(config.batch_size * 3, 1), tiny_data(20, 2), config, DEVICE,
-                          checkpoint_dir=checkpoint_dir, on_epoch_end=on_epoch_end, log=log)
+                          checkpoint_dir=checkpoint_dir, after_eval=after_eval, log=log)
     return model, result
 
 
@@ -67,7 +68,7 @@ def test_checkpoints_kept_and_their_extra(tmp_path):
     config = training.TrainConfig(epochs=3, batch_size=8, max_checkpoints=2, progress=False)
     model = make_model("torch")
     training.fit(model, tiny_data(16, 1), tiny_data(8, 2), config, checkpoint_dir=tmp_path, extra={"run": "abc"})
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_0001.pt", "epoch_0002.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000004.pt", "step_00000006.pt"]  # 2 steps an epoch
     assert training.checkpoint_extra(tmp_path) == {"run": "abc"}
     assert training.checkpoint_extra(tmp_path / "none") == {} and training.latest_checkpoint(None) is None
     # a finished run found again resumes past its last epoch: nothing to train, the same final metrics
@@ -86,7 +87,7 @@ def test_logs_steps_and_epochs_and_learns():
     assert steps == [2, 3, 4, 6, 8, 9]  # every log_every (2) steps and the last of each epoch (3 steps an epoch)
     epochs = [(step, m) for step, m in logged if "val/accuracy" in m]
     assert [step for step, _ in epochs] == [1, 2, 3]
-    assert set(epochs[0][1]) >= {"train/epoch_loss", "val/loss", "val/accuracy", *TIMING_KEYS}
+    assert set(epochs[0][1]) >= {"train/epoch_loss", "val/loss", "val/accuracy", "perf/images_per_s", "perf/step_ms"}
     assert result["val/accuracy"] > 0.6 and result["train/loss"] < result["history"][0]["train/epoch_loss"]
 
 
@@ -117,10 +118,118 @@ class PlantedCode:
 
 def test_a_planted_checkpoint_is_refused_and_runs_no_code(tmp_path):
     marker = tmp_path / "code-ran"
-    torch.save({"extra": {}, "payload": PlantedCode(marker)}, tmp_path / "epoch_0000.pt")
+    torch.save({"extra": {}, "payload": PlantedCode(marker)}, tmp_path / "step_00000001.pt")
     config = training.TrainConfig(epochs=1, batch_size=8, progress=False)
     with pytest.raises(ValueError, match="not a checkpoint of triformer.training"):
         training.checkpoint_extra(tmp_path)
     with pytest.raises(ValueError, match="not a checkpoint of triformer.training"):
         training.fit(make_model("torch"), tiny_data(8, 1), tiny_data(8, 2), config, checkpoint_dir=tmp_path)
     assert not marker.exists(), "loading the checkpoint ran the code planted in it"
+
+
+# ------------------------------------------------------------------------------------------------ step-based runs
+
+VOCAB = 11
+
+
+def token_stream(n: int, seed: int) -> training.TokenStream:
+    return training.TokenStream(pattern_tokens(n, VOCAB, seed), block_size=8)
+
+
+def tiny_gpt(backend: str, dropout: float = 0.1) -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=VOCAB, block_size=8, n_layer=1, n_head=2, n_embd=16, dropout=dropout,
+                         backend=backend))
+
+
+def lm_config(**overrides) -> training.TrainConfig:
+    return training.TrainConfig(**{**dict(iterations=9, eval_every=4, eval_batches=2, eval_batch_size=4, batch_size=4,
+                                          lr=1e-2, log_every=3, progress=False), **overrides})
+
+
+def test_a_step_based_run_evaluates_every_n_steps_in_tokens():
+    logged = []
+    model = tiny_gpt("torch")
+    result = training.fit(model, token_stream(500, 1), token_stream(200, 2), lm_config(), DEVICE,
+                          log=lambda metrics, step: logged.append((step, metrics)), loss_fn=training.model_loss,
+                          flops_per_item=1e6, peak_tflops=2.0)
+    history = result["history"]
+    assert [record["step"] for record in history] == [4, 8, 9]  # every eval_every steps and the last
+    assert [step for step, m in logged if "train/loss" in m] == [3, 4, 6, 8, 9]
+    assert [step for step, m in logged if "val/loss" in m] == [4, 8, 9]
+    record = history[-1]
+    assert set(record) == {"step", "train/interval_loss", "val/loss", "perf/tokens_per_s", "perf/step_ms", "perf/mfu",
+                           *(["mem/peak_mib"] if DEVICE == "cuda" else [])}
+    assert record["perf/mfu"] == pytest.approx(1e6 * record["perf/tokens_per_s"] / 2e12)
+    assert result["train/loss"] == record["train/interval_loss"] and result["resumed_from_step"] == 0
+    assert history[-1]["val/loss"] < history[0]["val/loss"]
+    # the same evaluation batches every time: evaluating twice gives one number
+    val = token_stream(200, 2)
+    first, second = (training.evaluate(model, val, lm_config(), torch.device(DEVICE), training.model_loss)
+                     for _ in range(2))
+    assert first == second and set(first) == {"val/loss"}
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_resume_between_evaluations_equals_an_uninterrupted_run(tmp_path, backend):
+    """checkpoint_every 3, evaluation every 4: a crash at step 4 resumes from step 3, inside an interval whose loss
+    sum the checkpoint carries; dropout draws from the restored RNG."""
+    config = lm_config(iterations=5, checkpoint_every=3, log_every=1, eval_batches=1)
+
+    def run(checkpoint_dir=None, crash_at=None):
+        def log(metrics, step):
+            if step == crash_at:
+                raise Crash(f"crash at step {step}")
+
+        model = tiny_gpt(backend)
+        return model, training.fit(model, token_stream(500, 1), token_stream(200, 2), config, DEVICE, checkpoint_dir,
+                                   log=log, loss_fn=training.model_loss)
+
+    reference, expected = run()
+    with pytest.raises(Crash):
+        run(tmp_path, crash_at=4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000003.pt"]
+    torch.manual_seed(12345)
+    resumed, result = run(tmp_path)
+    assert result["resumed_from_step"] == 3 and "resumed_from_epoch" not in result
+    assert without_timings(result["history"]) == without_timings(expected["history"])
+    for (name, p), p_ref in zip(resumed.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(p, p_ref), f"{name} differs after resuming"
+
+
+def test_gradients_clipped_to_grad_clip(monkeypatch):
+    norms = []
+    real = torch.nn.utils.clip_grad_norm_
+
+    def spy(parameters, max_norm, *args, **kwargs):
+        parameters = list(parameters)
+        total = real(parameters, max_norm, *args, **kwargs)
+        norms.append((total.item(), torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in parameters])).item()))
+        return total
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    training.fit(tiny_gpt("torch"), token_stream(500, 1), token_stream(200, 2), lm_config(iterations=3, grad_clip=0.05),
+                 DEVICE, loss_fn=training.model_loss)
+    assert len(norms) == 3
+    assert all(before > 0.05 and after == pytest.approx(0.05, rel=1e-4) for before, after in norms), norms
+    norms.clear()
+    training.fit(tiny_gpt("torch"), token_stream(500, 1), token_stream(200, 2), lm_config(iterations=2), DEVICE,
+                 loss_fn=training.model_loss)
+    assert norms == []  # grad_clip 0: no clipping
+
+
+def test_batch_sources():
+    stream = token_stream(100, 3)
+    x, y = stream.batch(7, 5, seed=1)
+    assert x.shape == y.shape == (5, 8) and torch.equal(x[:, 1:], y[:, :-1])
+    assert torch.equal(stream.batch(7, 5, seed=1)[0], x) and not torch.equal(stream.batch(8, 5, seed=1)[0], x)
+    windows = torch.cat([x for x, _ in stream.eval_batches(5, 0, seed=0)])  # count 0: every consecutive window
+    assert torch.equal(windows.flatten(), stream.tokens[:96])  # 12 windows of 8 (a 13th would need 105 tokens)
+    examples = training.Examples(torch.arange(10.0)[:, None], torch.arange(10))
+    epoch = torch.cat([examples.batch(step, 4, seed=0)[1] for step in range(3)])  # 3 steps: one epoch
+    assert sorted(epoch.tolist()) == list(range(10)) and examples.steps_per_epoch(4) == 3
+    with pytest.raises(ValueError, match="has no epochs"):
+        training.fit(tiny_gpt("torch"), stream, stream, training.TrainConfig(epochs=1, progress=False))
+    with pytest.raises(ValueError, match="eval_every is for step-based runs"):
+        training.fit(make_model("torch"), tiny_data(8, 1), tiny_data(8, 2),
+                     training.TrainConfig(epochs=1, eval_every=2, progress=False))

@@ -1,8 +1,18 @@
-"""A generic training loop for classifiers: AdamW, linear warmup then cosine decay, bf16 autocast on the GPU,
-evaluation every epoch, tqdm progress, a checkpoint each epoch and resume from the latest one after a crash.
+"""One training loop for classification and language modelling: batches and a loss in, metrics out.
 
-Resuming reaches the state an uninterrupted run would have: the checkpoint holds model, optimizer, scheduler, the
-epoch history and every RNG state, and the shuffling of epoch e depends only on (seed, e).
+    data      a batch source: `Examples` (inputs and class labels; each epoch visits them in an order drawn from
+              (seed, epoch)) or `TokenStream` (windows of a token stream; the batch of step s is drawn from
+              (seed, s)). Throughput is counted in the source's unit: images/s or tokens/s.
+    loss      loss_fn(model, x, y) → (loss, logits or None): `cross_entropy_loss` (the model gives logits) or
+              `model_loss` (the model computes its own loss from inputs and targets: GPT, ViT).
+    schedule  `epochs` (evaluation after each) or `iterations` (evaluation every `eval_every` steps); AdamW with weight
+              decay on matrices only, linear warmup then cosine, gradient clipping, bf16 autocast on CUDA, tqdm.
+    resume    a checkpoint after each evaluation (or every `checkpoint_every` steps); a run finds its latest one and
+              continues where an uninterrupted run would be: model, optimizer, scheduler, history, the interval's
+              sums and every RNG state of every process are in it, and the batches depend only on (seed, step).
+    DDP       inside a torch.distributed group (torchrun; see triformer.distributed) the model trains data-parallel:
+              batch_size stays the global batch, each process takes its slice, losses and metrics are reduced over
+              the processes, rank 0 writes the checkpoints and logs, and every process resumes from them.
 """
 
 from __future__ import annotations
@@ -14,29 +24,38 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
-CHECKPOINT_GLOB = "epoch_*.pt"
+from . import distributed
+
+CHECKPOINT_GLOB = "step_*.pt"
 
 
 @dataclass
 class TrainConfig:
     epochs: int = 10
-    batch_size: int = 128
+    iterations: int = 0  # > 0: a step-based run of this many optimizer steps (epochs unused)
+    batch_size: int = 128  # the global batch: data-parallel processes split it
     lr: float = 1e-3
-    weight_decay: float = 0.01
+    weight_decay: float = 0.01  # AdamW's, on matrices and embeddings only (not on biases and norm gains)
+    beta2: float = 0.999  # AdamW's second-moment decay (beta1 is 0.9)
     warmup_frac: float = 0.05  # of all optimizer steps
     min_lr_frac: float = 0.0  # the cosine ends at lr * min_lr_frac
+    grad_clip: float = 0.0  # largest global gradient norm (0: no clipping)
     amp: str = "bf16"  # "bf16" or "none"; autocast is used on CUDA only
     seed: int = 0
     log_every: int = 50  # steps between train/loss points
+    eval_every: int = 0  # step-based runs: steps between evaluations (0: at the end only); epochs: each epoch
+    eval_batches: int = 0  # batches per evaluation, the same every time (0: the whole validation set)
     eval_batch_size: int = 1024
+    checkpoint_every: int = 0  # steps between checkpoints (0: after every evaluation)
     max_checkpoints: int = 2  # newest checkpoints kept on disk
     progress: bool = True
 
@@ -62,20 +81,134 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# ------------------------------------------------------------------------------------------------ batches and losses
+
+
+class Examples:
+    """Inputs [N, ...] and class labels [N]: epoch e visits them in a random order drawn from (seed, e); evaluation
+    visits them in order. A batch counts its labels as `unit` (images)."""
+
+    unit = "images"
+    accuracy = True
+
+    def __init__(self, inputs: torch.Tensor, labels: torch.Tensor):
+        if len(inputs) != len(labels) or len(labels) == 0:
+            raise ValueError(f"Examples needs as many inputs as labels, at least one: got {len(inputs)} inputs and "
+                             f"{len(labels)} labels")
+        self.inputs, self.labels = inputs, labels
+        self._order: tuple[int, torch.Tensor] | None = None
+
+    def to(self, device) -> Examples:
+        return Examples(self.inputs.to(device), self.labels.to(device))
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return math.ceil(len(self.labels) / batch_size)
+
+    def batch(self, step: int, batch_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, i = divmod(step, self.steps_per_epoch(batch_size))
+        if self._order is None or self._order[0] != epoch:
+            shuffle = torch.Generator().manual_seed(seed * 100_003 + epoch)
+            self._order = epoch, torch.randperm(len(self.labels), generator=shuffle).to(self.labels.device)
+        index = self._order[1][i * batch_size:(i + 1) * batch_size]
+        return self.inputs[index], self.labels[index]
+
+    def eval_batches(self, batch_size: int, count: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The first `count` batches in order (count 0: all of them)."""
+        n = len(self.labels) if count == 0 else min(len(self.labels), count * batch_size)
+        for start in range(0, n, batch_size):
+            yield self.inputs[start:start + batch_size], self.labels[start:start + batch_size]
+
+
+class TokenStream:
+    """A stream of token ids [N] read as windows: x = tokens[o : o + T], y = tokens[o + 1 : o + T + 1] (T =
+    block_size). Training batches take offsets drawn from (seed, step); evaluation takes `count` batches of offsets
+    drawn from the seed alone (the same batches at every evaluation), or with count 0 every consecutive window."""
+
+    unit = "tokens"
+    accuracy = False
+
+    def __init__(self, tokens: torch.Tensor, block_size: int):
+        if tokens.dim() != 1 or len(tokens) < block_size + 1:
+            raise ValueError(f"TokenStream needs a 1-D stream of at least block_size + 1 = {block_size + 1} tokens, "
+                             f"got shape {tuple(tokens.shape)}")
+        self.tokens, self.block_size = tokens, block_size
+        self._positions = torch.arange(block_size, device=tokens.device)
+
+    def to(self, device) -> TokenStream:
+        return TokenStream(self.tokens.to(device), self.block_size)
+
+    def steps_per_epoch(self, batch_size: int) -> None:
+        return None  # endless: step-based runs only
+
+    def _windows(self, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        index = offsets.to(self.tokens.device)[:, None] + self._positions  # (B, T)
+        return self.tokens[index], self.tokens[index + 1]
+
+    def _random_offsets(self, generator: torch.Generator, batch_size: int) -> torch.Tensor:
+        return torch.randint(0, len(self.tokens) - self.block_size, (batch_size,), generator=generator)
+
+    def batch(self, step: int, batch_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._windows(self._random_offsets(torch.Generator().manual_seed(seed * 1_000_003 + step), batch_size))
+
+    def eval_batches(self, batch_size: int, count: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if count == 0:
+            starts = torch.arange(0, len(self.tokens) - self.block_size, self.block_size)
+            for i in range(0, len(starts), batch_size):
+                yield self._windows(starts[i:i + batch_size])
+            return
+        generator = torch.Generator().manual_seed(seed)
+        for _ in range(count):
+            yield self._windows(self._random_offsets(generator, batch_size))
+
+
+def as_batches(data):
+    """A TensorDataset of (inputs, labels) as Examples; a batch source as itself."""
+    return Examples(*data.tensors) if isinstance(data, TensorDataset) else data
+
+
+def cross_entropy_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    """(mean cross-entropy in float32, logits) of a model that gives logits."""
+    logits = model(x)
+    return nn.functional.cross_entropy(logits.float(), y), logits
+
+
+def model_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    """(loss, logits) of a model that computes its own loss: model(x, y) → (logits or None, mean loss)."""
+    logits, loss = model(x, y)
+    return loss, logits
+
+
+def _shard(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """This process's rows of a global batch and how many targets they hold. A process left without rows (a last
+    batch smaller than the number of processes) takes the first row, to be weighted 0."""
+    rank, world = distributed.rank(), distributed.world_size()
+    if world == 1:
+        return x, y, y.numel()
+    xs, ys = x.tensor_split(world)[rank], y.tensor_split(world)[rank]
+    return (xs, ys, ys.numel()) if len(ys) else (x[:1], y[:1], 0)
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: TensorDataset, config: TrainConfig, device: torch.device) -> dict:
-    """Mean cross-entropy and accuracy over the whole dataset."""
+def evaluate(model: nn.Module, data, config: TrainConfig, device: torch.device,
+             loss_fn: Callable = cross_entropy_loss) -> dict:
+    """val/loss (mean over targets) and, for classification, val/accuracy over the evaluation batches; data-parallel
+    processes take every world_size-th batch and reduce their sums."""
+    was_training = model.training
     model.eval()
-    images, labels = dataset.tensors
-    loss_sum, correct = 0.0, 0
-    for start in range(0, len(labels), config.eval_batch_size):
-        x = images[start:start + config.eval_batch_size].to(device, non_blocking=True)
-        y = labels[start:start + config.eval_batch_size].to(device, non_blocking=True)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss · targets, correct, targets
+    rank, world = distributed.rank(), distributed.world_size()
+    for i, (x, y) in enumerate(data.eval_batches(config.eval_batch_size, config.eval_batches, config.seed)):
+        if i % world != rank:
+            continue
         with _autocast(device, config.amp):
-            logits = model(x)
-        loss_sum += nn.functional.cross_entropy(logits.float(), y, reduction="sum").item()
-        correct += (logits.argmax(-1) == y).sum().item()
-    return {"val/loss": loss_sum / len(labels), "val/accuracy": correct / len(labels)}
+            loss, logits = loss_fn(model, x, y)
+        sums[0] += loss.double() * y.numel()
+        sums[2] += y.numel()
+        if data.accuracy and logits is not None:
+            sums[1] += (logits.argmax(-1) == y).sum()
+    model.train(was_training)
+    loss_sum, correct, count = distributed.all_reduce(sums).tolist()
+    return {"val/loss": loss_sum / count, **({"val/accuracy": correct / count} if data.accuracy else {})}
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -123,9 +256,9 @@ def checkpoint_extra(directory: str | Path | None) -> dict:
     return load_checkpoint(path)["extra"] if path else {}
 
 
-def _save_checkpoint(directory: Path, epoch: int, state: dict, keep: int) -> None:
+def _save_checkpoint(directory: Path, step: int, state: dict, keep: int) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"epoch_{epoch:04d}.pt"
+    path = directory / f"step_{step:08d}.pt"
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)  # a crash while writing never leaves a truncated "latest" checkpoint
@@ -133,94 +266,165 @@ def _save_checkpoint(directory: Path, epoch: int, state: dict, keep: int) -> Non
         old.unlink()
 
 
+def _resume_state(checkpoint_dir, config: TrainConfig) -> dict | None:
+    """The latest checkpoint (process 0 picks it, every process loads it), checked against this run's settings."""
+    path = distributed.broadcast_object(latest_checkpoint(checkpoint_dir) if distributed.rank() == 0 else None)
+    if path is None:
+        return None
+    state = load_checkpoint(path)
+    changed = {k for k, v in asdict(config).items() if k != "progress" and state["config"].get(k) != v}
+    if changed:
+        raise ValueError(f"{path} was written with other settings ({sorted(changed)}): resuming it would not give "
+                         "the run these settings ask for; remove it or use another checkpoint_dir")
+    if len(state["rng"]) != distributed.world_size():
+        raise ValueError(f"{path} was written by {len(state['rng'])} data-parallel process(es): resume it with as "
+                         f"many (this run has {distributed.world_size()})")
+    return state
+
+
 # ------------------------------------------------------------------------------------------------ the loop
 
 
-def fit(model: nn.Module, train_set: TensorDataset, val_set: TensorDataset, config: TrainConfig,
-        device: str | torch.device = "cpu", checkpoint_dir: str | Path | None = None,
-        log: Callable[[dict, int], None] | None = None, extra: dict | None = None,
-        on_epoch_end: Callable[[int, dict], None] | None = None) -> dict:
-    """Train `model` (already seeded and built) on (images, labels) TensorDatasets; returns the final metrics.
+def _optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on the matrices and embeddings (dim ≥ 2), none on biases and norm gains."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, betas=(0.9, config.beta2),
+                             fused=device.type == "cuda")
 
-    The result holds the last epoch's `val/accuracy`, `val/loss`, `train/loss`, `perf/images_per_s`,
-    `perf/step_ms` (and `mem/peak_mib` on CUDA), plus `history` (one dict per epoch) and `resumed_from_epoch`.
-    `log(metrics, step)` receives `train/loss` and `train/lr` every `log_every` optimizer steps (step = global
-    step) and the epoch metrics after each epoch (step = epoch number, from 1). With `checkpoint_dir`, a checkpoint
-    is written after every epoch (with `extra` inside) and training resumes from the latest one found there.
+
+def fit(model: nn.Module, train, val, config: TrainConfig, device: str | torch.device = "cpu",
+        checkpoint_dir: str | Path | None = None, log: Callable[[dict, int], None] | None = None,
+        extra: dict | None = None, after_eval: Callable[[int, dict], None] | None = None,
+        loss_fn: Callable = cross_entropy_loss, flops_per_item: float | None = None,
+        peak_tflops: float | None = None) -> dict:
+    """Train `model` (already seeded and built) on `train`, evaluating on `val`; returns the final metrics.
+
+    train, val: batch sources (Examples, TokenStream) or (inputs, labels) TensorDatasets. The schedule runs
+    config.iterations steps, or config.epochs epochs of the training set. Every interval (an epoch, or eval_every
+    steps) ends with an evaluation and a record: `step` (and `epoch`), `train/epoch_loss` (`train/interval_loss` for
+    step-based runs: the mean training loss of the interval), `val/loss` (and `val/accuracy`), `perf/<unit>_per_s`
+    and `perf/step_ms` (training steps only), `mem/peak_mib` on CUDA, and `perf/mfu` = flops_per_item × items/s ÷
+    (peak_tflops × processes) when both are given (model FLOPs per token against the measured matmul rate).
+
+    log(metrics, step) (rank 0 only) receives `train/loss` and `train/lr` every `log_every` steps (step = global
+    step) and each record (step = the epoch number for epochs, the global step otherwise). after_eval(index,
+    metrics) runs after each record (and its checkpoint). The result is the last record with `train/loss` in place
+    of the interval's loss, plus `history` (every record), `resumed_from_step` (and `resumed_from_epoch`).
     """
     device = torch.device(device)
+    train, val = as_batches(train).to(device), as_batches(val).to(device)
+    rank, world = distributed.rank(), distributed.world_size()
     model.to(device)
-    images, labels = (t.to(device) for t in train_set.tensors)
-    n = len(labels)
-    steps_per_epoch = math.ceil(n / config.batch_size)
-    total_steps = config.epochs * steps_per_epoch
-    warmup = max(1, int(config.warmup_frac * total_steps))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
+        if world > 1 else model
+    steps_per_epoch = train.steps_per_epoch(config.batch_size)
+    if config.iterations > 0:
+        total, interval, name = config.iterations, config.eval_every or config.iterations, "interval"
+    elif steps_per_epoch is None:
+        raise ValueError(f"a {type(train).__name__} has no epochs: give the run a number of iterations")
+    elif config.eval_every:
+        raise ValueError("eval_every is for step-based runs (iterations > 0); an epoch-based run evaluates each epoch")
+    else:
+        total, interval, name = config.epochs * steps_per_epoch, steps_per_epoch, "epoch"
+    warmup = max(1, int(config.warmup_frac * total))
+    optimizer = _optimizer(model, config, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, warmup, total_steps, config.min_lr_frac))
+        optimizer, lambda step: warmup_cosine(step, warmup, total, config.min_lr_frac))
+    autocast = _autocast(device, config.amp)
+
     history: list[dict] = []
-    start_epoch = 0
-    resume = latest_checkpoint(checkpoint_dir)
-    if resume is not None:
-        state = load_checkpoint(resume)
-        changed = {k for k, v in asdict(config).items() if k != "progress" and state["config"].get(k) != v}
-        if changed:
-            raise ValueError(f"{resume} was written with other settings ({sorted(changed)}): resuming it would not "
-                             "give the run these settings ask for; remove it or use another checkpoint_dir")
+    start, carried = 0, (0.0, 0)  # the interval's (loss sum, targets) a checkpoint carried over
+    state = _resume_state(checkpoint_dir, config)
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
-        history, start_epoch = state["history"], state["epoch"] + 1
-    log = log or (lambda metrics, step: None)
-    shuffle = torch.Generator()
+        _set_rng_state(state["rng"][rank])
+        history, start = state["history"], state["step"]
+        if rank == 0:
+            carried = state["interval_sums"]
+    else:
+        torch.manual_seed(config.seed + rank)  # dropout masks: each process its own stream
+    log = log if rank == 0 and log is not None else (lambda metrics, step: None)
+    loss_sum = torch.full((), carried[0], dtype=torch.float64, device=device)
+    targets = torch.full((), carried[1], dtype=torch.float64, device=device)
 
-    for epoch in range(start_epoch, config.epochs):
-        if device.type == "cuda":  # mem/peak_mib is per epoch: the first also holds Triton autotuning's 256 MiB L2 flush
-            torch.cuda.reset_peak_memory_stats(device)
-        model.train()
-        shuffle.manual_seed(config.seed * 100_003 + epoch)
-        order = torch.randperm(n, generator=shuffle).to(device)
-        loss_sum = torch.zeros((), device=device)
-        _sync(device)
-        started = time.perf_counter()
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, mininterval=1.0,
-                   disable=None if config.progress else True)  # None: shown on a terminal only
-        for i in bar:
-            index = order[i * config.batch_size:(i + 1) * config.batch_size]
-            x, y = images[index], labels[index]
-            with _autocast(device, config.amp):
-                logits = model(x)
-            loss = nn.functional.cross_entropy(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            loss_sum += loss.detach() * len(y)
-            step = epoch * steps_per_epoch + i + 1
-            if step % config.log_every == 0 or i == steps_per_epoch - 1:
-                value = loss.item()
-                bar.set_postfix(loss=f"{value:.4f}")
-                log({"train/loss": value, "train/lr": scheduler.get_last_lr()[0]}, step)
-        _sync(device)
-        seconds = time.perf_counter() - started
-        metrics = {"train/epoch_loss": loss_sum.item() / n, **evaluate(model, val_set, config, device),
-                   "perf/images_per_s": n / seconds, "perf/step_ms": 1e3 * seconds / steps_per_epoch}
-        if device.type == "cuda":
-            metrics["mem/peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
-        history.append({"epoch": epoch + 1, **metrics})
-        log(metrics, epoch + 1)
-        if config.progress:
-            tqdm.write(f"epoch {epoch + 1}/{config.epochs}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-        if checkpoint_dir is not None:
-            _save_checkpoint(Path(checkpoint_dir), epoch, {
+    def save(step: int) -> None:
+        sums = distributed.all_reduce(torch.stack([loss_sum, targets])).tolist()
+        rngs = distributed.gather_objects(_rng_state())
+        if rank == 0 and checkpoint_dir is not None:
+            _save_checkpoint(Path(checkpoint_dir), step, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history, "rng": _rng_state(),
-                "config": asdict(config), "extra": extra or {}}, config.max_checkpoints)
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, metrics)
+                "scheduler": scheduler.state_dict(), "step": step, "history": history, "rng": rngs,
+                "interval_sums": sums, "config": asdict(config), "extra": extra or {}}, config.max_checkpoints)
 
-    final = dict(history[-1]) if history else {}
-    final.pop("epoch", None)
-    final["train/loss"] = final.pop("train/epoch_loss", float("nan"))
-    return {**final, "history": history, "resumed_from_epoch": start_epoch}
+    def restart_clock() -> tuple[float, int, int]:
+        _sync(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        return time.perf_counter(), 0, 0  # started, steps timed, targets timed (all processes)
+
+    model.train()
+    started, timed_steps, timed_items = restart_clock()
+    bar = tqdm(total=total, initial=start, desc=name + "s" if name == "epoch" else "steps", leave=False,
+               mininterval=1.0, disable=True if rank != 0 or not config.progress else None)  # None: on a terminal
+    for step in range(start, total):
+        x, y = train.batch(step, config.batch_size, config.seed)
+        batch_items = y.numel()
+        x, y, items = _shard(x, y)
+        with autocast:
+            loss, _ = loss_fn(net, x, y)
+        optimizer.zero_grad(set_to_none=True)
+        weight = items * world / batch_items  # DDP averages gradients: this makes them the global batch's mean
+        (loss if weight == 1 else loss * weight).backward()
+        if config.grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        loss_sum += loss.detach().double() * items
+        targets += items
+        timed_steps, timed_items, done = timed_steps + 1, timed_items + batch_items, step + 1
+        bar.update(1)
+        ends_interval = done % interval == 0 or done == total
+        if done % config.log_every == 0 or ends_interval:
+            value = distributed.all_reduce(loss.detach().double() * items).item() / batch_items
+            bar.set_postfix(loss=f"{value:.4f}")
+            log({"train/loss": value, "train/lr": scheduler.get_last_lr()[0]}, done)
+        if ends_interval:
+            _sync(device)
+            seconds = time.perf_counter() - started
+            sums = distributed.all_reduce(torch.stack([loss_sum, targets])).tolist()
+            metrics = {f"train/{name}_loss": sums[0] / sums[1], **evaluate(model, val, config, device, loss_fn),
+                       f"perf/{train.unit}_per_s": timed_items / seconds, "perf/step_ms": 1e3 * seconds / timed_steps}
+            if device.type == "cuda":
+                peak = torch.tensor(float(torch.cuda.max_memory_allocated(device)), device=device)
+                metrics["mem/peak_mib"] = distributed.all_reduce(peak, "max").item() / 2**20
+            if flops_per_item and peak_tflops:
+                metrics["perf/mfu"] = flops_per_item * metrics[f"perf/{train.unit}_per_s"] / (peak_tflops * 1e12
+                                                                                                * world)
+            record = {"step": done, **({"epoch": done // steps_per_epoch} if name == "epoch" else {}), **metrics}
+            history.append(record)
+            log(metrics, record.get("epoch", done))
+            if rank == 0 and config.progress:
+                tqdm.write(f"{name} {record.get('epoch', done)}: " + ", ".join(f"{k} {v:.4g}"
+                                                                               for k, v in metrics.items()))
+            loss_sum.zero_()
+            targets.zero_()
+            if config.checkpoint_every == 0:
+                save(done)
+            if after_eval is not None:
+                after_eval(len(history) - 1, metrics)
+        if config.checkpoint_every and (done % config.checkpoint_every == 0 or done == total):
+            save(done)
+        if ends_interval:
+            started, timed_steps, timed_items = restart_clock()
+    bar.close()
+
+    final = {k: v for k, v in (history[-1] if history else {}).items() if k not in ("step", "epoch")}
+    final["train/loss"] = final.pop(f"train/{name}_loss", float("nan"))
+    resumed = {"resumed_from_step": start}
+    if name == "epoch":
+        resumed["resumed_from_epoch"] = start // steps_per_epoch
+    return {**final, "history": history, **resumed}
