@@ -225,8 +225,10 @@ def test_bad_inputs():
     good = make_targets((4,), 10, ignored=0.0)
     with pytest.raises(ValueError, match=r"targets must lie in \[0, 10\) or equal ignore_index=-100; found 10"):
         F_tri.cross_entropy(logits, torch.tensor([0, 10, 1, 2], device=DEVICE))
+        F_tri.check_targets()  # on a GPU the call does not wait for its check
     with pytest.raises(ValueError, match="found -1"):
         F_tri.cross_entropy(logits, torch.tensor([0, -1, 1, 2], device=DEVICE))
+        F_tri.check_targets()
     with pytest.raises(TypeError, match="targets has dtype torch.float32"):
         F_tri.cross_entropy(logits, good.float())
     with pytest.raises(ValueError, match=r"targets of shape \(3,\) do not match logits \(4, 10\)"):
@@ -262,15 +264,14 @@ def test_module_arguments_checked_at_construction(kwargs, error, message):
         TritonCrossEntropyLoss(**kwargs)
 
 
-def test_checked_kernel_does_nothing_when_a_target_is_out_of_range(seed):
+def test_count_targets():
+    """One launch counts the valid targets and those out of range, and keeps the first of these in row order."""
     from triformer.kernels import cross_entropy as ce_kernels
 
-    logits = randn(5, 10)
-    targets = torch.tensor([3, -100, 11, 9, -100], device=DEVICE)
-    grad = torch.full_like(logits, 7.0)
-    _, n_valid, n_bad = ce_kernels.cross_entropy_forward(logits, targets, -100, True, 0.0, grad, 1, checked=True)
-    assert (n_valid.item(), n_bad.item()) == (3, 1)
-    assert torch.equal(grad, torch.full_like(logits, 7.0))
+    targets = torch.tensor([3, -100, 11, 9, -100, -2, 10], device=DEVICE)
+    assert ce_kernels.count_targets(targets, 10, -100).tolist() == [5, 3, 11]
+    assert ce_kernels.count_targets(targets[1::2], 10, -100).tolist() == [2, 1, -2]  # strided: read as the view
+    assert ce_kernels.count_targets(torch.tensor([0, 9], device=DEVICE), 10, -100).tolist() == [2, 0, 0]
 
 
 def test_strided_targets(seed):
@@ -281,21 +282,21 @@ def test_strided_targets(seed):
     run_and_compare(randn(4, 10), targets, torch.float32)
 
 
-def test_out_of_range_target_leaves_the_logits_untouched():
-    """The target check is read back after the kernel is queued: the kernel must then have done nothing, so
-    logits that would have received the gradient in their storage still hold the logits, and a later call
-    with good targets works on them."""
-    leaf = randn(6, 37, requires_grad=True)
-    logits = leaf * 1  # inplace_grad=True: the gradient would go into its storage
-    before = logits.detach().clone()
-    bad = make_targets((6,), 37, ignored=0.0)
-    bad[4] = 37
-    with pytest.raises(ValueError, match="found 37"):
-        F_tri.cross_entropy(logits, bad, inplace_grad=True)
-    assert torch.equal(logits.detach(), before)
-    good = make_targets((6,), 37, ignored=0.0)
-    reference = F.cross_entropy(before.double(), good)
-    assert_close(F_tri.cross_entropy(logits, good), reference, torch.float32, "loss after the rejected call")
+def test_out_of_range_target_is_reported_and_later_calls_work():
+    """A target out of range raises a ValueError naming it (at the call on the CPU, by check_targets() on a GPU,
+    whose call does not wait for the device), in both gradient modes; the next calls with good targets are right."""
+    for inplace in (False, True):
+        leaf = randn(6, 37, requires_grad=True)
+        bad = make_targets((6,), 37, ignored=0.0)
+        bad[4] = 37
+        with pytest.raises(ValueError, match="found 37"):
+            F_tri.cross_entropy(leaf * 1, bad, inplace_grad=inplace)
+            F_tri.check_targets()
+        good = make_targets((6,), 37, ignored=0.0)
+        reference = F.cross_entropy(leaf.detach().double(), good)
+        assert_close(F_tri.cross_entropy(leaf * 1, good, inplace_grad=inplace), reference, torch.float32,
+                     "loss after the rejected call")
+        F_tri.check_targets()
 
 
 def test_cpu_tensor_without_interpreter(without_interpreter):
@@ -304,16 +305,14 @@ def test_cpu_tensor_without_interpreter(without_interpreter):
 
 
 def test_kernel_guards_targets_out_of_range(seed):
-    """Under CUDA graph capture the host cannot read the target check back: the kernel's own guard must turn an
-    out-of-range target into a NaN loss and gradient for that row only, without reading outside the row."""
+    """The kernel turns an out-of-range target into a NaN loss and gradient for that row only, without reading
+    outside the row (so no mode gives a wrong loss: not even a CUDA graph, where nothing reads the check back)."""
     from triformer.kernels import cross_entropy as ce_kernels
 
     logits = randn(4, 10)
     targets = torch.tensor([3, 10, -1, 9], device=DEVICE)
     grad = torch.empty_like(logits)
-    losses, n_valid, n_bad = ce_kernels.cross_entropy_forward(logits, targets, -100, False, 0.0, grad, 1,
-                                                              checked=False)
-    assert (n_valid.item(), n_bad.item()) == (4, 2)
+    losses = ce_kernels.cross_entropy_forward(logits, targets, -100, 0.0, grad, 1)
     assert torch.isnan(losses[1:3]).all() and torch.isnan(grad[1:3]).all()
     good = torch.tensor([0, 3])
     ref = F.cross_entropy(logits[good].double(), targets[good], reduction="none")

@@ -160,11 +160,14 @@ def test_strided_and_broadcast_views(seed):
 
 
 def test_out_of_range_targets_raise(seed):
+    """At the call on the CPU; on a GPU (where the call does not wait for its check) by check_targets()."""
     x, w, b = make_inputs(5, 8, 10, torch.float32)
     with pytest.raises(ValueError, match=r"targets must lie in \[0, 10\) or equal ignore_index=-100; found 10"):
         F_tri.linear_cross_entropy(x, w, torch.tensor([0, 1, 2, 3, 10], device=DEVICE), b, chunk_size=2)
+        F_tri.check_targets()
     with pytest.raises(ValueError, match="found -1"):
         F_tri.linear_cross_entropy(x, w, torch.tensor([0, -1, 2, 3, 4], device=DEVICE), b, reduction="none")
+        F_tri.check_targets()
 
 
 def test_bad_inputs():

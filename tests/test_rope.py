@@ -186,7 +186,7 @@ def test_bad_inputs_get_clear_errors():
         (ValueError, "do not fit", lambda: F_tri.rope(q, k, cos, sin, offset=-1)),
         (TypeError, "offset must be an int", lambda: F_tri.rope(q, k, cos, sin, offset=True)),
         (ValueError, "requires grad", lambda: F_tri.rope(q, k, cos.clone().requires_grad_(), sin)),
-        (ValueError, "is on meta", lambda: F_tri.rope(q, k, cos.to("meta"), sin)),
+        (ValueError, "cos is a meta tensor", lambda: F_tri.rope(q, k, cos.to("meta"), sin)),
         (ValueError, "even", lambda: TritonRotaryEmbedding(15)),
         (ValueError, "head_dim=16", lambda: TritonRotaryEmbedding(16, 8)(randn(1, 1, 7, 32), randn(1, 1, 7, 32))),
         (ValueError, "max_seq_len=8", lambda: TorchRotaryEmbedding(16, 8)(q, k, offset=2)),

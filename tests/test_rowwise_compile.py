@@ -27,8 +27,9 @@ SOFTMAX_FWD = dict(x_ptr="*bf16", y_ptr="*bf16", M="i32", N="i32", SQ="i32", str
 SOFTMAX_BWD = dict(y_ptr="*bf16", dy_ptr="*bf16", dx_ptr="*bf16", M="i32", N="i32", SQ="i32", stride_ym="i32",
                    stride_dym="i32", stride_dxm="i32")
 CROSS_ENTROPY = dict(logits_ptr="*bf16", targets_ptr="*i64", loss_ptr="*fp32", grad_ptr="*bf16", n_valid_ptr="*i64",
-                     bad_count_ptr="*i64", M="i32", V="i32", stride_lm="i32", stride_lv="i32", stride_gm="i32", stride_gv="i32",
+                     M="i32", V="i32", stride_lm="i32", stride_lv="i32", stride_gm="i32", stride_gv="i32",
                      ignore_index="i32", smoothing="fp32")
+COUNT_TARGETS = dict(targets_ptr="*i64", counts_ptr="*i64", M="i32", V="i32", ignore_index="i32")
 SCALE_ROWS = dict(g_ptr="*bf16", scale_ptr="*fp32", M="i32", V="i32", stride_gm="i32", stride_gv="i32", stride_s="i32")
 DROPOUT = dict(x_ptr="*bf16", y_ptr="*bf16", n="i32", threshold="i32", scale="fp32", seed="i32")
 
@@ -36,7 +37,7 @@ NORM_WIDTHS = [768, 4096, 8192, 12288, 32768]
 SOFTMAX_WIDTHS = [768, 4096, 8192, 32768]
 CASES = ([f"{op}-{w}" for op in ("layer_norm", "rms_norm") for w in NORM_WIDTHS]
          + [f"softmax{'-causal' if c else ''}-{w}" for c in (False, True) for w in SOFTMAX_WIDTHS]
-         + ["cross_entropy-inplace", "cross_entropy-buffer", "dropout"])
+         + ["cross_entropy-inplace", "cross_entropy-buffer", "dropout", "dropout-seed-in-memory"])
 
 
 def compile_all() -> dict:
@@ -78,10 +79,15 @@ def compile_all() -> dict:
         if op == "cross_entropy":
             m = cross_entropy.launch_meta(4096, 50304)
             warps = m.pop("num_warps")
-            flags = dict(MEAN=True, SMOOTH=rest == "buffer", GRAD=True, INPLACE=rest == "inplace", CHECKED=True, **m)
+            flags = dict(MEAN=True, SMOOTH=rest == "buffer", GRAD=True, INPLACE=rest == "inplace", **m)
             return {"loss+grad": spills(cross_entropy._cross_entropy_kernel, CROSS_ENTROPY, flags, warps),
-                    "scale": spills(cross_entropy._scale_rows_kernel, SCALE_ROWS, {"BLOCK_N": 4096}, 8)}
-        return {"dropout": spills(dropout._dropout_kernel, DROPOUT, {"BLOCK": dropout.BLOCK}, 4)}
+                    "scale": spills(cross_entropy._scale_rows_kernel, SCALE_ROWS, {"BLOCK_N": 4096}, 8),
+                    "count": spills(cross_entropy._count_targets_kernel, COUNT_TARGETS,
+                                    {"BLOCK": cross_entropy._COUNT_BLOCK}, cross_entropy._COUNT_WARPS)}
+        in_memory = rest == "seed-in-memory"
+        types = {**DROPOUT, "seed": "*i64"} if in_memory else DROPOUT
+        constexprs = {"BLOCK": dropout.BLOCK, "SEED_IN_MEMORY": in_memory}
+        return {"dropout": spills(dropout._dropout_kernel, types, constexprs, 4)}
 
     return report_each({name: functools.partial(case, name) for name in CASES})
 

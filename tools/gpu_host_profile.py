@@ -1,8 +1,18 @@
-"""Where does a call's host time go? On a GPU host: per-call wall time of tiny problems (the GPU finishes each
-call long before the host launches the next, so wall time per call = host cost), from a bare Triton launch up to
-a full autograd forward+backward, ours against torch; then cProfile of our heaviest paths. Prints a table."""
+"""Where does a call's host time go? On a GPU host: per-call wall time of problems small enough that the GPU finishes
+each call long before the host launches the next (so wall time per call = host cost).
 
+1. Every public op, forward (no_grad) and forward+backward (autograd.grad), ours against its PyTorch counterpart,
+   µs per call; ours also through the dispatcher (torch.ops.triformer.*, as torch.compile and dispatch modes call
+   it) beside the eager fast path that plain calls take (functional._library).
+2. Launch paths: a bare Triton launch, a launcher, the norm kernels, the Gluon and Triton matmul launches.
+3. cProfile of our heaviest paths.
+
+Run: python tools/gpu_host_profile.py [--calls N]
+"""
+
+import argparse
 import cProfile
+import contextlib
 import pstats
 import time
 
@@ -11,17 +21,17 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from triformer.functional import layer_norm, linear, rms_norm, softmax
+import triformer.functional as TF
+from triformer.functional._library import through_dispatcher
 from triformer.kernels import matmul_tma, norms
 from triformer.kernels.matmul import matmul
+from triformer.kernels.reductions import column_sum
+from triformer.nn.rope import torch_rope
+
+DEVICE, DTYPE = "cuda", torch.bfloat16
 
 
-@triton.jit
-def _empty_kernel(a, b, c, d, e, f, g, M, N, K, s0, s1, s2, s3, FLAG: tl.constexpr):
-    pass
-
-
-def per_call_us(fn, calls=2000):
+def per_call_us(fn, calls: int) -> float:
     for _ in range(20):
         fn()
     torch.cuda.synchronize()
@@ -32,86 +42,143 @@ def per_call_us(fn, calls=2000):
     return (time.perf_counter() - start) / calls * 1e6
 
 
-def grad_step(fn, inputs, dy):
-    return lambda: torch.autograd.grad(fn(), inputs, dy)
+def randn(*shape, grad=True):
+    return torch.randn(*shape, device=DEVICE, dtype=DTYPE).requires_grad_(grad)
 
 
-dev, bf = "cuda", torch.bfloat16
-x = torch.randn(256, 256, device=dev, dtype=bf, requires_grad=True)
-w = torch.randn(256, device=dev, dtype=bf, requires_grad=True)
-b = torch.randn(256, device=dev, dtype=bf, requires_grad=True)
-W = torch.randn(256, 256, device=dev, dtype=bf, requires_grad=True)
-dy = torch.randn(256, 256, device=dev, dtype=bf)
-y = torch.empty_like(x)
-mean = torch.empty(256, device=dev)
-rstd = torch.empty(256, device=dev)
-xd = x.detach()
+def op_cases() -> dict:
+    """op → (ours, torch's, the inputs that take a gradient); each fn returns a tensor or a tuple of tensors."""
+    x, w_sq, b = randn(256, 256), randn(256, 256), randn(256)
+    gain, shift = randn(256), randn(256)
+    scores = randn(4, 64, 64)
+    causal_mask = torch.ones(64, 64, device=DEVICE, dtype=torch.bool).triu(1)
+    logits, labels = randn(256, 1000), torch.randint(0, 1000, (256,), device=DEVICE)
+    q, k, v = randn(2, 4, 128, 64), randn(2, 4, 128, 64), randn(2, 4, 128, 64)
+    cos, sin = TF.rope_tables(64, 128, device=DEVICE)
+    up = randn(256, 512)
+    hidden, head = randn(256, 256), randn(1000, 256)
 
-cases = {
-    "torch.empty_like": lambda: torch.empty_like(xd),
-    "triton empty kernel (7 ptr, 7 int)": lambda: _empty_kernel[(1,)](xd, xd, xd, xd, xd, xd, xd, 256, 256, 256,
-                                                                    256, 1, 256, 1, FLAG=True),
-    "norm fwd kernel, direct launch": lambda: norms._norm_forward_kernel[(256,)](
-        xd, w, b, y, mean, rstd, 256, 256, 256, 256, 1e-5, CENTER=True, HAS_W=True, HAS_B=True,
-        BLOCK_M=1, BLOCK_N=256, ONE_BLOCK=True, num_warps=4),
-    "norms.norm_forward (launcher)": lambda: norms.norm_forward(xd, w, b, 1e-5, True),
-}
-with torch.no_grad():
-    cases["triformer layer_norm no_grad"] = lambda: layer_norm(x, 256, w, b)
-    cases["F.layer_norm no_grad"] = lambda: F.layer_norm(x, (256,), w, b)
-    cases["triformer linear relu no_grad"] = lambda: linear(x, W, b, "relu")
-    cases["relu(F.linear) no_grad"] = lambda: torch.relu(F.linear(x, W, b))
-cases.update({
-    "triformer layer_norm fwd+bwd": grad_step(lambda: layer_norm(x, 256, w, b), (x, w, b), dy),
-    "F.layer_norm fwd+bwd": grad_step(lambda: F.layer_norm(x, (256,), w, b), (x, w, b), dy),
-    "triformer rms_norm fwd+bwd": grad_step(lambda: rms_norm(x, 256, w), (x, w), dy),
-    "F.rms_norm fwd+bwd": grad_step(lambda: F.rms_norm(x, (256,), w), (x, w), dy),
-    "triformer linear relu fwd+bwd": grad_step(lambda: linear(x, W, b, "relu"), (x, W, b), dy),
-    "relu(F.linear) fwd+bwd": grad_step(lambda: torch.relu(F.linear(x, W, b)), (x, W, b), dy),
-    "triformer softmax fwd+bwd": grad_step(lambda: softmax(x), (x,), dy),
-    "torch.softmax fwd+bwd": grad_step(lambda: torch.softmax(x, -1), (x,), dy),
-})
-_, x2, mean_s, rstd_s = norms.norm_forward(xd, w.detach(), b.detach(), 1e-5, True)
-part = torch.randn(2, 16, 256, device=dev)
-from triformer.kernels.reductions import column_sum  # noqa: E402
+    def swiglu_torch(t):
+        a, g = t.chunk(2, dim=-1)
+        return F.silu(a) * g
 
-y_ours = layer_norm(x, 256, w, b)
-y_torch = F.layer_norm(x, (256,), w, b)
-cases.update({
-    "norms.norm_backward (launcher)": lambda: norms.norm_backward(dy, x2, w.detach(), mean_s, rstd_s, bf, bf),
-    "column_sum of [2, 16, 256]": lambda: column_sum(part, bf, rows_per_program=16),
-    "triformer layer_norm backward only": lambda: torch.autograd.grad(y_ours, (x, w, b), dy, retain_graph=True),
-    "F.layer_norm backward only": lambda: torch.autograd.grad(y_torch, (x, w, b), dy, retain_graph=True),
-})
-# The warp-specialized Gluon product (seven TMA descriptors a launch) beside the Triton TMA kernel, at a product
-# just large enough for the tuner to offer it (2²⁰ outputs) and small enough to leave the host the bottleneck.
-xg, wg, bg = (torch.randn(*shape, device=dev, dtype=bf) for shape in ((1024, 64), (1024, 64), (1024,)))
-cg = torch.empty(1024, 1024, device=dev, dtype=bf)
-ws = matmul_tma._gluon_kernel()
-if ws is not None:
-    cases["matmul_ws.launch (Gluon kernel, direct)"] = lambda: ws.launch(xg, wg, cg, None, bg, 1,
-                                                                         matmul_tma.WARP_SPECIALIZED_CONFIGS[0], 132)
-cases["matmul 1024x64x1024 (tuned, Gluon offered)"] = lambda: matmul(xg, wg.t(), bias=bg, activation="relu")
+    activations = {None: lambda z: z, "relu": torch.relu, "gelu": lambda z: F.gelu(z, approximate="tanh")}
+    cases = {f"linear {act}": (lambda a=act: TF.linear(x, w_sq, b, a), lambda a=act: activations[a](F.linear(x, w_sq, b)),
+                               (x, w_sq, b)) for act in activations}
+    cases.update({
+        "layer_norm": (lambda: TF.layer_norm(x, 256, gain, shift), lambda: F.layer_norm(x, (256,), gain, shift),
+                       (x, gain, shift)),
+        "rms_norm": (lambda: TF.rms_norm(x, 256, gain), lambda: F.rms_norm(x, (256,), gain, 1e-6), (x, gain)),
+        "softmax": (lambda: TF.softmax(x), lambda: torch.softmax(x, -1), (x,)),
+        "softmax causal": (lambda: TF.softmax(scores, causal=True),
+                           lambda: torch.softmax(scores.masked_fill(causal_mask, float("-inf")), -1), (scores,)),
+        "dropout": (lambda: TF.dropout(x, 0.1), lambda: F.dropout(x, 0.1), (x,)),
+        "cross_entropy": (lambda: TF.cross_entropy(logits, labels), lambda: F.cross_entropy(logits, labels),
+                          (logits,)),
+        "attention causal": (lambda: TF.attention(q, k, v, causal=True),
+                             lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), (q, k, v)),
+        "rope": (lambda: TF.rope(q, k, cos, sin), lambda: torch_rope(q, k, cos, sin), (q, k)),
+        "swiglu": (lambda: TF.swiglu(up), lambda: swiglu_torch(up), (up,)),
+        "linear_cross_entropy": (lambda: TF.linear_cross_entropy(hidden, head, labels),
+                                 lambda: F.cross_entropy(F.linear(hidden, head).float(), labels), (hidden, head)),
+    })
+    return cases
 
 
-def without_gluon():
-    with matmul_tma.without_warp_specialization():
-        return matmul(xg, wg.t(), bias=bg, activation="relu")
+def fwd_bwd(fn, inputs):
+    """One forward and backward: autograd.grad of fn's outputs with fixed incoming gradients."""
+    outs = fn()
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    grads = [torch.ones_like(o) for o in outs]
+    return lambda: torch.autograd.grad(fn(), inputs, grads if len(grads) > 1 else grads[0])
 
 
-cases["matmul 1024x64x1024 (tuned, Triton only)"] = without_gluon
-print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)
-print(f"{'case':40s} {'host us/call':>12s}")
-for name, fn in cases.items():
-    with torch.no_grad() if "no_grad" in name else torch.enable_grad():
-        print(f"{name:40s} {per_call_us(fn):12.1f}", flush=True)
+def op_table(calls: int) -> None:
+    columns = ("fwd ours", "fwd torch", "ratio", "f+b ours", "f+b disp.", "f+b torch", "ratio")
+    print(f"\n{'op (µs per call)':24s}" + "".join(f"{c:>11s}" for c in columns))
+    for name, (ours, theirs, inputs) in op_cases().items():
+        with torch.no_grad():
+            fwd_ours, fwd_torch = per_call_us(ours, calls), per_call_us(theirs, calls)
+        both_ours = per_call_us(fwd_bwd(ours, inputs), calls)
+        with through_dispatcher():
+            both_dispatched = per_call_us(fwd_bwd(ours, inputs), calls)
+        both_torch = per_call_us(fwd_bwd(theirs, inputs), calls)
+        row = (fwd_ours, fwd_torch, fwd_ours / fwd_torch, both_ours, both_dispatched, both_torch,
+               both_ours / both_torch)
+        print(f"{name:24s}" + "".join(f"{value:11.2f}" if i in (2, 6) else f"{value:11.1f}"
+                                       for i, value in enumerate(row)), flush=True)
 
-for name in [n for n in ("triformer linear relu fwd+bwd", "matmul_ws.launch (Gluon kernel, direct)") if n in cases]:
-    profile = cProfile.Profile()
-    profile.enable()
-    for _ in range(300):
-        cases[name]()
-    profile.disable()
+
+@triton.jit
+def _empty_kernel(a, b, c, d, e, f, g, M, N, K, s0, s1, s2, s3, FLAG: tl.constexpr):
+    pass
+
+
+def launch_cases() -> dict:
+    x = torch.randn(256, 256, device=DEVICE, dtype=DTYPE)
+    w, b = torch.randn(256, device=DEVICE, dtype=DTYPE), torch.randn(256, device=DEVICE, dtype=DTYPE)
+    dy, y = torch.randn_like(x), torch.empty_like(x)
+    mean, rstd = torch.empty(256, device=DEVICE), torch.empty(256, device=DEVICE)
+    _, x2, mean_s, rstd_s = norms.norm_forward(x, w, b, 1e-5, True)
+    part = torch.randn(2, 16, 256, device=DEVICE)
+    cases = {
+        "torch.empty_like": lambda: torch.empty_like(x),
+        "triton empty kernel (7 ptr, 7 int)": lambda: _empty_kernel[(1,)](x, x, x, x, x, x, x, 256, 256, 256, 256, 1,
+                                                                        256, 1, FLAG=True),
+        "norm fwd kernel, direct launch": lambda: norms._norm_forward_kernel[(256,)](
+            x, w, b, y, mean, rstd, 256, 256, 256, 256, 1e-5, CENTER=True, HAS_W=True, HAS_B=True,
+            BLOCK_M=1, BLOCK_N=256, ONE_BLOCK=True, num_warps=4),
+        "norms.norm_forward (launcher)": lambda: norms.norm_forward(x, w, b, 1e-5, True),
+        "norms.norm_backward (launcher)": lambda: norms.norm_backward(dy, x2, w, mean_s, rstd_s, DTYPE, DTYPE),
+        "column_sum of [2, 16, 256]": lambda: column_sum(part, DTYPE, rows_per_program=16),
+    }
+    # The warp-specialized Gluon product (seven TMA descriptors a launch) beside the Triton TMA kernel, at a product
+    # just large enough for the tuner to offer it (2²⁰ outputs) and small enough to leave the host the bottleneck.
+    xg, wg, bg = (torch.randn(*shape, device=DEVICE, dtype=DTYPE) for shape in ((1024, 64), (1024, 64), (1024,)))
+    cg = torch.empty(1024, 1024, device=DEVICE, dtype=DTYPE)
+    ws = matmul_tma._gluon_kernel()
+    if ws is not None:
+        cases["matmul_ws.launch (Gluon kernel, direct)"] = lambda: ws.launch(
+            xg, wg, cg, None, bg, 1, matmul_tma.WARP_SPECIALIZED_CONFIGS[0], 132)
+    cases["matmul 1024x64x1024 (tuned, Gluon offered)"] = lambda: matmul(xg, wg.t(), bias=bg, activation="relu")
+
+    def without_gluon():
+        with matmul_tma.without_warp_specialization():
+            return matmul(xg, wg.t(), bias=bg, activation="relu")
+
+    cases["matmul 1024x64x1024 (tuned, Triton only)"] = without_gluon
+    return cases
+
+
+def profile(name: str, fn, calls: int = 300) -> None:
+    fn()
     torch.cuda.synchronize()
-    print(f"\n== cProfile, 300 calls of {name} (tottime, s) ==")
-    pstats.Stats(profile).sort_stats("tottime").print_stats(22)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        fn()
+    profiler.disable()
+    torch.cuda.synchronize()
+    print(f"\n== cProfile, {calls} calls of {name} (tottime, s) ==")
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(22)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=2000, help="calls per measurement")
+    args = parser.parse_args()
+    print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)
+    op_table(args.calls)
+    print(f"\n{'launch path':44s} {'host µs/call':>12s}")
+    for name, fn in launch_cases().items():
+        print(f"{name:44s} {per_call_us(fn, args.calls):12.1f}", flush=True)
+    cases = op_cases()
+    for name in ("linear relu", "layer_norm", "cross_entropy"):
+        ours, _, inputs = cases[name]
+        for label, context in (("", contextlib.nullcontext), (", through the dispatcher", through_dispatcher)):
+            with context():
+                profile(f"triformer {name} fwd+bwd{label}", fwd_bwd(ours, inputs))
+
+
+if __name__ == "__main__":
+    main()

@@ -5,9 +5,11 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import Tensor
 
 from ..kernels import attention as attention_kernels
 from ..kernels._runtime import check_same_dtype, check_tensor
+from ._library import Op, or_placeholder, placeholder
 
 
 def _check_attention_inputs(q, k, v, causal, scale) -> None:
@@ -43,27 +45,55 @@ def _check_attention_inputs(q, k, v, causal, scale) -> None:
             raise ValueError(f"scale must be a finite number ≥ 0, got {scale}")
 
 
-class _AttentionFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, causal, scale):
-        o, lse = attention_kernels.attention_forward(q, k, v, causal, scale)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.causal, ctx.scale = causal, scale
-        return o
+def _attention_impl(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    """(o [B, Hq, S, D] contiguous, lse [B, Hq, S] float32, base 2) for validated inputs."""
+    return attention_kernels.attention_forward(q, k, v, causal, scale)
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        need_q, need_k, need_v = ctx.needs_input_grad[:3]
-        dq, dk, dv = attention_kernels.attention_backward(do, q, k, v, o, lse, ctx.causal, ctx.scale,
-                                                          need_dq=need_q, need_dkdv=need_k or need_v)
-        return dq, dk if need_k else None, dv if need_v else None, None, None
+
+def _attention_fake(q, k, v, causal, scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, ctx.causal, ctx.scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)
+
+
+def _attention_backward(ctx, do, _):
+    if do is None:
+        return None, None, None, None, None
+    q, k, v, o, lse = ctx.saved_tensors
+    need_q, need_k, need_v = ctx.needs_input_grad[:3]
+    dq, dk, dv = _attention_backward_op(do, q, k, v, o, lse, ctx.causal, ctx.scale, need_q, need_k or need_v)
+    return dq if need_q else None, dk if need_k else None, dv if need_v else None, None, None
+
+
+def _attention_backward_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, causal: bool,
+                             scale: float, need_dq: bool, need_dkdv: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of _attention_impl's o for the incoming do; placeholders where not needed."""
+    dq, dk, dv = attention_kernels.attention_backward(do, q, k, v, o, lse, causal, scale, need_dq=need_dq,
+                                                      need_dkdv=need_dkdv)
+    return or_placeholder(dq, lse), or_placeholder(dk, lse), or_placeholder(dv, lse)
+
+
+def _attention_backward_fake(do, q, k, v, o, lse, causal, scale, need_dq, need_dkdv):
+    return (q.new_empty(q.shape) if need_dq else placeholder(lse),
+            k.new_empty(k.shape) if need_dkdv else placeholder(lse), v.new_empty(v.shape) if need_dkdv else placeholder(lse))
+
+
+_attention_backward_op = Op("attention_backward", _attention_backward_impl, _attention_backward_fake)
+_attention_op = Op("attention", _attention_impl, _attention_fake, setup_context=_attention_setup,
+                   backward=_attention_backward)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
               scale: float | None = None) -> torch.Tensor:
     """softmax(scale · q kᵀ [+ causal mask]) v, as F.scaled_dot_product_attention(q, k, v, is_causal=causal,
-    scale=scale, enable_gqa=True) computes it, on flash kernels: no S×S matrix in memory, forward or backward.
+    scale=scale, enable_gqa=True) computes it, on flash kernels: no S×S matrix in memory, forward or backward
+    (op triformer::attention).
 
     q [B, Hq, S, D], k and v [B, Hkv, S, D] with Hq a multiple of Hkv (multi-query and grouped-query attention:
     query head h uses kv head h // (Hq // Hkv)); any strides (e.g. views of a fused [B, S, 3, H, D] projection);
@@ -77,4 +107,4 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     q, k, v = _cast_for_autocast(q, k, v)
     _check_attention_inputs(q, k, v, causal, scale)
     scale = attention_kernels.default_scale(q.shape[-1]) if scale is None else float(scale)
-    return _AttentionFunction.apply(q, k, v, causal, scale)
+    return _attention_op(q, k, v, causal, scale)[0]

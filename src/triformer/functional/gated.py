@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from ..kernels import gated as gated_kernels
 from ..kernels._runtime import check_tensor
+from ._library import Op
 
 
 def _check_gated_input(x, activation, inplace_grad) -> None:
@@ -20,35 +22,79 @@ def _check_gated_input(x, activation, inplace_grad) -> None:
         raise TypeError(f"inplace_grad must be None, True or False, got {inplace_grad!r}")
 
 
-def _grad_in_place(x2d: torch.Tensor, inplace_grad: bool | None) -> bool:
+def _grad_in_place(x: torch.Tensor, inplace_grad: bool | None) -> bool:
     """Whether the backward writes [da | db] into x's own storage (see gated_activation)."""
-    m, width = x2d.shape
-    separate_rows = x2d.stride(1) == 1 and (m <= 1 or x2d.stride(0) >= width)
-    if inplace_grad is None:
-        base = x2d._base if x2d._base is not None else x2d
-        return separate_rows and base.grad_fn is not None
+    if inplace_grad is False:
+        return False
+    width = x.shape[-1]
+    x2d = x.reshape(-1, width)
+    separate_rows = x2d.stride(1) == 1 and (x2d.shape[0] <= 1 or x2d.stride(0) >= width)
     if inplace_grad and not separate_rows:
         raise ValueError(f"inplace_grad=True needs x whose elements do not overlap (unit column stride, rows "
                          f"apart); got strides {x2d.stride()} for rows of {width}")
-    return inplace_grad
+    if torch.compiler.is_compiling():  # x's storage and history are not Dynamo's to read; Inductor plans memory
+        return False
+    # the gradient is written through x's rows, so they must be a view of x (not a copy that reshape made)
+    rows_of_x = x.dim() == 2 or x2d.data_ptr() == x.data_ptr()
+    if inplace_grad is None:
+        base = x._base if x._base is not None else x
+        return separate_rows and rows_of_x and base.grad_fn is not None
+    return rows_of_x
 
 
-class _GatedFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x2d, activation, inplace):
-        ctx.save_for_backward(x2d)
-        ctx.activation, ctx.inplace = activation, inplace
-        return gated_kernels.gated_forward(x2d, activation)
+def _gated_impl(x: Tensor, activation: str, inplace_grad: bool) -> Tensor:
+    """h = act(a) ⊙ b for x = [a | b] [..., 2·hidden]: a new contiguous [..., hidden] (inplace_grad is the
+    backward's: see setup_context)."""
+    width = x.shape[-1]
+    h = gated_kernels.gated_forward(x.reshape(-1, width), activation)
+    return h.view(*x.shape[:-1], width // 2)
 
-    @staticmethod
-    def backward(ctx, dh):
-        (x2d,) = ctx.saved_tensors
-        if not ctx.inplace:
-            return gated_kernels.gated_backward(dh, x2d, ctx.activation), None, None
-        dx = gated_kernels.gated_backward(dh, x2d, ctx.activation, dx=x2d)
-        # Every saver of x (this function too, for a second backward) now fails loudly instead of reading dx.
-        torch.autograd.graph.increment_version(x2d)
-        return dx, None, None
+
+def _gated_fake(x, activation, inplace_grad):
+    return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
+
+
+def _gated_setup(ctx, inputs, output):
+    x, ctx.activation, ctx.inplace = inputs
+    ctx.save_for_backward(x)
+
+
+def _gated_backward(ctx, dh):
+    (x,) = ctx.saved_tensors
+    if not ctx.inplace:
+        return _gated_backward_op(dh, x, ctx.activation), None, None
+    # x's version is bumped: every saver of x (this function too, for a second backward) now fails loudly
+    _gated_backward_into_x_op(dh, x, ctx.activation)
+    return x.view(x.shape), None, None  # a fresh alias, which a leaf's .grad takes without a copy
+
+
+def _gated_backward_impl(dh: Tensor, x: Tensor, activation: str) -> Tensor:
+    """[da | db] for dh [..., hidden] and x [..., 2·hidden], a new contiguous tensor of x's shape."""
+    width = x.shape[-1]
+    return gated_kernels.gated_backward(dh.reshape(-1, width // 2), x.reshape(-1, width), activation).view(x.shape)
+
+
+def _gated_backward_fake(dh, x, activation):
+    return x.new_empty(x.shape)
+
+
+def _gated_backward_into_x_impl(dh: Tensor, x: Tensor, activation: str) -> None:
+    """[da | db] written over x (whose elements must not overlap)."""
+    width = x.shape[-1]
+    x2d = x.reshape(-1, width)
+    gated_kernels.gated_backward(dh.reshape(-1, width // 2), x2d, activation, dx=x2d)
+    if x2d.data_ptr() != x.data_ptr():  # reshape had to copy x
+        x.copy_(x2d.view(x.shape))
+
+
+def _gated_backward_into_x_fake(dh, x, activation):
+    return None
+
+
+_gated_backward_op = Op("gated_backward", _gated_backward_impl, _gated_backward_fake)
+_gated_backward_into_x_op = Op("gated_backward_into_x_", _gated_backward_into_x_impl, _gated_backward_into_x_fake,
+                               mutates_args=("x",))
+_gated_op = Op("gated", _gated_impl, _gated_fake, setup_context=_gated_setup, backward=_gated_backward)
 
 
 def gated_activation(x: torch.Tensor, activation: str = "silu", inplace_grad: bool | None = False) -> torch.Tensor:
@@ -62,13 +108,11 @@ def gated_activation(x: torch.Tensor, activation: str = "silu", inplace_grad: bo
     with its up-projection's output, which nothing else reads): no [.., 2·hidden] gradient buffer; inplace_grad=True
     does so for any x. Afterwards x holds the gradient; an op that saved x for a later backward (and a second
     backward of this one) then raises autograd's "modified by an inplace operation" instead of reading it (x's
-    version is bumped).
+    version is bumped). Eager mode only: under torch.compile the gradient takes a buffer of its own, whose memory
+    Inductor plans (ops triformer::gated, gated_backward, gated_backward_into_x_).
     """
     _check_gated_input(x, activation, inplace_grad)
-    width = x.shape[-1]
-    x2d = x.reshape(-1, width)
-    inplace = _grad_in_place(x2d, inplace_grad)
-    return _GatedFunction.apply(x2d, activation, inplace).view(*x.shape[:-1], width // 2)
+    return _gated_op(x, activation, _grad_in_place(x, inplace_grad))
 
 
 def swiglu(x: torch.Tensor, inplace_grad: bool | None = False) -> torch.Tensor:

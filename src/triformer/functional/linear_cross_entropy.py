@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-import torch
+from typing import Optional
 
+import torch
+from torch import Tensor
+
+from ..kernels import cross_entropy as ce_kernels
 from ..kernels import linear_cross_entropy as lce_kernels
 from ..kernels._runtime import check_same_dtype, check_tensor
-from ..kernels.cross_entropy import scale_rows_
-from . import _REDUCTIONS, _cast_for_autocast, _raise_for_bad_targets
+from . import _REDUCTIONS, _cast_for_autocast, _targets, scale_rows_op
+from ._library import Op, or_placeholder, placeholder
 
 ACCUM_DTYPES = (torch.float32, None)
 
@@ -60,57 +64,113 @@ def _check_inputs(x, weight, targets, bias, ignore_index, reduction, label_smoot
         raise ValueError(f"accum_dtype must be torch.float32 or None (the weight's dtype), got {accum_dtype!r}")
 
 
-class _LinearCrossEntropyFunction(torch.autograd.Function):
-    """Mean and sum: the gradients are computed in the forward and stored; the backward scales them by the incoming
-    gradient (no work where that is 1 and α is 1). None: the forward computes the losses only and the backward
-    runs the chunk loop again with each row's incoming gradient (no [N, V] logits are stored either way)."""
+def _prepare(x: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor):
+    """x as dense rows [N, H], weight dense (rows or columns), bias contiguous, targets [N] contiguous."""
+    x2d = _dense(x.reshape(targets.numel(), weight.shape[1]))
+    return (x2d, _dense(weight, transposed_ok=True), None if bias is None else bias.contiguous(),
+            targets.reshape(-1).contiguous())
 
-    @staticmethod
-    def forward(ctx, x2d, weight, bias, targets1d, ignore_index, reduction, smoothing, chunk_rows, float32_dw):
-        need = tuple(ctx.needs_input_grad[:2]) + (bias is not None and ctx.needs_input_grad[2],)
-        # Under CUDA graph capture the host cannot read the target check back: out-of-range rows stay NaN.
-        checked = not (x2d.is_cuda and torch.cuda.is_current_stream_capturing())
-        n_valid = (targets1d != ignore_index).sum()
-        alpha = 1.0 / n_valid.clamp(min=1).float() if reduction == "mean" else None
-        args = (x2d, weight, bias, targets1d, ignore_index, smoothing, chunk_rows)
-        if reduction == "none":
-            losses, _, _, _, n_bad = lce_kernels.chunked_forward(*args, (False,) * 3, None, float32_dw,
-                                                                 checked=checked)
-            ctx.save_for_backward(x2d, weight, bias, targets1d)
-        else:
-            losses, dx, dw, db, n_bad = lce_kernels.chunked_forward(*args, need, alpha, float32_dw, checked=checked)
-            ctx.save_for_backward(dx, dw, db, alpha)
-        if checked:
-            _raise_for_bad_targets(n_bad, targets1d, weight.shape[0], ignore_index)
-        ctx.args, ctx.need, ctx.float32_dw = args[4:], need, float32_dw
-        ctx.reduction, ctx.backward_done = reduction, False
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        if reduction == "none":
-            return losses
+
+def _lce_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, ignore_index: int, reduction: str,
+              smoothing: float, chunk_rows: int, float32_dw: bool, need_dx: bool, need_dw: bool,
+              need_db: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss, dx [N, H] unscaled, dW [V, H] with α folded in, db float32 [1, V] unscaled, α) where reduction is
+    "mean" (α = 1 / valid targets, float32) or "sum" (α a placeholder); "none": the losses, then placeholders
+    (its backward runs the chunks again). Each gradient not needed is a placeholder."""
+    _targets.poll()
+    x2d, weight, bias, targets1d = _prepare(x, weight, bias, targets)
+    v = weight.shape[0]
+    counts = ce_kernels.count_targets(targets1d, v, ignore_index)  # (valid, out of range, first out of range)
+    _targets.note(counts, v, ignore_index)
+    alpha = 1.0 / counts[0].clamp(min=1).float() if reduction == "mean" else None
+    need = (need_dx, need_dw, need_db and bias is not None) if reduction != "none" else (False, False, False)
+    losses, dx, dw, db = lce_kernels.chunked_forward(x2d, weight, bias, targets1d, ignore_index, smoothing,
+                                                     chunk_rows, need, alpha, float32_dw)
+    if reduction == "none":
+        loss = losses.view(targets.shape)
+    else:
         total = losses.sum()
-        return total / n_valid if reduction == "mean" else total
+        loss = total / counts[0] if reduction == "mean" else total
+    return (loss, or_placeholder(dx, losses), or_placeholder(dw, losses),
+            or_placeholder(None if db is None else db.view(1, v), losses), or_placeholder(alpha, losses))
 
-    @staticmethod
-    def backward(ctx, dloss):
-        if ctx.reduction == "none":
-            x2d, weight, bias, targets1d = ctx.saved_tensors
-            _, dx, dw, db, _ = lce_kernels.chunked_forward(x2d, weight, bias, targets1d, *ctx.args, ctx.need, None,
-                                                           ctx.float32_dw, row_scale=dloss.float().contiguous(),
-                                                           checked=False)
-        else:
-            if ctx.backward_done:
-                raise RuntimeError("triformer linear_cross_entropy keeps its gradients from the forward and scales "
-                                   "them in place: its backward can run only once")
-            ctx.backward_done = True
-            dx, dw, db, alpha = ctx.saved_tensors
-            g = dloss.reshape(()).float()
-            g_alpha = g if alpha is None else g * alpha  # dx and db were left unscaled by α
-            dx = None if dx is None else scale_rows_(dx, g_alpha)
-            dw = None if dw is None else scale_rows_(dw, g)
-            db = None if db is None else scale_rows_(db.view(1, -1), g_alpha).view(-1)
-        if db is not None:
-            db = db.to(ctx.bias_dtype)
-        return dx, dw, db, None, None, None, None, None, None
+
+def _lce_fake(x, weight, bias, targets, ignore_index, reduction, smoothing, chunk_rows, float32_dw, need_dx, need_dw,
+              need_db):
+    (v, h), rows = weight.shape, targets.numel()
+    loss = x.new_empty(targets.shape if reduction == "none" else (), dtype=torch.float32)
+    if reduction == "none":
+        return loss, placeholder(loss), placeholder(loss), placeholder(loss), placeholder(loss)
+    return (loss, x.new_empty((rows, h)) if need_dx else placeholder(loss),
+            weight.new_empty((v, h)) if need_dw else placeholder(loss),
+            loss.new_empty((1, v)) if need_db and bias is not None else placeholder(loss),
+            loss.new_empty(()) if reduction == "mean" else placeholder(loss))
+
+
+def _lce_setup(ctx, inputs, output):
+    x, weight, bias, targets, ignore_index, reduction, smoothing, chunk_rows, float32_dw = inputs[:9]
+    if reduction == "none":
+        ctx.save_for_backward(x, weight, bias, targets)
+    else:
+        ctx.save_for_backward(*output[1:])
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
+    ctx.args, ctx.computed = (ignore_index, smoothing, chunk_rows, float32_dw), inputs[9:12]
+    ctx.reduction, ctx.backward_done, ctx.x_shape = reduction, False, x.shape
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _lce_backward(ctx, dloss, *_):
+    """Mean and sum: the gradients of the forward, scaled in place by dloss (and α); none: the chunks again."""
+    nothing = (None,) * 12
+    if dloss is None:
+        return nothing
+    need = tuple(ctx.needs_input_grad[:3])
+    if ctx.reduction != "none":  # the gradients the forward computed
+        need = tuple(computed and needed for computed, needed in zip(ctx.computed, need))
+    if ctx.reduction == "none":
+        x, weight, bias, targets = ctx.saved_tensors
+        dx, dw, db = _lce_backward_op(dloss, x, weight, bias, targets, *ctx.args, *need)
+    else:
+        if ctx.backward_done:
+            raise RuntimeError("triformer linear_cross_entropy keeps its gradients from the forward and scales "
+                               "them in place: its backward can run only once")
+        ctx.backward_done = True
+        dx, dw, db, alpha = ctx.saved_tensors
+        g = dloss.reshape(()).float()
+        g_alpha = g * alpha if ctx.reduction == "mean" else g  # dx and db were left unscaled by α
+        for grad, scale, wanted in ((dx, g_alpha, need[0]), (dw, g, need[1]), (db, g_alpha, need[2])):
+            if wanted:
+                scale_rows_op(grad, scale)
+    grads = (dx.view(ctx.x_shape) if need[0] else None, dw if need[1] else None,
+             db.view(-1).to(ctx.bias_dtype) if need[2] else None)
+    return *grads, *nothing[3:]
+
+
+def _lce_backward_impl(dloss: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
+                       ignore_index: int, smoothing: float, chunk_rows: int, float32_dw: bool, need_dx: bool,
+                       need_dw: bool, need_db: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """reduction="none": (dx [N, H], dW, db float32 [1, V]) for the incoming per-row gradient dloss, the chunks run
+    again with each row's logit gradient scaled by it; placeholders where not needed."""
+    _targets.poll()
+    x2d, weight, bias, targets1d = _prepare(x, weight, bias, targets)
+    need = (need_dx, need_dw, need_db and bias is not None)
+    _, dx, dw, db = lce_kernels.chunked_forward(x2d, weight, bias, targets1d, ignore_index, smoothing, chunk_rows,
+                                                need, None, float32_dw, row_scale=dloss.float().reshape(-1).contiguous())
+    return (or_placeholder(dx, x2d), or_placeholder(dw, x2d),
+            or_placeholder(None if db is None else db.view(1, weight.shape[0]), x2d))
+
+
+def _lce_backward_fake(dloss, x, weight, bias, targets, ignore_index, smoothing, chunk_rows, float32_dw, need_dx,
+                       need_dw, need_db):
+    v, h = weight.shape
+    return (x.new_empty((targets.numel(), h)) if need_dx else placeholder(x),
+            weight.new_empty((v, h)) if need_dw else placeholder(x),
+            x.new_empty((1, v), dtype=torch.float32) if need_db and bias is not None else placeholder(x))
+
+
+_lce_backward_op = Op("linear_cross_entropy_backward", _lce_backward_impl, _lce_backward_fake)
+_lce_op = Op("linear_cross_entropy", _lce_impl, _lce_fake, setup_context=_lce_setup, backward=_lce_backward)
 
 
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -136,11 +196,8 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     x, weight, bias = _cast_for_autocast(x, weight, bias)
     _check_inputs(x, weight, targets, bias, ignore_index, reduction, label_smoothing, chunk_size, accum_dtype)
     v, h = weight.shape
-    x2d = _dense(x.reshape(-1, h))
-    weight = _dense(weight, transposed_ok=True)
-    bias = None if bias is None else bias.contiguous()
-    targets1d = targets.reshape(-1).contiguous()
-    chunk_rows = chunk_size or lce_kernels.default_chunk_rows(x2d.shape[0], v, x2d.element_size())
-    loss = _LinearCrossEntropyFunction.apply(x2d, weight, bias, targets1d, int(ignore_index), reduction,
-                                             float(label_smoothing), chunk_rows, accum_dtype is not None)
-    return loss.view(targets.shape) if reduction == "none" else loss
+    chunk_rows = chunk_size or lce_kernels.default_chunk_rows(targets.numel(), v, x.element_size())
+    grad = torch.is_grad_enabled()
+    return _lce_op(x, weight, bias, targets, int(ignore_index), reduction, float(label_smoothing), chunk_rows,
+                   accum_dtype is not None, grad and x.requires_grad, grad and weight.requires_grad,
+                   grad and bias is not None and bias.requires_grad)[0]

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+from torch import Tensor
 
 from ..kernels import rope as rope_kernels
 from ..kernels._runtime import check_same_dtype, check_tensor
+from ._library import Op, placeholder
 
 
 def rope_tables(head_dim: int, max_seq_len: int, base: float = 10000.0, device=None):
@@ -55,27 +59,41 @@ def _check_rope_inputs(q, k, cos, sin, offset) -> None:
                          f"{cos.shape[0]} rows (S_max)")
 
 
-class _RopeFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, cos, sin, offset):
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(cos, sin)
-        ctx.offset = offset
-        return rope_kernels.rotate(q, k, cos, sin, offset)
+def _rope_impl(q: Optional[Tensor], k: Optional[Tensor], cos: Tensor, sin: Tensor, offset: int,
+               inverse: bool) -> tuple[Tensor, Tensor]:
+    """(q, k) rotated by +θ (by −θ when inverse: the backward), new contiguous tensors; a placeholder for None."""
+    q_out, k_out = rope_kernels.rotate(q, k, cos, sin, offset, inverse)
+    return placeholder(cos) if q_out is None else q_out, placeholder(cos) if k_out is None else k_out
 
-    @staticmethod
-    def backward(ctx, dq_rot, dk_rot):
-        cos, sin = ctx.saved_tensors
-        dq_rot = dq_rot if ctx.needs_input_grad[0] else None
-        dk_rot = dk_rot if ctx.needs_input_grad[1] else None
-        dq, dk = rope_kernels.rotate(dq_rot, dk_rot, cos, sin, ctx.offset, inverse=True)
-        return dq, dk, None, None, None
+
+def _rope_fake(q, k, cos, sin, offset, inverse):
+    return (placeholder(cos) if q is None else q.new_empty(q.shape),
+            placeholder(cos) if k is None else k.new_empty(k.shape))
+
+
+def _rope_setup(ctx, inputs, output):
+    _, _, cos, sin, ctx.offset, _ = inputs
+    ctx.save_for_backward(cos, sin)
+    ctx.set_materialize_grads(False)
+
+
+def _rope_backward(ctx, dq_rot, dk_rot):
+    cos, sin = ctx.saved_tensors
+    dq_rot = dq_rot if ctx.needs_input_grad[0] else None
+    dk_rot = dk_rot if ctx.needs_input_grad[1] else None
+    dq = dk = None
+    if dq_rot is not None or dk_rot is not None:
+        dq, dk = _rope_op(dq_rot, dk_rot, cos, sin, ctx.offset, True)
+    return (None if dq_rot is None else dq), (None if dk_rot is None else dk), None, None, None, None
+
+
+_rope_op = Op("rope", _rope_impl, _rope_fake, setup_context=_rope_setup, backward=_rope_backward)
 
 
 def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, offset: int = 0):
     """Rotary position embedding of q [B, Hq, S, D] and k [B, Hk, S, D] (rotate-half convention, as GPT-NeoX and
     LLaMA): x·cos + rotate_half(x)·sin with rotate_half(x) = [−x₂, x₁] for the halves x₁ = x[..., :D/2],
-    x₂ = x[..., D/2:]. Returns (q_rot, k_rot).
+    x₂ = x[..., D/2:]. Returns (q_rot, k_rot) (op triformer::rope).
 
     OUT OF PLACE: q and k are left untouched; q_rot and k_rot are new contiguous [B, H, S, D] tensors of q's dtype.
     q and k may be strided views (e.g. of a fused QKV projection [B, S, 3, H, D]); k may have fewer heads than q
@@ -85,4 +103,4 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     cache). Float32 math; both outputs in one kernel launch, the backward (rotation by −θ) likewise.
     """
     _check_rope_inputs(q, k, cos, sin, offset)
-    return _RopeFunction.apply(q, k, cos, sin, offset)
+    return _rope_op(q, k, cos, sin, offset, False)

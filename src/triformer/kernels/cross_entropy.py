@@ -10,13 +10,11 @@ Every difference of logits is formed before anything is added to it — (m − x
 Σ_j (x_j − x_0) with x_0 the row's first logit — so logits of ±1e4 lose nothing to float32 rounding.
 
 Rows whose target is ignore_index have loss 0 and gradient 0 (their logits are never read); a target outside
-[0, V) gives its row a NaN loss and gradient. A first small kernel counts the valid targets and those out of
-range; the main kernel reads the second count and, when it is not 0, reads and writes nothing (the host raises
-once the kernel is queued; under CUDA graph capture the host cannot read it back, the kernel runs unchecked and
-the NaN rows stand). The kernel makes
-two passes over a row: the online max and sum (plus Σx when ε > 0), then, when a gradient is wanted, the
-gradient times `scale` (1 / number of non-ignored rows for reduction="mean", read from device memory so the
-host never waits; 1 otherwise). The gradient may be written into the logits' own storage (grad_ptr == logits_ptr:
+[0, V) gives its row a NaN loss and gradient (checked on the device: nothing waits for the check, so a CUDA graph
+captures it). A small kernel (count_targets) counts the valid targets and those out of range and keeps the first
+of these, for the caller to report. The main kernel makes two passes over a row: the online max and sum (plus Σx
+when ε > 0), then, when a gradient is wanted, the gradient times `scale` (1 / number of non-ignored rows for
+reduction="mean", read from device memory so the host never waits; 1 otherwise). The gradient may be written into the logits' own storage (grad_ptr == logits_ptr:
 each element is read before the same program overwrites it). The backward then only multiplies it by the
 incoming gradient, skipping the pass entirely where that is exactly 1 (the usual loss.backward()).
 """
@@ -50,17 +48,14 @@ def launch_meta(m: int, v: int) -> dict:
 
 @triton.jit
 def _cross_entropy_kernel(
-    logits_ptr, targets_ptr, loss_ptr, grad_ptr, n_valid_ptr, bad_count_ptr,
+    logits_ptr, targets_ptr, loss_ptr, grad_ptr, n_valid_ptr,
     M, V, stride_lm, stride_lv, stride_gm, stride_gv, ignore_index, smoothing,
-    MEAN: tl.constexpr, SMOOTH: tl.constexpr, GRAD: tl.constexpr, INPLACE: tl.constexpr, CHECKED: tl.constexpr,
+    MEAN: tl.constexpr, SMOOTH: tl.constexpr, GRAD: tl.constexpr, INPLACE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """loss[row] for BLOCK_M rows and, when GRAD, scale · ∂loss/∂logits into grad (INPLACE: into the logits);
-    CHECKED: nothing at all when the count of out-of-range targets at bad_count_ptr is not 0."""
+    """loss[row] for BLOCK_M rows and, when GRAD, scale · ∂loss/∂logits into grad (INPLACE: into the logits)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
-    if CHECKED:
-        row_mask = row_mask & (tl.load(bad_count_ptr) == 0)
     t = tl.load(targets_ptr + rows, mask=row_mask, other=ignore_index).to(tl.int64)
     valid = row_mask & (t != ignore_index)
     x_rows = logits_ptr + rows.to(tl.int64)[:, None] * stride_lm
@@ -70,7 +65,7 @@ def _cross_entropy_kernel(
     sum_x = tl.zeros((BLOCK_M,), dtype=tl.float32)  # Σ (x − x₀)
     # Read before the first pass: its block reductions (barriers) then separate every warp's reads of x_t and x₀
     # from the in-place gradient writes of the second pass.
-    out_of_range = valid & ((t < 0) | (t >= V))  # the host checks targets, except under CUDA graph capture
+    out_of_range = valid & ((t < 0) | (t >= V))  # NaN loss and gradient; count_targets keeps the first
     t_safe = tl.where(valid & ~out_of_range, t, 0)
     x_t = tl.load(logits_ptr + rows.to(tl.int64) * stride_lm + t_safe * stride_lv, mask=valid, other=0.0)
     x0 = tl.load(x_rows, mask=valid[:, None], other=0.0).to(tl.float32)
@@ -124,48 +119,60 @@ def _scale_rows_kernel(g_ptr, scale_ptr, M, V, stride_gm, stride_gv, stride_s, B
 
 @triton.jit
 def _count_targets_kernel(targets_ptr, counts_ptr, M, V, ignore_index, BLOCK: tl.constexpr):
-    """counts[0] = #{t ≠ ignore_index}, counts[1] = #{t ≠ ignore_index, t ∉ [0, V)} over M targets; one program."""
+    """counts[0] = #{t ≠ ignore_index}, counts[1] = #{t ≠ ignore_index, t ∉ [0, V)} over M targets, counts[2] = the
+    first of those out of range (0 when none is); one program."""
     valid_total = tl.zeros((BLOCK,), dtype=tl.int32)
     bad_total = tl.zeros((BLOCK,), dtype=tl.int32)
+    first_bad = tl.full((BLOCK,), M, dtype=tl.int32)
     for start in range(0, M, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         t = tl.load(targets_ptr + offs, mask=offs < M, other=ignore_index)
         valid = t != ignore_index
+        bad = valid & ((t < 0) | (t >= V))
         valid_total += valid.to(tl.int32)
-        bad_total += (valid & ((t < 0) | (t >= V))).to(tl.int32)
+        bad_total += bad.to(tl.int32)
+        first_bad = tl.minimum(first_bad, tl.where(bad, offs, M))
+    first = tl.min(first_bad)
     tl.store(counts_ptr, tl.sum(valid_total).to(tl.int64))
     tl.store(counts_ptr + 1, tl.sum(bad_total).to(tl.int64))
+    tl.store(counts_ptr + 2, tl.load(targets_ptr + first, mask=first < M, other=0).to(tl.int64))
 
 
-def cross_entropy_forward(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, mean: bool,
-                          smoothing: float, grad: torch.Tensor | None, n_chunks: int, checked: bool = True):
+def count_targets(targets: torch.Tensor, v: int, ignore_index: int) -> torch.Tensor:
+    """int64 [3] on targets' device: the number of targets ≠ ignore_index, the number of those outside [0, v), and
+    the first of these (0 when none is), for integer targets [M]; one launch."""
+    targets = targets.contiguous()  # read at unit stride
+    counts = torch.empty(3, device=targets.device, dtype=torch.int64)
+    _count_targets_kernel[(1,)](targets, counts, targets.shape[0], v, ignore_index, BLOCK=_COUNT_BLOCK,
+                                num_warps=_COUNT_WARPS)
+    return counts
+
+
+def cross_entropy_forward(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, smoothing: float,
+                          grad: torch.Tensor | None, n_chunks: int, n_valid: torch.Tensor | None = None):
     """Per-row losses (float32 [M]) of 2-D logits [M, V] and integer targets [M] (any strides).
 
     grad: None for no gradient, else an [M, V] tensor (`logits` itself to overwrite the logits) that receives
-    scale · ∂loss/∂logits. Rows are processed in n_chunks launches (one launch covers them all when n_chunks = 1).
-    Also returns two 0-d device tensors: the number of non-ignored rows and the number of targets out of range;
-    checked: the kernel touches nothing when that second count is not 0 (see the module doc).
+    scale · ∂loss/∂logits, scale = 1 / n_valid (a 0-d device tensor, reduction="mean") or 1 (n_valid None).
+    Rows are processed in n_chunks launches (one launch covers them all when n_chunks = 1).
     """
     m, v = logits.shape
-    targets = targets.contiguous()  # the kernels read targets[row] at unit stride
+    targets = targets.contiguous()  # the kernel reads targets[row] at unit stride
     losses = new_empty((m,), like=logits, dtype=torch.float32)
-    counts = torch.empty(2, device=logits.device, dtype=torch.int64)
-    _count_targets_kernel[(1,)](targets, counts, m, v, ignore_index, BLOCK=_COUNT_BLOCK, num_warps=_COUNT_WARPS)
-    n_valid, n_bad = counts[0], counts[1]
     if m == 0:
-        return losses, n_valid, n_bad
+        return losses
     meta = launch_meta(m, v)
     rows_per_chunk = cdiv(cdiv(m, n_chunks), meta["BLOCK_M"]) * meta["BLOCK_M"]
     g = logits if grad is None else grad
     for first in range(0, m, rows_per_chunk):
         last = min(m, first + rows_per_chunk)
         _cross_entropy_kernel[(cdiv(last - first, meta["BLOCK_M"]),)](
-            logits[first:last], targets[first:last], losses[first:last], g[first:last], n_valid, n_bad,
-            last - first, v, logits.stride(0), logits.stride(1), g.stride(0), g.stride(1), ignore_index,
-            float(smoothing), MEAN=mean, SMOOTH=smoothing > 0, GRAD=grad is not None, INPLACE=grad is logits,
-            CHECKED=checked, **meta,
+            logits[first:last], targets[first:last], losses[first:last], g[first:last],
+            losses if n_valid is None else n_valid, last - first, v, logits.stride(0), logits.stride(1),
+            g.stride(0), g.stride(1), ignore_index, float(smoothing), MEAN=n_valid is not None, SMOOTH=smoothing > 0,
+            GRAD=grad is not None, INPLACE=grad is logits, **meta,
         )
-    return losses, n_valid, n_bad
+    return losses
 
 
 def scale_rows_(g: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -206,14 +206,14 @@ def accumulate_product(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None,
 
 def chunked_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
                     ignore_index: int, smoothing: float, chunk_rows: int, need: tuple, alpha: torch.Tensor | None,
-                    float32_dw: bool, row_scale: torch.Tensor | None = None, checked: bool = True):
+                    float32_dw: bool, row_scale: torch.Tensor | None = None):
     """The chunk loop of the module doc for x [N, H], weight [V, H], bias [V] or None, contiguous targets [N].
 
     need = (dx, dW, db) wanted. Returns (per-row losses float32 [N], dx [N, H] unscaled, dW [V, H] in weight's
-    dtype with α folded in, db float32 [V] unscaled, number of out-of-range targets as a 0-d device tensor); None
-    for a gradient not wanted. float32_dw: dW accumulates in a float32 buffer across chunks (rounded once, at the
-    last chunk), else in dW itself. row_scale: float32 [N] multiplying each row's logit gradient (G_c) before the
-    products. checked: see cross_entropy.cross_entropy_forward (a chunk with a target out of range is left as it is).
+    dtype with α folded in, db float32 [V] unscaled); None for a gradient not wanted. float32_dw: dW accumulates in
+    a float32 buffer across chunks (rounded once, at the last chunk), else in dW itself. row_scale: float32 [N]
+    multiplying each row's logit gradient (G_c) before the products. A target out of range gives its row a NaN
+    loss and gradient (see cross_entropy.py; cross_entropy.count_targets finds it).
     """
     n, h = x.shape
     v = weight.shape[0]
@@ -221,21 +221,17 @@ def chunked_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     any_grad = need_dx or need_dw or need_db
     losses = new_empty((n,), like=x, dtype=torch.float32)
     dx = new_empty((n, h), like=x) if need_dx else None
-    dw = (new_empty((v, h), like=weight) if n else torch.zeros_like(weight)) if need_dw else None
+    dw = (new_empty((v, h), like=weight) if n else weight.new_zeros((v, h))) if need_dw else None
     starts = range(0, n, chunk_rows)
     acc = dw
     if need_dw and float32_dw and weight.dtype != torch.float32 and len(starts) > 1:
         acc = new_empty((v, h), like=weight, dtype=torch.float32)
     db = torch.zeros(v, device=x.device, dtype=torch.float32) if need_db and not n else None
-    bad = []
     for i, start in enumerate(starts):
         stop = min(n, start + chunk_rows)
         z = matmul(x[start:stop], weight.t(), bias=bias)[0]
-        chunk_losses, _, n_bad = cross_entropy_forward(z, targets[start:stop], ignore_index, mean=False,
-                                                       smoothing=smoothing, grad=z if any_grad else None, n_chunks=1,
-                                                       checked=checked)
-        losses[start:stop] = chunk_losses
-        bad.append(n_bad)
+        losses[start:stop] = cross_entropy_forward(z, targets[start:stop], ignore_index, smoothing,
+                                                   z if any_grad else None, n_chunks=1)
         if not any_grad:
             continue
         if row_scale is not None:
@@ -248,5 +244,4 @@ def chunked_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
             sums = column_sum(z, torch.float32)
             db = sums if db is None else db.add_(sums)
         del z  # the next chunk's logits reuse its memory
-    n_bad = torch.stack(bad).sum() if bad else torch.zeros((), device=x.device, dtype=torch.int64)
-    return losses, dx, dw, db, n_bad
+    return losses, dx, dw, db
