@@ -3,9 +3,13 @@
 Kernel level: each layer variant timed forward and forward+backward across params `ablation.shapes` ([M, K, N]).
 Model level: TritonMLP (with the same activation) trained briefly with each variant (images/s, step time,
 accuracy), one MLflow run each.
-Variants and sizes come from params, so `dvc exp run -S ablation.activation=gelu` or
-`-S 'ablation.variants=[fused,unfused]'` launch an ablation and `dvc exp show` compares them.
-Writes results/ablation/{kernels,models}.csv and metrics.json.
+Transformer level (params `ablation.gpt`): a GPT training step (forward, backward, AdamW on synthetic tokens) with
+one part at a time on PyTorch inside the triformer model (attention, norm, mlp, head, dropout), all of it on
+triformer, and all of it on PyTorch (the twin): tokens/s and peak memory per variant, one MLflow run.
+Variants and sizes come from params, so `dvc exp run -S ablation.activation=gelu`,
+`-S 'ablation.variants=[fused,unfused]'` or `-S 'ablation.gpu.gpt.variants=[triformer,attention,torch]'` launch an
+ablation and `dvc exp show` compares them.
+Writes results/ablation/{kernels,models,gpt}.csv and metrics.json.
 """
 
 from pathlib import Path
@@ -13,7 +17,9 @@ from pathlib import Path
 import torch
 
 from triformer import tracking
+from triformer.bench import gpt as gpt_bench
 from triformer.bench.timing import median_ms
+from triformer.models import GPT, GPTConfig
 from triformer.models.mlp import make_linear
 
 from . import common
@@ -22,6 +28,7 @@ OUT = Path("results/ablation")
 VARIANTS = {"fused": ("triton", True), "unfused": ("triton", False), "torch": ("torch", True)}
 MODES = ("fwd", "fwd+bwd")
 MODEL_METRICS = ("perf/images_per_s", "perf/step_ms", "val/accuracy", "val/loss", "train/loss", "mem/peak_mib")
+GPT_RUN_KEYS = ("batch_size", "steps", "warmup", "variants")  # the rest of params ablation.gpt is GPTConfig's
 
 
 def time_layer(variant: str, shape, mode: str, activation: str, dtype: torch.dtype, device: str,
@@ -63,6 +70,33 @@ def kernel_rows(config: dict, device: str) -> list[dict]:
     return rows
 
 
+def gpt_variant(variant: str, fields: dict) -> GPTConfig:
+    """"triformer": every part on triformer; "torch": the twin; a part's name: that part on torch."""
+    if variant in ("triformer", "torch"):
+        return GPTConfig(**fields, backend="triton" if variant == "triformer" else "torch")
+    return GPTConfig(**fields, torch_parts=(variant,))
+
+
+def gpt_rows(gpt: dict, dtype: torch.dtype, device: str, seed: int) -> list[dict]:
+    """One row per variant: ms per training step, tokens/s, peak memory (MiB, NaN on the CPU), speed-up over torch."""
+    fields = {k: v for k, v in gpt.items() if k not in GPT_RUN_KEYS}
+    rows = []
+    for variant in gpt["variants"]:
+        torch.manual_seed(seed)
+        model = GPT(gpt_variant(variant, fields)).to(device)
+        step = gpt_bench.train_step(model, model, device, dtype, gpt["batch_size"])
+        ms, peak = gpt_bench.step_ms(step, device, gpt.get("steps", 20), gpt.get("warmup", 5))
+        rows.append({"variant": variant, "torch_parts": "+".join(model.config.torch_parts) or model.config.backend,
+                     "ms": ms, "perf_tokens_per_s": gpt["batch_size"] * model.config.block_size / (ms * 1e-3),
+                     "mem_peak_mib": peak})
+        print(f"ablation: gpt {variant}: {ms:.2f} ms a step")
+        del model, step
+    torch_ms = next((row["ms"] for row in rows if row["variant"] == "torch"), None)
+    for row in rows:
+        row["speedup_vs_torch"] = torch_ms / row["ms"] if torch_ms else None
+    return rows
+
+
 def main() -> None:
     with common.stage("ablation") as (config, info):
         kernel_params = common.used(config, "variants", "activation", "shapes", "dtype", "seed")
@@ -79,10 +113,22 @@ def main() -> None:
                                       fused=fused)
             models.append({"variant": variant, **common.flat_metrics(result, MODEL_METRICS)})
         common.write_csv(OUT / "models.csv", models)
+        gpt = []
+        if config.get("gpt"):
+            with common.start_run("ablation", {"gpt": config["gpt"], "dtype": config["dtype"]}, info, role="gpt"):
+                gpt = gpt_rows(config["gpt"], getattr(torch, config["dtype"]), info["device"], config["seed"])
+                common.write_csv(OUT / "gpt.csv", gpt)
+                tracking.log_metrics({tracking.metric_key(key, row["variant"]): row[key.replace("/", "_")]
+                                      for row in gpt for key in ("perf/tokens_per_s", "mem/peak_mib")})
+                tracking.log_artifact(OUT / "gpt.csv")
+        else:
+            common.write_csv(OUT / "gpt.csv", [], ["variant", "torch_parts", "ms", "perf_tokens_per_s", "mem_peak_mib",
+                                                   "speedup_vs_torch"])
         common.write_json(OUT / "metrics.json", {
             "kernels": {f"{r['mode']}/{r['shape']}/{r['provider']}": {"ms": r["ms"], "tflops": r["rate"]}
                         for r in kernels},
             "models": {row["variant"]: {k: v for k, v in row.items() if k != "variant"} for row in models},
+            "gpt": {row["variant"]: {k: v for k, v in row.items() if k != "variant"} for row in gpt},
             "run": common.label(info)})
 
 

@@ -1,5 +1,6 @@
-"""What the stages share: params.yaml and its profiles, the machine description, result files, and the MLP training
-run that both `train_mlp` and `ablation` make.
+"""What the stages share: params.yaml and its profiles, the machine description, result files, a training run with
+its MLflow run and checkpoints (the MLP's for `train_mlp` and `ablation`, the transformers' for `train_gpt` and
+`train_vit`), and starting a stage in several data-parallel processes.
 
 Profiles: a params group may hold `cpu:` and `gpu:` sub-groups; the profile (`common.profile`, `auto` → `gpu` when
 the kernels run on CUDA, else `cpu`) picks one, whose keys override the group's own. `setup(group)` merges `common`
@@ -12,16 +13,18 @@ import contextlib
 import csv
 import hashlib
 import json
+import os
 import re
+import shutil
 import uuid
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import yaml
 
-from triformer import tracking, training
+from triformer import distributed, tracking, training
 from triformer.data import image_classification, image_module
 from triformer.models import TritonMLP
 
@@ -32,7 +35,9 @@ MACHINE_FILE = Path("results/machine.json")
 DATA_ROOT = Path("data")
 CHECKPOINT_ROOT = Path("checkpoints")
 PROFILES = ("cpu", "gpu")
-EXECUTION = uuid.uuid4().hex[:12]  # one per stage process: tags every MLflow run it makes, for the report to group
+# One per stage process (and its data-parallel processes, which inherit it): tags every MLflow run it makes, for the
+# report to group and for a failed stage to end them all FAILED.
+EXECUTION = os.environ.get("TRIFORMER_EXECUTION") or uuid.uuid4().hex[:12]
 
 
 class _Loader(yaml.SafeLoader):
@@ -161,7 +166,7 @@ def config_hash(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-# ------------------------------------------------------------------------------------------------ MLP training
+# ------------------------------------------------------------------------------------------------ training runs
 
 
 def train_config(config: dict) -> training.TrainConfig:
@@ -169,33 +174,126 @@ def train_config(config: dict) -> training.TrainConfig:
     return training.TrainConfig(**{k: v for k, v in config.items() if k in names})
 
 
+def training_run(config: dict, info: dict, *, stage: str, kind: str, role: str, build: Callable[[], torch.nn.Module],
+                 train, val, run_params: dict, tags: dict, checkpoint_dir: Path | None = None,
+                 device: torch.device | str | None = None, after: Callable | None = None, **fit_kwargs) -> dict:
+    """One training run of the model build() makes (right after seeding with the config's seed), in its own MLflow
+    run tagged `role` that logs run_params and every training setting; returns fit()'s final metrics, updated with
+    what after(model, result) returns (called inside the run, e.g. to log a generated sample).
+
+    Under torchrun every process trains and process 0 alone talks to MLflow (and calls `after`). With
+    checkpoint_dir, a crashed run resumes from its latest checkpoint and continues its own MLflow run.
+    """
+    settings = train_config(config)
+    lead = distributed.rank() == 0
+    run_id = training.checkpoint_extra(checkpoint_dir).get("mlflow_run_id") if lead else None
+    if run_id is not None and not tracking.run_exists(run_id):
+        run_id = None
+    params = {**run_params, **{k: v for k, v in asdict(settings).items() if k != "progress"}}
+    run_context = start_run(stage, params, info, kind=kind, role=role, run_id=run_id) if lead \
+        else contextlib.nullcontext()
+    with run_context as run:
+        torch.manual_seed(settings.seed)
+        model = build()
+        if lead:
+            tracking.set_tags({**tags, "parameters": sum(p.numel() for p in model.parameters()),
+                               "processes": distributed.world_size()})
+        result = training.fit(model, train, val, settings, device or info["device"], checkpoint_dir,
+                              log=tracking.log_metrics, extra={"mlflow_run_id": run.info.run_id} if lead else None,
+                              **fit_kwargs)
+        if not lead:
+            return result
+        if result["resumed_from_step"]:
+            tracking.set_tags({k: result[k] for k in ("resumed_from_step", "resumed_from_epoch") if k in result})
+        if after is not None:
+            result.update(after(model, result))
+        return {**result, "mlflow_run_id": run.info.run_id}
+
+
 def train_mlp(config: dict, info: dict, *, stage: str, kind: str, role: str, backend: str, fused: bool,
               checkpoint_dir: Path | None = None) -> dict:
-    """One TritonMLP training run (its own MLflow run, tagged `role`); returns fit()'s final metrics.
-
-    The run logs what it used: the data (dataset, subsets), the model (hidden_size, activation, backend, fused) and
-    every training setting. With checkpoint_dir, a crashed run resumes from its latest checkpoint and continues its
-    own MLflow run.
-    """
+    """One TritonMLP training run (training_run): the data (dataset, subsets), the model (hidden_size, activation,
+    backend, fused) and every training setting logged."""
     name = config["dataset"]
     root = DATA_ROOT / name
     train_set = image_classification(name, root, train=True, subset=config.get("train_subset", 0))
     val_set = image_classification(name, root, train=False, subset=config.get("val_subset", 0))
-    settings = train_config(config)
-    run_id = training.checkpoint_extra(checkpoint_dir).get("mlflow_run_id")
-    if run_id is not None and not tracking.run_exists(run_id):
-        run_id = None
     model_params = {"hidden_size": config["hidden_size"], "activation": config["activation"], "backend": backend,
                     "fused": fused}
-    settings_params = {k: v for k, v in asdict(settings).items() if k != "progress"}
-    run_params = {**used(config, "dataset", "train_subset", "val_subset"), **model_params, **settings_params}
-    with start_run(stage, run_params, info, kind=kind, role=role, run_id=run_id) as run:
-        torch.manual_seed(settings.seed)
-        model = TritonMLP(train_set.tensors[0][0].numel(), image_module(name).NUM_CLASSES, **model_params)
-        tracking.set_tags({"backend": backend, "fused": fused, "dataset": name,
-                           "parameters": sum(p.numel() for p in model.parameters())})
-        result = training.fit(model, train_set, val_set, settings, info["device"], checkpoint_dir,
-                              log=tracking.log_metrics, extra={"mlflow_run_id": run.info.run_id})
-        if result["resumed_from_epoch"]:
-            tracking.set_tags({"resumed_from_epoch": result["resumed_from_epoch"]})
-        return {**result, "mlflow_run_id": run.info.run_id}
+    return training_run(
+        config, info, stage=stage, kind=kind, role=role, checkpoint_dir=checkpoint_dir, train=train_set, val=val_set,
+        build=lambda: TritonMLP(train_set.tensors[0][0].numel(), image_module(name).NUM_CLASSES, **model_params),
+        run_params={**used(config, "dataset", "train_subset", "val_subset"), **model_params},
+        tags={"backend": backend, "fused": fused, "dataset": name})
+
+
+def roles(config: dict) -> dict[str, str]:
+    """{role: backend}: the model on params `backend`, and with `baseline: true` the torch twin as `baseline`."""
+    backends = {"model": config.get("backend", "triton")}
+    if config.get("baseline") and backends["model"] != "torch":
+        backends["baseline"] = "torch"
+    return backends
+
+
+def history_rows(results: dict, keys, index: str) -> list[dict]:
+    """One row per record of the model's history: its `index` ("epoch" or "step") and `keys` (CSV names), then the
+    baseline's record of the same index, prefixed with `baseline_`."""
+    rows = []
+    for i, record in enumerate(results["model"]["history"]):
+        row = {index: record[index], **flat_metrics(record, keys)}
+        if "baseline" in results:
+            row.update({f"baseline_{k}": v for k, v in flat_metrics(results["baseline"]["history"][i], keys).items()})
+        rows.append(row)
+    return rows
+
+
+def ratio(results: dict, key: str) -> float | None:
+    """model / baseline of a final metric (None without a baseline or the metric)."""
+    values = [results.get(role, {}).get(key) for role in ("model", "baseline")]
+    return values[0] / values[1] if None not in values and values[1] else None
+
+
+def twin_metrics(results: dict, config: dict, keys, throughput: str) -> dict:
+    """A stage's metrics.json body: per role its backend and final `keys` (CSV names); with a baseline, the
+    model/baseline ratios of `throughput` (`<name>_ratio`) and of the peak memory."""
+    backends = roles(config)
+    metrics = {role: {"backend": backends[role], **flat_metrics(result, keys)} for role, result in results.items()}
+    if "baseline" in results:
+        metrics[f"{throughput.split('/')[-1]}_ratio"] = ratio(results, throughput)
+        metrics["peak_memory_ratio"] = ratio(results, "mem/peak_mib")
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------------ data parallel
+
+
+def data_parallel(config: dict, module: str) -> bool:
+    """Params `processes` > 1 in a process that torchrun did not start: runs `python -m module` in that many
+    processes (they share this EXECUTION) and returns True once they succeeded (SystemExit when they failed).
+    Otherwise returns False: this process trains (alone, or as one of torchrun's)."""
+    processes = config.get("processes", 1)
+    if processes <= 1 or distributed.launched():
+        return False
+    status = distributed.launch(processes, module, {"TRIFORMER_EXECUTION": EXECUTION})
+    if status != 0:
+        raise SystemExit(f"{module} failed in {processes} data-parallel processes (torchrun exit status {status})")
+    return True
+
+
+def training_stage(group: str, out: Path, train: Callable, write: Callable) -> None:
+    """A training stage with a model and its baseline, on one process or, with params `processes` > 1, on that many
+    under torchrun: its results removed first (a killed run leaves none, so the next `dvc repro` runs it again),
+    train(config, info, device, checkpoints) → {role: result} in every process, then write(results, config, info)
+    and the checkpoints removed (unless `keep_checkpoints`) by process 0."""
+    with stage(group) as (config, info):
+        if not distributed.launched():
+            shutil.rmtree(out, ignore_errors=True)
+            if data_parallel(config, f"experiments.{group}"):
+                return
+        checkpoints = CHECKPOINT_ROOT / group / config_hash(config, info)
+        with distributed.process_group(info["device"]) as device:
+            results = train(config, info, device, checkpoints)
+            if distributed.rank() == 0:
+                write(results, config, info)
+                if not config.get("keep_checkpoints"):
+                    shutil.rmtree(checkpoints, ignore_errors=True)

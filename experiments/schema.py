@@ -20,6 +20,8 @@ from triformer.bench.suites import load_suite
 from triformer.data import IMAGE_DATASETS
 from triformer.data.shakespeare import EDITIONS
 from triformer.kernels.activation import ACTIVATIONS
+from triformer.models.blocks import MLPS, NORMS, PARTS
+from triformer.models.vit import POOLS
 
 PROFILES = ("cpu", "gpu")
 Check = Callable[[object], "str | None"]  # None when the value is fine, else what is wrong with it
@@ -106,6 +108,24 @@ def shape(length: int) -> Check:
     return check
 
 
+def optional(check: Check) -> Check:
+    """null (None), or what `check` accepts."""
+    return lambda value: None if value is None else check(value)
+
+
+def mapping(keys: dict[str, Check], required=()) -> Check:
+    """A mapping of the given keys (each checked), holding at least `required`."""
+    def check(value):
+        if not isinstance(value, dict):
+            return f"must be a mapping, {_got(value)}"
+        problems = [f"{key}: unknown key (known keys: {sorted(keys)})" if key not in keys
+                    else f"{key}: {problem}" for key, v in value.items()
+                    if key not in keys or (problem := keys[key](v))]
+        problems += [f"{key}: missing" for key in required if key not in value]
+        return "; ".join(problems) or None
+    return check
+
+
 def either(*checks: Check) -> Check:
     def check(value):
         problems = [problem for c in checks if (problem := c(value))]
@@ -174,15 +194,35 @@ def _bench_suite(key: str, group: dict) -> Check | None:
 
 
 ACTIVATION = one_of(*(a for a in ACTIVATIONS if a))
-# The MLP's training (train_mlp and the ablation's model runs): the data, the model and triformer.training.TrainConfig.
+# triformer.training.TrainConfig's settings (seed comes from `common`).
+LOOP = {
+    "batch_size": integer(1), "lr": number(above=0), "weight_decay": number(0), "beta2": number(0, below=1),
+    "warmup_frac": number(0, 1), "min_lr_frac": number(0, 1), "grad_clip": number(0), "amp": one_of("bf16", "none"),
+    "log_every": integer(1), "eval_batch_size": integer(1), "checkpoint_every": integer(0),
+    "max_checkpoints": integer(1),
+}
+# The MLP's training (train_mlp and the ablation's model runs): the data, the model and the loop's settings.
 TRAINING = {
     "dataset": one_of(*IMAGE_DATASETS), "hidden_size": integer(1), "activation": ACTIVATION,
     "train_subset": integer(0), "val_subset": integer(0),  # 0: all
-    "epochs": integer(1), "batch_size": integer(1), "lr": number(above=0), "weight_decay": number(0),
-    "warmup_frac": number(0, 1), "min_lr_frac": number(0, 1), "amp": one_of("bf16", "none"), "log_every": integer(1),
-    "eval_batch_size": integer(1), "max_checkpoints": integer(1),
+    "epochs": integer(1), **LOOP,
 }
 TRAINING_REQUIRED = ("dataset", "hidden_size", "activation", "epochs", "batch_size", "lr")
+# triformer.models.GPTConfig's fields (vocab_size comes from the data, backend from the stage).
+GPT_MODEL = {
+    "n_layer": integer(1), "n_head": integer(1), "n_kv_head": optional(integer(1)), "n_embd": integer(1),
+    "block_size": integer(1), "dropout": number(0, below=1), "bias": boolean, "norm": one_of(*NORMS),
+    "mlp": one_of(*MLPS), "mlp_hidden": optional(integer(1)), "rope": boolean, "fused_head": boolean,
+    "torch_parts": list_of(one_of(*PARTS), nonempty=False),
+}
+# A transformer training stage: the model on `backend`, its torch twin with `baseline`, `processes` data-parallel.
+TRANSFORMER_RUN = {"backend": one_of("triton", "torch"), "baseline": boolean, "processes": integer(1),
+                   "keep_checkpoints": boolean}
+# The ablation's GPT part: a training step of the GPT with one part at a time on torch (triformer.bench.gpt's step).
+ABLATION_GPT = mapping({**{k: v for k, v in GPT_MODEL.items() if k != "torch_parts"}, "vocab_size": integer(1),
+                        "batch_size": integer(1), "steps": integer(1), "warmup": integer(0),
+                        "variants": list_of(one_of("triformer", *PARTS, "torch"))},
+                       required=("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size", "variants"))
 
 GROUPS = {
     "common": Group({"seed": integer(0), "device": one_of("auto", "cuda", "cpu"), "profile": one_of("auto", *PROFILES),
@@ -191,9 +231,21 @@ GROUPS = {
                    "extra_args": list_of(text, nonempty=False)}, required=("paths", "markers")),
     "bench": Group({"suites": list_of(text)}, required=("suites",), extra=_bench_suite),
     "ablation": Group({**TRAINING, "variants": list_of(one_of("fused", "unfused", "torch")),
-                       "shapes": list_of(shape(3))}, required=(*TRAINING_REQUIRED, "variants", "shapes")),
+                       "shapes": list_of(shape(3)), "gpt": ABLATION_GPT},
+                      required=(*TRAINING_REQUIRED, "variants", "shapes")),
     "train_mlp": Group({**TRAINING, "backend": one_of("triton", "torch"), "fused": boolean, "baseline": boolean,
                         "keep_checkpoints": boolean}, required=(*TRAINING_REQUIRED, "backend", "fused")),
+    "train_gpt": Group({**LOOP, **GPT_MODEL, **TRANSFORMER_RUN, "dataset": one_of("shakespeare"),
+                        "iterations": integer(1), "eval_every": integer(0), "eval_batches": integer(0),
+                        "sample_tokens": integer(0), "temperature": number(above=0), "top_k": optional(integer(1))},
+                       required=("dataset", "n_layer", "n_head", "n_embd", "block_size", "batch_size", "lr",
+                                 "iterations", "sample_tokens", "temperature")),
+    "train_vit": Group({**LOOP, **TRANSFORMER_RUN, "dataset": one_of(*IMAGE_DATASETS), "train_subset": integer(0),
+                        "val_subset": integer(0), "epochs": integer(1), "patch_size": integer(1),
+                        "n_layer": integer(1), "n_head": integer(1), "n_embd": integer(1),
+                        "mlp_ratio": number(above=0), "dropout": number(0, below=1), "pool": one_of(*POOLS)},
+                       required=("dataset", "patch_size", "n_layer", "n_head", "n_embd", "epochs", "batch_size",
+                                 "lr")),
     "report": Group({"notebooks": list_of(text)}, profiles=False),
     # data.<name>: the keyword arguments of triformer.data.<name>.prepare
     "data.fashion_mnist": Group({"offline_dir": either(text, list_of(text)), "download": boolean}, profiles=False),

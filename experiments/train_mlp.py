@@ -19,14 +19,7 @@ FINAL_METRICS = ("val/accuracy", "val/loss", "train/loss", "perf/images_per_s", 
 
 def epoch_rows(results: dict) -> list[dict]:
     """One row per epoch: the model's metrics, then the baseline's prefixed with `baseline_`."""
-    rows = []
-    for i, record in enumerate(results["model"]["history"]):
-        row = {"epoch": record["epoch"], **common.flat_metrics(record, EPOCH_METRICS)}
-        if "baseline" in results:
-            baseline = results["baseline"]["history"][i]
-            row.update({f"baseline_{k}": v for k, v in common.flat_metrics(baseline, EPOCH_METRICS).items()})
-        rows.append(row)
-    return rows
+    return common.history_rows(results, EPOCH_METRICS, "epoch")
 
 
 def main() -> None:

@@ -17,6 +17,7 @@
 # this machine's profile. Every table names the card, versions and commit its numbers came from.
 
 # %%
+import html
 import json
 import os
 import warnings
@@ -87,7 +88,8 @@ def save(fig, name: str) -> None:
 
 
 RUNS = {"test": execution_runs("test", "test"), "bench": execution_runs("bench", "bench"),
-        "ablation": execution_runs("ablation", "ablation"), "train_mlp": execution_runs("train", "train_mlp")}
+        "ablation": execution_runs("ablation", "ablation"), "train_mlp": execution_runs("train", "train_mlp"),
+        "train_gpt": execution_runs("train", "train_gpt"), "train_vit": execution_runs("train", "train_vit")}
 interpreter = MACHINE["interpreter"] or any((r.get("tags.interpreter") == "true").any() for r in RUNS.values()
                                             if not r.empty)
 if interpreter:
@@ -190,7 +192,7 @@ else:
         save(fig, "ablation_kernels")
         display(kernels.pivot_table(index=["mode", "shape"], columns="provider", values="ms", sort=False)
                 .rename(columns=lambda c: f"{c} ms"))
-    models = ablation[ablation["tags.role"] != "kernels"].set_index("tags.role").iloc[::-1]  # in launch order
+    models = ablation[~ablation["tags.role"].isin(["kernels", "gpt"])].set_index("tags.role").iloc[::-1]  # launch order
     if not models.empty:
         keys = ["perf/images_per_s", "perf/step_ms", "val/accuracy"]
         fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
@@ -228,3 +230,116 @@ else:
         gap = 100 * (final.loc["model", "metrics.val/accuracy"] - final.loc["baseline", "metrics.val/accuracy"])
         display(Markdown(f"Accuracy gap, Triton − nn.Linear: **{gap:+.2f} points** "
                          f"({'within' if abs(gap) <= 0.5 else 'outside'} the 0.5-point target)."))
+
+# %% [markdown]
+# ## Ablation: the GPT with one part at a time on PyTorch
+#
+# A training step (forward, backward, AdamW) on synthetic tokens: every part on triformer, one part (attention, norms,
+# MLP, head and loss, dropout) on PyTorch inside it, or all of it on PyTorch (the twin).
+
+# %%
+gpt_ablation = ablation[ablation["tags.role"] == "gpt"] if not ablation.empty else ablation
+if gpt_ablation.empty:
+    display(Markdown("_No finished `ablation` run with a GPT part for this profile._"))
+else:
+    variants = artifact_csv(gpt_ablation.iloc[0]["run_id"], "gpt.csv", "ablation").set_index("variant")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 1.2 + 0.45 * len(variants)))
+    for ax, key, label in zip(axes, ["perf_tokens_per_s", "mem_peak_mib"], ["tokens/s", "peak memory (MiB)"]):
+        if variants[key].notna().any():
+            variants[key].plot.barh(ax=ax)
+            ax.invert_yaxis()
+        ax.set_title(label if variants[key].notna().any() else f"{label}: not measured on the CPU")
+        ax.set_ylabel("")
+    fig.suptitle(f"GPT training step per variant (the part named runs on PyTorch)\n{card(gpt_ablation)}", fontsize=9)
+    save(fig, "ablation_gpt")
+    display(variants)
+
+
+# %%
+def curves(runs: pd.DataFrame, keys: list[str], title: str, name: str) -> None:
+    """Each key's history, one line per role (model and its torch twin)."""
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.4 * len(keys), 3.2))
+    for _, run in runs.iterrows():
+        for ax, key in zip(axes, keys):
+            history = client.get_metric_history(run["run_id"], key)
+            ax.plot([m.step for m in history], [m.value for m in history], marker="." if len(history) < 30 else None,
+                    label=f"{run['tags.role']} ({run['tags.backend']})")
+            ax.set_title(key)
+    axes[0].legend()
+    fig.suptitle(f"{title}\n{card(runs)}", fontsize=9)
+    save(fig, name)
+
+
+def final_table(runs: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """The final value of each key (that the runs logged) per role."""
+    return runs.set_index("tags.role")[[f"metrics.{k}" for k in keys if f"metrics.{k}" in runs]] \
+        .rename(columns=lambda c: c[8:])
+
+
+def bars(final: pd.DataFrame, keys: list[str], title: str, name: str) -> None:
+    """One bar chart per key (those with a value: no peak memory on the CPU), a bar per role."""
+    shown = [k for k in keys if k in final and final[k].notna().any()]
+    fig, axes = plt.subplots(1, len(shown), figsize=(3.6 * len(shown), 2.8), squeeze=False)
+    for ax, key in zip(axes[0], shown):
+        final[key].plot.bar(ax=ax, rot=0, xlabel="")
+        ax.set_title(key)
+    fig.suptitle(title, fontsize=9)
+    save(fig, name)
+
+
+def gap(final: pd.DataFrame, key: str) -> float | None:
+    """model − baseline of a final metric (None without a baseline)."""
+    return final.loc["model", key] - final.loc["baseline", key] if {"model", "baseline"} <= set(final.index) \
+        else None
+
+
+# %% [markdown]
+# ## GPT on Shakespeare characters against its PyTorch twin (same seed, batches and settings)
+
+# %%
+gpt = RUNS["train_gpt"]
+if gpt.empty:
+    display(Markdown("_No finished `train_gpt` run for this profile._"))
+else:
+    run = gpt.iloc[0]
+    display(Markdown(f"{run['params.n_layer']} layers, {run['params.n_head']} heads, {run['params.n_embd']} wide, "
+                     f"context {run['params.block_size']}, batch {run['params.batch_size']}, "
+                     f"{run['params.iterations']} iterations, norm {run['params.norm']}, MLP {run['params.mlp']}, "
+                     f"RoPE {run['params.rope']}, fused head {run['params.fused_head']}, "
+                     f"{run['tags.processes']} process(es)"))
+    curves(gpt, ["train/loss", "val/loss"], "GPT: loss against step", "gpt_curves")
+    final = final_table(gpt, ["val/loss", "train/loss", "perf/tokens_per_s", "perf/step_ms", "mem/peak_mib",
+                              "perf/mfu"])
+    bars(final, ["perf/tokens_per_s", "mem/peak_mib", "perf/mfu"], f"GPT: throughput, memory, MFU\n{card(gpt)}",
+         "gpt_bars")
+    display(final)
+    if (loss_gap := gap(final, "val/loss")) is not None:
+        speed = final.loc["model", "perf/tokens_per_s"] / final.loc["baseline", "perf/tokens_per_s"]
+        display(Markdown(f"Validation loss, triformer − twin: **{loss_gap:+.4f}** "
+                         f"({'within' if abs(loss_gap) <= 0.02 else 'outside'} 0.02); "
+                         f"tokens/s ratio **{speed:.2f}x**."))
+    for _, run in gpt.iterrows():
+        try:
+            text = mlflow.artifacts.load_text(f"runs:/{run['run_id']}/sample.txt")
+        except (OSError, mlflow.exceptions.MlflowException):
+            text = "(artifact out of reach: see results/train_gpt/sample.txt)"
+        display(Markdown(f"**Sample, {run['tags.role']} ({run['tags.backend']}):**"))
+        display(HTML(f"<pre>{html.escape(text)}</pre>"))
+
+# %% [markdown]
+# ## ViT on FashionMNIST against its PyTorch twin (same seed, batches and settings)
+
+# %%
+vit = RUNS["train_vit"]
+if vit.empty:
+    display(Markdown("_No finished `train_vit` run for this profile._"))
+else:
+    curves(vit, ["train/loss", "val/accuracy"], f"ViT on {vit.iloc[0]['params.dataset']}", "vit_curves")
+    final = final_table(vit, ["val/accuracy", "val/loss", "train/loss", "perf/images_per_s", "perf/step_ms",
+                              "mem/peak_mib"])
+    bars(final, ["perf/images_per_s", "mem/peak_mib", "val/accuracy"],
+         f"ViT: throughput, memory, accuracy\n{card(vit)}", "vit_bars")
+    display(final)
+    if (accuracy_gap := gap(final, "val/accuracy")) is not None:
+        display(Markdown(f"Accuracy gap, triformer − twin: **{100 * accuracy_gap:+.2f} points** "
+                         f"({'within' if abs(accuracy_gap) <= 0.005 else 'outside'} the 0.5-point target)."))

@@ -146,11 +146,17 @@ def test_numbers_read_as_dvc_reads_them(common, tmp_path, monkeypatch):
 
 def test_the_project_params_fit_their_schema_in_both_profiles(common):
     params = common.load_params(ROOT / "params.yaml")
-    for group in ("test", "bench", "ablation", "train_mlp"):
+    for group in ("test", "bench", "ablation", "train_mlp", "train_gpt", "train_vit"):
         for profile in common.PROFILES:
             common.schema.validate(params, group, profile)
     for group in ("report", *(f"data.{name}" for name in params["data"])):
         common.schema.validate(params, group)
+    with pytest.raises(common.schema.ParamsError, match=r"train_gpt\.mlp: must be one of \['gelu', 'swiglu'"):
+        common.schema.validate({**params, "train_gpt": {**params["train_gpt"], "mlp": "relu"}}, "train_gpt", "gpu")
+    bad_variant = {**params["ablation"]["cpu"]["gpt"], "variants": ["triformer", "attn"]}
+    with pytest.raises(common.schema.ParamsError, match=r"ablation\.cpu\.gpt: variants: item 1: must be one of"):
+        common.schema.validate({**params, "ablation": {**params["ablation"], "cpu": {
+            **params["ablation"]["cpu"], "gpt": bad_variant}}}, "ablation", "cpu")
     with pytest.raises(common.schema.ParamsError, match=r"bench\.cpu\.linear: unknown arguments \['shape'\]"):
         common.schema.validate({**params, "bench": {"suites": ["linear"], "cpu": {"linear": {"shape": []}}}},
                                "bench", "cpu")

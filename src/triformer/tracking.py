@@ -226,3 +226,10 @@ def set_tags(tags: Mapping[str, str]) -> None:
     import mlflow
 
     mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+
+def log_text(text: str, artifact_file: str) -> None:
+    """A text (e.g. a generated sample) as the active run's artifact `artifact_file`."""
+    import mlflow
+
+    mlflow.log_text(text, artifact_file)
