@@ -24,8 +24,16 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
-_state = threading.local()
+_Tensor, _Parameter = torch.Tensor, torch.nn.Parameter
+_is_compiling = torch.compiler.is_compiling
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+
+
+class _State(threading.local):
+    dispatcher = False  # through_dispatcher() is active
+
+
+_state = _State()
 
 # Every registered op by name (torch.ops.triformer.<name>).
 OPS: dict[str, Op] = {}
@@ -35,7 +43,7 @@ OPS: dict[str, Op] = {}
 def through_dispatcher():
     """Within the block, every triformer op is called through torch.ops.triformer (the dispatcher) in eager mode
     too."""
-    previous = getattr(_state, "dispatcher", False)
+    previous = _state.dispatcher
     _state.dispatcher = True
     try:
         yield
@@ -43,23 +51,30 @@ def through_dispatcher():
         _state.dispatcher = previous
 
 
+def _subclass(args: Sequence) -> bool:
+    for a in args:
+        kind = type(a)
+        if kind is not _Tensor and kind is not _Parameter and isinstance(a, _Tensor):
+            return True
+    return False
+
+
 def plain_eager(args: Sequence) -> bool:
     """Whether a call with these arguments runs in plain eager mode: no torch.compile / export tracing, no dispatch
     mode, no tensor subclass argument."""
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
-        return False
-    return not any(isinstance(a, torch.Tensor) and type(a) not in _PLAIN_TENSORS for a in args)
+    return not (_is_compiling() or _dispatch_modes() or _subclass(args))
 
 
 def traced(args: Sequence) -> bool:
     """Whether a call with these arguments must go through the dispatcher (see the module doc)."""
-    if torch.compiler.is_compiling():
-        return True
-    return getattr(_state, "dispatcher", False) or not plain_eager(args)
+    return _is_compiling() or _state.dispatcher or _dispatch_modes() or _subclass(args)
 
 
 def _any_requires_grad(args: Sequence) -> bool:
-    return any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+    for a in args:
+        if isinstance(a, _Tensor) and a.requires_grad:
+            return True
+    return False
 
 
 def placeholder(like: torch.Tensor) -> torch.Tensor:

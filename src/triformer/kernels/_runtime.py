@@ -74,6 +74,8 @@ BF16_NEEDS_GPU = ("bf16 needs a GPU: Triton's interpreter computes bfloat16 on t
 
 def check_tensor(t: torch.Tensor, name: str) -> None:
     """Raise a clear error for a tensor no kernel of ours can take (every functional op checks its tensors here)."""
+    if not _INTERPRETER and isinstance(t, torch.Tensor) and t.is_cuda and t.dtype in FLOAT_DTYPES:
+        return  # the common case, in the fewest attribute reads
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in FLOAT_DTYPES:
