@@ -9,7 +9,7 @@ build TMA descriptors or launch Gluon kernels, which `triton_op`'s traced implem
 
 An eager call does not go through the dispatcher: `Op.__call__` runs the same implementation, setup_context and
 backward through an autograd.Function made here from them (the dispatcher's own autograd wrapper is the same
-Function, reached through three more crossings between Python and C++, about 10 µs a call on a slow host).
+Function, reached through three more crossings between Python and C++ per call).
 The dispatcher is taken whenever something may watch or trace the call: torch.compile / export tracing, an active
 dispatch mode (FakeTensorMode, FlopCounterMode, the modes of torch.library.opcheck) or a tensor subclass argument.
 `through_dispatcher()` makes every call take it (tests and the host-cost profile compare the two paths).
