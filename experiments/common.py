@@ -108,11 +108,12 @@ def setup(group: str) -> tuple[dict, dict]:
 @contextlib.contextmanager
 def stage(group: str) -> Iterator[tuple[dict, dict]]:
     """One stage process: (config, machine) from setup(group), the body run inside tracking.stage_execution (the
-    stage's runs that a dead process left RUNNING end KILLED first; when the body raises, every run it made ends
-    FAILED). Params that do not fit their schema stop the process with the schema's message, before any work."""
+    stage's runs that a dead process left RUNNING end KILLED first, by the stage's process rather than each of the
+    data-parallel processes it starts; when the body raises, every run it made ends FAILED). Params that do not fit
+    their schema stop the process with the schema's message, before any work."""
     with schema.exit_on_error():
         config, info = setup(group)
-    with tracking.stage_execution(group, EXECUTION):
+    with tracking.stage_execution(group, EXECUTION, close_dead=not distributed.launched()):
         yield config, info
 
 

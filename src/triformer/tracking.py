@@ -174,13 +174,15 @@ def close_dead_runs(stage: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def stage_execution(stage: str, execution: str) -> Iterator[None]:
-    """Around one stage process whose runs carry the tag `execution`: first the stage's runs that a dead process left
-    RUNNING end KILLED; when the body raises, every run of this execution ends FAILED (KILLED for Ctrl-C), those that
-    had finished too, since a failed stage has no results; the exception propagates."""
+def stage_execution(stage: str, execution: str, close_dead: bool = True) -> Iterator[None]:
+    """Around one stage process whose runs carry the tag `execution`: first (unless close_dead is false: a process
+    that the stage's own process started, which did it already) the stage's runs that a dead process left RUNNING
+    end KILLED; when the body raises, every run of this execution ends FAILED (KILLED for Ctrl-C), those that had
+    finished too, since a failed stage has no results; the exception propagates."""
     import mlflow
 
-    close_dead_runs(stage)
+    if close_dead:
+        close_dead_runs(stage)
     try:
         yield
     except BaseException as error:
