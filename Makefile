@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 FASHION_MNIST_DEBIAN := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup offline-data repro test clean-venv
+.PHONY: setup offline-data repro lint test clean-venv
 
 setup: $(STAMP)
 
@@ -27,6 +27,11 @@ repro: setup offline-data
 	PATH=$(abspath $(VENV))/bin:$$PATH dvc repro
 
 # The correctness suite: through Triton's interpreter without a GPU, natively (bf16 included) with one.
+# Lint and format check (ruff, configured in pyproject.toml); `$(VENV)/bin/ruff format .` applies the format.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
 test: setup
 	$(PY) -m pytest -n 2 -q tests
 

@@ -16,8 +16,11 @@ def _choose_runner() -> None:
     import yaml
 
     params = Path("params.yaml")
-    device = (yaml.safe_load(params.read_text()) or {}).get("common", {}).get("device", "auto") if params.exists() \
+    device = (
+        (yaml.safe_load(params.read_text()) or {}).get("common", {}).get("device", "auto")
+        if params.exists()
         else "auto"
+    )
     if device == "cpu" or not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
 

@@ -21,8 +21,22 @@ from triformer.bench.timing import copy_bandwidth_gbps, matmul_tflops
 from . import common
 
 OUT = Path("results/bench")
-COLUMNS = ["label", "case", "op", "shape", "dtype", "mode", "provider", "ms", "gpu_ms", "rate", "gpu_rate", "unit",
-           "fraction_of_ceiling", "gpu_fraction_of_ceiling"]
+COLUMNS = [
+    "label",
+    "case",
+    "op",
+    "shape",
+    "dtype",
+    "mode",
+    "provider",
+    "ms",
+    "gpu_ms",
+    "rate",
+    "gpu_rate",
+    "unit",
+    "fraction_of_ceiling",
+    "gpu_fraction_of_ceiling",
+]
 METRIC_OF_UNIT = {"TFLOP/s": "perf/tflops", "GB/s": "perf/gbps"}
 
 
@@ -35,8 +49,10 @@ def summary(rows: list[dict]) -> dict:
     result: dict = {}
     for (op, mode, provider), group in sorted(groups.items()):
         result.setdefault(op, {}).setdefault(mode, {})[provider] = {
-            "rate_geomean": geomean(r["rate"] for r in group), "unit": group[0]["unit"],
-            "fraction_geomean": geomean(r["fraction_of_ceiling"] for r in group)}
+            "rate_geomean": geomean(r["rate"] for r in group),
+            "unit": group[0]["unit"],
+            "fraction_geomean": geomean(r["fraction_of_ceiling"] for r in group),
+        }
     return result
 
 
@@ -61,23 +77,34 @@ def main() -> None:
                 rows += suite.run(**config.get(name, {}), dtype=dtype, device=device, progress=True)
             rows = with_fractions(rows, ceilings)
             common.write_csv(OUT / "bench.csv", rows, COLUMNS + sorted({k for r in rows for k in r} - set(COLUMNS)))
-            common.write_json(OUT / "metrics.json", {
-                "ceiling": {"copy_gbps": ceilings["GB/s"], "matmul_tflops": ceilings["TFLOP/s"]},
-                "suites_run": [s for s in config["suites"] if s not in missing], "suites_missing": missing,
-                "rows": len(rows), "summary": summary(rows), "run": common.label(info)})
+            common.write_json(
+                OUT / "metrics.json",
+                {
+                    "ceiling": {"copy_gbps": ceilings["GB/s"], "matmul_tflops": ceilings["TFLOP/s"]},
+                    "suites_run": [s for s in config["suites"] if s not in missing],
+                    "suites_missing": missing,
+                    "rows": len(rows),
+                    "summary": summary(rows),
+                    "run": common.label(info),
+                },
+            )
             tracking.log_metrics({"ceiling/gbps": ceilings["GB/s"], "ceiling/tflops": ceilings["TFLOP/s"]})
             tracking.log_metrics({key: value for row in rows for key, value in row_metrics(row).items()})
             tracking.set_tags({"suites_missing": ",".join(missing) or "none"})
             tracking.log_artifact(OUT / "bench.csv")
-            print(f"bench: {len(rows)} rows from {len(config['suites']) - len(missing)} suite(s); "
-                  f"missing: {missing or 'none'}")
+            print(
+                f"bench: {len(rows)} rows from {len(config['suites']) - len(missing)} suite(s); "
+                f"missing: {missing or 'none'}"
+            )
 
 
 def row_metrics(row: dict) -> dict:
     """`perf/tflops/<op>/<mode>/<provider>/<shape>` (or perf/gbps/...) and its fraction of the ceiling."""
     path = (row["op"], row["mode"], row["provider"], row["shape"])
-    metrics = {tracking.metric_key(METRIC_OF_UNIT[row["unit"]], *path): row["rate"],
-               tracking.metric_key("perf/fraction_of_ceiling", *path): row["fraction_of_ceiling"]}
+    metrics = {
+        tracking.metric_key(METRIC_OF_UNIT[row["unit"]], *path): row["rate"],
+        tracking.metric_key("perf/fraction_of_ceiling", *path): row["fraction_of_ceiling"],
+    }
     if math.isfinite(row.get("gpu_rate", float("nan"))):  # GPU time alone: only where a GPU measured it
         metrics[tracking.metric_key(METRIC_OF_UNIT[row["unit"]] + "_gpu", *path)] = row["gpu_rate"]
     return metrics

@@ -17,9 +17,9 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 import yaml
@@ -45,9 +45,11 @@ class _Loader(yaml.SafeLoader):
     "1e-3" of YAML 1.1."""
 
 
-_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
-                              re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)[eE][-+]?[0-9]+$"),
-                              list("-+.0123456789"))
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"),
+)
 
 
 def load_params(path: Path = PARAMS_FILE) -> dict:
@@ -65,15 +67,22 @@ def machine(params: dict | None = None) -> dict:
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("no CUDA device and TRITON_INTERPRET is not set: import the `experiments` package first")
     if requested == "cuda" and device != "cuda":
-        raise RuntimeError("common.device is cuda but the kernels run through Triton's interpreter (no CUDA device, "
-                           "or TRITON_INTERPRET=1 set)")
+        raise RuntimeError(
+            "common.device is cuda but the kernels run through Triton's interpreter (no CUDA device, "
+            "or TRITON_INTERPRET=1 set)"
+        )
     profile = common.get("profile", "auto")
     if profile == "auto":
         profile = "gpu" if device == "cuda" else "cpu"
     if profile not in PROFILES:
         raise ValueError(f"common.profile must be auto, cpu or gpu, got {profile!r}")
-    return {"profile": profile, "device": device, "gpu": tracking.device_name(), "interpreter": interpreter,
-            **tracking.versions()}
+    return {
+        "profile": profile,
+        "device": device,
+        "gpu": tracking.device_name(),
+        "interpreter": interpreter,
+        **tracking.versions(),
+    }
 
 
 def checked_machine(params: dict) -> dict:
@@ -82,8 +91,10 @@ def checked_machine(params: dict) -> dict:
     if MACHINE_FILE.exists():
         recorded = read_json(MACHINE_FILE)
         if recorded != live:
-            raise RuntimeError(f"{MACHINE_FILE} describes {recorded} but this run sees {live}; results from another "
-                               f"machine would be mixed: delete {MACHINE_FILE} and run `dvc repro` again")
+            raise RuntimeError(
+                f"{MACHINE_FILE} describes {recorded} but this run sees {live}; results from another "
+                f"machine would be mixed: delete {MACHINE_FILE} and run `dvc repro` again"
+            )
     return live
 
 
@@ -119,17 +130,27 @@ def stage(group: str) -> Iterator[tuple[dict, dict]]:
 
 def label(info: dict) -> dict:
     """What every result file says about where its numbers come from."""
-    return {"profile": info["profile"], "gpu": info["gpu"], "interpreter": info["interpreter"],
-            "timings": tracking.INTERPRETER_WARNING if info["interpreter"] else "measured"}
+    return {
+        "profile": info["profile"],
+        "gpu": info["gpu"],
+        "interpreter": info["interpreter"],
+        "timings": tracking.INTERPRETER_WARNING if info["interpreter"] else "measured",
+    }
 
 
-def start_run(stage: str, params: dict, info: dict, *, kind: str | None = None, role: str = "main",
-              run_id: str | None = None):
+def start_run(
+    stage: str, params: dict, info: dict, *, kind: str | None = None, role: str = "main", run_id: str | None = None
+):
     """tracking.start_run logging `params` (only what the run uses) with the profile and device it ran on, and the
     stage's profile, role and execution (this process) as tags."""
-    return tracking.start_run(stage, {"profile": info["profile"], "device": info["device"], **params}, kind=kind,
-                              run_name=f"{stage}:{role}", run_id=run_id,
-                              tags={"profile": info["profile"], "role": role, "execution": EXECUTION})
+    return tracking.start_run(
+        stage,
+        {"profile": info["profile"], "device": info["device"], **params},
+        kind=kind,
+        run_name=f"{stage}:{role}",
+        run_id=run_id,
+        tags={"profile": info["profile"], "role": role, "execution": EXECUTION},
+    )
 
 
 def used(config: dict, *keys: str) -> dict:
@@ -175,9 +196,23 @@ def train_config(config: dict) -> training.TrainConfig:
     return training.TrainConfig(**{k: v for k, v in config.items() if k in names})
 
 
-def training_run(config: dict, info: dict, *, stage: str, kind: str, role: str, build: Callable[[], torch.nn.Module],
-                 train, val, run_params: dict, tags: dict, checkpoint_dir: Path | None = None,
-                 device: torch.device | str | None = None, after: Callable | None = None, **fit_kwargs) -> dict:
+def training_run(
+    config: dict,
+    info: dict,
+    *,
+    stage: str,
+    kind: str,
+    role: str,
+    build: Callable[[], torch.nn.Module],
+    train,
+    val,
+    run_params: dict,
+    tags: dict,
+    checkpoint_dir: Path | None = None,
+    device: torch.device | str | None = None,
+    after: Callable | None = None,
+    **fit_kwargs,
+) -> dict:
     """One training run of the model build() makes (right after seeding with the config's seed), in its own MLflow
     run tagged `role` that logs run_params and every training setting; returns fit()'s final metrics, updated with
     what after(model, result) returns (called inside the run, e.g. to log a generated sample).
@@ -191,17 +226,31 @@ def training_run(config: dict, info: dict, *, stage: str, kind: str, role: str, 
     if run_id is not None and not tracking.run_exists(run_id):
         run_id = None
     params = {**run_params, **{k: v for k, v in asdict(settings).items() if k != "progress"}}
-    run_context = start_run(stage, params, info, kind=kind, role=role, run_id=run_id) if lead \
-        else contextlib.nullcontext()
+    run_context = (
+        start_run(stage, params, info, kind=kind, role=role, run_id=run_id) if lead else contextlib.nullcontext()
+    )
     with run_context as run:
         torch.manual_seed(settings.seed)
         model = build()
         if lead:
-            tracking.set_tags({**tags, "parameters": sum(p.numel() for p in model.parameters()),
-                               "processes": distributed.world_size()})
-        result = training.fit(model, train, val, settings, device or info["device"], checkpoint_dir,
-                              log=tracking.log_metrics, extra={"mlflow_run_id": run.info.run_id} if lead else None,
-                              **fit_kwargs)
+            tracking.set_tags(
+                {
+                    **tags,
+                    "parameters": sum(p.numel() for p in model.parameters()),
+                    "processes": distributed.world_size(),
+                }
+            )
+        result = training.fit(
+            model,
+            train,
+            val,
+            settings,
+            device or info["device"],
+            checkpoint_dir,
+            log=tracking.log_metrics,
+            extra={"mlflow_run_id": run.info.run_id} if lead else None,
+            **fit_kwargs,
+        )
         if not lead:
             return result
         if result["resumed_from_step"]:
@@ -211,21 +260,42 @@ def training_run(config: dict, info: dict, *, stage: str, kind: str, role: str, 
         return {**result, "mlflow_run_id": run.info.run_id}
 
 
-def train_mlp(config: dict, info: dict, *, stage: str, kind: str, role: str, backend: str, fused: bool,
-              checkpoint_dir: Path | None = None) -> dict:
+def train_mlp(
+    config: dict,
+    info: dict,
+    *,
+    stage: str,
+    kind: str,
+    role: str,
+    backend: str,
+    fused: bool,
+    checkpoint_dir: Path | None = None,
+) -> dict:
     """One TritonMLP training run (training_run): the data (dataset, subsets), the model (hidden_size, activation,
     backend, fused) and every training setting logged."""
     name = config["dataset"]
     root = DATA_ROOT / name
     train_set = image_classification(name, root, train=True, subset=config.get("train_subset", 0))
     val_set = image_classification(name, root, train=False, subset=config.get("val_subset", 0))
-    model_params = {"hidden_size": config["hidden_size"], "activation": config["activation"], "backend": backend,
-                    "fused": fused}
+    model_params = {
+        "hidden_size": config["hidden_size"],
+        "activation": config["activation"],
+        "backend": backend,
+        "fused": fused,
+    }
     return training_run(
-        config, info, stage=stage, kind=kind, role=role, checkpoint_dir=checkpoint_dir, train=train_set, val=val_set,
+        config,
+        info,
+        stage=stage,
+        kind=kind,
+        role=role,
+        checkpoint_dir=checkpoint_dir,
+        train=train_set,
+        val=val_set,
         build=lambda: TritonMLP(train_set.tensors[0][0].numel(), image_module(name).NUM_CLASSES, **model_params),
         run_params={**used(config, "dataset", "train_subset", "val_subset"), **model_params},
-        tags={"backend": backend, "fused": fused, "dataset": name})
+        tags={"backend": backend, "fused": fused, "dataset": name},
+    )
 
 
 def roles(config: dict) -> dict[str, str]:

@@ -23,11 +23,39 @@ def render(name: str, timeout_s: int = 900) -> Path:
     env = {**os.environ, "TRIFORMER_ROOT": str(Path.cwd().resolve()), "MLFLOW_TRACKING_URI": tracking.tracking_uri()}
     with tempfile.TemporaryDirectory() as tmp:
         notebook = Path(tmp) / f"{name}.ipynb"
-        subprocess.run([sys.executable, "-m", "jupytext", "--quiet", "--to", "ipynb", "--output", str(notebook),
-                        str(SOURCES / f"{name}.py")], check=True)
-        subprocess.run([sys.executable, "-m", "nbconvert", "--execute", "--to", "html", "--no-input",
-                        f"--ExecutePreprocessor.timeout={timeout_s}", "--output-dir", str(HTML.resolve()),
-                        "--output", name, str(notebook)], check=True, env=env)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "jupytext",
+                "--quiet",
+                "--to",
+                "ipynb",
+                "--output",
+                str(notebook),
+                str(SOURCES / f"{name}.py"),
+            ],
+            check=True,
+        )
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "nbconvert",
+                "--execute",
+                "--to",
+                "html",
+                "--no-input",
+                f"--ExecutePreprocessor.timeout={timeout_s}",
+                "--output-dir",
+                str(HTML.resolve()),
+                "--output",
+                name,
+                str(notebook),
+            ],
+            check=True,
+            env=env,
+        )
     return HTML / f"{name}.html"
 
 

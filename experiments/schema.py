@@ -14,7 +14,7 @@ import difflib
 import importlib.util
 import inspect
 import operator
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from triformer.bench.suites import load_suite
 from triformer.data import IMAGE_DATASETS
@@ -54,14 +54,24 @@ def integer(minimum: int | None = None) -> Check:
         if minimum is not None and value < minimum:
             return f"must be ≥ {minimum}, got {value}"
         return None
+
     return check
 
 
-def number(minimum: float | None = None, maximum: float | None = None, *, above: float | None = None,
-           below: float | None = None) -> Check:
+def number(
+    minimum: float | None = None,
+    maximum: float | None = None,
+    *,
+    above: float | None = None,
+    below: float | None = None,
+) -> Check:
     """A real number (an integer too) within [minimum, maximum] and (above, below)."""
-    limits = [(minimum, operator.ge, "≥"), (maximum, operator.le, "≤"), (above, operator.gt, ">"),
-              (below, operator.lt, "<")]
+    limits = [
+        (minimum, operator.ge, "≥"),
+        (maximum, operator.le, "≤"),
+        (above, operator.gt, ">"),
+        (below, operator.lt, "<"),
+    ]
 
     def check(value):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -69,6 +79,7 @@ def number(minimum: float | None = None, maximum: float | None = None, *, above:
             return f"must be a number, {_got(value)}{hint}"
         broken = [f"{sign} {limit}" for limit, holds, sign in limits if limit is not None and not holds(value, limit)]
         return f"must be {' and '.join(broken)}, got {value}" if broken else None
+
     return check
 
 
@@ -83,6 +94,7 @@ def text(value) -> str | None:
 def one_of(*choices) -> Check:
     def check(value):
         return None if value in choices else f"must be one of {list(choices)}, {_got(value)}"
+
     return check
 
 
@@ -94,6 +106,7 @@ def list_of(item: Check, *, nonempty: bool = True) -> Check:
             return "must not be empty"
         problems = [f"item {i}: {problem}" for i, v in enumerate(value) if (problem := item(v))]
         return "; ".join(problems) or None
+
     return check
 
 
@@ -105,6 +118,7 @@ def shape(length: int) -> Check:
         if not isinstance(value, list) or len(value) != length:
             return f"must be a list of {length} positive integers, {_got(value)}"
         return next((problem for d in value if (problem := positive(d))), None)
+
     return check
 
 
@@ -115,14 +129,18 @@ def optional(check: Check) -> Check:
 
 def mapping(keys: dict[str, Check], required=()) -> Check:
     """A mapping of the given keys (each checked), holding at least `required`."""
+
     def check(value):
         if not isinstance(value, dict):
             return f"must be a mapping, {_got(value)}"
-        problems = [f"{key}: unknown key (known keys: {sorted(keys)})" if key not in keys
-                    else f"{key}: {problem}" for key, v in value.items()
-                    if key not in keys or (problem := keys[key](v))]
+        problems = [
+            f"{key}: unknown key (known keys: {sorted(keys)})" if key not in keys else f"{key}: {problem}"
+            for key, v in value.items()
+            if key not in keys or (problem := keys[key](v))
+        ]
         problems += [f"{key}: missing" for key in required if key not in value]
         return "; ".join(problems) or None
+
     return check
 
 
@@ -130,6 +148,7 @@ def either(*checks: Check) -> Check:
     def check(value):
         problems = [problem for c in checks if (problem := c(value))]
         return None if len(problems) < len(checks) else " or ".join(problems)
+
     return check
 
 
@@ -180,78 +199,179 @@ def _bench_suite(key: str, group: dict) -> Check | None:
     suite listed in `suites` whose module does not exist yet takes any (the stage reports it missing)."""
     listed = isinstance(group.get("suites"), list) and key in group["suites"]
     if not str(key).isidentifier() or importlib.util.find_spec(f"triformer.bench.{key}") is None:
-        return (lambda value: None if isinstance(value, dict) else f"must be a mapping, {_got(value)}") \
-            if listed else None
+        return (
+            (lambda value: None if isinstance(value, dict) else f"must be a mapping, {_got(value)}") if listed else None
+        )
     accepted = set(inspect.signature(load_suite(key).run).parameters) - {"dtype", "device", "progress"}
 
     def check(value):
         if not isinstance(value, dict):
             return f"must be a mapping of keyword arguments of triformer.bench.{key}.run, {_got(value)}"
         unknown = sorted(set(value) - accepted)
-        return f"unknown arguments {unknown} of triformer.bench.{key}.run (it takes {sorted(accepted)})" \
-            if unknown else None
+        return (
+            f"unknown arguments {unknown} of triformer.bench.{key}.run (it takes {sorted(accepted)})"
+            if unknown
+            else None
+        )
+
     return check
 
 
 ACTIVATION = one_of(*(a for a in ACTIVATIONS if a))
 # triformer.training.TrainConfig's settings (seed comes from `common`).
 LOOP = {
-    "batch_size": integer(1), "lr": number(above=0), "weight_decay": number(0), "beta2": number(0, below=1),
-    "warmup_frac": number(0, 1), "min_lr_frac": number(0, 1), "grad_clip": number(0), "amp": one_of("bf16", "none"),
-    "log_every": integer(1), "eval_batch_size": integer(1), "checkpoint_every": integer(0),
+    "batch_size": integer(1),
+    "lr": number(above=0),
+    "weight_decay": number(0),
+    "beta2": number(0, below=1),
+    "warmup_frac": number(0, 1),
+    "min_lr_frac": number(0, 1),
+    "grad_clip": number(0),
+    "amp": one_of("bf16", "none"),
+    "log_every": integer(1),
+    "eval_batch_size": integer(1),
+    "checkpoint_every": integer(0),
     "max_checkpoints": integer(1),
 }
 # The MLP's training (train_mlp and the ablation's model runs): the data, the model and the loop's settings.
 TRAINING = {
-    "dataset": one_of(*IMAGE_DATASETS), "hidden_size": integer(1), "activation": ACTIVATION,
-    "train_subset": integer(0), "val_subset": integer(0),  # 0: all
-    "epochs": integer(1), **LOOP,
+    "dataset": one_of(*IMAGE_DATASETS),
+    "hidden_size": integer(1),
+    "activation": ACTIVATION,
+    "train_subset": integer(0),
+    "val_subset": integer(0),  # 0: all
+    "epochs": integer(1),
+    **LOOP,
 }
 TRAINING_REQUIRED = ("dataset", "hidden_size", "activation", "epochs", "batch_size", "lr")
 # triformer.models.GPTConfig's fields (vocab_size comes from the data, backend from the stage).
 GPT_MODEL = {
-    "n_layer": integer(1), "n_head": integer(1), "n_kv_head": optional(integer(1)), "n_embd": integer(1),
-    "block_size": integer(1), "dropout": number(0, below=1), "bias": boolean, "norm": one_of(*NORMS),
-    "mlp": one_of(*MLPS), "mlp_hidden": optional(integer(1)), "rope": boolean, "fused_head": boolean,
+    "n_layer": integer(1),
+    "n_head": integer(1),
+    "n_kv_head": optional(integer(1)),
+    "n_embd": integer(1),
+    "block_size": integer(1),
+    "dropout": number(0, below=1),
+    "bias": boolean,
+    "norm": one_of(*NORMS),
+    "mlp": one_of(*MLPS),
+    "mlp_hidden": optional(integer(1)),
+    "rope": boolean,
+    "fused_head": boolean,
     "torch_parts": list_of(one_of(*PARTS), nonempty=False),
 }
 # A transformer training stage: the model on `backend`, its torch twin with `baseline`, `processes` data-parallel.
-TRANSFORMER_RUN = {"backend": one_of("triton", "torch"), "baseline": boolean, "processes": integer(1),
-                   "keep_checkpoints": boolean}
+TRANSFORMER_RUN = {
+    "backend": one_of("triton", "torch"),
+    "baseline": boolean,
+    "processes": integer(1),
+    "keep_checkpoints": boolean,
+}
 # The ablation's GPT part: a training step of the GPT with one part at a time on torch (triformer.bench.gpt's step).
-ABLATION_GPT = mapping({**{k: v for k, v in GPT_MODEL.items() if k != "torch_parts"}, "vocab_size": integer(1),
-                        "batch_size": integer(1), "steps": integer(1), "warmup": integer(0),
-                        "variants": list_of(one_of("triformer", *PARTS, "torch"))},
-                       required=("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size", "variants"))
+ABLATION_GPT = mapping(
+    {
+        **{k: v for k, v in GPT_MODEL.items() if k != "torch_parts"},
+        "vocab_size": integer(1),
+        "batch_size": integer(1),
+        "steps": integer(1),
+        "warmup": integer(0),
+        "variants": list_of(one_of("triformer", *PARTS, "torch")),
+    },
+    required=("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size", "variants"),
+)
 
 GROUPS = {
-    "common": Group({"seed": integer(0), "device": one_of("auto", "cuda", "cpu"), "profile": one_of("auto", *PROFILES),
-                     "dtype": one_of("float32", "float16", "bfloat16")}, required=("seed", "dtype")),
-    "test": Group({"paths": list_of(text), "markers": text, "sample_every": integer(1), "workers": integer(1),
-                   "extra_args": list_of(text, nonempty=False)}, required=("paths", "markers")),
+    "common": Group(
+        {
+            "seed": integer(0),
+            "device": one_of("auto", "cuda", "cpu"),
+            "profile": one_of("auto", *PROFILES),
+            "dtype": one_of("float32", "float16", "bfloat16"),
+        },
+        required=("seed", "dtype"),
+    ),
+    "test": Group(
+        {
+            "paths": list_of(text),
+            "markers": text,
+            "sample_every": integer(1),
+            "workers": integer(1),
+            "extra_args": list_of(text, nonempty=False),
+        },
+        required=("paths", "markers"),
+    ),
     "bench": Group({"suites": list_of(text)}, required=("suites",), extra=_bench_suite),
-    "ablation": Group({**TRAINING, "variants": list_of(one_of("fused", "unfused", "torch")),
-                       "shapes": list_of(shape(3)), "gpt": ABLATION_GPT},
-                      required=(*TRAINING_REQUIRED, "variants", "shapes")),
-    "train_mlp": Group({**TRAINING, "backend": one_of("triton", "torch"), "fused": boolean, "baseline": boolean,
-                        "keep_checkpoints": boolean}, required=(*TRAINING_REQUIRED, "backend", "fused")),
-    "train_gpt": Group({**LOOP, **GPT_MODEL, **TRANSFORMER_RUN, "dataset": one_of("shakespeare"),
-                        "iterations": integer(1), "eval_every": integer(0), "eval_batches": integer(0),
-                        "sample_tokens": integer(0), "temperature": number(above=0), "top_k": optional(integer(1))},
-                       required=("dataset", "n_layer", "n_head", "n_embd", "block_size", "batch_size", "lr",
-                                 "iterations", "sample_tokens", "temperature")),
-    "train_vit": Group({**LOOP, **TRANSFORMER_RUN, "dataset": one_of(*IMAGE_DATASETS), "train_subset": integer(0),
-                        "val_subset": integer(0), "epochs": integer(1), "patch_size": integer(1),
-                        "n_layer": integer(1), "n_head": integer(1), "n_embd": integer(1),
-                        "mlp_ratio": number(above=0), "dropout": number(0, below=1), "pool": one_of(*POOLS)},
-                       required=("dataset", "patch_size", "n_layer", "n_head", "n_embd", "epochs", "batch_size",
-                                 "lr")),
+    "ablation": Group(
+        {
+            **TRAINING,
+            "variants": list_of(one_of("fused", "unfused", "torch")),
+            "shapes": list_of(shape(3)),
+            "gpt": ABLATION_GPT,
+        },
+        required=(*TRAINING_REQUIRED, "variants", "shapes"),
+    ),
+    "train_mlp": Group(
+        {
+            **TRAINING,
+            "backend": one_of("triton", "torch"),
+            "fused": boolean,
+            "baseline": boolean,
+            "keep_checkpoints": boolean,
+        },
+        required=(*TRAINING_REQUIRED, "backend", "fused"),
+    ),
+    "train_gpt": Group(
+        {
+            **LOOP,
+            **GPT_MODEL,
+            **TRANSFORMER_RUN,
+            "dataset": one_of("shakespeare"),
+            "iterations": integer(1),
+            "eval_every": integer(0),
+            "eval_batches": integer(0),
+            "sample_tokens": integer(0),
+            "temperature": number(above=0),
+            "top_k": optional(integer(1)),
+        },
+        required=(
+            "dataset",
+            "n_layer",
+            "n_head",
+            "n_embd",
+            "block_size",
+            "batch_size",
+            "lr",
+            "iterations",
+            "sample_tokens",
+            "temperature",
+        ),
+    ),
+    "train_vit": Group(
+        {
+            **LOOP,
+            **TRANSFORMER_RUN,
+            "dataset": one_of(*IMAGE_DATASETS),
+            "train_subset": integer(0),
+            "val_subset": integer(0),
+            "epochs": integer(1),
+            "patch_size": integer(1),
+            "n_layer": integer(1),
+            "n_head": integer(1),
+            "n_embd": integer(1),
+            "mlp_ratio": number(above=0),
+            "dropout": number(0, below=1),
+            "pool": one_of(*POOLS),
+        },
+        required=("dataset", "patch_size", "n_layer", "n_head", "n_embd", "epochs", "batch_size", "lr"),
+    ),
     "report": Group({"notebooks": list_of(text)}, profiles=False),
     # data.<name>: the keyword arguments of triformer.data.<name>.prepare
     "data.fashion_mnist": Group({"offline_dir": either(text, list_of(text)), "download": boolean}, profiles=False),
     "data.cifar10": Group({"download": boolean}, profiles=False),
-    "data.shakespeare": Group({"val_fraction": number(above=0, below=1), "editions": list_of(one_of(*EDITIONS)),
-                               "texts_dir": text}, profiles=False),
+    "data.shakespeare": Group(
+        {"val_fraction": number(above=0, below=1), "editions": list_of(one_of(*EDITIONS)), "texts_dir": text},
+        profiles=False,
+    ),
 }
 
 

@@ -22,8 +22,19 @@ ERROR_COLUMNS = ["op", "dtype", "worst", "tolerance", "ratio", "what", "test"]
 
 
 def pytest_command(config: dict, report: Path, junit: Path) -> list[str]:
-    command = [sys.executable, "-m", "pytest", *config["paths"], "-q", "-m", config["markers"],
-               "-p", "tests.report_plugin", f"--triformer-report={report}", f"--junitxml={junit}"]
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        *config["paths"],
+        "-q",
+        "-m",
+        config["markers"],
+        "-p",
+        "tests.report_plugin",
+        f"--triformer-report={report}",
+        f"--junitxml={junit}",
+    ]
     if config.get("sample_every", 1) > 1:
         command.append(f"--triformer-sample={config['sample_every']}")
     if config.get("workers", 1) > 1:
@@ -32,8 +43,9 @@ def pytest_command(config: dict, report: Path, junit: Path) -> list[str]:
 
 
 def relerr_rows(relerr: dict) -> list[dict]:
-    return [{"op": op, "dtype": dtype, **record}
-            for op, by_dtype in relerr.items() for dtype, record in by_dtype.items()]
+    return [
+        {"op": op, "dtype": dtype, **record} for op, by_dtype in relerr.items() for dtype, record in by_dtype.items()
+    ]
 
 
 def run_pytest(config: dict, report: Path, junit: Path) -> int:
@@ -48,12 +60,21 @@ def run_pytest(config: dict, report: Path, junit: Path) -> int:
 def stage_metrics(report: dict, config: dict, info: dict, returncode: int) -> dict:
     """results/test/metrics.json: what ran, how it ended, and the worst error per op and dtype (numbers only: the
     test and check behind each are in errors.csv)."""
-    return {"tests": {**report["counts"], "duration_s": round(report["duration_s"], 1)},
-            "selection": {"paths": config["paths"], "markers": config["markers"], "exitstatus": returncode,
-                          "sample_every": report["sample_every"]},
-            "relerr": {op: {dtype: {k: r[k] for k in ("worst", "tolerance", "ratio")} for dtype, r in by_dtype.items()}
-                       for op, by_dtype in report["relerr"].items()},
-            "skip_reasons": report["skip_reasons"], "run": common.label(info)}
+    return {
+        "tests": {**report["counts"], "duration_s": round(report["duration_s"], 1)},
+        "selection": {
+            "paths": config["paths"],
+            "markers": config["markers"],
+            "exitstatus": returncode,
+            "sample_every": report["sample_every"],
+        },
+        "relerr": {
+            op: {dtype: {k: r[k] for k in ("worst", "tolerance", "ratio")} for dtype, r in by_dtype.items()}
+            for op, by_dtype in report["relerr"].items()
+        },
+        "skip_reasons": report["skip_reasons"],
+        "run": common.label(info),
+    }
 
 
 def main() -> None:
@@ -66,18 +87,28 @@ def main() -> None:
             counts, rows = report["counts"], relerr_rows(report["relerr"])
             common.write_json(OUT / "metrics.json", stage_metrics(report, config, info, returncode))
             common.write_csv(OUT / "errors.csv", rows, ERROR_COLUMNS)
-            tracking.log_metrics({**{f"tests/{key}": value for key, value in counts.items()},
-                                  "tests/duration_s": report["duration_s"],
-                                  **{f"relerr/{row['op']}/{row['dtype']}": float(row["worst"]) for row in rows}})
-            tracking.set_tags({"pytest.markers": config["markers"], "pytest.exitstatus": returncode,
-                               "pytest.sample_every": report["sample_every"]})
+            tracking.log_metrics(
+                {
+                    **{f"tests/{key}": value for key, value in counts.items()},
+                    "tests/duration_s": report["duration_s"],
+                    **{f"relerr/{row['op']}/{row['dtype']}": float(row["worst"]) for row in rows},
+                }
+            )
+            tracking.set_tags(
+                {
+                    "pytest.markers": config["markers"],
+                    "pytest.exitstatus": returncode,
+                    "pytest.sample_every": report["sample_every"],
+                }
+            )
             for path in (report_path, junit, OUT / "errors.csv"):
                 if path.exists():
                     tracking.log_artifact(path)
             print(f"tests: {counts} ({report['duration_s']:.0f} s); exit status {returncode}")
             if counts["failed"] or counts["error"] or returncode not in (0, 5):  # 5: nothing collected
-                raise SystemExit(f"the correctness suite failed (pytest exit status {returncode}); "
-                                 f"see {OUT}/metrics.json")
+                raise SystemExit(
+                    f"the correctness suite failed (pytest exit status {returncode}); see {OUT}/metrics.json"
+                )
 
 
 if __name__ == "__main__":

@@ -55,8 +55,9 @@ def sample(model: GPT, vocab: str, config: dict, device) -> str:
     prompt = torch.tensor([[vocab.index("\n") if "\n" in vocab else 0]], device=device)
     torch.manual_seed(config["seed"])
     with fixed_tiles():
-        out = model.generate(prompt, config["sample_tokens"], temperature=config["temperature"],
-                             top_k=config.get("top_k"))
+        out = model.generate(
+            prompt, config["sample_tokens"], temperature=config["temperature"], top_k=config.get("top_k")
+        )
     return shakespeare.decode(out[0, 1:].cpu(), vocab)
 
 
@@ -79,26 +80,51 @@ def train(config: dict, info: dict, device: torch.device, checkpoints: Path) -> 
     for role, backend in common.roles(config).items():
         gpt_config = GPTConfig(vocab_size=meta["vocab_size"], backend=backend, **model_params)
         results[role] = common.training_run(
-            config, info, stage="train_gpt", kind="train", role=role, build=lambda: GPT(gpt_config),
-            train=train_data, val=val_data, device=device, checkpoint_dir=checkpoints / role, after=after,
-            run_params={**common.used(config, "dataset", "processes"), **model_params,
-                        "vocab_size": meta["vocab_size"], "backend": backend},
-            tags={"backend": backend, "dataset": config["dataset"]}, loss_fn=training.model_loss,
-            flops_per_item=GPT(gpt_config).flops_per_token(), peak_tflops=ceiling)
+            config,
+            info,
+            stage="train_gpt",
+            kind="train",
+            role=role,
+            build=lambda: GPT(gpt_config),
+            train=train_data,
+            val=val_data,
+            device=device,
+            checkpoint_dir=checkpoints / role,
+            after=after,
+            run_params={
+                **common.used(config, "dataset", "processes"),
+                **model_params,
+                "vocab_size": meta["vocab_size"],
+                "backend": backend,
+            },
+            tags={"backend": backend, "dataset": config["dataset"]},
+            loss_fn=training.model_loss,
+            flops_per_item=GPT(gpt_config).flops_per_token(),
+            peak_tflops=ceiling,
+        )
     return results
 
 
 def write(results: dict, config: dict, info: dict) -> None:
     backends = common.roles(config)
     common.write_csv(OUT / "steps.csv", common.history_rows(results, STEP_METRICS, "step"))
-    (OUT / "sample.txt").write_text("".join(f"=== {role} ({backends[role]})\n{result['sample']}\n\n"
-                                            for role, result in results.items()), encoding="utf-8")
+    (OUT / "sample.txt").write_text(
+        "".join(f"=== {role} ({backends[role]})\n{result['sample']}\n\n" for role, result in results.items()),
+        encoding="utf-8",
+    )
     metrics = common.twin_metrics(results, config, FINAL_METRICS, "perf/tokens_per_s")
     if "baseline" in results:
         gap = results["model"]["val/loss"] - results["baseline"]["val/loss"]
         metrics.update(val_loss_gap=gap, within_0_02=abs(gap) <= 0.02)
-    common.write_json(OUT / "metrics.json", {**metrics, "iterations": config["iterations"],
-                                             "processes": config.get("processes", 1), "run": common.label(info)})
+    common.write_json(
+        OUT / "metrics.json",
+        {
+            **metrics,
+            "iterations": config["iterations"],
+            "processes": config.get("processes", 1),
+            "run": common.label(info),
+        },
+    )
     print(f"train_gpt: {metrics}")
 
 

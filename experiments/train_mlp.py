@@ -29,18 +29,32 @@ def main() -> None:
         if config.get("baseline") and config["backend"] != "torch":
             roles["baseline"] = ("torch", True)
         checkpoints = common.CHECKPOINT_ROOT / "train_mlp" / common.config_hash(config, info)
-        results = {role: common.train_mlp(config, info, stage="train_mlp", kind="train", role=role, backend=backend,
-                                          fused=fused, checkpoint_dir=checkpoints / role)
-                   for role, (backend, fused) in roles.items()}
+        results = {
+            role: common.train_mlp(
+                config,
+                info,
+                stage="train_mlp",
+                kind="train",
+                role=role,
+                backend=backend,
+                fused=fused,
+                checkpoint_dir=checkpoints / role,
+            )
+            for role, (backend, fused) in roles.items()
+        }
         common.write_csv(OUT / "epochs.csv", epoch_rows(results))
-        metrics = {role: {"backend": roles[role][0], "fused": roles[role][1],
-                          **common.flat_metrics(result, FINAL_METRICS)} for role, result in results.items()}
+        metrics = {
+            role: {"backend": roles[role][0], "fused": roles[role][1], **common.flat_metrics(result, FINAL_METRICS)}
+            for role, result in results.items()
+        }
         if "baseline" in results:
             gap = 100 * (results["model"]["val/accuracy"] - results["baseline"]["val/accuracy"])
             metrics["accuracy_gap_points"] = gap
             metrics["within_half_point"] = abs(gap) <= 0.5
-        common.write_json(OUT / "metrics.json", {**metrics, "dataset": config["dataset"], "epochs": config["epochs"],
-                                                 "run": common.label(info)})
+        common.write_json(
+            OUT / "metrics.json",
+            {**metrics, "dataset": config["dataset"], "epochs": config["epochs"], "run": common.label(info)},
+        )
         if not config.get("keep_checkpoints"):
             shutil.rmtree(checkpoints, ignore_errors=True)
         print(f"train_mlp: {metrics}")

@@ -37,14 +37,32 @@ def train(config: dict, info: dict, device: torch.device, checkpoints: Path) -> 
     model_params = {key: config[key] for key in MODEL_KEYS if key in config}
     results = {}
     for role, backend in common.roles(config).items():
-        vit_config = ViTConfig(image_size=size, channels=channels, num_classes=image_module(name).NUM_CLASSES,
-                               backend=backend, **model_params)
+        vit_config = ViTConfig(
+            image_size=size,
+            channels=channels,
+            num_classes=image_module(name).NUM_CLASSES,
+            backend=backend,
+            **model_params,
+        )
         results[role] = common.training_run(
-            config, info, stage="train_vit", kind="train", role=role, build=lambda: ViT(vit_config),
-            train=train_set, val=val_set, device=device, checkpoint_dir=checkpoints / role,
-            run_params={**common.used(config, "dataset", "train_subset", "val_subset", "processes"), **model_params,
-                        "backend": backend},
-            tags={"backend": backend, "dataset": name}, loss_fn=training.model_loss)
+            config,
+            info,
+            stage="train_vit",
+            kind="train",
+            role=role,
+            build=lambda: ViT(vit_config),
+            train=train_set,
+            val=val_set,
+            device=device,
+            checkpoint_dir=checkpoints / role,
+            run_params={
+                **common.used(config, "dataset", "train_subset", "val_subset", "processes"),
+                **model_params,
+                "backend": backend,
+            },
+            tags={"backend": backend, "dataset": name},
+            loss_fn=training.model_loss,
+        )
     return results
 
 
@@ -54,8 +72,16 @@ def write(results: dict, config: dict, info: dict) -> None:
     if "baseline" in results:
         gap = 100 * (results["model"]["val/accuracy"] - results["baseline"]["val/accuracy"])
         metrics.update(accuracy_gap_points=gap, within_half_point=abs(gap) <= 0.5)
-    common.write_json(OUT / "metrics.json", {**metrics, "dataset": config["dataset"], "epochs": config["epochs"],
-                                             "processes": config.get("processes", 1), "run": common.label(info)})
+    common.write_json(
+        OUT / "metrics.json",
+        {
+            **metrics,
+            "dataset": config["dataset"],
+            "epochs": config["epochs"],
+            "processes": config.get("processes", 1),
+            "run": common.label(info),
+        },
+    )
     print(f"train_vit: {metrics}")
 
 

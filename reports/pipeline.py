@@ -41,8 +41,19 @@ mlflow.set_tracking_uri(tracking.tracking_uri())
 client = mlflow.MlflowClient()
 pd.set_option("display.max_colwidth", 120)
 TEST_COUNTS = ["passed", "failed", "error", "skipped", "xfailed", "xpassed", "selected", "deselected"]
-PROVENANCE = ["tags.stage", "tags.role", "run_id", "start_time", "tags.gpu", "tags.torch", "tags.triton",
-              "tags.git_commit", "tags.git_dirty", "tags.dvc_exp", "tags.interpreter"]
+PROVENANCE = [
+    "tags.stage",
+    "tags.role",
+    "run_id",
+    "start_time",
+    "tags.gpu",
+    "tags.torch",
+    "tags.triton",
+    "tags.git_commit",
+    "tags.git_dirty",
+    "tags.dvc_exp",
+    "tags.interpreter",
+]
 
 
 def execution_runs(kind: str, stage: str) -> pd.DataFrame:
@@ -50,9 +61,11 @@ def execution_runs(kind: str, stage: str) -> pd.DataFrame:
     if client.get_experiment_by_name(kind) is None:
         return pd.DataFrame()
     runs = mlflow.search_runs(
-        experiment_names=[kind], order_by=["attributes.start_time DESC"],
+        experiment_names=[kind],
+        order_by=["attributes.start_time DESC"],
         filter_string=f"tags.stage = '{stage}' and tags.profile = '{MACHINE['profile']}' "
-                      "and attributes.status = 'FINISHED'")
+        "and attributes.status = 'FINISHED'",
+    )
     if runs.empty:
         return runs
     return runs[runs["tags.execution"] == runs["tags.execution"].iloc[0]].reset_index(drop=True)
@@ -67,15 +80,21 @@ def artifact_csv(run_id: str, name: str, stage: str) -> pd.DataFrame:
         fallback = ROOT / "results" / stage / name
         if not fallback.exists():
             return pd.DataFrame()
-        display(Markdown(f"_MLflow artifact `{name}` of run {run_id[:8]} is out of reach: read `{fallback.relative_to(ROOT)}`, "
-                         "the same file as the stage's DVC output._"))
+        display(
+            Markdown(
+                f"_MLflow artifact `{name}` of run {run_id[:8]} is out of reach: read `{fallback.relative_to(ROOT)}`, "
+                "the same file as the stage's DVC output._"
+            )
+        )
         return pd.read_csv(fallback)
 
 
 def card(runs: pd.DataFrame) -> str:
     row = runs.iloc[0]
-    text = (f"{row['tags.gpu']}, torch {row['tags.torch']}, triton {row['tags.triton']}, "
-            f"commit {row['tags.git_commit'][:10]}")
+    text = (
+        f"{row['tags.gpu']}, torch {row['tags.torch']}, triton {row['tags.triton']}, "
+        f"commit {row['tags.git_commit'][:10]}"
+    )
     return text + (" — INTERPRETER: timings mean nothing" if row["tags.interpreter"] == "true" else "")
 
 
@@ -87,18 +106,32 @@ def save(fig, name: str) -> None:
     plt.close(fig)
 
 
-RUNS = {"test": execution_runs("test", "test"), "bench": execution_runs("bench", "bench"),
-        "ablation": execution_runs("ablation", "ablation"), "train_mlp": execution_runs("train", "train_mlp"),
-        "train_gpt": execution_runs("train", "train_gpt"), "train_vit": execution_runs("train", "train_vit")}
-interpreter = MACHINE["interpreter"] or any((r.get("tags.interpreter") == "true").any() for r in RUNS.values()
-                                            if not r.empty)
+RUNS = {
+    "test": execution_runs("test", "test"),
+    "bench": execution_runs("bench", "bench"),
+    "ablation": execution_runs("ablation", "ablation"),
+    "train_mlp": execution_runs("train", "train_mlp"),
+    "train_gpt": execution_runs("train", "train_gpt"),
+    "train_vit": execution_runs("train", "train_vit"),
+}
+interpreter = MACHINE["interpreter"] or any(
+    (r.get("tags.interpreter") == "true").any() for r in RUNS.values() if not r.empty
+)
 if interpreter:
-    display(HTML('<div style="background:#b00020;color:white;padding:14px;font-size:20px;font-weight:bold">'
-                 f"{tracking.INTERPRETER_WARNING}: Triton ran on the CPU through its interpreter at tiny sizes "
-                 "(profile cpu); the numbers below only show that the pipeline works.</div>"))
-display(Markdown(f"**Machine:** profile `{MACHINE['profile']}`, device `{MACHINE['device']}`, card "
-                 f"**{MACHINE['gpu']}**, torch {MACHINE['torch']}, triton {MACHINE['triton']}, "
-                 f"python {MACHINE['python']}"))
+    display(
+        HTML(
+            '<div style="background:#b00020;color:white;padding:14px;font-size:20px;font-weight:bold">'
+            f"{tracking.INTERPRETER_WARNING}: Triton ran on the CPU through its interpreter at tiny sizes "
+            "(profile cpu); the numbers below only show that the pipeline works.</div>"
+        )
+    )
+display(
+    Markdown(
+        f"**Machine:** profile `{MACHINE['profile']}`, device `{MACHINE['device']}`, card "
+        f"**{MACHINE['gpu']}**, torch {MACHINE['torch']}, triton {MACHINE['triton']}, "
+        f"python {MACHINE['python']}"
+    )
+)
 
 # %% [markdown]
 # ## Provenance: every run this report reads
@@ -118,10 +151,14 @@ else:
     run = test.iloc[0]
     counts = {k: int(run[f"metrics.tests/{k}"]) for k in TEST_COUNTS if pd.notna(run.get(f"metrics.tests/{k}"))}
     sample = run.get("tags.pytest.sample_every", "1")
-    display(Markdown(f"**{card(test)}** — markers `{run['tags.pytest.markers']}`"
-                     + (f", every {sample}th parametrization of each test" if sample not in ("1", None) else "")
-                     + ": " + ", ".join(f"**{k} {v}**" if k == "failed" and v else f"{k} {v}"
-                                        for k, v in counts.items())))
+    display(
+        Markdown(
+            f"**{card(test)}** — markers `{run['tags.pytest.markers']}`"
+            + (f", every {sample}th parametrization of each test" if sample not in ("1", None) else "")
+            + ": "
+            + ", ".join(f"**{k} {v}**" if k == "failed" and v else f"{k} {v}" for k, v in counts.items())
+        )
+    )
     try:
         with open(mlflow.artifacts.download_artifacts(run_id=run["run_id"], artifact_path="report.json")) as f:
             reasons = json.load(f)["skip_reasons"]
@@ -144,9 +181,13 @@ if bench.empty:
     display(Markdown("_No finished `bench` run for this profile._"))
 else:
     run = bench.iloc[0]
-    display(Markdown(f"**{card(bench)}** — ceilings: copy {run['metrics.ceiling/gbps']:.1f} GB/s, "
-                     f"matmul {run['metrics.ceiling/tflops']:.2f} TFLOP/s; missing suites: "
-                     f"{run.get('tags.suites_missing', 'none')}"))
+    display(
+        Markdown(
+            f"**{card(bench)}** — ceilings: copy {run['metrics.ceiling/gbps']:.1f} GB/s, "
+            f"matmul {run['metrics.ceiling/tflops']:.2f} TFLOP/s; missing suites: "
+            f"{run.get('tags.suites_missing', 'none')}"
+        )
+    )
     rows = artifact_csv(run["run_id"], "bench.csv", "bench")
     if rows.empty:
         display(Markdown("_The benchmark produced no rows._"))
@@ -162,12 +203,16 @@ else:
         ok = rows[rows["rate"].notna()]
         display(ok.pivot_table(index=["op", "mode", "shape", "unit"], columns="provider", values="rate", sort=False))
         display(Markdown("Fraction of the ceiling:"))
-        display(ok.pivot_table(index=["op", "mode", "shape"], columns="provider", values="fraction_of_ceiling",
-                               sort=False).round(3))
+        display(
+            ok.pivot_table(
+                index=["op", "mode", "shape"], columns="provider", values="fraction_of_ceiling", sort=False
+            ).round(3)
+        )
         if "gpu_ms" in ok and ok["gpu_ms"].notna().any():  # GPU time alone (CUDA graph): absent on the CPU
             display(Markdown("GPU time alone (CUDA graph replay, L2 flushed; host launch cost excluded), ms:"))
-            display(ok.pivot_table(index=["op", "mode", "shape"], columns="provider", values="gpu_ms",
-                                   sort=False).round(4))
+            display(
+                ok.pivot_table(index=["op", "mode", "shape"], columns="provider", values="gpu_ms", sort=False).round(4)
+            )
         if "error" in rows and rows["error"].notna().any():
             display(Markdown("Providers that did not run:"))
             display(rows[rows["error"].notna()][["case", "provider", "error"]])
@@ -190,8 +235,11 @@ else:
         ax.set_xlabel("TFLOP/s")
         ax.set_title(f"{kernels['op'].iloc[0]} layer, {kernels['dtype'].iloc[0]}\n{card(ablation)}", fontsize=9)
         save(fig, "ablation_kernels")
-        display(kernels.pivot_table(index=["mode", "shape"], columns="provider", values="ms", sort=False)
-                .rename(columns=lambda c: f"{c} ms"))
+        display(
+            kernels.pivot_table(index=["mode", "shape"], columns="provider", values="ms", sort=False).rename(
+                columns=lambda c: f"{c} ms"
+            )
+        )
     models = ablation[~ablation["tags.role"].isin(["kernels", "gpt"])].set_index("tags.role").iloc[::-1]  # launch order
     if not models.empty:
         keys = ["perf/images_per_s", "perf/step_ms", "val/accuracy"]
@@ -216,20 +264,29 @@ else:
         label = f"{run['tags.role']} ({run['tags.backend']})"
         for ax, key in zip(axes, ["train/loss", "val/accuracy", "perf/images_per_s"]):
             history = client.get_metric_history(run["run_id"], key)
-            ax.plot([m.step for m in history], [m.value for m in history], marker="." if len(history) < 30 else None,
-                    label=label)
+            ax.plot(
+                [m.step for m in history],
+                [m.value for m in history],
+                marker="." if len(history) < 30 else None,
+                label=label,
+            )
             ax.set_title(key)
             ax.set_xlabel("step" if key == "train/loss" else "epoch")
     axes[0].legend()
     fig.suptitle(f"{train.iloc[0]['params.dataset']}\n{card(train)}", fontsize=9)
     save(fig, "training_curves")
-    final = train.set_index("tags.role")[[f"metrics.{k}" for k in
-                                          ["val/accuracy", "val/loss", "perf/images_per_s", "perf/step_ms"]]]
+    final = train.set_index("tags.role")[
+        [f"metrics.{k}" for k in ["val/accuracy", "val/loss", "perf/images_per_s", "perf/step_ms"]]
+    ]
     display(final.rename(columns=lambda c: c[8:]))
     if {"model", "baseline"} <= set(final.index):
         gap = 100 * (final.loc["model", "metrics.val/accuracy"] - final.loc["baseline", "metrics.val/accuracy"])
-        display(Markdown(f"Accuracy gap, Triton − nn.Linear: **{gap:+.2f} points** "
-                         f"({'within' if abs(gap) <= 0.5 else 'outside'} the 0.5-point target)."))
+        display(
+            Markdown(
+                f"Accuracy gap, Triton − nn.Linear: **{gap:+.2f} points** "
+                f"({'within' if abs(gap) <= 0.5 else 'outside'} the 0.5-point target)."
+            )
+        )
 
 # %% [markdown]
 # ## Ablation: the GPT with one part at a time on PyTorch
@@ -262,8 +319,12 @@ def curves(runs: pd.DataFrame, keys: list[str], title: str, name: str) -> None:
     for _, run in runs.iterrows():
         for ax, key in zip(axes, keys):
             history = client.get_metric_history(run["run_id"], key)
-            ax.plot([m.step for m in history], [m.value for m in history], marker="." if len(history) < 30 else None,
-                    label=f"{run['tags.role']} ({run['tags.backend']})")
+            ax.plot(
+                [m.step for m in history],
+                [m.value for m in history],
+                marker="." if len(history) < 30 else None,
+                label=f"{run['tags.role']} ({run['tags.backend']})",
+            )
             ax.set_title(key)
     axes[0].legend()
     fig.suptitle(f"{title}\n{card(runs)}", fontsize=9)
@@ -272,8 +333,9 @@ def curves(runs: pd.DataFrame, keys: list[str], title: str, name: str) -> None:
 
 def final_table(runs: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     """The final value of each key (that the runs logged) per role."""
-    return runs.set_index("tags.role")[[f"metrics.{k}" for k in keys if f"metrics.{k}" in runs]] \
-        .rename(columns=lambda c: c[8:])
+    return runs.set_index("tags.role")[[f"metrics.{k}" for k in keys if f"metrics.{k}" in runs]].rename(
+        columns=lambda c: c[8:]
+    )
 
 
 def bars(final: pd.DataFrame, keys: list[str], title: str, name: str) -> None:
@@ -289,8 +351,7 @@ def bars(final: pd.DataFrame, keys: list[str], title: str, name: str) -> None:
 
 def gap(final: pd.DataFrame, key: str) -> float | None:
     """model − baseline of a final metric (None without a baseline)."""
-    return final.loc["model", key] - final.loc["baseline", key] if {"model", "baseline"} <= set(final.index) \
-        else None
+    return final.loc["model", key] - final.loc["baseline", key] if {"model", "baseline"} <= set(final.index) else None
 
 
 # %% [markdown]
@@ -302,22 +363,35 @@ if gpt.empty:
     display(Markdown("_No finished `train_gpt` run for this profile._"))
 else:
     run = gpt.iloc[0]
-    display(Markdown(f"{run['params.n_layer']} layers, {run['params.n_head']} heads, {run['params.n_embd']} wide, "
-                     f"context {run['params.block_size']}, batch {run['params.batch_size']}, "
-                     f"{run['params.iterations']} iterations, norm {run['params.norm']}, MLP {run['params.mlp']}, "
-                     f"RoPE {run['params.rope']}, fused head {run['params.fused_head']}, "
-                     f"{run['tags.processes']} process(es)"))
+    display(
+        Markdown(
+            f"{run['params.n_layer']} layers, {run['params.n_head']} heads, {run['params.n_embd']} wide, "
+            f"context {run['params.block_size']}, batch {run['params.batch_size']}, "
+            f"{run['params.iterations']} iterations, norm {run['params.norm']}, MLP {run['params.mlp']}, "
+            f"RoPE {run['params.rope']}, fused head {run['params.fused_head']}, "
+            f"{run['tags.processes']} process(es)"
+        )
+    )
     curves(gpt, ["train/loss", "val/loss"], "GPT: loss against step", "gpt_curves")
-    final = final_table(gpt, ["val/loss", "train/loss", "perf/tokens_per_s", "perf/step_ms", "mem/peak_mib",
-                              "perf/mfu"])
-    bars(final, ["perf/tokens_per_s", "mem/peak_mib", "perf/mfu"], f"GPT: throughput, memory, MFU\n{card(gpt)}",
-         "gpt_bars")
+    final = final_table(
+        gpt, ["val/loss", "train/loss", "perf/tokens_per_s", "perf/step_ms", "mem/peak_mib", "perf/mfu"]
+    )
+    bars(
+        final,
+        ["perf/tokens_per_s", "mem/peak_mib", "perf/mfu"],
+        f"GPT: throughput, memory, MFU\n{card(gpt)}",
+        "gpt_bars",
+    )
     display(final)
     if (loss_gap := gap(final, "val/loss")) is not None:
         speed = final.loc["model", "perf/tokens_per_s"] / final.loc["baseline", "perf/tokens_per_s"]
-        display(Markdown(f"Validation loss, triformer − twin: **{loss_gap:+.4f}** "
-                         f"({'within' if abs(loss_gap) <= 0.02 else 'outside'} 0.02); "
-                         f"tokens/s ratio **{speed:.2f}x**."))
+        display(
+            Markdown(
+                f"Validation loss, triformer − twin: **{loss_gap:+.4f}** "
+                f"({'within' if abs(loss_gap) <= 0.02 else 'outside'} 0.02); "
+                f"tokens/s ratio **{speed:.2f}x**."
+            )
+        )
     for _, run in gpt.iterrows():
         try:
             text = mlflow.artifacts.load_text(f"runs:/{run['run_id']}/sample.txt")
@@ -335,11 +409,20 @@ if vit.empty:
     display(Markdown("_No finished `train_vit` run for this profile._"))
 else:
     curves(vit, ["train/loss", "val/accuracy"], f"ViT on {vit.iloc[0]['params.dataset']}", "vit_curves")
-    final = final_table(vit, ["val/accuracy", "val/loss", "train/loss", "perf/images_per_s", "perf/step_ms",
-                              "mem/peak_mib"])
-    bars(final, ["perf/images_per_s", "mem/peak_mib", "val/accuracy"],
-         f"ViT: throughput, memory, accuracy\n{card(vit)}", "vit_bars")
+    final = final_table(
+        vit, ["val/accuracy", "val/loss", "train/loss", "perf/images_per_s", "perf/step_ms", "mem/peak_mib"]
+    )
+    bars(
+        final,
+        ["perf/images_per_s", "mem/peak_mib", "val/accuracy"],
+        f"ViT: throughput, memory, accuracy\n{card(vit)}",
+        "vit_bars",
+    )
     display(final)
     if (accuracy_gap := gap(final, "val/accuracy")) is not None:
-        display(Markdown(f"Accuracy gap, triformer − twin: **{100 * accuracy_gap:+.2f} points** "
-                         f"({'within' if abs(accuracy_gap) <= 0.005 else 'outside'} the 0.5-point target)."))
+        display(
+            Markdown(
+                f"Accuracy gap, triformer − twin: **{100 * accuracy_gap:+.2f} points** "
+                f"({'within' if abs(accuracy_gap) <= 0.005 else 'outside'} the 0.5-point target)."
+            )
+        )

@@ -47,6 +47,7 @@ def seed():
 def row_path(request):
     """Row-wise ops run twice: rows held in one register block, and rows covered by a loop over column blocks."""
     from rowwise import LOOPED_BLOCK
+
     from triformer.kernels import _rows
 
     with _rows.row_block_cap(LOOPED_BLOCK) if request.param == "looped" else contextlib.nullcontext():

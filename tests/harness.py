@@ -46,8 +46,14 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor, scale_floor: float = 0.
     return diff / scale if scale > 0 else diff
 
 
-def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str, tol: float | None = None,
-                 scale_floor: float = 0.0):
+def assert_close(
+    out: torch.Tensor,
+    ref: torch.Tensor,
+    dtype: torch.dtype,
+    what: str,
+    tol: float | None = None,
+    scale_floor: float = 0.0,
+):
     tol = tolerance(dtype) if tol is None else tol
     err = relative_error(out, ref, scale_floor)
     assert err < tol, f"{what}: relative error {err:.3e} ≥ {tol:.0e} ({dtype})"

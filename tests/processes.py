@@ -8,8 +8,8 @@ import signal
 import subprocess
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 
 def _tagged(tag: str) -> list[int]:
@@ -29,8 +29,14 @@ def kill_when(command: list[str], ready: Callable[[], bool], *, cwd=None, env=No
     until no process of the run is left (torchrun's processes end themselves once their launcher is gone)."""
     tag = f"TRIFORMER_KILL_TEST={uuid.uuid4().hex}"
     name, value = tag.split("=")
-    process = subprocess.Popen(command, cwd=cwd, env={**(env or os.environ), name: value},
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(
+        command,
+        cwd=cwd,
+        env={**(env or os.environ), name: value},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + timeout
     try:
         while not ready():

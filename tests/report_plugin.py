@@ -25,11 +25,20 @@ _selection = {"selected": 0, "deselected": 0}  # where collection runs: here, or
 
 
 def pytest_addoption(parser):
-    parser.addoption("--triformer-report", metavar="PATH", default=None,
-                     help="write outcome counts and the worst relative error per op and dtype as JSON")
-    parser.addoption("--triformer-sample", metavar="N", type=int, default=1,
-                     help="keep every N-th parametrization of each test function (the first always); "
-                          "the rest are deselected and counted as such")
+    parser.addoption(
+        "--triformer-report",
+        metavar="PATH",
+        default=None,
+        help="write outcome counts and the worst relative error per op and dtype as JSON",
+    )
+    parser.addoption(
+        "--triformer-sample",
+        metavar="N",
+        type=int,
+        default=1,
+        help="keep every N-th parametrization of each test function (the first always); "
+        "the rest are deselected and counted as such",
+    )
 
 
 def pytest_collection_modifyitems(config, items):
@@ -78,11 +87,19 @@ def pytest_configure(config):
 def _record(item, arguments: dict, error: float, tolerance) -> None:
     """One tolerance check of `item`: the error harness.assert_close measured, with its dtype and tolerance."""
     dtype = arguments["dtype"]
-    item.user_properties.append(("relerr", {
-        "op": f"{Path(str(item.fspath)).stem.removeprefix('test_')}/{item.originalname.removeprefix('test_')}",
-        "dtype": DTYPE_NAMES.get(str(dtype), str(dtype)), "what": arguments["what"], "test": item.nodeid,
-        "error": error if math.isfinite(error) else "inf",
-        "tolerance": tolerance(dtype) if arguments.get("tol") is None else arguments["tol"]}))
+    item.user_properties.append(
+        (
+            "relerr",
+            {
+                "op": f"{Path(str(item.fspath)).stem.removeprefix('test_')}/{item.originalname.removeprefix('test_')}",
+                "dtype": DTYPE_NAMES.get(str(dtype), str(dtype)),
+                "what": arguments["what"],
+                "test": item.nodeid,
+                "error": error if math.isfinite(error) else "inf",
+                "tolerance": tolerance(dtype) if arguments.get("tol") is None else arguments["tol"],
+            },
+        )
+    )
 
 
 def pytest_deselected(items):  # -m / -k deselections and the sampling alike
@@ -114,8 +131,12 @@ def _worst(reports) -> dict:
     for (op, dtype), record in sorted(worst.items()):
         ratio = record["ratio"]
         result.setdefault(op, {})[dtype] = {
-            "worst": record["error"], "tolerance": record["tolerance"], "what": record["what"],
-            "test": record["test"], "ratio": ratio if math.isfinite(ratio) else "inf"}
+            "worst": record["error"],
+            "tolerance": record["tolerance"],
+            "what": record["what"],
+            "test": record["test"],
+            "ratio": ratio if math.isfinite(ratio) else "inf",
+        }
     return result
 
 
@@ -141,8 +162,18 @@ def pytest_sessionfinish(session, exitstatus):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         reason = reason.removeprefix("Skipped: ")
         skip_reasons[reason] = skip_reasons.get(reason, 0) + 1
-    Path(path).write_text(json.dumps({
-        "counts": counts, "exitstatus": int(exitstatus), "args": list(config.invocation_params.args),
-        "sample_every": config.getoption("--triformer-sample"),
-        "duration_s": time.time() - config._triformer_started, "skip_reasons": skip_reasons,
-        "relerr": _worst(reports)}, indent=2) + "\n")
+    Path(path).write_text(
+        json.dumps(
+            {
+                "counts": counts,
+                "exitstatus": int(exitstatus),
+                "args": list(config.invocation_params.args),
+                "sample_every": config.getoption("--triformer-sample"),
+                "duration_s": time.time() - config._triformer_started,
+                "skip_reasons": skip_reasons,
+                "relerr": _worst(reports),
+            },
+            indent=2,
+        )
+        + "\n"
+    )

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import pytest
-
 from harness import ON_GPU
 
 GPU_ONLY_WIDE = "rows of 32768+ elements: GPU only (the interpreter would take minutes)"

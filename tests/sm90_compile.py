@@ -22,8 +22,9 @@ def compile_for_sm90(kernel, types: dict, constexprs: dict, num_warps: int, sour
 
     names = kernel.arg_names
     signature = {n: "constexpr" if n in constexprs else types[n] for n in names}
-    source = (source_class or ASTSource)(kernel, signature,
-                                         constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    source = (source_class or ASTSource)(
+        kernel, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()}
+    )
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
 
 
@@ -35,8 +36,9 @@ def spilled_bytes(compiled) -> int:
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(compiled.asm["ptx"])
     try:
-        report = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True,
-                                text=True, check=True).stderr
+        report = subprocess.run(
+            [ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True, text=True, check=True
+        ).stderr
     finally:
         os.unlink(f.name)
     return sum(int(b) for b in re.findall(r"(\d+) bytes spill stores", report))

@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
+from harness import DEVICE, DTYPES, ON_GPU, assert_close, randn, relative_error, tolerance
 
 import triformer.functional as F_tri
-from harness import DEVICE, DTYPES, ON_GPU, assert_close, randn, relative_error, tolerance
 from triformer.kernels import attention as attention_kernels
 
 GPU_ONLY_LONG = "sequences of 257+ tokens: GPU only (the interpreter would take minutes)"
@@ -24,8 +24,15 @@ SHAPES = [
     (1, 4, 1, 33, 16),
 ] + [
     pytest.param(shape, marks=pytest.mark.skipif(not ON_GPU, reason=GPU_ONLY_LONG))
-    for shape in [(2, 4, 4, 257, 64), (2, 8, 8, 1000, 128), (1, 8, 2, 2048, 128), (1, 4, 4, 2048, 128),
-                  (1, 2, 1, 513, 256), (4, 6, 6, 256, 64), (1, 4, 4, 600, 72)]
+    for shape in [
+        (2, 4, 4, 257, 64),
+        (2, 8, 8, 1000, 128),
+        (1, 8, 2, 2048, 128),
+        (1, 4, 4, 2048, 128),
+        (1, 2, 1, 513, 256),
+        (4, 6, 6, 256, 64),
+        (1, 4, 4, 600, 72),
+    ]
 ]
 CAUSAL = [pytest.param(False, id="full"), pytest.param(True, id="causal")]
 
@@ -116,10 +123,12 @@ def test_causal_first_row_sees_one_key(dtype, seed):
 
 def fused_qkv_views(h, h_kv):
     """q, k, v as [B, H, S, D] views of one fused projection [B, S, H + 2·H_kv, D] (no copies)."""
+
     def views(leaves):
         (qkv,) = leaves
         q, k, v = qkv.split([h, h_kv, h_kv], dim=2)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
     return views
 
 
@@ -171,32 +180,49 @@ def test_gradients_of_some_inputs(needs, seed):
 
 def _bad(**changes):
     """Valid inputs q [2, 4, 9, 16], k, v [2, 2, 9, 16] with some replaced."""
+
     def make():
         args = dict(q=randn(2, 4, 9, 16), k=randn(2, 2, 9, 16), v=randn(2, 2, 9, 16), causal=False, scale=None)
         args.update({name: change() if callable(change) else change for name, change in changes.items()})
         return args
+
     return make
 
 
 BAD_INPUTS = [
     ("3-D q", _bad(q=lambda: randn(4, 9, 16)), ValueError, "q must be 4-D"),
-    ("heads not a multiple", _bad(k=lambda: randn(2, 3, 9, 16), v=lambda: randn(2, 3, 9, 16)), ValueError,
-     "not a multiple"),
+    (
+        "heads not a multiple",
+        _bad(k=lambda: randn(2, 3, 9, 16), v=lambda: randn(2, 3, 9, 16)),
+        ValueError,
+        "not a multiple",
+    ),
     ("k and v differ", _bad(v=lambda: randn(2, 1, 9, 16)), ValueError, "k and v must have the same shape"),
     ("head dims differ", _bad(k=lambda: randn(2, 2, 9, 32), v=lambda: randn(2, 2, 9, 32)), ValueError, "head dim"),
-    ("lengths differ", _bad(k=lambda: randn(2, 2, 8, 16), v=lambda: randn(2, 2, 8, 16)), ValueError,
-     "sequence length"),
+    ("lengths differ", _bad(k=lambda: randn(2, 2, 8, 16), v=lambda: randn(2, 2, 8, 16)), ValueError, "sequence length"),
     ("batches differ", _bad(k=lambda: randn(1, 2, 9, 16), v=lambda: randn(1, 2, 9, 16)), ValueError, "batch size"),
     ("dtypes differ", _bad(k=lambda: randn(2, 2, 9, 16, dtype=torch.float16)), TypeError, "dtype"),
     ("integer q", _bad(q=lambda: torch.ones(2, 4, 9, 16, dtype=torch.int32, device=DEVICE)), TypeError, "dtype"),
     ("not a tensor", _bad(q=[[1.0]]), TypeError, "torch.Tensor"),
     ("v on another device (meta)", _bad(v=lambda: torch.empty(2, 2, 9, 16, device="meta")), ValueError, "v .*meta"),
-    ("head dim 12", _bad(q=lambda: randn(2, 4, 9, 12), k=lambda: randn(2, 2, 9, 12), v=lambda: randn(2, 2, 9, 12)),
-     ValueError, "multiple of 8"),
-    ("head dim 264", _bad(q=lambda: randn(1, 1, 2, 264), k=lambda: randn(1, 1, 2, 264),
-                          v=lambda: randn(1, 1, 2, 264)), ValueError, "at most 256"),
-    ("empty sequence", _bad(q=lambda: randn(2, 4, 0, 16), k=lambda: randn(2, 2, 0, 16), v=lambda: randn(2, 2, 0, 16)),
-     ValueError, "empty dimension"),
+    (
+        "head dim 12",
+        _bad(q=lambda: randn(2, 4, 9, 12), k=lambda: randn(2, 2, 9, 12), v=lambda: randn(2, 2, 9, 12)),
+        ValueError,
+        "multiple of 8",
+    ),
+    (
+        "head dim 264",
+        _bad(q=lambda: randn(1, 1, 2, 264), k=lambda: randn(1, 1, 2, 264), v=lambda: randn(1, 1, 2, 264)),
+        ValueError,
+        "at most 256",
+    ),
+    (
+        "empty sequence",
+        _bad(q=lambda: randn(2, 4, 0, 16), k=lambda: randn(2, 2, 0, 16), v=lambda: randn(2, 2, 0, 16)),
+        ValueError,
+        "empty dimension",
+    ),
     ("negative scale", _bad(scale=-0.5), ValueError, "scale"),
     ("scale not a number", _bad(scale="0.5"), TypeError, "scale"),
     ("causal not a bool", _bad(causal=1), TypeError, "causal"),
@@ -219,8 +245,15 @@ def _config_cases():
     for d in (64, 128, 256):
         for kernel in ("forward", "dkdv", "dq"):
             for meta in attention_kernels.configs(kernel, d, 4096):
-                cases.append(pytest.param(kernel, d, meta, id=f"{kernel}-d{d}-{meta['BLOCK_M']}x{meta['BLOCK_N']}-"
-                                          f"w{meta['num_warps']}s{meta['num_stages']}"))
+                cases.append(
+                    pytest.param(
+                        kernel,
+                        d,
+                        meta,
+                        id=f"{kernel}-d{d}-{meta['BLOCK_M']}x{meta['BLOCK_N']}-"
+                        f"w{meta['num_warps']}s{meta['num_stages']}",
+                    )
+                )
     return cases
 
 
@@ -237,12 +270,20 @@ def test_every_tile(kernel, d, meta, causal, seed):
     dy = randn(*ref.shape, dtype=dtype)
     ref.backward(dy.double())
     with torch.no_grad():
-        o, lse = attention_kernels.attention_forward(q, k, v, causal, scale,
-                                                     meta=meta if kernel == "forward" else None)
+        o, lse = attention_kernels.attention_forward(q, k, v, causal, scale, meta=meta if kernel == "forward" else None)
         assert_close(o, ref, dtype, "output")
-        dq, dk, dv = attention_kernels.attention_backward(dy, q, k, v, o, lse, causal, scale,
-                                                          meta_dkdv=meta if kernel == "dkdv" else None,
-                                                          meta_dq=meta if kernel == "dq" else None)
+        dq, dk, dv = attention_kernels.attention_backward(
+            dy,
+            q,
+            k,
+            v,
+            o,
+            lse,
+            causal,
+            scale,
+            meta_dkdv=meta if kernel == "dkdv" else None,
+            meta_dq=meta if kernel == "dq" else None,
+        )
     for name, tested, reference in zip("qkv", (dq, dk, dv), refs):
         assert_close(tested, reference.grad, dtype, f"grad of {name}")
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from harness import DEVICE, assert_close, randn, tolerance
 
 import triformer.functional as F_tri
-from harness import DEVICE, assert_close, randn, tolerance
-from triformer.nn import (TorchMultiheadAttention, TorchRotaryEmbedding, TritonMultiheadAttention,
-                          TritonRotaryEmbedding)
+from triformer.nn import TorchMultiheadAttention, TorchRotaryEmbedding, TritonMultiheadAttention, TritonRotaryEmbedding
 
 EMBED, HEADS = 64, 4  # head dim 16
 

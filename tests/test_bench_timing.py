@@ -22,16 +22,22 @@ def test_interleaved_rounds_time_every_fn_once_per_round_and_take_medians(monkey
         return next(clock[name])
 
     monkeypatch.setattr(timing, "gpu_ms", fake_gpu_ms)
-    medians = timing.interleaved_gpu_ms({name: (lambda name=name: name) for name in "abc"}, rounds=3,
-                                        rep_ms=40)
+    medians = timing.interleaved_gpu_ms({name: (lambda name=name: name) for name in "abc"}, rounds=3, rep_ms=40)
     assert order == list("abc") * 3
     assert medians["a"] == 2.0 and medians["b"] == 7.0 and math.isnan(medians["c"])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU run's bookkeeping")
 def test_norms_suite_rows_on_the_cpu():
-    rows = norms.run([(33, 129)], dtype=torch.float32, device="cpu", progress=False, ops=("rms_norm",),
-                     modes=("fwd", "fwd+bwd"), rounds=2)
+    rows = norms.run(
+        [(33, 129)],
+        dtype=torch.float32,
+        device="cpu",
+        progress=False,
+        ops=("rms_norm",),
+        modes=("fwd", "fwd+bwd"),
+        rounds=2,
+    )
     by = {(r["mode"], r["provider"]): r for r in rows}
     for mode in ("fwd", "fwd+bwd"):
         assert by[mode, "triformer"]["ms"] > 0 and by[mode, "torch"]["ms"] > 0

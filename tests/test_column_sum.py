@@ -5,8 +5,8 @@ per chunk of rows, then a second pass), stacked planes, widths not a multiple of
 from __future__ import annotations
 
 import pytest
-
 from harness import DTYPES, assert_close, randn
+
 from triformer.kernels.reductions import column_sum
 
 

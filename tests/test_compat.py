@@ -10,15 +10,16 @@ import inspect
 import pytest
 import torch
 import torch.nn.functional as F
+from harness import DEVICE, assert_close, randn, reference_copy
 
 import triformer
-from harness import DEVICE, assert_close, randn, reference_copy
 from triformer import TritonCrossEntropyLoss, TritonDropout, TritonLinear, TritonSoftmax
 
 # Masked rows and ignored targets compute −inf − (−inf) and log 0 in numpy under the interpreter (all masked, as
 # in test_softmax.py and test_cross_entropy.py).
-pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
-                                        "ignore:divide by zero encountered:RuntimeWarning")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:invalid value encountered:RuntimeWarning", "ignore:divide by zero encountered:RuntimeWarning"
+)
 
 OLD_IMPORTS = [
     ("triformer.layernorm", "TritonLayerNorm"),
@@ -61,8 +62,10 @@ def test_cross_entropy_by_its_old_names(seed):
     targets[0, :2] = 0  # padding
     logits = randn(3, 5, vocab)
     results = []
-    for loss_fn in (TritonCrossEntropyLoss(pad_token_id=0, reduction="mean", n_chunks=1),
-                    TritonCrossEntropyLoss(ignore_index=0, reduction="mean", n_chunks=1)):
+    for loss_fn in (
+        TritonCrossEntropyLoss(pad_token_id=0, reduction="mean", n_chunks=1),
+        TritonCrossEntropyLoss(ignore_index=0, reduction="mean", n_chunks=1),
+    ):
         leaf = logits.clone().requires_grad_(True)
         loss = loss_fn(leaf, targets)
         loss.backward()
@@ -90,14 +93,18 @@ def test_dropout_apply_by_its_old_argument_name(seed):
     assert torch.equal(TritonDropout.apply(x, dropout_prob=0.25, seed=seed), TritonDropout.apply(x, 0.25, seed))
 
 
-@pytest.mark.parametrize("make, names", [
-    (lambda: TritonSoftmax(causal=True, is_causal=True), ("is_causal=", "causal=")),
-    (lambda: TritonSoftmax(-1, False, is_causal=True), ("is_causal=", "causal=")),
-    (lambda: TritonCrossEntropyLoss(-100, pad_token_id=0), ("pad_token_id=", "ignore_index=")),
-    (lambda: TritonCrossEntropyLoss(ignore_index=0, pad_token_id=0), ("pad_token_id=", "ignore_index=")),
-    (lambda: TritonLinear(4, 5, activation="gelu", use_relu=True), ("use_relu=", "activation=")),
-    (lambda: TritonDropout.apply(randn(4), 0.5, dropout_prob=0.5), ("dropout_prob=", "p=")),
-], ids=["softmax", "softmax-positional", "cross-entropy-positional", "cross-entropy", "linear", "dropout"])
+@pytest.mark.parametrize(
+    "make, names",
+    [
+        (lambda: TritonSoftmax(causal=True, is_causal=True), ("is_causal=", "causal=")),
+        (lambda: TritonSoftmax(-1, False, is_causal=True), ("is_causal=", "causal=")),
+        (lambda: TritonCrossEntropyLoss(-100, pad_token_id=0), ("pad_token_id=", "ignore_index=")),
+        (lambda: TritonCrossEntropyLoss(ignore_index=0, pad_token_id=0), ("pad_token_id=", "ignore_index=")),
+        (lambda: TritonLinear(4, 5, activation="gelu", use_relu=True), ("use_relu=", "activation=")),
+        (lambda: TritonDropout.apply(randn(4), 0.5, dropout_prob=0.5), ("dropout_prob=", "p=")),
+    ],
+    ids=["softmax", "softmax-positional", "cross-entropy-positional", "cross-entropy", "linear", "dropout"],
+)
 def test_an_old_name_with_its_current_name_is_an_error(make, names):
     old, new = names
     with pytest.raises(TypeError, match=f"{old} .*dame-cell/Triformer.* and {new} are the same argument"):

@@ -5,15 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
-import triformer.functional as F_tri
 from harness import DEVICE, DTYPES, ON_GPU, assert_close, randn
 from rowwise import WIDTHS, rows_for
+
+import triformer.functional as F_tri
 from triformer import TritonCrossEntropyLoss
 
 # Padding rows and ignored rows compute −inf − (−inf), log 0 and 1 / 0 in numpy under the interpreter; all masked.
-pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
-                                        "ignore:divide by zero encountered:RuntimeWarning")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:invalid value encountered:RuntimeWarning", "ignore:divide by zero encountered:RuntimeWarning"
+)
 
 
 def make_targets(shape, v, ignore_index=-100, ignored=0.25):
@@ -164,8 +165,8 @@ def test_logits_stay_usable_after_the_loss_by_default(seed):
     loss.backward(retain_graph=True)
     assert (logits.argmax(-1).cpu() == targets.cpu()).double().mean() == expected_accuracy
     other = make_targets((12,), 33, ignored=0.0)
-    second = F.cross_entropy(logits, other) + (logits ** 2).mean()  # another consumer, after the loss
-    second_ref = F.cross_entropy(logits_ref, other.cpu()) + (logits_ref ** 2).mean()
+    second = F.cross_entropy(logits, other) + (logits**2).mean()  # another consumer, after the loss
+    second_ref = F.cross_entropy(logits_ref, other.cpu()) + (logits_ref**2).mean()
     assert_close(second, second_ref, torch.float32, "the other consumer's loss")
     second.backward()
     (F.cross_entropy(logits_ref, targets.cpu()) + second_ref).backward()
@@ -199,8 +200,9 @@ def test_module_matches_torch(dtype, seed):
     logits = randn(4, 5, 33, dtype=dtype)
     targets = make_targets((4, 5), 33)
     ours = TritonCrossEntropyLoss(label_smoothing=0.05)(logits, targets)
-    ref = torch.nn.CrossEntropyLoss(label_smoothing=0.05)(logits.double().cpu().reshape(-1, 33),
-                                                          targets.cpu().reshape(-1))
+    ref = torch.nn.CrossEntropyLoss(label_smoothing=0.05)(
+        logits.double().cpu().reshape(-1, 33), targets.cpu().reshape(-1)
+    )
     assert_close(ours, ref, torch.float32, "loss")
 
 
@@ -249,15 +251,18 @@ def test_bad_inputs():
         F_tri.cross_entropy(logits, good, inplace_grad=None)
 
 
-@pytest.mark.parametrize("kwargs,error,message", [
-    (dict(label_smoothing=2), ValueError, "label_smoothing must lie in \\[0, 1\\], got 2"),
-    (dict(label_smoothing=float("nan")), ValueError, "label_smoothing must lie in"),
-    (dict(label_smoothing="0.1"), ValueError, "label_smoothing must lie in"),
-    (dict(reduction="avg"), ValueError, "reduction must be one of"),
-    (dict(n_chunks=0), ValueError, "n_chunks must be a positive int"),
-    (dict(ignore_index=1.5), TypeError, "ignore_index must be an int"),
-    (dict(inplace_grad="yes"), TypeError, "inplace_grad must be True or False"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,message",
+    [
+        (dict(label_smoothing=2), ValueError, "label_smoothing must lie in \\[0, 1\\], got 2"),
+        (dict(label_smoothing=float("nan")), ValueError, "label_smoothing must lie in"),
+        (dict(label_smoothing="0.1"), ValueError, "label_smoothing must lie in"),
+        (dict(reduction="avg"), ValueError, "reduction must be one of"),
+        (dict(n_chunks=0), ValueError, "n_chunks must be a positive int"),
+        (dict(ignore_index=1.5), TypeError, "ignore_index must be an int"),
+        (dict(inplace_grad="yes"), TypeError, "inplace_grad must be True or False"),
+    ],
+)
 def test_module_arguments_checked_at_construction(kwargs, error, message):
     """A bad argument fails when the module is built, not at its first call (label_smoothing=2 was accepted)."""
     with pytest.raises(error, match=message):
@@ -294,8 +299,12 @@ def test_out_of_range_target_is_reported_and_later_calls_work():
             F_tri.check_targets()
         good = make_targets((6,), 37, ignored=0.0)
         reference = F.cross_entropy(leaf.detach().double(), good)
-        assert_close(F_tri.cross_entropy(leaf * 1, good, inplace_grad=inplace), reference, torch.float32,
-                     "loss after the rejected call")
+        assert_close(
+            F_tri.cross_entropy(leaf * 1, good, inplace_grad=inplace),
+            reference,
+            torch.float32,
+            "loss after the rejected call",
+        )
         F_tri.check_targets()
 
 
@@ -319,8 +328,6 @@ def test_kernel_guards_targets_out_of_range(seed):
     assert_close(losses[good], ref, torch.float32, "loss of the rows with valid targets")
     ref_grad = torch.softmax(logits[good].double(), -1) - F.one_hot(targets[good], 10).double()
     assert_close(grad[good], ref_grad, torch.float32, "gradient of the rows with valid targets")
-
-
 
 
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-
 from fake_datasets import write_cifar10_archive, write_fashion_mnist
+
 from triformer.data import cifar10, fashion_mnist, image_classification, shakespeare
 
 pytestmark = pytest.mark.pipeline
@@ -19,8 +19,9 @@ pytestmark = pytest.mark.pipeline
 
 def test_fashion_mnist_offline_files_load_with_torchvision(tmp_path):
     arrays = write_fashion_mnist(tmp_path / "debian")
-    origin = fashion_mnist.prepare(tmp_path / "root", offline_dir=[tmp_path / "nothing", tmp_path / "debian"],
-                                   download=False)
+    origin = fashion_mnist.prepare(
+        tmp_path / "root", offline_dir=[tmp_path / "nothing", tmp_path / "debian"], download=False
+    )
     assert origin == f"offline: {tmp_path / 'debian'}"
     assert sorted(p.name for p in fashion_mnist.raw_folder(tmp_path / "root").iterdir()) == sorted(fashion_mnist.FILES)
     for train, split in ((True, "train"), (False, "t10k")):

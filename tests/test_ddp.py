@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from processes import kill_when
 
 pytestmark = pytest.mark.pipeline
@@ -42,8 +41,11 @@ def test_two_processes_train_as_one_and_a_killed_run_resumes(tmp_path):
 
     checkpoints = tmp_path / "checkpoints"
     killed = tmp_path / "killed.json"  # process 0 stops at step 3, after the checkpoint of step 2: killed there
-    kill_when(TORCHRUN + [str(WORKER), str(killed), "--checkpoints", str(checkpoints), "--hang-at", "3"],
-              killed.with_suffix(".hanging").exists, env=environment())
+    kill_when(
+        TORCHRUN + [str(WORKER), str(killed), "--checkpoints", str(checkpoints), "--hang-at", "3"],
+        killed.with_suffix(".hanging").exists,
+        env=environment(),
+    )
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step_00000002.pt"]  # written by process 0 alone
     resumed = train(tmp_path / "resumed.json", "--checkpoints", checkpoints)
     assert resumed["resumed_from_step"] == 2 and list(resumed["losses"]) == ["3", "4", "5", "6"]

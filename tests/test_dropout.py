@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
+from harness import DEVICE, DTYPES, ON_GPU, assert_close, randn
 
 import triformer.functional as F_tri
-from harness import DEVICE, DTYPES, ON_GPU, assert_close, randn
 from triformer import TritonDropout
 from triformer.kernels import dropout as dropout_kernels
 

@@ -6,17 +6,17 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from harness import DEVICE, DTYPES, INTERPRETER, assert_close, randn, reference_copy, relative_error, tolerance
 
 import triformer.functional as F_tri
-from harness import DEVICE, DTYPES, INTERPRETER, assert_close, randn, reference_copy, relative_error, tolerance
-from triformer import (TritonCrossEntropyLoss, TritonDropout, TritonLayerNorm, TritonLinear, TritonRMSNorm,
-                       TritonSoftmax)
+from triformer import TritonCrossEntropyLoss, TritonDropout, TritonLayerNorm, TritonLinear, TritonRMSNorm, TritonSoftmax
 
 INTERPRETER_ONLY = "CPU autocast under the interpreter: a GPU computes bf16 natively"
 
 
 def _ops(dtype, device=DEVICE):
     """(name, call) for every functional op on small inputs of this dtype and device."""
+
     def t(*shape):
         return torch.randn(*shape, device=device).to(dtype)
 
@@ -74,8 +74,12 @@ def test_meta_module_says_what_is_wrong():
 # ------------------------------------------------------------------------------------------------- empty sizes
 
 ACTIVATIONS = [None, "relu", "gelu", "silu"]
-REFERENCE_ACTIVATION = {None: lambda z: z, "relu": torch.relu, "gelu": lambda z: F.gelu(z, approximate="tanh"),
-                        "silu": F.silu}
+REFERENCE_ACTIVATION = {
+    None: lambda z: z,
+    "relu": torch.relu,
+    "gelu": lambda z: F.gelu(z, approximate="tanh"),
+    "silu": F.silu,
+}
 
 
 def _linear_like_torch(x_shape, n, activation, fused, bias=True):
@@ -152,30 +156,49 @@ def test_rms_norm_eps_none_is_the_dtypes_epsilon(dtype, seed):
 # ------------------------------------------------------------------------------------------- constructor checks
 
 
-@pytest.mark.parametrize("build,error,message", [
-    (lambda: TritonLayerNorm(8, eps=-1e-5), ValueError, "eps must be a finite number ≥ 0, got -1e-05"),
-    (lambda: TritonLayerNorm(8, eps=float("nan")), ValueError, "eps must be a finite number ≥ 0"),
-    (lambda: TritonLayerNorm(8, eps=None), ValueError, "eps must be a finite number ≥ 0"),
-    (lambda: TritonLayerNorm((8, 0)), ValueError, "normalized_shape must be a positive int"),
-    (lambda: TritonLayerNorm(8, elementwise_affine="no"), TypeError, "elementwise_affine must be True or False"),
-    (lambda: TritonRMSNorm(0), ValueError, "normalized_shape must be a positive int"),
-    (lambda: TritonRMSNorm(-3), ValueError, "normalized_shape must be a positive int"),
-    (lambda: TritonRMSNorm(8, eps=-1.0), ValueError, "eps must be a finite number ≥ 0 or None"),
-    (lambda: TritonRMSNorm(8, eps="1e-6"), ValueError, "eps must be a finite number ≥ 0 or None"),
-    (lambda: TritonLinear(-1, 5), ValueError, "in_features must be an int ≥ 0, got -1"),
-    (lambda: TritonLinear(8, 2.5), ValueError, "out_features must be an int ≥ 0, got 2.5"),
-    (lambda: TritonLinear(8, 5, fused="yes"), TypeError, "fused must be True or False"),
-    (lambda: TritonLinear(8, 5, activation="swish"), ValueError, "unknown activation 'swish'"),
-    (lambda: TritonSoftmax(dim="last"), TypeError, "dim must be an int"),
-    (lambda: TritonSoftmax(causal=1), TypeError, "causal must be True or False"),
-    (lambda: TritonDropout(1.5), ValueError, "p must be a number in \\[0, 1\\]"),
-    (lambda: TritonDropout(float("nan")), ValueError, "p must be a number in \\[0, 1\\]"),
-    (lambda: TritonCrossEntropyLoss(label_smoothing=2), ValueError, "label_smoothing must lie in \\[0, 1\\]"),
-], ids=["layernorm-eps-negative", "layernorm-eps-nan", "layernorm-eps-none", "layernorm-shape-zero",
-        "layernorm-affine-not-bool", "rmsnorm-size-zero", "rmsnorm-size-negative", "rmsnorm-eps-negative",
-        "rmsnorm-eps-string", "linear-in-negative", "linear-out-float", "linear-fused-not-bool",
-        "linear-unknown-activation", "softmax-dim-string", "softmax-causal-int", "dropout-p-1.5", "dropout-p-nan",
-        "crossentropy-smoothing-2"])
+@pytest.mark.parametrize(
+    "build,error,message",
+    [
+        (lambda: TritonLayerNorm(8, eps=-1e-5), ValueError, "eps must be a finite number ≥ 0, got -1e-05"),
+        (lambda: TritonLayerNorm(8, eps=float("nan")), ValueError, "eps must be a finite number ≥ 0"),
+        (lambda: TritonLayerNorm(8, eps=None), ValueError, "eps must be a finite number ≥ 0"),
+        (lambda: TritonLayerNorm((8, 0)), ValueError, "normalized_shape must be a positive int"),
+        (lambda: TritonLayerNorm(8, elementwise_affine="no"), TypeError, "elementwise_affine must be True or False"),
+        (lambda: TritonRMSNorm(0), ValueError, "normalized_shape must be a positive int"),
+        (lambda: TritonRMSNorm(-3), ValueError, "normalized_shape must be a positive int"),
+        (lambda: TritonRMSNorm(8, eps=-1.0), ValueError, "eps must be a finite number ≥ 0 or None"),
+        (lambda: TritonRMSNorm(8, eps="1e-6"), ValueError, "eps must be a finite number ≥ 0 or None"),
+        (lambda: TritonLinear(-1, 5), ValueError, "in_features must be an int ≥ 0, got -1"),
+        (lambda: TritonLinear(8, 2.5), ValueError, "out_features must be an int ≥ 0, got 2.5"),
+        (lambda: TritonLinear(8, 5, fused="yes"), TypeError, "fused must be True or False"),
+        (lambda: TritonLinear(8, 5, activation="swish"), ValueError, "unknown activation 'swish'"),
+        (lambda: TritonSoftmax(dim="last"), TypeError, "dim must be an int"),
+        (lambda: TritonSoftmax(causal=1), TypeError, "causal must be True or False"),
+        (lambda: TritonDropout(1.5), ValueError, "p must be a number in \\[0, 1\\]"),
+        (lambda: TritonDropout(float("nan")), ValueError, "p must be a number in \\[0, 1\\]"),
+        (lambda: TritonCrossEntropyLoss(label_smoothing=2), ValueError, "label_smoothing must lie in \\[0, 1\\]"),
+    ],
+    ids=[
+        "layernorm-eps-negative",
+        "layernorm-eps-nan",
+        "layernorm-eps-none",
+        "layernorm-shape-zero",
+        "layernorm-affine-not-bool",
+        "rmsnorm-size-zero",
+        "rmsnorm-size-negative",
+        "rmsnorm-eps-negative",
+        "rmsnorm-eps-string",
+        "linear-in-negative",
+        "linear-out-float",
+        "linear-fused-not-bool",
+        "linear-unknown-activation",
+        "softmax-dim-string",
+        "softmax-causal-int",
+        "dropout-p-1.5",
+        "dropout-p-nan",
+        "crossentropy-smoothing-2",
+    ],
+)
 def test_module_arguments_are_checked_at_construction(build, error, message):
     """A bad argument fails where the module is built, with the argument named, not at the first call."""
     with pytest.raises(error, match=message):

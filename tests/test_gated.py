@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-
-import triformer.functional as F_tri
 from harness import DEVICE, DTYPES, ON_GPU, assert_close, randn, reference_copy
 from sm90_compile import assert_compiled_without_spills, child_report, compile_for_sm90, report_each, spilled_bytes
+
+import triformer.functional as F_tri
 from triformer import TritonGatedMLP
 from triformer.kernels import gated as gated_kernels
 from triformer.nn import TorchGatedMLP
@@ -49,8 +49,9 @@ def non_leaf(x):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(7, 66), (2, 3, 32), (1, 2), (33, 128)],
-                         ids=["7x2*33", "2x3x2*16", "1x2*1", "33x2*64"])
+@pytest.mark.parametrize(
+    "shape", [(7, 66), (2, 3, 32), (1, 2), (33, 128)], ids=["7x2*33", "2x3x2*16", "1x2*1", "33x2*64"]
+)
 @pytest.mark.parametrize("where", ["buffer", "in-place"])
 @pytest.mark.parametrize("activation", ["silu", "gelu"])
 def test_against_float64(activation, where, shape, dtype, seed):
@@ -215,7 +216,8 @@ def test_bench_suite_rows(seed):
     names = ("triformer", "triformer (grad buffer)", "torch")
     rows = gated_bench.run([(5, 9)], dtype=torch.float32, device=DEVICE, progress=False, rounds=1, names=names)
     assert [(r["op"], r["mode"], r["provider"]) for r in rows] == [
-        (op, mode, name) for op in ("swiglu", "geglu") for mode in ("fwd", "fwd+bwd") for name in names]
+        (op, mode, name) for op in ("swiglu", "geglu") for mode in ("fwd", "fwd+bwd") for name in names
+    ]
     for row in rows:
         assert row["error"] == "" and row["shape"] == "5x9"
         elements = 3 * 45 if row["mode"] == "fwd" else 8 * 45
@@ -224,10 +226,20 @@ def test_bench_suite_rows(seed):
         assert isinstance(gated_bench.providers("cpu")["torch.compile"], RuntimeError)
 
 
-FORWARD_TYPES = dict(x_ptr="*bf16", h_ptr="*bf16", M="i32", N="i32", stride_xm="i32", stride_xn="i32",
-                     stride_hm="i32")
-BACKWARD_TYPES = dict(dh_ptr="*bf16", x_ptr="*bf16", dx_ptr="*bf16", M="i32", N="i32", stride_dhm="i32",
-                      stride_dhn="i32", stride_xm="i32", stride_xn="i32", stride_dxm="i32", stride_dxn="i32")
+FORWARD_TYPES = dict(x_ptr="*bf16", h_ptr="*bf16", M="i32", N="i32", stride_xm="i32", stride_xn="i32", stride_hm="i32")
+BACKWARD_TYPES = dict(
+    dh_ptr="*bf16",
+    x_ptr="*bf16",
+    dx_ptr="*bf16",
+    M="i32",
+    N="i32",
+    stride_dhm="i32",
+    stride_dhn="i32",
+    stride_xm="i32",
+    stride_xn="i32",
+    stride_dxm="i32",
+    stride_dxn="i32",
+)
 # [M, hidden] as the GPU launches them; unit column strides specialized to 1 (constexpr) as Triton does
 COMPILE_CASES = [f"{act}-{m}x{n}" for act in ("silu", "gelu") for m, n in ((8192, 11008), (16384, 3072), (7, 33))]
 
@@ -243,11 +255,19 @@ def compile_all() -> dict:
         meta = dict(kernels._launch(m, n, kernels.GPU_TILE, kernels.GPU_MAX_BLOCK_N)[1])
         warps = meta.pop("num_warps")
         flags = {**meta, "ACT": activation_code(act)}
-        return {"forward": spilled_bytes(compile_for_sm90(
-                    kernels._gated_forward_kernel, FORWARD_TYPES, {**flags, "stride_xn": 1}, warps)),
-                "backward": spilled_bytes(compile_for_sm90(
-                    kernels._gated_backward_kernel, BACKWARD_TYPES,
-                    {**flags, "stride_xn": 1, "stride_dhn": 1, "stride_dxn": 1}, warps))}
+        return {
+            "forward": spilled_bytes(
+                compile_for_sm90(kernels._gated_forward_kernel, FORWARD_TYPES, {**flags, "stride_xn": 1}, warps)
+            ),
+            "backward": spilled_bytes(
+                compile_for_sm90(
+                    kernels._gated_backward_kernel,
+                    BACKWARD_TYPES,
+                    {**flags, "stride_xn": 1, "stride_dhn": 1, "stride_dxn": 1},
+                    warps,
+                )
+            ),
+        }
 
     return report_each({name: (lambda name=name: case(name)) for name in COMPILE_CASES})
 

@@ -23,9 +23,11 @@ def write_wheel(folder: Path, version: str) -> None:
     for old in folder.glob("*.whl"):
         old.unlink()
     info = f"probe_pkg-{version}.dist-info"
-    files = {"probe_pkg/__init__.py": f"VERSION = {version!r}\n",
-             f"{info}/METADATA": f"Metadata-Version: 2.1\nName: probe-pkg\nVersion: {version}\n",
-             f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    files = {
+        "probe_pkg/__init__.py": f"VERSION = {version!r}\n",
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: probe-pkg\nVersion: {version}\n",
+        f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
     files[f"{info}/RECORD"] = "".join(f"{name},,\n" for name in files) + f"{info}/RECORD,,\n"
     with zipfile.ZipFile(folder / f"probe_pkg-{version}-py3-none-any.whl", "w") as wheel:
         for name, text in files.items():
@@ -42,13 +44,21 @@ def test_gpu_kernels_sh_installs_each_calls_wheels_into_a_fresh_folder(tmp_path)
     stubs.mkdir()
     (stubs / "nvidia-smi").write_text("#!/bin/sh\necho 'stub GPU, 80 GiB, 0'\n")
     (stubs / "nvidia-smi").chmod(0o755)
-    env = {**os.environ, "TMPDIR": str(tmp), "OUT": str(tmp_path / "out"), "TESTS": "none", "SUITES": "none",
-           "PROBES": "probe.py:60", "PATH": f"{stubs}:{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "TMPDIR": str(tmp),
+        "OUT": str(tmp_path / "out"),
+        "TESTS": "none",
+        "SUITES": "none",
+        "PROBES": "probe.py:60",
+        "PATH": f"{stubs}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
     seen = []
     for version in ("1.0", "2.0"):  # the second call carries a newer wheel: it must be the one imported
         write_wheel(work / ".whl", version)
-        done = subprocess.run(["bash", "tools/gpu_kernels.sh"], cwd=work, env=env, capture_output=True, text=True,
-                              timeout=300)
+        done = subprocess.run(
+            ["bash", "tools/gpu_kernels.sh"], cwd=work, env=env, capture_output=True, text=True, timeout=300
+        )
         assert done.returncode == 0, done.stdout + done.stderr
         line = next(line for line in done.stdout.splitlines() if line.startswith("probe "))
         seen.append(line.split()[1:])

@@ -15,18 +15,20 @@ import contextlib
 
 import pytest
 import torch
+from harness import DEVICE, ON_GPU, assert_close, randn
 
 import triformer.functional as TF
-from harness import DEVICE, ON_GPU, assert_close, randn
-from triformer import GPT, ViT, GPTConfig, ViTConfig
+from triformer import GPT, GPTConfig, ViT, ViTConfig
 from triformer.functional import _targets
 from triformer.functional._library import OPS, through_dispatcher
 from triformer.kernels import dropout as dropout_kernels
 from triformer.models.mlp import TritonMLP
 
-pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
-                                        "ignore:divide by zero encountered:RuntimeWarning",
-                                        "ignore:overflow encountered:RuntimeWarning")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:invalid value encountered:RuntimeWarning",
+    "ignore:divide by zero encountered:RuntimeWarning",
+    "ignore:overflow encountered:RuntimeWarning",
+)
 
 ops = torch.ops.triformer
 
@@ -64,38 +66,51 @@ OPCHECK_CASES = {
     "linear-fused-relu": lambda: (ops.linear, (leaf(4, 7), leaf(5, 7), leaf(5), "relu", True, True)),
     "linear-unfused-silu": lambda: (ops.linear, (leaf(4, 7), leaf(5, 7), None, "silu", False, True)),
     "linear-no-grad": lambda: (ops.linear, (randn(4, 7), randn(5, 7), randn(5), None, True, False)),
-    "linear_backward": lambda: (ops.linear_backward, (randn(2, 3, 5), randn(2, 3, 7), randn(5, 7), randn(2, 3, 5),
-                                                      "gelu", True, True, True, True)),
+    "linear_backward": lambda: (
+        ops.linear_backward,
+        (randn(2, 3, 5), randn(2, 3, 7), randn(5, 7), randn(2, 3, 5), "gelu", True, True, True, True),
+    ),
     "layer_norm": lambda: (ops.norm, (leaf(2, 3, 9), leaf(9), leaf(9), 1e-5, True)),
     "rms_norm": lambda: (ops.norm, (leaf(5, 9), leaf(9), None, 1e-6, False)),
     "norm-no-affine": lambda: (ops.norm, (leaf(5, 9), None, None, 1e-5, True)),
-    "norm_backward": lambda: (ops.norm_backward, (randn(2, 3, 9), *norm_outputs(True)[:2], *norm_outputs(True)[2:],
-                                                  True, False, torch.float32)),
+    "norm_backward": lambda: (
+        ops.norm_backward,
+        (randn(2, 3, 9), *norm_outputs(True)[:2], *norm_outputs(True)[2:], True, False, torch.float32),
+    ),
     "softmax": lambda: (ops.softmax, (leaf(3, 11), False)),
     "softmax-causal": lambda: (ops.softmax, (leaf(2, 5, 5), True)),
     "softmax_backward": lambda: (ops.softmax_backward, (torch.softmax(randn(2, 5, 5), -1), randn(2, 5, 5), True)),
     "dropout": lambda: (ops.dropout, (leaf(3, 33), 0.3, torch.tensor(1234))),
-    "cross_entropy-mean": lambda: (ops.cross_entropy, (leaf(2, 3, 10), targets((2, 3), 10), -100, "mean", 0.1, 1,
-                                                       True)),
+    "cross_entropy-mean": lambda: (
+        ops.cross_entropy,
+        (leaf(2, 3, 10), targets((2, 3), 10), -100, "mean", 0.1, 1, True),
+    ),
     "cross_entropy-none": lambda: (ops.cross_entropy, (leaf(5, 10), targets((5,), 10), -100, "none", 0.0, 2, True)),
-    "cross_entropy-no-grad": lambda: (ops.cross_entropy, (randn(5, 10), targets((5,), 10), -100, "sum", 0.0, 1,
-                                                          False)),
+    "cross_entropy-no-grad": lambda: (ops.cross_entropy, (randn(5, 10), targets((5,), 10), -100, "sum", 0.0, 1, False)),
     "scale_rows_": lambda: (ops.scale_rows_, (randn(4, 10), randn(4))),
     "attention": lambda: (ops.attention, (leaf(1, 2, 5, 8), leaf(1, 1, 5, 8), leaf(1, 1, 5, 8), True, 0.3)),
-    "attention_backward": lambda: (ops.attention_backward, (randn(1, 2, 5, 8), *attention_saved(), True, 0.3,
-                                                            True, True)),
+    "attention_backward": lambda: (
+        ops.attention_backward,
+        (randn(1, 2, 5, 8), *attention_saved(), True, 0.3, True, True),
+    ),
     "rope": lambda: (ops.rope, (leaf(1, 2, 5, 8), leaf(1, 1, 5, 8), *tables(7, 8), 1, False)),
     "rope-inverse-k-only": lambda: (ops.rope, (None, randn(1, 1, 5, 8), *tables(7, 8), 2, True)),
     "gated": lambda: (ops.gated, (leaf(2, 3, 10), "silu", False)),
     "gated-in-place": lambda: (ops.gated, (leaf(4, 10) * 1, "gelu", True)),
     "gated_backward": lambda: (ops.gated_backward, (randn(4, 5), randn(4, 10), "gelu")),
     "gated_backward_into_x_": lambda: (ops.gated_backward_into_x_, (randn(4, 5), randn(4, 10), "silu")),
-    "linear_cross_entropy-mean": lambda: (ops.linear_cross_entropy, (
-        leaf(2, 3, 8), leaf(10, 8), leaf(10), targets((2, 3), 10), -100, "mean", 0.1, 4, True, True, True, True)),
-    "linear_cross_entropy-none": lambda: (ops.linear_cross_entropy, (
-        leaf(5, 8), leaf(10, 8), None, targets((5,), 10), -100, "none", 0.0, 2, False, True, True, False)),
-    "linear_cross_entropy_backward": lambda: (ops.linear_cross_entropy_backward, (
-        randn(5), randn(5, 8), randn(10, 8), randn(10), targets((5,), 10), -100, 0.0, 2, True, True, True, True)),
+    "linear_cross_entropy-mean": lambda: (
+        ops.linear_cross_entropy,
+        (leaf(2, 3, 8), leaf(10, 8), leaf(10), targets((2, 3), 10), -100, "mean", 0.1, 4, True, True, True, True),
+    ),
+    "linear_cross_entropy-none": lambda: (
+        ops.linear_cross_entropy,
+        (leaf(5, 8), leaf(10, 8), None, targets((5,), 10), -100, "none", 0.0, 2, False, True, True, False),
+    ),
+    "linear_cross_entropy_backward": lambda: (
+        ops.linear_cross_entropy_backward,
+        (randn(5), randn(5, 8), randn(10, 8), randn(10), targets((5,), 10), -100, 0.0, 2, True, True, True, True),
+    ),
 }
 
 
@@ -131,10 +146,13 @@ def test_compiled_losses_match_eager(backend, seed):
     t = targets((6,), 10)
 
     def losses(x, w, h):
-        return (TF.cross_entropy(x * 1.5, t, label_smoothing=0.1) * 3.0
-                + (TF.cross_entropy(x, t, reduction="none") * torch.arange(6, device=DEVICE)).sum()
-                + TF.linear_cross_entropy(h, w, t, reduction="sum") * 2.0
-                + TF.linear_cross_entropy(h, w, t, reduction="none").sum() - TF.linear_cross_entropy(h, w, t))
+        return (
+            TF.cross_entropy(x * 1.5, t, label_smoothing=0.1) * 3.0
+            + (TF.cross_entropy(x, t, reduction="none") * torch.arange(6, device=DEVICE)).sum()
+            + TF.linear_cross_entropy(h, w, t, reduction="sum") * 2.0
+            + TF.linear_cross_entropy(h, w, t, reduction="none").sum()
+            - TF.linear_cross_entropy(h, w, t)
+        )
 
     torch._dynamo.reset()
     expected = torch.autograd.grad(losses(x, w, h), (x, w, h))
@@ -155,8 +173,9 @@ def run_both(fn, *leaves):
             torch.manual_seed(0)
             out = fn()
             outs = out if isinstance(out, tuple) else (out,)
-            loss = sum((o.float() * torch.linspace(-1, 1, o.numel(), device=o.device).view(o.shape)).sum()
-                       for o in outs)
+            loss = sum(
+                (o.float() * torch.linspace(-1, 1, o.numel(), device=o.device).view(o.shape)).sum() for o in outs
+            )
             results.append((outs, torch.autograd.grad(loss, leaves)))
     return results
 
@@ -231,17 +250,17 @@ def test_bad_targets_give_nan_never_a_wrong_loss(seed, monkeypatch):
 def test_dropout_seed_read_from_device_memory(seed):
     """A seed given as a tensor is read by the kernel (no host sync): the same mask as the same int seed."""
     x = randn(5, 300)
-    assert torch.equal(dropout_kernels.dropout(x, 0.4, torch.tensor([seed % 2**31], device=DEVICE)),
-                       dropout_kernels.dropout(x, 0.4, seed % 2**31))
+    assert torch.equal(
+        dropout_kernels.dropout(x, 0.4, torch.tensor([seed % 2**31], device=DEVICE)),
+        dropout_kernels.dropout(x, 0.4, seed % 2**31),
+    )
 
 
 # ------------------------------------------------------------------------------------ torch.compile
 
 TINY_GPT = dict(vocab_size=37, block_size=9, n_layer=2, n_head=2, n_embd=32)
-LLAMA_GPT = dict(norm="rmsnorm", mlp="swiglu", rope=True, n_head=4, n_kv_head=2, n_embd=64, bias=False,
-                 fused_head=True)
-TINY_VIT = dict(image_size=12, patch_size=4, channels=3, num_classes=5, n_layer=2, n_head=2, n_embd=32,
-                mlp_ratio=2.0)
+LLAMA_GPT = dict(norm="rmsnorm", mlp="swiglu", rope=True, n_head=4, n_kv_head=2, n_embd=64, bias=False, fused_head=True)
+TINY_VIT = dict(image_size=12, patch_size=4, channels=3, num_classes=5, n_layer=2, n_head=2, n_embd=32, mlp_ratio=2.0)
 
 
 def gpt_inputs(config):
@@ -252,10 +271,14 @@ def gpt_inputs(config):
 MODELS = {
     "mlp": lambda: (TritonMLP(20, 5, hidden_size=16, activation="gelu"), lambda: (randn(7, 20),)),
     "gpt": lambda: (GPT(GPTConfig(**TINY_GPT)), lambda: gpt_inputs(GPTConfig(**TINY_GPT))),
-    "gpt-llama": lambda: (GPT(GPTConfig(**{**TINY_GPT, **LLAMA_GPT})),
-                          lambda: gpt_inputs(GPTConfig(**{**TINY_GPT, **LLAMA_GPT}))),
-    "vit": lambda: (ViT(ViTConfig(**TINY_VIT)),
-                    lambda: (randn(3, 3, 12, 12), torch.randint(0, 5, (3,), device=DEVICE))),
+    "gpt-llama": lambda: (
+        GPT(GPTConfig(**{**TINY_GPT, **LLAMA_GPT})),
+        lambda: gpt_inputs(GPTConfig(**{**TINY_GPT, **LLAMA_GPT})),
+    ),
+    "vit": lambda: (
+        ViT(ViTConfig(**TINY_VIT)),
+        lambda: (randn(3, 3, 12, 12), torch.randint(0, 5, (3,), device=DEVICE)),
+    ),
 }
 
 

@@ -6,9 +6,9 @@ import itertools
 
 import pytest
 import torch
+from harness import DTYPES, ON_GPU, assert_close, assert_grads_close, randn, reference_copy, well_conditioned_norm
 
 import triformer.functional as F_tri
-from harness import DTYPES, ON_GPU, assert_close, assert_grads_close, randn, reference_copy, well_conditioned_norm
 from triformer import TritonLinear
 from triformer.kernels import _runtime
 
@@ -23,7 +23,13 @@ REFERENCE_ACTIVATION = {
 # (M, K, N): the grid; on the CPU the full grid runs for fp32, a spread of it for the rest.
 SHAPE_GRID = list(itertools.product([1, 7, 129], [1, 33, 300], [1, 65, 257]))
 SPREAD = [(1, 1, 1), (7, 33, 65), (129, 300, 257), (129, 1, 65), (1, 300, 257), (7, 33, 1), (64, 96, 32), (96, 33, 64)]
-GPU_SHAPES = [(1000, 1536, 771), (4099, 512, 1024), (1024, 512, 768), (64, 96, 32), (96, 33, 64)]  # odd and tile-aligned
+GPU_SHAPES = [
+    (1000, 1536, 771),
+    (4099, 512, 1024),
+    (1024, 512, 768),
+    (64, 96, 32),
+    (96, 33, 64),
+]  # odd and tile-aligned
 
 
 def reference_linear(x, w, b, activation):
@@ -65,7 +71,7 @@ def run_and_compare(x, w, b, activation, fused, dtype):
 
 
 def make_inputs(M, K, N, dtype, bias=True, lead=()):
-    scale = K ** -0.5
+    scale = K**-0.5
     x = randn(*lead, M, K, dtype=dtype, requires_grad=True)
     w = randn(N, K, dtype=dtype, scale=scale, requires_grad=True)
     b = randn(N, dtype=dtype, requires_grad=True) if bias else None
@@ -111,7 +117,7 @@ def test_linear_non_contiguous_input(layout, fused, dtype, seed):
         x = base.permute(1, 2, 0)
     assert not x.is_contiguous()
     x = x.detach().requires_grad_(True)  # a non-contiguous leaf
-    w = randn(N, K, dtype=dtype, scale=K ** -0.5, requires_grad=True)
+    w = randn(N, K, dtype=dtype, scale=K**-0.5, requires_grad=True)
     b = randn(N, dtype=dtype, requires_grad=True)
     run_and_compare(x, w, b, "silu", fused, dtype)
 
@@ -142,7 +148,7 @@ def test_only_some_gradients(seed):
 def test_module_matches_nn_linear_init_and_repr(seed):
     layer = TritonLinear(33, 65, activation="gelu", fused=False)
     assert layer.weight.shape == (65, 33) and layer.bias.shape == (65,)
-    bound = 33 ** -0.5
+    bound = 33**-0.5
     assert layer.weight.abs().max() <= bound and layer.bias.abs().max() <= bound
     assert layer.weight.std() > bound / 4  # actually initialised, not left empty
     assert "activation=gelu" in repr(layer) and "fused=False" in repr(layer)

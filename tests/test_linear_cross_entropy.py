@@ -7,17 +7,18 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from harness import DEVICE, DTYPES, ON_GPU, TOLERANCE, assert_close, randn, reference_copy
 
 import triformer.functional as F_tri
-from harness import DEVICE, DTYPES, ON_GPU, TOLERANCE, assert_close, randn, reference_copy
 from triformer import TritonLinearCrossEntropyLoss
-from triformer.kernels import matmul_tma
 from triformer.kernels import linear_cross_entropy as lce_kernels
+from triformer.kernels import matmul_tma
 from triformer.nn import TorchLinearCrossEntropyLoss
 
 # Ignored and padding rows compute −inf − (−inf), log 0 and 1 / 0 in numpy under the interpreter; all masked.
-pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
-                                        "ignore:divide by zero encountered:RuntimeWarning")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:invalid value encountered:RuntimeWarning", "ignore:divide by zero encountered:RuntimeWarning"
+)
 
 # (N, H, V, chunk_size): N not a multiple of the chunk, V not a multiple of any block; larger natively.
 SHAPE = (2049, 256, 1000, 300) if ON_GPU else (19, 17, 257, 7)
@@ -25,7 +26,7 @@ SHAPE = (2049, 256, 1000, 300) if ON_GPU else (19, 17, 257, 7)
 
 def make_inputs(n, h, v, dtype, bias=True, lead=()):
     x = randn(*lead, n, h, dtype=dtype, requires_grad=True)
-    w = randn(v, h, dtype=dtype, scale=h ** -0.5, requires_grad=True)
+    w = randn(v, h, dtype=dtype, scale=h**-0.5, requires_grad=True)
     b = randn(v, dtype=dtype, requires_grad=True) if bias else None
     return x, w, b
 
@@ -47,16 +48,18 @@ def reference(x, w, b, targets, **kwargs):
 
 def run_and_compare(x, w, b, targets, dtype, dloss_scale=2.0, **kwargs):
     """Ours against the float64 reference: the loss, then the gradients of every input that requires one."""
-    ref, ref_leaves = reference(x, w, b, targets, **{k: a for k, a in kwargs.items()
-                                                     if k not in ("chunk_size", "accum_dtype")})
+    ref, ref_leaves = reference(
+        x, w, b, targets, **{k: a for k, a in kwargs.items() if k not in ("chunk_size", "accum_dtype")}
+    )
     ours = F_tri.linear_cross_entropy(x, w, targets, b, **kwargs)
     assert ours.dtype == torch.float32 and ours.shape == ref.shape
     assert_close(ours, ref, dtype, "loss")  # the logits are rounded to the input dtype (as F.linear's)
     dloss = torch.rand(ref.shape, dtype=torch.float64) + 0.5 if ref.dim() else torch.tensor(dloss_scale).double()
     inputs = [t for t in (x, w, b) if t is not None and t.requires_grad]
     grads = torch.autograd.grad(ours, inputs, dloss.to(DEVICE, torch.float32))
-    ref_grads = torch.autograd.grad(ref, [r for t, r in zip((x, w, b), ref_leaves) if t is not None
-                                          and t.requires_grad], dloss)
+    ref_grads = torch.autograd.grad(
+        ref, [r for t, r in zip((x, w, b), ref_leaves) if t is not None and t.requires_grad], dloss
+    )
     for name, got, want, t in zip(("x", "weight", "bias"), grads, ref_grads, inputs):
         assert got.dtype == t.dtype and got.shape == t.shape, name
         assert_close(got, want, dtype, f"grad of {name}")
@@ -71,16 +74,16 @@ CASES = [("mean", 0.0), ("sum", 0.1), ("none", 0.0), ("mean", 0.2)]
 def test_against_float64(reduction, smoothing, dtype, seed):
     n, h, v, chunk = SHAPE
     x, w, b = make_inputs(n, h, v, dtype)
-    run_and_compare(x, w, b, make_targets((n,), v), dtype, reduction=reduction, label_smoothing=smoothing,
-                    chunk_size=chunk)
+    run_and_compare(
+        x, w, b, make_targets((n,), v), dtype, reduction=reduction, label_smoothing=smoothing, chunk_size=chunk
+    )
 
 
 @pytest.mark.parametrize("v", [1000, 65])
 def test_vocabulary_and_leading_dims(v, seed):
     """[B, T, H] inputs with [B, T] targets, no bias, a custom ignore_index; V not a multiple of any block."""
     x, w, _ = make_inputs(5, 9, v, torch.float32, bias=False, lead=(2,))
-    run_and_compare(x, w, None, make_targets((2, 5), v, ignore_index=3), torch.float32, ignore_index=3,
-                    chunk_size=4)
+    run_and_compare(x, w, None, make_targets((2, 5), v, ignore_index=3), torch.float32, ignore_index=3, chunk_size=4)
 
 
 @pytest.mark.parametrize("chunk_size", [1, 5, 11, 64, None])
@@ -147,16 +150,15 @@ def test_strided_and_broadcast_views(seed):
     step; bias with a step and broadcast; targets with a step and broadcast."""
     v, h = 33, 8
     x_shifted = randn(2, 6, h, requires_grad=True)
-    w_t = randn(h, v, scale=h ** -0.5, requires_grad=True)
+    w_t = randn(h, v, scale=h**-0.5, requires_grad=True)
     b_step = randn(2 * v, requires_grad=True)
     targets = make_targets((2, 10), v)[:, ::2]
     run_and_compare(x_shifted[:, :-1], w_t.t(), b_step[::2], targets, torch.float32, chunk_size=3)
     x_row = randn(1, h, requires_grad=True)
-    w_step = randn(v, 2 * h, scale=h ** -0.5, requires_grad=True)
+    w_step = randn(v, 2 * h, scale=h**-0.5, requires_grad=True)
     b_row = randn(1, requires_grad=True)
     target = make_targets((1,), v, ignored=0.0)
-    run_and_compare(x_row.expand(7, h), w_step[:, ::2], b_row.expand(v), target.expand(7), torch.float32,
-                    chunk_size=3)
+    run_and_compare(x_row.expand(7, h), w_step[:, ::2], b_row.expand(v), target.expand(7), torch.float32, chunk_size=3)
 
 
 def test_out_of_range_targets_raise(seed):
@@ -233,8 +235,10 @@ def test_module_as_tied_head_matches_twin(dtype, seed):
     tokens = torch.randint(0, v, (2, 7), device=DEVICE)
     targets = make_targets((2, 7), v)
     losses, grads = [], []
-    for head in (TritonLinearCrossEntropyLoss(label_smoothing=0.1, chunk_size=5),
-                 TorchLinearCrossEntropyLoss(label_smoothing=0.1)):
+    for head in (
+        TritonLinearCrossEntropyLoss(label_smoothing=0.1, chunk_size=5),
+        TorchLinearCrossEntropyLoss(label_smoothing=0.1),
+    ):
         embedding.zero_grad()
         hidden = torch.tanh(embedding(tokens).float()).to(dtype)
         loss = head(hidden, embedding.weight, targets)
@@ -306,8 +310,10 @@ def test_peak_memory_is_one_chunk_and_the_gradients(accum_dtype, seed):
     n, h, v = 8192, 512, 16384
     x, w, b = make_inputs(n, h, v, torch.bfloat16)
     targets = make_targets((n,), v)
-    step = lambda: torch.autograd.grad(F_tri.linear_cross_entropy(x, w, targets, b, accum_dtype=accum_dtype),  # noqa
-                                       (x, w, b))
+    step = lambda: torch.autograd.grad(
+        F_tri.linear_cross_entropy(x, w, targets, b, accum_dtype=accum_dtype),  # noqa
+        (x, w, b),
+    )
     step()  # compile
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
@@ -324,8 +330,9 @@ def test_peak_memory_is_one_chunk_and_the_gradients(accum_dtype, seed):
 
 # ------------------------------------------------------------------ the accumulating product on its own
 
-TMA_SKIP = pytest.mark.skipif(ON_GPU and torch.cuda.get_device_capability()[0] < 9,
-                              reason="TMA needs compute capability 9.0 (Hopper)")
+TMA_SKIP = pytest.mark.skipif(
+    ON_GPU and torch.cuda.get_device_capability()[0] < 9, reason="TMA needs compute capability 9.0 (Hopper)"
+)
 DTYPES_16 = [d for d in DTYPES if d.values[0] != torch.float32]
 
 
@@ -345,8 +352,7 @@ def test_pointer_product_accumulates(accumulate, dtype, seed):
     c = randn(m, n, dtype=torch.float32) if accumulate else None
     d = torch.full((m, n), float("nan"), device=DEVICE, dtype=dtype)
     alpha = torch.tensor(0.37, device=DEVICE)
-    meta = lce_kernels._INTERPRETER_META if not ON_GPU else {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32,
-                                                               "GROUP_M": 4}
+    meta = lce_kernels._INTERPRETER_META if not ON_GPU else {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 4}
     lce_kernels.launch_pointer(g.t(), x, c, d, alpha, meta)
     assert_close(d, _accumulate_reference(g.t(), x, c, alpha), dtype, "D")
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import triformer.functional as F_tri
 from harness import DTYPES, ON_GPU, randn
 from test_linear import make_inputs, run_and_compare
-from triformer.kernels import _tiles
+
+import triformer.functional as F_tri
+from triformer.kernels import _tiles, matmul_tma
 from triformer.kernels import matmul as matmul_module
-from triformer.kernels import matmul_tma
 
 pytestmark = pytest.mark.skipif(
     not ON_GPU, reason="tile configs and autotuning exist only on the GPU (the interpreter uses one fixed tile)"
@@ -90,7 +89,7 @@ def test_tma_ineligible_inputs_fall_back(layout, tma_launches, seed):
     else:
         x = randn(100 * K + 1, dtype=dtype)[1:].view(100, K)  # 2-byte offset base
     x = x.detach().requires_grad_(True)
-    w = randn(N, K, dtype=dtype, scale=K ** -0.5, requires_grad=True)
+    w = randn(N, K, dtype=dtype, scale=K**-0.5, requires_grad=True)
     b = randn(N, dtype=dtype, requires_grad=True)
     run_and_compare(x, w, b, "relu", True, dtype)
     assert tma_launches == [(100, K)]  # only dX = dZ·W (it does not read x); the forward and dW = dZᵀ·X read x
@@ -117,8 +116,11 @@ def test_autotuned_pick_is_launched_directly_later(M, K, N, dtype, monkeypatch, 
         run_and_compare(x, w, b, "silu", True, dtype)
 
 
-@pytest.mark.parametrize("M,K,N,schedule", [(1031, 769, 1537, None), (1032, 768, 1544, None),
-                                            (1032, 768, 1544, (0.5, 3))], ids=["pointer", "tma", "tma-half-cut3"])
+@pytest.mark.parametrize(
+    "M,K,N,schedule",
+    [(1031, 769, 1537, None), (1032, 768, 1544, None), (1032, 768, 1544, (0.5, 3))],
+    ids=["pointer", "tma", "tma-half-cut3"],
+)
 def test_results_do_not_move_between_runs(M, K, N, schedule, seed):
     """Same inputs, same outputs and gradients bit for bit: a race would show as a moving result."""
     x, w, b = make_inputs(M, K, N, torch.bfloat16)

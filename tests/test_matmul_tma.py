@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from harness import DTYPES, ON_GPU, assert_close, randn, well_conditioned_norm
 from test_linear import REFERENCE_ACTIVATION
+
 from triformer.kernels import matmul_tma
 from triformer.kernels.activation import activation_code
 
@@ -70,16 +70,17 @@ def test_tma_product(M, N, K, a_trans, b_trans, schedule, programs, activation, 
     assert_close(c, REFERENCE_ACTIVATION[activation](ref), dtype, "output", scale_floor=floor)
 
 
-
-
-@pytest.mark.parametrize("M,N,K,tile,expected", [
-    # dW of a 768→3072 layer: 144 tiles of 128×128 for 132 SMs: one wave whole, the last 12 tiles cut 8 ways
-    (3072, 768, 8192, 2, (132, 8)),
-    # the same with 128×256 tiles: 72 tiles, less than a wave: all cut 3 ways (two waves of runs)
-    (3072, 768, 8192, 0, (0, 3)),
-    (8192, 3072, 768, 0, (768, 1)),    # 768 tiles: 5.8 waves, cutting gains less than the partials cost
-    (4096, 4096, 4096, 0, (512, 1)),
-])
+@pytest.mark.parametrize(
+    "M,N,K,tile,expected",
+    [
+        # dW of a 768→3072 layer: 144 tiles of 128×128 for 132 SMs: one wave whole, the last 12 tiles cut 8 ways
+        (3072, 768, 8192, 2, (132, 8)),
+        # the same with 128×256 tiles: 72 tiles, less than a wave: all cut 3 ways (two waves of runs)
+        (3072, 768, 8192, 0, (0, 3)),
+        (8192, 3072, 768, 0, (768, 1)),  # 768 tiles: 5.8 waves, cutting gains less than the partials cost
+        (4096, 4096, 4096, 0, (512, 1)),
+    ],
+)
 def test_schedule_cuts_the_thin_last_wave(M, N, K, tile, expected):
     meta = matmul_tma._TMA_CONFIGS[tile].all_kwargs()
     assert matmul_tma.schedule_for(M, N, K, meta, num_sms=132) == expected

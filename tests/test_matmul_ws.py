@@ -1,7 +1,8 @@
 """The warp-specialized Gluon product (matmul_ws.py) on a Hopper GPU, launched directly with every tile the tuner
 offers, against float64: every activation, with and without bias and stored preactivation, bf16 and fp16, edges
 in every dimension (TMA zero-fills and clips them), one program for all tiles (the ring's phases wrap many times),
-three (the ping-pong partitions get unequal tile counts) and one per tile (the second ping-pong partition idles). Outputs are poisoned first. Also: the tuner offers it exactly for nn.Linear's forward layout.
+three (the ping-pong partitions get unequal tile counts) and one per tile (the second ping-pong partition idles).
+Outputs are poisoned first. Also: the tuner offers it exactly for nn.Linear's forward layout.
 Gluon has no interpreter: on the CPU, tests/test_matmul_ws_compile.py compiles it for sm_90 instead."""
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ import types
 
 import pytest
 import torch
-
 from harness import ON_GPU, assert_close, randn, well_conditioned_norm
 from test_linear import REFERENCE_ACTIVATION, make_inputs, run_and_compare
+
 from triformer.kernels import _tiles, matmul_tma
 from triformer.kernels.activation import activation_code
 
@@ -32,15 +33,21 @@ PRODUCTS = [(300, 200, 104), (129, 72, 48), (1, 8, 8), (1000, 328, 520), (640, 7
 # (activation, bias?, preactivation stored?, dtype): every activation, flag and dtype at least once, kept few
 # because each is a compilation of its own.
 EPILOGUES = [
-    (None, True, False, torch.bfloat16), (None, False, True, torch.float16), ("relu", True, False, torch.bfloat16),
-    ("relu", False, False, torch.float16), ("gelu", True, True, torch.bfloat16), ("silu", False, True, torch.float16),
+    (None, True, False, torch.bfloat16),
+    (None, False, True, torch.float16),
+    ("relu", True, False, torch.bfloat16),
+    ("relu", False, False, torch.float16),
+    ("gelu", True, True, torch.bfloat16),
+    ("silu", False, True, torch.float16),
 ]
 
 
 def epilogue_id(epilogue) -> str:
     activation, has_bias, store_preact, dtype = epilogue
-    return (f"{activation}-{'bias' if has_bias else 'no-bias'}-{'preact' if store_preact else 'out-only'}-"
-            f"{str(dtype).removeprefix('torch.')}")
+    return (
+        f"{activation}-{'bias' if has_bias else 'no-bias'}-{'preact' if store_preact else 'out-only'}-"
+        f"{str(dtype).removeprefix('torch.')}"
+    )
 
 
 @needs_hopper
@@ -71,7 +78,7 @@ def test_offered_for_the_forward_layout_only(monkeypatch):
     cuda, big = torch.device("cuda"), matmul_tma.WARP_SPECIALIZED_MIN_OUTPUTS
     assert matmul_tma.warp_specialized_fits(False, True, cuda, big)
     assert not matmul_tma.warp_specialized_fits(False, False, cuda, big)  # dX = dZ·W: W as it lies
-    assert not matmul_tma.warp_specialized_fits(True, False, cuda, big)   # dW = dZᵀ·X
+    assert not matmul_tma.warp_specialized_fits(True, False, cuda, big)  # dW = dZᵀ·X
     assert not matmul_tma.warp_specialized_fits(False, True, cuda, big - 1)
     assert not matmul_tma.warp_specialized_fits(False, True, torch.device("cpu"), big)
     with matmul_tma.without_warp_specialization():
@@ -88,8 +95,9 @@ def test_offered_for_the_forward_layout_only(monkeypatch):
 
 
 @needs_hopper
-@pytest.mark.parametrize("activation,has_bias,store_preact", [(None, True, True), ("gelu", False, False),
-                                                              ("relu", True, False)])
+@pytest.mark.parametrize(
+    "activation,has_bias,store_preact", [(None, True, True), ("gelu", False, False), ("relu", True, False)]
+)
 @pytest.mark.parametrize("config", matmul_tma.WARP_SPECIALIZED_CONFIGS, ids=str)
 def test_tuner_candidate_launches_it(config, activation, has_bias, store_preact, seed):
     """launch_on with a {"WS_CONFIG": ...} meta, as the tuner calls it for y = act(x·Wᵀ + b): B = Wᵀ arrives as
@@ -104,8 +112,9 @@ def test_tuner_candidate_launches_it(config, activation, has_bias, store_preact,
     (a_view, a_trans), (b_view, b_trans) = matmul_tma.tma_views(x, w.t(), c)
     assert (a_trans, b_trans) == (False, True) and b_view.data_ptr() == w.data_ptr()
     args = (a_view, b_view, c, preact, bias, M, N, K, a_view.stride(0), b_view.stride(0))
-    flags = dict(HAS_BIAS=has_bias, ACT=activation_code(activation), STORE_PREACT=store_preact, A_TRANS=False,
-                 B_TRANS=True)
+    flags = dict(
+        HAS_BIAS=has_bias, ACT=activation_code(activation), STORE_PREACT=store_preact, A_TRANS=False, B_TRANS=True
+    )
     matmul_tma.launch_on(args, flags, {"WS_CONFIG": config}, 132)
 
     ref = x.double().cpu() @ w.double().cpu().t() + (bias.double().cpu() if has_bias else 0.0)

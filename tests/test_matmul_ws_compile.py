@@ -9,11 +9,15 @@ import functools
 import json
 
 import pytest
-
 from harness import ON_GPU
 from sm90_compile import child_report, compile_for_sm90, report_each, spilled_bytes
-from triformer.kernels.matmul_tma import (GLUON_MIN_TRITON, WARP_SPECIALIZED_CONFIGS, WARP_SPECIALIZED_INFERENCE_ONLY,
-                                          gluon_triton)
+
+from triformer.kernels.matmul_tma import (
+    GLUON_MIN_TRITON,
+    WARP_SPECIALIZED_CONFIGS,
+    WARP_SPECIALIZED_INFERENCE_ONLY,
+    gluon_triton,
+)
 
 pytestmark = [
     pytest.mark.skipif(ON_GPU, reason="on a GPU test_matmul_ws.py compiles and runs the kernel natively"),
@@ -31,8 +35,9 @@ def case_name(config: tuple, epilogue: tuple) -> str:
 
 
 CASES = [case_name(config, epilogue) for config in WARP_SPECIALIZED_CONFIGS for epilogue in EPILOGUES]
-INFERENCE_ONLY_CASES = {case_name(config, epilogue) for config in WARP_SPECIALIZED_INFERENCE_ONLY
-                        for epilogue in EPILOGUES}
+INFERENCE_ONLY_CASES = {
+    case_name(config, epilogue) for config in WARP_SPECIALIZED_INFERENCE_ONLY for epilogue in EPILOGUES
+}
 
 
 def compile_all() -> dict:
@@ -48,20 +53,37 @@ def compile_all() -> dict:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
         x, w, c = (torch.empty(shape, dtype=dtype) for shape in ((512, 256), (256, 256), (512, 256)))
         rows = matmul_ws.BLOCK_M if schedule == "pingpong" else matmul_ws.BLOCK_M // 2
-        descriptors = dict(x_desc=(x, [matmul_ws.BLOCK_M, matmul_ws.BLOCK_K]), w_desc_0=(w, [n0, matmul_ws.BLOCK_K]),
-                           w_desc_1=(w, [n1, matmul_ws.BLOCK_K]), c_desc_0=(c, [rows, n0]), c_desc_1=(c, [rows, n1]),
-                           **(dict(preact_desc_0=(c, [rows, n0]), preact_desc_1=(c, [rows, n1])) if preact else {}))
+        descriptors = dict(
+            x_desc=(x, [matmul_ws.BLOCK_M, matmul_ws.BLOCK_K]),
+            w_desc_0=(w, [n0, matmul_ws.BLOCK_K]),
+            w_desc_1=(w, [n1, matmul_ws.BLOCK_K]),
+            c_desc_0=(c, [rows, n0]),
+            c_desc_1=(c, [rows, n1]),
+            **(dict(preact_desc_0=(c, [rows, n0]), preact_desc_1=(c, [rows, n1])) if preact else {}),
+        )
         types = {name: mangle_type(matmul_ws._descriptor(*d)) for name, d in descriptors.items()}
         types.update(bias_ptr=f"*{dtype_name}", M="i32", N="i32", K="i32")
-        constexprs = dict(STAGES=stages, PINGPONG=schedule == "pingpong", HAS_BIAS=True, ACT=activation_code(act),
-                          STORE_PREACT=preact, PRODUCER_REGS=matmul_ws._PRODUCER_REGS, MMA_REGS=matmul_ws._MMA_REGS)
+        constexprs = dict(
+            STAGES=stages,
+            PINGPONG=schedule == "pingpong",
+            HAS_BIAS=True,
+            ACT=activation_code(act),
+            STORE_PREACT=preact,
+            PRODUCER_REGS=matmul_ws._PRODUCER_REGS,
+            MMA_REGS=matmul_ws._MMA_REGS,
+        )
         if not preact:  # launch passes None for the preactivation's descriptors
             constexprs.update(preact_desc_0=None, preact_desc_1=None)
         compiled = compile_for_sm90(matmul_ws._linear_ws_kernel, types, constexprs, 4, GluonASTSource)
         return {"spills": spilled_bytes(compiled), "shared": compiled.metadata.shared}
 
-    return report_each({case_name(config, epilogue): functools.partial(case, *config, *epilogue)
-                        for config in WARP_SPECIALIZED_CONFIGS for epilogue in EPILOGUES})
+    return report_each(
+        {
+            case_name(config, epilogue): functools.partial(case, *config, *epilogue)
+            for config in WARP_SPECIALIZED_CONFIGS
+            for epilogue in EPILOGUES
+        }
+    )
 
 
 @pytest.fixture(scope="module")

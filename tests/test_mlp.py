@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from harness import DEVICE, assert_close
+
 from triformer import TritonMLP
 
 
@@ -52,8 +52,11 @@ def test_learns_a_fixed_batch(seed):
 def test_activation_is_the_one_asked_for_in_both_backends(backend, seed):
     """Between the layers, gelu (tanh form) computed by hand from the model's weights; the logits stay plain."""
     model = TritonMLP(3 * 5 * 5, 10, hidden_size=16, backend=backend, activation="gelu").to(DEVICE)
-    assert model.activation == "gelu" and [m.activation for m in (model.fc1, model.fc2, model.fc3)] == \
-        ["gelu", "gelu", None]
+    assert model.activation == "gelu" and [m.activation for m in (model.fc1, model.fc2, model.fc3)] == [
+        "gelu",
+        "gelu",
+        None,
+    ]
     images = torch.randn(9, 3, 5, 5, device=DEVICE)
     x = images.flatten(1).double()
     for layer in (model.fc1, model.fc2):

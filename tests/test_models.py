@@ -11,21 +11,21 @@ import math
 
 import pytest
 import torch
-
 from harness import DEVICE, ON_GPU, assert_close, relative_error, tolerance
-from triformer import GPT, ViT, GPTConfig, ViTConfig
+
+from triformer import GPT, GPTConfig, ViT, ViTConfig
 from triformer.models.blocks import PARTS, Block
 
 TINY_GPT = dict(vocab_size=37, block_size=9, n_layer=2, n_head=2, n_embd=32)
 GPT_VARIANTS = {
     "gpt2": dict(),  # LayerNorm with bias, learned positions, GELU MLP, logits + cross-entropy
     "fused-head": dict(fused_head=True, vocab_size=65),
-    "llama": dict(norm="rmsnorm", mlp="swiglu", rope=True, n_head=4, n_kv_head=2, n_embd=64, bias=False,
-                  fused_head=True),
+    "llama": dict(
+        norm="rmsnorm", mlp="swiglu", rope=True, n_head=4, n_kv_head=2, n_embd=64, bias=False, fused_head=True
+    ),
     "geglu-mqa": dict(mlp="geglu", rope=True, n_head=4, n_kv_head=1, n_embd=64, bias=False, vocab_size=11),
 }
-TINY_VIT = dict(image_size=12, patch_size=4, channels=3, num_classes=5, n_layer=2, n_head=2, n_embd=32,
-                mlp_ratio=2.0)
+TINY_VIT = dict(image_size=12, patch_size=4, channels=3, num_classes=5, n_layer=2, n_head=2, n_embd=32, mlp_ratio=2.0)
 
 
 def gpt_config(variant="gpt2", **overrides) -> GPTConfig:
@@ -84,13 +84,15 @@ def test_gpt_with_one_part_on_torch_matches_twin(part, seed):
     config = gpt_config("llama", dropout=0.1 if part == "dropout" else 0.0, torch_parts=[part])
     ours, ref = with_reference(GPT, config)
     block = ours.blocks[0]
-    on_torch = {"attention": type(block.attn).__name__ == "TorchMultiheadAttention" and
-                type(ours.rotary).__name__ == "TorchRotaryEmbedding",
-                "norm": type(block.ln_1) is type(ours.ln_f) is torch.nn.RMSNorm,
-                "mlp": type(block.mlp).__name__ == "TorchGatedMLP",
-                "head": type(ours.lm_head).__name__ == "TorchLinear" and
-                type(ours.loss_fn).__name__ == "TorchLinearCrossEntropyLoss",
-                "dropout": type(block.drop) is type(ours.drop) is torch.nn.Dropout}
+    on_torch = {
+        "attention": type(block.attn).__name__ == "TorchMultiheadAttention"
+        and type(ours.rotary).__name__ == "TorchRotaryEmbedding",
+        "norm": type(block.ln_1) is type(ours.ln_f) is torch.nn.RMSNorm,
+        "mlp": type(block.mlp).__name__ == "TorchGatedMLP",
+        "head": type(ours.lm_head).__name__ == "TorchLinear"
+        and type(ours.loss_fn).__name__ == "TorchLinearCrossEntropyLoss",
+        "dropout": type(block.drop) is type(ours.drop) is torch.nn.Dropout,
+    }
     assert [name for name, torch_part in on_torch.items() if torch_part] == [part]
     assert config.torch_parts == (part,)
     ours.eval()
@@ -204,7 +206,7 @@ def test_generate_respects_top_k(seed):
             with torch.no_grad():
                 logits = model(out[:, :t])[0][:, -1]  # (B, V)
             top = logits.topk(k).indices
-            assert (top == out[:, t:t + 1]).any(dim=1).all(), f"token {t} outside the top {k}"
+            assert (top == out[:, t : t + 1]).any(dim=1).all(), f"token {t} outside the top {k}"
 
 
 def test_gpt_bad_configs():
@@ -256,8 +258,15 @@ def test_gpt_under_autocast_matches_twin(variant, seed):
 def test_gpt_char_size_bf16_no_worse_than_twin(variant, seed):
     """The character GPT (6 layers, 6 heads, 384 wide, T 256) under bf16 autocast: the loss and every parameter's
     gradient are as close to the float64 twin as the torch twin's own bf16 run is (within 2x, plus 1e-3)."""
-    config = gpt_config(variant, vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384,
-                        n_kv_head=2 if variant == "llama" else None)
+    config = gpt_config(
+        variant,
+        vocab_size=65,
+        block_size=256,
+        n_layer=6,
+        n_head=6,
+        n_embd=384,
+        n_kv_head=2 if variant == "llama" else None,
+    )
     ours, ref = with_reference(GPT, config)
     twin = GPT(GPTConfig(**{**vars(config), "backend": "torch"})).to(DEVICE)
     twin.load_state_dict(ours.state_dict())
@@ -270,8 +279,9 @@ def test_gpt_char_size_bf16_no_worse_than_twin(variant, seed):
             loss = model(idx, targets)[1]
         loss.backward()
         errors[name] = {"loss": relative_error(loss, loss_ref)}
-        errors[name].update({n: relative_error(p.grad, p_ref.grad)
-                             for (n, p), p_ref in zip(model.named_parameters(), ref.parameters())})
+        errors[name].update(
+            {n: relative_error(p.grad, p_ref.grad) for (n, p), p_ref in zip(model.named_parameters(), ref.parameters())}
+        )
     for key, ours_error in errors["ours"].items():
         assert ours_error <= 2 * errors["twin"][key] + 1e-3, (key, ours_error, errors["twin"][key])
 
@@ -332,8 +342,9 @@ def test_gpt_bench_suite_rows(seed):
     from triformer.bench import gpt as gpt_bench
 
     tiny = dict(name="tiny", n_layer=2, n_head=2, n_embd=32, block_size=8, batch_size=2, vocab_size=65)
-    rows = gpt_bench.run([tiny], providers=("triformer", "torch"), steps=1, warmup=0, device=DEVICE,
-                         dtype=torch.float32, progress=False)
+    rows = gpt_bench.run(
+        [tiny], providers=("triformer", "torch"), steps=1, warmup=0, device=DEVICE, dtype=torch.float32, progress=False
+    )
     assert [row["provider"] for row in rows] == ["triformer", "torch"]
     for row in rows:
         assert row["error"] == "" and row["ms"] > 0 and row["tokens_per_s"] > 0 and row["rate"] > 0, row

@@ -5,17 +5,21 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
-import triformer.functional as F_tri
 from harness import DEVICE, DTYPES, assert_close, assert_grads_close, randn, reference_copy
 from rowwise import WIDTHS, rows_for
+
+import triformer.functional as F_tri
 from triformer import TritonLayerNorm, TritonRMSNorm
 
 OPS = {
-    "layer_norm": (lambda x, w, b, eps: F_tri.layer_norm(x, x.shape[-1], w, b, eps),
-                   lambda x, w, b, eps: F.layer_norm(x, (x.shape[-1],), w, b, eps)),
-    "rms_norm": (lambda x, w, b, eps: F_tri.rms_norm(x, x.shape[-1], w, eps),
-                 lambda x, w, b, eps: F.rms_norm(x, (x.shape[-1],), w, eps)),
+    "layer_norm": (
+        lambda x, w, b, eps: F_tri.layer_norm(x, x.shape[-1], w, b, eps),
+        lambda x, w, b, eps: F.layer_norm(x, (x.shape[-1],), w, b, eps),
+    ),
+    "rms_norm": (
+        lambda x, w, b, eps: F_tri.rms_norm(x, x.shape[-1], w, eps),
+        lambda x, w, b, eps: F.rms_norm(x, (x.shape[-1],), w, eps),
+    ),
 }
 EPS = {"layer_norm": 1e-5, "rms_norm": 1e-6}
 
@@ -59,7 +63,7 @@ def test_against_float64(op, width, dtype, row_path, seed):
         assert torch.equal(out, b.detach().expand_as(out))
         # dx = rstd·(g − x̂·mean(x̂g) − mean(g)) with rstd = 1/√eps ≈ 316: on the GPU the compiler's fused
         # multiply-adds leave a few ulps of that scale instead of exact zeros (seen: |dx| ≤ 1e-5 on an H200).
-        natural = dy.abs().max().item() / 1e-5 ** 0.5
+        natural = dy.abs().max().item() / 1e-5**0.5
         assert x.grad.abs().max() <= 1e-6 * natural and w.grad.abs().max() <= 1e-6 * natural
         assert_close(b.grad, dy.double().sum(0), dtype, "grad of bias")
         return
@@ -74,8 +78,9 @@ def test_rows_that_fill_their_block(op, width, dtype, seed):
     the reductions; LayerNorm's rows of 8192 loading them after, on 16 warps), a row count that leaves the last
     program's extra rows masked, and (float32) a large common offset."""
     run_and_compare(op, *make_inputs(op, (rows_for(width),), width, dtype), dtype)
-    run_and_compare(op, *make_inputs(op, (rows_for(width),), width, dtype, shift=1e4 if dtype == torch.float32 else 0),
-                    dtype)
+    run_and_compare(
+        op, *make_inputs(op, (rows_for(width),), width, dtype, shift=1e4 if dtype == torch.float32 else 0), dtype
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -15,8 +15,8 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-
 from fake_datasets import write_fashion_mnist
+
 from triformer import training
 
 pytestmark = [pytest.mark.pipeline, pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy")]
@@ -39,25 +39,35 @@ def common(monkeypatch):
 
 
 def test_profiles_override_their_group_and_common(common):
-    params = {"common": {"seed": 0, "cpu": {"dtype": "float32"}, "gpu": {"dtype": "bfloat16"}},
-              "train_mlp": {"lr": 1e-3, "epochs": 1, "gpu": {"epochs": 10, "hidden_size": 768}}}
-    assert common.stage_config("train_mlp", params, "gpu") == \
-        {"seed": 0, "dtype": "bfloat16", "lr": 1e-3, "epochs": 10, "hidden_size": 768}
+    params = {
+        "common": {"seed": 0, "cpu": {"dtype": "float32"}, "gpu": {"dtype": "bfloat16"}},
+        "train_mlp": {"lr": 1e-3, "epochs": 1, "gpu": {"epochs": 10, "hidden_size": 768}},
+    }
+    assert common.stage_config("train_mlp", params, "gpu") == {
+        "seed": 0,
+        "dtype": "bfloat16",
+        "lr": 1e-3,
+        "epochs": 10,
+        "hidden_size": 768,
+    }
     assert common.stage_config("train_mlp", params, "cpu") == {"seed": 0, "dtype": "float32", "lr": 1e-3, "epochs": 1}
 
 
 def test_a_stage_refuses_results_of_another_machine(common, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "params.yaml").write_text("common: {seed: 0, device: auto, profile: auto, dtype: float32}\n"
-                                          "test: {paths: [tests], markers: not slow}\n")
+    (tmp_path / "params.yaml").write_text(
+        "common: {seed: 0, device: auto, profile: auto, dtype: float32}\ntest: {paths: [tests], markers: not slow}\n"
+    )
     info = common.machine(common.load_params())
     assert info["profile"] == ("cpu" if info["interpreter"] else "gpu")
     common.write_json(common.MACHINE_FILE, {**info, "profile": "gpu" if info["interpreter"] else "cpu"})
     with pytest.raises(RuntimeError, match="delete results/machine.json"):
         common.setup("test")
     common.write_json(common.MACHINE_FILE, info)
-    assert common.setup("test") == ({"seed": 0, "device": "auto", "profile": "auto", "dtype": "float32",
-                                     "paths": ["tests"], "markers": "not slow"}, info)
+    assert common.setup("test") == (
+        {"seed": 0, "device": "auto", "profile": "auto", "dtype": "float32", "paths": ["tests"], "markers": "not slow"},
+        info,
+    )
 
 
 def test_report_plugin_counts_outcomes_and_worst_errors(tmp_path):
@@ -74,12 +84,25 @@ def test_report_plugin_counts_outcomes_and_worst_errors(tmp_path):
         "    assert_close(ref * 2, ref, torch.float32, 'output')\n"
         "@pytest.mark.skip(reason='not here')\n"
         "def test_skipped():\n"
-        "    pass\n")
+        "    pass\n"
+    )
     report = tmp_path / "report.json"
 
     def probe(*options):
-        command = [sys.executable, "-m", "pytest", "-q", "-p", "tests.report_plugin", "-p", "no:cacheprovider",
-                   f"--triformer-report={report}", *options, str(tmp_path / "test_probe.py"), f"--rootdir={tmp_path}"]
+        command = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "tests.report_plugin",
+            "-p",
+            "no:cacheprovider",
+            f"--triformer-report={report}",
+            *options,
+            str(tmp_path / "test_probe.py"),
+            f"--rootdir={tmp_path}",
+        ]
         done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert done.returncode == 1, done.stdout + done.stderr
         return json.loads(report.read_text())
@@ -87,12 +110,22 @@ def test_report_plugin_counts_outcomes_and_worst_errors(tmp_path):
     keys = ("passed", "failed", "skipped", "selected", "deselected")
     # under xdist, with every 2nd parametrization: the first of each function stays; errors travel to the controller
     sampled = probe("--triformer-sample=2", "-n", "2")
-    assert {k: sampled["counts"][k] for k in keys} == \
-        {"passed": 1, "failed": 1, "skipped": 1, "selected": 3, "deselected": 1}
+    assert {k: sampled["counts"][k] for k in keys} == {
+        "passed": 1,
+        "failed": 1,
+        "skipped": 1,
+        "selected": 3,
+        "deselected": 1,
+    }
     assert list(sampled["relerr"]["probe/scaled"]) == ["fp32"] and not list(tmp_path.glob("report.json.gw*"))
     result = probe()
-    assert {k: result["counts"][k] for k in keys} == \
-        {"passed": 2, "failed": 1, "skipped": 1, "selected": 4, "deselected": 0}
+    assert {k: result["counts"][k] for k in keys} == {
+        "passed": 2,
+        "failed": 1,
+        "skipped": 1,
+        "selected": 4,
+        "deselected": 0,
+    }
     assert result["skip_reasons"] == {"not here": 1}
     worst = result["relerr"]["probe/scaled"]["fp32"]
     assert worst["what"] == "grad of x" and worst["worst"] == pytest.approx(1e-4, rel=1e-2)
@@ -106,9 +139,13 @@ EPOCHS = 4
 def stage_outputs() -> list[str]:
     """Every output, metric and plot file that dvc.yaml's stages declare, but the data folders."""
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    return [next(iter(entry)) if isinstance(entry, dict) else entry
-            for name, stage in stages.items() if name != "data"
-            for kind in ("outs", "metrics", "plots") for entry in stage.get(kind, [])]
+    return [
+        next(iter(entry)) if isinstance(entry, dict) else entry
+        for name, stage in stages.items()
+        if name != "data"
+        for kind in ("outs", "metrics", "plots")
+        for entry in stage.get(kind, [])
+    ]
 
 
 def tracked_files() -> list[str]:
@@ -124,10 +161,14 @@ def test_what_a_run_makes_is_not_committed():
     outputs = stage_outputs()
     assert "results/train_mlp/metrics.json" in outputs and "reports/html" in outputs
     tracked = tracked_files()
-    assert [name for name in tracked if name == "dvc.lock" or any(name == out or name.startswith(out + "/")
-                                                                  for out in outputs)] == []
-    ignored = subprocess.run(["git", "check-ignore", "--no-index", *outputs], cwd=ROOT, capture_output=True,
-                             text=True).stdout.split()
+    assert [
+        name
+        for name in tracked
+        if name == "dvc.lock" or any(name == out or name.startswith(out + "/") for out in outputs)
+    ] == []
+    ignored = subprocess.run(
+        ["git", "check-ignore", "--no-index", *outputs], cwd=ROOT, capture_output=True, text=True
+    ).stdout.split()
     assert sorted(ignored) == sorted(outputs)
 
 
@@ -138,8 +179,11 @@ def test_a_fresh_clone_runs_every_stage(tmp_path):
         if (ROOT / name).is_file():
             (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, tmp_path / name)
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        "TRITON_INTERPRET": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     for name in ("DVC_EXP_NAME", "DVC_ROOT", "MLFLOW_TRACKING_URI"):
         env.pop(name, None)
     run(["git", "init", "-q"], tmp_path, env)
@@ -163,11 +207,20 @@ def make_project(work: Path) -> dict:
     write_fashion_mnist(work / "debian")
     params = yaml.safe_load((work / "params.yaml").read_text())
     params["data"]["fashion_mnist"] = {"offline_dir": str(work / "debian"), "download": False}
-    params["train_mlp"]["cpu"] = {"hidden_size": 8, "epochs": EPOCHS, "batch_size": 16, "train_subset": 32,
-                                  "val_subset": 24, "log_every": 1}
+    params["train_mlp"]["cpu"] = {
+        "hidden_size": 8,
+        "epochs": EPOCHS,
+        "batch_size": 16,
+        "train_subset": 32,
+        "val_subset": 24,
+        "log_every": 1,
+    }
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        "TRITON_INTERPRET": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     for name in ("DVC_EXP_NAME", "DVC_ROOT", "MLFLOW_TRACKING_URI"):  # the stages find the project's own store
         env.pop(name, None)
     dvc = [sys.executable, "-m", "dvc"]
@@ -177,15 +230,22 @@ def make_project(work: Path) -> dict:
     killed = kill_after_first_checkpoint(dvc + ["repro", "--force", "--single-item", "train_mlp"], work, env)
     resumed = run(dvc + ["repro", "train_mlp"], work, env)
     run([sys.executable, "-m", "experiments.report"], work, env)
-    return {"dir": work, "first": first, "second": second, "killed": killed, "resumed": resumed,
-            "uri": f"sqlite:///{work / 'mlflow.db'}"}
+    return {
+        "dir": work,
+        "first": first,
+        "second": second,
+        "killed": killed,
+        "resumed": resumed,
+        "uri": f"sqlite:///{work / 'mlflow.db'}",
+    }
 
 
 def kill_after_first_checkpoint(command, cwd: Path, env, timeout=300) -> dict:
     """Runs `command` in its own process group and kills the group (SIGKILL, as the OOM killer would) as soon as a
     training checkpoint exists; returns {role: the MLflow run id stored in its latest checkpoint}."""
-    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.monotonic() + timeout
     try:
         while not list(cwd.glob(f"checkpoints/train_mlp/*/*/{training.CHECKPOINT_GLOB}")):
@@ -195,8 +255,9 @@ def kill_after_first_checkpoint(command, cwd: Path, env, timeout=300) -> dict:
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
-    roles = {folder.name: folder for folder in cwd.glob("checkpoints/train_mlp/*/*")
-             if training.latest_checkpoint(folder)}
+    roles = {
+        folder.name: folder for folder in cwd.glob("checkpoints/train_mlp/*/*") if training.latest_checkpoint(folder)
+    }
     assert roles, "the stage finished before it was killed"
     return {role: training.checkpoint_extra(folder)["mlflow_run_id"] for role, folder in roles.items()}
 
@@ -243,8 +304,9 @@ def check_mlflow(project):
     assert {t["stage"] for t in tags} == {"train_mlp"}
     for run in first:
         assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 2 * EPOCHS  # 2 steps an epoch
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "val/accuracy")] == \
-            list(range(1, EPOCHS + 1))
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val/accuracy")] == list(
+            range(1, EPOCHS + 1)
+        )
         assert client.get_metric_history(run.info.run_id, "perf/images_per_s")
         assert run.data.params["backend"] == {"model": "triton", "baseline": "torch"}[run.data.tags["role"]]
 

@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
-
-import triformer.functional as F_tri
 from harness import DEVICE, DTYPES, ON_GPU, assert_close, randn, reference_copy
 from sm90_compile import assert_compiled_without_spills, child_report, compile_for_sm90, report_each, spilled_bytes
+
+import triformer.functional as F_tri
 from triformer import TritonRotaryEmbedding
 from triformer.kernels import rope as rope_kernels
 from triformer.nn import TorchRotaryEmbedding
@@ -21,9 +21,9 @@ def reference_rope(x64: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, offs
     """x·cos + rotate_half(x)·sin in float64, from the first D/2 columns of the tables."""
     d = x64.shape[-1]
     seq = x64.shape[-2]
-    c = cos.detach().double().cpu()[offset:offset + seq, : d // 2]
-    s = sin.detach().double().cpu()[offset:offset + seq, : d // 2]
-    x1, x2 = x64[..., : d // 2], x64[..., d // 2:]
+    c = cos.detach().double().cpu()[offset : offset + seq, : d // 2]
+    s = sin.detach().double().cpu()[offset : offset + seq, : d // 2]
+    x1, x2 = x64[..., : d // 2], x64[..., d // 2 :]
     return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
 
 
@@ -101,8 +101,10 @@ def test_stride_zero_and_transposed_inputs(seed):
     check([q_base, k_store], views, cos, sin, 2, dtype)
     for t in (q_base, k_store):
         t.grad = None
-    grads = (torch.ones(1, dtype=dtype, device=DEVICE).expand(2, 2, s, d),
-             randn(2, 1, d, s, dtype=dtype).transpose(2, 3))
+    grads = (
+        torch.ones(1, dtype=dtype, device=DEVICE).expand(2, 2, s, d),
+        randn(2, 1, d, s, dtype=dtype).transpose(2, 3),
+    )
     check([q_base, k_store], views, cos, sin, 2, dtype, grads=grads)
 
 
@@ -240,7 +242,7 @@ def test_large_on_gpu(shape, dtype, seed):
     fused = randn(b, s, hq + 2 * hk, d, dtype=dtype, requires_grad=True)
 
     def views(t):
-        return t[:, :, :hq].permute(0, 2, 1, 3), t[:, :, hq:hq + hk].permute(0, 2, 1, 3)
+        return t[:, :, :hq].permute(0, 2, 1, 3), t[:, :, hq : hq + hk].permute(0, 2, 1, 3)
 
     cos, sin = F_tri.rope_tables(d, s + 7, device=DEVICE)
     check([fused], views, cos, sin, 7, dtype)
@@ -251,10 +253,15 @@ def test_bench_suite_rows(seed):
     the two float32 half tables, twice for forward+backward); torch.compile is an error row off CUDA."""
     from triformer.bench import rope as rope_bench
 
-    rows = rope_bench.run([(1, 2, 7, 16)], dtype=torch.float32, device=DEVICE, progress=False, rounds=1,
-                          names=("triformer", "torch"))
+    rows = rope_bench.run(
+        [(1, 2, 7, 16)], dtype=torch.float32, device=DEVICE, progress=False, rounds=1, names=("triformer", "torch")
+    )
     assert [(r["mode"], r["provider"]) for r in rows] == [
-        ("fwd", "triformer"), ("fwd", "torch"), ("fwd+bwd", "triformer"), ("fwd+bwd", "torch")]
+        ("fwd", "triformer"),
+        ("fwd", "torch"),
+        ("fwd+bwd", "triformer"),
+        ("fwd+bwd", "torch"),
+    ]
     for row in rows:
         passes = 1 if row["mode"] == "fwd" else 2
         assert row["error"] == "" and row["shape"] == "1x2x7x16"
@@ -263,15 +270,46 @@ def test_bench_suite_rows(seed):
         assert isinstance(rope_bench.providers("cpu")["torch.compile"], RuntimeError)
 
 
-ROPE_TYPES = dict(q_ptr="*bf16", k_ptr="*bf16", qo_ptr="*bf16", ko_ptr="*bf16", cos_ptr="*fp32", sin_ptr="*fp32",
-                  **{name: "i32" for name in ("S", "HALF", "HQ", "HK", "offset", "heads_per_program", "stride_qb",
-                                              "stride_qh", "stride_qs", "stride_qd", "stride_kb", "stride_kh",
-                                              "stride_ks", "stride_kd", "stride_cs", "stride_cd", "stride_ss",
-                                              "stride_sd")})
+ROPE_TYPES = dict(
+    q_ptr="*bf16",
+    k_ptr="*bf16",
+    qo_ptr="*bf16",
+    ko_ptr="*bf16",
+    cos_ptr="*fp32",
+    sin_ptr="*fp32",
+    **{
+        name: "i32"
+        for name in (
+            "S",
+            "HALF",
+            "HQ",
+            "HK",
+            "offset",
+            "heads_per_program",
+            "stride_qb",
+            "stride_qh",
+            "stride_qs",
+            "stride_qd",
+            "stride_kb",
+            "stride_kh",
+            "stride_ks",
+            "stride_kd",
+            "stride_cs",
+            "stride_cd",
+            "stride_ss",
+            "stride_sd",
+        )
+    },
+)
 # (B, S, D, q and k heads) as the GPU launches them, and arguments Triton would specialize to 1 (constexpr)
-COMPILE_CASES = {"B4-S4096-D128-H64": ((4, 4096, 128, 64), {}), "B8-S1024-D64-H24": ((8, 1024, 64, 24), {}),
-                 "B1-S1-D40-unit": ((1, 1, 40, 2), {"S": 1, "HQ": 1, "HK": 1, "stride_qd": 1, "stride_kd": 1,
-                                                     "stride_cd": 1, "stride_sd": 1})}
+COMPILE_CASES = {
+    "B4-S4096-D128-H64": ((4, 4096, 128, 64), {}),
+    "B8-S1024-D64-H24": ((8, 1024, 64, 24), {}),
+    "B1-S1-D40-unit": (
+        (1, 1, 40, 2),
+        {"S": 1, "HQ": 1, "HK": 1, "stride_qd": 1, "stride_kd": 1, "stride_cd": 1, "stride_sd": 1},
+    ),
+}
 
 
 def compile_all() -> dict:
@@ -283,8 +321,12 @@ def compile_all() -> dict:
         meta = dict(kernels._launch(b, s, d // 2, heads, 8 * 132, kernels.GPU_TILE, heads)[2])
         warps = meta.pop("num_warps")
         flags = {**unit, **meta}
-        return {f"inverse={inverse}": spilled_bytes(compile_for_sm90(
-            kernels._rope_kernel, ROPE_TYPES, {**flags, "INVERSE": inverse}, warps)) for inverse in (False, True)}
+        return {
+            f"inverse={inverse}": spilled_bytes(
+                compile_for_sm90(kernels._rope_kernel, ROPE_TYPES, {**flags, "INVERSE": inverse}, warps)
+            )
+            for inverse in (False, True)
+        }
 
     return report_each({name: (lambda args=args: case(*args)) for name, args in COMPILE_CASES.items()})
 

@@ -12,32 +12,77 @@ import functools
 import json
 
 import pytest
-
 from harness import ON_GPU
 from sm90_compile import child_report, compile_for_sm90, report_each, spilled_bytes
 
 pytestmark = pytest.mark.skipif(ON_GPU, reason="on a GPU every other test compiles these kernels natively")
 
-NORM_FWD = dict(x_ptr="*bf16", w_ptr="*bf16", b_ptr="*bf16", y_ptr="*bf16", mean_ptr="*fp32", rstd_ptr="*fp32",
-                M="i32", N="i32", stride_xm="i32", stride_ym="i32", eps="fp32")
-NORM_BWD = dict(dy_ptr="*bf16", x_ptr="*bf16", w_ptr="*bf16", mean_ptr="*fp32", rstd_ptr="*fp32", dx_ptr="*bf16",
-                partial_ptr="*fp32", M="i32", N="i32", stride_dym="i32", stride_xm="i32",
-                stride_dxm="i32", rows_per_program="i32")
+NORM_FWD = dict(
+    x_ptr="*bf16",
+    w_ptr="*bf16",
+    b_ptr="*bf16",
+    y_ptr="*bf16",
+    mean_ptr="*fp32",
+    rstd_ptr="*fp32",
+    M="i32",
+    N="i32",
+    stride_xm="i32",
+    stride_ym="i32",
+    eps="fp32",
+)
+NORM_BWD = dict(
+    dy_ptr="*bf16",
+    x_ptr="*bf16",
+    w_ptr="*bf16",
+    mean_ptr="*fp32",
+    rstd_ptr="*fp32",
+    dx_ptr="*bf16",
+    partial_ptr="*fp32",
+    M="i32",
+    N="i32",
+    stride_dym="i32",
+    stride_xm="i32",
+    stride_dxm="i32",
+    rows_per_program="i32",
+)
 SOFTMAX_FWD = dict(x_ptr="*bf16", y_ptr="*bf16", M="i32", N="i32", SQ="i32", stride_xm="i32", stride_ym="i32")
-SOFTMAX_BWD = dict(y_ptr="*bf16", dy_ptr="*bf16", dx_ptr="*bf16", M="i32", N="i32", SQ="i32", stride_ym="i32",
-                   stride_dym="i32", stride_dxm="i32")
-CROSS_ENTROPY = dict(logits_ptr="*bf16", targets_ptr="*i64", loss_ptr="*fp32", grad_ptr="*bf16", n_valid_ptr="*i64",
-                     M="i32", V="i32", stride_lm="i32", stride_lv="i32", stride_gm="i32", stride_gv="i32",
-                     ignore_index="i32", smoothing="fp32")
+SOFTMAX_BWD = dict(
+    y_ptr="*bf16",
+    dy_ptr="*bf16",
+    dx_ptr="*bf16",
+    M="i32",
+    N="i32",
+    SQ="i32",
+    stride_ym="i32",
+    stride_dym="i32",
+    stride_dxm="i32",
+)
+CROSS_ENTROPY = dict(
+    logits_ptr="*bf16",
+    targets_ptr="*i64",
+    loss_ptr="*fp32",
+    grad_ptr="*bf16",
+    n_valid_ptr="*i64",
+    M="i32",
+    V="i32",
+    stride_lm="i32",
+    stride_lv="i32",
+    stride_gm="i32",
+    stride_gv="i32",
+    ignore_index="i32",
+    smoothing="fp32",
+)
 COUNT_TARGETS = dict(targets_ptr="*i64", counts_ptr="*i64", M="i32", V="i32", ignore_index="i32")
 SCALE_ROWS = dict(g_ptr="*bf16", scale_ptr="*fp32", M="i32", V="i32", stride_gm="i32", stride_gv="i32", stride_s="i32")
 DROPOUT = dict(x_ptr="*bf16", y_ptr="*bf16", n="i32", threshold="i32", scale="fp32", seed="i32")
 
 NORM_WIDTHS = [768, 4096, 8192, 12288, 32768]
 SOFTMAX_WIDTHS = [768, 4096, 8192, 32768]
-CASES = ([f"{op}-{w}" for op in ("layer_norm", "rms_norm") for w in NORM_WIDTHS]
-         + [f"softmax{'-causal' if c else ''}-{w}" for c in (False, True) for w in SOFTMAX_WIDTHS]
-         + ["cross_entropy-inplace", "cross_entropy-buffer", "dropout", "dropout-seed-in-memory"])
+CASES = (
+    [f"{op}-{w}" for op in ("layer_norm", "rms_norm") for w in NORM_WIDTHS]
+    + [f"softmax{'-causal' if c else ''}-{w}" for c in (False, True) for w in SOFTMAX_WIDTHS]
+    + ["cross_entropy-inplace", "cross_entropy-buffer", "dropout", "dropout-seed-in-memory"]
+)
 
 
 def compile_all() -> dict:
@@ -58,11 +103,21 @@ def compile_all() -> dict:
             flags = dict(CENTER=center, HAS_W=True)
             m = _rows.launch_meta(4096, width, **norms.forward_launch_options(width))
             warps = m.pop("num_warps")
-            fwd = spills(norms._norm_forward_kernel, NORM_FWD,
-                         {**flags, "HAS_B": center, **m, **norms.forward_flags(width, center)}, warps)
+            fwd = spills(
+                norms._norm_forward_kernel,
+                NORM_FWD,
+                {**flags, "HAS_B": center, **m, **norms.forward_flags(width, center)},
+                warps,
+            )
             warps, m = meta(width, max_block=norms._BACKWARD_MAX_BLOCK, gpu_tile=norms.BACKWARD_TILE)
-            flags = {**flags, "DW": True, "DB": center, "STAGES": norms.BACKWARD_STAGES,
-                     "PREFETCH": norms.backward_prefetch(m), **m}
+            flags = {
+                **flags,
+                "DW": True,
+                "DB": center,
+                "STAGES": norms.BACKWARD_STAGES,
+                "PREFETCH": norms.backward_prefetch(m),
+                **m,
+            }
             bwd = spills(norms._norm_backward_kernel, NORM_BWD, flags, warps)
             return {"forward": fwd, "backward": bwd}
         if op == "softmax":
@@ -70,8 +125,9 @@ def compile_all() -> dict:
             width = int(rest.rpartition("-")[2])
             result = {}
             for name, kernel, types, options in (
-                    ("forward", softmax._softmax_forward_kernel, SOFTMAX_FWD, softmax.FORWARD_LAUNCH),
-                    ("backward", softmax._softmax_backward_kernel, SOFTMAX_BWD, softmax.BACKWARD_LAUNCH)):
+                ("forward", softmax._softmax_forward_kernel, SOFTMAX_FWD, softmax.FORWARD_LAUNCH),
+                ("backward", softmax._softmax_backward_kernel, SOFTMAX_BWD, softmax.BACKWARD_LAUNCH),
+            ):
                 m = _rows.launch_meta(4096, width, **options)
                 warps = m.pop("num_warps")
                 result[name] = spills(kernel, types, {"CAUSAL": causal, **m}, warps)
@@ -80,10 +136,16 @@ def compile_all() -> dict:
             m = cross_entropy.launch_meta(4096, 50304)
             warps = m.pop("num_warps")
             flags = dict(MEAN=True, SMOOTH=rest == "buffer", GRAD=True, INPLACE=rest == "inplace", **m)
-            return {"loss+grad": spills(cross_entropy._cross_entropy_kernel, CROSS_ENTROPY, flags, warps),
-                    "scale": spills(cross_entropy._scale_rows_kernel, SCALE_ROWS, {"BLOCK_N": 4096}, 8),
-                    "count": spills(cross_entropy._count_targets_kernel, COUNT_TARGETS,
-                                    {"BLOCK": cross_entropy._COUNT_BLOCK}, cross_entropy._COUNT_WARPS)}
+            return {
+                "loss+grad": spills(cross_entropy._cross_entropy_kernel, CROSS_ENTROPY, flags, warps),
+                "scale": spills(cross_entropy._scale_rows_kernel, SCALE_ROWS, {"BLOCK_N": 4096}, 8),
+                "count": spills(
+                    cross_entropy._count_targets_kernel,
+                    COUNT_TARGETS,
+                    {"BLOCK": cross_entropy._COUNT_BLOCK},
+                    cross_entropy._COUNT_WARPS,
+                ),
+            }
         in_memory = rest == "seed-in-memory"
         types = {**DROPOUT, "seed": "*i64"} if in_memory else DROPOUT
         constexprs = {"BLOCK": dropout.BLOCK, "SEED_IN_MEMORY": in_memory}

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import triformer.functional as F_tri
 from harness import DEVICE, DTYPES, assert_close, assert_grads_close, randn, reference_copy
 from rowwise import WIDTHS, rows_for
+
+import triformer.functional as F_tri
 from triformer import TritonSoftmax
 
 # Padding rows and −inf rows compute −inf − (−inf) in numpy under the interpreter (NaN where torch has NaN too).

@@ -4,22 +4,33 @@ logs and uses, params validation, and how runs end when a stage fails or its pro
 from __future__ import annotations
 
 import re
-
 from pathlib import Path
 
 import mlflow
 import pytest
 import yaml
-
 from fake_datasets import write_fashion_mnist
+
 from triformer import training
 from triformer.data import fashion_mnist
 
 pytestmark = [pytest.mark.pipeline, pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy")]
 ROOT = Path(__file__).resolve().parents[1]
-TRAINING = {"dataset": "fashion_mnist", "hidden_size": 8, "activation": "relu", "epochs": 1, "batch_size": 16,
-            "train_subset": 32, "val_subset": 16, "lr": 0.01, "weight_decay": 0.01, "warmup_frac": 0.05,
-            "amp": "bf16", "log_every": 1, "seed": 0}
+TRAINING = {
+    "dataset": "fashion_mnist",
+    "hidden_size": 8,
+    "activation": "relu",
+    "epochs": 1,
+    "batch_size": 16,
+    "train_subset": 32,
+    "val_subset": 16,
+    "lr": 0.01,
+    "weight_decay": 0.01,
+    "warmup_frac": 0.05,
+    "amp": "bf16",
+    "log_every": 1,
+    "seed": 0,
+}
 
 
 @pytest.fixture
@@ -49,8 +60,17 @@ def write_params(**groups) -> None:
 
 def train_mlp_params(**overrides) -> dict:
     fixed = {k: v for k, v in TRAINING.items() if k != "seed"}
-    return {"train_mlp": {**fixed, "backend": "triton", "fused": True, "baseline": True, "min_lr_frac": 0.0,
-                          "keep_checkpoints": False, **overrides}}
+    return {
+        "train_mlp": {
+            **fixed,
+            "backend": "triton",
+            "fused": True,
+            "baseline": True,
+            "min_lr_frac": 0.0,
+            "keep_checkpoints": False,
+            **overrides,
+        }
+    }
 
 
 def runs_of(client, experiment: str):
@@ -62,10 +82,18 @@ def test_a_training_run_uses_the_activation_it_logs_and_logs_only_what_it_uses(c
     used, not the stage's other params (kernel shapes, variants, dtype)."""
     built = []
     real_fit = training.fit
-    monkeypatch.setattr(training, "fit", lambda model, *args, **kwargs: built.append(model) or real_fit(
-        model, *args, **kwargs))
-    config = {**TRAINING, "activation": "gelu", "variants": ["fused"], "shapes": [[5, 7, 3]], "dtype": "float32",
-              "profile": "auto", "device": "auto"}
+    monkeypatch.setattr(
+        training, "fit", lambda model, *args, **kwargs: built.append(model) or real_fit(model, *args, **kwargs)
+    )
+    config = {
+        **TRAINING,
+        "activation": "gelu",
+        "variants": ["fused"],
+        "shapes": [[5, 7, 3]],
+        "dtype": "float32",
+        "profile": "auto",
+        "device": "auto",
+    }
     info = common.machine({"common": {}})
     common.train_mlp(config, info, stage="ablation", kind="ablation", role="fused", backend="triton", fused=True)
     (model,) = built
@@ -74,8 +102,18 @@ def test_a_training_run_uses_the_activation_it_logs_and_logs_only_what_it_uses(c
     params = run.data.params
     assert params["activation"] == "gelu" and params["backend"] == "triton" and params["fused"] == "True"
     settings = set(training.TrainConfig.__dataclass_fields__) - {"progress"}
-    assert set(params) == {"profile", "device", "dataset", "train_subset", "val_subset", "hidden_size",
-                           "activation", "backend", "fused", *settings}
+    assert set(params) == {
+        "profile",
+        "device",
+        "dataset",
+        "train_subset",
+        "val_subset",
+        "hidden_size",
+        "activation",
+        "backend",
+        "fused",
+        *settings,
+    }
     assert params["device"] == info["device"] and params["epochs"] == "1" and params["lr"] == "0.01"
 
 
@@ -103,15 +141,18 @@ def setup_error(common, **groups) -> str:
     return str(error.value)
 
 
-@pytest.mark.parametrize("where,key,value,expected", [
-    ("cpu", "epoch", 2, r"train_mlp\.cpu\.epoch: unknown key \(did you mean 'epochs'\?\)"),
-    ("group", "lr", "1e-3", r"train_mlp\.lr: must be a number, got '1e-3' \(str\)"),
-    ("cpu", "epochs", -1, r"train_mlp\.cpu\.epochs: must be ≥ 1, got -1"),
-    ("cpu", "train_subset", -5, r"train_mlp\.cpu\.train_subset: must be ≥ 0, got -5"),
-    ("group", "fused", "yes", r"train_mlp\.fused: must be true or false"),
-    ("group", "activation", "tanh", r"train_mlp\.activation: must be one of \['relu', 'gelu', 'silu'\]"),
-    ("gpu", "hidden_sise", 768, r"train_mlp\.gpu\.hidden_sise: unknown key \(did you mean 'hidden_size'\?\)"),
-])
+@pytest.mark.parametrize(
+    "where,key,value,expected",
+    [
+        ("cpu", "epoch", 2, r"train_mlp\.cpu\.epoch: unknown key \(did you mean 'epochs'\?\)"),
+        ("group", "lr", "1e-3", r"train_mlp\.lr: must be a number, got '1e-3' \(str\)"),
+        ("cpu", "epochs", -1, r"train_mlp\.cpu\.epochs: must be ≥ 1, got -1"),
+        ("cpu", "train_subset", -5, r"train_mlp\.cpu\.train_subset: must be ≥ 0, got -5"),
+        ("group", "fused", "yes", r"train_mlp\.fused: must be true or false"),
+        ("group", "activation", "tanh", r"train_mlp\.activation: must be one of \['relu', 'gelu', 'silu'\]"),
+        ("gpu", "hidden_sise", 768, r"train_mlp\.gpu\.hidden_sise: unknown key \(did you mean 'hidden_size'\?\)"),
+    ],
+)
 def test_a_bad_param_is_one_error_naming_its_key(common, tmp_path, monkeypatch, where, key, value, expected):
     """Checked before any work (the other profile's keys too); before, each was ignored or failed minutes later."""
     monkeypatch.chdir(tmp_path)
@@ -155,11 +196,15 @@ def test_the_project_params_fit_their_schema_in_both_profiles(common):
         common.schema.validate({**params, "train_gpt": {**params["train_gpt"], "mlp": "relu"}}, "train_gpt", "gpu")
     bad_variant = {**params["ablation"]["cpu"]["gpt"], "variants": ["triformer", "attn"]}
     with pytest.raises(common.schema.ParamsError, match=r"ablation\.cpu\.gpt: variants: item 1: must be one of"):
-        common.schema.validate({**params, "ablation": {**params["ablation"], "cpu": {
-            **params["ablation"]["cpu"], "gpt": bad_variant}}}, "ablation", "cpu")
+        common.schema.validate(
+            {**params, "ablation": {**params["ablation"], "cpu": {**params["ablation"]["cpu"], "gpt": bad_variant}}},
+            "ablation",
+            "cpu",
+        )
     with pytest.raises(common.schema.ParamsError, match=r"bench\.cpu\.linear: unknown arguments \['shape'\]"):
-        common.schema.validate({**params, "bench": {"suites": ["linear"], "cpu": {"linear": {"shape": []}}}},
-                               "bench", "cpu")
+        common.schema.validate(
+            {**params, "bench": {"suites": ["linear"], "cpu": {"linear": {"shape": []}}}}, "bench", "cpu"
+        )
 
 
 def test_a_stage_with_bad_params_stops_before_any_work(common, project, monkeypatch):
@@ -174,8 +219,10 @@ def test_a_stage_with_bad_params_stops_before_any_work(common, project, monkeypa
 
 
 def test_bench_suites_take_their_run_arguments_and_a_listed_missing_suite_anything(common):
-    group = {"suites": ["linear", "not_written_yet"],
-             "cpu": {"linear": {"shapes": [[3, 5, 7]]}, "not_written_yet": {"sizes": [1]}, "lineer": {}}}
+    group = {
+        "suites": ["linear", "not_written_yet"],
+        "cpu": {"linear": {"shapes": [[3, 5, 7]]}, "not_written_yet": {"sizes": [1]}, "lineer": {}},
+    }
     with pytest.raises(common.schema.ParamsError) as error:
         common.schema.validate({"common": {"seed": 0, "dtype": "float32"}, "bench": group}, "bench", "cpu")
     assert str(error.value).splitlines()[1:] == ["  bench.cpu.lineer: unknown key (known keys: ['suites'])"]

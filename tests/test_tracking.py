@@ -50,8 +50,9 @@ def test_the_store_is_the_project_the_stage_runs_in_not_the_install(tmp_path, mo
 def test_run_holds_flat_params_tags_metrics_and_artifacts(client, store, tmp_path):
     table = tmp_path / "rows.csv"
     table.write_text("a,b\n1,2\n")
-    with tracking.start_run("bench", {"bench": {"dtype": "float32", "shapes": [[1, 2, 3]]}, "seed": 0},
-                            tags={"profile": "cpu"}) as run:
+    with tracking.start_run(
+        "bench", {"bench": {"dtype": "float32", "shapes": [[1, 2, 3]]}, "seed": 0}, tags={"profile": "cpu"}
+    ) as run:
         tracking.log_metrics({"perf/gbps": 12.5, "perf/tflops": None}, step=0)
         tracking.log_metrics({"perf/gbps": 13.5}, step=1)
         tracking.log_artifact(table)
@@ -109,8 +110,10 @@ def test_nested_run_inside_an_active_run(client):
 
 
 def test_metric_keys_and_flat_params():
-    assert tracking.metric_key("perf/tflops", "linear+relu", "fwd+bwd", "torch eager", "33x65x17") == \
-        "perf/tflops/linear_relu/fwd_bwd/torch eager/33x65x17"
+    assert (
+        tracking.metric_key("perf/tflops", "linear+relu", "fwd+bwd", "torch eager", "33x65x17")
+        == "perf/tflops/linear_relu/fwd_bwd/torch eager/33x65x17"
+    )
     assert tracking.flatten({"a": {"b": {"c": 1}}, "d": None}) == {"a.b.c": "1", "d": "None"}
 
 
@@ -119,9 +122,14 @@ def test_runs_a_dead_process_left_running_end_killed(client):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     host, experiment = socket.gethostname(), client.create_experiment("dead-runs")
-    left = {name: client.create_run(experiment, tags={"stage": "train_mlp", **tags}).info.run_id for name, tags in {
-        "dead": {"host": host, "pid": str(dead.pid)}, "alive": {"host": host, "pid": str(os.getpid())},
-        "elsewhere": {"host": host + "-other", "pid": str(dead.pid)}}.items()}
+    left = {
+        name: client.create_run(experiment, tags={"stage": "train_mlp", **tags}).info.run_id
+        for name, tags in {
+            "dead": {"host": host, "pid": str(dead.pid)},
+            "alive": {"host": host, "pid": str(os.getpid())},
+            "elsewhere": {"host": host + "-other", "pid": str(dead.pid)},
+        }.items()
+    }
     other = client.create_run(experiment, tags={"stage": "ablation", "host": host, "pid": str(dead.pid)}).info.run_id
     assert tracking.close_dead_runs("train_mlp") == [left["dead"]]
     status = {name: client.get_run(run_id).info.status for name, run_id in left.items()}

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fake_datasets import pattern_tokens
+from harness import DEVICE
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from fake_datasets import pattern_tokens
-from harness import DEVICE
 from triformer import GPT, GPTConfig, TritonMLP, training
 
 pytestmark = pytest.mark.pipeline
@@ -40,8 +40,16 @@ def run(backend, config, checkpoint_dir=None, crash_after=None, log=None):
             raise Crash(f"crash after epoch {epoch}")
 
     model = make_model(backend)
-    result = training.fit(model, tiny_data(config.batch_size * 3, 1), tiny_data(20, 2), config, DEVICE,
-                          checkpoint_dir=checkpoint_dir, after_eval=after_eval, log=log)
+    result = training.fit(
+        model,
+        tiny_data(config.batch_size * 3, 1),
+        tiny_data(20, 2),
+        config,
+        DEVICE,
+        checkpoint_dir=checkpoint_dir,
+        after_eval=after_eval,
+        log=log,
+    )
     return model, result
 
 
@@ -75,8 +83,13 @@ def test_checkpoints_kept_and_their_extra(tmp_path):
     result = training.fit(make_model("torch"), tiny_data(16, 1), tiny_data(8, 2), config, checkpoint_dir=tmp_path)
     assert result["resumed_from_epoch"] == 3 and len(result["history"]) == 3
     with pytest.raises(ValueError, match="other settings"):
-        training.fit(make_model("torch"), tiny_data(16, 1), tiny_data(8, 2),
-                     training.TrainConfig(epochs=5, batch_size=8, progress=False), checkpoint_dir=tmp_path)
+        training.fit(
+            make_model("torch"),
+            tiny_data(16, 1),
+            tiny_data(8, 2),
+            training.TrainConfig(epochs=5, batch_size=8, progress=False),
+            checkpoint_dir=tmp_path,
+        )
 
 
 def test_logs_steps_and_epochs_and_learns():
@@ -138,35 +151,65 @@ def token_stream(n: int, seed: int) -> training.TokenStream:
 
 def tiny_gpt(backend: str, dropout: float = 0.1) -> GPT:
     torch.manual_seed(0)
-    return GPT(GPTConfig(vocab_size=VOCAB, block_size=8, n_layer=1, n_head=2, n_embd=16, dropout=dropout,
-                         backend=backend))
+    return GPT(
+        GPTConfig(vocab_size=VOCAB, block_size=8, n_layer=1, n_head=2, n_embd=16, dropout=dropout, backend=backend)
+    )
 
 
 def lm_config(**overrides) -> training.TrainConfig:
-    return training.TrainConfig(**{**dict(iterations=9, eval_every=4, eval_batches=2, eval_batch_size=4, batch_size=4,
-                                          lr=1e-2, log_every=3, progress=False), **overrides})
+    return training.TrainConfig(
+        **{
+            **dict(
+                iterations=9,
+                eval_every=4,
+                eval_batches=2,
+                eval_batch_size=4,
+                batch_size=4,
+                lr=1e-2,
+                log_every=3,
+                progress=False,
+            ),
+            **overrides,
+        }
+    )
 
 
 def test_a_step_based_run_evaluates_every_n_steps_in_tokens():
     logged = []
     model = tiny_gpt("torch")
-    result = training.fit(model, token_stream(500, 1), token_stream(200, 2), lm_config(), DEVICE,
-                          log=lambda metrics, step: logged.append((step, metrics)), loss_fn=training.model_loss,
-                          flops_per_item=1e6, peak_tflops=2.0)
+    result = training.fit(
+        model,
+        token_stream(500, 1),
+        token_stream(200, 2),
+        lm_config(),
+        DEVICE,
+        log=lambda metrics, step: logged.append((step, metrics)),
+        loss_fn=training.model_loss,
+        flops_per_item=1e6,
+        peak_tflops=2.0,
+    )
     history = result["history"]
     assert [record["step"] for record in history] == [4, 8, 9]  # every eval_every steps and the last
     assert [step for step, m in logged if "train/loss" in m] == [3, 4, 6, 8, 9]
     assert [step for step, m in logged if "val/loss" in m] == [4, 8, 9]
     record = history[-1]
-    assert set(record) == {"step", "train/interval_loss", "val/loss", "perf/tokens_per_s", "perf/step_ms", "perf/mfu",
-                           *(["mem/peak_mib"] if DEVICE == "cuda" else [])}
+    assert set(record) == {
+        "step",
+        "train/interval_loss",
+        "val/loss",
+        "perf/tokens_per_s",
+        "perf/step_ms",
+        "perf/mfu",
+        *(["mem/peak_mib"] if DEVICE == "cuda" else []),
+    }
     assert record["perf/mfu"] == pytest.approx(1e6 * record["perf/tokens_per_s"] / 2e12)
     assert result["train/loss"] == record["train/interval_loss"] and result["resumed_from_step"] == 0
     assert history[-1]["val/loss"] < history[0]["val/loss"]
     # the same evaluation batches every time: evaluating twice gives one number
     val = token_stream(200, 2)
-    first, second = (training.evaluate(model, val, lm_config(), torch.device(DEVICE), training.model_loss)
-                     for _ in range(2))
+    first, second = (
+        training.evaluate(model, val, lm_config(), torch.device(DEVICE), training.model_loss) for _ in range(2)
+    )
     assert first == second and set(first) == {"val/loss"}
 
 
@@ -182,8 +225,16 @@ def test_resume_between_evaluations_equals_an_uninterrupted_run(tmp_path, backen
                 raise Crash(f"crash at step {step}")
 
         model = tiny_gpt(backend)
-        return model, training.fit(model, token_stream(500, 1), token_stream(200, 2), config, DEVICE, checkpoint_dir,
-                                   log=log, loss_fn=training.model_loss)
+        return model, training.fit(
+            model,
+            token_stream(500, 1),
+            token_stream(200, 2),
+            config,
+            DEVICE,
+            checkpoint_dir,
+            log=log,
+            loss_fn=training.model_loss,
+        )
 
     reference, expected = run()
     with pytest.raises(Crash):
@@ -208,13 +259,25 @@ def test_gradients_clipped_to_grad_clip(monkeypatch):
         return total
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
-    training.fit(tiny_gpt("torch"), token_stream(500, 1), token_stream(200, 2), lm_config(iterations=3, grad_clip=0.05),
-                 DEVICE, loss_fn=training.model_loss)
+    training.fit(
+        tiny_gpt("torch"),
+        token_stream(500, 1),
+        token_stream(200, 2),
+        lm_config(iterations=3, grad_clip=0.05),
+        DEVICE,
+        loss_fn=training.model_loss,
+    )
     assert len(norms) == 3
     assert all(before > 0.05 and after == pytest.approx(0.05, rel=1e-4) for before, after in norms), norms
     norms.clear()
-    training.fit(tiny_gpt("torch"), token_stream(500, 1), token_stream(200, 2), lm_config(iterations=2), DEVICE,
-                 loss_fn=training.model_loss)
+    training.fit(
+        tiny_gpt("torch"),
+        token_stream(500, 1),
+        token_stream(200, 2),
+        lm_config(iterations=2),
+        DEVICE,
+        loss_fn=training.model_loss,
+    )
     assert norms == []  # grad_clip 0: no clipping
 
 
@@ -231,5 +294,9 @@ def test_batch_sources():
     with pytest.raises(ValueError, match="has no epochs"):
         training.fit(tiny_gpt("torch"), stream, stream, training.TrainConfig(epochs=1, progress=False))
     with pytest.raises(ValueError, match="eval_every is for step-based runs"):
-        training.fit(make_model("torch"), tiny_data(8, 1), tiny_data(8, 2),
-                     training.TrainConfig(epochs=1, eval_every=2, progress=False))
+        training.fit(
+            make_model("torch"),
+            tiny_data(8, 1),
+            tiny_data(8, 2),
+            training.TrainConfig(epochs=1, eval_every=2, progress=False),
+        )

@@ -13,20 +13,42 @@ import mlflow
 import pytest
 import torch
 import yaml
-
 from fake_datasets import write_fashion_mnist, write_shakespeare_texts
 from processes import kill_when
+
 from triformer import training
 from triformer.data import fashion_mnist, shakespeare
 from triformer.models import GPT
 
 pytestmark = [pytest.mark.pipeline, pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy")]
 ROOT = Path(__file__).resolve().parents[1]
-TINY_GPT = {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 8, "dropout": 0.1, "batch_size": 4,
-            "iterations": 4, "eval_every": 2, "eval_batches": 1, "eval_batch_size": 4, "log_every": 1,
-            "sample_tokens": 5}
-TINY_VIT = {"patch_size": 7, "n_layer": 1, "n_head": 2, "n_embd": 16, "mlp_ratio": 2.0, "epochs": 2,
-            "batch_size": 8, "train_subset": 16, "val_subset": 8, "eval_batch_size": 8, "log_every": 1}
+TINY_GPT = {
+    "n_layer": 1,
+    "n_head": 2,
+    "n_embd": 16,
+    "block_size": 8,
+    "dropout": 0.1,
+    "batch_size": 4,
+    "iterations": 4,
+    "eval_every": 2,
+    "eval_batches": 1,
+    "eval_batch_size": 4,
+    "log_every": 1,
+    "sample_tokens": 5,
+}
+TINY_VIT = {
+    "patch_size": 7,
+    "n_layer": 1,
+    "n_head": 2,
+    "n_embd": 16,
+    "mlp_ratio": 2.0,
+    "epochs": 2,
+    "batch_size": 8,
+    "train_subset": 16,
+    "val_subset": 8,
+    "eval_batch_size": 8,
+    "log_every": 1,
+}
 
 
 @pytest.fixture
@@ -64,8 +86,11 @@ def write_params(gpt: dict | None = None, gpt_cpu: dict | None = None) -> None:
 
 def runs_of(client, stage: str) -> dict:
     """{role: run} of the stage's runs in the `train` experiment (the latest of each role)."""
-    runs = client.search_runs([client.get_experiment_by_name("train").experiment_id],
-                              f"tags.stage = '{stage}'", order_by=["attributes.start_time ASC"])
+    runs = client.search_runs(
+        [client.get_experiment_by_name("train").experiment_id],
+        f"tags.stage = '{stage}'",
+        order_by=["attributes.start_time ASC"],
+    )
     return {run.data.tags["role"]: run for run in runs}
 
 
@@ -81,8 +106,10 @@ def test_train_gpt_trains_the_model_its_params_ask_for_and_the_twin(common, proj
     monkeypatch.setattr(train_gpt, "GPT", lambda config: built.append(config) or GPT(config))
     train_gpt.main()
 
-    assert {(c.backend, c.mlp, c.rope, c.n_kv_head, c.fused_head) for c in built} == \
-        {("triton", "swiglu", True, 1, True), ("torch", "swiglu", True, 1, True)}
+    assert {(c.backend, c.mlp, c.rope, c.n_kv_head, c.fused_head) for c in built} == {
+        ("triton", "swiglu", True, 1, True),
+        ("torch", "swiglu", True, 1, True),
+    }
     out = Path("results/train_gpt")
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["model"]["backend"] == "triton" and metrics["baseline"]["backend"] == "torch"
@@ -117,8 +144,7 @@ def test_train_vit_trains_model_and_twin_on_fashion_mnist(common, project):
     rows = Path("results/train_vit/epochs.csv").read_text().splitlines()
     assert rows[0].startswith("epoch,train_epoch_loss,val_loss,val_accuracy") and len(rows) == 3
     runs = runs_of(project, "train_vit")
-    assert {role: run.data.params["backend"] for role, run in runs.items()} == {"model": "triton",
-                                                                                "baseline": "torch"}
+    assert {role: run.data.params["backend"] for role, run in runs.items()} == {"model": "triton", "baseline": "torch"}
     for run in runs.values():
         assert steps(project, run, "val/accuracy") == [1, 2] and run.data.metrics["perf/images_per_s"] > 0
         assert run.data.params["patch_size"] == "7" and run.data.tags["processes"] == "1"
@@ -128,14 +154,27 @@ def test_ablation_gpt_variants_swap_one_part():
     sys.path.insert(0, str(ROOT))
     from experiments import ablation
 
-    gpt = {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 8, "vocab_size": 11, "batch_size": 2, "steps": 1,
-           "warmup": 0, "variants": ["triformer", "attention", "torch"]}
+    gpt = {
+        "n_layer": 1,
+        "n_head": 2,
+        "n_embd": 16,
+        "block_size": 8,
+        "vocab_size": 11,
+        "batch_size": 2,
+        "steps": 1,
+        "warmup": 0,
+        "variants": ["triformer", "attention", "torch"],
+    }
     rows = ablation.gpt_rows(gpt, torch.float32, "cpu", seed=0)
-    assert [(row["variant"], row["torch_parts"]) for row in rows] == \
-        [("triformer", "triton"), ("attention", "attention"), ("torch", "torch")]
+    assert [(row["variant"], row["torch_parts"]) for row in rows] == [
+        ("triformer", "triton"),
+        ("attention", "attention"),
+        ("torch", "torch"),
+    ]
     assert all(row["perf_tokens_per_s"] > 0 for row in rows) and rows[-1]["speedup_vs_torch"] == 1.0
-    swapped = GPT(ablation.gpt_variant("norm", {k: gpt[k] for k in ("n_layer", "n_head", "n_embd", "block_size",
-                                                                    "vocab_size")}))
+    swapped = GPT(
+        ablation.gpt_variant("norm", {k: gpt[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")})
+    )
     assert type(swapped.ln_f) is torch.nn.LayerNorm and type(swapped.blocks[0].attn).__name__.startswith("Triton")
 
 
@@ -145,8 +184,7 @@ def test_train_gpt_in_two_processes_killed_then_resumed(project):
     write_params({"processes": 2, "baseline": False}, {"iterations": 6})
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "experiments.train_gpt"]
-    kill_when(command, lambda: any(Path("checkpoints/train_gpt").glob(f"*/model/{training.CHECKPOINT_GLOB}")),
-              env=env)
+    kill_when(command, lambda: any(Path("checkpoints/train_gpt").glob(f"*/model/{training.CHECKPOINT_GLOB}")), env=env)
     (folder,) = Path("checkpoints/train_gpt").glob("*/model")
     killed_run = training.checkpoint_extra(folder)["mlflow_run_id"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)

@@ -40,8 +40,13 @@ def test_launches_the_fastest_and_skips_what_does_not_compile(fake_clock):
     assert timed == ["slow", "too big", "fast", "other dialect", "medium"]
     assert launched[-1] == "fast"  # after timing, the pick itself is launched
     assert _tiles._CHOSEN[("key",)] == "fast"
-    assert _tiles.TIMED[("key",)] == [("slow", 2.0), ("too big", float("inf")), ("fast", 0.5),
-                                      ("other dialect", float("inf")), ("medium", 1.0)]
+    assert _tiles.TIMED[("key",)] == [
+        ("slow", 2.0),
+        ("too big", float("inf")),
+        ("fast", 0.5),
+        ("other dialect", float("inf")),
+        ("medium", 1.0),
+    ]
 
 
 def test_a_key_is_timed_once(fake_clock):
@@ -61,7 +66,6 @@ def test_a_single_candidate_is_launched_without_timing(fake_clock):
     launched, timed = fake_clock
     _tiles.launch_tuned(("other",), lambda: ["slow"], launched.append)
     assert launched == ["slow"] and timed == []
-
 
 
 def test_queued_clock_holds_the_stream_then_times_batches_of_calls(monkeypatch):

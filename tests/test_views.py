@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from harness import DEVICE, DTYPES, ON_GPU, assert_close, reference_copy
 
 import triformer.functional as F_tri
-from harness import DEVICE, DTYPES, ON_GPU, assert_close, reference_copy
 
 # (M, K, N) of the linear; rows M and width N of the row-wise ops. On a GPU multiples of 8 (16-byte rows): the
 # contiguous operands take the TMA path there, so a view that falls back to the pointer kernel is compared across.
@@ -89,8 +89,9 @@ class Inputs:
                 # (the size of a sum of that many terms of random sign), not against a sum that cancels by chance.
                 expanded = self.kinds[name] in ("expanded", "scalar")
                 own_floor = self.ref_views[name].grad.norm().item() if expanded else 0.0
-                assert_close(base.grad, self.refs[name].grad, dtype, f"grad of {name}",
-                             scale_floor=max(floor, own_floor))
+                assert_close(
+                    base.grad, self.refs[name].grad, dtype, f"grad of {name}", scale_floor=max(floor, own_floor)
+                )
 
 
 def run_case(inputs: Inputs, ours, reference, dy_kind: str, dtype, grad_floor=None):
@@ -126,10 +127,18 @@ def _norm_case(center):
     shapes = {"x": (M, N), "weight": (N,), "bias": (N,)} if center else {"x": (M, N), "weight": (N,)}
     exclude = {"x": ("scalar",)}
     if center:
-        return shapes, exclude, (lambda x, weight, bias: F_tri.layer_norm(x, N, weight, bias)), \
-            (lambda x, weight, bias: F.layer_norm(x, (N,), weight, bias))
-    return shapes, exclude, (lambda x, weight: F_tri.rms_norm(x, N, weight)), \
-        (lambda x, weight: F.rms_norm(x, (N,), weight, 1e-6))
+        return (
+            shapes,
+            exclude,
+            (lambda x, weight, bias: F_tri.layer_norm(x, N, weight, bias)),
+            (lambda x, weight, bias: F.layer_norm(x, (N,), weight, bias)),
+        )
+    return (
+        shapes,
+        exclude,
+        (lambda x, weight: F_tri.rms_norm(x, N, weight)),
+        (lambda x, weight: F.rms_norm(x, (N,), weight, 1e-6)),
+    )
 
 
 def _softmax_case(causal):
@@ -142,8 +151,11 @@ def _softmax_case(causal):
 
 
 CASES = {
-    **{f"linear-{'fused' if fused else 'unfused'}-{act or 'none'}": _linear_case(act, fused)
-       for fused in (True, False) for act in (None, "gelu")},
+    **{
+        f"linear-{'fused' if fused else 'unfused'}-{act or 'none'}": _linear_case(act, fused)
+        for fused in (True, False)
+        for act in (None, "gelu")
+    },
     "layer_norm": _norm_case(True),
     "rms_norm": _norm_case(False),
     "softmax": _softmax_case(False),
@@ -155,8 +167,10 @@ def _input_params():
     params = []
     for case, (shapes, exclude, _, _) in CASES.items():
         for name, shape in shapes.items():
-            params += [pytest.param(case, name, kind, id=f"{case}-{name}-{kind}")
-                       for kind in kinds_for(shape, exclude.get(name, ()))]
+            params += [
+                pytest.param(case, name, kind, id=f"{case}-{name}-{kind}")
+                for kind in kinds_for(shape, exclude.get(name, ()))
+            ]
     return params
 
 
@@ -164,7 +178,7 @@ def _inputs(case, dtype, name=None, kind="contiguous"):
     shapes = CASES[case][0]
     inputs = Inputs(dtype)
     for n, shape in shapes.items():
-        scale = K ** -0.5 if (case.startswith("linear") and n == "weight") else 1.0
+        scale = K**-0.5 if (case.startswith("linear") and n == "weight") else 1.0
         inputs.add(n, shape, kind if n == name else "contiguous", scale=scale)
     return inputs
 
@@ -189,8 +203,14 @@ def test_input_views(case, name, kind, dtype, seed):
 @pytest.mark.parametrize("case", list(CASES))
 def test_incoming_gradient_views(case, dy_kind, dtype, seed):
     _, _, ours, reference = CASES[case]
-    run_case(_inputs(case, dtype), ours, reference, dy_kind, dtype,
-             grad_floor=_softmax_floor(case) if dy_kind == "scalar" else None)
+    run_case(
+        _inputs(case, dtype),
+        ours,
+        reference,
+        dy_kind,
+        dtype,
+        grad_floor=_softmax_floor(case) if dy_kind == "scalar" else None,
+    )
 
 
 # ------------------------------------------------------------------------------------------- cross-entropy
@@ -201,16 +221,24 @@ def _targets(shape):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("name,kind", [("logits", k) for k in kinds_for((M, N))]
-                         + [("targets", k) for k in kinds_for((M,))] + [("dloss", k) for k in kinds_for((M,))])
+@pytest.mark.parametrize(
+    "name,kind",
+    [("logits", k) for k in kinds_for((M, N))]
+    + [("targets", k) for k in kinds_for((M,))]
+    + [("dloss", k) for k in kinds_for((M,))],
+)
 def test_cross_entropy_views(name, kind, dtype, seed):
     """Logits and targets in every layout, and the incoming gradient of reduction="none"."""
     inputs = Inputs(dtype)
     inputs.add("logits", (M, N), kind if name == "logits" else "contiguous")
     inputs.add("targets", (M,), kind if name == "targets" else "contiguous", requires_grad=False, make=_targets)
-    run_case(inputs, lambda logits, targets: F_tri.cross_entropy(logits, targets, reduction="none"),
-             lambda logits, targets: F.cross_entropy(logits, targets, reduction="none"),
-             kind if name == "dloss" else "contiguous", dtype)
+    run_case(
+        inputs,
+        lambda logits, targets: F_tri.cross_entropy(logits, targets, reduction="none"),
+        lambda logits, targets: F.cross_entropy(logits, targets, reduction="none"),
+        kind if name == "dloss" else "contiguous",
+        dtype,
+    )
 
 
 # ------------------------------------------------------------------------------------------------- dropout

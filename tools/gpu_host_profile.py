@@ -11,8 +11,8 @@ Run: python tools/gpu_host_profile.py [--calls N]
 """
 
 import argparse
-import cProfile
 import contextlib
+import cProfile
 import pstats
 import time
 
@@ -63,25 +63,48 @@ def op_cases() -> dict:
         return F.silu(a) * g
 
     activations = {None: lambda z: z, "relu": torch.relu, "gelu": lambda z: F.gelu(z, approximate="tanh")}
-    cases = {f"linear {act}": (lambda a=act: TF.linear(x, w_sq, b, a), lambda a=act: activations[a](F.linear(x, w_sq, b)),
-                               (x, w_sq, b)) for act in activations}
-    cases.update({
-        "layer_norm": (lambda: TF.layer_norm(x, 256, gain, shift), lambda: F.layer_norm(x, (256,), gain, shift),
-                       (x, gain, shift)),
-        "rms_norm": (lambda: TF.rms_norm(x, 256, gain), lambda: F.rms_norm(x, (256,), gain, 1e-6), (x, gain)),
-        "softmax": (lambda: TF.softmax(x), lambda: torch.softmax(x, -1), (x,)),
-        "softmax causal": (lambda: TF.softmax(scores, causal=True),
-                           lambda: torch.softmax(scores.masked_fill(causal_mask, float("-inf")), -1), (scores,)),
-        "dropout": (lambda: TF.dropout(x, 0.1), lambda: F.dropout(x, 0.1), (x,)),
-        "cross_entropy": (lambda: TF.cross_entropy(logits, labels), lambda: F.cross_entropy(logits, labels),
-                          (logits,)),
-        "attention causal": (lambda: TF.attention(q, k, v, causal=True),
-                             lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), (q, k, v)),
-        "rope": (lambda: TF.rope(q, k, cos, sin), lambda: torch_rope(q, k, cos, sin), (q, k)),
-        "swiglu": (lambda: TF.swiglu(up), lambda: swiglu_torch(up), (up,)),
-        "linear_cross_entropy": (lambda: TF.linear_cross_entropy(hidden, head, labels),
-                                 lambda: F.cross_entropy(F.linear(hidden, head).float(), labels), (hidden, head)),
-    })
+    cases = {
+        f"linear {act}": (
+            lambda a=act: TF.linear(x, w_sq, b, a),
+            lambda a=act: activations[a](F.linear(x, w_sq, b)),
+            (x, w_sq, b),
+        )
+        for act in activations
+    }
+    cases.update(
+        {
+            "layer_norm": (
+                lambda: TF.layer_norm(x, 256, gain, shift),
+                lambda: F.layer_norm(x, (256,), gain, shift),
+                (x, gain, shift),
+            ),
+            "rms_norm": (lambda: TF.rms_norm(x, 256, gain), lambda: F.rms_norm(x, (256,), gain, 1e-6), (x, gain)),
+            "softmax": (lambda: TF.softmax(x), lambda: torch.softmax(x, -1), (x,)),
+            "softmax causal": (
+                lambda: TF.softmax(scores, causal=True),
+                lambda: torch.softmax(scores.masked_fill(causal_mask, float("-inf")), -1),
+                (scores,),
+            ),
+            "dropout": (lambda: TF.dropout(x, 0.1), lambda: F.dropout(x, 0.1), (x,)),
+            "cross_entropy": (
+                lambda: TF.cross_entropy(logits, labels),
+                lambda: F.cross_entropy(logits, labels),
+                (logits,),
+            ),
+            "attention causal": (
+                lambda: TF.attention(q, k, v, causal=True),
+                lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+                (q, k, v),
+            ),
+            "rope": (lambda: TF.rope(q, k, cos, sin), lambda: torch_rope(q, k, cos, sin), (q, k)),
+            "swiglu": (lambda: TF.swiglu(up), lambda: swiglu_torch(up), (up,)),
+            "linear_cross_entropy": (
+                lambda: TF.linear_cross_entropy(hidden, head, labels),
+                lambda: F.cross_entropy(F.linear(hidden, head).float(), labels),
+                (hidden, head),
+            ),
+        }
+    )
     return cases
 
 
@@ -103,10 +126,20 @@ def op_table(calls: int) -> None:
         with through_dispatcher():
             both_dispatched = per_call_us(fwd_bwd(ours, inputs), calls)
         both_torch = per_call_us(fwd_bwd(theirs, inputs), calls)
-        row = (fwd_ours, fwd_torch, fwd_ours / fwd_torch, both_ours, both_dispatched, both_torch,
-               both_ours / both_torch)
-        print(f"{name:24s}" + "".join(f"{value:11.2f}" if i in (2, 6) else f"{value:11.1f}"
-                                       for i, value in enumerate(row)), flush=True)
+        row = (
+            fwd_ours,
+            fwd_torch,
+            fwd_ours / fwd_torch,
+            both_ours,
+            both_dispatched,
+            both_torch,
+            both_ours / both_torch,
+        )
+        print(
+            f"{name:24s}"
+            + "".join(f"{value:11.2f}" if i in (2, 6) else f"{value:11.1f}" for i, value in enumerate(row)),
+            flush=True,
+        )
 
 
 @triton.jit
@@ -123,11 +156,29 @@ def launch_cases() -> dict:
     part = torch.randn(2, 16, 256, device=DEVICE)
     cases = {
         "torch.empty_like": lambda: torch.empty_like(x),
-        "triton empty kernel (7 ptr, 7 int)": lambda: _empty_kernel[(1,)](x, x, x, x, x, x, x, 256, 256, 256, 256, 1,
-                                                                        256, 1, FLAG=True),
+        "triton empty kernel (7 ptr, 7 int)": lambda: _empty_kernel[(1,)](
+            x, x, x, x, x, x, x, 256, 256, 256, 256, 1, 256, 1, FLAG=True
+        ),
         "norm fwd kernel, direct launch": lambda: norms._norm_forward_kernel[(256,)](
-            x, w, b, y, mean, rstd, 256, 256, 256, 256, 1e-5, CENTER=True, HAS_W=True, HAS_B=True,
-            BLOCK_M=1, BLOCK_N=256, ONE_BLOCK=True, num_warps=4),
+            x,
+            w,
+            b,
+            y,
+            mean,
+            rstd,
+            256,
+            256,
+            256,
+            256,
+            1e-5,
+            CENTER=True,
+            HAS_W=True,
+            HAS_B=True,
+            BLOCK_M=1,
+            BLOCK_N=256,
+            ONE_BLOCK=True,
+            num_warps=4,
+        ),
         "norms.norm_forward (launcher)": lambda: norms.norm_forward(x, w, b, 1e-5, True),
         "norms.norm_backward (launcher)": lambda: norms.norm_backward(dy, x2, w, mean_s, rstd_s, DTYPE, DTYPE),
         "column_sum of [2, 16, 256]": lambda: column_sum(part, DTYPE, rows_per_program=16),
@@ -139,7 +190,8 @@ def launch_cases() -> dict:
     ws = matmul_tma._gluon_kernel()
     if ws is not None:
         cases["matmul_ws.launch (Gluon kernel, direct)"] = lambda: ws.launch(
-            xg, wg, cg, None, bg, 1, matmul_tma.WARP_SPECIALIZED_CONFIGS[0], 132)
+            xg, wg, cg, None, bg, 1, matmul_tma.WARP_SPECIALIZED_CONFIGS[0], 132
+        )
     cases["matmul 1024x64x1024 (tuned, Gluon offered)"] = lambda: matmul(xg, wg.t(), bias=bg, activation="relu")
 
     def without_gluon():

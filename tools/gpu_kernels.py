@@ -20,23 +20,34 @@ config = stage_config("bench", load_params(), "gpu")
 suites = sys.argv[1:] or config["suites"]
 dtype = getattr(torch, config["dtype"])
 ceilings = {"GB/s": copy_bandwidth_gbps("cuda"), "TFLOP/s": matmul_tflops("cuda")}
-print(f"{torch.cuda.get_device_name()}: copy {ceilings['GB/s']:.0f} GB/s, "
-      f"bf16 matmul 8192^3 {ceilings['TFLOP/s']:.0f} TFLOP/s", flush=True)
-rows = [row for name in suites if (suite := load_suite(name))
-        for row in suite.run(**config.get(name, {}), dtype=dtype, device="cuda", progress=False)]
+print(
+    f"{torch.cuda.get_device_name()}: copy {ceilings['GB/s']:.0f} GB/s, "
+    f"bf16 matmul 8192^3 {ceilings['TFLOP/s']:.0f} TFLOP/s",
+    flush=True,
+)
+rows = [
+    row
+    for name in suites
+    if (suite := load_suite(name))
+    for row in suite.run(**config.get(name, {}), dtype=dtype, device="cuda", progress=False)
+]
 frame = pd.DataFrame(with_fractions(rows, ceilings))
 frame.to_csv(f"{out}/bench_kernels.csv", index=False)
 pd.set_option("display.width", 250)
 pd.set_option("display.max_columns", 20)
 for (op, unit), part in frame.groupby(["op", "unit"], sort=False):
-    for time, fraction, what in (("ms", "fraction_of_ceiling", "host launches included (do_bench)"),
-                                 ("gpu_ms", "gpu_fraction_of_ceiling", "GPU time alone (CUDA graph)")):
+    for time, fraction, what in (
+        ("ms", "fraction_of_ceiling", "host launches included (do_bench)"),
+        ("gpu_ms", "gpu_fraction_of_ceiling", "GPU time alone (CUDA graph)"),
+    ):
         table = part.pivot_table(index=["shape", "mode"], columns="provider", values=time, sort=False, dropna=False)
         ours = next(c for c in table.columns if c.startswith("triformer"))
         speedup = table.div(table[ours], axis=0).round(2)  # other_ms / ours_ms: > 1 means ours is faster
         rate = part.pivot_table(index=["shape", "mode"], columns="provider", values=fraction, sort=False, dropna=False)
-        print(f"\n== {op}, {what}: speed of {ours!r} relative to each provider (their {time} / ours) ==\n"
-              f"{speedup.to_string()}")
+        print(
+            f"\n== {op}, {what}: speed of {ours!r} relative to each provider (their {time} / ours) ==\n"
+            f"{speedup.to_string()}"
+        )
         print(f"-- fraction of the measured ceiling ({unit}) --\n{rate.round(2).to_string()}")
     if "peak_extra_mib" in part:
         extra = part.pivot_table(index=["shape", "mode"], columns="provider", values="peak_extra_mib", sort=False)

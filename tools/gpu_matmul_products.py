@@ -27,7 +27,7 @@ SMS = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is
 def products(M, K, N):
     """name → (a, b) of the three products of a linear layer [M, K] → [M, N] (views as the layer makes them)."""
     x = torch.randn(M, K, device="cuda", dtype=bf)
-    w = torch.randn(N, K, device="cuda", dtype=bf) * K ** -0.5
+    w = torch.randn(N, K, device="cuda", dtype=bf) * K**-0.5
     dz = torch.randn(M, N, device="cuda", dtype=bf)
     return {"Y = X·Wᵀ": (x, w.t()), "dX = dZ·W": (dz, w), "dW = dZᵀ·X": (dz.t(), x)}
 
@@ -68,8 +68,10 @@ def candidate_label(meta: dict) -> str:
 
 def product_table():
     print(torch.cuda.get_device_name(), "— GPU time (µs) of each product; ratios = torch.mm ÷ ours")
-    print(f"{'M,K,N':16s} {'product':12s} {'torch.mm':>9s} {'best whole tiles':>24s} {'best cut':>29s} "
-          f"{'tuned':>9s} {'mm÷tuned':>9s}  pick")
+    print(
+        f"{'M,K,N':16s} {'product':12s} {'torch.mm':>9s} {'best whole tiles':>24s} {'best cut':>29s} "
+        f"{'tuned':>9s} {'mm÷tuned':>9s}  pick"
+    )
     for M, K, N in SHAPES:
         for name, (a, b) in products(M, K, N).items():
             ref = gpu_ms(lambda: torch.mm(a, b)) * 1e3
@@ -77,17 +79,26 @@ def product_table():
             tuned = gpu_ms(lambda: matmul(a, b)) * 1e3  # first call (inside gpu_ms, before capture) tunes
             keys = [k for k in _tiles._CHOSEN if k[:4] == ("tma", a.shape[0], b.shape[1], a.shape[1])]
             pick = [_tiles._CHOSEN[k] for k in keys]
-            print(f"{M},{K},{N:<8d} {name:12s} {ref:9.1f} {whole[0]:9.1f} {whole[1]:>14s} {cut[0]:9.1f} "
-                  f"{cut[1]:>19s} {tuned:9.1f} {ref / tuned:9.2f}  {candidate_label(pick[-1]) if pick else '?'}",
-                  flush=True)
+            print(
+                f"{M},{K},{N:<8d} {name:12s} {ref:9.1f} {whole[0]:9.1f} {whole[1]:>14s} {cut[0]:9.1f} "
+                f"{cut[1]:>19s} {tuned:9.1f} {ref / tuned:9.2f}  {candidate_label(pick[-1]) if pick else '?'}",
+                flush=True,
+            )
             if keys and keys[-1] in _tiles.TIMED:
-                print("    tuner (µs, queued): " + ", ".join(f"{candidate_label(m)} {ms * 1e3:.1f}"
-                                                          for m, ms in _tiles.TIMED[keys[-1]]), flush=True)
+                print(
+                    "    tuner (µs, queued): "
+                    + ", ".join(f"{candidate_label(m)} {ms * 1e3:.1f}" for m, ms in _tiles.TIMED[keys[-1]]),
+                    flush=True,
+                )
 
 
 # Tiles outside the tuning space, timed by `configs` beside it: two warpgroups on a 128×128 tile, deeper pipelines.
-EXTRA_CONFIGS = [matmul_tma._config(128, 128, 64, 4, 8), matmul_tma._config(128, 128, 64, 5, 8),
-                 matmul_tma._config(128, 128, 64, 6, 4), matmul_tma._config(64, 256, 64, 5, 4)]
+EXTRA_CONFIGS = [
+    matmul_tma._config(128, 128, 64, 4, 8),
+    matmul_tma._config(128, 128, 64, 5, 8),
+    matmul_tma._config(128, 128, 64, 6, 4),
+    matmul_tma._config(64, 256, 64, 5, 4),
+]
 
 
 def config_table():
@@ -109,15 +120,21 @@ def config_table():
                             times.append(f"{gpu_ms(lambda: matmul(a, b)) * 1e3:.1f}")
                     except Exception as error:  # a tile that does not compile here
                         times.append(type(error).__name__)
-                cells.append(f"{k['BLOCK_M']}x{k['BLOCK_N']} w{config.num_warps} s{config.num_stages}: "
-                             + " / ".join(times + ["-"] * (2 - len(times))))
+                cells.append(
+                    f"{k['BLOCK_M']}x{k['BLOCK_N']} w{config.num_warps} s{config.num_stages}: "
+                    + " / ".join(times + ["-"] * (2 - len(times)))
+                )
             print(f"{M},{K},{N:<8d} {name:12s} " + "; ".join(cells), flush=True)
 
 
 # Tiles tried for the fused forward only (`forward`): deeper K steps, 256-row tiles.
-FORWARD_CONFIGS = [matmul_tma._config(128, 256, 128, 2, 8), matmul_tma._config(128, 128, 128, 3, 4),
-                   matmul_tma._config(256, 128, 64, 3, 8), matmul_tma._config(256, 128, 64, 4, 8, split=True),
-                   matmul_tma._config(128, 128, 64, 6, 4)]
+FORWARD_CONFIGS = [
+    matmul_tma._config(128, 256, 128, 2, 8),
+    matmul_tma._config(128, 128, 128, 3, 4),
+    matmul_tma._config(256, 128, 64, 3, 8),
+    matmul_tma._config(256, 128, 64, 4, 8, split=True),
+    matmul_tma._config(128, 128, 64, 6, 4),
+]
 
 
 def forward_table():
@@ -126,7 +143,7 @@ def forward_table():
     print("\nFused forward relu(X·Wᵀ + b), GPU µs per tile (÷ eager in brackets)")
     for M, K, N in SHAPES[:2]:
         x = torch.randn(M, K, device="cuda", dtype=bf)
-        w = torch.randn(N, K, device="cuda", dtype=bf) * K ** -0.5
+        w = torch.randn(N, K, device="cuda", dtype=bf) * K**-0.5
         b = torch.randn(N, device="cuda", dtype=bf)
         eager = gpu_ms(lambda: torch.relu(torch.nn.functional.linear(x, w, b))) * 1e3
         addmm = gpu_ms(lambda: torch._addmm_activation(b, x, w.t())) * 1e3
@@ -136,17 +153,25 @@ def forward_table():
             with matmul_tma.forced(config):
                 us = gpu_ms(lambda: matmul(x, w.t(), bias=b, activation="relu")) * 1e3
             split = "-split" if k["SPLIT_EPILOGUE"] else ""
-            cells.append(f"{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']} w{config.num_warps} s{config.num_stages}"
-                         f"{split} {us:.1f} ({eager / us:.2f})")
+            cells.append(
+                f"{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']} w{config.num_warps} s{config.num_stages}"
+                f"{split} {us:.1f} ({eager / us:.2f})"
+            )
         print(f"{M},{K},{N:<8d} " + "; ".join(cells), flush=True)
 
 
 def gated_table():
-    print("\nGated pass dZ = dY ⊙ relu'(Y), db = Σ_rows dZ: GPU µs by (BLOCK_M, BLOCK_N, warps, rows per program);"
-          " 'of mul' = torch.mul(dY, mask, out=dZ) time ÷ ours (same bytes, no db)")
-    default = (reductions.GATED_BLOCK_M, reductions.GATED_BLOCK_N, reductions.GATED_WARPS,
-               reductions.GATED_ROWS_PER_PROGRAM)
-    for M, K, N in SHAPES[:3]:
+    print(
+        "\nGated pass dZ = dY ⊙ relu'(Y), db = Σ_rows dZ: GPU µs by (BLOCK_M, BLOCK_N, warps, rows per program);"
+        " 'of mul' = torch.mul(dY, mask, out=dZ) time ÷ ours (same bytes, no db)"
+    )
+    default = (
+        reductions.GATED_BLOCK_M,
+        reductions.GATED_BLOCK_N,
+        reductions.GATED_WARPS,
+        reductions.GATED_ROWS_PER_PROGRAM,
+    )
+    for M, _K, N in SHAPES[:3]:
         dy, y = (torch.randn(M, N, device="cuda", dtype=bf) for _ in range(2))
         keep = y > 0
         dz = torch.empty_like(dy)
@@ -159,9 +184,13 @@ def gated_table():
                 us = gpu_ms(lambda: reductions.gated_column_sum(dy, y, "relu")) * 1e3
             results.append((us, bm, bn, warps, rows))
         results.sort()
-        print(f"{M}x{N}: torch.mul {ref:.1f} µs; best five: " + "; ".join(
-            f"{us:.1f} µs ({bm}, {bn}, w{w}, r{r}, of mul {ref / us:.2f})" for us, bm, bn, w, r in results[:5]),
-            flush=True)
+        print(
+            f"{M}x{N}: torch.mul {ref:.1f} µs; best five: "
+            + "; ".join(
+                f"{us:.1f} µs ({bm}, {bn}, w{w}, r{r}, of mul {ref / us:.2f})" for us, bm, bn, w, r in results[:5]
+            ),
+            flush=True,
+        )
         current = [r for r in results if r[1:] == default]
         if current:
             print(f"    current default {default}: {current[0][0]:.1f} µs", flush=True)

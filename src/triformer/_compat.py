@@ -37,8 +37,9 @@ def renamed_arguments(**renames):
                 for old in olds:
                     new, convert = targets[old]
                     if new in given:
-                        raise TypeError(f"{owner}: {old}= ({ORIGINAL}) and {new}= are the same argument; "
-                                        f"pass only {new}=")
+                        raise TypeError(
+                            f"{owner}: {old}= ({ORIGINAL}) and {new}= are the same argument; pass only {new}="
+                        )
                     value = kwargs.pop(old)
                     kwargs[new] = convert(value) if convert else value
             return fn(*args, **kwargs)

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -50,8 +50,10 @@ def process_group(device: str) -> Iterator[torch.device]:
     if device == "cuda":
         local, count = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
         if int(os.environ["LOCAL_WORLD_SIZE"]) > count:
-            raise RuntimeError(f"{os.environ['LOCAL_WORLD_SIZE']} processes asked for, but this host has {count} "
-                               "GPU(s): one process per GPU")
+            raise RuntimeError(
+                f"{os.environ['LOCAL_WORLD_SIZE']} processes asked for, but this host has {count} "
+                "GPU(s): one process per GPU"
+            )
         torch.cuda.set_device(local)
         here = torch.device("cuda", local)
     else:
@@ -105,7 +107,14 @@ def broadcast_object(obj):
 def launch(processes: int, module: str, env: dict[str, str] | None = None) -> int:
     """Runs `python -m <module>` in `processes` processes under torchrun on this host (a local rendezvous on a free
     port) and returns its exit status. Each process finds its rank in the environment (launched() is true there)."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-               "-m", module]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={processes}",
+        "-m",
+        module,
+    ]
     print("+", " ".join(command), flush=True)
     return subprocess.call(command, env={**os.environ, **(env or {})})

@@ -22,8 +22,8 @@ import platform
 import re
 import socket
 import subprocess
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Iterator, Mapping
 
 import torch
 
@@ -49,7 +49,7 @@ def tracking_uri() -> str:
 def _artifact_location(uri: str, kind: str) -> str | None:
     """`<store folder>/mlartifacts/<kind>` for a sqlite store; None (the server's choice) otherwise."""
     if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts" / kind).as_uri()
+        return (Path(uri[len("sqlite:///") :]).resolve().parent / "mlartifacts" / kind).as_uri()
     return None
 
 
@@ -115,8 +115,15 @@ def _experiment_id(client, kind: str) -> str:
 
 
 @contextlib.contextmanager
-def start_run(stage: str, params: Mapping, *, kind: str | None = None, run_name: str | None = None,
-              tags: Mapping[str, str] | None = None, run_id: str | None = None) -> Iterator:
+def start_run(
+    stage: str,
+    params: Mapping,
+    *,
+    kind: str | None = None,
+    run_name: str | None = None,
+    tags: Mapping[str, str] | None = None,
+    run_id: str | None = None,
+) -> Iterator:
     """An MLflow run in the experiment `kind` (default: the stage's name) holding `params` flat and the tags above.
 
     run_id reopens an existing run (training resumed from a checkpoint continues its own run). On an exception the
@@ -126,10 +133,19 @@ def start_run(stage: str, params: Mapping, *, kind: str | None = None, run_name:
 
     mlflow.set_tracking_uri(tracking_uri())
     experiment_id = _experiment_id(mlflow.MlflowClient(), kind or stage)
-    all_tags = {"stage": stage, **environment_tags(), "host": socket.gethostname(), "pid": str(os.getpid()),
-                **(tags or {})}
-    run = mlflow.start_run(run_id=run_id, experiment_id=experiment_id, run_name=None if run_id else run_name or stage,
-                           nested=mlflow.active_run() is not None)
+    all_tags = {
+        "stage": stage,
+        **environment_tags(),
+        "host": socket.gethostname(),
+        "pid": str(os.getpid()),
+        **(tags or {}),
+    }
+    run = mlflow.start_run(
+        run_id=run_id,
+        experiment_id=experiment_id,
+        run_name=None if run_id else run_name or stage,
+        nested=mlflow.active_run() is not None,
+    )
     try:
         mlflow.set_tags(all_tags)
         mlflow.log_params(flatten(params))

@@ -1,18 +1,18 @@
 """One training loop for classification and language modelling: batches and a loss in, metrics out.
 
-    data      a batch source: `Examples` (inputs and class labels; each epoch visits them in an order drawn from
-              (seed, epoch)) or `TokenStream` (windows of a token stream; the batch of step s is drawn from
-              (seed, s)). Throughput is counted in the source's unit: images/s or tokens/s.
-    loss      loss_fn(model, x, y) → (loss, logits or None): `cross_entropy_loss` (the model gives logits) or
-              `model_loss` (the model computes its own loss from inputs and targets: GPT, ViT).
-    schedule  `epochs` (evaluation after each) or `iterations` (evaluation every `eval_every` steps); AdamW with weight
-              decay on matrices only, linear warmup then cosine, gradient clipping, bf16 autocast on CUDA, tqdm.
-    resume    a checkpoint after each evaluation (or every `checkpoint_every` steps); a run finds its latest one and
-              continues where an uninterrupted run would be: model, optimizer, scheduler, history, the interval's
-              sums and every RNG state of every process are in it, and the batches depend only on (seed, step).
-    DDP       inside a torch.distributed group (torchrun; see triformer.distributed) the model trains data-parallel:
-              batch_size stays the global batch, each process takes its slice, losses and metrics are reduced over
-              the processes, rank 0 writes the checkpoints and logs, and every process resumes from them.
+data      a batch source: `Examples` (inputs and class labels; each epoch visits them in an order drawn from
+          (seed, epoch)) or `TokenStream` (windows of a token stream; the batch of step s is drawn from
+          (seed, s)). Throughput is counted in the source's unit: images/s or tokens/s.
+loss      loss_fn(model, x, y) → (loss, logits or None): `cross_entropy_loss` (the model gives logits) or
+          `model_loss` (the model computes its own loss from inputs and targets: GPT, ViT).
+schedule  `epochs` (evaluation after each) or `iterations` (evaluation every `eval_every` steps); AdamW with weight
+          decay on matrices only, linear warmup then cosine, gradient clipping, bf16 autocast on CUDA, tqdm.
+resume    a checkpoint after each evaluation (or every `checkpoint_every` steps); a run finds its latest one and
+          continues where an uninterrupted run would be: model, optimizer, scheduler, history, the interval's
+          sums and every RNG state of every process are in it, and the batches depend only on (seed, step).
+DDP       inside a torch.distributed group (torchrun; see triformer.distributed) the model trains data-parallel:
+          batch_size stays the global batch, each process takes its slice, losses and metrics are reduced over
+          the processes, rank 0 writes the checkpoints and logs, and every process resumes from them.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import os
 import pickle
 import random
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -93,8 +93,10 @@ class Examples:
 
     def __init__(self, inputs: torch.Tensor, labels: torch.Tensor):
         if len(inputs) != len(labels) or len(labels) == 0:
-            raise ValueError(f"Examples needs as many inputs as labels, at least one: got {len(inputs)} inputs and "
-                             f"{len(labels)} labels")
+            raise ValueError(
+                f"Examples needs as many inputs as labels, at least one: got {len(inputs)} inputs and "
+                f"{len(labels)} labels"
+            )
         self.inputs, self.labels = inputs, labels
         self._order: tuple[int, torch.Tensor] | None = None
 
@@ -109,14 +111,14 @@ class Examples:
         if self._order is None or self._order[0] != epoch:
             shuffle = torch.Generator().manual_seed(seed * 100_003 + epoch)
             self._order = epoch, torch.randperm(len(self.labels), generator=shuffle).to(self.labels.device)
-        index = self._order[1][i * batch_size:(i + 1) * batch_size]
+        index = self._order[1][i * batch_size : (i + 1) * batch_size]
         return self.inputs[index], self.labels[index]
 
     def eval_batches(self, batch_size: int, count: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The first `count` batches in order (count 0: all of them)."""
         n = len(self.labels) if count == 0 else min(len(self.labels), count * batch_size)
         for start in range(0, n, batch_size):
-            yield self.inputs[start:start + batch_size], self.labels[start:start + batch_size]
+            yield self.inputs[start : start + batch_size], self.labels[start : start + batch_size]
 
 
 class TokenStream:
@@ -129,8 +131,10 @@ class TokenStream:
 
     def __init__(self, tokens: torch.Tensor, block_size: int):
         if tokens.dim() != 1 or len(tokens) < block_size + 1:
-            raise ValueError(f"TokenStream needs a 1-D stream of at least block_size + 1 = {block_size + 1} tokens, "
-                             f"got shape {tuple(tokens.shape)}")
+            raise ValueError(
+                f"TokenStream needs a 1-D stream of at least block_size + 1 = {block_size + 1} tokens, "
+                f"got shape {tuple(tokens.shape)}"
+            )
         self.tokens, self.block_size = tokens, block_size
         self._positions = torch.arange(block_size, device=tokens.device)
 
@@ -154,7 +158,7 @@ class TokenStream:
         if count == 0:
             starts = torch.arange(0, len(self.tokens) - self.block_size, self.block_size)
             for i in range(0, len(starts), batch_size):
-                yield self._windows(starts[i:i + batch_size])
+                yield self._windows(starts[i : i + batch_size])
             return
         generator = torch.Generator().manual_seed(seed)
         for _ in range(count):
@@ -189,8 +193,9 @@ def _shard(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data, config: TrainConfig, device: torch.device,
-             loss_fn: Callable = cross_entropy_loss) -> dict:
+def evaluate(
+    model: nn.Module, data, config: TrainConfig, device: torch.device, loss_fn: Callable = cross_entropy_loss
+) -> dict:
     """val/loss (mean over targets) and, for classification, val/accuracy over the evaluation batches; data-parallel
     processes take every world_size-th batch and reduce their sums."""
     was_training = model.training
@@ -217,18 +222,26 @@ def evaluate(model: nn.Module, data, config: TrainConfig, device: torch.device,
 def _rng_state() -> dict:
     """Every RNG the loop may draw from, as tensors and plain numbers: checkpoints load with weights_only=True."""
     _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
-                      "cached_gaussian": float(cached_gaussian)},
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    return {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
 
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     numpy = state["numpy"]
-    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
-                         numpy["cached_gaussian"]))
+    np.random.set_state(
+        ("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"], numpy["cached_gaussian"])
+    )
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -239,8 +252,10 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        raise ValueError(f"{path} is not a checkpoint of triformer.training: it holds objects other than tensors and "
-                         f"plain data, and was not loaded ({str(error).splitlines()[0]})") from error
+        raise ValueError(
+            f"{path} is not a checkpoint of triformer.training: it holds objects other than tensors and "
+            f"plain data, and was not loaded ({str(error).splitlines()[0]})"
+        ) from error
 
 
 def latest_checkpoint(directory: str | Path | None) -> Path | None:
@@ -262,7 +277,7 @@ def _save_checkpoint(directory: Path, step: int, state: dict, keep: int) -> None
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)  # a crash while writing never leaves a truncated "latest" checkpoint
-    for old in sorted(directory.glob(CHECKPOINT_GLOB))[:-max(1, keep)]:
+    for old in sorted(directory.glob(CHECKPOINT_GLOB))[: -max(1, keep)]:
         old.unlink()
 
 
@@ -274,11 +289,15 @@ def _resume_state(checkpoint_dir, config: TrainConfig) -> dict | None:
     state = load_checkpoint(path)
     changed = {k for k, v in asdict(config).items() if k != "progress" and state["config"].get(k) != v}
     if changed:
-        raise ValueError(f"{path} was written with other settings ({sorted(changed)}): resuming it would not give "
-                         "the run these settings ask for; remove it or use another checkpoint_dir")
+        raise ValueError(
+            f"{path} was written with other settings ({sorted(changed)}): resuming it would not give "
+            "the run these settings ask for; remove it or use another checkpoint_dir"
+        )
     if len(state["rng"]) != distributed.world_size():
-        raise ValueError(f"{path} was written by {len(state['rng'])} data-parallel process(es): resume it with as "
-                         f"many (this run has {distributed.world_size()})")
+        raise ValueError(
+            f"{path} was written by {len(state['rng'])} data-parallel process(es): resume it with as "
+            f"many (this run has {distributed.world_size()})"
+        )
     return state
 
 
@@ -288,17 +307,29 @@ def _resume_state(checkpoint_dir, config: TrainConfig) -> dict | None:
 def _optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW with weight decay on the matrices and embeddings (dim ≥ 2), none on biases and norm gains."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, betas=(0.9, config.beta2),
-                             fused=device.type == "cuda")
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=config.lr, betas=(0.9, config.beta2), fused=device.type == "cuda"
+    )
 
 
-def fit(model: nn.Module, train, val, config: TrainConfig, device: str | torch.device = "cpu",
-        checkpoint_dir: str | Path | None = None, log: Callable[[dict, int], None] | None = None,
-        extra: dict | None = None, after_eval: Callable[[int, dict], None] | None = None,
-        loss_fn: Callable = cross_entropy_loss, flops_per_item: float | None = None,
-        peak_tflops: float | None = None) -> dict:
+def fit(
+    model: nn.Module,
+    train,
+    val,
+    config: TrainConfig,
+    device: str | torch.device = "cpu",
+    checkpoint_dir: str | Path | None = None,
+    log: Callable[[dict, int], None] | None = None,
+    extra: dict | None = None,
+    after_eval: Callable[[int, dict], None] | None = None,
+    loss_fn: Callable = cross_entropy_loss,
+    flops_per_item: float | None = None,
+    peak_tflops: float | None = None,
+) -> dict:
     """Train `model` (already seeded and built) on `train`, evaluating on `val`; returns the final metrics.
 
     train, val: batch sources (Examples, TokenStream) or (inputs, labels) TensorDatasets. The schedule runs
@@ -317,8 +348,7 @@ def fit(model: nn.Module, train, val, config: TrainConfig, device: str | torch.d
     train, val = as_batches(train).to(device), as_batches(val).to(device)
     rank, world = distributed.rank(), distributed.world_size()
     model.to(device)
-    net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
-        if world > 1 else model
+    net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) if world > 1 else model
     steps_per_epoch = train.steps_per_epoch(config.batch_size)
     if config.iterations > 0:
         total, interval, name = config.iterations, config.eval_every or config.iterations, "interval"
@@ -331,7 +361,8 @@ def fit(model: nn.Module, train, val, config: TrainConfig, device: str | torch.d
     warmup = max(1, int(config.warmup_frac * total))
     optimizer = _optimizer(model, config, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, warmup, total, config.min_lr_frac))
+        optimizer, lambda step: warmup_cosine(step, warmup, total, config.min_lr_frac)
+    )
     autocast = _autocast(device, config.amp)
 
     history: list[dict] = []
@@ -355,10 +386,22 @@ def fit(model: nn.Module, train, val, config: TrainConfig, device: str | torch.d
         sums = distributed.all_reduce(torch.stack([loss_sum, targets])).tolist()
         rngs = distributed.gather_objects(_rng_state())
         if rank == 0 and checkpoint_dir is not None:
-            _save_checkpoint(Path(checkpoint_dir), step, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "step": step, "history": history, "rng": rngs,
-                "interval_sums": sums, "config": asdict(config), "extra": extra or {}}, config.max_checkpoints)
+            _save_checkpoint(
+                Path(checkpoint_dir),
+                step,
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "step": step,
+                    "history": history,
+                    "rng": rngs,
+                    "interval_sums": sums,
+                    "config": asdict(config),
+                    "extra": extra or {},
+                },
+                config.max_checkpoints,
+            )
 
     def restart_clock() -> tuple[float, int, int]:
         _sync(device)
@@ -368,8 +411,14 @@ def fit(model: nn.Module, train, val, config: TrainConfig, device: str | torch.d
 
     model.train()
     started, timed_steps, timed_items = restart_clock()
-    bar = tqdm(total=total, initial=start, desc=name + "s" if name == "epoch" else "steps", leave=False,
-               mininterval=1.0, disable=True if rank != 0 or not config.progress else None)  # None: on a terminal
+    bar = tqdm(
+        total=total,
+        initial=start,
+        desc=name + "s" if name == "epoch" else "steps",
+        leave=False,
+        mininterval=1.0,
+        disable=True if rank != 0 or not config.progress else None,
+    )  # None: on a terminal
     for step in range(start, total):
         x, y = train.batch(step, config.batch_size, config.seed)
         batch_items = y.numel()
@@ -396,20 +445,26 @@ def fit(model: nn.Module, train, val, config: TrainConfig, device: str | torch.d
             _sync(device)
             seconds = time.perf_counter() - started
             sums = distributed.all_reduce(torch.stack([loss_sum, targets])).tolist()
-            metrics = {f"train/{name}_loss": sums[0] / sums[1], **evaluate(model, val, config, device, loss_fn),
-                       f"perf/{train.unit}_per_s": timed_items / seconds, "perf/step_ms": 1e3 * seconds / timed_steps}
+            metrics = {
+                f"train/{name}_loss": sums[0] / sums[1],
+                **evaluate(model, val, config, device, loss_fn),
+                f"perf/{train.unit}_per_s": timed_items / seconds,
+                "perf/step_ms": 1e3 * seconds / timed_steps,
+            }
             if device.type == "cuda":
                 peak = torch.tensor(float(torch.cuda.max_memory_allocated(device)), device=device)
                 metrics["mem/peak_mib"] = distributed.all_reduce(peak, "max").item() / 2**20
             if flops_per_item and peak_tflops:
-                metrics["perf/mfu"] = flops_per_item * metrics[f"perf/{train.unit}_per_s"] / (peak_tflops * 1e12
-                                                                                                * world)
+                metrics["perf/mfu"] = (
+                    flops_per_item * metrics[f"perf/{train.unit}_per_s"] / (peak_tflops * 1e12 * world)
+                )
             record = {"step": done, **({"epoch": done // steps_per_epoch} if name == "epoch" else {}), **metrics}
             history.append(record)
             log(metrics, record.get("epoch", done))
             if rank == 0 and config.progress:
-                tqdm.write(f"{name} {record.get('epoch', done)}: " + ", ".join(f"{k} {v:.4g}"
-                                                                               for k, v in metrics.items()))
+                tqdm.write(
+                    f"{name} {record.get('epoch', done)}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+                )
             loss_sum.zero_()
             targets.zero_()
             if config.checkpoint_every == 0:

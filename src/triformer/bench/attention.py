@@ -30,6 +30,7 @@ def _sdpa(backend):
     def call(q, k, v, causal):
         with sdpa_kernel(backend):
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
     return call
 
 
@@ -37,9 +38,12 @@ def providers(device: str) -> dict:
     """name → attention(q, k, v, causal), or an exception saying why the provider cannot run here."""
     from torch.nn.attention import SDPBackend
 
-    table: dict = {"triformer": lambda q, k, v, causal: F_tri.attention(q, k, v, causal=causal),
-                   "sdpa flash": _sdpa(SDPBackend.FLASH_ATTENTION), "sdpa cudnn": _sdpa(SDPBackend.CUDNN_ATTENTION),
-                   "torch math": _sdpa(SDPBackend.MATH)}
+    table: dict = {
+        "triformer": lambda q, k, v, causal: F_tri.attention(q, k, v, causal=causal),
+        "sdpa flash": _sdpa(SDPBackend.FLASH_ATTENTION),
+        "sdpa cudnn": _sdpa(SDPBackend.CUDNN_ATTENTION),
+        "torch math": _sdpa(SDPBackend.MATH),
+    }
     if device != "cuda":
         table["sdpa flash"] = table["sdpa cudnn"] = RuntimeError(CUDA_ONLY)
     return table
@@ -52,21 +56,36 @@ def flops(b: int, h: int, s: int, d: int, causal: bool, mode: str) -> float:
 
 def _row(shape, dtype, mode, name, times, tflop, peak=float("nan")) -> dict:
     b, h, s, d, causal = shape
-    return dict(op="attention", shape=f"{b}x{h}x{s}x{d}" + (" causal" if causal else ""),
-                dtype=str(dtype).removeprefix("torch."), mode=mode, provider=name, unit="TFLOP/s", **times,
-                rate=tflop / (times["ms"] * 1e-3), gpu_rate=tflop / (times["gpu_ms"] * 1e-3), peak_extra_mib=peak,
-                error="")
+    return dict(
+        op="attention",
+        shape=f"{b}x{h}x{s}x{d}" + (" causal" if causal else ""),
+        dtype=str(dtype).removeprefix("torch."),
+        mode=mode,
+        provider=name,
+        unit="TFLOP/s",
+        **times,
+        rate=tflop / (times["ms"] * 1e-3),
+        gpu_rate=tflop / (times["gpu_ms"] * 1e-3),
+        peak_extra_mib=peak,
+        error="",
+    )
 
 
-def run(shapes, dtype: torch.dtype = torch.bfloat16, device: str = "cuda", progress: bool = True,
-        modes=("fwd", "fwd+bwd")) -> list[dict]:
+def run(
+    shapes, dtype: torch.dtype = torch.bfloat16, device: str = "cuda", progress: bool = True, modes=("fwd", "fwd+bwd")
+) -> list[dict]:
     """One row per (shape, mode, provider) for shapes [(B, H, S, D, causal), ...]: ms, TFLOP/s and (CUDA) the peak
     memory one call adds, in MiB. A provider that fails is reported (error), not hidden; the MATH backend only up
     to MATH_MAX_SEQ tokens."""
     rows = []
     table = providers(device)
-    work = [(tuple(shape), mode, name) for shape in shapes for mode in modes for name in table
-            if name != "torch math" or shape[2] <= MATH_MAX_SEQ]
+    work = [
+        (tuple(shape), mode, name)
+        for shape in shapes
+        for mode in modes
+        for name in table
+        if name != "torch math" or shape[2] <= MATH_MAX_SEQ
+    ]
     for shape, mode, name in tqdm(work, desc="attention bench", disable=not progress):
         b, h, s, d, causal = shape
         text = (f"{b}x{h}x{s}x{d}" + (" causal" if causal else ""),)
@@ -74,8 +93,9 @@ def run(shapes, dtype: torch.dtype = torch.bfloat16, device: str = "cuda", progr
             fn = table[name]
             if isinstance(fn, Exception):
                 raise fn
-            q, k, v = (torch.randn(b, h, s, d, device=device, dtype=dtype, requires_grad=mode != "fwd")
-                       for _ in range(3))
+            q, k, v = (
+                torch.randn(b, h, s, d, device=device, dtype=dtype, requires_grad=mode != "fwd") for _ in range(3)
+            )
             dy = torch.randn(b, h, s, d, device=device, dtype=dtype)
             call = mode_call(lambda q=q, k=k, v=v: fn(q, k, v, bool(causal)), [q, k, v], dy, mode)
             times = timings(call)

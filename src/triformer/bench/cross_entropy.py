@@ -43,8 +43,7 @@ def providers(device: str) -> dict:
     return table
 
 
-def run(sizes, dtype: torch.dtype = torch.bfloat16, device: str = "cuda", progress: bool = True
-        ) -> list[dict]:
+def run(sizes, dtype: torch.dtype = torch.bfloat16, device: str = "cuda", progress: bool = True) -> list[dict]:
     """One row per (size, provider) for sizes [(N, V), ...], mode "fwd+bwd": ms, GB/s and peak extra memory in
     MiB."""
     rows = []

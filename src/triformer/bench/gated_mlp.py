@@ -71,11 +71,20 @@ def _setup(name, fn, activation, shape, dtype, device, mode):
         element = dh.element_size()
         nbytes = 3 * m * hidden * element + (5 * m * hidden * element if grad else 0)
         return mode_call(call_fn, inputs, dh, mode), nbytes
+
     return setup
 
 
-def run(shapes, dtype: torch.dtype = torch.bfloat16, device: str = "cuda", progress: bool = True,
-        ops=tuple(OPS), modes=("fwd", "fwd+bwd"), rounds: int = 3, names=None) -> list[dict]:
+def run(
+    shapes,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str = "cuda",
+    progress: bool = True,
+    ops=tuple(OPS),
+    modes=("fwd", "fwd+bwd"),
+    rounds: int = 3,
+    names=None,
+) -> list[dict]:
     """One row per (op, shape, mode, provider) for shapes [(M, hidden), ...] (x [M, 2·hidden]): ms, GPU ms, GB/s and
     peak extra MiB. A provider that fails is reported (error), not hidden; Liger rows are absent when liger-kernel is
     not installed. names: only these providers."""
@@ -86,4 +95,3 @@ def run(shapes, dtype: torch.dtype = torch.bfloat16, device: str = "cuda", progr
         setups = {name: _setup(name, fn, OPS[op], shape, dtype, device, mode) for name, fn in table.items()}
         rows += time_providers(op, shape, dtype, mode, setups, device, rounds)
     return rows
-

@@ -82,23 +82,55 @@ def step_ms(step, device: str, steps: int, warmup: int) -> tuple[float, float]:
     return ms, peak
 
 
-def _row(name: str, dtype, provider: str, ms=math.nan, gpu_ms=math.nan, tokens=0, flops_per_token=0,
-         peak_mib=math.nan, error: str = "") -> dict:
+def _row(
+    name: str,
+    dtype,
+    provider: str,
+    ms=math.nan,
+    gpu_ms=math.nan,
+    tokens=0,
+    flops_per_token=0,
+    peak_mib=math.nan,
+    error: str = "",
+) -> dict:
     tokens_per_s = tokens / (ms * 1e-3) if ms > 0 else math.nan
     gpu_tokens_per_s = tokens / (gpu_ms * 1e-3) if gpu_ms > 0 else math.nan
-    return dict(op=OP, shape=name, dtype=str(dtype).removeprefix("torch."), mode=MODE, provider=provider,
-                ms=ms, gpu_ms=gpu_ms, tokens_per_s=tokens_per_s, rate=flops_per_token * tokens_per_s / 1e12,
-                gpu_rate=flops_per_token * gpu_tokens_per_s / 1e12, unit="TFLOP/s", peak_mib=peak_mib, error=error)
+    return dict(
+        op=OP,
+        shape=name,
+        dtype=str(dtype).removeprefix("torch."),
+        mode=MODE,
+        provider=provider,
+        ms=ms,
+        gpu_ms=gpu_ms,
+        tokens_per_s=tokens_per_s,
+        rate=flops_per_token * tokens_per_s / 1e12,
+        gpu_rate=flops_per_token * gpu_tokens_per_s / 1e12,
+        unit="TFLOP/s",
+        peak_mib=peak_mib,
+        error=error,
+    )
 
 
 def shape_name(entry: dict) -> str:
     """e.g. "char L6-H6-C384-T256-B64-V65" (no "/": the name is one level of a metric key)."""
-    return (f"{entry.get('name', 'gpt')} L{entry['n_layer']}-H{entry['n_head']}-C{entry['n_embd']}"
-            f"-T{entry['block_size']}-B{entry['batch_size']}-V{entry['vocab_size']}")
+    return (
+        f"{entry.get('name', 'gpt')} L{entry['n_layer']}-H{entry['n_head']}-C{entry['n_embd']}"
+        f"-T{entry['block_size']}-B{entry['batch_size']}-V{entry['vocab_size']}"
+    )
 
 
-def run(models, steps: int, warmup: int, providers=PROVIDERS, profile_steps: int = 3,
-        seed: int = 0, dtype: torch.dtype = torch.bfloat16, device: str = "cuda", progress: bool = True) -> list[dict]:
+def run(
+    models,
+    steps: int,
+    warmup: int,
+    providers=PROVIDERS,
+    profile_steps: int = 3,
+    seed: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str = "cuda",
+    progress: bool = True,
+) -> list[dict]:
     """One row per (model, provider); a provider that fails (e.g. torch.compile of the triformer model) gets a row
     with its error. Model entries: GPTConfig fields plus batch_size (and an optional name)."""
     rows = []
@@ -111,8 +143,18 @@ def run(models, steps: int, warmup: int, providers=PROVIDERS, profile_steps: int
             step = train_step(model, forward, device, dtype, batch)
             ms, peak = step_ms(step, device, steps, warmup)
             gpu_ms = kernel_ms(step, profile_steps)
-            rows.append(_row(name, dtype, provider, ms, gpu_ms, batch * config.block_size,
-                             model.flops_per_token(config.block_size), peak))
+            rows.append(
+                _row(
+                    name,
+                    dtype,
+                    provider,
+                    ms,
+                    gpu_ms,
+                    batch * config.block_size,
+                    model.flops_per_token(config.block_size),
+                    peak,
+                )
+            )
         except Exception as exc:  # the row says why (e.g. a compile failure on this host)
             rows.append(_row(name, dtype, provider, error=f"{type(exc).__name__}: {exc}"[:300]))
         finally:

@@ -13,6 +13,7 @@ from tqdm import tqdm
 from .. import functional as F_tri
 from .timing import timings
 
+
 def _eager(x, w, b):
     return torch.relu(F.linear(x, w, b))
 
@@ -48,8 +49,9 @@ def _timed(fn, x, w, b, mode: str) -> dict:
     return timings(lambda: torch.autograd.grad(fn(*inputs), inputs, dy))
 
 
-def run(shapes, dtype: torch.dtype = torch.bfloat16, device: str = "cuda", progress: bool = True,
-        modes=("fwd", "fwd+bwd")) -> list[dict]:
+def run(
+    shapes, dtype: torch.dtype = torch.bfloat16, device: str = "cuda", progress: bool = True, modes=("fwd", "fwd+bwd")
+) -> list[dict]:
     """One row per (shape, mode, provider) for shapes [(M, K, N), ...]: ms and TFLOP/s. A provider that fails is
     reported, not hidden."""
     rows = []
@@ -57,17 +59,38 @@ def run(shapes, dtype: torch.dtype = torch.bfloat16, device: str = "cuda", progr
     work = [(s, m, p) for s in shapes for m in modes for p in table]
     for (M, K, N), mode, name in tqdm(work, desc="linear bench", disable=not progress):
         x = torch.randn(M, K, device=device, dtype=dtype)
-        w = torch.randn(N, K, device=device, dtype=dtype) * K ** -0.5
+        w = torch.randn(N, K, device=device, dtype=dtype) * K**-0.5
         b = torch.randn(N, device=device, dtype=dtype)
-        row = dict(op="linear+relu", shape=f"{M}x{K}x{N}", dtype=str(dtype).removeprefix("torch."), mode=mode,
-                   provider=name, unit="TFLOP/s")
+        row = dict(
+            op="linear+relu",
+            shape=f"{M}x{K}x{N}",
+            dtype=str(dtype).removeprefix("torch."),
+            mode=mode,
+            provider=name,
+            unit="TFLOP/s",
+        )
         try:
             times = _timed(table[name], x, w, b, mode)
         except Exception as exc:  # e.g. no autograd formula for _addmm_activation
-            rows.append({**row, "ms": float("nan"), "gpu_ms": float("nan"), "rate": float("nan"),
-                         "gpu_rate": float("nan"), "error": f"{type(exc).__name__}: {exc}"[:200]})
+            rows.append(
+                {
+                    **row,
+                    "ms": float("nan"),
+                    "gpu_ms": float("nan"),
+                    "rate": float("nan"),
+                    "gpu_rate": float("nan"),
+                    "error": f"{type(exc).__name__}: {exc}"[:200],
+                }
+            )
             continue
         tflop = 2 * M * N * K * (3 if mode == "fwd+bwd" else 1) / 1e12
-        rows.append({**row, **times, "rate": tflop / (times["ms"] * 1e-3), "gpu_rate": tflop / (times["gpu_ms"] * 1e-3),
-                     "error": ""})
+        rows.append(
+            {
+                **row,
+                **times,
+                "rate": tflop / (times["ms"] * 1e-3),
+                "gpu_rate": tflop / (times["gpu_ms"] * 1e-3),
+                "error": "",
+            }
+        )
     return rows

@@ -42,7 +42,8 @@ def providers(device: str) -> dict:
         "triformer": lambda x, w, t: F_tri.linear_cross_entropy(x, w, t),
         "triformer (dW in weight dtype)": lambda x, w, t: F_tri.linear_cross_entropy(x, w, t, accum_dtype=None),
         "triformer (Liger-size chunks)": lambda x, w, t: F_tri.linear_cross_entropy(
-            x, w, t, chunk_size=liger_chunk_rows(x.shape[0], x.shape[1], w.shape[0]), accum_dtype=None),
+            x, w, t, chunk_size=liger_chunk_rows(x.shape[0], x.shape[1], w.shape[0]), accum_dtype=None
+        ),
         "torch": _torch_loss,
         "torch.compile": torch.compile(_torch_loss) if device == "cuda" else RuntimeError(COMPILE_CUDA_ONLY),
     }
@@ -58,14 +59,23 @@ def providers(device: str) -> dict:
 def _row(shape, dtype, name, times, peak, error=""):
     n, h, v = shape
     tflop = 6 * n * h * v / 1e12
-    return dict(op="linear_cross_entropy", shape="x".join(map(str, shape)), dtype=str(dtype).removeprefix("torch."),
-                mode="fwd+bwd", provider=name, **times, rate=tflop / (times["ms"] * 1e-3),
-                gpu_rate=tflop / (times["gpu_ms"] * 1e-3), unit="TFLOP/s", peak_extra_mib=peak,
-                full_logits_mib=n * v * (torch.finfo(dtype).bits // 8) / 2**20, error=error)
+    return dict(
+        op="linear_cross_entropy",
+        shape="x".join(map(str, shape)),
+        dtype=str(dtype).removeprefix("torch."),
+        mode="fwd+bwd",
+        provider=name,
+        **times,
+        rate=tflop / (times["ms"] * 1e-3),
+        gpu_rate=tflop / (times["gpu_ms"] * 1e-3),
+        unit="TFLOP/s",
+        peak_extra_mib=peak,
+        full_logits_mib=n * v * (torch.finfo(dtype).bits // 8) / 2**20,
+        error=error,
+    )
 
 
-def run(shapes, dtype: torch.dtype = torch.bfloat16, device: str = "cuda", progress: bool = True
-        ) -> list[dict]:
+def run(shapes, dtype: torch.dtype = torch.bfloat16, device: str = "cuda", progress: bool = True) -> list[dict]:
     """One row per (shape, provider) for shapes [(N, H, V), ...], mode "fwd+bwd": ms, TFLOP/s and peak extra memory
     in MiB. A provider that fails is reported (error), not hidden."""
     rows = []
@@ -77,7 +87,7 @@ def run(shapes, dtype: torch.dtype = torch.bfloat16, device: str = "cuda", progr
             if isinstance(loss_fn, Exception):
                 raise loss_fn
             x = torch.randn(n, h, device=device, dtype=dtype).requires_grad_()
-            w = (torch.randn(v, h, device=device, dtype=dtype) * h ** -0.5).requires_grad_()
+            w = (torch.randn(v, h, device=device, dtype=dtype) * h**-0.5).requires_grad_()
             targets = torch.randint(0, v, (n,), device=device)
 
             def step():

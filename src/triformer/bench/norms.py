@@ -82,9 +82,11 @@ def mode_call(fn, inputs: list[torch.Tensor], dy: torch.Tensor, mode: str):
     """What one timed call runs: fn() under no_grad (mode "fwd"), or fn() and its gradients against inputs
     ("fwd+bwd")."""
     if mode == "fwd":
+
         def forward():
             with torch.no_grad():
                 return fn()
+
         return forward
     return lambda: torch.autograd.grad(fn(), inputs, dy)
 
@@ -101,12 +103,31 @@ def peak_extra_mib(fn, device: str) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def result_row(op: str, shape, dtype: torch.dtype, mode: str, provider: str, times: dict, nbytes: int,
-               peak_mib: float = float("nan"), error: str = "") -> dict:
+def result_row(
+    op: str,
+    shape,
+    dtype: torch.dtype,
+    mode: str,
+    provider: str,
+    times: dict,
+    nbytes: int,
+    peak_mib: float = float("nan"),
+    error: str = "",
+) -> dict:
     """One benchmark row in the bench stage's format from timings() (rates NaN where a time is missing)."""
-    return dict(op=op, shape="x".join(map(str, shape)), dtype=str(dtype).removeprefix("torch."), mode=mode,
-                provider=provider, **times, rate=gb_per_s(nbytes, times["ms"]),
-                gpu_rate=gb_per_s(nbytes, times["gpu_ms"]), unit="GB/s", peak_extra_mib=peak_mib, error=error)
+    return dict(
+        op=op,
+        shape="x".join(map(str, shape)),
+        dtype=str(dtype).removeprefix("torch."),
+        mode=mode,
+        provider=provider,
+        **times,
+        rate=gb_per_s(nbytes, times["ms"]),
+        gpu_rate=gb_per_s(nbytes, times["gpu_ms"]),
+        unit="GB/s",
+        peak_extra_mib=peak_mib,
+        error=error,
+    )
 
 
 def gb_per_s(nbytes: int, ms: float) -> float:
@@ -125,8 +146,15 @@ def _bytes(module: nn.Module, m: int, n: int, dtype: torch.dtype, mode: str) -> 
     return tensors * m * n * element + params * (1 if mode == "fwd" else 2)
 
 
-def run(sizes, dtype: torch.dtype = torch.bfloat16, device: str = "cuda", progress: bool = True,
-        ops=OPS, modes=("fwd", "fwd+bwd"), rounds: int = 3) -> list[dict]:
+def run(
+    sizes,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str = "cuda",
+    progress: bool = True,
+    ops=OPS,
+    modes=("fwd", "fwd+bwd"),
+    rounds: int = 3,
+) -> list[dict]:
     """One row per (op, size, mode, provider) for sizes [(rows, N), ...]: ms, GB/s (GPU time: median of `rounds`
     interleaved rounds). A provider that fails is reported (error), not hidden; Liger rows are absent when
     liger-kernel is not installed or lacks the op."""

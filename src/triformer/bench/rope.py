@@ -21,6 +21,7 @@ from ..nn.rope import torch_rope
 from .norms import COMPILE_CUDA_ONLY, mode_call
 from .side_by_side import time_providers
 
+
 def _liger_rope():
     """Liger-Kernel's rope autograd function, or None when liger-kernel is not installed."""
     try:
@@ -40,9 +41,11 @@ def providers(device: str) -> dict:
     }
     liger = _liger_rope()
     if liger is not None:
+
         def liger_rope(q, k, cos, sin):
             full_cos, full_sin = (t.repeat(1, 2)[None] for t in (cos, sin))  # [1, S, D], its table format
             return liger.apply(q, k, full_cos, full_sin)[:2]
+
         table["liger"] = liger_rope
     return table
 
@@ -60,11 +63,19 @@ def _setup(fn, shape, dtype, device, mode):
         passes = 1 if mode == "fwd" else 2
         nbytes = passes * (4 * q.numel() * q.element_size() + 2 * cos.numel() * cos.element_size())
         return call, nbytes
+
     return setup
 
 
-def run(shapes, dtype: torch.dtype = torch.bfloat16, device: str = "cuda", progress: bool = True,
-        modes=("fwd", "fwd+bwd"), rounds: int = 3, names=None) -> list[dict]:
+def run(
+    shapes,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str = "cuda",
+    progress: bool = True,
+    modes=("fwd", "fwd+bwd"),
+    rounds: int = 3,
+    names=None,
+) -> list[dict]:
     """One row per (shape, mode, provider) for shapes [(B, H, S, D), ...]: ms, GPU ms, GB/s and peak extra MiB. A
     provider that fails is reported (error), not hidden; Liger rows are absent when liger-kernel is not installed.
     names: only these providers."""
@@ -75,4 +86,3 @@ def run(shapes, dtype: torch.dtype = torch.bfloat16, device: str = "cuda", progr
         setups = {name: _setup(fn, shape, dtype, device, mode) for name, fn in table.items()}
         rows += time_providers("rope", shape, dtype, mode, setups, device, rounds)
     return rows
-

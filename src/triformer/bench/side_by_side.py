@@ -29,4 +29,3 @@ def time_providers(op: str, shape, dtype, mode: str, setups: dict, device: str, 
         times = {"ms": ms[provider], "gpu_ms": gpu[provider]}
         rows.append(result_row(op, shape, dtype, mode, provider, times, nbytes[provider], peaks[provider]))
     return rows
-

@@ -26,7 +26,15 @@ def with_fractions(rows: list[dict], ceilings: dict) -> list[dict]:
     for row in rows:
         shape = shape_text(row["shape"])
         case = f"{row['op']} {row['mode']} {shape}"
-        out.append({**row, "shape": shape, "dtype": str(row["dtype"]).removeprefix("torch."), "case": case,
-                    "label": f"{case} {row['provider']}", "fraction_of_ceiling": row["rate"] / ceilings[row["unit"]],
-                    "gpu_fraction_of_ceiling": row.get("gpu_rate", float("nan")) / ceilings[row["unit"]]})
+        out.append(
+            {
+                **row,
+                "shape": shape,
+                "dtype": str(row["dtype"]).removeprefix("torch."),
+                "case": case,
+                "label": f"{case} {row['provider']}",
+                "fraction_of_ceiling": row["rate"] / ceilings[row["unit"]],
+                "gpu_fraction_of_ceiling": row.get("gpu_rate", float("nan")) / ceilings[row["unit"]],
+            }
+        )
     return out

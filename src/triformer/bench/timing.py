@@ -128,8 +128,10 @@ def interleaved_gpu_ms(fns: dict, rounds: int, rep_ms: int = 100) -> dict:
     for _ in range(rounds):
         for name, fn in fns.items():
             samples[name].append(gpu_ms(fn, rep_ms))
-    return {name: float("nan") if any(map(math.isnan, times)) else sorted(times)[len(times) // 2]
-            for name, times in samples.items()}
+    return {
+        name: float("nan") if any(map(math.isnan, times)) else sorted(times)[len(times) // 2]
+        for name, times in samples.items()
+    }
 
 
 def timings(fn, capture: bool = True) -> dict:

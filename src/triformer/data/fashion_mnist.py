@@ -50,7 +50,8 @@ def prepare(root: str | Path, offline_dir=DEBIAN_DIR, download: bool = True) -> 
     else:
         raise FileNotFoundError(
             f"FashionMNIST: no {', '.join(f'{n}.gz' for n in FILES)} in {offline_dir} and download is off; "
-            "install Debian's dataset-fashion-mnist (`make offline-data`) or allow the download")
+            "install Debian's dataset-fashion-mnist (`make offline-data`) or allow the download"
+        )
     for train in (True, False):
         load(root, train)  # the real loader must accept what was written
     return origin

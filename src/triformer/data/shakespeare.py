@@ -47,9 +47,16 @@ def prepare(out_dir: str | Path, val_fraction: float = 0.1, editions=("gut",), t
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "train.npy", ids[:-n_val])
     np.save(out / "val.npy", ids[-n_val:])
-    meta = {"vocab": vocab, "vocab_size": len(vocab), "n_train": int(len(ids) - n_val), "n_val": int(n_val),
-            "val_fraction": val_fraction, "editions": list(editions), "sources": [p.name for p in files],
-            "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
+    meta = {
+        "vocab": vocab,
+        "vocab_size": len(vocab),
+        "n_train": int(len(ids) - n_val),
+        "n_val": int(n_val),
+        "val_fraction": val_fraction,
+        "editions": list(editions),
+        "sources": [p.name for p in files],
+        "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+    }
     (out / "meta.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     return meta
 

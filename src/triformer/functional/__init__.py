@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -67,8 +66,9 @@ def _saves_preactivation(activation: str | None, fused: bool) -> bool:
     return activation is not None and (not fused or activation != "relu")
 
 
-def _linear_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Optional[str], fused: bool,
-                 save_preactivation: bool) -> tuple[Tensor, Tensor]:
+def _linear_impl(
+    x: Tensor, weight: Tensor, bias: Tensor | None, activation: str | None, fused: bool, save_preactivation: bool
+) -> tuple[Tensor, Tensor]:
     """(y [..., N], z: the preactivation [..., N] when save_preactivation and the backward reads it (see
     _saves_preactivation), else a placeholder)."""
     out_features, in_features = weight.shape
@@ -108,8 +108,17 @@ def _linear_backward(ctx, dy, _):
     return *(g if n else None for g, n in zip(grads, need)), None, None, None
 
 
-def _linear_backward_impl(dy: Tensor, x: Tensor, weight: Tensor, saved: Optional[Tensor], activation: Optional[str],
-                          fused: bool, need_dx: bool, need_dw: bool, need_db: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _linear_backward_impl(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    saved: Tensor | None,
+    activation: str | None,
+    fused: bool,
+    need_dx: bool,
+    need_dw: bool,
+    need_db: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dW, db) of _linear_impl, a placeholder where not needed; saved: y (fused relu), z, or None."""
     out_features, in_features = weight.shape
     m = x.shape[:-1].numel()
@@ -121,16 +130,24 @@ def _linear_backward_impl(dy: Tensor, x: Tensor, weight: Tensor, saved: Optional
 
 
 def _linear_backward_fake(dy, x, weight, saved, activation, fused, need_dx, need_dw, need_db):
-    return (x.new_empty(x.shape) if need_dx else placeholder(x), weight.new_empty(weight.shape) if need_dw
-            else placeholder(x), weight.new_empty(weight.shape[:1]) if need_db else placeholder(x))
+    return (
+        x.new_empty(x.shape) if need_dx else placeholder(x),
+        weight.new_empty(weight.shape) if need_dw else placeholder(x),
+        weight.new_empty(weight.shape[:1]) if need_db else placeholder(x),
+    )
 
 
 _linear_backward_op = Op("linear_backward", _linear_backward_impl, _linear_backward_fake)
 _linear_op = Op("linear", _linear_impl, _linear_fake, setup_context=_linear_setup, backward=_linear_backward)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           activation: str | None = None, fused: bool = True) -> torch.Tensor:
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+    fused: bool = True,
+) -> torch.Tensor:
     """act(x·weightᵀ + bias) on Triton kernels, forward and backward (op triformer::linear).
 
     x [..., K], weight [N, K], bias [N] or None, activation in (None, "relu", "gelu" (tanh), "silu").
@@ -138,8 +155,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """
     x, weight, bias = _cast_for_autocast(x, weight, bias)
     activation = _check_linear_inputs(x, weight, bias, activation)
-    grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                        or (bias is not None and bias.requires_grad))
+    grad = torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    )
     return _linear_op(x, weight, bias, activation, bool(fused), grad)[0]
 
 
@@ -157,8 +175,11 @@ def _check_eps(eps, allow_none: bool = False) -> None:
 def _check_normalized_shape(normalized_shape) -> tuple:
     """normalized_shape as a tuple of positive ints (an int is one dim)."""
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else normalized_shape
-    if (not isinstance(shape, (tuple, list, torch.Size)) or not shape
-            or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
+    if (
+        not isinstance(shape, (tuple, list, torch.Size))
+        or not shape
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)
+    ):
         raise ValueError(f"normalized_shape must be a positive int or a tuple of them, got {normalized_shape!r}")
     return tuple(shape)
 
@@ -178,15 +199,16 @@ def _normalized_width(x: torch.Tensor, normalized_shape, weight, bias) -> int:
     """Validate a norm's inputs; the number of trailing elements normalized together."""
     check_tensor(x, "x")
     shape = _check_normalized_shape(normalized_shape)
-    if tuple(x.shape[x.dim() - len(shape):]) != shape or x.dim() < len(shape):
+    if tuple(x.shape[x.dim() - len(shape) :]) != shape or x.dim() < len(shape):
         raise ValueError(f"x of shape {tuple(x.shape)} does not end in normalized_shape {shape}")
     _check_param(weight, "weight", x, shape)
     _check_param(bias, "bias", x, shape)
     return math.prod(shape)
 
 
-def _norm_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-               center: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _norm_impl(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, center: bool
+) -> tuple[Tensor, Tensor, Tensor]:
     """LayerNorm (center) or RMSNorm over the last dim of x: (y, the rows' shifted means (a placeholder for RMSNorm),
     their 1/σ), float32 statistics."""
     y, _, mean, rstd = norm_kernels.norm_forward(x, weight, bias, eps, center)
@@ -220,11 +242,20 @@ def _norm_backward(ctx, dy, _mean, _rstd):
     return dx if need_dx else None, dw, db, None, None
 
 
-def _norm_backward_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Optional[Tensor], rstd: Tensor,
-                        need_dw: bool, need_db: bool, sum_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def _norm_backward_impl(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    mean: Tensor | None,
+    rstd: Tensor,
+    need_dw: bool,
+    need_db: bool,
+    sum_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor]:
     """(dx, [dw; db]: the wanted ones as the rows of one tensor in sum_dtype) of _norm_impl (mean None: RMSNorm)."""
-    dx, sums = norm_kernels.norm_backward_sums(dy, as_rows(x, x.shape[-1]), weight, mean, rstd, need_dw, need_db,
-                                               sum_dtype)
+    dx, sums = norm_kernels.norm_backward_sums(
+        dy, as_rows(x, x.shape[-1]), weight, mean, rstd, need_dw, need_db, sum_dtype
+    )
     return dx.view(x.shape), sums
 
 
@@ -252,8 +283,13 @@ def _as_vector(param: torch.Tensor | None, n: int) -> torch.Tensor | None:
     return param if param is None or param.dim() == 1 else param.reshape(n)
 
 
-def layer_norm(x: torch.Tensor, normalized_shape, weight: torch.Tensor | None = None,
-               bias: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
+def layer_norm(
+    x: torch.Tensor,
+    normalized_shape,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
     """(x − μ) / √(σ² + eps) · weight + bias over the trailing normalized_shape dims, as F.layer_norm.
 
     Float32 math; the output has x's dtype (weight and bias may be of another float dtype, e.g. float32
@@ -262,8 +298,9 @@ def layer_norm(x: torch.Tensor, normalized_shape, weight: torch.Tensor | None = 
     return _normalize(x, normalized_shape, weight, bias, eps, center=True)
 
 
-def rms_norm(x: torch.Tensor, normalized_shape, weight: torch.Tensor | None = None,
-             eps: float | None = 1e-6) -> torch.Tensor:
+def rms_norm(
+    x: torch.Tensor, normalized_shape, weight: torch.Tensor | None = None, eps: float | None = 1e-6
+) -> torch.Tensor:
     """x / √(mean(x²) + eps) · weight over the trailing normalized_shape dims, as F.rms_norm; eps=None is x's
     dtype's machine epsilon, as torch takes it."""
     return _normalize(x, normalized_shape, weight, None, eps, center=False)
@@ -318,8 +355,10 @@ def softmax(x: torch.Tensor, dim: int = -1, causal: bool = False) -> torch.Tenso
         raise ValueError(f"dim {dim} is out of range for x of shape {tuple(x.shape)}")
     dim %= x.dim()
     if causal and (x.dim() < 2 or dim != x.dim() - 1):
-        raise ValueError(f"causal softmax runs over the last dim of [..., S_q, S_k] scores; got dim={dim} "
-                         f"for x of shape {tuple(x.shape)}")
+        raise ValueError(
+            f"causal softmax runs over the last dim of [..., S_q, S_k] scores; got dim={dim} "
+            f"for x of shape {tuple(x.shape)}"
+        )
     if dim == x.dim() - 1:
         return _softmax_op(x, bool(causal))
     return _softmax_op(x.movedim(dim, -1), False).movedim(-1, dim)
@@ -380,8 +419,9 @@ def _dropout_backward(ctx, dy):
 _dropout_op = Op("dropout", _dropout_impl, _dropout_fake, setup_context=_dropout_setup, backward=_dropout_backward)
 
 
-def dropout(x: torch.Tensor, p: float = 0.5, seed: int | torch.Tensor | None = None,
-            training: bool = True) -> torch.Tensor:
+def dropout(
+    x: torch.Tensor, p: float = 0.5, seed: int | torch.Tensor | None = None, training: bool = True
+) -> torch.Tensor:
     """Zero each element with probability p and scale the rest by 1 / (1 − p); identity when not training
     (op triformer::dropout).
 
@@ -409,8 +449,11 @@ def _check_cross_entropy_options(ignore_index, reduction, label_smoothing, n_chu
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if (isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float))
-            or not 0.0 <= label_smoothing <= 1.0):
+    if (
+        isinstance(label_smoothing, bool)
+        or not isinstance(label_smoothing, (int, float))
+        or not 0.0 <= label_smoothing <= 1.0
+    ):
         raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing!r}")
     if isinstance(n_chunks, bool) or not isinstance(n_chunks, int) or n_chunks < 1:
         raise ValueError(f"n_chunks must be a positive int, got {n_chunks!r}")
@@ -427,16 +470,20 @@ def _check_cross_entropy_inputs(logits, targets):
     if logits.dim() < 1 or logits.shape[-1] == 0:
         raise ValueError(f"logits must be [..., V] with V ≥ 1 classes, got shape {tuple(logits.shape)}")
     if tuple(targets.shape) != tuple(logits.shape[:-1]):
-        raise ValueError(f"targets of shape {tuple(targets.shape)} do not match logits {tuple(logits.shape)}: "
-                         f"expected {tuple(logits.shape[:-1])} (classes along the last dim of logits)")
+        raise ValueError(
+            f"targets of shape {tuple(targets.shape)} do not match logits {tuple(logits.shape)}: "
+            f"expected {tuple(logits.shape[:-1])} (classes along the last dim of logits)"
+        )
     if targets.device != logits.device:
         raise ValueError(f"targets are on {targets.device} but logits are on {logits.device}")
     if torch.compiler.is_compiling():  # the in-place gradient is eager-only (see cross_entropy)
         return
     base = logits._base if logits._base is not None else logits
     if getattr(base, "_triformer_grad_version", None) == base._version:
-        raise ValueError("these logits already hold the gradient of an earlier triformer cross_entropy (written "
-                         "into their storage by inplace_grad=True); leave inplace_grad=False to keep them")
+        raise ValueError(
+            "these logits already hold the gradient of an earlier triformer cross_entropy (written "
+            "into their storage by inplace_grad=True); leave inplace_grad=False to keep them"
+        )
 
 
 def _check_in_place(logits2d: torch.Tensor) -> None:
@@ -446,31 +493,48 @@ def _check_in_place(logits2d: torch.Tensor) -> None:
         raise ValueError(f"inplace_grad=True needs logits whose rows do not overlap; got strides {logits2d.stride()}")
 
 
-def _cross_entropy_loss(logits2d: Tensor, targets1d: Tensor, ignore_index: int, reduction: str, smoothing: float,
-                        n_chunks: int, grad: Tensor | None, targets_shape) -> Tensor:
+def _cross_entropy_loss(
+    logits2d: Tensor,
+    targets1d: Tensor,
+    ignore_index: int,
+    reduction: str,
+    smoothing: float,
+    n_chunks: int,
+    grad: Tensor | None,
+    targets_shape,
+) -> Tensor:
     """The loss (float32: a scalar, or targets_shape for reduction="none") of logits2d [M, V] against targets1d [M],
     the gradient (scaled by 1 / valid targets for "mean") into grad when it is not None."""
     v = logits2d.shape[1]
     counts = ce_kernels.count_targets(targets1d, v, ignore_index)  # (valid, out of range, first out of range)
     _targets.note(counts, v, ignore_index)
     n_valid = counts[0]
-    losses = ce_kernels.cross_entropy_forward(logits2d, targets1d, ignore_index, smoothing, grad, n_chunks,
-                                              n_valid if reduction == "mean" and grad is not None else None)
+    losses = ce_kernels.cross_entropy_forward(
+        logits2d,
+        targets1d,
+        ignore_index,
+        smoothing,
+        grad,
+        n_chunks,
+        n_valid if reduction == "mean" and grad is not None else None,
+    )
     if reduction == "none":
         return losses.view(targets_shape)
     total = losses.sum()
     return total / n_valid if reduction == "mean" else total
 
 
-def _cross_entropy_impl(logits: Tensor, targets: Tensor, ignore_index: int, reduction: str, smoothing: float,
-                        n_chunks: int, with_grad: bool) -> tuple[Tensor, Tensor]:
+def _cross_entropy_impl(
+    logits: Tensor, targets: Tensor, ignore_index: int, reduction: str, smoothing: float, n_chunks: int, with_grad: bool
+) -> tuple[Tensor, Tensor]:
     """(loss, the gradient of the loss's sum over logits [M, V] when with_grad, else a placeholder)."""
     _targets.poll()
     v = logits.shape[-1]
     logits2d = logits.reshape(targets.numel(), v)
     grad = new_empty(logits2d.shape, like=logits2d) if with_grad else None
-    loss = _cross_entropy_loss(logits2d, targets.reshape(-1), ignore_index, reduction, smoothing, n_chunks, grad,
-                               targets.shape)
+    loss = _cross_entropy_loss(
+        logits2d, targets.reshape(-1), ignore_index, reduction, smoothing, n_chunks, grad, targets.shape
+    )
     return loss, placeholder(logits) if grad is None else grad
 
 
@@ -492,8 +556,10 @@ def _cross_entropy_backward(ctx, dloss, *_):
     if dloss is None:
         return None, None, None, None, None, None, None
     if ctx.backward_done:
-        raise RuntimeError("triformer cross_entropy keeps its gradient in one buffer and scales it in place: "
-                           "its backward can run only once")
+        raise RuntimeError(
+            "triformer cross_entropy keeps its gradient in one buffer and scales it in place: "
+            "its backward can run only once"
+        )
     ctx.backward_done = True
     (grad,) = ctx.saved_tensors
     scale = dloss.reshape(-1) if ctx.reduction == "none" else dloss.reshape(())
@@ -512,8 +578,13 @@ def _scale_rows_fake(g, scale):
 
 
 scale_rows_op = Op("scale_rows_", _scale_rows_impl, _scale_rows_fake, mutates_args=("g",))
-_cross_entropy_op = Op("cross_entropy", _cross_entropy_impl, _cross_entropy_fake, setup_context=_cross_entropy_setup,
-                       backward=_cross_entropy_backward)
+_cross_entropy_op = Op(
+    "cross_entropy",
+    _cross_entropy_impl,
+    _cross_entropy_fake,
+    setup_context=_cross_entropy_setup,
+    backward=_cross_entropy_backward,
+)
 
 
 class _CrossEntropyInPlace(torch.autograd.Function):
@@ -523,8 +594,9 @@ class _CrossEntropyInPlace(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits2d, targets, ignore_index, reduction, smoothing, n_chunks, with_grad):
         _targets.poll()
-        loss = _cross_entropy_loss(logits2d, targets.reshape(-1), ignore_index, reduction, smoothing, n_chunks,
-                                   logits2d, targets.shape)
+        loss = _cross_entropy_loss(
+            logits2d, targets.reshape(-1), ignore_index, reduction, smoothing, n_chunks, logits2d, targets.shape
+        )
         torch.autograd.graph.increment_version(logits2d)
         base = logits2d._base if logits2d._base is not None else logits2d
         base._triformer_grad_version = base._version
@@ -536,8 +608,15 @@ class _CrossEntropyInPlace(torch.autograd.Function):
     backward = staticmethod(_cross_entropy_backward)
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, reduction: str = "mean",
-                  label_smoothing: float = 0.0, n_chunks: int = 1, inplace_grad: bool = False) -> torch.Tensor:
+def cross_entropy(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    n_chunks: int = 1,
+    inplace_grad: bool = False,
+) -> torch.Tensor:
     """Cross-entropy of logits [..., V] (classes along the LAST dim) against integer targets [...], as
     F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ...) computes it; the loss is float32
     (op triformer::cross_entropy).
@@ -568,16 +647,18 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
         logits2d = logits.reshape(-1, v)
         _check_in_place(logits2d)
         if with_grad and plain_eager((logits, targets)):
-            return _CrossEntropyInPlace.apply(logits2d, targets, int(ignore_index), reduction,
-                                              float(label_smoothing), n_chunks, True)
-    return _cross_entropy_op(logits, targets, int(ignore_index), reduction, float(label_smoothing), n_chunks,
-                             with_grad)[0]
+            return _CrossEntropyInPlace.apply(
+                logits2d, targets, int(ignore_index), reduction, float(label_smoothing), n_chunks, True
+            )
+    return _cross_entropy_op(
+        logits, targets, int(ignore_index), reduction, float(label_smoothing), n_chunks, with_grad
+    )[0]
 
 
 check_targets = _targets.check_targets
 
 
 from .attention import attention  # noqa: E402,F401  (its own module; imported last: it uses _cast_for_autocast)
-from .rope import rope, rope_tables  # noqa: E402,F401  (its own module)
 from .gated import gated_activation, geglu, swiglu  # noqa: E402,F401  (its own module)
 from .linear_cross_entropy import linear_cross_entropy  # noqa: E402,F401  (fused linear + cross-entropy)
+from .rope import rope, rope_tables  # noqa: E402,F401  (its own module)

@@ -92,8 +92,16 @@ class Op:
     """A registered triformer op (see the module doc); call it like its implementation, every argument
     positional."""
 
-    def __init__(self, name: str, impl: Callable, fake: Callable, *, mutates_args: Sequence[str] = (),
-                 setup_context: Callable | None = None, backward: Callable | None = None):
+    def __init__(
+        self,
+        name: str,
+        impl: Callable,
+        fake: Callable,
+        *,
+        mutates_args: Sequence[str] = (),
+        setup_context: Callable | None = None,
+        backward: Callable | None = None,
+    ):
         self.name, self.impl = name, impl
         OPS[name] = self
         custom = torch.library.custom_op(f"triformer::{name}", impl, mutates_args=tuple(mutates_args))
@@ -101,18 +109,22 @@ class Op:
         if backward is not None:
             custom.register_autograd(backward, setup_context=setup_context)
         self.custom = custom
-        self.overload = getattr(getattr(torch.ops.triformer, name), "default")
+        self.overload = getattr(torch.ops.triformer, name).default
         parameters = list(inspect.signature(impl).parameters)
         self._mutated = tuple(parameters.index(arg) for arg in mutates_args)
         self._function = None
         if backward is not None:
+
             def forward(ctx, *args):
                 output = impl(*args)
                 setup_context(ctx, args, output)
                 return output
 
-            self._function = type(f"{name}_eager", (torch.autograd.Function,),
-                                  {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+            self._function = type(
+                f"{name}_eager",
+                (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "backward": staticmethod(backward)},
+            )
 
     def __call__(self, *args):
         if traced(args):

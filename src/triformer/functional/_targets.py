@@ -22,8 +22,10 @@ _pending: collections.deque = collections.deque()
 
 
 def _message(first: int, v: int, ignore_index: int) -> str:
-    return (f"targets must lie in [0, {v}) or equal ignore_index={ignore_index}; found {first} (the rows with such "
-            "targets got a NaN loss and gradient)")
+    return (
+        f"targets must lie in [0, {v}) or equal ignore_index={ignore_index}; found {first} (the rows with such "
+        "targets got a NaN loss and gradient)"
+    )
 
 
 def note(counts: torch.Tensor, v: int, ignore_index: int) -> None:

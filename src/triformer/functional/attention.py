@@ -31,11 +31,13 @@ def _check_attention_inputs(q, k, v, causal, scale) -> None:
     if sk != s:
         raise ValueError(f"q has sequence length {s} but k and v have {sk}; attention takes one length for both")
     if h % h_kv:
-        raise ValueError(f"q has {h} heads, not a multiple of the {h_kv} heads of k and v (grouped-query attention "
-                         "needs Hq = G·Hkv)")
+        raise ValueError(
+            f"q has {h} heads, not a multiple of the {h_kv} heads of k and v (grouped-query attention needs Hq = G·Hkv)"
+        )
     if d % 8 or d > attention_kernels.MAX_HEAD_DIM:
-        raise ValueError(f"head dim {d} is not supported: it must be a multiple of 8 and at most "
-                         f"{attention_kernels.MAX_HEAD_DIM}")
+        raise ValueError(
+            f"head dim {d} is not supported: it must be a multiple of 8 and at most {attention_kernels.MAX_HEAD_DIM}"
+        )
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     if scale is not None:
@@ -71,26 +73,42 @@ def _attention_backward(ctx, do, _):
     return dq if need_q else None, dk if need_k else None, dv if need_v else None, None, None
 
 
-def _attention_backward_impl(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, causal: bool,
-                             scale: float, need_dq: bool, need_dkdv: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _attention_backward_impl(
+    do: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
+    lse: Tensor,
+    causal: bool,
+    scale: float,
+    need_dq: bool,
+    need_dkdv: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) of _attention_impl's o for the incoming do; placeholders where not needed."""
-    dq, dk, dv = attention_kernels.attention_backward(do, q, k, v, o, lse, causal, scale, need_dq=need_dq,
-                                                      need_dkdv=need_dkdv)
+    dq, dk, dv = attention_kernels.attention_backward(
+        do, q, k, v, o, lse, causal, scale, need_dq=need_dq, need_dkdv=need_dkdv
+    )
     return or_placeholder(dq, lse), or_placeholder(dk, lse), or_placeholder(dv, lse)
 
 
 def _attention_backward_fake(do, q, k, v, o, lse, causal, scale, need_dq, need_dkdv):
-    return (q.new_empty(q.shape) if need_dq else placeholder(lse),
-            k.new_empty(k.shape) if need_dkdv else placeholder(lse), v.new_empty(v.shape) if need_dkdv else placeholder(lse))
+    return (
+        q.new_empty(q.shape) if need_dq else placeholder(lse),
+        k.new_empty(k.shape) if need_dkdv else placeholder(lse),
+        v.new_empty(v.shape) if need_dkdv else placeholder(lse),
+    )
 
 
 _attention_backward_op = Op("attention_backward", _attention_backward_impl, _attention_backward_fake)
-_attention_op = Op("attention", _attention_impl, _attention_fake, setup_context=_attention_setup,
-                   backward=_attention_backward)
+_attention_op = Op(
+    "attention", _attention_impl, _attention_fake, setup_context=_attention_setup, backward=_attention_backward
+)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
-              scale: float | None = None) -> torch.Tensor:
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False, scale: float | None = None
+) -> torch.Tensor:
     """softmax(scale · q kᵀ [+ causal mask]) v, as F.scaled_dot_product_attention(q, k, v, is_causal=causal,
     scale=scale, enable_gqa=True) computes it, on flash kernels: no S×S matrix in memory, forward or backward
     (op triformer::attention).

@@ -13,11 +13,15 @@ from ._library import Op
 def _check_gated_input(x, activation, inplace_grad) -> None:
     check_tensor(x, "x")
     if activation not in gated_kernels.GATED_ACTIVATIONS:
-        raise ValueError(f"unknown gated activation {activation!r}; choose one of "
-                         f"{list(gated_kernels.GATED_ACTIVATIONS)} (silu: SwiGLU, gelu with tanh: GeGLU)")
+        raise ValueError(
+            f"unknown gated activation {activation!r}; choose one of "
+            f"{list(gated_kernels.GATED_ACTIVATIONS)} (silu: SwiGLU, gelu with tanh: GeGLU)"
+        )
     if x.dim() < 1 or x.shape[-1] % 2 or x.shape[-1] == 0:
-        raise ValueError(f"x must be [..., 2·hidden] (the gate half, then the value half), got shape "
-                         f"{tuple(x.shape)}: its last dimension must be even and positive")
+        raise ValueError(
+            f"x must be [..., 2·hidden] (the gate half, then the value half), got shape "
+            f"{tuple(x.shape)}: its last dimension must be even and positive"
+        )
     if inplace_grad not in (None, True, False):
         raise TypeError(f"inplace_grad must be None, True or False, got {inplace_grad!r}")
 
@@ -30,8 +34,10 @@ def _grad_in_place(x: torch.Tensor, inplace_grad: bool | None) -> bool:
     x2d = x.reshape(-1, width)
     separate_rows = x2d.stride(1) == 1 and (x2d.shape[0] <= 1 or x2d.stride(0) >= width)
     if inplace_grad and not separate_rows:
-        raise ValueError(f"inplace_grad=True needs x whose elements do not overlap (unit column stride, rows "
-                         f"apart); got strides {x2d.stride()} for rows of {width}")
+        raise ValueError(
+            f"inplace_grad=True needs x whose elements do not overlap (unit column stride, rows "
+            f"apart); got strides {x2d.stride()} for rows of {width}"
+        )
     if torch.compiler.is_compiling():  # x's storage and history are not Dynamo's to read; Inductor plans memory
         return False
     # the gradient is written through x's rows, so they must be a view of x (not a copy that reshape made)
@@ -92,8 +98,9 @@ def _gated_backward_into_x_fake(dh, x, activation):
 
 
 _gated_backward_op = Op("gated_backward", _gated_backward_impl, _gated_backward_fake)
-_gated_backward_into_x_op = Op("gated_backward_into_x_", _gated_backward_into_x_impl, _gated_backward_into_x_fake,
-                               mutates_args=("x",))
+_gated_backward_into_x_op = Op(
+    "gated_backward_into_x_", _gated_backward_into_x_impl, _gated_backward_into_x_fake, mutates_args=("x",)
+)
 _gated_op = Op("gated", _gated_impl, _gated_fake, setup_context=_gated_setup, backward=_gated_backward)
 
 

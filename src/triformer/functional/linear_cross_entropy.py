@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -30,26 +28,32 @@ def _check_inputs(x, weight, targets, bias, ignore_index, reduction, label_smoot
     check_tensor(x, "x")
     check_tensor(weight, "weight")
     if weight.dim() != 2 or weight.shape[0] == 0 or weight.shape[1] == 0:
-        raise ValueError(f"weight must be 2-D [V, H] (vocabulary, hidden) with V, H ≥ 1, got shape "
-                         f"{tuple(weight.shape)}")
+        raise ValueError(
+            f"weight must be 2-D [V, H] (vocabulary, hidden) with V, H ≥ 1, got shape {tuple(weight.shape)}"
+        )
     if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"x of shape {tuple(x.shape)} must be [..., H] with H = {weight.shape[1]}, the hidden size "
-                         f"of weight {tuple(weight.shape)}")
+        raise ValueError(
+            f"x of shape {tuple(x.shape)} must be [..., H] with H = {weight.shape[1]}, the hidden size "
+            f"of weight {tuple(weight.shape)}"
+        )
     check_same_dtype(x, "x", weight, "weight")
     if bias is not None:
         check_tensor(bias, "bias")
         check_same_dtype(x, "x", bias, "bias")
         if tuple(bias.shape) != (weight.shape[0],):
-            raise ValueError(f"bias must have shape ({weight.shape[0]},) (one per vocabulary entry of weight), got "
-                             f"{tuple(bias.shape)}")
+            raise ValueError(
+                f"bias must have shape ({weight.shape[0]},) (one per vocabulary entry of weight), got "
+                f"{tuple(bias.shape)}"
+            )
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
     if targets.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"targets has dtype {targets.dtype}; linear_cross_entropy takes class indices (int64 or "
-                        "int32)")
+        raise TypeError(f"targets has dtype {targets.dtype}; linear_cross_entropy takes class indices (int64 or int32)")
     if tuple(targets.shape) != tuple(x.shape[:-1]):
-        raise ValueError(f"targets of shape {tuple(targets.shape)} do not match x {tuple(x.shape)}: expected "
-                         f"{tuple(x.shape[:-1])} (one target per row of x)")
+        raise ValueError(
+            f"targets of shape {tuple(targets.shape)} do not match x {tuple(x.shape)}: expected "
+            f"{tuple(x.shape[:-1])} (one target per row of x)"
+        )
     if targets.device != x.device:
         raise ValueError(f"targets are on {targets.device} but x is on {x.device}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
@@ -64,16 +68,31 @@ def _check_inputs(x, weight, targets, bias, ignore_index, reduction, label_smoot
         raise ValueError(f"accum_dtype must be torch.float32 or None (the weight's dtype), got {accum_dtype!r}")
 
 
-def _prepare(x: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor):
+def _prepare(x: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor):
     """x as dense rows [N, H], weight dense (rows or columns), bias contiguous, targets [N] contiguous."""
     x2d = _dense(x.reshape(targets.numel(), weight.shape[1]))
-    return (x2d, _dense(weight, transposed_ok=True), None if bias is None else bias.contiguous(),
-            targets.reshape(-1).contiguous())
+    return (
+        x2d,
+        _dense(weight, transposed_ok=True),
+        None if bias is None else bias.contiguous(),
+        targets.reshape(-1).contiguous(),
+    )
 
 
-def _lce_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, ignore_index: int, reduction: str,
-              smoothing: float, chunk_rows: int, float32_dw: bool, need_dx: bool, need_dw: bool,
-              need_db: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _lce_impl(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    ignore_index: int,
+    reduction: str,
+    smoothing: float,
+    chunk_rows: int,
+    float32_dw: bool,
+    need_dx: bool,
+    need_dw: bool,
+    need_db: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(loss, dx [N, H] unscaled, dW [V, H] with α folded in, db float32 [1, V] unscaled, α) where reduction is
     "mean" (α = 1 / valid targets, float32) or "sum" (α a placeholder); "none": the losses, then placeholders
     (its backward runs the chunks again). Each gradient not needed is a placeholder."""
@@ -84,27 +103,37 @@ def _lce_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor
     _targets.note(counts, v, ignore_index)
     alpha = 1.0 / counts[0].clamp(min=1).float() if reduction == "mean" else None
     need = (need_dx, need_dw, need_db and bias is not None) if reduction != "none" else (False, False, False)
-    losses, dx, dw, db = lce_kernels.chunked_forward(x2d, weight, bias, targets1d, ignore_index, smoothing,
-                                                     chunk_rows, need, alpha, float32_dw)
+    losses, dx, dw, db = lce_kernels.chunked_forward(
+        x2d, weight, bias, targets1d, ignore_index, smoothing, chunk_rows, need, alpha, float32_dw
+    )
     if reduction == "none":
         loss = losses.view(targets.shape)
     else:
         total = losses.sum()
         loss = total / counts[0] if reduction == "mean" else total
-    return (loss, or_placeholder(dx, losses), or_placeholder(dw, losses),
-            or_placeholder(None if db is None else db.view(1, v), losses), or_placeholder(alpha, losses))
+    return (
+        loss,
+        or_placeholder(dx, losses),
+        or_placeholder(dw, losses),
+        or_placeholder(None if db is None else db.view(1, v), losses),
+        or_placeholder(alpha, losses),
+    )
 
 
-def _lce_fake(x, weight, bias, targets, ignore_index, reduction, smoothing, chunk_rows, float32_dw, need_dx, need_dw,
-              need_db):
+def _lce_fake(
+    x, weight, bias, targets, ignore_index, reduction, smoothing, chunk_rows, float32_dw, need_dx, need_dw, need_db
+):
     (v, h), rows = weight.shape, targets.numel()
     loss = x.new_empty(targets.shape if reduction == "none" else (), dtype=torch.float32)
     if reduction == "none":
         return loss, placeholder(loss), placeholder(loss), placeholder(loss), placeholder(loss)
-    return (loss, x.new_empty((rows, h)) if need_dx else placeholder(loss),
-            weight.new_empty((v, h)) if need_dw else placeholder(loss),
-            loss.new_empty((1, v)) if need_db and bias is not None else placeholder(loss),
-            loss.new_empty(()) if reduction == "mean" else placeholder(loss))
+    return (
+        loss,
+        x.new_empty((rows, h)) if need_dx else placeholder(loss),
+        weight.new_empty((v, h)) if need_dw else placeholder(loss),
+        loss.new_empty((1, v)) if need_db and bias is not None else placeholder(loss),
+        loss.new_empty(()) if reduction == "mean" else placeholder(loss),
+    )
 
 
 def _lce_setup(ctx, inputs, output):
@@ -133,8 +162,10 @@ def _lce_backward(ctx, dloss, *_):
         dx, dw, db = _lce_backward_op(dloss, x, weight, bias, targets, *ctx.args, *need)
     else:
         if ctx.backward_done:
-            raise RuntimeError("triformer linear_cross_entropy keeps its gradients from the forward and scales "
-                               "them in place: its backward can run only once")
+            raise RuntimeError(
+                "triformer linear_cross_entropy keeps its gradients from the forward and scales "
+                "them in place: its backward can run only once"
+            )
         ctx.backward_done = True
         dx, dw, db, alpha = ctx.saved_tensors
         g = dloss.reshape(()).float()
@@ -142,41 +173,79 @@ def _lce_backward(ctx, dloss, *_):
         for grad, scale, wanted in ((dx, g_alpha, need[0]), (dw, g, need[1]), (db, g_alpha, need[2])):
             if wanted:
                 scale_rows_op(grad, scale)
-    grads = (dx.view(ctx.x_shape) if need[0] else None, dw if need[1] else None,
-             db.view(-1).to(ctx.bias_dtype) if need[2] else None)
+    grads = (
+        dx.view(ctx.x_shape) if need[0] else None,
+        dw if need[1] else None,
+        db.view(-1).to(ctx.bias_dtype) if need[2] else None,
+    )
     return *grads, *nothing[3:]
 
 
-def _lce_backward_impl(dloss: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
-                       ignore_index: int, smoothing: float, chunk_rows: int, float32_dw: bool, need_dx: bool,
-                       need_dw: bool, need_db: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _lce_backward_impl(
+    dloss: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    ignore_index: int,
+    smoothing: float,
+    chunk_rows: int,
+    float32_dw: bool,
+    need_dx: bool,
+    need_dw: bool,
+    need_db: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
     """reduction="none": (dx [N, H], dW, db float32 [1, V]) for the incoming per-row gradient dloss, the chunks run
     again with each row's logit gradient scaled by it; placeholders where not needed."""
     _targets.poll()
     x2d, weight, bias, targets1d = _prepare(x, weight, bias, targets)
     need = (need_dx, need_dw, need_db and bias is not None)
-    _, dx, dw, db = lce_kernels.chunked_forward(x2d, weight, bias, targets1d, ignore_index, smoothing, chunk_rows,
-                                                need, None, float32_dw, row_scale=dloss.float().reshape(-1).contiguous())
-    return (or_placeholder(dx, x2d), or_placeholder(dw, x2d),
-            or_placeholder(None if db is None else db.view(1, weight.shape[0]), x2d))
+    _, dx, dw, db = lce_kernels.chunked_forward(
+        x2d,
+        weight,
+        bias,
+        targets1d,
+        ignore_index,
+        smoothing,
+        chunk_rows,
+        need,
+        None,
+        float32_dw,
+        row_scale=dloss.float().reshape(-1).contiguous(),
+    )
+    return (
+        or_placeholder(dx, x2d),
+        or_placeholder(dw, x2d),
+        or_placeholder(None if db is None else db.view(1, weight.shape[0]), x2d),
+    )
 
 
-def _lce_backward_fake(dloss, x, weight, bias, targets, ignore_index, smoothing, chunk_rows, float32_dw, need_dx,
-                       need_dw, need_db):
+def _lce_backward_fake(
+    dloss, x, weight, bias, targets, ignore_index, smoothing, chunk_rows, float32_dw, need_dx, need_dw, need_db
+):
     v, h = weight.shape
-    return (x.new_empty((targets.numel(), h)) if need_dx else placeholder(x),
-            weight.new_empty((v, h)) if need_dw else placeholder(x),
-            x.new_empty((1, v), dtype=torch.float32) if need_db and bias is not None else placeholder(x))
+    return (
+        x.new_empty((targets.numel(), h)) if need_dx else placeholder(x),
+        weight.new_empty((v, h)) if need_dw else placeholder(x),
+        x.new_empty((1, v), dtype=torch.float32) if need_db and bias is not None else placeholder(x),
+    )
 
 
 _lce_backward_op = Op("linear_cross_entropy_backward", _lce_backward_impl, _lce_backward_fake)
 _lce_op = Op("linear_cross_entropy", _lce_impl, _lce_fake, setup_context=_lce_setup, backward=_lce_backward)
 
 
-def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         bias: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
-                         label_smoothing: float = 0.0, chunk_size: int | None = None,
-                         accum_dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+def linear_cross_entropy(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    chunk_size: int | None = None,
+    accum_dtype: torch.dtype | None = torch.float32,
+) -> torch.Tensor:
     """F.cross_entropy(x @ weightᵀ + bias, targets, ...) without the [N, V] logits ever in memory: rows of x are
     processed chunk_size at a time (the logits of one chunk at once), and the gradients of x, weight and bias are
     computed chunk by chunk in the forward (as Liger-Kernel's fused linear cross-entropy does); the loss is float32.
@@ -198,6 +267,17 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     v, h = weight.shape
     chunk_rows = chunk_size or lce_kernels.default_chunk_rows(targets.numel(), v, x.element_size())
     grad = torch.is_grad_enabled()
-    return _lce_op(x, weight, bias, targets, int(ignore_index), reduction, float(label_smoothing), chunk_rows,
-                   accum_dtype is not None, grad and x.requires_grad, grad and weight.requires_grad,
-                   grad and bias is not None and bias.requires_grad)[0]
+    return _lce_op(
+        x,
+        weight,
+        bias,
+        targets,
+        int(ignore_index),
+        reduction,
+        float(label_smoothing),
+        chunk_rows,
+        accum_dtype is not None,
+        grad and x.requires_grad,
+        grad and weight.requires_grad,
+        grad and bias is not None and bias.requires_grad,
+    )[0]

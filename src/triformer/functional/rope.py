@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -17,8 +15,9 @@ def rope_tables(head_dim: int, max_seq_len: int, base: float = 10000.0, device=N
 
     Angles are formed in float64 and rounded once, so the table is exact to float32 at every position."""
     if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 2 or head_dim % 2:
-        raise ValueError(f"head_dim must be a positive even int (rotate-half pairs x[i] with x[i + D/2]), "
-                         f"got {head_dim!r}")
+        raise ValueError(
+            f"head_dim must be a positive even int (rotate-half pairs x[i] with x[i + D/2]), got {head_dim!r}"
+        )
     if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1:
         raise ValueError(f"max_seq_len must be a positive int, got {max_seq_len!r}")
     if not base > 0:
@@ -37,8 +36,10 @@ def _check_rope_inputs(q, k, cos, sin, offset) -> None:
             raise ValueError(f"{name} must be 4-D [B, H, S, D], got shape {tuple(t.shape)}")
     (b, _, s, d), (bk, _, sk, dk) = q.shape, k.shape
     if (bk, sk, dk) != (b, s, d):
-        raise ValueError(f"k of shape {tuple(k.shape)} does not match q {tuple(q.shape)}: they must agree in B, S "
-                         f"and D (only the number of heads may differ)")
+        raise ValueError(
+            f"k of shape {tuple(k.shape)} does not match q {tuple(q.shape)}: they must agree in B, S "
+            f"and D (only the number of heads may differ)"
+        )
     if d % 2:
         raise ValueError(f"head dim D={d} is odd: rotate-half RoPE pairs x[i] with x[i + D/2], so D must be even")
     for t, name in ((cos, "cos"), (sin, "sin")):
@@ -46,8 +47,9 @@ def _check_rope_inputs(q, k, cos, sin, offset) -> None:
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
         if t.dim() != 2 or t.shape[1] not in (d // 2, d):
-            raise ValueError(f"{name} must be a table [S_max, D/2] or [S_max, D] with D={d}, got shape "
-                             f"{tuple(t.shape)}")
+            raise ValueError(
+                f"{name} must be a table [S_max, D/2] or [S_max, D] with D={d}, got shape {tuple(t.shape)}"
+            )
         if t.requires_grad and torch.is_grad_enabled():
             raise ValueError(f"{name} requires grad: rope treats the tables as constants (pass {name}.detach())")
     if cos.shape != sin.shape:
@@ -55,20 +57,24 @@ def _check_rope_inputs(q, k, cos, sin, offset) -> None:
     if isinstance(offset, bool) or not isinstance(offset, int):
         raise TypeError(f"offset must be an int, got {type(offset).__name__}")
     if offset < 0 or offset + s > cos.shape[0]:
-        raise ValueError(f"positions offset={offset} .. {offset + s - 1} do not fit the tables of "
-                         f"{cos.shape[0]} rows (S_max)")
+        raise ValueError(
+            f"positions offset={offset} .. {offset + s - 1} do not fit the tables of {cos.shape[0]} rows (S_max)"
+        )
 
 
-def _rope_impl(q: Optional[Tensor], k: Optional[Tensor], cos: Tensor, sin: Tensor, offset: int,
-               inverse: bool) -> tuple[Tensor, Tensor]:
+def _rope_impl(
+    q: Tensor | None, k: Tensor | None, cos: Tensor, sin: Tensor, offset: int, inverse: bool
+) -> tuple[Tensor, Tensor]:
     """(q, k) rotated by +θ (by −θ when inverse: the backward), new contiguous tensors; a placeholder for None."""
     q_out, k_out = rope_kernels.rotate(q, k, cos, sin, offset, inverse)
     return placeholder(cos) if q_out is None else q_out, placeholder(cos) if k_out is None else k_out
 
 
 def _rope_fake(q, k, cos, sin, offset, inverse):
-    return (placeholder(cos) if q is None else q.new_empty(q.shape),
-            placeholder(cos) if k is None else k.new_empty(k.shape))
+    return (
+        placeholder(cos) if q is None else q.new_empty(q.shape),
+        placeholder(cos) if k is None else k.new_empty(k.shape),
+    )
 
 
 def _rope_setup(ctx, inputs, output):

@@ -48,8 +48,9 @@ def as_rows(x: torch.Tensor, n_cols: int) -> torch.Tensor:
     return rows
 
 
-def row_tiling(n_rows: int, n_cols: int, loop: bool = False, max_block: int | None = None,
-               gpu_tile: int | None = None) -> dict:
+def row_tiling(
+    n_rows: int, n_cols: int, loop: bool = False, max_block: int | None = None, gpu_tile: int | None = None
+) -> dict:
     """Launch meta for a row kernel: BLOCK_M, BLOCK_N, ONE_BLOCK and num_warps (about 16 elements per thread).
 
     loop=True: the kernel always loops over column blocks (cross-entropy) and ONE_BLOCK is not returned.
@@ -82,8 +83,14 @@ def _tiling(n_rows: int, n_cols: int, loop: bool, max_block: int, tile: int) -> 
 WIDE_ROW = 8192
 
 
-def launch_meta(n_rows: int, n_cols: int, wide_row_warps: int | None = None, gpu_tile: int | None = None,
-                shared_row_warps: int | None = None, row_elements_per_thread: int | None = None) -> dict:
+def launch_meta(
+    n_rows: int,
+    n_cols: int,
+    wide_row_warps: int | None = None,
+    gpu_tile: int | None = None,
+    shared_row_warps: int | None = None,
+    row_elements_per_thread: int | None = None,
+) -> dict:
     """The meta launch_rows launches with (see there)."""
     meta = row_tiling(n_rows, n_cols, gpu_tile=gpu_tile)
     one_row = meta.get("ONE_BLOCK") and meta["BLOCK_M"] == 1
@@ -96,9 +103,17 @@ def launch_meta(n_rows: int, n_cols: int, wide_row_warps: int | None = None, gpu
     return meta
 
 
-def launch_rows(kernel, n_rows: int, n_cols: int, *args, wide_row_warps: int | None = None,
-                gpu_tile: int | None = None, shared_row_warps: int | None = None,
-                row_elements_per_thread: int | None = None, **flags) -> None:
+def launch_rows(
+    kernel,
+    n_rows: int,
+    n_cols: int,
+    *args,
+    wide_row_warps: int | None = None,
+    gpu_tile: int | None = None,
+    shared_row_warps: int | None = None,
+    row_elements_per_thread: int | None = None,
+    **flags,
+) -> None:
     """kernel[one program per BLOCK_M rows](*args, **flags, tiling meta); nothing to launch for an empty input.
     wide_row_warps: num_warps for whole-row tiles of one row of WIDE_ROW elements or more (for a kernel that
     wants more). row_elements_per_thread: num_warps for every one-row whole-row tile, so that each thread holds this

@@ -61,15 +61,17 @@ def interpreter_active() -> bool:
     return _INTERPRETER
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def device_properties(device: torch.device):
     """torch.cuda.get_device_properties, asked once per device (SM count, compute capability)."""
     return torch.cuda.get_device_properties(device)
 
 
-BF16_NEEDS_GPU = ("bf16 needs a GPU: Triton's interpreter computes bfloat16 on the raw bits (numpy has no bf16) and "
-                  "returns garbage; on the CPU use float32 or float16 (torch.autocast(\"cpu\", dtype=torch.bfloat16) "
-                  "makes bf16 too)")
+BF16_NEEDS_GPU = (
+    "bf16 needs a GPU: Triton's interpreter computes bfloat16 on the raw bits (numpy has no bf16) and "
+    'returns garbage; on the CPU use float32 or float16 (torch.autocast("cpu", dtype=torch.bfloat16) '
+    "makes bf16 too)"
+)
 
 
 def check_tensor(t: torch.Tensor, name: str) -> None:
@@ -83,8 +85,10 @@ def check_tensor(t: torch.Tensor, name: str) -> None:
     if t.dtype == torch.bfloat16 and interpreter_active():
         raise TypeError(f"{name} is bfloat16 under Triton's interpreter (TRITON_INTERPRET=1): {BF16_NEEDS_GPU}")
     if t.is_meta:
-        raise ValueError(f"{name} is a meta tensor (shape and dtype, no data): triformer kernels compute on real "
-                         "tensors, on a CUDA GPU or on the CPU through Triton's interpreter")
+        raise ValueError(
+            f"{name} is a meta tensor (shape and dtype, no data): triformer kernels compute on real "
+            "tensors, on a CUDA GPU or on the CPU through Triton's interpreter"
+        )
     if not t.is_cuda and not interpreter_active():
         raise ValueError(
             f"{name} is on {t.device}: triformer kernels run on a CUDA GPU, or on the CPU through "

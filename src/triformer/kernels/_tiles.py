@@ -40,8 +40,7 @@ def fitting_configs(configs, M: int, N: int, element_size: int):
     """The tiles that fit the product (no tile more than twice the size it covers); 4-byte inputs get
     half-deep K tiles so the pipelined shared-memory buffers still fit Hopper's 228 KB."""
     fits = [
-        c for c in configs
-        if c.kwargs["BLOCK_M"] <= max(64, 2 * M) and c.kwargs["BLOCK_N"] <= max(64, 2 * N)
+        c for c in configs if c.kwargs["BLOCK_M"] <= max(64, 2 * M) and c.kwargs["BLOCK_N"] <= max(64, 2 * N)
     ] or configs[-1:]
     if element_size == 4:
         fits = [
@@ -77,6 +76,7 @@ def fresh_picks():
     yields the dict of the picks it makes; the earlier picks come back on exit."""
     with overridden(sys.modules[__name__], _CHOSEN={}):
         yield _CHOSEN
+
 
 # What each candidate took (ms per call) on its key's first call, by key: for tools that show the tuner's view.
 TIMED: dict[tuple, list] = {}

@@ -26,8 +26,9 @@ def use_descriptor_memory() -> None:
 
 
 @triton.jit
-def operand_descriptor(ptr, rows, cols, row_stride, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-                       TRANSPOSED: tl.constexpr):
+def operand_descriptor(
+    ptr, rows, cols, row_stride, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, TRANSPOSED: tl.constexpr
+):
     """TMA descriptor of an operand [rows, cols] with unit column stride; TRANSPOSED: ptr holds its transpose
     [cols, rows] row-major (unit row stride), and the descriptor covers that memory as it lies."""
     if TRANSPOSED:
@@ -37,11 +38,25 @@ def operand_descriptor(ptr, rows, cols, row_stride, BLOCK_R: tl.constexpr, BLOCK
 
 
 @triton.jit
-def operand_descriptors(a_ptr, b_ptr, M, N, K, stride_a, stride_b, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, A_TRANS: tl.constexpr, B_TRANS: tl.constexpr):
+def operand_descriptors(
+    a_ptr,
+    b_ptr,
+    M,
+    N,
+    K,
+    stride_a,
+    stride_b,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    A_TRANS: tl.constexpr,
+    B_TRANS: tl.constexpr,
+):
     """(A's, B's) descriptors for A [M, K] · B [K, N] (see operand_descriptor)."""
-    return (operand_descriptor(a_ptr, M, K, stride_a, BLOCK_M, BLOCK_K, A_TRANS),
-            operand_descriptor(b_ptr, K, N, stride_b, BLOCK_K, BLOCK_N, B_TRANS))
+    return (
+        operand_descriptor(a_ptr, M, K, stride_a, BLOCK_M, BLOCK_K, A_TRANS),
+        operand_descriptor(b_ptr, K, N, stride_b, BLOCK_K, BLOCK_N, B_TRANS),
+    )
 
 
 @triton.jit
@@ -52,8 +67,16 @@ def output_descriptor(ptr, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, S
 
 
 @triton.jit
-def output_descriptors(c_ptr, preact_ptr, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       STORE_PREACT: tl.constexpr, SPLIT_EPILOGUE: tl.constexpr):
+def output_descriptors(
+    c_ptr,
+    preact_ptr,
+    M,
+    N,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    STORE_PREACT: tl.constexpr,
+    SPLIT_EPILOGUE: tl.constexpr,
+):
     """(C's, the preactivation's) descriptors; C's twice when the preactivation is not stored."""
     c_desc = output_descriptor(c_ptr, M, N, BLOCK_M, BLOCK_N, SPLIT_EPILOGUE)
     if STORE_PREACT:
@@ -91,8 +114,19 @@ def store_tile(desc, row, col, tile, SPLIT: tl.constexpr):
 
 
 @triton.jit
-def store_epilogue(acc, row, col, N, c_desc, preact_desc, bias_ptr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
-                   STORE_PREACT: tl.constexpr, SPLIT_EPILOGUE: tl.constexpr):
+def store_epilogue(
+    acc,
+    row,
+    col,
+    N,
+    c_desc,
+    preact_desc,
+    bias_ptr,
+    HAS_BIAS: tl.constexpr,
+    ACT: tl.constexpr,
+    STORE_PREACT: tl.constexpr,
+    SPLIT_EPILOGUE: tl.constexpr,
+):
     """C[row:, col:] = act(P) and, with STORE_PREACT, preact[row:, col:] = P, for P = acc + bias (one tile; TMA
     clips what hangs over an edge)."""
     acc = add_bias(acc, bias_ptr, col + tl.arange(0, acc.shape[1]), N, HAS_BIAS)

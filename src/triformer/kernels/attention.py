@@ -60,10 +60,28 @@ def _visible(queries, keys, in_range, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _forward_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, start, end,
-                    offs_m, offs_n, d_ok, S, qk_scale,
-                    MASK: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                    INPUT_PRECISION: tl.constexpr):
+def _forward_blocks(
+    acc,
+    l_i,
+    m_i,
+    q,
+    k_ptrs,
+    v_ptrs,
+    stride_ks,
+    stride_vs,
+    start,
+    end,
+    offs_m,
+    offs_n,
+    d_ok,
+    S,
+    qk_scale,
+    MASK: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
     """Fold the key blocks [start, end) into (acc, l, m): z = s·q kᵀ, m' = max(m, rowmax z),
     acc' = acc·2^(m − m') + 2^(z − m') v, l' = l·2^(m − m') + Σ 2^(z − m'). MASK: keys past S (and, causal,
     keys after the query) get z = −∞."""
@@ -101,8 +119,9 @@ def _tile_ptrs(ptr, b, h, stride_b, stride_h, stride_s, stride_d, offs_s, offs_d
 
 
 @triton.jit
-def _query_block(H, GROUP, S, D, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_D: tl.constexpr):
+def _query_block(
+    H, GROUP, S, D, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr
+):
     """This program's query block on the grid (query blocks, B·H): (b·H + h, b, h, kv head, first query, query
     offsets, which are < S, key offsets of one block, head-dim offsets, which are < D). Causal runs the last
     (longest) query blocks first."""
@@ -119,22 +138,48 @@ def _query_block(H, GROUP, S, D, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BL
 
 @triton.jit
 def _forward_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
-    stride_qb, stride_qh, stride_qs, stride_qd,
-    stride_kb, stride_kh, stride_ks, stride_kd,
-    stride_vb, stride_vh, stride_vs, stride_vd,
-    stride_ob, stride_oh, stride_os, stride_od,
-    H, GROUP, S, D, qk_scale,
-    CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    o_ptr,
+    lse_ptr,
+    stride_qb,
+    stride_qh,
+    stride_qs,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vs,
+    stride_vd,
+    stride_ob,
+    stride_oh,
+    stride_os,
+    stride_od,
+    H,
+    GROUP,
+    S,
+    D,
+    qk_scale,
+    CAUSAL: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """o = softmax(c·q kᵀ) v for one block of BLOCK_M queries of one head, and lse = m + log2 l per query
     (base-2 scores s·q kᵀ, s = c·log2 e). Grid (query blocks, B·H): the query blocks of one head run side by side
     and share its K, V in L2; causal launches the longest rows (last blocks) first."""
-    bh, b, h, hk, start_m, offs_m, row_ok, offs_n, offs_d, d_ok = _query_block(H, GROUP, S, D, CAUSAL, BLOCK_M,
-                                                                               BLOCK_N, BLOCK_D)
-    q = _load_tile(_tile_ptrs(q_ptr, b, h, stride_qb, stride_qh, stride_qs, stride_qd, offs_m, offs_d),
-                   row_ok, d_ok, False, EVEN_D)
+    bh, b, h, hk, start_m, offs_m, row_ok, offs_n, offs_d, d_ok = _query_block(
+        H, GROUP, S, D, CAUSAL, BLOCK_M, BLOCK_N, BLOCK_D
+    )
+    q = _load_tile(
+        _tile_ptrs(q_ptr, b, h, stride_qb, stride_qh, stride_qs, stride_qd, offs_m, offs_d), row_ok, d_ok, False, EVEN_D
+    )
     k_ptrs = _tile_ptrs(k_ptr, b, hk, stride_kb, stride_kh, stride_ks, stride_kd, offs_n, offs_d)
     v_ptrs = _tile_ptrs(v_ptr, b, hk, stride_vb, stride_vh, stride_vs, stride_vd, offs_n, offs_d)
 
@@ -142,25 +187,77 @@ def _forward_kernel(
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     unmasked_end, masked_end = _visible_keys(S, start_m, CAUSAL, BLOCK_M, BLOCK_N)
-    acc, l_i, m_i = _forward_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, 0, unmasked_end,
-                                    offs_m, offs_n, d_ok, S, qk_scale,
-                                    False, CAUSAL, EVEN_D, BLOCK_N, INPUT_PRECISION)
-    acc, l_i, m_i = _forward_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, unmasked_end, masked_end,
-                                    offs_m, offs_n, d_ok, S, qk_scale,
-                                    True, CAUSAL, EVEN_D, BLOCK_N, INPUT_PRECISION)
+    acc, l_i, m_i = _forward_blocks(
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_ptrs,
+        v_ptrs,
+        stride_ks,
+        stride_vs,
+        0,
+        unmasked_end,
+        offs_m,
+        offs_n,
+        d_ok,
+        S,
+        qk_scale,
+        False,
+        CAUSAL,
+        EVEN_D,
+        BLOCK_N,
+        INPUT_PRECISION,
+    )
+    acc, l_i, m_i = _forward_blocks(
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_ptrs,
+        v_ptrs,
+        stride_ks,
+        stride_vs,
+        unmasked_end,
+        masked_end,
+        offs_m,
+        offs_n,
+        d_ok,
+        S,
+        qk_scale,
+        True,
+        CAUSAL,
+        EVEN_D,
+        BLOCK_N,
+        INPUT_PRECISION,
+    )
     acc = acc / l_i[:, None]
     tl.store(lse_ptr + bh.to(tl.int64) * S + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
-    tl.store(_tile_ptrs(o_ptr, b, h, stride_ob, stride_oh, stride_os, stride_od, offs_m, offs_d),
-             acc.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(
+        _tile_ptrs(o_ptr, b, h, stride_ob, stride_oh, stride_os, stride_od, offs_m, offs_d),
+        acc.to(o_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & d_ok[None, :],
+    )
 
 
 @triton.jit
 def _delta_kernel(
-    o_ptr, do_ptr, delta_ptr,
-    stride_ob, stride_oh, stride_os, stride_od,
-    stride_dob, stride_doh, stride_dos, stride_dod,
-    H, S, D,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    o_ptr,
+    do_ptr,
+    delta_ptr,
+    stride_ob,
+    stride_oh,
+    stride_os,
+    stride_od,
+    stride_dob,
+    stride_doh,
+    stride_dos,
+    stride_dod,
+    H,
+    S,
+    D,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Δ = rowsum(o ⊙ do) in float32 for BLOCK_M rows of one head (the backward's preprocess)."""
     bh = tl.program_id(1)
@@ -169,19 +266,41 @@ def _delta_kernel(
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m < S)[:, None] & (offs_d < D)[None, :]
-    o = tl.load(_tile_ptrs(o_ptr, b, h, stride_ob, stride_oh, stride_os, stride_od, offs_m, offs_d),
-                mask=mask, other=0.0)
-    do = tl.load(_tile_ptrs(do_ptr, b, h, stride_dob, stride_doh, stride_dos, stride_dod, offs_m, offs_d),
-                 mask=mask, other=0.0)
+    o = tl.load(
+        _tile_ptrs(o_ptr, b, h, stride_ob, stride_oh, stride_os, stride_od, offs_m, offs_d), mask=mask, other=0.0
+    )
+    do = tl.load(
+        _tile_ptrs(do_ptr, b, h, stride_dob, stride_doh, stride_dos, stride_dod, offs_m, offs_d), mask=mask, other=0.0
+    )
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     tl.store(delta_ptr + bh.to(tl.int64) * S + offs_m, delta, mask=offs_m < S)
 
 
 @triton.jit
-def _dkdv_blocks(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qs, stride_dos, start, end,
-                 offs_n, offs_m0, d_ok, S, qk_scale,
-                 MASK: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                 INPUT_PRECISION: tl.constexpr):
+def _dkdv_blocks(
+    dk,
+    dv,
+    k,
+    v,
+    q_ptrs,
+    do_ptrs,
+    lse_ptr,
+    delta_ptr,
+    stride_qs,
+    stride_dos,
+    start,
+    end,
+    offs_n,
+    offs_m0,
+    d_ok,
+    S,
+    qk_scale,
+    MASK: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
     """Add the query blocks [start, end) to dk, dv of one key block (transposed: keys along rows):
     pᵀ = 2^(s·k qᵀ − lse), dv += pᵀ do, dsᵀ = pᵀ ⊙ (v doᵀ − Δ), dk += dsᵀ q (c applied by the caller).
     MASK: queries past S (and, causal, queries before the key) get p = 0."""
@@ -215,16 +334,51 @@ def _dkdv_blocks(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qs, s
 
 @triton.jit
 def _dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
-    stride_qb, stride_qh, stride_qs, stride_qd,
-    stride_kb, stride_kh, stride_ks, stride_kd,
-    stride_vb, stride_vh, stride_vs, stride_vd,
-    stride_dob, stride_doh, stride_dos, stride_dod,
-    stride_dkb, stride_dkh, stride_dks, stride_dkd,
-    stride_dvb, stride_dvh, stride_dvs, stride_dvd,
-    H, H_KV, GROUP, S, D, qk_scale, scale,
-    CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    do_ptr,
+    lse_ptr,
+    delta_ptr,
+    dk_ptr,
+    dv_ptr,
+    stride_qb,
+    stride_qh,
+    stride_qs,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vs,
+    stride_vd,
+    stride_dob,
+    stride_doh,
+    stride_dos,
+    stride_dod,
+    stride_dkb,
+    stride_dkh,
+    stride_dks,
+    stride_dkd,
+    stride_dvb,
+    stride_dvh,
+    stride_dvs,
+    stride_dvd,
+    H,
+    H_KV,
+    GROUP,
+    S,
+    D,
+    qk_scale,
+    scale,
+    CAUSAL: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """dk = c · Σ dsᵀ q and dv = Σ pᵀ do for one block of BLOCK_N keys of one kv head, summed over the GROUP query
     heads that read it and the query blocks that see it. Grid (key blocks, B·Hkv); causal key blocks near the
@@ -238,10 +392,20 @@ def _dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     key_ok = offs_n < S
-    k = _load_tile(_tile_ptrs(k_ptr, b, hk, stride_kb, stride_kh, stride_ks, stride_kd, offs_n, offs_d),
-                   key_ok, d_ok, False, EVEN_D)
-    v = _load_tile(_tile_ptrs(v_ptr, b, hk, stride_vb, stride_vh, stride_vs, stride_vd, offs_n, offs_d),
-                   key_ok, d_ok, False, EVEN_D)
+    k = _load_tile(
+        _tile_ptrs(k_ptr, b, hk, stride_kb, stride_kh, stride_ks, stride_kd, offs_n, offs_d),
+        key_ok,
+        d_ok,
+        False,
+        EVEN_D,
+    )
+    v = _load_tile(
+        _tile_ptrs(v_ptr, b, hk, stride_vb, stride_vh, stride_vs, stride_vd, offs_n, offs_d),
+        key_ok,
+        d_ok,
+        False,
+        EVEN_D,
+    )
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     # Causal: queries [start_n, start_n + BLOCK_N) straddle the diagonal (masked), later whole query blocks see
@@ -260,27 +424,115 @@ def _dkdv_kernel(
         do_ptrs = _tile_ptrs(do_ptr, b, h, stride_dob, stride_doh, stride_dos, stride_dod, offs_m0, offs_d)
         row = (b * H + h).to(tl.int64) * S
         if CAUSAL:
-            dk, dv = _dkdv_blocks(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr + row, delta_ptr + row, stride_qs, stride_dos,
-                                  first, diagonal_end, offs_n, offs_m0, d_ok, S, qk_scale,
-                                  True, CAUSAL, EVEN_D, BLOCK_M, INPUT_PRECISION)
-        dk, dv = _dkdv_blocks(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr + row, delta_ptr + row, stride_qs, stride_dos,
-                              diagonal_end, whole_end, offs_n, offs_m0, d_ok, S, qk_scale,
-                              False, CAUSAL, EVEN_D, BLOCK_M, INPUT_PRECISION)
-        dk, dv = _dkdv_blocks(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr + row, delta_ptr + row, stride_qs, stride_dos,
-                              whole_end, S, offs_n, offs_m0, d_ok, S, qk_scale,
-                              True, CAUSAL, EVEN_D, BLOCK_M, INPUT_PRECISION)
+            dk, dv = _dkdv_blocks(
+                dk,
+                dv,
+                k,
+                v,
+                q_ptrs,
+                do_ptrs,
+                lse_ptr + row,
+                delta_ptr + row,
+                stride_qs,
+                stride_dos,
+                first,
+                diagonal_end,
+                offs_n,
+                offs_m0,
+                d_ok,
+                S,
+                qk_scale,
+                True,
+                CAUSAL,
+                EVEN_D,
+                BLOCK_M,
+                INPUT_PRECISION,
+            )
+        dk, dv = _dkdv_blocks(
+            dk,
+            dv,
+            k,
+            v,
+            q_ptrs,
+            do_ptrs,
+            lse_ptr + row,
+            delta_ptr + row,
+            stride_qs,
+            stride_dos,
+            diagonal_end,
+            whole_end,
+            offs_n,
+            offs_m0,
+            d_ok,
+            S,
+            qk_scale,
+            False,
+            CAUSAL,
+            EVEN_D,
+            BLOCK_M,
+            INPUT_PRECISION,
+        )
+        dk, dv = _dkdv_blocks(
+            dk,
+            dv,
+            k,
+            v,
+            q_ptrs,
+            do_ptrs,
+            lse_ptr + row,
+            delta_ptr + row,
+            stride_qs,
+            stride_dos,
+            whole_end,
+            S,
+            offs_n,
+            offs_m0,
+            d_ok,
+            S,
+            qk_scale,
+            True,
+            CAUSAL,
+            EVEN_D,
+            BLOCK_M,
+            INPUT_PRECISION,
+        )
     mask = key_ok[:, None] & d_ok[None, :]
-    tl.store(_tile_ptrs(dk_ptr, b, hk, stride_dkb, stride_dkh, stride_dks, stride_dkd, offs_n, offs_d),
-             (dk * scale).to(dk_ptr.dtype.element_ty), mask=mask)
-    tl.store(_tile_ptrs(dv_ptr, b, hk, stride_dvb, stride_dvh, stride_dvs, stride_dvd, offs_n, offs_d),
-             dv.to(dv_ptr.dtype.element_ty), mask=mask)
+    tl.store(
+        _tile_ptrs(dk_ptr, b, hk, stride_dkb, stride_dkh, stride_dks, stride_dkd, offs_n, offs_d),
+        (dk * scale).to(dk_ptr.dtype.element_ty),
+        mask=mask,
+    )
+    tl.store(
+        _tile_ptrs(dv_ptr, b, hk, stride_dvb, stride_dvh, stride_dvs, stride_dvd, offs_n, offs_d),
+        dv.to(dv_ptr.dtype.element_ty),
+        mask=mask,
+    )
 
 
 @triton.jit
-def _dq_blocks(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, start, end,
-               offs_m, offs_n, d_ok, S, qk_scale,
-               MASK: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
-               INPUT_PRECISION: tl.constexpr):
+def _dq_blocks(
+    dq,
+    q,
+    do,
+    lse,
+    delta,
+    k_ptrs,
+    v_ptrs,
+    stride_ks,
+    stride_vs,
+    start,
+    end,
+    offs_m,
+    offs_n,
+    d_ok,
+    S,
+    qk_scale,
+    MASK: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
     """Add the key blocks [start, end) to dq of one query block: p = 2^(s·q kᵀ − lse), ds = p ⊙ (do vᵀ − Δ),
     dq += ds k (c applied by the caller). MASK: keys past S (and, causal, keys after the query) get p = 0."""
     k_ptrs += start * stride_ks
@@ -303,24 +555,61 @@ def _dq_blocks(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, star
 
 @triton.jit
 def _dq_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
-    stride_qb, stride_qh, stride_qs, stride_qd,
-    stride_kb, stride_kh, stride_ks, stride_kd,
-    stride_vb, stride_vh, stride_vs, stride_vd,
-    stride_dob, stride_doh, stride_dos, stride_dod,
-    stride_dqb, stride_dqh, stride_dqs, stride_dqd,
-    H, GROUP, S, D, qk_scale, scale,
-    CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    do_ptr,
+    lse_ptr,
+    delta_ptr,
+    dq_ptr,
+    stride_qb,
+    stride_qh,
+    stride_qs,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vs,
+    stride_vd,
+    stride_dob,
+    stride_doh,
+    stride_dos,
+    stride_dod,
+    stride_dqb,
+    stride_dqh,
+    stride_dqs,
+    stride_dqd,
+    H,
+    GROUP,
+    S,
+    D,
+    qk_scale,
+    scale,
+    CAUSAL: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """dq = c · Σ_j ds k for one block of BLOCK_M queries of one head, ds = p ⊙ (do vᵀ − Δ) recomputed from lse.
     Grid and launch order as the forward's."""
-    bh, b, h, hk, start_m, offs_m, row_ok, offs_n, offs_d, d_ok = _query_block(H, GROUP, S, D, CAUSAL, BLOCK_M,
-                                                                               BLOCK_N, BLOCK_D)
-    q = _load_tile(_tile_ptrs(q_ptr, b, h, stride_qb, stride_qh, stride_qs, stride_qd, offs_m, offs_d),
-                   row_ok, d_ok, False, EVEN_D)
-    do = _load_tile(_tile_ptrs(do_ptr, b, h, stride_dob, stride_doh, stride_dos, stride_dod, offs_m, offs_d),
-                    row_ok, d_ok, False, EVEN_D)
+    bh, b, h, hk, start_m, offs_m, row_ok, offs_n, offs_d, d_ok = _query_block(
+        H, GROUP, S, D, CAUSAL, BLOCK_M, BLOCK_N, BLOCK_D
+    )
+    q = _load_tile(
+        _tile_ptrs(q_ptr, b, h, stride_qb, stride_qh, stride_qs, stride_qd, offs_m, offs_d), row_ok, d_ok, False, EVEN_D
+    )
+    do = _load_tile(
+        _tile_ptrs(do_ptr, b, h, stride_dob, stride_doh, stride_dos, stride_dod, offs_m, offs_d),
+        row_ok,
+        d_ok,
+        False,
+        EVEN_D,
+    )
     row = bh.to(tl.int64) * S
     lse = tl.load(lse_ptr + row + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(delta_ptr + row + offs_m, mask=row_ok, other=0.0)
@@ -328,15 +617,61 @@ def _dq_kernel(
     v_ptrs = _tile_ptrs(v_ptr, b, hk, stride_vb, stride_vh, stride_vs, stride_vd, offs_n, offs_d)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     unmasked_end, masked_end = _visible_keys(S, start_m, CAUSAL, BLOCK_M, BLOCK_N)
-    dq = _dq_blocks(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, 0, unmasked_end,
-                    offs_m, offs_n, d_ok, S, qk_scale, False, CAUSAL, EVEN_D, BLOCK_N, INPUT_PRECISION)
-    dq = _dq_blocks(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, unmasked_end, masked_end,
-                    offs_m, offs_n, d_ok, S, qk_scale, True, CAUSAL, EVEN_D, BLOCK_N, INPUT_PRECISION)
-    tl.store(_tile_ptrs(dq_ptr, b, h, stride_dqb, stride_dqh, stride_dqs, stride_dqd, offs_m, offs_d),
-             (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    dq = _dq_blocks(
+        dq,
+        q,
+        do,
+        lse,
+        delta,
+        k_ptrs,
+        v_ptrs,
+        stride_ks,
+        stride_vs,
+        0,
+        unmasked_end,
+        offs_m,
+        offs_n,
+        d_ok,
+        S,
+        qk_scale,
+        False,
+        CAUSAL,
+        EVEN_D,
+        BLOCK_N,
+        INPUT_PRECISION,
+    )
+    dq = _dq_blocks(
+        dq,
+        q,
+        do,
+        lse,
+        delta,
+        k_ptrs,
+        v_ptrs,
+        stride_ks,
+        stride_vs,
+        unmasked_end,
+        masked_end,
+        offs_m,
+        offs_n,
+        d_ok,
+        S,
+        qk_scale,
+        True,
+        CAUSAL,
+        EVEN_D,
+        BLOCK_N,
+        INPUT_PRECISION,
+    )
+    tl.store(
+        _tile_ptrs(dq_ptr, b, h, stride_dqb, stride_dqh, stride_dqs, stride_dqd, offs_m, offs_d),
+        (dq * scale).to(dq_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & d_ok[None, :],
+    )
 
 
 # ------------------------------------------------------------------------------------------------ launches
+
 
 def _config(block_m: int, block_n: int, warps: int, stages: int) -> dict:
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}
@@ -363,7 +698,9 @@ _DQ_CONFIGS = {
 # Under the interpreter every program runs in numpy one after another: one small fixed tile (several blocks and
 # partial ones even on the tests' short sequences).
 _INTERPRETER_CONFIGS = {
-    "forward": _config(32, 16, 4, 1), "dkdv": _config(16, 32, 4, 1), "dq": _config(32, 16, 4, 1),
+    "forward": _config(32, 16, 4, 1),
+    "dkdv": _config(16, 32, 4, 1),
+    "dq": _config(32, 16, 4, 1),
 }
 _TABLES = {"forward": _FORWARD_CONFIGS, "dkdv": _DKDV_CONFIGS, "dq": _DQ_CONFIGS}
 
@@ -390,6 +727,7 @@ def configs(kernel: str, d: int, s: int, element_size: int = 2) -> list[dict]:
 def _launch(name: str, kernel, grid, args: tuple, flags: dict, key: tuple, meta: dict | None) -> None:
     """kernel[grid(cfg)](*args, **flags, **cfg) with cfg: meta when given, else the interpreter's tile, the default
     tile (TRIFORMER_AUTOTUNE=0) or the tuner's pick for this key (b, h, h_kv, s, d, dtype, causal)."""
+
     def run(cfg):
         kernel[grid(cfg)](*args, **flags, **cfg)
 
@@ -411,8 +749,12 @@ def _strides(t: torch.Tensor) -> tuple:
 
 def _common_flags(q: torch.Tensor, causal: bool) -> dict:
     d = q.shape[-1]
-    return {"CAUSAL": causal, "EVEN_D": d == _block_d(d), "INPUT_PRECISION": _input_precision(q.dtype),
-            "BLOCK_D": _block_d(d)}
+    return {
+        "CAUSAL": causal,
+        "EVEN_D": d == _block_d(d),
+        "INPUT_PRECISION": _input_precision(q.dtype),
+        "BLOCK_D": _block_d(d),
+    }
 
 
 def _key(q: torch.Tensor, k: torch.Tensor, causal: bool) -> tuple:
@@ -420,26 +762,59 @@ def _key(q: torch.Tensor, k: torch.Tensor, causal: bool) -> tuple:
     return (b, h, k.shape[1], s, d, q.dtype, causal)
 
 
-def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
-                      meta: dict | None = None):
+def attention_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float, meta: dict | None = None
+):
     """(o [B, Hq, S, D] contiguous in q's dtype, lse [B, Hq, S] float32 in base 2) for validated inputs.
     meta: a launch config to use instead of the tuner's pick (tests check each candidate)."""
     b, h, s, d = q.shape
     o = new_empty((b, h, s, d), like=q)
     lse = new_empty((b, h, s), like=q, dtype=torch.float32)
-    args = (q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-            h, h // k.shape[1], s, d, scale * LOG2E)
-    _launch("forward", _forward_kernel, lambda cfg: (cdiv(s, cfg["BLOCK_M"]), b * h), args,
-            _common_flags(q, causal), _key(q, k, causal), meta)
+    args = (
+        q,
+        k,
+        v,
+        o,
+        lse,
+        *_strides(q),
+        *_strides(k),
+        *_strides(v),
+        *_strides(o),
+        h,
+        h // k.shape[1],
+        s,
+        d,
+        scale * LOG2E,
+    )
+    _launch(
+        "forward",
+        _forward_kernel,
+        lambda cfg: (cdiv(s, cfg["BLOCK_M"]), b * h),
+        args,
+        _common_flags(q, causal),
+        _key(q, k, causal),
+        meta,
+    )
     return o, lse
 
 
 _DELTA_ROWS = 64
 
 
-def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                       lse: torch.Tensor, causal: bool, scale: float, need_dq: bool = True, need_dkdv: bool = True,
-                       meta_dkdv: dict | None = None, meta_dq: dict | None = None):
+def attention_backward(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    causal: bool,
+    scale: float,
+    need_dq: bool = True,
+    need_dkdv: bool = True,
+    meta_dkdv: dict | None = None,
+    meta_dq: dict | None = None,
+):
     """(dq, dk, dv) of attention_forward's output for the incoming gradient do (any strides); None where not
     needed. meta_dkdv, meta_dq: launch configs to use instead of the tuner's picks."""
     b, h, s, d = q.shape
@@ -447,19 +822,59 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     group = h // h_kv
     delta = new_empty((b, h, s), like=q, dtype=torch.float32)
     block_d = _block_d(d)
-    _delta_kernel[(cdiv(s, _DELTA_ROWS), b * h)](o, do, delta, *_strides(o), *_strides(do), h, s, d,
-                                                BLOCK_M=_DELTA_ROWS, BLOCK_D=block_d, num_warps=4)
+    _delta_kernel[(cdiv(s, _DELTA_ROWS), b * h)](
+        o, do, delta, *_strides(o), *_strides(do), h, s, d, BLOCK_M=_DELTA_ROWS, BLOCK_D=block_d, num_warps=4
+    )
     flags, key = _common_flags(q, causal), _key(q, k, causal)
     dq = dk = dv = None
     if need_dkdv:
         dk, dv = new_empty(k.shape, like=k), new_empty(v.shape, like=v)
-        args = (q, k, v, do, lse, delta, dk, dv, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
-                *_strides(dk), *_strides(dv), h, h_kv, group, s, d, scale * LOG2E, scale)
+        args = (
+            q,
+            k,
+            v,
+            do,
+            lse,
+            delta,
+            dk,
+            dv,
+            *_strides(q),
+            *_strides(k),
+            *_strides(v),
+            *_strides(do),
+            *_strides(dk),
+            *_strides(dv),
+            h,
+            h_kv,
+            group,
+            s,
+            d,
+            scale * LOG2E,
+            scale,
+        )
         _launch("dkdv", _dkdv_kernel, lambda cfg: (cdiv(s, cfg["BLOCK_N"]), b * h_kv), args, flags, key, meta_dkdv)
     if need_dq:
         dq = new_empty(q.shape, like=q)
-        args = (q, k, v, do, lse, delta, dq, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
-                *_strides(dq), h, group, s, d, scale * LOG2E, scale)
+        args = (
+            q,
+            k,
+            v,
+            do,
+            lse,
+            delta,
+            dq,
+            *_strides(q),
+            *_strides(k),
+            *_strides(v),
+            *_strides(do),
+            *_strides(dq),
+            h,
+            group,
+            s,
+            d,
+            scale * LOG2E,
+            scale,
+        )
         _launch("dq", _dq_kernel, lambda cfg: (cdiv(s, cfg["BLOCK_M"]), b * h), args, flags, key, meta_dq)
     return dq, dk, dv
 

@@ -14,9 +14,10 @@ Rows whose target is ignore_index have loss 0 and gradient 0 (their logits are n
 captures it). A small kernel (count_targets) counts the valid targets and those out of range and keeps the first
 of these, for the caller to report. The main kernel makes two passes over a row: the online max and sum (plus Σx
 when ε > 0), then, when a gradient is wanted, the gradient times `scale` (1 / number of non-ignored rows for
-reduction="mean", read from device memory so the host never waits; 1 otherwise). The gradient may be written into the logits' own storage (grad_ptr == logits_ptr:
-each element is read before the same program overwrites it). The backward then only multiplies it by the
-incoming gradient, skipping the pass entirely where that is exactly 1 (the usual loss.backward()).
+reduction="mean", read from device memory so the host never waits; 1 otherwise). The gradient may be written
+into the logits' own storage (grad_ptr == logits_ptr: each element is read before the same program overwrites
+it). The backward then only multiplies it by the incoming gradient, skipping the pass entirely where that is
+exactly 1 (the usual loss.backward()).
 """
 
 from __future__ import annotations
@@ -48,10 +49,25 @@ def launch_meta(m: int, v: int) -> dict:
 
 @triton.jit
 def _cross_entropy_kernel(
-    logits_ptr, targets_ptr, loss_ptr, grad_ptr, n_valid_ptr,
-    M, V, stride_lm, stride_lv, stride_gm, stride_gv, ignore_index, smoothing,
-    MEAN: tl.constexpr, SMOOTH: tl.constexpr, GRAD: tl.constexpr, INPLACE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    logits_ptr,
+    targets_ptr,
+    loss_ptr,
+    grad_ptr,
+    n_valid_ptr,
+    M,
+    V,
+    stride_lm,
+    stride_lv,
+    stride_gm,
+    stride_gv,
+    ignore_index,
+    smoothing,
+    MEAN: tl.constexpr,
+    SMOOTH: tl.constexpr,
+    GRAD: tl.constexpr,
+    INPLACE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """loss[row] for BLOCK_M rows and, when GRAD, scale · ∂loss/∂logits into grad (INPLACE: into the logits)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -100,8 +116,11 @@ def _cross_entropy_kernel(
             g = tl.where(c[None, :] == t[:, None], g - (1.0 - smoothing), g)
             g = tl.where(valid[:, None], g * scale, 0.0)
             g = tl.where(out_of_range[:, None], float("nan"), g)
-            tl.store(g_rows + c[None, :].to(tl.int64) * stride_gv, g.to(grad_ptr.dtype.element_ty),
-                     mask=row_mask[:, None] & in_row)
+            tl.store(
+                g_rows + c[None, :].to(tl.int64) * stride_gv,
+                g.to(grad_ptr.dtype.element_ty),
+                mask=row_mask[:, None] & in_row,
+            )
 
 
 @triton.jit
@@ -143,13 +162,21 @@ def count_targets(targets: torch.Tensor, v: int, ignore_index: int) -> torch.Ten
     the first of these (0 when none is), for integer targets [M]; one launch."""
     targets = targets.contiguous()  # read at unit stride
     counts = torch.empty(3, device=targets.device, dtype=torch.int64)
-    _count_targets_kernel[(1,)](targets, counts, targets.shape[0], v, ignore_index, BLOCK=_COUNT_BLOCK,
-                                num_warps=_COUNT_WARPS)
+    _count_targets_kernel[(1,)](
+        targets, counts, targets.shape[0], v, ignore_index, BLOCK=_COUNT_BLOCK, num_warps=_COUNT_WARPS
+    )
     return counts
 
 
-def cross_entropy_forward(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, smoothing: float,
-                          grad: torch.Tensor | None, n_chunks: int, n_valid: torch.Tensor | None = None):
+def cross_entropy_forward(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int,
+    smoothing: float,
+    grad: torch.Tensor | None,
+    n_chunks: int,
+    n_valid: torch.Tensor | None = None,
+):
     """Per-row losses (float32 [M]) of 2-D logits [M, V] and integer targets [M] (any strides).
 
     grad: None for no gradient, else an [M, V] tensor (`logits` itself to overwrite the logits) that receives
@@ -167,10 +194,24 @@ def cross_entropy_forward(logits: torch.Tensor, targets: torch.Tensor, ignore_in
     for first in range(0, m, rows_per_chunk):
         last = min(m, first + rows_per_chunk)
         _cross_entropy_kernel[(cdiv(last - first, meta["BLOCK_M"]),)](
-            logits[first:last], targets[first:last], losses[first:last], g[first:last],
-            losses if n_valid is None else n_valid, last - first, v, logits.stride(0), logits.stride(1),
-            g.stride(0), g.stride(1), ignore_index, float(smoothing), MEAN=n_valid is not None, SMOOTH=smoothing > 0,
-            GRAD=grad is not None, INPLACE=grad is logits, **meta,
+            logits[first:last],
+            targets[first:last],
+            losses[first:last],
+            g[first:last],
+            losses if n_valid is None else n_valid,
+            last - first,
+            v,
+            logits.stride(0),
+            logits.stride(1),
+            g.stride(0),
+            g.stride(1),
+            ignore_index,
+            float(smoothing),
+            MEAN=n_valid is not None,
+            SMOOTH=smoothing > 0,
+            GRAD=grad is not None,
+            INPLACE=grad is logits,
+            **meta,
         )
     return losses
 
@@ -185,4 +226,3 @@ def scale_rows_(g: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         # few programs as rows load it and return.
         _scale_rows_kernel[(m,)](g, scale, m, v, g.stride(0), g.stride(1), stride_s, BLOCK_N=block)
     return g
-

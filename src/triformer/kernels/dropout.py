@@ -1,6 +1,7 @@
 """Dropout with a counter-based mask: nothing is stored, the backward draws the same mask again.
 
-    keep_i = [u(seed, i) ≥ t]   with t = round(p · 2¹⁶)      y_i = keep_i · x_i / (1 − p)      dx_i = keep_i · dy_i / (1 − p)
+    keep_i = [u(seed, i) ≥ t]   with t = round(p · 2¹⁶)
+    y_i = keep_i · x_i / (1 − p)      dx_i = keep_i · dy_i / (1 − p)
 
 u(seed, i) is a 16-bit uniform integer: one half of a 32-bit draw of Philox 4x32-10 (tl.randint4x, the generator
 behind tl.rand) keyed by the seed and the element's index i in row-major order. One Philox call gives four 32-bit
@@ -19,7 +20,6 @@ import triton
 import triton.language as tl
 
 from ._runtime import cdiv, new_empty
-
 
 # Part of the mask's definition (see above): changing it changes every mask drawn from a given seed.
 BLOCK = 512
@@ -63,6 +63,15 @@ def dropout(x: torch.Tensor, p: float, seed: int | torch.Tensor) -> torch.Tensor
     if n:
         scale = 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
         threshold = round(p * 2**16)
-        _dropout_kernel[(cdiv(n, 8 * BLOCK),)](x, y, n, threshold, scale, seed, BLOCK=BLOCK,
-                                               SEED_IN_MEMORY=isinstance(seed, torch.Tensor), num_warps=NUM_WARPS)
+        _dropout_kernel[(cdiv(n, 8 * BLOCK),)](
+            x,
+            y,
+            n,
+            threshold,
+            scale,
+            seed,
+            BLOCK=BLOCK,
+            SEED_IN_MEMORY=isinstance(seed, torch.Tensor),
+            num_warps=NUM_WARPS,
+        )
     return y

@@ -63,8 +63,9 @@ def _tile(M, N, stride_m, stride_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
 
 
 @triton.jit
-def _gated_forward_kernel(x_ptr, h_ptr, M, N, stride_xm, stride_xn, stride_hm,
-                          ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _gated_forward_kernel(
+    x_ptr, h_ptr, M, N, stride_xm, stride_xn, stride_hm, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
+):
     """h = act(a) ⊙ b with a at x_ptr + offsets and b N columns further; h has unit column stride."""
     x_offsets, mask, rows, cols = _tile(M, N, stride_xm, stride_xn, BLOCK_M, BLOCK_N)
     a = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(tl.float32)
@@ -75,8 +76,22 @@ def _gated_forward_kernel(x_ptr, h_ptr, M, N, stride_xm, stride_xn, stride_hm,
 
 
 @triton.jit
-def _gated_backward_kernel(dh_ptr, x_ptr, dx_ptr, M, N, stride_dhm, stride_dhn, stride_xm, stride_xn, stride_dxm,
-                           stride_dxn, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _gated_backward_kernel(
+    dh_ptr,
+    x_ptr,
+    dx_ptr,
+    M,
+    N,
+    stride_dhm,
+    stride_dhn,
+    stride_xm,
+    stride_xn,
+    stride_dxm,
+    stride_dxn,
+    ACT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """da = dh ⊙ b ⊙ act'(a) into dx's first N columns, db = dh ⊙ act(a) into the next N (dx may be x)."""
     x_offsets, mask, rows, cols = _tile(M, N, stride_xm, stride_xn, BLOCK_M, BLOCK_N)
     dh_offsets = rows.to(tl.int64)[:, None] * stride_dhm + cols[None, :] * stride_dhn
@@ -117,8 +132,7 @@ def gated_forward(x: torch.Tensor, activation: str) -> torch.Tensor:
     return h
 
 
-def gated_backward(dh: torch.Tensor, x: torch.Tensor, activation: str, dx: torch.Tensor | None = None
-                   ) -> torch.Tensor:
+def gated_backward(dh: torch.Tensor, x: torch.Tensor, activation: str, dx: torch.Tensor | None = None) -> torch.Tensor:
     """[da | db] for dh [M, N] and x [M, 2N] (any strides), written into dx (x itself allowed: rows that do not
     overlap) or, when dx is None, a new contiguous [M, 2N] tensor of x's dtype; returns it."""
     m, n = dh.shape
@@ -126,6 +140,7 @@ def gated_backward(dh: torch.Tensor, x: torch.Tensor, activation: str, dx: torch
         dx = new_empty(x.shape, like=x)
     if m and n:
         grid, meta = launch_config(m, n)
-        _gated_backward_kernel[grid](dh, x, dx, m, n, *dh.stride(), *x.stride(), *dx.stride(),
-                                     ACT=activation_code(activation), **meta)
+        _gated_backward_kernel[grid](
+            dh, x, dx, m, n, *dh.stride(), *x.stride(), *dx.stride(), ACT=activation_code(activation), **meta
+        )
     return dx

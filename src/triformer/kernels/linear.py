@@ -22,8 +22,9 @@ from .reductions import column_sum, gated_column_sum
 _RELU = activation_code("relu")
 
 
-def fused_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None,
-                  save_for_backward: bool):
+def fused_forward(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None, save_for_backward: bool
+):
     """Y = act(x·weightᵀ + bias) for x [M, K], weight [N, K]; returns (Y, what act' needs or None)."""
     code = activation_code(activation)
     store_z = save_for_backward and code not in (0, _RELU)
@@ -33,8 +34,16 @@ def fused_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return y, (y if code == _RELU else z)
 
 
-def fused_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, saved: torch.Tensor | None,
-                   activation: str | None, need_dx: bool, need_dw: bool, need_db: bool):
+def fused_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    saved: torch.Tensor | None,
+    activation: str | None,
+    need_dx: bool,
+    need_dw: bool,
+    need_db: bool,
+):
     """(dX, dW, db) with dZ = dY ⊙ act'(saved) formed in the db pass (elementwise when db is not needed);
     None where not needed."""
     dz, db = dy, None
@@ -59,8 +68,16 @@ def unfused_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return y, z
 
 
-def unfused_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, z: torch.Tensor,
-                     activation: str | None, need_dx: bool, need_dw: bool, need_db: bool):
+def unfused_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    z: torch.Tensor,
+    activation: str | None,
+    need_dx: bool,
+    need_dw: bool,
+    need_db: bool,
+):
     """dZ = dY ⊙ act'(Z) as its own kernel, then dX, dW as plain products and db as a column sum."""
     dy = dy.contiguous()
     dz = activation_backward(dy, z, activation) if activation_code(activation) else dy

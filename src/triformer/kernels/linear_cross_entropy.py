@@ -45,8 +45,9 @@ def default_chunk_rows(n: int, v: int, element_size: int) -> int:
 
 
 @triton.jit
-def _accumulate_epilogue(acc, rows, cols, M, N, c_ptr, d_ptr, alpha_ptr, ACCUMULATE: tl.constexpr,
-                         HAS_ALPHA: tl.constexpr):
+def _accumulate_epilogue(
+    acc, rows, cols, M, N, c_ptr, d_ptr, alpha_ptr, ACCUMULATE: tl.constexpr, HAS_ALPHA: tl.constexpr
+):
     """D[rows, cols] = α·acc (+ C[rows, cols] when ACCUMULATE), float32 math, for contiguous C, D [M, N]
     (C may be D: each element is read before the same program overwrites it)."""
     if HAS_ALPHA:
@@ -60,9 +61,25 @@ def _accumulate_epilogue(acc, rows, cols, M, N, c_ptr, d_ptr, alpha_ptr, ACCUMUL
 
 @triton.jit
 def _accumulate_kernel(
-    a_ptr, b_ptr, c_ptr, d_ptr, alpha_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
-    ACCUMULATE: tl.constexpr, HAS_ALPHA: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    d_ptr,
+    alpha_ptr,
+    M,
+    N,
+    K,
+    stride_am,
+    stride_ak,
+    stride_bk,
+    stride_bn,
+    ACCUMULATE: tl.constexpr,
+    HAS_ALPHA: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     """One BLOCK_M×BLOCK_N tile of D = α·A·B (+ C): A [M, K], B [K, N] of any strides, K swept in BLOCK_K steps
     into a float32 accumulator; edges masked."""
@@ -85,16 +102,32 @@ def _accumulate_kernel(
 
 @triton.jit
 def _accumulate_tma_kernel(
-    a_ptr, b_ptr, c_ptr, d_ptr, alpha_ptr, M, N, K, stride_a, stride_b,
-    ACCUMULATE: tl.constexpr, HAS_ALPHA: tl.constexpr, A_TRANS: tl.constexpr, B_TRANS: tl.constexpr,
-    NUM_SMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    d_ptr,
+    alpha_ptr,
+    M,
+    N,
+    K,
+    stride_a,
+    stride_b,
+    ACCUMULATE: tl.constexpr,
+    HAS_ALPHA: tl.constexpr,
+    A_TRANS: tl.constexpr,
+    B_TRANS: tl.constexpr,
+    NUM_SMS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
     """D = α·A·B (+ C) on Hopper, persistent: program p computes tiles p, p + NUM_SMS, ... in grouped order.
     A and B load through TMA descriptors (row strides stride_a, stride_b, or transposed views: A_TRANS/B_TRANS,
     see _tma.operand_descriptor); the tile loop and its K loop are flattened into one software-pipelined loop."""
-    a_desc, b_desc = operand_descriptors(a_ptr, b_ptr, M, N, K, stride_a, stride_b, BLOCK_M, BLOCK_N, BLOCK_K,
-                                         A_TRANS, B_TRANS)
+    a_desc, b_desc = operand_descriptors(
+        a_ptr, b_ptr, M, N, K, stride_a, stride_b, BLOCK_M, BLOCK_N, BLOCK_K, A_TRANS, B_TRANS
+    )
     tiles_m, tiles_n, k_tiles = tile_counts(M, N, K, BLOCK_M, BLOCK_N, BLOCK_K)
     # The epilogue keeps its own tile counter: the pipeliner must not see one value used by both ends.
     tile_e = tl.program_id(0) - NUM_SMS
@@ -107,21 +140,41 @@ def _accumulate_tma_kernel(
             acc = tl.dot(a, b, acc)
         tile_e += NUM_SMS
         pid_m, pid_n = grouped_tile(tile_e, tiles_m, tiles_n, GROUP_M)
-        _accumulate_epilogue(acc, pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N + tl.arange(0, BLOCK_N),
-                             M, N, c_ptr, d_ptr, alpha_ptr, ACCUMULATE, HAS_ALPHA)
+        _accumulate_epilogue(
+            acc,
+            pid_m * BLOCK_M + tl.arange(0, BLOCK_M),
+            pid_n * BLOCK_N + tl.arange(0, BLOCK_N),
+            M,
+            N,
+            c_ptr,
+            d_ptr,
+            alpha_ptr,
+            ACCUMULATE,
+            HAS_ALPHA,
+        )
 
 
 def _config(bm, bn, bk, stages, warps):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=stages,
-                         num_warps=warps)
+    return triton.Config(
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=stages, num_warps=warps
+    )
 
 
 # Hopper tiles for the tuner. The epilogue holds the float32 accumulator and the loaded C tile in registers at once,
 # so wide tiles get 8 warps (128×128: 64 + 64 registers a thread).
-_TMA_CONFIGS = [_config(128, 256, 64, 3, 8), _config(128, 128, 64, 4, 8), _config(128, 128, 64, 3, 8),
-                _config(64, 256, 64, 4, 8), _config(64, 128, 64, 5, 4)]
-_POINTER_CONFIGS = [_config(128, 128, 64, 4, 8), _config(128, 64, 64, 4, 4), _config(64, 128, 64, 4, 4),
-                    _config(64, 64, 64, 5, 4)]
+_TMA_CONFIGS = [
+    _config(128, 256, 64, 3, 8),
+    _config(128, 128, 64, 4, 8),
+    _config(128, 128, 64, 3, 8),
+    _config(64, 256, 64, 4, 8),
+    _config(64, 128, 64, 5, 4),
+]
+_POINTER_CONFIGS = [
+    _config(128, 128, 64, 4, 8),
+    _config(128, 64, 64, 4, 4),
+    _config(64, 128, 64, 4, 4),
+    _config(64, 64, 64, 5, 4),
+]
 # Under the interpreter every program runs in numpy one after another: one small fixed tile, no tuning.
 _INTERPRETER_META = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
 
@@ -144,9 +197,23 @@ def launch_tma(views, c, d, alpha, meta: dict, num_sms: int) -> None:
     use_descriptor_memory()
     tiles = cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])
     _accumulate_tma_kernel[(min(num_sms, tiles),)](
-        a_view, b_view, d if c is None else c, d, d if alpha is None else alpha, M, N, K,
-        a_view.stride(0), b_view.stride(0), ACCUMULATE=c is not None, HAS_ALPHA=alpha is not None,
-        A_TRANS=a_trans, B_TRANS=b_trans, NUM_SMS=num_sms, **meta)
+        a_view,
+        b_view,
+        d if c is None else c,
+        d,
+        d if alpha is None else alpha,
+        M,
+        N,
+        K,
+        a_view.stride(0),
+        b_view.stride(0),
+        ACCUMULATE=c is not None,
+        HAS_ALPHA=alpha is not None,
+        A_TRANS=a_trans,
+        B_TRANS=b_trans,
+        NUM_SMS=num_sms,
+        **meta,
+    )
 
 
 def launch_pointer(a, b, c, d, alpha, meta: dict) -> None:
@@ -155,13 +222,28 @@ def launch_pointer(a, b, c, d, alpha, meta: dict) -> None:
     N = b.shape[1]
     grid = (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
     _accumulate_kernel[grid](
-        a, b, d if c is None else c, d, d if alpha is None else alpha, M, N, K,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), ACCUMULATE=c is not None, HAS_ALPHA=alpha is not None,
-        INPUT_PRECISION=_input_precision(a.dtype), **meta)
+        a,
+        b,
+        d if c is None else c,
+        d,
+        d if alpha is None else alpha,
+        M,
+        N,
+        K,
+        a.stride(0),
+        a.stride(1),
+        b.stride(0),
+        b.stride(1),
+        ACCUMULATE=c is not None,
+        HAS_ALPHA=alpha is not None,
+        INPUT_PRECISION=_input_precision(a.dtype),
+        **meta,
+    )
 
 
-def accumulate_product(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None, d: torch.Tensor,
-                       alpha: torch.Tensor | None) -> torch.Tensor:
+def accumulate_product(
+    a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None, d: torch.Tensor, alpha: torch.Tensor | None
+) -> torch.Tensor:
     """d = α·(a @ b) + c for a [M, K], b [K, N] of any strides and contiguous c, d [M, N] (c None: nothing added;
     c may be d itself; alpha None: 1, else a float32 device scalar). Float32 accumulation, rounded once to d's
     dtype. On Hopper with 16-bit operands the persistent TMA kernel runs, else the pointer kernel."""
@@ -181,6 +263,7 @@ def accumulate_product(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None,
 
         def run(meta, out=d):
             launch_pointer(a, b, c, out, alpha, meta)
+
     if interpreter_active():
         run(_INTERPRETER_META)
         return d
@@ -190,8 +273,20 @@ def accumulate_product(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None,
         return d
     props = device_properties(d.device)  # a pick holds for one kind of GPU
     layout = (a.stride(), b.stride()) if views is None else (views[0][1], views[1][1])
-    key = ("accumulate", views is not None, *layout, M, N, K, a.dtype, d.dtype, c is not None, alpha is not None,
-           props.major, props.minor)
+    key = (
+        "accumulate",
+        views is not None,
+        *layout,
+        M,
+        N,
+        K,
+        a.dtype,
+        d.dtype,
+        c is not None,
+        alpha is not None,
+        props.major,
+        props.minor,
+    )
 
     def candidates():
         return [cfg.all_kwargs() for cfg in fitting_configs(configs, M, N, a.element_size())]
@@ -204,9 +299,19 @@ def accumulate_product(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None,
     return d
 
 
-def chunked_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-                    ignore_index: int, smoothing: float, chunk_rows: int, need: tuple, alpha: torch.Tensor | None,
-                    float32_dw: bool, row_scale: torch.Tensor | None = None):
+def chunked_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    ignore_index: int,
+    smoothing: float,
+    chunk_rows: int,
+    need: tuple,
+    alpha: torch.Tensor | None,
+    float32_dw: bool,
+    row_scale: torch.Tensor | None = None,
+):
     """The chunk loop of the module doc for x [N, H], weight [V, H], bias [V] or None, contiguous targets [N].
 
     need = (dx, dW, db) wanted. Returns (per-row losses float32 [N], dx [N, H] unscaled, dW [V, H] in weight's
@@ -230,8 +335,9 @@ def chunked_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     for i, start in enumerate(starts):
         stop = min(n, start + chunk_rows)
         z = matmul(x[start:stop], weight.t(), bias=bias)[0]
-        losses[start:stop] = cross_entropy_forward(z, targets[start:stop], ignore_index, smoothing,
-                                                   z if any_grad else None, n_chunks=1)
+        losses[start:stop] = cross_entropy_forward(
+            z, targets[start:stop], ignore_index, smoothing, z if any_grad else None, n_chunks=1
+        )
         if not any_grad:
             continue
         if row_scale is not None:

@@ -37,12 +37,31 @@ def _load_tile(ptrs, row_ok, col_ok, ROWS_EVEN: tl.constexpr, COLS_EVEN: tl.cons
 
 @triton.jit
 def _matmul_kernel(
-    a_ptr, b_ptr, c_ptr, bias_ptr, preact_ptr,
-    M, N, K,
-    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
-    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STORE_PREACT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    bias_ptr,
+    preact_ptr,
+    M,
+    N,
+    K,
+    stride_am,
+    stride_ak,
+    stride_bk,
+    stride_bn,
+    stride_cm,
+    stride_cn,
+    HAS_BIAS: tl.constexpr,
+    ACT: tl.constexpr,
+    STORE_PREACT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    EVEN_M: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):
     """One BLOCK_M×BLOCK_N tile of C = epilogue(A·B), K swept in BLOCK_K steps, float32 accumulator."""
     pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -92,8 +111,7 @@ _HOPPER_CONFIGS = [
 
 def _even_flags(meta: dict, M: int, N: int, K: int) -> dict:
     """Which dimensions the tile divides exactly (their loads need no masks)."""
-    return {"EVEN_M": M % meta["BLOCK_M"] == 0, "EVEN_N": N % meta["BLOCK_N"] == 0,
-            "EVEN_K": K % meta["BLOCK_K"] == 0}
+    return {"EVEN_M": M % meta["BLOCK_M"] == 0, "EVEN_N": N % meta["BLOCK_N"] == 0, "EVEN_K": K % meta["BLOCK_K"] == 0}
 
 
 # Under the interpreter every program runs in numpy one after another: one small fixed tile, no tuning.
@@ -116,8 +134,11 @@ def _launch(args, flags, M: int, N: int, K: int) -> None:
     if fixed is not None:
         run(fixed.all_kwargs())
     else:
-        launch_tuned(("pointer", M, N, K, args[0].dtype, *flags.values()),
-                     lambda: [c.all_kwargs() for c in fitting_configs(_HOPPER_CONFIGS, M, N, element_size)], run)
+        launch_tuned(
+            ("pointer", M, N, K, args[0].dtype, *flags.values()),
+            lambda: [c.all_kwargs() for c in fitting_configs(_HOPPER_CONFIGS, M, N, element_size)],
+            run,
+        )
 
 
 def _input_precision(dtype: torch.dtype) -> str:
@@ -127,8 +148,14 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def matmul(a: torch.Tensor, b: torch.Tensor, *, bias: torch.Tensor | None = None, activation: str | None = None,
-           store_preactivation: bool = False):
+def matmul(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+    store_preactivation: bool = False,
+):
     """C = act(a @ b + bias) for 2-D a [M, K], b [K, N] of any strides (views are not copied) and bias [N] (every
     kernel reads it at unit stride: a strided or expanded bias is copied here, N elements).
 
@@ -149,10 +176,28 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, bias: torch.Tensor | None = None
         else:
             if not K:  # C = act(bias): nothing is read from a and b, which may have no storage; c stands in
                 a = b = c
-            args = (a, b, c, c if bias is None else bias, c if preact is None else preact, M, N, K,
-                    a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1))
-            flags = dict(HAS_BIAS=bias is not None, ACT=act, STORE_PREACT=preact is not None,
-                         INPUT_PRECISION=_input_precision(a.dtype))
+            args = (
+                a,
+                b,
+                c,
+                c if bias is None else bias,
+                c if preact is None else preact,
+                M,
+                N,
+                K,
+                a.stride(0),
+                a.stride(1),
+                b.stride(0),
+                b.stride(1),
+                c.stride(0),
+                c.stride(1),
+            )
+            flags = dict(
+                HAS_BIAS=bias is not None,
+                ACT=act,
+                STORE_PREACT=preact is not None,
+                INPUT_PRECISION=_input_precision(a.dtype),
+            )
             _launch(args, flags, M, N, K)
     return c, preact
 

@@ -30,8 +30,16 @@ import triton.language as tl
 
 from ._runtime import cdiv, device_properties, interpreter_active, overridden
 from ._tiles import add_bias, fitting_configs, fixed_config, grouped_tile, launch_tuned
-from ._tma import (load_tile, operand_descriptors, output_descriptor, output_descriptors, store_epilogue, store_tile,
-                   tile_counts, use_descriptor_memory)
+from ._tma import (
+    load_tile,
+    operand_descriptors,
+    output_descriptor,
+    output_descriptors,
+    store_epilogue,
+    store_tile,
+    tile_counts,
+    use_descriptor_memory,
+)
 from .activation import apply_activation
 
 # Switches, set only through the context managers at the end of this module (they restore them on exit).
@@ -41,8 +49,12 @@ ENABLED = True
 WARP_SPECIALIZED = True
 # Its tiles (BLOCK_N0, BLOCK_N1, STAGES, schedule) for the tuner: 128×(128+64) for N = 768 (ping-pong for inference,
 # cooperative when the preactivation is stored), 128×(128+128) for N = 3072, ping-pong 128×(64+64) for N ≥ 3072.
-WARP_SPECIALIZED_CONFIGS = [(128, 64, 4, "cooperative"), (128, 128, 3, "cooperative"), (64, 64, 5, "pingpong"),
-                            (128, 64, 4, "pingpong")]
+WARP_SPECIALIZED_CONFIGS = [
+    (128, 64, 4, "cooperative"),
+    (128, 128, 3, "cooperative"),
+    (64, 64, 5, "pingpong"),
+    (128, 64, 4, "pingpong"),
+]
 # Tiles not offered when the preactivation is stored: the ping-pong 128×(128+64) tile holds 192 accumulator
 # registers a thread, and its epilogue spills kilobytes when it stores two outputs (tests/test_matmul_ws_compile.py).
 WARP_SPECIALIZED_INFERENCE_ONLY = [(128, 64, 4, "pingpong")]
@@ -54,12 +66,32 @@ FORCED_SCHEDULE: tuple[float, int] | None = None
 
 @triton.jit
 def _matmul_tma_kernel(
-    a_ptr, b_ptr, c_ptr, preact_ptr, bias_ptr, partial_ptr, M, N, K, stride_a, stride_b,
-    first_tile, tile_count, splits,
-    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STORE_PREACT: tl.constexpr,
-    A_TRANS: tl.constexpr, B_TRANS: tl.constexpr, NUM_SMS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    SPLIT_EPILOGUE: tl.constexpr, PARTIAL: tl.constexpr,
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    preact_ptr,
+    bias_ptr,
+    partial_ptr,
+    M,
+    N,
+    K,
+    stride_a,
+    stride_b,
+    first_tile,
+    tile_count,
+    splits,
+    HAS_BIAS: tl.constexpr,
+    ACT: tl.constexpr,
+    STORE_PREACT: tl.constexpr,
+    A_TRANS: tl.constexpr,
+    B_TRANS: tl.constexpr,
+    NUM_SMS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    SPLIT_EPILOGUE: tl.constexpr,
+    PARTIAL: tl.constexpr,
 ):
     """C = act(A·B + bias[n]) for the tile_count tiles from first_tile on (in grouped tile order), persistent:
     program p computes work units p, p + NUM_SMS, ...
@@ -71,17 +103,20 @@ def _matmul_tma_kernel(
     The unit loop and its K loop are flattened into one software-pipelined loop, so the next unit's loads are in
     flight during this unit's epilogue. Edges need no masks: TMA zero-fills loads and clips stores.
     """
-    a_desc, b_desc = operand_descriptors(a_ptr, b_ptr, M, N, K, stride_a, stride_b, BLOCK_M, BLOCK_N, BLOCK_K,
-                                         A_TRANS, B_TRANS)
+    a_desc, b_desc = operand_descriptors(
+        a_ptr, b_ptr, M, N, K, stride_a, stride_b, BLOCK_M, BLOCK_N, BLOCK_K, A_TRANS, B_TRANS
+    )
     tiles_m, tiles_n, k_tiles = tile_counts(M, N, K, BLOCK_M, BLOCK_N, BLOCK_K)
     if PARTIAL:
         k_per_unit = tl.cdiv(k_tiles, splits)
-        partial_desc = output_descriptor(partial_ptr, splits * tile_count * BLOCK_M, BLOCK_N, BLOCK_M, BLOCK_N,
-                                         SPLIT_EPILOGUE)
+        partial_desc = output_descriptor(
+            partial_ptr, splits * tile_count * BLOCK_M, BLOCK_N, BLOCK_M, BLOCK_N, SPLIT_EPILOGUE
+        )
     else:
         k_per_unit = k_tiles
-        c_desc, preact_desc = output_descriptors(c_ptr, preact_ptr, M, N, BLOCK_M, BLOCK_N, STORE_PREACT,
-                                                 SPLIT_EPILOGUE)
+        c_desc, preact_desc = output_descriptors(
+            c_ptr, preact_ptr, M, N, BLOCK_M, BLOCK_N, STORE_PREACT, SPLIT_EPILOGUE
+        )
 
     # The epilogue keeps its own unit counter: the pipeliner must not see one value used by both ends.
     unit_c = tl.program_id(0) - NUM_SMS
@@ -102,15 +137,40 @@ def _matmul_tma_kernel(
             store_tile(partial_desc, unit_c * BLOCK_M, 0, acc, SPLIT_EPILOGUE)
         else:
             pid_m, pid_n = grouped_tile(first_tile + unit_c, tiles_m, tiles_n, GROUP_M)
-            store_epilogue(acc, pid_m * BLOCK_M, pid_n * BLOCK_N, N, c_desc, preact_desc, bias_ptr,
-                           HAS_BIAS, ACT, STORE_PREACT, SPLIT_EPILOGUE)
+            store_epilogue(
+                acc,
+                pid_m * BLOCK_M,
+                pid_n * BLOCK_N,
+                N,
+                c_desc,
+                preact_desc,
+                bias_ptr,
+                HAS_BIAS,
+                ACT,
+                STORE_PREACT,
+                SPLIT_EPILOGUE,
+            )
 
 
 @triton.jit
 def _split_k_sum_kernel(
-    partial_ptr, c_ptr, preact_ptr, bias_ptr, M, N, first_tile, tile_count, splits,
-    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STORE_PREACT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SUM_M: tl.constexpr, SUM_N: tl.constexpr,
+    partial_ptr,
+    c_ptr,
+    preact_ptr,
+    bias_ptr,
+    M,
+    N,
+    first_tile,
+    tile_count,
+    splits,
+    HAS_BIAS: tl.constexpr,
+    ACT: tl.constexpr,
+    STORE_PREACT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    SUM_M: tl.constexpr,
+    SUM_N: tl.constexpr,
 ):
     """P = Σ_s partial[slot s · tile_count + t] + bias[n] over the splits (in split order: deterministic) of cut
     tile t = program_id(0) (tile first_tile + t in grouped order), C = act(P), and P itself when STORE_PREACT,
@@ -134,8 +194,11 @@ def _split_k_sum_kernel(
 
 
 def _config(bm, bn, bk, stages, warps, split=False):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "SPLIT_EPILOGUE": split},
-                         num_stages=stages, num_warps=warps)
+    return triton.Config(
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "SPLIT_EPILOGUE": split},
+        num_stages=stages,
+        num_warps=warps,
+    )
 
 
 # The tiles the tuner times: 128×256 (two warpgroups) for most products, 128×128 with deep pipelining where 128×256
@@ -160,8 +223,12 @@ def _device_sms(device: torch.device) -> int:
 def _rows_addressable(t: torch.Tensor) -> bool:
     """TMA's rule for a 2-D tensor: 16-byte aligned base and row stride, contiguous rows that do not overlap (an
     expanded view's row stride 0 is aligned too, but not a layout a descriptor describes)."""
-    return (t.stride(1) == 1 and t.stride(0) >= t.shape[1] and (t.stride(0) * t.element_size()) % 16 == 0
-            and t.data_ptr() % 16 == 0)
+    return (
+        t.stride(1) == 1
+        and t.stride(0) >= t.shape[1]
+        and (t.stride(0) * t.element_size()) % 16 == 0
+        and t.data_ptr() % 16 == 0
+    )
 
 
 def _tma_view(t: torch.Tensor):
@@ -174,9 +241,16 @@ def _tma_view(t: torch.Tensor):
 def tma_views(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor):
     """How a [M, K] · b [K, N] into the contiguous c runs here: ((a's view, transposed?), (b's view, transposed?)),
     or None when it cannot (then matmul.py's kernel takes it)."""
-    if not (ENABLED and a.is_cuda and a.dtype in (torch.float16, torch.bfloat16) and b.dtype == a.dtype
-            and a.shape[1] > 0 and not interpreter_active() and _device_sms(a.device) > 0
-            and _rows_addressable(c)):
+    if not (
+        ENABLED
+        and a.is_cuda
+        and a.dtype in (torch.float16, torch.bfloat16)
+        and b.dtype == a.dtype
+        and a.shape[1] > 0
+        and not interpreter_active()
+        and _device_sms(a.device) > 0
+        and _rows_addressable(c)
+    ):
         return None
     a_view, b_view = _tma_view(a), _tma_view(b)
     return None if a_view is None or b_view is None else (a_view, b_view)
@@ -207,8 +281,9 @@ def schedule_cost(tiles: int, k_tiles: int, whole: int, split: int, num_sms: int
     cut = tiles - whole
     if split == 1:
         return cdiv(tiles, num_sms) * k_tiles
-    return (whole // num_sms * k_tiles + cdiv(cut * split, num_sms) * cdiv(k_tiles, split)
-            + cut * split * PARTIAL_TILE_COST)
+    return (
+        whole // num_sms * k_tiles + cdiv(cut * split, num_sms) * cdiv(k_tiles, split) + cut * split * PARTIAL_TILE_COST
+    )
 
 
 def schedule_for(M: int, N: int, K: int, meta: dict, num_sms: int) -> tuple[int, int]:
@@ -216,8 +291,12 @@ def schedule_for(M: int, N: int, K: int, meta: dict, num_sms: int) -> tuple[int,
     last wave (or all tiles, when there is less than one wave) beats that by more than SCHEDULE_MIN_GAIN."""
     tiles = count_tiles(M, N, meta)
     k_tiles = cdiv(K, meta["BLOCK_K"])
-    options = [(whole, split) for whole in sorted({0, tiles // num_sms * num_sms}) if whole < tiles
-               for split in range(2, min(MAX_SPLIT_K, k_tiles) + 1)]
+    options = [
+        (whole, split)
+        for whole in sorted({0, tiles // num_sms * num_sms})
+        if whole < tiles
+        for split in range(2, min(MAX_SPLIT_K, k_tiles) + 1)
+    ]
     if not options:
         return tiles, 1
     best = min(options, key=lambda o: (schedule_cost(tiles, k_tiles, *o, num_sms), o[1]))
@@ -251,8 +330,15 @@ WARP_SPECIALIZED_MIN_OUTPUTS = 1 << 20
 def warp_specialized_fits(a_trans: bool, b_trans: bool, device: torch.device, outputs: int) -> bool:
     """Whether matmul_ws.py's kernel may take a product: nn.Linear's forward layout (A row-major, B = Wᵀ with W
     row-major), a Hopper GPU (its warpgroup MMAs are sm_90's), a Triton with Gluon, a large enough output."""
-    return (WARP_SPECIALIZED and not a_trans and b_trans and outputs >= WARP_SPECIALIZED_MIN_OUTPUTS
-            and device.type == "cuda" and _gluon_kernel() is not None and device_properties(device).major == 9)
+    return (
+        WARP_SPECIALIZED
+        and not a_trans
+        and b_trans
+        and outputs >= WARP_SPECIALIZED_MIN_OUTPUTS
+        and device.type == "cuda"
+        and _gluon_kernel() is not None
+        and device_properties(device).major == 9
+    )
 
 
 # The oldest Triton whose Gluon API matmul_ws.py is written for (3.6, the GPU hosts'; 3.8 compiles it too). Gluon
@@ -278,8 +364,9 @@ def _gluon_kernel():
     return matmul_ws
 
 
-def _candidates(M: int, N: int, K: int, num_sms: int, warp_specialized: bool = False,
-                store_preact: bool = False) -> list:
+def _candidates(
+    M: int, N: int, K: int, num_sms: int, warp_specialized: bool = False, store_preact: bool = False
+) -> list:
     """Launch metas for the tuner: every fitting tile with whole tiles, and cut where schedule_for says it pays;
     with warp_specialized, matmul_ws.py's tiles too (metas {"WS_CONFIG": its config}), those for inference only
     when no preactivation is stored."""
@@ -291,8 +378,11 @@ def _candidates(M: int, N: int, K: int, num_sms: int, warp_specialized: bool = F
         if scheduled["SPLIT_K"] > 1 and scheduled not in candidates:
             candidates.append(scheduled)
     if warp_specialized:
-        candidates += [{"WS_CONFIG": config} for config in WARP_SPECIALIZED_CONFIGS
-                       if not (store_preact and config in WARP_SPECIALIZED_INFERENCE_ONLY)]
+        candidates += [
+            {"WS_CONFIG": config}
+            for config in WARP_SPECIALIZED_CONFIGS
+            if not (store_preact and config in WARP_SPECIALIZED_INFERENCE_ONLY)
+        ]
     return candidates
 
 
@@ -303,8 +393,16 @@ def launch_on(args: tuple, flags: dict, meta: dict, num_sms: int) -> None:
     kernel instead (A row-major, B transposed)."""
     a, b, c, preact, bias, M, N = args[:7]
     if "WS_CONFIG" in meta:  # B transposed: b is its memory, W [N, K] (see tma_views)
-        _gluon_kernel().launch(a, b, c, preact if flags["STORE_PREACT"] else None,
-                               bias if flags["HAS_BIAS"] else None, flags["ACT"], meta["WS_CONFIG"], num_sms)
+        _gluon_kernel().launch(
+            a,
+            b,
+            c,
+            preact if flags["STORE_PREACT"] else None,
+            bias if flags["HAS_BIAS"] else None,
+            flags["ACT"],
+            meta["WS_CONFIG"],
+            num_sms,
+        )
         return
     use_descriptor_memory()
     tile_meta = {k: v for k, v in meta.items() if k not in ("WHOLE_TILES", "SPLIT_K")}
@@ -314,18 +412,48 @@ def launch_on(args: tuple, flags: dict, meta: dict, num_sms: int) -> None:
     whole = tiles if split == 1 else min(meta["WHOLE_TILES"], tiles)
     cut = tiles - whole
     if whole:
-        _matmul_tma_kernel[(min(num_sms, whole),)](a, b, c, preact, bias, c, *args[5:], 0, whole, 1, **flags,
-                                                   NUM_SMS=num_sms, PARTIAL=False, **tile_meta)
+        _matmul_tma_kernel[(min(num_sms, whole),)](
+            a, b, c, preact, bias, c, *args[5:], 0, whole, 1, **flags, NUM_SMS=num_sms, PARTIAL=False, **tile_meta
+        )
     if cut:
         partial = torch.empty((cut * split * block_m, block_n), device=c.device, dtype=torch.float32)
-        _matmul_tma_kernel[(min(num_sms, cut * split),)](a, b, c, preact, bias, partial, *args[5:], whole, cut,
-                                                         split, **flags, NUM_SMS=num_sms, PARTIAL=True,
-                                                         **_partial_launch_meta(tile_meta))
+        _matmul_tma_kernel[(min(num_sms, cut * split),)](
+            a,
+            b,
+            c,
+            preact,
+            bias,
+            partial,
+            *args[5:],
+            whole,
+            cut,
+            split,
+            **flags,
+            NUM_SMS=num_sms,
+            PARTIAL=True,
+            **_partial_launch_meta(tile_meta),
+        )
         sum_m, sum_n = min(32, block_m), min(128, block_n)
         _split_k_sum_kernel[(cut, block_m // sum_m, block_n // sum_n)](
-            partial, c, preact, bias, M, N, whole, cut, split, HAS_BIAS=flags["HAS_BIAS"], ACT=flags["ACT"],
-            STORE_PREACT=flags["STORE_PREACT"], BLOCK_M=block_m, BLOCK_N=block_n, GROUP_M=meta["GROUP_M"],
-            SUM_M=sum_m, SUM_N=sum_n, num_warps=4)
+            partial,
+            c,
+            preact,
+            bias,
+            M,
+            N,
+            whole,
+            cut,
+            split,
+            HAS_BIAS=flags["HAS_BIAS"],
+            ACT=flags["ACT"],
+            STORE_PREACT=flags["STORE_PREACT"],
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            GROUP_M=meta["GROUP_M"],
+            SUM_M=sum_m,
+            SUM_N=sum_n,
+            num_warps=4,
+        )
 
 
 def launch(views, c: torch.Tensor, bias: torch.Tensor | None, preact: torch.Tensor | None, act: int) -> None:
@@ -334,10 +462,19 @@ def launch(views, c: torch.Tensor, bias: torch.Tensor | None, preact: torch.Tens
     M, N = c.shape
     K = a_view.shape[0] if a_trans else a_view.shape[1]
     num_sms = _device_sms(a_view.device)
-    args = (a_view, b_view, c, c if preact is None else preact, c if bias is None else bias,
-            M, N, K, a_view.stride(0), b_view.stride(0))
-    flags = dict(HAS_BIAS=bias is not None, ACT=act, STORE_PREACT=preact is not None,
-                 A_TRANS=a_trans, B_TRANS=b_trans)
+    args = (
+        a_view,
+        b_view,
+        c,
+        c if preact is None else preact,
+        c if bias is None else bias,
+        M,
+        N,
+        K,
+        a_view.stride(0),
+        b_view.stride(0),
+    )
+    flags = dict(HAS_BIAS=bias is not None, ACT=act, STORE_PREACT=preact is not None, A_TRANS=a_trans, B_TRANS=b_trans)
 
     def run(meta):
         launch_on(args, flags, meta, num_sms)
@@ -349,10 +486,13 @@ def launch(views, c: torch.Tensor, bias: torch.Tensor | None, preact: torch.Tens
         run(schedule_meta(meta, round(count_tiles(M, N, meta) * whole_share), split))
     else:
         props = device_properties(c.device)  # a pick holds for one kind of GPU, with or without the Gluon kernel
-        launch_tuned(("tma", M, N, K, c.dtype, *flags.values(), props.major, props.minor, WARP_SPECIALIZED),
-                     lambda: _candidates(M, N, K, num_sms, warp_specialized_fits(a_trans, b_trans, c.device, M * N),
-                                         flags["STORE_PREACT"]),
-                     run)
+        launch_tuned(
+            ("tma", M, N, K, c.dtype, *flags.values(), props.major, props.minor, WARP_SPECIALIZED),
+            lambda: _candidates(
+                M, N, K, num_sms, warp_specialized_fits(a_trans, b_trans, c.device, M * N), flags["STORE_PREACT"]
+            ),
+            run,
+        )
 
 
 def forced(config: triton.Config | None, schedule: tuple[float, int] | None = None):

@@ -30,8 +30,13 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
-                                                              warpgroup_mma_wait)
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ._tiles import grouped_tile
@@ -47,8 +52,22 @@ GROUP_M = gl.constexpr(8)  # rows of tiles that sweep the columns together (grou
 
 
 @gluon.jit
-def _load_partition(x_desc, w_desc_0, w_desc_1, a_ring, b0_ring, b1_ring, ready, empty, M, N, K,
-                    BLOCK_N0: gl.constexpr, BLOCK_N1: gl.constexpr, STAGES: gl.constexpr):
+def _load_partition(
+    x_desc,
+    w_desc_0,
+    w_desc_1,
+    a_ring,
+    b0_ring,
+    b1_ring,
+    ready,
+    empty,
+    M,
+    N,
+    K,
+    BLOCK_N0: gl.constexpr,
+    BLOCK_N1: gl.constexpr,
+    STAGES: gl.constexpr,
+):
     """The producer warp: for every K step of the program's tiles, wait until its slot is empty, then load the X
     tile and the two W tiles into it (they complete the slot's `ready` barrier when they land)."""
     BM: gl.constexpr = x_desc.block_type.shape[0]
@@ -80,11 +99,21 @@ def _bias_row(bias_ptr, col, N, WIDTH: gl.constexpr, layout: gl.constexpr, HAS_B
 
 
 @gluon.jit
-def _bias_rows(bias_ptr, col, N, BLOCK_N0: gl.constexpr, BLOCK_N1: gl.constexpr, layout0: gl.constexpr,
-               layout1: gl.constexpr, HAS_BIAS: gl.constexpr):
+def _bias_rows(
+    bias_ptr,
+    col,
+    N,
+    BLOCK_N0: gl.constexpr,
+    BLOCK_N1: gl.constexpr,
+    layout0: gl.constexpr,
+    layout1: gl.constexpr,
+    HAS_BIAS: gl.constexpr,
+):
     """The bias rows of a tile's two accumulators, whose columns start at col and col + BLOCK_N0."""
-    return (_bias_row(bias_ptr, col, N, BLOCK_N0, layout0, HAS_BIAS),
-            _bias_row(bias_ptr, col + BLOCK_N0, N, BLOCK_N1, layout1, HAS_BIAS))
+    return (
+        _bias_row(bias_ptr, col, N, BLOCK_N0, layout0, HAS_BIAS),
+        _bias_row(bias_ptr, col + BLOCK_N0, N, BLOCK_N1, layout1, HAS_BIAS),
+    )
 
 
 @gluon.jit
@@ -97,8 +126,9 @@ def _store_through(value, desc, staging, row, col):
 
 
 @gluon.jit
-def _epilogue(p, c_desc, preact_desc, staging, row, col, ACT: gl.constexpr, STORE_PREACT: gl.constexpr,
-              OWN_STAGING: gl.constexpr):
+def _epilogue(
+    p, c_desc, preact_desc, staging, row, col, ACT: gl.constexpr, STORE_PREACT: gl.constexpr, OWN_STAGING: gl.constexpr
+):
     """C = act(P) (and the preactivation P itself when STORE_PREACT) for one accumulator's block, through a staging
     buffer of its own (OWN_STAGING) or one the partition's other accumulator uses too."""
     # This staging buffer's previous store has left. Bulk stores complete in order: with a buffer of its own, those
@@ -113,9 +143,27 @@ def _epilogue(p, c_desc, preact_desc, staging, row, col, ACT: gl.constexpr, STOR
 
 
 @gluon.jit
-def _mma_partition(outputs, a_ring, b0_ring, b1_ring, ready, empty, turn, bias_ptr, M, N, K, BLOCK_N0: gl.constexpr,
-                   BLOCK_N1: gl.constexpr, STAGES: gl.constexpr, PART: gl.constexpr, PINGPONG: gl.constexpr,
-                   HAS_BIAS: gl.constexpr, ACT: gl.constexpr, STORE_PREACT: gl.constexpr):
+def _mma_partition(
+    outputs,
+    a_ring,
+    b0_ring,
+    b1_ring,
+    ready,
+    empty,
+    turn,
+    bias_ptr,
+    M,
+    N,
+    K,
+    BLOCK_N0: gl.constexpr,
+    BLOCK_N1: gl.constexpr,
+    STAGES: gl.constexpr,
+    PART: gl.constexpr,
+    PINGPONG: gl.constexpr,
+    HAS_BIAS: gl.constexpr,
+    ACT: gl.constexpr,
+    STORE_PREACT: gl.constexpr,
+):
     """MMA partition PART. Cooperative: rows PART·ROWS to (PART + 1)·ROWS of every tile. PINGPONG: every other tile
     of the program, whole, its K loop started only when the other partition has issued its own (`turn`), so that
     one partition's epilogue runs under the other's MMAs. Per K step: wait for the slot's loads, issue both MMAs,
@@ -124,10 +172,12 @@ def _mma_partition(outputs, a_ring, b0_ring, b1_ring, ready, empty, turn, bias_p
     BM: gl.constexpr = a_ring.type.shape[1]
     ROWS: gl.constexpr = c_desc_0.block_type.shape[0]
     FIRST_ROW: gl.constexpr = 0 if PINGPONG else PART * ROWS
-    layout0: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                      instr_shape=[16, BLOCK_N0, 16])
-    layout1: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                      instr_shape=[16, BLOCK_N1, 16])
+    layout0: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N0, 16]
+    )
+    layout1: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N1, 16]
+    )
     acc0 = gl.zeros((ROWS, BLOCK_N0), dtype=gl.float32, layout=layout0)
     acc1 = gl.zeros((ROWS, BLOCK_N1), dtype=gl.float32, layout=layout1)
     tiles_m = gl.cdiv(M, BM)
@@ -165,16 +215,33 @@ def _mma_partition(outputs, a_ring, b0_ring, b1_ring, ready, empty, turn, bias_p
         if PINGPONG:
             bias0, bias1 = _bias_rows(bias_ptr, col, N, BLOCK_N0, BLOCK_N1, layout0, layout1, HAS_BIAS)
         _epilogue(acc0 + bias0, c_desc_0, preact_desc_0, staging_0, row, col, ACT, STORE_PREACT, not PINGPONG)
-        _epilogue(acc1 + bias1, c_desc_1, preact_desc_1, staging_1, row, col + BLOCK_N0, ACT, STORE_PREACT,
-                  not PINGPONG)
+        _epilogue(
+            acc1 + bias1, c_desc_1, preact_desc_1, staging_1, row, col + BLOCK_N0, ACT, STORE_PREACT, not PINGPONG
+        )
     tma.store_wait(pendings=0)
 
 
 @gluon.jit
-def _linear_ws_kernel(x_desc, w_desc_0, w_desc_1, c_desc_0, c_desc_1, preact_desc_0, preact_desc_1, bias_ptr,
-                      M, N, K, STAGES: gl.constexpr, PINGPONG: gl.constexpr, HAS_BIAS: gl.constexpr,
-                      ACT: gl.constexpr, STORE_PREACT: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-                      MMA_REGS: gl.constexpr):
+def _linear_ws_kernel(
+    x_desc,
+    w_desc_0,
+    w_desc_1,
+    c_desc_0,
+    c_desc_1,
+    preact_desc_0,
+    preact_desc_1,
+    bias_ptr,
+    M,
+    N,
+    K,
+    STAGES: gl.constexpr,
+    PINGPONG: gl.constexpr,
+    HAS_BIAS: gl.constexpr,
+    ACT: gl.constexpr,
+    STORE_PREACT: gl.constexpr,
+    PRODUCER_REGS: gl.constexpr,
+    MMA_REGS: gl.constexpr,
+):
     """C = act(X·Wᵀ + bias) on BLOCK_M × (BLOCK_N0 + BLOCK_N1) tiles (the block shapes of w_desc_0 and w_desc_1),
     warp-specialized and persistent (module docstring); the two MMA partitions split every tile's rows, or with
     PINGPONG take turns on whole tiles (then c_desc blocks are BLOCK_M rows high, else half).
@@ -206,14 +273,79 @@ def _linear_ws_kernel(x_desc, w_desc_0, w_desc_1, c_desc_0, c_desc_1, preact_des
         mbarrier.init(turn.index(p), count=1)
     outputs_0 = (c_desc_0, c_desc_1, preact_desc_0, preact_desc_1, staging_0.index(0), staging_1_0)
     outputs_1 = (c_desc_0, c_desc_1, preact_desc_0, preact_desc_1, staging_0.index(1), staging_1_1)
-    gl.warp_specialize([
-        (_mma_partition, (outputs_0, a_ring, b0_ring, b1_ring, ready, empty, turn, bias_ptr, M, N, K, BLOCK_N0,
-                          BLOCK_N1, STAGES, 0, PINGPONG, HAS_BIAS, ACT, STORE_PREACT)),
-        (_mma_partition, (outputs_1, a_ring, b0_ring, b1_ring, ready, empty, turn, bias_ptr, M, N, K, BLOCK_N0,
-                          BLOCK_N1, STAGES, 1, PINGPONG, HAS_BIAS, ACT, STORE_PREACT)),
-        (_load_partition, (x_desc, w_desc_0, w_desc_1, a_ring, b0_ring, b1_ring, ready, empty, M, N, K, BLOCK_N0,
-                           BLOCK_N1, STAGES)),
-    ], [4, 1], [MMA_REGS, PRODUCER_REGS])
+    gl.warp_specialize(
+        [
+            (
+                _mma_partition,
+                (
+                    outputs_0,
+                    a_ring,
+                    b0_ring,
+                    b1_ring,
+                    ready,
+                    empty,
+                    turn,
+                    bias_ptr,
+                    M,
+                    N,
+                    K,
+                    BLOCK_N0,
+                    BLOCK_N1,
+                    STAGES,
+                    0,
+                    PINGPONG,
+                    HAS_BIAS,
+                    ACT,
+                    STORE_PREACT,
+                ),
+            ),
+            (
+                _mma_partition,
+                (
+                    outputs_1,
+                    a_ring,
+                    b0_ring,
+                    b1_ring,
+                    ready,
+                    empty,
+                    turn,
+                    bias_ptr,
+                    M,
+                    N,
+                    K,
+                    BLOCK_N0,
+                    BLOCK_N1,
+                    STAGES,
+                    1,
+                    PINGPONG,
+                    HAS_BIAS,
+                    ACT,
+                    STORE_PREACT,
+                ),
+            ),
+            (
+                _load_partition,
+                (
+                    x_desc,
+                    w_desc_0,
+                    w_desc_1,
+                    a_ring,
+                    b0_ring,
+                    b1_ring,
+                    ready,
+                    empty,
+                    M,
+                    N,
+                    K,
+                    BLOCK_N0,
+                    BLOCK_N1,
+                    STAGES,
+                ),
+            ),
+        ],
+        [4, 1],
+        [MMA_REGS, PRODUCER_REGS],
+    )
 
 
 _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
@@ -230,8 +362,16 @@ def _descriptor(t: torch.Tensor, block: list) -> TensorDescriptor:
     return TensorDescriptor.from_tensor(t, block, _shared_layout(tuple(block), t.dtype))
 
 
-def launch(x: torch.Tensor, w: torch.Tensor, c: torch.Tensor, preact: torch.Tensor | None,
-           bias: torch.Tensor | None, act: int, config: tuple, num_sms: int) -> None:
+def launch(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    c: torch.Tensor,
+    preact: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    act: int,
+    config: tuple,
+    num_sms: int,
+) -> None:
     """c = act(x·wᵀ + bias) (preact = x·wᵀ + bias when given) with config = (BLOCK_N0, BLOCK_N1, STAGES, schedule)
     (matmul_tma.WARP_SPECIALIZED_CONFIGS, schedule one of SCHEDULES);
     x [M, K] and w [N, K] with TMA-addressable rows (matmul_tma.tma_views), c and preact contiguous."""
@@ -240,8 +380,10 @@ def launch(x: torch.Tensor, w: torch.Tensor, c: torch.Tensor, preact: torch.Tens
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     pingpong = schedule == "pingpong"
     if pingpong and n0 % n1:
-        raise ValueError(f"a ping-pong tile stages its second block inside its first: BLOCK_N1 must divide BLOCK_N0, "
-                         f"got {n0} and {n1}")
+        raise ValueError(
+            f"a ping-pong tile stages its second block inside its first: BLOCK_N1 must divide BLOCK_N0, "
+            f"got {n0} and {n1}"
+        )
     M, K = x.shape
     N = w.shape[0]
     rows = BLOCK_M if pingpong else BLOCK_M // 2  # the rows of a tile that one MMA partition stores
@@ -249,7 +391,21 @@ def launch(x: torch.Tensor, w: torch.Tensor, c: torch.Tensor, preact: torch.Tens
     preact_descs = [None, None] if preact is None else [_descriptor(preact, [rows, n]) for n in (n0, n1)]
     tiles = triton.cdiv(M, BLOCK_M) * triton.cdiv(N, n0 + n1)
     _linear_ws_kernel[(min(num_sms, tiles),)](
-        _descriptor(x, [BLOCK_M, BLOCK_K]), _descriptor(w, [n0, BLOCK_K]), _descriptor(w, [n1, BLOCK_K]),
-        *c_descs, *preact_descs, c if bias is None else bias, M, N, K, STAGES=stages, PINGPONG=pingpong,
-        HAS_BIAS=bias is not None, ACT=act, STORE_PREACT=preact is not None, PRODUCER_REGS=_PRODUCER_REGS,
-        MMA_REGS=_MMA_REGS, num_warps=4)
+        _descriptor(x, [BLOCK_M, BLOCK_K]),
+        _descriptor(w, [n0, BLOCK_K]),
+        _descriptor(w, [n1, BLOCK_K]),
+        *c_descs,
+        *preact_descs,
+        c if bias is None else bias,
+        M,
+        N,
+        K,
+        STAGES=stages,
+        PINGPONG=pingpong,
+        HAS_BIAS=bias is not None,
+        ACT=act,
+        STORE_PREACT=preact is not None,
+        PRODUCER_REGS=_PRODUCER_REGS,
+        MMA_REGS=_MMA_REGS,
+        num_warps=4,
+    )

@@ -27,7 +27,6 @@ from ._rows import WIDE_ROW, as_rows, launch_rows, persistent_programs, row_tili
 from ._runtime import cdiv, new_empty
 from .reductions import column_sum
 
-
 # The backward holds x̂, w ⊙ dy, dy and the dw, db accumulators per element: rows wider than this spill registers
 # (16 warps, sm_90), so they take the looping path instead.
 _BACKWARD_MAX_BLOCK = 8192
@@ -72,10 +71,23 @@ def _affine(xhat, w, b, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
 
 @triton.jit
 def _norm_forward_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr,
-    M, N, stride_xm, stride_ym, eps,
-    CENTER: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_BLOCK: tl.constexpr,
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    y_ptr,
+    mean_ptr,
+    rstd_ptr,
+    M,
+    N,
+    stride_xm,
+    stride_ym,
+    eps,
+    CENTER: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    ONE_BLOCK: tl.constexpr,
     PARAMS_FIRST: tl.constexpr = True,
 ):
     """y = x̂ · w + b per row; stores μ (when CENTER) and rstd per row. Whole rows (ONE_BLOCK) load w and b
@@ -156,8 +168,9 @@ def _xhat_and_g(x_rows, dy_rows, c, N, row_mask, w_ptr, pivot, mean, rstd, HAS_W
 
 
 @triton.jit
-def _load_row_block(x_ptr, dy_ptr, mean_ptr, rstd_ptr, rows, row_end, cols, N, stride_xm, stride_dym,
-                    CENTER: tl.constexpr):
+def _load_row_block(
+    x_ptr, dy_ptr, mean_ptr, rstd_ptr, rows, row_end, cols, N, stride_xm, stride_dym, CENTER: tl.constexpr
+):
     """The loads one block of whole rows needs: x and dy (as stored), x₀, μ (of x − x₀) and rstd; rows ≥ row_end
     are masked (no memory traffic)."""
     row_mask = rows < row_end
@@ -174,10 +187,27 @@ def _load_row_block(x_ptr, dy_ptr, mean_ptr, rstd_ptr, rows, row_end, cols, N, s
 
 @triton.jit
 def _norm_backward_kernel(
-    dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, partial_ptr,
-    M, N, stride_dym, stride_xm, stride_dxm, rows_per_program,
-    CENTER: tl.constexpr, HAS_W: tl.constexpr, DW: tl.constexpr, DB: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_BLOCK: tl.constexpr, STAGES: tl.constexpr,
+    dy_ptr,
+    x_ptr,
+    w_ptr,
+    mean_ptr,
+    rstd_ptr,
+    dx_ptr,
+    partial_ptr,
+    M,
+    N,
+    stride_dym,
+    stride_xm,
+    stride_dxm,
+    rows_per_program,
+    CENTER: tl.constexpr,
+    HAS_W: tl.constexpr,
+    DW: tl.constexpr,
+    DB: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    ONE_BLOCK: tl.constexpr,
+    STAGES: tl.constexpr,
     PREFETCH: tl.constexpr,
 ):
     """dx for the rows [pid · rows_per_program, …) and this program's partial sums: row pid of the [programs, N]
@@ -202,18 +232,29 @@ def _norm_backward_kernel(
         dw_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         db_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         x_n, dy_n, pivot_n, mean_n, rstd_n = _load_row_block(
-            x_ptr, dy_ptr, mean_ptr, rstd_ptr, row_start + tl.arange(0, BLOCK_M), row_end, cols, N, stride_xm,
-            stride_dym, CENTER)
+            x_ptr,
+            dy_ptr,
+            mean_ptr,
+            rstd_ptr,
+            row_start + tl.arange(0, BLOCK_M),
+            row_end,
+            cols,
+            N,
+            stride_xm,
+            stride_dym,
+            CENTER,
+        )
         for r0 in tl.range(row_start, row_end, BLOCK_M, num_stages=STAGES):
             rows = r0 + tl.arange(0, BLOCK_M)
             if PREFETCH:
                 x, dy, pivot, mean, rstd = x_n, dy_n, pivot_n, mean_n, rstd_n
                 x_n, dy_n, pivot_n, mean_n, rstd_n = _load_row_block(
-                    x_ptr, dy_ptr, mean_ptr, rstd_ptr, rows + BLOCK_M, row_end, cols, N, stride_xm, stride_dym,
-                    CENTER)
+                    x_ptr, dy_ptr, mean_ptr, rstd_ptr, rows + BLOCK_M, row_end, cols, N, stride_xm, stride_dym, CENTER
+                )
             else:
                 x, dy, pivot, mean, rstd = _load_row_block(
-                    x_ptr, dy_ptr, mean_ptr, rstd_ptr, rows, row_end, cols, N, stride_xm, stride_dym, CENTER)
+                    x_ptr, dy_ptr, mean_ptr, rstd_ptr, rows, row_end, cols, N, stride_xm, stride_dym, CENTER
+                )
             mask = (rows < row_end)[:, None] & col_mask[None, :]
             dy = dy.to(tl.float32)
             xhat = tl.where(mask, (x.to(tl.float32) - pivot - mean[:, None]) * rstd[:, None], 0.0)
@@ -223,8 +264,11 @@ def _norm_backward_kernel(
             if CENTER:
                 c2 = tl.sum(g, axis=1) / N
             dx = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
-            tl.store(dx_ptr + rows.to(tl.int64)[:, None] * stride_dxm + cols[None, :], dx.to(dx_ptr.dtype.element_ty),
-                     mask=mask)
+            tl.store(
+                dx_ptr + rows.to(tl.int64)[:, None] * stride_dxm + cols[None, :],
+                dx.to(dx_ptr.dtype.element_ty),
+                mask=mask,
+            )
             if DW:
                 dw_acc += tl.sum(dy * xhat, axis=0)
             if DB:
@@ -297,8 +341,7 @@ def _unit_stride(param: torch.Tensor | None) -> torch.Tensor | None:
     return None if param is None else param.contiguous()
 
 
-def norm_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
-                 center: bool):
+def norm_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, center: bool):
     """Normalize x [..., N] over its last dimension (LayerNorm when center, else RMSNorm); weight and bias [N] or
     None, any strides.
 
@@ -312,10 +355,25 @@ def norm_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tenso
     mean = new_empty((m,), like=x, dtype=torch.float32) if center else None
     rstd = new_empty((m,), like=x, dtype=torch.float32)
     launch_rows(
-        _norm_forward_kernel, m, n,
-        x2, x2 if weight is None else weight, x2 if bias is None else bias, y, rstd if mean is None else mean,
-        rstd, m, n, x2.stride(0), n, eps, CENTER=center, HAS_W=weight is not None, HAS_B=bias is not None,
-        **forward_flags(n, center), **forward_launch_options(n),
+        _norm_forward_kernel,
+        m,
+        n,
+        x2,
+        x2 if weight is None else weight,
+        x2 if bias is None else bias,
+        y,
+        rstd if mean is None else mean,
+        rstd,
+        m,
+        n,
+        x2.stride(0),
+        n,
+        eps,
+        CENTER=center,
+        HAS_W=weight is not None,
+        HAS_B=bias is not None,
+        **forward_flags(n, center),
+        **forward_launch_options(n),
     )
     return y, x2, mean, rstd
 
@@ -326,8 +384,16 @@ def sums_dtype(dw_dtype: torch.dtype | None, db_dtype: torch.dtype | None) -> to
     return wanted.pop() if len(wanted) == 1 else torch.float32
 
 
-def norm_backward_sums(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor | None,
-                       rstd: torch.Tensor, need_dw: bool, need_db: bool, sum_dtype: torch.dtype):
+def norm_backward_sums(
+    dy: torch.Tensor,
+    x2: torch.Tensor,
+    weight: torch.Tensor | None,
+    mean: torch.Tensor | None,
+    rstd: torch.Tensor,
+    need_dw: bool,
+    need_db: bool,
+    sum_dtype: torch.dtype,
+):
     """(dx [M, N], the wanted of dw and db as the rows of one [k, N] tensor in sum_dtype) from dy [..., N] and what
     norm_forward saved."""
     m, n = x2.shape
@@ -344,25 +410,52 @@ def norm_backward_sums(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor 
     programs = cdiv(m, rows_per_program)
     # a [programs, N] float32 plane per gradient; looping programs add into theirs, so it starts at zero
     shape = (k, programs, n)
-    partials = (new_empty(shape, like=x2, dtype=torch.float32) if meta["ONE_BLOCK"]
-                else torch.zeros(shape, device=x2.device, dtype=torch.float32))
+    partials = (
+        new_empty(shape, like=x2, dtype=torch.float32)
+        if meta["ONE_BLOCK"]
+        else torch.zeros(shape, device=x2.device, dtype=torch.float32)
+    )
     _norm_backward_kernel[(programs,)](
-        dy2, x2, x2 if weight is None else weight, rstd if mean is None else mean, rstd, dx,
-        partials if k else rstd, m, n, dy2.stride(0), x2.stride(0), n, rows_per_program,
-        CENTER=mean is not None, HAS_W=weight is not None, DW=need_dw, DB=need_db,
-        STAGES=BACKWARD_STAGES, PREFETCH=backward_prefetch(meta), **meta,
+        dy2,
+        x2,
+        x2 if weight is None else weight,
+        rstd if mean is None else mean,
+        rstd,
+        dx,
+        partials if k else rstd,
+        m,
+        n,
+        dy2.stride(0),
+        x2.stride(0),
+        n,
+        rows_per_program,
+        CENTER=mean is not None,
+        HAS_W=weight is not None,
+        DW=need_dw,
+        DB=need_db,
+        STAGES=BACKWARD_STAGES,
+        PREFETCH=backward_prefetch(meta),
+        **meta,
     )
     if not k:
         return dx, new_empty((0, n), like=x2, dtype=sum_dtype)
     return dx, column_sum(partials, sum_dtype, rows_per_program=programs)
 
 
-def norm_backward(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor | None,
-                  rstd: torch.Tensor, dw_dtype: torch.dtype | None, db_dtype: torch.dtype | None):
+def norm_backward(
+    dy: torch.Tensor,
+    x2: torch.Tensor,
+    weight: torch.Tensor | None,
+    mean: torch.Tensor | None,
+    rstd: torch.Tensor,
+    dw_dtype: torch.dtype | None,
+    db_dtype: torch.dtype | None,
+):
     """(dx [M, N], dw or None, db or None) from dy [..., N] and what norm_forward saved; dw (db) is computed in
     dw_dtype (db_dtype), None for no gradient."""
-    dx, sums = norm_backward_sums(dy, x2, weight, mean, rstd, dw_dtype is not None, db_dtype is not None,
-                                  sums_dtype(dw_dtype, db_dtype))
+    dx, sums = norm_backward_sums(
+        dy, x2, weight, mean, rstd, dw_dtype is not None, db_dtype is not None, sums_dtype(dw_dtype, db_dtype)
+    )
     sums = list(sums.unbind(0))
     dw = sums.pop(0).to(dw_dtype) if dw_dtype is not None else None
     db = sums.pop(0).to(db_dtype) if db_dtype is not None else None

@@ -19,8 +19,18 @@ from .activation import activation_code, activation_derivative
 
 
 @triton.jit
-def _column_sum_kernel(x_ptr, gate_ptr, gated_ptr, out_ptr, M, N, ROWS_PER_PROGRAM, GATE_ACT: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _column_sum_kernel(
+    x_ptr,
+    gate_ptr,
+    gated_ptr,
+    out_ptr,
+    M,
+    N,
+    ROWS_PER_PROGRAM,
+    GATE_ACT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """out[p, c, n] = Σ_{m in chunk c} x[p, m, n] over contiguous planes x [P, M, N], accumulated in float32.
 
     GATE_ACT ≠ 0 (one plane): x is first replaced by x ⊙ act'(gate), which is also stored to `gated` (the linear
@@ -62,17 +72,28 @@ GATED_BLOCK_M, GATED_BLOCK_N, GATED_WARPS = 64, 64, 4
 def gated_launch(block_m: int, block_n: int, warps: int, rows_per_program: int):
     """Within the block the gated pass launches BLOCK_M × BLOCK_N tiles on `warps` warps, `rows_per_program` rows a
     program (rows_per_program a multiple of block_m)."""
-    return overridden(sys.modules[__name__], GATED_BLOCK_M=block_m, GATED_BLOCK_N=block_n, GATED_WARPS=warps,
-                      GATED_ROWS_PER_PROGRAM=rows_per_program)
+    return overridden(
+        sys.modules[__name__],
+        GATED_BLOCK_M=block_m,
+        GATED_BLOCK_N=block_n,
+        GATED_WARPS=warps,
+        GATED_ROWS_PER_PROGRAM=rows_per_program,
+    )
 
 
 def gated_column_sum(dy: torch.Tensor, gate: torch.Tensor, activation: str | None):
     """(dZ, Σ_rows dZ) with dZ = dy ⊙ act'(gate) for contiguous dy, gate [M, N], in one pass over them (then the
     partial sums are summed); both in dy's dtype."""
     dz = new_empty(dy.shape, like=dy)
-    return dz, _column_sum(dy, dy.dtype, GATED_ROWS_PER_PROGRAM, gate=gate, gated=dz,
-                           gate_act=activation_code(activation),
-                           launch=dict(BLOCK_M=GATED_BLOCK_M, BLOCK_N=GATED_BLOCK_N, num_warps=GATED_WARPS))
+    return dz, _column_sum(
+        dy,
+        dy.dtype,
+        GATED_ROWS_PER_PROGRAM,
+        gate=gate,
+        gated=dz,
+        gate_act=activation_code(activation),
+        launch=dict(BLOCK_M=GATED_BLOCK_M, BLOCK_N=GATED_BLOCK_N, num_warps=GATED_WARPS),
+    )
 
 
 _COLUMN_SUM_LAUNCH = dict(BLOCK_M=32, BLOCK_N=128, num_warps=4)
@@ -82,7 +103,7 @@ _WHOLE_COLUMN_MAX_ROWS = 1024
 _WHOLE_COLUMN_TILE = 8192
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _whole_column_launch(rows: int) -> dict:
     """The one-tile launch for `rows` rows (computed once per row count; callers only unpack it)."""
     block_m = next_power_of_2(max(rows, 1))
@@ -102,8 +123,15 @@ def _column_sum(x, dtype, rows_per_program, gate=None, gated=None, gate_act=0, l
     assert chunks == 1 or rows_per_program % launch["BLOCK_M"] == 0, (rows_per_program, launch["BLOCK_M"])
     out = new_empty((P, chunks, N), like=x, dtype=dtype if chunks == 1 else torch.float32)
     _column_sum_kernel[(cdiv(N, launch["BLOCK_N"]), chunks, P)](
-        planes, planes if gate is None else gate, planes if gated is None else gated, out, M, N, rows_per_program,
-        GATE_ACT=gate_act, **launch,
+        planes,
+        planes if gate is None else gate,
+        planes if gated is None else gated,
+        out,
+        M,
+        N,
+        rows_per_program,
+        GATE_ACT=gate_act,
+        **launch,
     )
     if chunks > 1:
         out = _column_sum(out, dtype, rows_per_program)

@@ -38,13 +38,14 @@ INTERPRETER_HEADS_PER_PROGRAM = 1024
 def interpreter_tiling(tile: int, heads_per_program: int):
     """Within the block the interpreter's launch takes tiles of `tile` elements and `heads_per_program` heads."""
     return overridden(sys.modules[__name__], INTERPRETER_TILE=tile, INTERPRETER_HEADS_PER_PROGRAM=heads_per_program)
+
+
 # Programs per SM the GPU launch aims at, splitting the heads into groups when positions × batch give fewer.
 PROGRAMS_PER_SM = 8
 
 
 @triton.jit
-def _rotate_heads(x_ptr, y_ptr, h_begin, h_end, stride_xh, stride_yh, x_offsets, y_offsets, half_x, half_y, mask,
-                  c, s):
+def _rotate_heads(x_ptr, y_ptr, h_begin, h_end, stride_xh, stride_yh, x_offsets, y_offsets, half_x, half_y, mask, c, s):
     """Heads h_begin ≤ h < h_end of one tensor: y₁ = x₁·c − x₂·s, y₂ = x₂·c + x₁·s on [BLOCK_S, BLOCK_D] tiles
     (x₁ at x_offsets, x₂ half_x further; y₁ at y_offsets, y₂ half_y further)."""
     for h in tl.range(h_begin, h_end):
@@ -58,12 +59,33 @@ def _rotate_heads(x_ptr, y_ptr, h_begin, h_end, stride_xh, stride_yh, x_offsets,
 
 @triton.jit
 def _rope_kernel(
-    q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr,
-    S, HALF, HQ, HK, offset, heads_per_program,
-    stride_qb, stride_qh, stride_qs, stride_qd,
-    stride_kb, stride_kh, stride_ks, stride_kd,
-    stride_cs, stride_cd, stride_ss, stride_sd,
-    INVERSE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    qo_ptr,
+    ko_ptr,
+    cos_ptr,
+    sin_ptr,
+    S,
+    HALF,
+    HQ,
+    HK,
+    offset,
+    heads_per_program,
+    stride_qb,
+    stride_qh,
+    stride_qs,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_kd,
+    stride_cs,
+    stride_cd,
+    stride_ss,
+    stride_sd,
+    INVERSE: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Rotate positions [pid₀·BLOCK_S, …) of batch element pid₂, heads [pid₁·heads_per_program, …) of q's HQ heads
     followed by k's HK (HQ or HK may be 0), by +θ, or by −θ when INVERSE (the backward).
@@ -86,12 +108,36 @@ def _rope_kernel(
     out_head = S * (2 * HALF)  # the outputs' head stride (multiplied by int64 indices only)
     h_begin = tl.program_id(1).to(tl.int64) * heads_per_program
     h_end = tl.minimum(h_begin + heads_per_program, HQ + HK)
-    _rotate_heads(q_ptr + b * stride_qb, qo_ptr + b * HQ * out_head, h_begin, tl.minimum(h_end, HQ), stride_qh,
-                  out_head, p64 * stride_qs + cols[None, :] * stride_qd, out_offsets, HALF * stride_qd, HALF, mask,
-                  c, s)
-    _rotate_heads(k_ptr + b * stride_kb, ko_ptr + b * HK * out_head, tl.maximum(h_begin, HQ) - HQ, h_end - HQ,
-                  stride_kh, out_head, p64 * stride_ks + cols[None, :] * stride_kd, out_offsets, HALF * stride_kd,
-                  HALF, mask, c, s)
+    _rotate_heads(
+        q_ptr + b * stride_qb,
+        qo_ptr + b * HQ * out_head,
+        h_begin,
+        tl.minimum(h_end, HQ),
+        stride_qh,
+        out_head,
+        p64 * stride_qs + cols[None, :] * stride_qd,
+        out_offsets,
+        HALF * stride_qd,
+        HALF,
+        mask,
+        c,
+        s,
+    )
+    _rotate_heads(
+        k_ptr + b * stride_kb,
+        ko_ptr + b * HK * out_head,
+        tl.maximum(h_begin, HQ) - HQ,
+        h_end - HQ,
+        stride_kh,
+        out_head,
+        p64 * stride_ks + cols[None, :] * stride_kd,
+        out_offsets,
+        HALF * stride_kd,
+        HALF,
+        mask,
+        c,
+        s,
+    )
 
 
 @functools.lru_cache(maxsize=1024)
@@ -121,8 +167,14 @@ def launch_config(batch: int, seq: int, half: int, heads: int, device: torch.dev
     return grid, per_program, dict(meta)
 
 
-def rotate(q: torch.Tensor | None, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, offset: int,
-           inverse: bool = False):
+def rotate(
+    q: torch.Tensor | None,
+    k: torch.Tensor | None,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    offset: int,
+    inverse: bool = False,
+):
     """(q rotated, k rotated) as new contiguous tensors (None for a None input): by +θ, or by −θ when inverse.
 
     q [B, Hq, S, D], k [B, Hk, S, D] (any strides, one dtype), cos and sin [S_max, D/2] or wider (only columns
@@ -141,7 +193,23 @@ def rotate(q: torch.Tensor | None, k: torch.Tensor | None, cos: torch.Tensor, si
     k_in, ko = (k, k_out) if k is not None else (q, q_out)
     grid, per_program, meta = launch_config(batch, seq, half, hq + hk, present.device)
     _rope_kernel[grid](
-        q_in, k_in, qo, ko, cos, sin, seq, half, hq, hk, offset, per_program,
-        *q_in.stride(), *k_in.stride(), *cos.stride(), *sin.stride(), INVERSE=inverse, **meta,
+        q_in,
+        k_in,
+        qo,
+        ko,
+        cos,
+        sin,
+        seq,
+        half,
+        hq,
+        hk,
+        offset,
+        per_program,
+        *q_in.stride(),
+        *k_in.stride(),
+        *cos.stride(),
+        *sin.stride(),
+        INVERSE=inverse,
+        **meta,
     )
     return q_out, k_out

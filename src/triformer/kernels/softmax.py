@@ -29,8 +29,17 @@ def _visible(rows, c, row_mask, N, SQ, CAUSAL: tl.constexpr):
 
 @triton.jit
 def _softmax_forward_kernel(
-    x_ptr, y_ptr, M, N, SQ, stride_xm, stride_ym,
-    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_BLOCK: tl.constexpr,
+    x_ptr,
+    y_ptr,
+    M,
+    N,
+    SQ,
+    stride_xm,
+    stride_ym,
+    CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    ONE_BLOCK: tl.constexpr,
 ):
     """y = softmax(x) over each row (with the causal mask when CAUSAL)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -60,8 +69,19 @@ def _softmax_forward_kernel(
 
 @triton.jit
 def _softmax_backward_kernel(
-    y_ptr, dy_ptr, dx_ptr, M, N, SQ, stride_ym, stride_dym, stride_dxm,
-    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_BLOCK: tl.constexpr,
+    y_ptr,
+    dy_ptr,
+    dx_ptr,
+    M,
+    N,
+    SQ,
+    stride_ym,
+    stride_dym,
+    stride_dxm,
+    CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    ONE_BLOCK: tl.constexpr,
 ):
     """dx = y ⊙ (dy − Σ y ⊙ dy) over each row (masked causal entries have y = 0 and are not read)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -117,6 +137,7 @@ def softmax_backward(y: torch.Tensor, dy: torch.Tensor, causal: bool) -> torch.T
     m = dy2.shape[0]
     dx = new_empty(y.shape, like=y)
     sq = y.shape[-2] if causal else 1
-    launch_rows(_softmax_backward_kernel, m, n, y, dy2, dx, m, n, sq, n, dy2.stride(0), n, CAUSAL=causal,
-                **BACKWARD_LAUNCH)
+    launch_rows(
+        _softmax_backward_kernel, m, n, y, dy2, dx, m, n, sq, n, dy2.stride(0), n, CAUSAL=causal, **BACKWARD_LAUNCH
+    )
     return dx

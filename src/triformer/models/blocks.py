@@ -100,9 +100,21 @@ class Block(nn.Module):
     """Pre-norm transformer block on x (B, T, C):
     x + dropout(attention(norm_1(x))), then x + dropout(mlp(norm_2(x)))."""
 
-    def __init__(self, dim: int, n_head: int, *, n_kv_head: int | None = None, causal: bool, norm: str = "layernorm",
-                 mlp: str = "gelu", mlp_hidden: int | None = None, bias: bool = True, dropout: float = 0.0,
-                 rotary: nn.Module | None = None, backend: str | Mapping[str, str] = "triton"):
+    def __init__(
+        self,
+        dim: int,
+        n_head: int,
+        *,
+        n_kv_head: int | None = None,
+        causal: bool,
+        norm: str = "layernorm",
+        mlp: str = "gelu",
+        mlp_hidden: int | None = None,
+        bias: bool = True,
+        dropout: float = 0.0,
+        rotary: nn.Module | None = None,
+        backend: str | Mapping[str, str] = "triton",
+    ):
         """backend: one for every part, or {part: backend} as part_backends gives."""
         super().__init__()
         backends = backend if isinstance(backend, Mapping) else part_backends(backend)

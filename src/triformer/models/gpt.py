@@ -20,8 +20,18 @@ from torch import nn
 from torch.nn import functional as F
 
 from .. import nn as tnn
-from .blocks import (MLPS, NORMS, Block, by_backend, check_choice, init_gpt2_, make_dropout, make_norm, make_rotary,
-                     part_backends)
+from .blocks import (
+    MLPS,
+    NORMS,
+    Block,
+    by_backend,
+    check_choice,
+    init_gpt2_,
+    make_dropout,
+    make_norm,
+    make_rotary,
+    part_backends,
+)
 from .mlp import make_linear
 
 
@@ -69,15 +79,28 @@ class GPT(nn.Module):
         self.rotary = make_rotary(head_dim, c.block_size, backends["attention"]) if c.rope else None
         self.drop = make_dropout(c.dropout, backends["dropout"])
         self.blocks = nn.ModuleList(
-            Block(c.n_embd, c.n_head, n_kv_head=c.n_kv_head, causal=True, norm=c.norm, mlp=c.mlp,
-                  mlp_hidden=c.mlp_hidden, bias=c.bias, dropout=c.dropout, rotary=self.rotary, backend=backends)
-            for _ in range(c.n_layer))
+            Block(
+                c.n_embd,
+                c.n_head,
+                n_kv_head=c.n_kv_head,
+                causal=True,
+                norm=c.norm,
+                mlp=c.mlp,
+                mlp_hidden=c.mlp_hidden,
+                bias=c.bias,
+                dropout=c.dropout,
+                rotary=self.rotary,
+                backend=backends,
+            )
+            for _ in range(c.n_layer)
+        )
         self.ln_f = make_norm(c.norm, c.n_embd, c.bias, backends["norm"])
         self.lm_head = make_linear(c.n_embd, c.vocab_size, None, backends["head"], bias=False)
         self.wte.weight = self.lm_head.weight  # tied input and output embeddings
         if c.fused_head:
-            self.loss_fn = by_backend(backends["head"], tnn.TritonLinearCrossEntropyLoss,
-                                      tnn.TorchLinearCrossEntropyLoss)()
+            self.loss_fn = by_backend(
+                backends["head"], tnn.TritonLinearCrossEntropyLoss, tnn.TorchLinearCrossEntropyLoss
+            )()
         else:
             self.loss_fn = by_backend(backends["head"], tnn.TritonCrossEntropyLoss, nn.CrossEntropyLoss)()
         init_gpt2_(self, c.n_layer)
@@ -121,8 +144,9 @@ class GPT(nn.Module):
         return logits, self.loss_fn(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
     @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None) -> torch.Tensor:
+    def generate(
+        self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None
+    ) -> torch.Tensor:
         """Appends max_new_tokens sampled tokens to idx (B, T), each conditioned on the last block_size tokens;
         samples from softmax(logits / temperature), restricted to the top_k most likely tokens when given.
         Runs in eval mode (no dropout) and restores the mode it found."""
@@ -134,7 +158,7 @@ class GPT(nn.Module):
         self.eval()
         try:
             for _ in range(max_new_tokens):
-                context = idx[:, -self.config.block_size:]  # (B, ≤ block_size)
+                context = idx[:, -self.config.block_size :]  # (B, ≤ block_size)
                 logits = self.lm_head(self.features(context)[:, -1, :]).float() / temperature  # (B, V)
                 if top_k is not None:
                     kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, [-1]]  # (B, 1)

@@ -10,8 +10,9 @@ from ..nn import TorchLinear, TritonLinear
 BACKENDS = ("triton", "torch")
 
 
-def make_linear(in_features: int, out_features: int, activation: str | None, backend: str, fused: bool = True,
-                bias: bool = True):
+def make_linear(
+    in_features: int, out_features: int, activation: str | None, backend: str, fused: bool = True, bias: bool = True
+):
     """A TritonLinear, or with backend="torch" the nn.Linear reference with identical parameters."""
     if backend == "triton":
         return TritonLinear(in_features, out_features, bias=bias, activation=activation, fused=fused)
@@ -26,8 +27,15 @@ class TritonMLP(nn.Module):
     `activation` ("relu", "gelu" (tanh form) or "silu") is the same function in both backends.
     """
 
-    def __init__(self, input_size: int, num_classes: int, hidden_size: int = 768, fused: bool = True,
-                 backend: str = "triton", activation: str = "relu"):
+    def __init__(
+        self,
+        input_size: int,
+        num_classes: int,
+        hidden_size: int = 768,
+        fused: bool = True,
+        backend: str = "triton",
+        activation: str = "relu",
+    ):
         super().__init__()
         if activation in (None, "none"):
             raise ValueError("TritonMLP needs an activation between its layers (relu, gelu or silu), got none")

@@ -56,16 +56,23 @@ class ViT(nn.Module):
     def __init__(self, config: ViTConfig):
         super().__init__()
         self.config = c = config
-        patch_dim = c.channels * c.patch_size ** 2
+        patch_dim = c.channels * c.patch_size**2
         n_tokens = c.num_patches + (c.pool == "cls")
         self.patch_embed = make_linear(patch_dim, c.n_embd, None, c.backend)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.n_embd)) if c.pool == "cls" else None
         self.pos_embed = nn.Parameter(torch.zeros(1, n_tokens, c.n_embd))
         self.drop = make_dropout(c.dropout, c.backend)
         self.blocks = nn.ModuleList(
-            Block(c.n_embd, c.n_head, causal=False, mlp_hidden=round(c.mlp_ratio * c.n_embd), dropout=c.dropout,
-                  backend=c.backend)
-            for _ in range(c.n_layer))
+            Block(
+                c.n_embd,
+                c.n_head,
+                causal=False,
+                mlp_hidden=round(c.mlp_ratio * c.n_embd),
+                dropout=c.dropout,
+                backend=c.backend,
+            )
+            for _ in range(c.n_layer)
+        )
         self.ln_f = make_norm("layernorm", c.n_embd, True, c.backend)
         self.head = make_linear(c.n_embd, c.num_classes, None, c.backend)
         # The logits are returned with the loss: the cross-entropy keeps them (its gradient in a buffer of its own).

@@ -36,8 +36,16 @@ class TritonLinear(nn.Module):
     """
 
     @renamed_arguments(use_relu=("activation", relu_or_none))
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, activation: str | None = "relu",
-                 fused: bool = True, device=None, dtype=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        activation: str | None = "relu",
+        fused: bool = True,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         _check_size(in_features, "in_features")
         _check_size(out_features, "out_features")
@@ -56,15 +64,24 @@ class TritonLinear(nn.Module):
         return F_tri.linear(x, self.weight, self.bias, activation=self.activation, fused=self.fused)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"activation={self.activation}, fused={self.fused}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"activation={self.activation}, fused={self.fused}"
+        )
 
 
 class TorchLinear(nn.Linear):
     """The PyTorch reference of TritonLinear: nn.Linear followed by the same activation (same parameter names)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, activation: str | None = "relu",
-                 device=None, dtype=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        activation: str | None = "relu",
+        device=None,
+        dtype=None,
+    ):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.activation = canonical_activation(activation)
 
@@ -78,8 +95,15 @@ class TorchLinear(nn.Linear):
 class TritonLayerNorm(nn.Module):
     """y = (x − μ) / √(σ² + eps) · weight + bias over the last dim(s), as nn.LayerNorm (same parameters)."""
 
-    def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
-                 device=None, dtype=None):
+    def __init__(
+        self,
+        normalized_shape,
+        eps: float = 1e-5,
+        elementwise_affine: bool = True,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         self.normalized_shape = F_tri._check_normalized_shape(normalized_shape)
         F_tri._check_eps(eps)
@@ -101,8 +125,10 @@ class TritonLayerNorm(nn.Module):
         return F_tri.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:
-        return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, " \
-               f"bias={self.bias is not None}"
+        return (
+            f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "
+            f"bias={self.bias is not None}"
+        )
 
 
 class TritonRMSNorm(nn.Module):
@@ -133,8 +159,10 @@ class TritonSoftmax(nn.Module):
     def __init__(self, dim: int = -1, causal: bool = False):
         super().__init__()
         if isinstance(dim, bool):
-            raise TypeError("TritonSoftmax: dim must be an int, got a bool (dame-cell/Triformer's TritonSoftmax took "
-                            "is_causal first: pass causal=True or is_causal=True)")
+            raise TypeError(
+                "TritonSoftmax: dim must be an int, got a bool (dame-cell/Triformer's TritonSoftmax took "
+                "is_causal first: pass causal=True or is_causal=True)"
+            )
         if not isinstance(dim, int):
             raise TypeError(f"TritonSoftmax: dim must be an int, got {dim!r}")
         _check_flag(causal, "causal")
@@ -191,23 +219,32 @@ class TritonCrossEntropyLoss(nn.Module):
     """
 
     @renamed_arguments(pad_token_id="ignore_index")
-    def __init__(self, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
-                 n_chunks: int = 1, inplace_grad: bool = False):
+    def __init__(
+        self,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        n_chunks: int = 1,
+        inplace_grad: bool = False,
+    ):
         super().__init__()
         F_tri._check_cross_entropy_options(ignore_index, reduction, label_smoothing, n_chunks, inplace_grad)
         self.ignore_index, self.reduction, self.label_smoothing = ignore_index, reduction, label_smoothing
         self.n_chunks, self.inplace_grad = n_chunks, inplace_grad
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F_tri.cross_entropy(logits, targets, self.ignore_index, self.reduction, self.label_smoothing,
-                                self.n_chunks, self.inplace_grad)
+        return F_tri.cross_entropy(
+            logits, targets, self.ignore_index, self.reduction, self.label_smoothing, self.n_chunks, self.inplace_grad
+        )
 
     def extra_repr(self) -> str:
-        return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
-                f"label_smoothing={self.label_smoothing}, n_chunks={self.n_chunks}, inplace_grad={self.inplace_grad}")
+        return (
+            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+            f"label_smoothing={self.label_smoothing}, n_chunks={self.n_chunks}, inplace_grad={self.inplace_grad}"
+        )
 
 
 from .attention import TorchMultiheadAttention, TritonMultiheadAttention  # noqa: E402
-from .rope import TorchRotaryEmbedding, TritonRotaryEmbedding  # noqa: E402
 from .gated import TorchGatedMLP, TritonGatedMLP  # noqa: E402
 from .linear_cross_entropy import TorchLinearCrossEntropyLoss, TritonLinearCrossEntropyLoss  # noqa: E402
+from .rope import TorchRotaryEmbedding, TritonRotaryEmbedding  # noqa: E402

@@ -20,7 +20,8 @@ from . import TorchLinear, TritonLinear
 
 ATTENTION_DROPOUT_MISSING = (
     "dropout on the attention probabilities is not implemented by triformer's attention kernel; pass dropout=0.0 "
-    "and apply dropout to the residual branch instead (as the models in triformer.models do)")
+    "and apply dropout to the residual branch instead (as the models in triformer.models do)"
+)
 
 
 def _check_attention_args(embed_dim, num_heads, num_kv_heads, dropout, rotary) -> int:
@@ -31,22 +32,35 @@ def _check_attention_args(embed_dim, num_heads, num_kv_heads, dropout, rotary) -
     if embed_dim % num_heads:
         raise ValueError(f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}")
     if num_heads % num_kv_heads:
-        raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads} "
-                         "(each key/value head serves the same number of query heads)")
+        raise ValueError(
+            f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads} "
+            "(each key/value head serves the same number of query heads)"
+        )
     if dropout != 0.0:
         raise ValueError(f"attention dropout={dropout!r}: {ATTENTION_DROPOUT_MISSING}")
     head_dim = embed_dim // num_heads
     if rotary is not None and getattr(rotary, "head_dim", head_dim) != head_dim:
-        raise ValueError(f"rotary embedding has head_dim={rotary.head_dim} but the attention heads are "
-                         f"embed_dim / num_heads = {head_dim} wide")
+        raise ValueError(
+            f"rotary embedding has head_dim={rotary.head_dim} but the attention heads are "
+            f"embed_dim / num_heads = {head_dim} wide"
+        )
     return head_dim
 
 
 class _MultiheadAttentionBase(nn.Module):
     """What both twins share: arguments, the QKV and output projections, the split into heads."""
 
-    def __init__(self, linear_cls, embed_dim: int, num_heads: int, num_kv_heads: int | None, causal: bool,
-                 bias: bool, dropout: float, rotary: nn.Module | None):
+    def __init__(
+        self,
+        linear_cls,
+        embed_dim: int,
+        num_heads: int,
+        num_kv_heads: int | None,
+        causal: bool,
+        bias: bool,
+        dropout: float,
+        rotary: nn.Module | None,
+    ):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         self.head_dim = _check_attention_args(embed_dim, num_heads, num_kv_heads, dropout, rotary)
@@ -63,8 +77,8 @@ class _MultiheadAttentionBase(nn.Module):
         H, Hkv = self.num_heads, self.num_kv_heads
         heads = qkv.view(B, T, H + 2 * Hkv, self.head_dim)  # (B, T, H + 2·Hkv, D)
         q = heads[:, :, :H].transpose(1, 2)  # (B, H, T, D)
-        k = heads[:, :, H:H + Hkv].transpose(1, 2)  # (B, Hkv, T, D)
-        v = heads[:, :, H + Hkv:].transpose(1, 2)  # (B, Hkv, T, D)
+        k = heads[:, :, H : H + Hkv].transpose(1, 2)  # (B, Hkv, T, D)
+        v = heads[:, :, H + Hkv :].transpose(1, 2)  # (B, Hkv, T, D)
         return q, k, v
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -82,8 +96,10 @@ class _MultiheadAttentionBase(nn.Module):
         raise NotImplementedError
 
     def extra_repr(self) -> str:
-        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
-                f"head_dim={self.head_dim}, causal={self.causal}")
+        return (
+            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
+            f"head_dim={self.head_dim}, causal={self.causal}"
+        )
 
 
 class TritonMultiheadAttention(_MultiheadAttentionBase):
@@ -94,8 +110,16 @@ class TritonMultiheadAttention(_MultiheadAttentionBase):
     out_proj: TritonLinear(embed_dim → embed_dim). dropout > 0 (on the attention probabilities) raises ValueError.
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: int | None = None, causal: bool = False,
-                 bias: bool = True, dropout: float = 0.0, rotary: nn.Module | None = None):
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        num_kv_heads: int | None = None,
+        causal: bool = False,
+        bias: bool = True,
+        dropout: float = 0.0,
+        rotary: nn.Module | None = None,
+    ):
         super().__init__(TritonLinear, embed_dim, num_heads, num_kv_heads, causal, bias, dropout, rotary)
 
     def attend(self, q, k, v) -> torch.Tensor:
@@ -106,10 +130,19 @@ class TorchMultiheadAttention(_MultiheadAttentionBase):
     """The PyTorch twin of TritonMultiheadAttention (same parameters): nn.Linear projections and
     F.scaled_dot_product_attention (enable_gqa for grouped-query heads); rotary a TorchRotaryEmbedding."""
 
-    def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: int | None = None, causal: bool = False,
-                 bias: bool = True, dropout: float = 0.0, rotary: nn.Module | None = None):
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        num_kv_heads: int | None = None,
+        causal: bool = False,
+        bias: bool = True,
+        dropout: float = 0.0,
+        rotary: nn.Module | None = None,
+    ):
         super().__init__(TorchLinear, embed_dim, num_heads, num_kv_heads, causal, bias, dropout, rotary)
 
     def attend(self, q, k, v) -> torch.Tensor:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal,
-                                              enable_gqa=self.num_kv_heads != self.num_heads)
+        return F.scaled_dot_product_attention(
+            q, k, v, is_causal=self.causal, enable_gqa=self.num_kv_heads != self.num_heads
+        )

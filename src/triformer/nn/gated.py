@@ -50,10 +50,10 @@ class TritonGatedMLP(_GatedMLP):
     goes into the up-projection's output (no extra [.., 2·hidden] buffer; see triformer.functional.gated_activation).
     activation: "swiglu" or "geglu"."""
 
-    def __init__(self, dim: int, hidden: int, activation: str = "swiglu", bias: bool = False, device=None,
-                 dtype=None):
-        super().__init__(lambda i, o, **kw: TritonLinear(i, o, activation=None, **kw), dim, hidden, activation, bias,
-                         device, dtype)
+    def __init__(self, dim: int, hidden: int, activation: str = "swiglu", bias: bool = False, device=None, dtype=None):
+        super().__init__(
+            lambda i, o, **kw: TritonLinear(i, o, activation=None, **kw), dim, hidden, activation, bias, device, dtype
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(F_tri.gated_activation(self.up(x), self.gate, inplace_grad=None))
@@ -62,8 +62,7 @@ class TritonGatedMLP(_GatedMLP):
 class TorchGatedMLP(_GatedMLP):
     """The PyTorch twin of TritonGatedMLP: nn.Linear projections, act(a) * b in torch ops (same parameters)."""
 
-    def __init__(self, dim: int, hidden: int, activation: str = "swiglu", bias: bool = False, device=None,
-                 dtype=None):
+    def __init__(self, dim: int, hidden: int, activation: str = "swiglu", bias: bool = False, device=None, dtype=None):
         super().__init__(nn.Linear, dim, hidden, activation, bias, device, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -23,8 +23,11 @@ class _LinearCrossEntropyLoss(nn.Module):
             raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
         if reduction not in F_tri._REDUCTIONS:
             raise ValueError(f"reduction must be one of {F_tri._REDUCTIONS}, got {reduction!r}")
-        if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) \
-                or not 0.0 <= label_smoothing <= 1.0:
+        if (
+            isinstance(label_smoothing, bool)
+            or not isinstance(label_smoothing, (int, float))
+            or not 0.0 <= label_smoothing <= 1.0
+        ):
             raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
         self.ignore_index, self.reduction, self.label_smoothing = ignore_index, reduction, float(label_smoothing)
 
@@ -37,20 +40,37 @@ class TritonLinearCrossEntropyLoss(_LinearCrossEntropyLoss):
     and bias computed chunk by chunk in the forward (see triformer.functional.linear_cross_entropy for chunk_size
     and accum_dtype). ignore_index, reduction and label_smoothing as nn.CrossEntropyLoss."""
 
-    def __init__(self, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
-                 chunk_size: int | None = None, accum_dtype: torch.dtype | None = torch.float32):
+    def __init__(
+        self,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        chunk_size: int | None = None,
+        accum_dtype: torch.dtype | None = torch.float32,
+    ):
         super().__init__(ignore_index, reduction, label_smoothing)
-        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                       or chunk_size < 1):
+        if chunk_size is not None and (
+            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+        ):
             raise ValueError(f"chunk_size must be a positive int (rows per chunk) or None, got {chunk_size!r}")
         if accum_dtype not in ACCUM_DTYPES:
             raise ValueError(f"accum_dtype must be torch.float32 or None (the weight's dtype), got {accum_dtype!r}")
         self.chunk_size, self.accum_dtype = chunk_size, accum_dtype
 
-    def forward(self, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
-        return F_tri.linear_cross_entropy(x, weight, targets, bias, self.ignore_index, self.reduction,
-                                       self.label_smoothing, self.chunk_size, self.accum_dtype)
+    def forward(
+        self, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return F_tri.linear_cross_entropy(
+            x,
+            weight,
+            targets,
+            bias,
+            self.ignore_index,
+            self.reduction,
+            self.label_smoothing,
+            self.chunk_size,
+            self.accum_dtype,
+        )
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, chunk_size={self.chunk_size}, accum_dtype={self.accum_dtype}"
@@ -59,10 +79,15 @@ class TritonLinearCrossEntropyLoss(_LinearCrossEntropyLoss):
 class TorchLinearCrossEntropyLoss(_LinearCrossEntropyLoss):
     """The PyTorch twin: F.cross_entropy(F.linear(x, weight, bias).float(), targets, ...) over the full logits."""
 
-    def forward(self, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
         logits = F.linear(x, weight, bias).float()
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                               ignore_index=self.ignore_index, reduction=self.reduction,
-                               label_smoothing=self.label_smoothing)
+        loss = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]),
+            targets.reshape(-1),
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+        )
         return loss.view(targets.shape) if self.reduction == "none" else loss

@@ -18,8 +18,8 @@ def torch_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
     """x·cos + rotate_half(x)·sin for q, k [B, H, S, D] in plain torch ops, as Hugging Face's LLaMA writes it: the
     half tables [S_max, D/2] are repeated to [S, D] and cast to q's dtype."""
     seq = q.shape[-2]
-    cos = cos[offset:offset + seq].repeat(1, 2).to(q.dtype)
-    sin = sin[offset:offset + seq].repeat(1, 2).to(q.dtype)
+    cos = cos[offset : offset + seq].repeat(1, 2).to(q.dtype)
+    sin = sin[offset : offset + seq].repeat(1, 2).to(q.dtype)
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
@@ -43,8 +43,9 @@ class _RotaryTables(nn.Module):
 
     def _check(self, q: torch.Tensor, offset: int) -> None:
         if q.shape[-1] != self.head_dim:
-            raise ValueError(f"q has head dim {q.shape[-1]} but this rotary embedding was built for "
-                             f"head_dim={self.head_dim}")
+            raise ValueError(
+                f"q has head dim {q.shape[-1]} but this rotary embedding was built for head_dim={self.head_dim}"
+            )
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
             raise ValueError(f"offset must be a non-negative int, got {offset!r}")
         if offset + q.shape[-2] > self.max_seq_len:
