@@ -129,7 +129,7 @@ def test_gpt_same_seed_same_weights_and_training_run(variant, seed):
     idx, targets = tokens(config), tokens(config)
     losses = {}
     for name, model in (("triton", ours), ("torch", twin)):
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         losses[name] = []
         for _ in range(3):
             loss = model(idx, targets)[1]
