@@ -15,8 +15,11 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 if [ "${TESTS:-}" != none ]; then
-  timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -n 16 -m "not pipeline" ${TESTS:-tests} -k "${TEST_SELECT:-not nothing}" \
-    -p no:benchmark -rfE 2>&1 | tee "$OUT/pytest_kernels.log" | grep -v "^[.sFE]*\s*\[" | tail -40
+  # one line per test in the log (a limit that cuts the run still names every failure so far); SIGINT first, so
+  # pytest prints its summary before it is killed
+  timeout -s INT -k 30 ${TEST_TIMEOUT:-300} python3 -m pytest -v -n 16 -m "not pipeline" ${TESTS:-tests} \
+    -k "${TEST_SELECT:-not nothing}" -p no:benchmark -rfE --durations=25 2>&1 | tee "$OUT/pytest_kernels.log" \
+    | grep -v -E "(PASSED|SKIPPED|XFAIL)" | tail -80
 fi
 [ "${SUITES:-}" = none ] || timeout ${BENCH_TIMEOUT:-300} python3 tools/gpu_kernels.py ${SUITES:-} 2>&1 | tee "$OUT/bench_kernels.log"
 for probe in ${PROBES:-}; do
