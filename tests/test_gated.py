@@ -157,7 +157,7 @@ def test_bad_inputs_get_clear_errors():
     cases = [
         (ValueError, "even", lambda: F_tri.swiglu(randn(4, 9))),
         (ValueError, "even", lambda: F_tri.swiglu(randn(4, 0))),
-        (ValueError, r"\[\.\.\., 2·hidden\]", lambda: F_tri.swiglu(torch.tensor(1.0))),
+        (ValueError, r"\[\.\.\., 2·hidden\]", lambda: F_tri.swiglu(torch.tensor(1.0, device=DEVICE))),
         (TypeError, "dtype", lambda: F_tri.geglu(x.long())),
         (TypeError, "torch.Tensor", lambda: F_tri.swiglu(x.tolist())),
         (ValueError, "unknown gated activation", lambda: F_tri.gated_activation(x, "relu")),

@@ -120,7 +120,7 @@ def test_full_width_tables(seed):
 def test_offset_is_a_slice_of_the_longer_sequence(seed):
     """Rotating positions offset .. offset + S − 1 equals rotating the whole sequence and keeping those positions."""
     q, k = (t.detach() for t in qk(2, 2, 1, 33, 16, torch.float32))
-    cos, sin = F_tri.rope_tables(16, 40)
+    cos, sin = F_tri.rope_tables(16, 40, device=DEVICE)
     whole = F_tri.rope(q, k, cos, sin, 0)
     part = F_tri.rope(q[:, :, 26:], k[:, :, 26:], cos, sin, 26)
     assert all(torch.equal(w[:, :, 26:], p) for w, p in zip(whole, part))
@@ -160,7 +160,7 @@ def test_nan_and_inf_propagate(dtype, seed):
     q[0, 0, 0, 12] = float("inf")
     q[0, 1, 4, 5] = float("-inf")
     k[0, 0, 2, 9] = float("nan")
-    cos, sin = F_tri.rope_tables(16, 7)
+    cos, sin = F_tri.rope_tables(16, 7, device=DEVICE)
     for out, x in zip(F_tri.rope(q, k, cos, sin), (q, k)):
         ref = reference_rope(x.double().cpu(), cos, sin, 0)
         assert torch.equal(out.cpu().isnan(), ref.isnan())
@@ -173,7 +173,7 @@ def test_nan_and_inf_propagate(dtype, seed):
 def test_bad_inputs_get_clear_errors():
     q = randn(1, 2, 7, 16)
     k = randn(1, 1, 7, 16)
-    cos, sin = F_tri.rope_tables(16, 8)
+    cos, sin = F_tri.rope_tables(16, 8, device=DEVICE)
     cases = [
         (ValueError, "odd", lambda: F_tri.rope(randn(1, 2, 7, 15), randn(1, 1, 7, 15), cos, sin)),
         (ValueError, "4-D", lambda: F_tri.rope(randn(2, 7, 16), k, cos, sin)),
