@@ -3,6 +3,7 @@
 The suites, their shapes and the dtype are the bench stage's, from params.yaml's `bench` group at its `gpu` profile;
 arguments pick some of the suites (`gpu_kernels.py linear norms`)."""
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -25,12 +26,13 @@ print(
     f"bf16 matmul 8192^3 {ceilings['TFLOP/s']:.0f} TFLOP/s",
     flush=True,
 )
-rows = [
-    row
-    for name in suites
-    if (suite := load_suite(name))
-    for row in suite.run(**config.get(name, {}), dtype=dtype, device="cuda", progress=False)
-]
+rows = []
+for name in suites:
+    if (suite := load_suite(name)) is None:
+        continue
+    for row in suite.run(**config.get(name, {}), dtype=dtype, device="cuda", progress=False):
+        rows.append(row)
+        print(json.dumps(row, default=str), flush=True)  # each row as it comes: a time limit keeps what was measured
 frame = pd.DataFrame(with_fractions(rows, ceilings))
 frame.to_csv(f"{out}/bench_kernels.csv", index=False)
 pd.set_option("display.width", 250)
