@@ -218,14 +218,21 @@ def profile(name: str, fn, calls: int = 300) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=2000, help="calls per measurement")
+    parser.add_argument(
+        "--sections", default="ops,launch,profile", help="comma-separated: ops (the op table), launch, profile"
+    )
+    parser.add_argument("--profile", default="linear relu,layer_norm,cross_entropy", help="ops to cProfile")
     args = parser.parse_args()
+    sections = args.sections.split(",")
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)
-    op_table(args.calls)
-    print(f"\n{'launch path':44s} {'host µs/call':>12s}")
-    for name, fn in launch_cases().items():
-        print(f"{name:44s} {per_call_us(fn, args.calls):12.1f}", flush=True)
+    if "ops" in sections:
+        op_table(args.calls)
+    if "launch" in sections:
+        print(f"\n{'launch path':44s} {'host µs/call':>12s}")
+        for name, fn in launch_cases().items():
+            print(f"{name:44s} {per_call_us(fn, args.calls):12.1f}", flush=True)
     cases = op_cases()
-    for name in ("linear relu", "layer_norm", "cross_entropy"):
+    for name in args.profile.split(",") if "profile" in sections else ():
         ours, _, inputs = cases[name]
         for label, context in (("", contextlib.nullcontext), (", through the dispatcher", through_dispatcher)):
             with context():
