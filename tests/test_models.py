@@ -349,3 +349,83 @@ def test_gpt_bench_suite_rows(seed):
     for row in rows:
         assert row["error"] == "" and row["ms"] > 0 and row["tokens_per_s"] > 0 and row["rate"] > 0, row
         assert row["unit"] == "TFLOP/s" and row["shape"] == "tiny L2-H2-C32-T8-B2-V65"
+
+
+GRAPHED_PROVIDERS = (
+    "triformer (CUDA graph)",
+    "torch (CUDA graph)",
+    "triformer (reduce-overhead)",
+    "torch (reduce-overhead)",
+)
+TINY_BENCH_GPT = dict(name="tiny", n_layer=2, n_head=2, n_embd=32, block_size=8, batch_size=2, vocab_size=65)
+
+
+@pytest.mark.skipif(ON_GPU, reason="the CPU's answer: CUDA graphs need CUDA")
+def test_gpt_bench_graphed_providers_say_they_need_cuda():
+    """On the CPU each CUDA-graph provider gets a row with the clear error, no time and no rate."""
+    from triformer.bench import gpt as gpt_bench
+
+    rows = gpt_bench.run(
+        [TINY_BENCH_GPT],
+        providers=GRAPHED_PROVIDERS,
+        steps=1,
+        warmup=0,
+        device="cpu",
+        dtype=torch.float32,
+        progress=False,
+    )
+    assert [row["provider"] for row in rows] == list(GRAPHED_PROVIDERS)
+    for row in rows:
+        assert row["error"] == f"RuntimeError: {gpt_bench.GRAPH_CUDA_ONLY}", row
+        assert math.isnan(row["ms"]) and math.isnan(row["tokens_per_s"]) and math.isnan(row["rate"]), row
+
+
+def test_gpt_bench_knows_its_providers():
+    from triformer.bench import gpt as gpt_bench
+
+    assert set(GRAPHED_PROVIDERS) <= set(gpt_bench.PROVIDERS)
+    with pytest.raises(ValueError, match=r"provider 'triformer \(CUDA graphs\)' is not one of"):
+        gpt_bench.provider_model("triformer (CUDA graphs)", GPTConfig(**TINY_GPT), DEVICE, seed=0)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+def test_gpt_bench_graphed_provider_rows(seed):
+    """On the GPU each CUDA-graph provider measures a step: finite time and rate, a peak that counts the weights, and
+    a GPU time from the profiler (or NaN with the note saying the profiler saw no work of the replay)."""
+    from triformer.bench import gpt as gpt_bench
+
+    rows = gpt_bench.run(
+        [TINY_BENCH_GPT],
+        providers=GRAPHED_PROVIDERS,
+        steps=2,
+        warmup=1,
+        device=DEVICE,
+        dtype=torch.bfloat16,
+        progress=False,
+        seed=seed,
+    )
+    assert [row["provider"] for row in rows] == list(GRAPHED_PROVIDERS)
+    for row in rows:
+        assert row["error"] == "", row
+        assert math.isfinite(row["ms"]) and row["ms"] > 0 and row["tokens_per_s"] > 0 and row["rate"] > 0, row
+        assert math.isfinite(row["peak_mib"]) and row["peak_mib"] > 0, row
+        assert row["gpu_ms"] > 0 or (math.isnan(row["gpu_ms"]) and row["note"] == gpt_bench.NO_GRAPH_KERNELS), row
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("graphed,eager", [("triformer (CUDA graph)", "triformer"), ("torch (CUDA graph)", "torch")])
+def test_gpt_bench_graph_replays_train_like_eager_steps(graphed, eager, seed):
+    """The bench's CUDA-graph step really trains: from the same seed (weights and tokens), the losses of N replays are
+    those of N eager steps, to bf16 tolerance, and they fall by far more than that tolerance."""
+    from triformer.bench import gpt as gpt_bench
+
+    config = GPTConfig(vocab_size=65, block_size=32, n_layer=2, n_head=2, n_embd=64)
+    steps, tol = 6, tolerance(torch.bfloat16)
+    losses = {}
+    for provider in (eager, graphed):
+        _, step = gpt_bench.provider_step(provider, config, DEVICE, torch.bfloat16, 4, seed=seed, lr=3e-3)
+        losses[provider] = torch.stack([step().float().clone() for _ in range(steps)]).cpu()
+        step = None
+    expected, got = losses[eager], losses[graphed]
+    assert expected[0] - expected[-1] > 5 * tol * expected[0], f"eager steps do not train: losses {expected}"
+    assert torch.allclose(got, expected, rtol=tol, atol=0), f"replayed losses {got} against eager {expected}"

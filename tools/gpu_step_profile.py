@@ -22,7 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for experiments.common
 from experiments.common import load_params, stage_config  # noqa: E402
-from triformer.bench.gpt import PROVIDERS, provider_model, shape_name, train_step  # noqa: E402
+from triformer.bench.gpt import PROVIDERS, provider_step, shape_name  # noqa: E402
 from triformer.models import GPTConfig  # noqa: E402
 
 # Kernel name patterns → kind of work; the first match wins, in this order.
@@ -89,8 +89,7 @@ def main() -> None:
         fields = {k: v for k, v in entry.items() if k not in ("name", "batch_size")}
         config = GPTConfig(**fields)
         for provider in args.providers:
-            model, forward = provider_model(provider, config, "cuda", seed=0)
-            step = train_step(model, forward, "cuda", torch.bfloat16, entry["batch_size"])
+            model, step = provider_step(provider, config, "cuda", torch.bfloat16, entry["batch_size"], seed=0)
             prof, wall_ms = profile_steps(step, args.steps)
             table = kernel_table(prof, args.steps)
             gpu_ms = table["us"].sum() / 1e3
@@ -112,7 +111,7 @@ def main() -> None:
                 for kind, values in by_kind.to_dict("index").items()
             ]
             print("\n".join(lines[-7:-2]), flush=True)
-            del model, forward, step, prof
+            del model, step, prof
             torch.cuda.empty_cache()
     (out / "step_profile.txt").write_text("\n".join(lines) + "\n")
     pd.DataFrame(summary).to_csv(out / "step_profile.csv", index=False)
