@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import pytest
 import torch
 from fake_datasets import pattern_tokens
-from harness import DEVICE
+from harness import DEVICE, ON_GPU
 from torch import nn
+from torch._dynamo.utils import counters
 from torch.utils.data import TensorDataset
 
 from triformer import GPT, GPTConfig, TritonMLP, training
@@ -300,3 +303,62 @@ def test_batch_sources():
             tiny_data(8, 2),
             training.TrainConfig(epochs=1, eval_every=2, progress=False),
         )
+
+
+# ------------------------------------------------------------------------------------------------ torch.compile
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_a_compiled_run_matches_eager_and_resumes_uncompiled(tmp_path, mode):
+    """compile runs the training steps' forward through torch.compile (Dynamo captures a graph) and trains as eager
+    mode does; the module itself stays uncompiled: its checkpoint has the eager parameter names (no `_orig_mod.`)
+    and a crashed compiled run resumes without compile to the uninterrupted eager run's result."""
+    if mode == "reduce-overhead" and not ON_GPU:
+        pytest.skip("CUDA graphs need CUDA (test_compile_mode_checked_before_any_work: refused elsewhere)")
+    config = lm_config(iterations=6, eval_every=3, eval_batches=1, amp="none")
+
+    def run(compile_mode, checkpoint_dir=None, crash=False):
+        def after_eval(index, metrics):
+            if crash and index == 0:
+                raise Crash("crash after the first evaluation")
+
+        model = tiny_gpt("triton", dropout=0.0)
+        settings = training.TrainConfig(**{**asdict(config), "compile": compile_mode})
+        result = training.fit(
+            model,
+            token_stream(500, 1),
+            token_stream(200, 2),
+            settings,
+            DEVICE,
+            checkpoint_dir,
+            after_eval=after_eval,
+            loss_fn=training.model_loss,
+        )
+        return model, result
+
+    reference, expected = run("none")
+    torch._dynamo.reset()  # no graph cached by an earlier test: the compiled run captures its own
+    graphs = counters["stats"]["unique_graphs"]
+    with pytest.raises(Crash):
+        run(mode, tmp_path, crash=True)
+    assert counters["stats"]["unique_graphs"] > graphs, "the compiled run captured no graph"
+    state = training.load_checkpoint(training.latest_checkpoint(tmp_path))
+    assert state["step"] == 3 and state["config"]["compile"] == mode
+    assert list(state["model"]) == list(reference.state_dict())
+    resumed, result = run("none", tmp_path)
+    assert result["resumed_from_step"] == 3
+    for got, want in zip(result["history"], expected["history"]):
+        assert got["val/loss"] == pytest.approx(want["val/loss"], rel=1e-4)
+    for (name, p), p_ref in zip(resumed.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(p, p_ref, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_compile_mode_checked_before_any_work():
+    """An unknown mode anywhere, reduce-overhead (CUDA graphs) off CUDA: a ValueError before the first step."""
+    data = tiny_data(8, 1)
+    with pytest.raises(ValueError, match=r"compile must be one of \['none', 'default', 'reduce-overhead'\]"):
+        training.fit(make_model("torch"), data, data, training.TrainConfig(epochs=1, compile="max", progress=False))
+    with pytest.raises(ValueError, match="compile reduce-overhead records CUDA graphs, which need CUDA; this run is"):
+        config = training.TrainConfig(epochs=1, compile="reduce-overhead", progress=False)
+        training.fit(make_model("torch"), data, data, config, "cpu")
+    assert training.compile_problem("reduce-overhead", "cuda") is None

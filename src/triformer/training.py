@@ -10,6 +10,9 @@ schedule  `epochs` (evaluation after each) or `iterations` (evaluation every `ev
 resume    a checkpoint after each evaluation (or every `checkpoint_every` steps); a run finds its latest one and
           continues where an uninterrupted run would be: model, optimizer, scheduler, history, the interval's
           sums and every RNG state of every process are in it, and the batches depend only on (seed, step).
+compile   `compile` runs the forward of every training step through torch.compile ("default" or "reduce-overhead", its
+          CUDA graphs; "none": eager); the module itself stays uncompiled, so checkpoints, evaluation and generation
+          see the same parameter names either way.
 DDP       inside a torch.distributed group (torchrun; see triformer.distributed) the model trains data-parallel:
           batch_size stays the global batch, each process takes its slice, losses and metrics are reduced over
           the processes, rank 0 writes the checkpoints and logs, and every process resumes from them.
@@ -57,7 +60,27 @@ class TrainConfig:
     eval_batch_size: int = 1024
     checkpoint_every: int = 0  # steps between checkpoints (0: after every evaluation)
     max_checkpoints: int = 2  # newest checkpoints kept on disk
+    compile: str = "none"  # "none" (eager), "default" or "reduce-overhead": torch.compile's mode for the training steps
     progress: bool = True
+
+
+COMPILE_MODES = ("none", "default", "reduce-overhead")
+# Settings that change how a run goes, not what it computes: a checkpoint written under other values resumes.
+RESUMABLE_ACROSS = ("progress", "compile")
+
+
+def compile_problem(mode: str, device_type: str) -> str | None:
+    """What is wrong with training in compile `mode` on `device_type` (None when nothing is): reduce-overhead is
+    torch.compile with CUDA graphs, which Inductor records on CUDA only; elsewhere it would be the default mode
+    under another name."""
+    if mode not in COMPILE_MODES:
+        return f"must be one of {list(COMPILE_MODES)}, got {mode!r}"
+    if mode == "reduce-overhead" and device_type != "cuda":
+        return (
+            f"reduce-overhead records CUDA graphs, which need CUDA; this run is on {device_type}, where it would "
+            "be the default mode under another name: use compile: default (or none)"
+        )
+    return None
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_frac: float = 0.0) -> float:
@@ -287,7 +310,7 @@ def _resume_state(checkpoint_dir, config: TrainConfig) -> dict | None:
     if path is None:
         return None
     state = load_checkpoint(path)
-    changed = {k for k, v in asdict(config).items() if k != "progress" and state["config"].get(k) != v}
+    changed = {k for k, v in asdict(config).items() if k not in RESUMABLE_ACROSS and state["config"].get(k) != v}
     if changed:
         raise ValueError(
             f"{path} was written with other settings ({sorted(changed)}): resuming it would not give "
@@ -302,6 +325,15 @@ def _resume_state(checkpoint_dir, config: TrainConfig) -> dict | None:
 
 
 # ------------------------------------------------------------------------------------------------ the loop
+
+
+def _forward(net: nn.Module, mode: str, distributed_net: bool) -> Callable:
+    """What a training step calls for the forward: `net` itself, or torch.compile(net, mode=mode). Whole-graph
+    (fullgraph=True: a graph break raises rather than leaving part of the model eager) unless `net` is a
+    DistributedDataParallel, whose forward Dynamo splits at its own bookkeeping and gradient buckets."""
+    if mode == "none":
+        return net
+    return torch.compile(net, mode=mode, fullgraph=not distributed_net)
 
 
 def _optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -339,12 +371,18 @@ def fit(
     and `perf/step_ms` (training steps only), `mem/peak_mib` on CUDA, and `perf/mfu` = flops_per_item × items/s ÷
     (peak_tflops × processes) when both are given (model FLOPs per token against the measured matmul rate).
 
+    config.compile other than "none" compiles the forward that the training steps call (evaluation runs the module
+    eagerly); the first interval's throughput then includes the compilation. reduce-overhead needs CUDA (ValueError
+    before any work elsewhere).
+
     log(metrics, step) (rank 0 only) receives `train/loss` and `train/lr` every `log_every` steps (step = global
     step) and each record (step = the epoch number for epochs, the global step otherwise). after_eval(index,
     metrics) runs after each record (and its checkpoint). The result is the last record with `train/loss` in place
     of the interval's loss, plus `history` (every record), `resumed_from_step` (and `resumed_from_epoch`).
     """
     device = torch.device(device)
+    if problem := compile_problem(config.compile, device.type):
+        raise ValueError(f"compile {problem}")
     train, val = as_batches(train).to(device), as_batches(val).to(device)
     rank, world = distributed.rank(), distributed.world_size()
     model.to(device)
@@ -378,6 +416,8 @@ def fit(
             carried = state["interval_sums"]
     else:
         torch.manual_seed(config.seed + rank)  # dropout masks: each process its own stream
+    forward = _forward(net, config.compile, world > 1)
+    cuda_graphs = config.compile == "reduce-overhead"
     log = log if rank == 0 and log is not None else (lambda metrics, step: None)
     loss_sum = torch.full((), carried[0], dtype=torch.float64, device=device)
     targets = torch.full((), carried[1], dtype=torch.float64, device=device)
@@ -423,8 +463,10 @@ def fit(
         x, y = train.batch(step, config.batch_size, config.seed)
         batch_items = y.numel()
         x, y, items = _shard(x, y)
+        if cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # this step may overwrite the last step's graph outputs
         with autocast:
-            loss, _ = loss_fn(net, x, y)
+            loss, _ = loss_fn(forward, x, y)
         optimizer.zero_grad(set_to_none=True)
         weight = items * world / batch_items  # DDP averages gradients: this makes them the global batch's mean
         (loss if weight == 1 else loss * weight).backward()
