@@ -108,11 +108,11 @@ def stage_config(group: str, params: dict, profile: str) -> dict:
 
 
 def setup(group: str) -> tuple[dict, dict]:
-    """(config, machine) for a stage: the merged params of `group`, checked against its schema (schema.ParamsError
-    naming every bad key), and the checked machine description."""
+    """(config, machine) for a stage: the merged params of `group`, checked against its schema and the machine
+    (schema.ParamsError naming every bad key), and the checked machine description."""
     params = load_params()
     info = checked_machine(params)
-    schema.validate(params, group, info["profile"])
+    schema.validate(params, group, info["profile"], info["device"])
     return stage_config(group, params, info["profile"]), info
 
 
@@ -142,12 +142,14 @@ def start_run(
     stage: str, params: dict, info: dict, *, kind: str | None = None, role: str = "main", run_id: str | None = None
 ):
     """tracking.start_run logging `params` (only what the run uses) with the profile and device it ran on, and the
-    stage's profile, role and execution (this process) as tags."""
+    stage's profile, role and execution (this process) as tags. The run's name is `stage:role`, followed by
+    ` compile=<mode>` for a compiled training run (params `compile` other than none)."""
+    mode = params.get("compile", "none")
     return tracking.start_run(
         stage,
         {"profile": info["profile"], "device": info["device"], **params},
         kind=kind,
-        run_name=f"{stage}:{role}",
+        run_name=f"{stage}:{role}" + (f" compile={mode}" if mode != "none" else ""),
         run_id=run_id,
         tags={"profile": info["profile"], "role": role, "execution": EXECUTION},
     )
@@ -215,7 +217,8 @@ def training_run(
 ) -> dict:
     """One training run of the model build() makes (right after seeding with the config's seed), in its own MLflow
     run tagged `role` that logs run_params and every training setting; returns fit()'s final metrics, updated with
-    what after(model, result) returns (called inside the run, e.g. to log a generated sample).
+    what after(model, result) returns (called inside the run, e.g. to log a generated sample). The config's `compile`
+    (training.TrainConfig.compile) applies to every role alike and is logged as a param and a tag.
 
     Under torchrun every process trains and process 0 alone talks to MLflow (and calls `after`). With
     checkpoint_dir, a crashed run resumes from its latest checkpoint and continues its own MLflow run.
@@ -236,6 +239,7 @@ def training_run(
             tracking.set_tags(
                 {
                     **tags,
+                    "compile": settings.compile,
                     "parameters": sum(p.numel() for p in model.parameters()),
                     "processes": distributed.world_size(),
                 }

@@ -16,6 +16,7 @@ import inspect
 import operator
 from collections.abc import Callable, Iterator
 
+from triformer import training
 from triformer.bench.suites import load_suite
 from triformer.data import IMAGE_DATASETS
 from triformer.data.shakespeare import EDITIONS
@@ -233,6 +234,8 @@ LOOP = {
     "checkpoint_every": integer(0),
     "max_checkpoints": integer(1),
 }
+# torch.compile's mode for the training steps of a model and its twin alike (training.TrainConfig.compile).
+COMPILE = one_of(*training.COMPILE_MODES)
 # The MLP's training (train_mlp and the ablation's model runs): the data, the model and the loop's settings.
 TRAINING = {
     "dataset": one_of(*IMAGE_DATASETS),
@@ -266,6 +269,7 @@ TRANSFORMER_RUN = {
     "baseline": boolean,
     "processes": integer(1),
     "keep_checkpoints": boolean,
+    "compile": COMPILE,
 }
 # The ablation's GPT part: a training step of the GPT with one part at a time on torch (triformer.bench.gpt's step).
 ABLATION_GPT = mapping(
@@ -317,6 +321,7 @@ GROUPS = {
             "fused": boolean,
             "baseline": boolean,
             "keep_checkpoints": boolean,
+            "compile": COMPILE,
         },
         required=(*TRAINING_REQUIRED, "backend", "fused"),
     ),
@@ -375,10 +380,22 @@ GROUPS = {
 }
 
 
-def validate(params: dict, group: str, profile: str | None = None) -> None:
+def _machine_problems(group, name: str, profile: str | None, device: str) -> list[str]:
+    """What fits the schema but not the machine the stage runs on (`device`): compile: reduce-overhead off CUDA,
+    named where the active profile takes it from."""
+    if not isinstance(group, dict):
+        return []
+    sub = group.get(profile) if isinstance(group.get(profile), dict) else {}
+    where, mode = (f"{name}.{profile}", sub["compile"]) if "compile" in sub else (name, group.get("compile", "none"))
+    problem = training.compile_problem(mode, device) if mode in training.COMPILE_MODES else None
+    return [f"{where}.compile: {problem}"] if problem else []
+
+
+def validate(params: dict, group: str, profile: str | None = None, device: str | None = None) -> None:
     """Check params.yaml's `group` ("train_mlp", "data.shakespeare", ...) and, for a group with profiles, `common`;
-    required keys are looked for in the group and its `profile` sub-group. Raises one ParamsError naming every
-    problem."""
+    required keys are looked for in the group and its `profile` sub-group. With `device` ("cuda", "cpu"), values
+    the machine cannot run (compile: reduce-overhead off CUDA) are problems too. Raises one ParamsError naming
+    every problem."""
     if group not in GROUPS:
         raise ParamsError(f"no schema for the params group {group!r}: add one to experiments/schema.py")
     names = ["common", group] if GROUPS[group].profiles else [group]
@@ -388,5 +405,7 @@ def validate(params: dict, group: str, profile: str | None = None) -> None:
         for part in section:
             value = value.get(part) if isinstance(value, dict) else None
         problems += GROUPS[name].check(name, value, profile)
+    if device is not None and "compile" in GROUPS[group].keys:
+        problems += _machine_problems(params.get(group), group, profile, device)
     if problems:
         raise ParamsError("\n".join(["params.yaml does not fit its schema:", *(f"  {p}" for p in problems)]))

@@ -3,13 +3,17 @@ logs and uses, params validation, and how runs end when a stage fails or its pro
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 import yaml
 from fake_datasets import write_fashion_mnist
+from harness import ON_GPU
+from torch._dynamo.utils import counters
 
 from triformer import training
 from triformer.data import fashion_mnist
@@ -151,6 +155,8 @@ def setup_error(common, **groups) -> str:
         ("group", "fused", "yes", r"train_mlp\.fused: must be true or false"),
         ("group", "activation", "tanh", r"train_mlp\.activation: must be one of \['relu', 'gelu', 'silu'\]"),
         ("gpu", "hidden_sise", 768, r"train_mlp\.gpu\.hidden_sise: unknown key \(did you mean 'hidden_size'\?\)"),
+        ("group", "compile", "max-autotune", r"train_mlp\.compile: must be one of \['none', 'default', 'reduce-ov"),
+        ("gpu", "compile", True, r"train_mlp\.gpu\.compile: must be one of \['none', 'default', 'reduce-overhead'\]"),
     ],
 )
 def test_a_bad_param_is_one_error_naming_its_key(common, tmp_path, monkeypatch, where, key, value, expected):
@@ -166,6 +172,60 @@ def test_a_bad_param_is_one_error_naming_its_key(common, tmp_path, monkeypatch, 
     message = str(error.value)
     assert len(message.splitlines()) == 2, message  # the heading and this one problem
     assert re.search(expected, message), message
+
+
+@pytest.mark.skipif(ON_GPU, reason="on CUDA reduce-overhead runs")
+@pytest.mark.parametrize("where", ["group", "cpu"])
+def test_reduce_overhead_off_cuda_is_one_error_naming_its_key(common, tmp_path, monkeypatch, where):
+    """CUDA graphs need CUDA: on the CPU (Triton's interpreter) reduce-overhead would be the default mode under
+    another name, so the stage refuses it before any work; the other profile's value is not this machine's."""
+    monkeypatch.chdir(tmp_path)
+    group = train_mlp_params()["train_mlp"]
+    group = (
+        {**group, "compile": "reduce-overhead"}
+        if where == "group"
+        else {**group, where: {"compile": "reduce-overhead"}}
+    )
+    message = setup_error(common, train_mlp={**group, "gpu": {"compile": "reduce-overhead"}})
+    name = "train_mlp" if where == "group" else "train_mlp.cpu"
+    assert message.splitlines()[1:] == [
+        f"  {name}.compile: reduce-overhead records CUDA graphs, which need CUDA; this run is on cpu, where it would "
+        "be the default mode under another name: use compile: default (or none)"
+    ]
+    write_params(train_mlp={**train_mlp_params()["train_mlp"], "gpu": {"compile": "reduce-overhead"}})
+    config, _ = common.setup("train_mlp")
+    assert common.train_config(config).compile == "none"  # the gpu profile's mode is not this run's
+
+
+def test_a_compiled_stage_compiles_model_and_twin_alike_and_says_so(common, project, monkeypatch):
+    """train_mlp with compile: default trains the model and its twin with the same compile mode (what each fit
+    receives), through torch.compile (Dynamo captures graphs), and MLflow holds the mode as a param, a tag and in
+    the run names."""
+    from experiments import train_mlp
+
+    received = []
+    real_fit = training.fit
+    monkeypatch.setattr(
+        training,
+        "fit",
+        lambda model, train, val, config, *a, **k: received.append(config.compile)
+        or real_fit(model, train, val, config, *a, **k),
+    )
+    write_params(**train_mlp_params(compile="default"))
+    torch._dynamo.reset()  # no graph cached by an earlier test: each run captures its own
+    graphs = counters["stats"]["unique_graphs"]
+    train_mlp.main()
+    assert received == ["default", "default"]
+    assert counters["stats"]["unique_graphs"] >= graphs + 2, "model and twin did not both go through torch.compile"
+    runs = {run.data.tags["role"]: run for run in runs_of(project, "train")}
+    assert sorted(runs) == ["baseline", "model"]
+    for role, run in runs.items():
+        assert run.info.status == "FINISHED" and run.data.params["compile"] == "default"
+        assert run.data.tags["compile"] == "default" and run.info.run_name == f"train_mlp:{role} compile=default"
+        assert run.data.metrics["val/accuracy"] >= 0
+    assert {run.data.tags["backend"] for run in runs.values()} == {"triton", "torch"}
+    metrics = json.loads(Path("results/train_mlp/metrics.json").read_text())
+    assert metrics["model"]["val_accuracy"] is not None and metrics["baseline"]["val_accuracy"] is not None
 
 
 def test_every_problem_of_the_group_in_one_error_and_missing_keys(common, tmp_path, monkeypatch):
@@ -194,6 +254,12 @@ def test_the_project_params_fit_their_schema_in_both_profiles(common):
         common.schema.validate(params, group)
     with pytest.raises(common.schema.ParamsError, match=r"train_gpt\.mlp: must be one of \['gelu', 'swiglu'"):
         common.schema.validate({**params, "train_gpt": {**params["train_gpt"], "mlp": "relu"}}, "train_gpt", "gpu")
+    for group in ("train_mlp", "train_gpt", "train_vit"):  # compile: none on both profiles; the three modes known
+        assert params[group]["compile"] == "none" and "compile" not in params[group]["cpu"]
+        for mode in ("default", "reduce-overhead"):
+            common.schema.validate({**params, group: {**params[group], "compile": mode}}, group, "gpu", "cuda")
+        with pytest.raises(common.schema.ParamsError, match=rf"{group}\.gpu\.compile: must be one of \['none'"):
+            common.schema.validate({**params, group: {**params[group], "gpu": {"compile": "on"}}}, group, "gpu")
     bad_variant = {**params["ablation"]["cpu"]["gpt"], "variants": ["triformer", "attn"]}
     with pytest.raises(common.schema.ParamsError, match=r"ablation\.cpu\.gpt: variants: item 1: must be one of"):
         common.schema.validate(
