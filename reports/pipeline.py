@@ -37,6 +37,15 @@ ROOT = Path(os.environ.get("TRIFORMER_ROOT", ".")).resolve()
 FIGURES = ROOT / "reports" / "figures"
 FIGURES.mkdir(parents=True, exist_ok=True)
 MACHINE = json.loads((ROOT / "results" / "machine.json").read_text())
+
+
+def run_label(run: pd.Series) -> str:
+    """e.g. "model (triton)", or "model (triton, compile=reduce-overhead)" for a compiled training run."""
+    mode = run.get("tags.compile")
+    extra = f", compile={mode}" if isinstance(mode, str) and mode not in ("", "none") else ""
+    return f"{run['tags.role']} ({run['tags.backend']}{extra})"
+
+
 mlflow.set_tracking_uri(tracking.tracking_uri())
 client = mlflow.MlflowClient()
 pd.set_option("display.max_colwidth", 120)
@@ -261,7 +270,7 @@ if train.empty:
 else:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.2))
     for _, run in train.iterrows():
-        label = f"{run['tags.role']} ({run['tags.backend']})"
+        label = run_label(run)
         for ax, key in zip(axes, ["train/loss", "val/accuracy", "perf/images_per_s"]):
             history = client.get_metric_history(run["run_id"], key)
             ax.plot(
@@ -323,7 +332,7 @@ def curves(runs: pd.DataFrame, keys: list[str], title: str, name: str) -> None:
                 [m.step for m in history],
                 [m.value for m in history],
                 marker="." if len(history) < 30 else None,
-                label=f"{run['tags.role']} ({run['tags.backend']})",
+                label=run_label(run),
             )
             ax.set_title(key)
     axes[0].legend()
@@ -397,7 +406,7 @@ else:
             text = mlflow.artifacts.load_text(f"runs:/{run['run_id']}/sample.txt")
         except (OSError, mlflow.exceptions.MlflowException):
             text = "(artifact out of reach: see results/train_gpt/sample.txt)"
-        display(Markdown(f"**Sample, {run['tags.role']} ({run['tags.backend']}):**"))
+        display(Markdown(f"**Sample, {run_label(run)}:**"))
         display(HTML(f"<pre>{html.escape(text)}</pre>"))
 
 # %% [markdown]
