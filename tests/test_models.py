@@ -410,6 +410,7 @@ def test_gpt_bench_graphed_provider_rows(seed):
         assert math.isfinite(row["ms"]) and row["ms"] > 0 and row["tokens_per_s"] > 0 and row["rate"] > 0, row
         assert math.isfinite(row["peak_mib"]) and row["peak_mib"] > 0, row
         assert row["gpu_ms"] > 0 or (math.isnan(row["gpu_ms"]) and row["note"] == gpt_bench.NO_GRAPH_KERNELS), row
+        assert gpt_bench.CUDAGRAPH_SKIPPED not in row["note"], row  # reduce-overhead really ran CUDA graphs
 
 
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")

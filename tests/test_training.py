@@ -338,10 +338,12 @@ def test_a_compiled_run_matches_eager_and_resumes_uncompiled(tmp_path, mode):
 
     reference, expected = run("none")
     torch._dynamo.reset()  # no graph cached by an earlier test: the compiled run captures its own
-    graphs = counters["stats"]["unique_graphs"]
+    graphs, skips = counters["stats"]["unique_graphs"], counters["inductor"]["cudagraph_skips"]
     with pytest.raises(Crash):
         run(mode, tmp_path, crash=True)
     assert counters["stats"]["unique_graphs"] > graphs, "the compiled run captured no graph"
+    if mode == "reduce-overhead":  # Inductor falls back to no CUDA graphs with a log line only
+        assert counters["inductor"]["cudagraph_skips"] == skips, "Inductor skipped CUDA graphs (TORCH_LOGS=cudagraphs)"
     state = training.load_checkpoint(training.latest_checkpoint(tmp_path))
     assert state["step"] == 3 and state["config"]["compile"] == mode
     assert list(state["model"]) == list(reference.state_dict())

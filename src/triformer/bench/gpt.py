@@ -20,7 +20,9 @@ A row: ms (wall time per step over `steps` steps after `warmup`, host included: 
 the profiler records no GPU work of a graph replay), tokens_per_s, rate in model TFLOP/s (PaLM's 6·N + 12·L·C·T FLOPs
 per token, so the bench stage's fraction of the bf16 matmul ceiling is the MFU), peak_mib (the step's peak allocated
 memory: weights, gradients, optimizer state and activations; for the graphed providers the peak from building the
-model on, since a graph allocates its activations once, at capture, and replays reuse them).
+model on, since a graph allocates its activations once, at capture, and replays reuse them). reduce-overhead rows
+warm up at least RECORD_WARMUP steps (no recording timed) and carry the note CUDAGRAPH_SKIPPED where Inductor ran a
+graph of the step without CUDA graphs.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import math
 import time
 
 import torch
+from torch._dynamo.utils import counters
 from tqdm import tqdm
 
 from ..models import GPT, GPTConfig
@@ -50,6 +53,8 @@ PROVIDERS = (
 OP, MODE = "gpt_train_step", "fwd+bwd+adamw"
 GRAPH_CUDA_ONLY = "CUDA graph and reduce-overhead providers run on CUDA only (a CUDA graph captures CUDA work)"
 NO_GRAPH_KERNELS = "the profiler recorded no GPU work of the graph replay: gpu_ms not measured"
+CUDAGRAPH_SKIPPED = "Inductor ran part of the step without CUDA graphs (TORCH_LOGS=cudagraphs says why)"
+RECORD_WARMUP = 2  # reduce-overhead: cudagraph trees run a graph eagerly on its first call and record it on the second
 CAPTURE_WARMUP = 3  # eager steps on a side stream before the capture: tuner picks, compiled kernels, optimizer state
 
 
@@ -132,7 +137,7 @@ class GraphedStep:
         self.idx, self.targets = _tokens(model.config, batch_size, "cuda")
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, fused=True, capturable=True)
         self.autocast = torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32, cache_enabled=False)
-        start = [p.detach().clone() for p in model.parameters()]
+        start = [p.detach().cpu() for p in model.parameters()]  # on the host: no weight copy in the peak
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -244,14 +249,20 @@ def run(
         fields = {k: v for k, v in entry.items() if k not in ("name", "batch_size")}
         config, batch, name = GPTConfig(**fields), entry["batch_size"], shape_name(entry)
         graphed = cuda_graphed(provider)
+        # the recording call of reduce-overhead is warm-up, never a timed step
+        warmed = max(warmup, RECORD_WARMUP) if provider.endswith("(reduce-overhead)") else warmup
         try:
             if graphed and device == "cuda":
                 torch.cuda.reset_peak_memory_stats()  # the capture allocates what every replay uses
+            skips = counters["inductor"]["cudagraph_skips"]
             model, step = provider_step(provider, config, device, dtype, batch, seed)
-            ms, peak = step_ms(step, device, steps, warmup, reset_peak=not graphed)
-            gpu_ms, note = kernel_ms(step, profile_steps), ""
+            ms, peak = step_ms(step, device, steps, warmed, reset_peak=not graphed)
+            gpu_ms, notes = kernel_ms(step, profile_steps), []
             if graphed and not gpu_ms > 0:
-                gpu_ms, note = math.nan, NO_GRAPH_KERNELS
+                gpu_ms, notes = math.nan, [NO_GRAPH_KERNELS]
+            if counters["inductor"]["cudagraph_skips"] > skips:
+                notes.append(CUDAGRAPH_SKIPPED)
+            note = "; ".join(notes)
             tokens, flops = batch * config.block_size, model.flops_per_token(config.block_size)
             rows.append(_row(name, dtype, provider, ms, gpu_ms, tokens, flops, peak, note=note))
         except Exception as exc:  # the row says why (e.g. a compile failure on this host)
