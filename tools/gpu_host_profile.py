@@ -3,8 +3,10 @@ each call long before the host launches the next (so wall time per call = host c
 
 1. Every public op, forward (no_grad) and forward+backward (autograd.grad), ours against its PyTorch counterpart,
    µs per call; ours also through the dispatcher (torch.ops.triformer.*, as torch.compile and dispatch modes call
-   it) beside the eager fast path that plain calls take (functional._library).
-2. Launch paths: a bare Triton launch, a launcher, the norm kernels, the Gluon and Triton matmul launches.
+   it) beside the eager fast path that plain calls take (functional._library), and with every launch through
+   Triton's JITFunction.run instead of the recorded fast launch (kernels/_launch.py, "T-run" columns).
+2. Launch paths: a bare Triton launch (through JITFunction.run, through _launch.launch, the compiled kernel's
+   launcher, the C launch alone), a launcher, the norm kernels, the Gluon and Triton matmul launches.
 3. cProfile of our heaviest paths.
 
 Run: python tools/gpu_host_profile.py [--calls N]
@@ -23,7 +25,8 @@ import triton.language as tl
 
 import triformer.functional as TF
 from triformer.functional._library import through_dispatcher
-from triformer.kernels import matmul_tma, norms
+from triformer.kernels import _launch, matmul_tma, norms
+from triformer.kernels._runtime import overridden
 from triformer.kernels.matmul import matmul
 from triformer.kernels.reductions import column_sum
 from triformer.nn.rope import torch_rope
@@ -117,27 +120,24 @@ def fwd_bwd(fn, inputs):
 
 
 def op_table(calls: int) -> None:
-    columns = ("fwd ours", "fwd torch", "ratio", "f+b ours", "f+b disp.", "f+b torch", "ratio")
-    print(f"\n{'op (µs per call)':24s}" + "".join(f"{c:>11s}" for c in columns))
+    columns = ("fwd ours", "fwd T-run", "fwd torch", "ratio", "f+b ours", "f+b T-run", "f+b disp.", "f+b torch")
+    print(f"\n{'op (µs per call)':24s}" + "".join(f"{c:>11s}" for c in columns) + f"{'ratio':>11s}")
     for name, (ours, theirs, inputs) in op_cases().items():
         with torch.no_grad():
             fwd_ours, fwd_torch = per_call_us(ours, calls), per_call_us(theirs, calls)
+            with overridden(_launch, FAST=False):
+                fwd_triton_run = per_call_us(ours, calls)
         both_ours = per_call_us(fwd_bwd(ours, inputs), calls)
+        with overridden(_launch, FAST=False):
+            both_triton_run = per_call_us(fwd_bwd(ours, inputs), calls)
         with through_dispatcher():
             both_dispatched = per_call_us(fwd_bwd(ours, inputs), calls)
         both_torch = per_call_us(fwd_bwd(theirs, inputs), calls)
-        row = (
-            fwd_ours,
-            fwd_torch,
-            fwd_ours / fwd_torch,
-            both_ours,
-            both_dispatched,
-            both_torch,
-            both_ours / both_torch,
-        )
+        row = (fwd_ours, fwd_triton_run, fwd_torch, fwd_ours / fwd_torch, both_ours, both_triton_run)
+        row += (both_dispatched, both_torch, both_ours / both_torch)
         print(
             f"{name:24s}"
-            + "".join(f"{value:11.2f}" if i in (2, 6) else f"{value:11.1f}" for i, value in enumerate(row)),
+            + "".join(f"{value:11.2f}" if i in (3, 8) else f"{value:11.1f}" for i, value in enumerate(row)),
             flush=True,
         )
 
@@ -154,10 +154,37 @@ def launch_cases() -> dict:
     mean, rstd = torch.empty(256, device=DEVICE), torch.empty(256, device=DEVICE)
     _, x2, mean_s, rstd_s = norms.norm_forward(x, w, b, 1e-5, True)
     part = torch.randn(2, 16, 256, device=DEVICE)
+    empty_args = (x, x, x, x, x, x, x, 256, 256, 256, 256, 1, 256, 1)
+    compiled = _empty_kernel[(1,)](*empty_args, FLAG=True)
+    c_launch = compiled.run.launch
+
+    def stream():
+        return torch._C._cuda_getCurrentRawStream(torch.cuda.current_device())
+
     cases = {
         "torch.empty_like": lambda: torch.empty_like(x),
-        "triton empty kernel (7 ptr, 7 int)": lambda: _empty_kernel[(1,)](
-            x, x, x, x, x, x, x, 256, 256, 256, 256, 1, 256, 1, FLAG=True
+        "triton empty kernel (7 ptr, 7 int)": lambda: _empty_kernel[(1,)](*empty_args, FLAG=True),
+        "  the same through _launch.launch": lambda: _launch.launch(_empty_kernel, (1,), *empty_args, FLAG=True),
+        "  the same, compiled kernel's launcher": lambda: compiled.run(
+            1, 1, 1, stream(), compiled.function, compiled.packed_metadata, None, None, None, *empty_args, True
+        ),
+        "  the same, the C launch alone": lambda: c_launch(
+            1,
+            1,
+            1,
+            stream(),
+            compiled.function,
+            False,
+            False,
+            compiled.packed_metadata,
+            None,
+            None,
+            None,
+            None,
+            None,
+            compiled.run.arg_annotations,
+            compiled.run.kernel_signature,
+            (*empty_args, True),
         ),
         "norm fwd kernel, direct launch": lambda: norms._norm_forward_kernel[(256,)](
             x,

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch
 from ._runtime import cdiv, device_properties, interpreter_active, next_power_of_2, overridden
 
 # Widest row block held in registers; wider rows loop. Tests lower it (row_block_cap) to run the looping path on
@@ -121,7 +122,7 @@ def launch_rows(
     where several rows share a program."""
     if n_rows and n_cols:
         meta = launch_meta(n_rows, n_cols, wide_row_warps, gpu_tile, shared_row_warps, row_elements_per_thread)
-        kernel[(cdiv(n_rows, meta["BLOCK_M"]),)](*args, **flags, **meta)
+        launch(kernel, (cdiv(n_rows, meta["BLOCK_M"]),), *args, **flags, **meta)
 
 
 # Warps of a register-heavy loop-over-rows kernel (the norms' backward) that stay resident on one SM together.

@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch
 from ._runtime import cdiv, interpreter_active, new_empty, next_power_of_2
 from ._tiles import autotune_enabled, launch_tuned
 from .matmul import _input_precision, _load_tile
@@ -729,7 +730,7 @@ def _launch(name: str, kernel, grid, args: tuple, flags: dict, key: tuple, meta:
     tile (TRIFORMER_AUTOTUNE=0) or the tuner's pick for this key (b, h, h_kv, s, d, dtype, causal)."""
 
     def run(cfg):
-        kernel[grid(cfg)](*args, **flags, **cfg)
+        launch(kernel, grid(cfg), *args, **flags, **cfg)
 
     if meta is not None:
         run(meta)
@@ -822,8 +823,20 @@ def attention_backward(
     group = h // h_kv
     delta = new_empty((b, h, s), like=q, dtype=torch.float32)
     block_d = _block_d(d)
-    _delta_kernel[(cdiv(s, _DELTA_ROWS), b * h)](
-        o, do, delta, *_strides(o), *_strides(do), h, s, d, BLOCK_M=_DELTA_ROWS, BLOCK_D=block_d, num_warps=4
+    launch(
+        _delta_kernel,
+        (cdiv(s, _DELTA_ROWS), b * h),
+        o,
+        do,
+        delta,
+        *_strides(o),
+        *_strides(do),
+        h,
+        s,
+        d,
+        BLOCK_M=_DELTA_ROWS,
+        BLOCK_D=block_d,
+        num_warps=4,
     )
     flags, key = _common_flags(q, causal), _key(q, k, causal)
     dq = dk = dv = None

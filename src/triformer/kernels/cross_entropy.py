@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch
 from ._rows import online_softmax_update, row_tiling
 from ._runtime import cdiv, new_empty, next_power_of_2
 
@@ -162,8 +163,16 @@ def count_targets(targets: torch.Tensor, v: int, ignore_index: int) -> torch.Ten
     the first of these (0 when none is), for integer targets [M]; one launch."""
     targets = targets.contiguous()  # read at unit stride
     counts = torch.empty(3, device=targets.device, dtype=torch.int64)
-    _count_targets_kernel[(1,)](
-        targets, counts, targets.shape[0], v, ignore_index, BLOCK=_COUNT_BLOCK, num_warps=_COUNT_WARPS
+    launch(
+        _count_targets_kernel,
+        (1,),
+        targets,
+        counts,
+        targets.shape[0],
+        v,
+        ignore_index,
+        BLOCK=_COUNT_BLOCK,
+        num_warps=_COUNT_WARPS,
     )
     return counts
 
@@ -193,7 +202,9 @@ def cross_entropy_forward(
     g = logits if grad is None else grad
     for first in range(0, m, rows_per_chunk):
         last = min(m, first + rows_per_chunk)
-        _cross_entropy_kernel[(cdiv(last - first, meta["BLOCK_M"]),)](
+        launch(
+            _cross_entropy_kernel,
+            (cdiv(last - first, meta["BLOCK_M"]),),
             logits[first:last],
             targets[first:last],
             losses[first:last],
@@ -224,5 +235,5 @@ def scale_rows_(g: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         stride_s = 0 if scale.dim() == 0 else scale.stride(0)
         # One program a row (not one a block of a row): where scale is 1 (loss.backward() of a mean or sum), as
         # few programs as rows load it and return.
-        _scale_rows_kernel[(m,)](g, scale, m, v, g.stride(0), g.stride(1), stride_s, BLOCK_N=block)
+        launch(_scale_rows_kernel, (m,), g, scale, m, v, g.stride(0), g.stride(1), stride_s, BLOCK_N=block)
     return g

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch
 from ._runtime import cdiv, new_empty
 
 # Part of the mask's definition (see above): changing it changes every mask drawn from a given seed.
@@ -63,7 +64,9 @@ def dropout(x: torch.Tensor, p: float, seed: int | torch.Tensor) -> torch.Tensor
     if n:
         scale = 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
         threshold = round(p * 2**16)
-        _dropout_kernel[(cdiv(n, 8 * BLOCK),)](
+        launch(
+            _dropout_kernel,
+            (cdiv(n, 8 * BLOCK),),
             x,
             y,
             n,

@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch
 from ._runtime import cdiv, new_empty
 from .activation import activation_code, activation_derivative, apply_activation
 
@@ -52,15 +53,23 @@ def _grid(total: int):
 def bias_add(z: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """z + bias for contiguous z [M, N] and bias [N] of any stride (read at unit stride: copied if it has another)."""
     out = new_empty(z.shape, like=z)
-    _bias_add_kernel[_grid(z.numel())](z, bias.contiguous(), out, z.numel(), z.shape[-1], BLOCK=ELEMENTWISE_BLOCK)
+    launch(
+        _bias_add_kernel, _grid(z.numel()), z, bias.contiguous(), out, z.numel(), z.shape[-1], BLOCK=ELEMENTWISE_BLOCK
+    )
     return out
 
 
 def activation_forward(z: torch.Tensor, activation: str | None) -> torch.Tensor:
     """act(z) for contiguous z."""
     out = new_empty(z.shape, like=z)
-    _activation_forward_kernel[_grid(z.numel())](
-        z, out, z.numel(), ACT=activation_code(activation), BLOCK=ELEMENTWISE_BLOCK
+    launch(
+        _activation_forward_kernel,
+        _grid(z.numel()),
+        z,
+        out,
+        z.numel(),
+        ACT=activation_code(activation),
+        BLOCK=ELEMENTWISE_BLOCK,
     )
     return out
 
@@ -68,7 +77,14 @@ def activation_forward(z: torch.Tensor, activation: str | None) -> torch.Tensor:
 def activation_backward(dy: torch.Tensor, z: torch.Tensor, activation: str | None) -> torch.Tensor:
     """dy ⊙ act'(z) for contiguous dy and z of one shape."""
     dz = new_empty(z.shape, like=z)
-    _activation_backward_kernel[_grid(z.numel())](
-        dy, z, dz, z.numel(), ACT=activation_code(activation), BLOCK=ELEMENTWISE_BLOCK
+    launch(
+        _activation_backward_kernel,
+        _grid(z.numel()),
+        dy,
+        z,
+        dz,
+        z.numel(),
+        ACT=activation_code(activation),
+        BLOCK=ELEMENTWISE_BLOCK,
     )
     return dz

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch
 from ._runtime import cdiv, interpreter_active, new_empty, next_power_of_2, overridden
 from .activation import _sigmoid, _tanh, activation_code
 
@@ -128,7 +129,19 @@ def gated_forward(x: torch.Tensor, activation: str) -> torch.Tensor:
     h = new_empty((m, n), like=x)
     if m and n:
         grid, meta = launch_config(m, n)
-        _gated_forward_kernel[grid](x, h, m, n, x.stride(0), x.stride(1), n, ACT=activation_code(activation), **meta)
+        launch(
+            _gated_forward_kernel,
+            grid,
+            x,
+            h,
+            m,
+            n,
+            x.stride(0),
+            x.stride(1),
+            n,
+            ACT=activation_code(activation),
+            **meta,
+        )
     return h
 
 
@@ -140,7 +153,18 @@ def gated_backward(dh: torch.Tensor, x: torch.Tensor, activation: str, dx: torch
         dx = new_empty(x.shape, like=x)
     if m and n:
         grid, meta = launch_config(m, n)
-        _gated_backward_kernel[grid](
-            dh, x, dx, m, n, *dh.stride(), *x.stride(), *dx.stride(), ACT=activation_code(activation), **meta
+        launch(
+            _gated_backward_kernel,
+            grid,
+            dh,
+            x,
+            dx,
+            m,
+            n,
+            *dh.stride(),
+            *x.stride(),
+            *dx.stride(),
+            ACT=activation_code(activation),
+            **meta,
         )
     return dx

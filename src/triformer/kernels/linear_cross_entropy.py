@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from . import matmul_tma
+from ._launch import launch
 from ._runtime import cdiv, device_properties, interpreter_active, new_empty
 from ._tiles import fitting_configs, fixed_config, grouped_tile, launch_tuned
 from ._tma import load_tile, operand_descriptors, tile_counts, use_descriptor_memory
@@ -196,7 +197,9 @@ def launch_tma(views, c, d, alpha, meta: dict, num_sms: int) -> None:
     K = a_view.shape[0] if a_trans else a_view.shape[1]
     use_descriptor_memory()
     tiles = cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])
-    _accumulate_tma_kernel[(min(num_sms, tiles),)](
+    launch(
+        _accumulate_tma_kernel,
+        (min(num_sms, tiles),),
         a_view,
         b_view,
         d if c is None else c,
@@ -221,7 +224,9 @@ def launch_pointer(a, b, c, d, alpha, meta: dict) -> None:
     M, K = a.shape
     N = b.shape[1]
     grid = (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
-    _accumulate_kernel[grid](
+    launch(
+        _accumulate_kernel,
+        grid,
         a,
         b,
         d if c is None else c,

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from . import matmul_tma
+from ._launch import launch
 from ._runtime import cdiv, interpreter_active, new_empty, overridden
 from ._tiles import add_bias, fitting_configs, fixed_config, grouped_tile, launch_tuned
 from .activation import activation_code, apply_activation
@@ -124,7 +125,7 @@ FORCED_CONFIG: triton.Config | None = None
 def _launch(args, flags, M: int, N: int, K: int) -> None:
     def run(meta):
         grid = (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
-        _matmul_kernel[grid](*args, **flags, **_even_flags(meta, M, N, K), **meta)
+        launch(_matmul_kernel, grid, *args, **flags, **_even_flags(meta, M, N, K), **meta)
 
     if interpreter_active():
         run(_INTERPRETER_META)

@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _launch
 from ._runtime import cdiv, device_properties, interpreter_active, overridden
 from ._tiles import add_bias, fitting_configs, fixed_config, grouped_tile, launch_tuned
 from ._tma import (
@@ -412,12 +413,29 @@ def launch_on(args: tuple, flags: dict, meta: dict, num_sms: int) -> None:
     whole = tiles if split == 1 else min(meta["WHOLE_TILES"], tiles)
     cut = tiles - whole
     if whole:
-        _matmul_tma_kernel[(min(num_sms, whole),)](
-            a, b, c, preact, bias, c, *args[5:], 0, whole, 1, **flags, NUM_SMS=num_sms, PARTIAL=False, **tile_meta
+        _launch.launch(
+            _matmul_tma_kernel,
+            (min(num_sms, whole),),
+            a,
+            b,
+            c,
+            preact,
+            bias,
+            c,
+            *args[5:],
+            0,
+            whole,
+            1,
+            **flags,
+            NUM_SMS=num_sms,
+            PARTIAL=False,
+            **tile_meta,
         )
     if cut:
         partial = torch.empty((cut * split * block_m, block_n), device=c.device, dtype=torch.float32)
-        _matmul_tma_kernel[(min(num_sms, cut * split),)](
+        _launch.launch(
+            _matmul_tma_kernel,
+            (min(num_sms, cut * split),),
             a,
             b,
             c,
@@ -434,7 +452,9 @@ def launch_on(args: tuple, flags: dict, meta: dict, num_sms: int) -> None:
             **_partial_launch_meta(tile_meta),
         )
         sum_m, sum_n = min(32, block_m), min(128, block_n)
-        _split_k_sum_kernel[(cut, block_m // sum_m, block_n // sum_n)](
+        _launch.launch(
+            _split_k_sum_kernel,
+            (cut, block_m // sum_m, block_n // sum_n),
             partial,
             c,
             preact,

@@ -39,6 +39,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from . import _launch
 from ._tiles import grouped_tile
 from .activation import apply_activation
 
@@ -390,7 +391,9 @@ def launch(
     c_descs = [_descriptor(c, [rows, n]) for n in (n0, n1)]
     preact_descs = [None, None] if preact is None else [_descriptor(preact, [rows, n]) for n in (n0, n1)]
     tiles = triton.cdiv(M, BLOCK_M) * triton.cdiv(N, n0 + n1)
-    _linear_ws_kernel[(min(num_sms, tiles),)](
+    _launch.launch(
+        _linear_ws_kernel,
+        (min(num_sms, tiles),),
         _descriptor(x, [BLOCK_M, BLOCK_K]),
         _descriptor(w, [n0, BLOCK_K]),
         _descriptor(w, [n1, BLOCK_K]),

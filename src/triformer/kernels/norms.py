@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch
 from ._rows import WIDE_ROW, as_rows, launch_rows, persistent_programs, row_tiling
 from ._runtime import cdiv, new_empty
 from .reductions import column_sum
@@ -415,7 +416,9 @@ def norm_backward_sums(
         if meta["ONE_BLOCK"]
         else torch.zeros(shape, device=x2.device, dtype=torch.float32)
     )
-    _norm_backward_kernel[(programs,)](
+    launch(
+        _norm_backward_kernel,
+        (programs,),
         dy2,
         x2,
         x2 if weight is None else weight,

@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch
 from ._runtime import cdiv, new_empty, next_power_of_2, overridden
 from .activation import activation_code, activation_derivative
 
@@ -92,7 +93,7 @@ def gated_column_sum(dy: torch.Tensor, gate: torch.Tensor, activation: str | Non
         gate=gate,
         gated=dz,
         gate_act=activation_code(activation),
-        launch=dict(BLOCK_M=GATED_BLOCK_M, BLOCK_N=GATED_BLOCK_N, num_warps=GATED_WARPS),
+        tiling=dict(BLOCK_M=GATED_BLOCK_M, BLOCK_N=GATED_BLOCK_N, num_warps=GATED_WARPS),
     )
 
 
@@ -111,18 +112,20 @@ def _whole_column_launch(rows: int) -> dict:
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8 if block_m * block_n >= 8192 else 4)
 
 
-def _column_sum(x, dtype, rows_per_program, gate=None, gated=None, gate_act=0, launch=_COLUMN_SUM_LAUNCH):
+def _column_sum(x, dtype, rows_per_program, gate=None, gated=None, gate_act=0, tiling=_COLUMN_SUM_LAUNCH):
     planes = x.reshape(x.shape[:-2].numel(), x.shape[-2], x.shape[-1])
     P, M, N = planes.shape
     if not (P and M and N):  # M = 0 (an empty batch) sums to zeros; an empty tensor may have no storage to pass
         return torch.zeros((*x.shape[:-2], N), device=x.device, dtype=dtype)
     if gate is None and M <= _WHOLE_COLUMN_MAX_ROWS:
-        rows_per_program, launch = max(M, 1), _whole_column_launch(M)
+        rows_per_program, tiling = max(M, 1), _whole_column_launch(M)
     chunks = max(1, cdiv(M, rows_per_program))
     # A program sweeps its rows in whole blocks: blocks must not reach into the next program's rows.
-    assert chunks == 1 or rows_per_program % launch["BLOCK_M"] == 0, (rows_per_program, launch["BLOCK_M"])
+    assert chunks == 1 or rows_per_program % tiling["BLOCK_M"] == 0, (rows_per_program, tiling["BLOCK_M"])
     out = new_empty((P, chunks, N), like=x, dtype=dtype if chunks == 1 else torch.float32)
-    _column_sum_kernel[(cdiv(N, launch["BLOCK_N"]), chunks, P)](
+    launch(
+        _column_sum_kernel,
+        (cdiv(N, tiling["BLOCK_N"]), chunks, P),
         planes,
         planes if gate is None else gate,
         planes if gated is None else gated,
@@ -131,7 +134,7 @@ def _column_sum(x, dtype, rows_per_program, gate=None, gated=None, gate_act=0, l
         N,
         rows_per_program,
         GATE_ACT=gate_act,
-        **launch,
+        **tiling,
     )
     if chunks > 1:
         out = _column_sum(out, dtype, rows_per_program)

@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch
 from ._runtime import cdiv, device_properties, interpreter_active, new_empty, next_power_of_2, overridden
 
 # Elements (positions × D) of one head's tile on a GPU; the interpreter runs programs one after another in numpy
@@ -192,7 +193,9 @@ def rotate(
     q_in, qo = (q, q_out) if q is not None else (k, k_out)  # placeholders where a tensor is absent (0 heads)
     k_in, ko = (k, k_out) if k is not None else (q, q_out)
     grid, per_program, meta = launch_config(batch, seq, half, hq + hk, present.device)
-    _rope_kernel[grid](
+    launch(
+        _rope_kernel,
+        grid,
         q_in,
         k_in,
         qo,
