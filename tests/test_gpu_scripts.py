@@ -67,7 +67,7 @@ def test_gpu_kernels_sh_installs_each_calls_wheels_into_a_fresh_folder(tmp_path)
     assert len(folders) == 2 and all(folder.parent == tmp for folder in folders)
 
 
-@pytest.mark.parametrize("script", ["gpu_kernels.sh", "gpu_pipeline.sh"])
+@pytest.mark.parametrize("script", ["gpu_kernels.sh", "gpu_pipeline.sh", "gpu_train.sh"])
 def test_no_gpu_script_names_a_fixed_site_folder(script):
     text = (ROOT / "tools" / script).read_text()
     assert "/tmp/site" not in text and 'mktemp -d "${TMPDIR:-/tmp}/site.XXXXXX"' in text

@@ -32,6 +32,23 @@ def test_matches_nn_linear_mlp_with_same_weights(fused, activation, seed):
         assert_close(p.grad, p_ref.grad, torch.float32, f"grad of {name}", tol=1e-5)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+def test_a_nan_pixel_gives_nan_logits_and_loss_as_in_torch(fused, seed):
+    """Corrupted data does not pass silently: a NaN pixel makes its image's logits, the mean loss and the weight
+    gradients NaN, as in the nn.Linear twin; the other images' logits stay finite."""
+    ours, ref = twin_models(fused)
+    images = torch.randn(4, 3, 5, 5, device=DEVICE)
+    images[1, 0, 2, 2] = float("nan")
+    labels = torch.randint(0, 10, (4,), device=DEVICE)
+    out, out_ref = ours(images), ref(images)
+    assert torch.equal(torch.isnan(out), torch.isnan(out_ref))
+    assert torch.isnan(out[1]).all() and torch.isfinite(out[[0, 2, 3]]).all()
+    loss = torch.nn.functional.cross_entropy(out, labels)
+    assert torch.isnan(loss)
+    loss.backward()
+    assert torch.isnan(ours.fc1.weight.grad).any()
+
+
 def test_learns_a_fixed_batch(seed):
     model = TritonMLP(3 * 5 * 5, 10, hidden_size=16).to(DEVICE)
     images = torch.randn(32, 3, 5, 5, device=DEVICE)
