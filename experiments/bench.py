@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from triformer import tracking
+from triformer.bench.host import empty_like_calls_per_s
 from triformer.bench.suites import load_suite, with_fractions
 from triformer.bench.timing import copy_bandwidth_gbps, matmul_tflops
 
@@ -37,7 +38,7 @@ COLUMNS = [
     "fraction_of_ceiling",
     "gpu_fraction_of_ceiling",
 ]
-METRIC_OF_UNIT = {"TFLOP/s": "perf/tflops", "GB/s": "perf/gbps"}
+METRIC_OF_UNIT = {"TFLOP/s": "perf/tflops", "GB/s": "perf/gbps", "calls/s": "perf/calls_per_s"}
 
 
 def summary(rows: list[dict]) -> dict:
@@ -66,8 +67,15 @@ def main() -> None:
         device, dtype = info["device"], getattr(torch, config["dtype"])
         params = {**common.used(config, "suites", "dtype"), **{name: config.get(name, {}) for name in config["suites"]}}
         with common.start_run("bench", params, info):
-            ceilings = {"GB/s": copy_bandwidth_gbps(device), "TFLOP/s": matmul_tflops(device)}
-            print(f"ceilings: copy {ceilings['GB/s']:.1f} GB/s, matmul {ceilings['TFLOP/s']:.2f} TFLOP/s")
+            ceilings = {
+                "GB/s": copy_bandwidth_gbps(device),
+                "TFLOP/s": matmul_tflops(device),
+                "calls/s": empty_like_calls_per_s(device),
+            }
+            print(
+                f"ceilings: copy {ceilings['GB/s']:.1f} GB/s, matmul {ceilings['TFLOP/s']:.2f} TFLOP/s, "
+                f"host {ceilings['calls/s']:.0f} torch.empty_like calls/s"
+            )
             rows, missing = [], []
             for name in config["suites"]:
                 suite = load_suite(name)
@@ -80,7 +88,11 @@ def main() -> None:
             common.write_json(
                 OUT / "metrics.json",
                 {
-                    "ceiling": {"copy_gbps": ceilings["GB/s"], "matmul_tflops": ceilings["TFLOP/s"]},
+                    "ceiling": {
+                        "copy_gbps": ceilings["GB/s"],
+                        "matmul_tflops": ceilings["TFLOP/s"],
+                        "empty_like_calls_per_s": ceilings["calls/s"],
+                    },
                     "suites_run": [s for s in config["suites"] if s not in missing],
                     "suites_missing": missing,
                     "rows": len(rows),
@@ -88,7 +100,13 @@ def main() -> None:
                     "run": common.label(info),
                 },
             )
-            tracking.log_metrics({"ceiling/gbps": ceilings["GB/s"], "ceiling/tflops": ceilings["TFLOP/s"]})
+            tracking.log_metrics(
+                {
+                    "ceiling/gbps": ceilings["GB/s"],
+                    "ceiling/tflops": ceilings["TFLOP/s"],
+                    "ceiling/calls_per_s": ceilings["calls/s"],
+                }
+            )
             tracking.log_metrics({key: value for row in rows for key, value in row_metrics(row).items()})
             tracking.set_tags({"suites_missing": ",".join(missing) or "none"})
             tracking.log_artifact(OUT / "bench.csv")

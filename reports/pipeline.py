@@ -222,6 +222,12 @@ else:
             display(
                 ok.pivot_table(index=["op", "mode", "shape"], columns="provider", values="gpu_ms", sort=False).round(4)
             )
+        host = ok[ok["op"] == "host"]
+        if not host.empty:  # the host suite: µs per call, ours against torch (bench/host.py)
+            display(Markdown("Host time per call, µs (under Triton's interpreter this times the interpreter):"))
+            per_call = host.pivot_table(index=["shape", "mode"], columns="provider", values="ms", sort=False) * 1e3
+            per_call["triformer ÷ torch"] = per_call["triformer"] / per_call["torch"]
+            display(per_call.round(2))
         if "error" in rows and rows["error"].notna().any():
             display(Markdown("Providers that did not run:"))
             display(rows[rows["error"].notna()][["case", "provider", "error"]])

@@ -56,3 +56,30 @@ def test_timings_of_uncapturable_code_take_the_profilers_gpu_time(monkeypatch):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU run's bookkeeping")
 def test_kernel_ms_has_no_gpu_time_on_the_cpu():
     assert math.isnan(timing.kernel_ms(lambda: None))
+
+
+def test_host_suite_times_every_op_both_ways_for_every_provider(monkeypatch):
+    """Rows for every op × mode × provider; the "Triton launch" provider really runs with the fast launch off."""
+    from harness import DEVICE
+
+    from triformer.bench import host
+    from triformer.kernels import _launch
+
+    fast_seen = []
+    real = host.per_call_ms
+
+    def spy(fn, calls, warmup=20):
+        fast_seen.append(_launch.FAST)
+        return real(fn, calls, warmup)
+
+    monkeypatch.setattr(host, "per_call_ms", spy)
+    size = dict(rows=4, width=16, vocab=24, heads=2, seq=8, head_dim=16)
+    ops = ["linear relu", "layer_norm", "swiglu"]
+    rows = host.run(calls=1, warmup=1, size=size, dtype=torch.float32, device=DEVICE, progress=False, ops=ops)
+    assert len(rows) == len(ops) * 2 * len(host.PROVIDERS)
+    assert {(r["shape"], r["mode"], r["provider"]) for r in rows} == {
+        (f"{op} (4x16)", mode, provider) for op in ops for mode in ("fwd", "fwd+bwd") for provider in host.PROVIDERS
+    }
+    assert all(r["op"] == "host" and r["unit"] == "calls/s" and r["ms"] > 0 for r in rows)
+    assert all(math.isclose(r["rate"], 1e3 / r["ms"]) for r in rows)
+    assert fast_seen == [p != "triformer (Triton launch)" for _ in ops for _ in range(2) for p in host.PROVIDERS]

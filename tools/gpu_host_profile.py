@@ -16,107 +16,28 @@ import argparse
 import contextlib
 import cProfile
 import pstats
-import time
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-import triformer.functional as TF
+from triformer.bench import host
+from triformer.bench.host import fwd_bwd
 from triformer.functional._library import through_dispatcher
 from triformer.kernels import _launch, matmul_tma, norms
 from triformer.kernels._runtime import overridden
 from triformer.kernels.matmul import matmul
 from triformer.kernels.reductions import column_sum
-from triformer.nn.rope import torch_rope
 
 DEVICE, DTYPE = "cuda", torch.bfloat16
 
 
 def per_call_us(fn, calls: int) -> float:
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / calls * 1e6
-
-
-def randn(*shape, grad=True):
-    return torch.randn(*shape, device=DEVICE, dtype=DTYPE).requires_grad_(grad)
+    return host.per_call_ms(fn, calls) * 1e3
 
 
 def op_cases() -> dict:
-    """op → (ours, torch's, the inputs that take a gradient); each fn returns a tensor or a tuple of tensors."""
-    x, w_sq, b = randn(256, 256), randn(256, 256), randn(256)
-    gain, shift = randn(256), randn(256)
-    scores = randn(4, 64, 64)
-    causal_mask = torch.ones(64, 64, device=DEVICE, dtype=torch.bool).triu(1)
-    logits, labels = randn(256, 1000), torch.randint(0, 1000, (256,), device=DEVICE)
-    q, k, v = randn(2, 4, 128, 64), randn(2, 4, 128, 64), randn(2, 4, 128, 64)
-    cos, sin = TF.rope_tables(64, 128, device=DEVICE)
-    up = randn(256, 512)
-    hidden, head = randn(256, 256), randn(1000, 256)
-
-    def swiglu_torch(t):
-        a, g = t.chunk(2, dim=-1)
-        return F.silu(a) * g
-
-    activations = {None: lambda z: z, "relu": torch.relu, "gelu": lambda z: F.gelu(z, approximate="tanh")}
-    cases = {
-        f"linear {act}": (
-            lambda a=act: TF.linear(x, w_sq, b, a),
-            lambda a=act: activations[a](F.linear(x, w_sq, b)),
-            (x, w_sq, b),
-        )
-        for act in activations
-    }
-    cases.update(
-        {
-            "layer_norm": (
-                lambda: TF.layer_norm(x, 256, gain, shift),
-                lambda: F.layer_norm(x, (256,), gain, shift),
-                (x, gain, shift),
-            ),
-            "rms_norm": (lambda: TF.rms_norm(x, 256, gain), lambda: F.rms_norm(x, (256,), gain, 1e-6), (x, gain)),
-            "softmax": (lambda: TF.softmax(x), lambda: torch.softmax(x, -1), (x,)),
-            "softmax causal": (
-                lambda: TF.softmax(scores, causal=True),
-                lambda: torch.softmax(scores.masked_fill(causal_mask, float("-inf")), -1),
-                (scores,),
-            ),
-            "dropout": (lambda: TF.dropout(x, 0.1), lambda: F.dropout(x, 0.1), (x,)),
-            "cross_entropy": (
-                lambda: TF.cross_entropy(logits, labels),
-                lambda: F.cross_entropy(logits, labels),
-                (logits,),
-            ),
-            "attention causal": (
-                lambda: TF.attention(q, k, v, causal=True),
-                lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
-                (q, k, v),
-            ),
-            "rope": (lambda: TF.rope(q, k, cos, sin), lambda: torch_rope(q, k, cos, sin), (q, k)),
-            "swiglu": (lambda: TF.swiglu(up), lambda: swiglu_torch(up), (up,)),
-            "linear_cross_entropy": (
-                lambda: TF.linear_cross_entropy(hidden, head, labels),
-                lambda: F.cross_entropy(F.linear(hidden, head).float(), labels),
-                (hidden, head),
-            ),
-        }
-    )
-    return cases
-
-
-def fwd_bwd(fn, inputs):
-    """One forward and backward: autograd.grad of fn's outputs with fixed incoming gradients."""
-    outs = fn()
-    outs = outs if isinstance(outs, tuple) else (outs,)
-    grads = [torch.ones_like(o) for o in outs]
-    return lambda: torch.autograd.grad(fn(), inputs, grads if len(grads) > 1 else grads[0])
+    return host.op_cases(DEVICE, DTYPE)
 
 
 def op_table(calls: int) -> None:

@@ -1,0 +1,174 @@
+"""Host cost per call: the wall time of one call of every public op, forward (no_grad) and forward+backward
+(autograd.grad), on a problem small enough that the GPU finishes each call long before the host launches the next,
+so that wall time per call is what the host spends (Python, input checks, autograd, launches).
+
+Providers: triformer; "triformer (Triton launch)", the same with every kernel launched through Triton's
+JITFunction.run instead of the recorded fast launch (kernels/_launch.py); torch, the PyTorch counterpart. Rows in
+the bench stage's format under op "host": shape names the op and its problem, ms is ms per call, rate calls/s, unit
+"calls/s", whose ceiling is the call rate of torch.empty_like in the same run (the cheapest call torch makes).
+Under Triton's interpreter the numbers time the interpreter, not a launch: they only show that the suite runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .. import functional as F_tri
+from ..kernels import _launch
+from ..kernels._runtime import overridden
+from ..nn.rope import torch_rope
+
+# Every op's problem: rows × width activations, a vocab-wide head, attention of heads × seq × head_dim (batch 2).
+GPU_SIZE = dict(rows=256, width=256, vocab=1000, heads=4, seq=128, head_dim=64)
+PROVIDERS = ("triformer", "triformer (Triton launch)", "torch")
+
+
+def op_cases(device, dtype, size: dict | None = None) -> dict:
+    """op → (ours, torch's, the inputs that take a gradient); each fn returns a tensor or a tuple of tensors."""
+    s = {**GPU_SIZE, **(size or {})}
+    rows, width, vocab, seq, head_dim = s["rows"], s["width"], s["vocab"], s["seq"], s["head_dim"]
+
+    def randn(*shape):
+        return torch.randn(*shape, device=device, dtype=dtype).requires_grad_(True)
+
+    x, w_sq, b = randn(rows, width), randn(width, width), randn(width)
+    gain, shift = randn(width), randn(width)
+    scores = randn(s["heads"], seq, seq)
+    causal_mask = torch.ones(seq, seq, device=device, dtype=torch.bool).triu(1)
+    logits, labels = randn(rows, vocab), torch.randint(0, vocab, (rows,), device=device)
+    q, k, v = (randn(2, s["heads"], seq, head_dim) for _ in range(3))
+    cos, sin = F_tri.rope_tables(head_dim, seq, device=device)
+    up, head = randn(rows, 2 * width), randn(vocab, width)
+
+    def swiglu_torch(t):
+        a, g = t.chunk(2, dim=-1)
+        return F.silu(a) * g
+
+    activations = {None: lambda z: z, "relu": torch.relu, "gelu": lambda z: F.gelu(z, approximate="tanh")}
+    cases = {
+        f"linear {act}": (
+            lambda a=act: F_tri.linear(x, w_sq, b, a),
+            lambda a=act: activations[a](F.linear(x, w_sq, b)),
+            (x, w_sq, b),
+        )
+        for act in activations
+    }
+    cases.update(
+        {
+            "layer_norm": (
+                lambda: F_tri.layer_norm(x, width, gain, shift),
+                lambda: F.layer_norm(x, (width,), gain, shift),
+                (x, gain, shift),
+            ),
+            "rms_norm": (
+                lambda: F_tri.rms_norm(x, width, gain),
+                lambda: F.rms_norm(x, (width,), gain, 1e-6),
+                (x, gain),
+            ),
+            "softmax": (lambda: F_tri.softmax(x), lambda: torch.softmax(x, -1), (x,)),
+            "softmax causal": (
+                lambda: F_tri.softmax(scores, causal=True),
+                lambda: torch.softmax(scores.masked_fill(causal_mask, float("-inf")), -1),
+                (scores,),
+            ),
+            "dropout": (lambda: F_tri.dropout(x, 0.1), lambda: F.dropout(x, 0.1), (x,)),
+            "cross_entropy": (
+                lambda: F_tri.cross_entropy(logits, labels),
+                lambda: F.cross_entropy(logits, labels),
+                (logits,),
+            ),
+            "attention causal": (
+                lambda: F_tri.attention(q, k, v, causal=True),
+                lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+                (q, k, v),
+            ),
+            "rope": (lambda: F_tri.rope(q, k, cos, sin), lambda: torch_rope(q, k, cos, sin), (q, k)),
+            "swiglu": (lambda: F_tri.swiglu(up), lambda: swiglu_torch(up), (up,)),
+            "linear_cross_entropy": (
+                lambda: F_tri.linear_cross_entropy(x, head, labels),
+                lambda: F.cross_entropy(F.linear(x, head).float(), labels),
+                (x, head),
+            ),
+        }
+    )
+    return cases
+
+
+def fwd_bwd(fn, inputs):
+    """One forward and backward: autograd.grad of fn's outputs with fixed incoming gradients."""
+    outs = fn()
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    grads = [torch.ones_like(o) for o in outs]
+    return lambda: torch.autograd.grad(fn(), inputs, grads if len(grads) > 1 else grads[0])
+
+
+def per_call_ms(fn, calls: int, warmup: int = 20) -> float:
+    """Wall time per call of fn over `calls` calls after `warmup`, the GPU drained before and after."""
+    for _ in range(warmup):
+        fn()
+    _sync()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    _sync()
+    return (time.perf_counter() - start) / calls * 1e3
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def empty_like_calls_per_s(device, calls: int = 2000) -> float:
+    """The ceiling of unit calls/s: how many torch.empty_like calls the host makes per second."""
+    x = torch.empty(16, device=device)
+    return 1e3 / per_call_ms(lambda: torch.empty_like(x), calls)
+
+
+def _row(name: str, mode: str, provider: str, ms: float, dtype, size: dict) -> dict:
+    return dict(
+        op="host",
+        shape=f"{name} ({size['rows']}x{size['width']})",
+        dtype=str(dtype).removeprefix("torch."),
+        mode=mode,
+        provider=provider,
+        ms=ms,
+        gpu_ms=float("nan"),
+        rate=1e3 / ms,
+        gpu_rate=float("nan"),
+        unit="calls/s",
+        peak_extra_mib=float("nan"),
+        error="",
+    )
+
+
+def run(
+    calls: int = 200,
+    size: dict | None = None,
+    warmup: int = 20,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str = "cuda",
+    progress: bool = True,
+    ops=None,
+) -> list[dict]:
+    """One row per (op, mode, provider): host ms per call over `calls` calls after `warmup` (size: GPU_SIZE's keys
+    to override; ops: only these)."""
+    size = {**GPU_SIZE, **(size or {})}
+    cases = {name: case for name, case in op_cases(device, dtype, size).items() if ops is None or name in ops}
+    rows = []
+    for name, (ours, theirs, inputs) in tqdm(cases.items(), desc="host bench", disable=not progress):
+        for mode in ("fwd", "fwd+bwd"):
+            calls_of = {"triformer": ours, "triformer (Triton launch)": ours, "torch": theirs}
+            for provider in PROVIDERS:
+                fn = calls_of[provider] if mode == "fwd" else fwd_bwd(calls_of[provider], inputs)
+                triton_launch = provider == "triformer (Triton launch)"
+                with overridden(_launch, FAST=False) if triton_launch else contextlib.nullcontext():
+                    with torch.no_grad() if mode == "fwd" else contextlib.nullcontext():
+                        ms = per_call_ms(fn, calls, warmup)
+                rows.append(_row(name, mode, provider, ms, dtype, size))
+    return rows
