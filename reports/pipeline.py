@@ -226,7 +226,8 @@ else:
         if not host.empty:  # the host suite: µs per call, ours against torch (bench/host.py)
             display(Markdown("Host time per call, µs (under Triton's interpreter this times the interpreter):"))
             per_call = host.pivot_table(index=["shape", "mode"], columns="provider", values="ms", sort=False) * 1e3
-            per_call["triformer ÷ torch"] = per_call["triformer"] / per_call["torch"]
+            for provider in ("triformer (Triton launch)", "triformer (fast launch)"):
+                per_call[f"{provider} ÷ torch"] = per_call[provider] / per_call["torch"]
             display(per_call.round(2))
         if "error" in rows and rows["error"].notna().any():
             display(Markdown("Providers that did not run:"))

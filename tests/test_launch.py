@@ -137,7 +137,7 @@ def test_interpreter_calls_are_not_recorded(seed):
         pytest.skip("the interpreter's answer")
     from triformer.functional import swiglu
 
-    with _launch.fresh_records():
+    with _launch.fresh_records(), overridden(_launch, FAST=True):
         swiglu(torch.randn(3, 8))
         assert _launch.recorded_calls() == {}
 
@@ -169,7 +169,7 @@ def _gpt_variants():
 @pytest.mark.skipif(not ON_GPU, reason="the fast path runs only natively on a GPU")
 def test_repeated_calls_launch_what_triton_would(seed):
     for variant, model, idx, targets in _gpt_variants():
-        with _launch.fresh_records(), overridden(_launch, CHECK=True):
+        with _launch.fresh_records(), overridden(_launch, FAST=True, CHECK=True):
             _model_step(model, idx, targets)  # records
             assert _launch.recorded_calls(), f"{variant}: no call was recorded"
             _model_step(model, idx, targets)  # every repeated call checked against Triton's choice
@@ -180,7 +180,7 @@ def test_fast_path_gives_triton_path_results(seed):
     for variant, model, idx, targets in _gpt_variants():
         with overridden(_launch, FAST=False):
             expected = _model_step(model, idx, targets)
-        with _launch.fresh_records():
+        with _launch.fresh_records(), overridden(_launch, FAST=True, CHECK=False):
             _model_step(model, idx, targets)
             got = _model_step(model, idx, targets)
         for e, g in zip(expected, got, strict=True):

@@ -2,8 +2,9 @@
 (autograd.grad), on a problem small enough that the GPU finishes each call long before the host launches the next,
 so that wall time per call is what the host spends (Python, input checks, autograd, launches).
 
-Providers: triformer; "triformer (Triton launch)", the same with every kernel launched through Triton's
-JITFunction.run instead of the recorded fast launch (kernels/_launch.py); torch, the PyTorch counterpart. Rows in
+Providers: "triformer (Triton launch)", every kernel launched through Triton's JITFunction.run; "triformer (fast
+launch)", a repeated launch through the compiled kernel's launcher (kernels/_launch.py; whichever the
+TRIFORMER_FAST_LAUNCH switch says, each provider sets its own); torch, the PyTorch counterpart. Rows in
 the bench stage's format under op "host": shape names the op and its problem, ms is ms per call, rate calls/s, unit
 "calls/s", whose ceiling is the call rate of torch.empty_like in the same run (the cheapest call torch makes).
 Under Triton's interpreter the numbers time the interpreter, not a launch: they only show that the suite runs.
@@ -25,7 +26,8 @@ from ..nn.rope import torch_rope
 
 # Every op's problem: rows × width activations, a vocab-wide head, attention of heads × seq × head_dim (batch 2).
 GPU_SIZE = dict(rows=256, width=256, vocab=1000, heads=4, seq=128, head_dim=64)
-PROVIDERS = ("triformer", "triformer (Triton launch)", "torch")
+PROVIDERS = ("triformer (Triton launch)", "triformer (fast launch)", "torch")
+_FAST_LAUNCH = {"triformer (Triton launch)": False, "triformer (fast launch)": True}
 
 
 def op_cases(device, dtype, size: dict | None = None) -> dict:
@@ -163,11 +165,11 @@ def run(
     rows = []
     for name, (ours, theirs, inputs) in tqdm(cases.items(), desc="host bench", disable=not progress):
         for mode in ("fwd", "fwd+bwd"):
-            calls_of = {"triformer": ours, "triformer (Triton launch)": ours, "torch": theirs}
             for provider in PROVIDERS:
-                fn = calls_of[provider] if mode == "fwd" else fwd_bwd(calls_of[provider], inputs)
-                triton_launch = provider == "triformer (Triton launch)"
-                with overridden(_launch, FAST=False) if triton_launch else contextlib.nullcontext():
+                call = theirs if provider == "torch" else ours
+                fn = call if mode == "fwd" else fwd_bwd(call, inputs)
+                fast = _FAST_LAUNCH.get(provider)
+                with contextlib.nullcontext() if fast is None else overridden(_launch, FAST=fast, CHECK=False):
                     with torch.no_grad() if mode == "fwd" else contextlib.nullcontext():
                         ms = per_call_ms(fn, calls, warmup)
                 rows.append(_row(name, mode, provider, ms, dtype, size))

@@ -9,7 +9,8 @@ Triton would specialize differently (see arg_key) and the keyword values; the fi
 Triton (compiling when needed) and records the compiled kernel it got back and the full argument list (keyword
 and default values, which the key fixes); a repeated key calls that kernel's launcher directly.
 
-Switches (environment, read at import): TRIFORMER_FAST_LAUNCH=0 sends every call through Triton;
+Switches (environment, read at import): TRIFORMER_FAST_LAUNCH=1 turns the fast path on; 0, the default until the
+path has had a GPU run (reports/NOTES.md), sends every call through Triton;
 TRIFORMER_FAST_LAUNCH=check sends every call through Triton and asserts that Triton chose the recorded compiled
 kernel and bound the recorded arguments (the GPU suite's check of the keys). A launch hook
 (triton.knobs.runtime.launch_enter_hook, e.g. a profiler's) sends calls through Triton while it is set. Under
@@ -28,10 +29,10 @@ from triton.runtime.jit import JITFunction
 
 from ._runtime import interpreter_active, overridden
 
-_MODE = os.environ.get("TRIFORMER_FAST_LAUNCH", "1")
+_MODE = os.environ.get("TRIFORMER_FAST_LAUNCH", "0")
 if _MODE not in ("0", "1", "check"):
     raise ValueError(f"TRIFORMER_FAST_LAUNCH must be 0, 1 or check, got {_MODE!r}")
-FAST = _MODE != "0"
+FAST = _MODE != "0"  # check records calls too (it needs a record to check against)
 CHECK = _MODE == "check"
 
 _Tensor, _Parameter = torch.Tensor, torch.nn.Parameter
