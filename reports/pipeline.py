@@ -227,7 +227,8 @@ else:
             display(Markdown("Host time per call, µs (under Triton's interpreter this times the interpreter):"))
             per_call = host.pivot_table(index=["shape", "mode"], columns="provider", values="ms", sort=False) * 1e3
             for provider in ("triformer (Triton launch)", "triformer (fast launch)"):
-                per_call[f"{provider} ÷ torch"] = per_call[provider] / per_call["torch"]
+                if provider in per_call and "torch" in per_call:
+                    per_call[f"{provider} ÷ torch"] = per_call[provider] / per_call["torch"]
             display(per_call.round(2))
         if "error" in rows and rows["error"].notna().any():
             display(Markdown("Providers that did not run:"))

@@ -58,29 +58,64 @@ def test_kernel_ms_has_no_gpu_time_on_the_cpu():
     assert math.isnan(timing.kernel_ms(lambda: None))
 
 
+TINY_HOST = dict(rows=4, width=16, vocab=24, heads=2, seq=8, head_dim=16)
+
+
 def test_host_suite_times_every_op_both_ways_for_every_provider(monkeypatch):
-    """Rows for every op × mode × provider; each triformer provider runs with its own launch path."""
+    """Rows for every op × mode × provider, each the median of interleaved rounds; each triformer provider runs
+    with its own launch path. (On the CPU the fast provider cannot take the fast path: the interpreter runs every
+    launch; tests/test_launch.py checks the path, the GPU rows flag it when inactive.)"""
     from harness import DEVICE
 
     from triformer.bench import host
     from triformer.kernels import _launch
 
-    fast_seen = []
-    real = host.per_call_ms
+    fast_seen, times = [], iter(range(1, 1000))
 
-    def spy(fn, calls, warmup=20):
+    def fake_per_call_ms(fn, calls, warmup=20):
+        fn()
         fast_seen.append(_launch.FAST)
-        return real(fn, calls, warmup)
+        return float(next(times))
 
-    monkeypatch.setattr(host, "per_call_ms", spy)
-    size = dict(rows=4, width=16, vocab=24, heads=2, seq=8, head_dim=16)
+    monkeypatch.setattr(host, "per_call_ms", fake_per_call_ms)
     ops = ["linear relu", "layer_norm", "swiglu"]
-    rows = host.run(calls=1, warmup=1, size=size, dtype=torch.float32, device=DEVICE, progress=False, ops=ops)
-    assert len(rows) == len(ops) * 2 * len(host.PROVIDERS)
-    assert {(r["shape"], r["mode"], r["provider"]) for r in rows} == {
+    rows = host.run(
+        calls=1, warmup=1, rounds=3, size=TINY_HOST, dtype=torch.float32, device=DEVICE, progress=False, ops=ops
+    )
+    assert [(r["shape"], r["mode"], r["provider"]) for r in rows] == [
         (f"{op} (4x16)", mode, provider) for op in ops for mode in ("fwd", "fwd+bwd") for provider in host.PROVIDERS
-    }
-    assert all(r["op"] == "host" and r["unit"] == "calls/s" and r["ms"] > 0 for r in rows)
-    assert all(math.isclose(r["rate"], 1e3 / r["ms"]) for r in rows)
+    ]
+    # rounds interleave the providers: round r of provider i got time 3·r + i + 1 (+ 9 per case); the median is r = 1
+    assert [r["ms"] for r in rows[:3]] == [4.0, 5.0, 6.0]
+    assert all(r["op"] == "host" and r["unit"] == "calls/s" and r["rate"] == 1e3 / r["ms"] for r in rows)
     expected = {"triformer (Triton launch)": False, "triformer (fast launch)": True, "torch": _launch.FAST}
-    assert fast_seen == [expected[p] for _ in ops for _ in range(2) for p in host.PROVIDERS]
+    assert fast_seen == [expected[p] for _ in ops for _ in range(2) for _ in range(3) for p in host.PROVIDERS]
+
+
+def test_host_suite_reports_an_op_that_fails_and_goes_on(monkeypatch):
+    from harness import DEVICE
+
+    from triformer.bench import host
+
+    real = host.op_cases
+
+    def with_a_broken_op(device, dtype, size=None):
+        cases = real(device, dtype, size)
+        ours, theirs, inputs = cases["softmax"]
+        cases["softmax"] = (lambda: 1 / 0, theirs, inputs)
+        return cases
+
+    monkeypatch.setattr(host, "op_cases", with_a_broken_op)
+    rows = host.run(
+        calls=1,
+        warmup=0,
+        rounds=1,
+        size=TINY_HOST,
+        dtype=torch.float32,
+        device=DEVICE,
+        progress=False,
+        ops=["softmax", "layer_norm"],
+    )
+    broken = [r for r in rows if r["shape"].startswith("softmax")]
+    assert len(broken) == 6 and all("ZeroDivisionError" in r["error"] and math.isnan(r["ms"]) for r in broken)
+    assert all(r["error"] == "" and r["ms"] > 0 for r in rows if r["shape"].startswith("layer_norm"))

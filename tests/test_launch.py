@@ -115,6 +115,113 @@ def test_a_runtime_keyword_argument_is_not_recorded():
     assert _launch._record(kernel, _FakeCompiled(), len(args) - 1, {**meta, "stride_hm": args[-1]}) is None
 
 
+def test_a_positional_constexpr_is_not_recorded():
+    kernel, args, meta = gated_call()
+    meta = dict(meta)
+    act = meta.pop("ACT")
+    assert _launch._record(kernel, _FakeCompiled(), len(args) + 1, meta) is None, "ACT passed positionally"
+    assert _launch._record(kernel, _FakeCompiled(), len(args), {**meta, "ACT": act}) is not None
+
+
+class _StubCompiled:
+    """What launch reads of a compiled kernel; run records its arguments."""
+
+    function, packed_metadata = "function", "packed"
+
+    def __init__(self):
+        self.calls = []
+
+    def run(self, *launch_args):
+        self.calls.append(launch_args)
+
+
+class _StubJIT(JITFunction):
+    """A JITFunction whose kernel[grid](...) (Triton's path) returns a stub compiled kernel and counts the calls."""
+
+    def __getitem__(self, grid):
+        def through_triton(*args, **meta):
+            self.triton_calls += 1
+            return self.compiled
+
+        return through_triton
+
+
+def stub_kernel(compiled):
+    kernel = _StubJIT(_gated_forward_kernel.fn)
+    kernel.compiled, kernel.triton_calls = compiled, 0
+    return kernel
+
+
+@pytest.fixture
+def as_on_a_gpu(monkeypatch):
+    """launch() as on a GPU, without one: a native kernel, device 0, stream 1234."""
+    monkeypatch.setattr(_launch, "interpreter_active", lambda: False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 1234, raising=False)
+    with _launch.fresh_records(), overridden(_launch, FAST=True, CHECK=False):
+        yield
+
+
+def test_a_repeated_call_calls_the_recorded_launcher_with_tritons_arguments(as_on_a_gpu):
+    compiled = _StubCompiled()
+    kernel = stub_kernel(compiled)
+    _, args, meta = gated_call()
+    before = _launch.fast_launches
+    assert _launch.launch(kernel, (3, 2), *args, **meta) is compiled  # recorded, through Triton
+    assert kernel.triton_calls == 1 and compiled.calls == []
+    assert _launch.launch(kernel, (3, 2), *args, **meta) is compiled
+    assert kernel.triton_calls == 1 and _launch.fast_launches == before + 1
+    (call,) = compiled.calls
+    assert call[:9] == (3, 2, 1, 1234, "function", "packed", None, None, None)
+    bound = triton_bound_arguments(kernel, args, meta)
+    assert len(call) - 9 == len(bound)
+    assert all(c is b or (type(c) is type(b) and c == b) for c, b in zip(call[9:], bound))
+
+
+def test_keys_tell_apart_keyword_values_of_another_type_and_other_alignment(as_on_a_gpu):
+    kernel = stub_kernel(_StubCompiled())
+    _, args, meta = gated_call()
+    _launch.launch(kernel, (1,), *args, **meta)
+    _launch.launch(kernel, (1,), *args, **{**meta, "ACT": True})  # 1 == True, but another Triton kernel
+    x = torch.zeros(4 * 32 + 1)[1:].view(4, 32)  # 4 bytes off 16-byte alignment
+    _launch.launch(kernel, (1,), x, *args[1:], **meta)
+    assert kernel.triton_calls == 3 and len(_launch.recorded_calls()) == 3
+
+
+def test_set_state_sends_calls_through_triton(as_on_a_gpu):
+    from triton import knobs
+
+    kernel = stub_kernel(_StubCompiled())
+    _, args, meta = gated_call()
+    _launch.launch(kernel, (1,), *args, **meta)
+    with overridden(knobs.runtime, debug=True):
+        _launch.launch(kernel, (1,), *args, **meta)
+    kernel.pre_run_hooks.append(lambda *a, **k: None)
+    _launch.launch(kernel, (1,), *args, **meta)
+    kernel.pre_run_hooks.clear()
+    assert kernel.triton_calls == 3
+    _launch.launch(kernel, (1,), *args, **meta)
+    assert kernel.triton_calls == 3, "the fast path again once nothing is set"
+
+
+def test_records_stop_at_their_cap(as_on_a_gpu):
+    kernel = stub_kernel(_StubCompiled())
+    _, args, meta = gated_call()
+    with overridden(_launch, MAX_RECORDS=2):
+        for block in (16, 32, 64):
+            _launch.launch(kernel, (1,), *args, **{**meta, "BLOCK_N": block})
+    assert len(_launch.recorded_calls()) == 2
+
+
+def test_check_mode_raises_on_another_kernel_or_argument():
+    kernel, args, meta = gated_call()
+    record = _launch._record(kernel, _FakeCompiled(), len(args), meta)
+    with pytest.raises(AssertionError, match="another compiled kernel"):
+        _launch._checked(stub_kernel(object()), (1,), args, meta, record)
+    with pytest.raises(AssertionError, match="arguments"):
+        _launch._checked(stub_kernel(record.compiled), (1,), args, {**meta, "ACT": True}, record)
+
+
 def test_a_launch_hook_sends_calls_through_triton():
     from triton import knobs
 
@@ -171,7 +278,7 @@ def test_repeated_calls_launch_what_triton_would(seed):
     for variant, model, idx, targets in _gpt_variants():
         with _launch.fresh_records(), overridden(_launch, FAST=True, CHECK=True):
             _model_step(model, idx, targets)  # records
-            assert _launch.recorded_calls(), f"{variant}: no call was recorded"
+            assert any(_launch.recorded_calls().values()), f"{variant}: no call was recorded"
             _model_step(model, idx, targets)  # every repeated call checked against Triton's choice
 
 
@@ -182,6 +289,8 @@ def test_fast_path_gives_triton_path_results(seed):
             expected = _model_step(model, idx, targets)
         with _launch.fresh_records(), overridden(_launch, FAST=True, CHECK=False):
             _model_step(model, idx, targets)
+            before = _launch.fast_launches
             got = _model_step(model, idx, targets)
+            assert _launch.fast_launches > before, f"{variant}: no launch took the fast path"
         for e, g in zip(expected, got, strict=True):
             assert torch.equal(e, g), f"{variant}: the fast path changed a result"

@@ -6,13 +6,17 @@ Providers: "triformer (Triton launch)", every kernel launched through Triton's J
 launch)", a repeated launch through the compiled kernel's launcher (kernels/_launch.py; whichever the
 TRIFORMER_FAST_LAUNCH switch says, each provider sets its own); torch, the PyTorch counterpart. Rows in
 the bench stage's format under op "host": shape names the op and its problem, ms is ms per call, rate calls/s, unit
-"calls/s", whose ceiling is the call rate of torch.empty_like in the same run (the cheapest call torch makes).
-Under Triton's interpreter the numbers time the interpreter, not a launch: they only show that the suite runs.
+"calls/s", whose ceiling is the call rate of torch.empty_like in the same run (the cheapest call torch makes). Each
+row is the median of `rounds` interleaved rounds (every provider timed once per round). A fast-launch row whose
+calls took no fast launch on a GPU says so in its `error` (the path was inactive: the row times Triton's launch); an
+op that fails gives rows with the error. Under Triton's interpreter the numbers time the interpreter, not a launch:
+they only show that the suite runs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import statistics
 import time
 
 import torch
@@ -132,7 +136,7 @@ def empty_like_calls_per_s(device, calls: int = 2000) -> float:
     return 1e3 / per_call_ms(lambda: torch.empty_like(x), calls)
 
 
-def _row(name: str, mode: str, provider: str, ms: float, dtype, size: dict) -> dict:
+def _row(name: str, mode: str, provider: str, ms: float, dtype, size: dict, error: str = "") -> dict:
     return dict(
         op="host",
         shape=f"{name} ({size['rows']}x{size['width']})",
@@ -145,7 +149,7 @@ def _row(name: str, mode: str, provider: str, ms: float, dtype, size: dict) -> d
         gpu_rate=float("nan"),
         unit="calls/s",
         peak_extra_mib=float("nan"),
-        error="",
+        error=error,
     )
 
 
@@ -153,24 +157,51 @@ def run(
     calls: int = 200,
     size: dict | None = None,
     warmup: int = 20,
+    rounds: int = 3,
     dtype: torch.dtype = torch.bfloat16,
     device: str = "cuda",
     progress: bool = True,
     ops=None,
 ) -> list[dict]:
-    """One row per (op, mode, provider): host ms per call over `calls` calls after `warmup` (size: GPU_SIZE's keys
-    to override; ops: only these)."""
+    """One row per (op, mode, provider): host ms per call over `calls` calls after `warmup`, the median of `rounds`
+    interleaved rounds (size: GPU_SIZE's keys to override; ops: only these)."""
     size = {**GPU_SIZE, **(size or {})}
     cases = {name: case for name, case in op_cases(device, dtype, size).items() if ops is None or name in ops}
     rows = []
     for name, (ours, theirs, inputs) in tqdm(cases.items(), desc="host bench", disable=not progress):
         for mode in ("fwd", "fwd+bwd"):
-            for provider in PROVIDERS:
-                call = theirs if provider == "torch" else ours
-                fn = call if mode == "fwd" else fwd_bwd(call, inputs)
-                fast = _FAST_LAUNCH.get(provider)
-                with contextlib.nullcontext() if fast is None else overridden(_launch, FAST=fast, CHECK=False):
-                    with torch.no_grad() if mode == "fwd" else contextlib.nullcontext():
-                        ms = per_call_ms(fn, calls, warmup)
-                rows.append(_row(name, mode, provider, ms, dtype, size))
+            try:
+                rows += _case_rows(name, mode, ours, theirs, inputs, calls, warmup, rounds, dtype, size, device)
+            except Exception as exc:  # one op that fails must not lose the other rows: the row says why
+                error = f"{type(exc).__name__}: {exc}"[:200]
+                rows += [_row(name, mode, p, float("nan"), dtype, size, error) for p in PROVIDERS]
     return rows
+
+
+def _case_rows(name, mode, ours, theirs, inputs, calls, warmup, rounds, dtype, size, device) -> list[dict]:
+    times = {provider: [] for provider in PROVIDERS}
+    fast_calls = 0
+    for _ in range(rounds):
+        for provider in PROVIDERS:
+            call = theirs if provider == "torch" else ours
+            fn = call if mode == "fwd" else fwd_bwd(call, inputs)
+            fast = _FAST_LAUNCH.get(provider)
+            before = _launch.fast_launches
+            with contextlib.nullcontext() if fast is None else overridden(_launch, FAST=fast, CHECK=False):
+                with torch.no_grad() if mode == "fwd" else contextlib.nullcontext():
+                    times[provider].append(per_call_ms(fn, calls, warmup))
+            if fast:
+                fast_calls += _launch.fast_launches - before
+    inactive = str(device).startswith("cuda") and fast_calls == 0
+    return [
+        _row(
+            name,
+            mode,
+            provider,
+            statistics.median(times[provider]),
+            dtype,
+            size,
+            "fast path inactive: this row timed Triton's launch" if inactive and _FAST_LAUNCH.get(provider) else "",
+        )
+        for provider in PROVIDERS
+    ]

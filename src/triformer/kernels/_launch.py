@@ -12,9 +12,14 @@ and default values, which the key fixes); a repeated key calls that kernel's lau
 Switches (environment, read at import): TRIFORMER_FAST_LAUNCH=1 turns the fast path on; 0, the default until the
 path has had a GPU run (reports/NOTES.md), sends every call through Triton;
 TRIFORMER_FAST_LAUNCH=check sends every call through Triton and asserts that Triton chose the recorded compiled
-kernel and bound the recorded arguments (the GPU suite's check of the keys). A launch hook
-(triton.knobs.runtime.launch_enter_hook, e.g. a profiler's) sends calls through Triton while it is set. Under
-Triton's interpreter every call goes through Triton.
+kernel and bound the recorded arguments (the GPU suite's check of the keys). Whatever else Triton reads per call
+sends calls through Triton while it is set: a launch hook (enter or exit, e.g. a profiler's), Triton's debug or
+instrumentation knobs, a stages-inspection hook, a pre-run hook of the kernel. Under Triton's interpreter every call
+goes through Triton. Not repeated on the fast path: Triton's check that no global constexpr the kernel read has
+been rebound since it compiled (the kernels' globals are constants).
+
+Call sites pass runtime arguments positionally and constexprs and launch options by keyword: a call with a
+constexpr passed positionally, or a runtime argument by keyword, is never recorded (always through Triton).
 """
 
 from __future__ import annotations
@@ -79,15 +84,20 @@ class _Recorded:
     """What a key's first call recorded: the compiled kernel, its launcher and the arguments after the positional
     ones (keyword and default values, in the kernel's parameter order)."""
 
-    __slots__ = ("compiled", "run", "function", "packed_metadata", "tail")
+    __slots__ = ("kernel", "compiled", "run", "function", "packed_metadata", "tail")
 
-    def __init__(self, compiled, tail: tuple):
-        self.compiled, self.tail = compiled, tail
+    def __init__(self, kernel, compiled, tail: tuple):
+        self.kernel, self.compiled, self.tail = kernel, compiled, tail  # kernel alive: its id stays its own
         self.run, self.function, self.packed_metadata = compiled.run, compiled.function, compiled.packed_metadata
 
 
-# Recorded calls by key; None for a key whose calls cannot be recorded (a non-constexpr keyword argument).
+# Recorded calls by key; None for a key whose calls cannot be recorded (see _record). At most MAX_RECORDS keys:
+# later new keys go through Triton.
 _RECORDED: dict[tuple, _Recorded | None] = {}
+MAX_RECORDS = 4096
+
+# Calls that took the fast path (tests and the host bench read it to know the path was active).
+fast_launches = 0
 
 
 def recorded_calls() -> dict:
@@ -101,32 +111,55 @@ def fresh_records():
     return overridden(sys.modules[__name__], _RECORDED={})
 
 
-def launch_hooked() -> bool:
-    """Whether a launch hook is set: Triton's default is an empty HookChain; a profiler adds to it or replaces it."""
-    hook = knobs.runtime.launch_enter_hook
+def _hook_set(hook) -> bool:
+    """Triton's default hook is an empty HookChain; a profiler adds to it or replaces it."""
     return hook is not None and (type(hook) is not HookChain or bool(hook.calls))
+
+
+def launch_hooked() -> bool:
+    """Whether a launch hook (enter or exit) is set."""
+    runtime = knobs.runtime
+    return _hook_set(runtime.launch_enter_hook) or _hook_set(runtime.launch_exit_hook)
+
+
+def through_triton(kernel) -> bool:
+    """Whether this call must go through Triton: the interpreter, or state Triton reads per call that the key does
+    not hold (launch hooks, debug and instrumentation knobs, a stages-inspection hook, the kernel's pre-run hooks)."""
+    runtime = knobs.runtime
+    return (
+        not isinstance(kernel, JITFunction)  # Triton's interpreter runs InterpretedFunctions
+        or interpreter_active()
+        or launch_hooked()
+        or bool(runtime.debug)
+        or bool(knobs.compilation.instrumentation_mode)
+        or getattr(runtime, "add_stages_inspection_hook", None) is not None
+        or bool(kernel.pre_run_hooks)
+    )
 
 
 def launch(kernel: JITFunction, grid: tuple, *args, **meta):
     """kernel[grid](*args, **meta) (grid a tuple of 1 to 3 ints): a repeated specialization goes straight to the
     compiled kernel's launcher (see the module doc)."""
-    if not FAST or interpreter_active() or launch_hooked():
+    global fast_launches
+    if not FAST or through_triton(kernel):
         return kernel[grid](*args, **meta)
     device = torch.cuda.current_device()
-    key = [kernel, device]
+    key = [id(kernel), device]  # JITFunction.__hash__ takes a lock and a property per call; the record holds kernel
     for a in args:
         k = arg_key(a)
         if k is UNKEYED:
             return kernel[grid](*args, **meta)
         key.append(k)
     key.extend(meta.items())
+    key.append(tuple(map(type, meta.values())))  # True, 1 and 1.0 are equal keys but different Triton kernels
     key = tuple(key)
     record = _RECORDED.get(key, UNKEYED)
     if record is None:
         return kernel[grid](*args, **meta)
     if record is UNKEYED:
         compiled = kernel[grid](*args, **meta)
-        _RECORDED[key] = _record(kernel, compiled, len(args), meta)
+        if len(_RECORDED) < MAX_RECORDS:
+            _RECORDED[key] = _record(kernel, compiled, len(args), meta)
         return compiled
     if CHECK:
         return _checked(kernel, grid, args, meta, record)
@@ -134,13 +167,15 @@ def launch(kernel: JITFunction, grid: tuple, *args, **meta):
     g2 = grid[2] if len(grid) > 2 else 1
     stream = torch._C._cuda_getCurrentRawStream(device)
     record.run(grid[0], g1, g2, stream, record.function, record.packed_metadata, None, None, None, *args, *record.tail)
+    fast_launches += 1
     return record.compiled
 
 
 def _record(kernel: JITFunction, compiled, n_positional: int, meta: dict) -> _Recorded | None:
     """The record of a call with n_positional positional arguments and keyword arguments meta; None when a
-    keyword argument is a runtime (non-constexpr) parameter, whose value the key does not fix."""
-    if compiled is None:
+    positional argument is a constexpr (the key holds only its kind; Triton specializes on its value) or a keyword
+    argument a runtime parameter (its value would be fixed in the record)."""
+    if compiled is None or any(param.is_constexpr for param in kernel.params[:n_positional]):
         return None
     tail = []
     for param in kernel.params[n_positional:]:
@@ -152,7 +187,7 @@ def _record(kernel: JITFunction, compiled, n_positional: int, meta: dict) -> _Re
             tail.append(param.default)
         else:
             return None
-    return _Recorded(compiled, tuple(tail))
+    return _Recorded(kernel, compiled, tuple(tail))
 
 
 def _checked(kernel: JITFunction, grid: tuple, args: tuple, meta: dict, record: _Recorded):
