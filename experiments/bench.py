@@ -15,9 +15,7 @@ from pathlib import Path
 import torch
 
 from triformer import tracking
-from triformer.bench.host import empty_like_calls_per_s
-from triformer.bench.suites import load_suite, with_fractions
-from triformer.bench.timing import copy_bandwidth_gbps, matmul_tflops
+from triformer.bench.suites import load_suite, measured_ceilings, with_fractions
 
 from . import common
 
@@ -67,11 +65,7 @@ def main() -> None:
         device, dtype = info["device"], getattr(torch, config["dtype"])
         params = {**common.used(config, "suites", "dtype"), **{name: config.get(name, {}) for name in config["suites"]}}
         with common.start_run("bench", params, info):
-            ceilings = {
-                "GB/s": copy_bandwidth_gbps(device),
-                "TFLOP/s": matmul_tflops(device),
-                "calls/s": empty_like_calls_per_s(device),
-            }
+            ceilings = measured_ceilings(device)
             print(
                 f"ceilings: copy {ceilings['GB/s']:.1f} GB/s, matmul {ceilings['TFLOP/s']:.2f} TFLOP/s, "
                 f"host {ceilings['calls/s']:.0f} torch.empty_like calls/s"

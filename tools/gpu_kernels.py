@@ -13,14 +13,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for experiments.common
 from experiments.common import load_params, stage_config  # noqa: E402
-from triformer.bench.suites import load_suite, with_fractions  # noqa: E402
-from triformer.bench.timing import copy_bandwidth_gbps, matmul_tflops  # noqa: E402
+from triformer.bench.suites import load_suite, measured_ceilings, with_fractions  # noqa: E402
 
 out = os.environ.get("OUT", "/tmp/out")
 config = stage_config("bench", load_params(), "gpu")
 suites = sys.argv[1:] or config["suites"]
 dtype = getattr(torch, config["dtype"])
-ceilings = {"GB/s": copy_bandwidth_gbps("cuda"), "TFLOP/s": matmul_tflops("cuda")}
+ceilings = measured_ceilings("cuda")
 print(
     f"{torch.cuda.get_device_name()}: copy {ceilings['GB/s']:.0f} GB/s, "
     f"bf16 matmul 8192^3 {ceilings['TFLOP/s']:.0f} TFLOP/s",

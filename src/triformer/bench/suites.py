@@ -3,6 +3,9 @@ fraction of the measured ceiling each row reaches; shared by the pipeline's benc
 
 import importlib
 
+from .host import empty_like_calls_per_s
+from .timing import copy_bandwidth_gbps, matmul_tflops
+
 
 def load_suite(name: str):
     """The suite's module, or None (with a message) when triformer.bench.<name> does not exist yet."""
@@ -13,6 +16,16 @@ def load_suite(name: str):
             raise
         print(f"bench: suite {name!r} is missing (no module triformer.bench.{name}); its rows are absent")
         return None
+
+
+def measured_ceilings(device: str) -> dict:
+    """The ceiling of each unit, measured now: the copy rate (GB/s), the bf16 matmul rate (TFLOP/s) and the host's
+    torch.empty_like call rate (calls/s)."""
+    return {
+        "GB/s": copy_bandwidth_gbps(device),
+        "TFLOP/s": matmul_tflops(device),
+        "calls/s": empty_like_calls_per_s(device),
+    }
 
 
 def shape_text(shape) -> str:
