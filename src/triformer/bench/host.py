@@ -180,11 +180,13 @@ def run(
 
 def _case_rows(name, mode, ours, theirs, inputs, calls, warmup, rounds, dtype, size, device) -> list[dict]:
     times = {provider: [] for provider in PROVIDERS}
+    calls_of = {provider: theirs if provider == "torch" else ours for provider in PROVIDERS}
+    if mode != "fwd":
+        calls_of = {provider: fwd_bwd(call, inputs) for provider, call in calls_of.items()}
     fast_calls = 0
     for _ in range(rounds):
         for provider in PROVIDERS:
-            call = theirs if provider == "torch" else ours
-            fn = call if mode == "fwd" else fwd_bwd(call, inputs)
+            fn = calls_of[provider]
             fast = _FAST_LAUNCH.get(provider)
             before = _launch.fast_launches
             with contextlib.nullcontext() if fast is None else overridden(_launch, FAST=fast, CHECK=False):

@@ -53,7 +53,7 @@ def arg_key(a):
     (i32 / i64 / u64); a bool, float or None by its kind; a TMA descriptor's dtype, block, layout and padding.
     UNKEYED for any other kind."""
     kind = type(a)
-    if kind is _Tensor or kind is _Parameter:
+    if kind is _Tensor or kind is _Parameter:  # before isinstance: Tensor's isinstance is slow for the ints
         return a.dtype, not a.data_ptr() & 15
     if kind is int:
         if a == 1:
