@@ -1,0 +1,110 @@
+"""How should the fused linear + cross-entropy chunk its rows, and where should dW accumulate? On a GPU host, for
+each shape [N, H, V] (bf16, no bias, as an LM head): every chunk size × dW accumulator (float32 buffer, or the
+weight's dtype) with the tuner on, beside Liger-Kernel (where installed) and eager F.linear + F.cross_entropy:
+GPU time (CUDA graph; the profiler's kernel time for Liger), wall time with host launches (do_bench), peak memory
+above the inputs (returned gradients included), and the error of dx and dW against a float64 reference
+(‖ours − ref‖ / ‖ref‖).
+
+Run: python tools/gpu_lce_chunks.py [--shapes 8192x768x50304 8192x4096x128256] [--chunks 128 256 512 1024]
+Logs to $OUT/lce_chunks.csv.
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+import triformer.functional as TF
+from triformer.bench.linear_cross_entropy import liger_chunk_rows, providers
+from triformer.bench.norms import peak_extra_mib
+from triformer.bench.timing import timings
+
+DTYPE = torch.bfloat16
+
+
+def reference_grads(x, w, targets):
+    """(dx, dW) of the mean cross-entropy of x·Wᵀ in float64, the logits in row blocks (a float64 [N, V] would not
+    fit at the larger shapes)."""
+    x64, w64 = x.double(), w.double()
+    dx, dw = torch.zeros_like(x64), torch.zeros_like(w64)
+    n = x.shape[0]
+    for start in range(0, n, 1024):
+        rows = slice(start, min(n, start + 1024))
+        g = torch.softmax(x64[rows] @ w64.t(), dim=1)
+        g[torch.arange(g.shape[0], device=g.device), targets[rows]] -= 1.0
+        g /= n
+        dx[rows] = g @ w64
+        dw += g.t() @ x64[rows]
+    return dx, dw
+
+
+def relative_error(ours, ref) -> float:
+    return ((ours.double() - ref).norm() / ref.norm()).item()
+
+
+def variants(n, h, v, chunks):
+    table = {
+        f"triformer chunk {c} dW {acc}": (
+            lambda x, w, t, c=c, a=a: TF.linear_cross_entropy(x, w, t, chunk_size=c, accum_dtype=a)
+        )
+        for c in chunks
+        for acc, a in (("float32", torch.float32), ("bf16", None))
+    }
+    others = providers("cuda")
+    for name in ("liger", "torch"):
+        if name in others:
+            table[name] = others[name]
+    return table
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="+", default=["8192x768x50304", "8192x4096x128256"])
+    parser.add_argument("--chunks", nargs="+", type=int, default=[128, 256, 512, 1024])
+    args = parser.parse_args()
+    rows = []
+    out = Path(os.environ.get("OUT", "."))
+    print(torch.cuda.get_device_name(), flush=True)
+    for shape in args.shapes:
+        n, h, v = map(int, shape.split("x"))
+        torch.manual_seed(0)
+        x = torch.randn(n, h, device="cuda", dtype=DTYPE).requires_grad_()
+        w = (torch.randn(v, h, device="cuda", dtype=DTYPE) * h**-0.5).requires_grad_()
+        targets = torch.randint(0, v, (n,), device="cuda")
+        ref_dx, ref_dw = reference_grads(x.detach(), w.detach(), targets)
+        print(
+            f"== {shape}: full logits {n * v * 2 / 2**20:.0f} MiB, Liger's chunk {liger_chunk_rows(n, h, v)} rows",
+            flush=True,
+        )
+        for name, loss_fn in variants(n, h, v, args.chunks).items():
+
+            def step():
+                return torch.autograd.grad(loss_fn(x, w, targets), (x, w))
+
+            try:
+                dx, dw = step()
+                err_dx, err_dw = relative_error(dx, ref_dx), relative_error(dw, ref_dw)
+                del dx, dw
+                times = timings(step, capture=name != "liger")
+                peak = peak_extra_mib(step, "cuda")
+            except Exception as exc:  # e.g. out of memory at the larger shape: the row says so
+                print(f"{name:32s} failed: {type(exc).__name__}: {str(exc)[:160]}", flush=True)
+                torch.cuda.empty_cache()
+                continue
+            row = dict(shape=shape, provider=name, **times, peak_extra_mib=peak, err_dx=err_dx, err_dw=err_dw)
+            rows.append(row)
+            print(
+                f"{name:32s} gpu {times['gpu_ms']:8.3f} ms  wall {times['ms']:8.3f} ms  peak {peak:8.1f} MiB  "
+                f"err dx {err_dx:.2e} dW {err_dw:.2e}",
+                flush=True,
+            )
+            pd.DataFrame(rows).to_csv(out / "lce_chunks.csv", index=False)
+        del ref_dx, ref_dw
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
