@@ -101,6 +101,38 @@ def test_weight_gradient_accumulated_in_its_own_dtype(dtype, seed):
     run_and_compare(x, w, b, make_targets((n,), v), dtype, chunk_size=chunk, accum_dtype=None)
 
 
+@pytest.mark.parametrize("dtype", DTYPES[1:])  # 16-bit
+def test_float32_weight_gradient_is_rounded_once(dtype, seed, monkeypatch):
+    """accum_dtype=float32 with a 16-bit weight over many chunks: the slab pass sums every row's share of dW in one
+    float32 accumulator, so its error is well below that of the gradient rounded once per chunk; slabs hold no more
+    logits than a chunk."""
+    n, h, v, chunk = 128, 16, 256, 2
+    slabs = []
+    real_slab_grad = lce_kernels.slab_grad_
+
+    def counting_slab_grad(z, *args):
+        slabs.append(tuple(z.shape))
+        return real_slab_grad(z, *args)
+
+    monkeypatch.setattr(lce_kernels, "slab_grad_", counting_slab_grad)
+    x = randn(n, h, dtype=dtype)
+    w = randn(v, h, dtype=dtype, scale=h**-0.5, requires_grad=True)
+    targets = make_targets((n,), v)
+    ref_loss, (_, ref_w, _) = reference(x, w, None, targets)
+    (want,) = torch.autograd.grad(ref_loss, ref_w)
+    errors = {}
+    for accum in (torch.float32, None):
+        slabs.clear()
+        loss = F_tri.linear_cross_entropy(x, w, targets, chunk_size=chunk, accum_dtype=accum)
+        (got,) = torch.autograd.grad(loss, w)
+        errors[accum] = ((got.double().cpu() - want).norm() / want.norm()).item()
+        assert bool(slabs) == (accum is not None)
+        assert all(rows == n and rows * cols <= chunk * v for rows, cols in slabs)
+        assert sum(cols for _, cols in slabs) == (v if slabs else 0)
+    assert errors[torch.float32] * 2 < errors[None], errors
+    assert errors[torch.float32] < TOLERANCE[dtype]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_equals_linear_then_cross_entropy(dtype, seed):
     """The same numbers as triformer's own cross_entropy(linear(x)) on the full logits."""
@@ -321,9 +353,10 @@ def test_peak_memory_is_one_chunk_and_the_gradients(accum_dtype, seed):
     step()
     extra = torch.cuda.max_memory_allocated() - base
     chunk = lce_kernels.default_chunk_rows(n, v, 2)
-    gradients = (n * h + v * h + v) * 2 + (v * h * 4 if accum_dtype else 0)
-    # One chunk's logits, its dx product before the copy, its float32 losses and column sums, the bias sums.
-    allowed = gradients + chunk * (v + h) * 2 + 4 * (n + 3 * v) + 2**20
+    gradients = (n * h + v * h + v) * 2
+    # One chunk's (or slab's) logits, the dx product before the copy, float32 losses, log-sum-exps and column sums,
+    # the bias sums: no float32 [V, H] buffer.
+    allowed = gradients + chunk * (v + h) * 2 + 4 * (2 * n + 3 * v) + 2**20
     assert extra <= allowed, f"{extra / 2**20:.1f} MiB extra, allowed {allowed / 2**20:.1f}"
     assert chunk * v * 2 <= n * v * 2 // 8  # the default chunk's logits: at most 1/8 of the full logits
 

@@ -63,6 +63,7 @@ CROSS_ENTROPY = dict(
     loss_ptr="*fp32",
     grad_ptr="*bf16",
     n_valid_ptr="*i64",
+    lse_ptr="*fp32",
     M="i32",
     V="i32",
     stride_lm="i32",
@@ -135,7 +136,7 @@ def compile_all() -> dict:
         if op == "cross_entropy":
             m = cross_entropy.launch_meta(4096, 50304)
             warps = m.pop("num_warps")
-            flags = dict(MEAN=True, SMOOTH=rest == "buffer", GRAD=True, INPLACE=rest == "inplace", **m)
+            flags = dict(MEAN=True, SMOOTH=rest == "buffer", GRAD=True, INPLACE=rest == "inplace", STORE_LSE=False, **m)
             return {
                 "loss+grad": spills(cross_entropy._cross_entropy_kernel, CROSS_ENTROPY, flags, warps),
                 "scale": spills(cross_entropy._scale_rows_kernel, SCALE_ROWS, {"BLOCK_N": 4096}, 8),

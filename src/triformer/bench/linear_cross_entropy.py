@@ -4,8 +4,9 @@ Liger-Kernel's LigerFusedLinearCrossEntropyLoss (where installed).
 
 Every provider gets the same bf16 x and W that require grad and int64 targets (no bias, as LM heads), and is timed
 as loss then torch.autograd.grad(loss, (x, W)). triformer rows: the defaults (chunks of ≤ 1/8 of the logits, dW
-accumulated in float32), "dW in weight dtype" (accum_dtype=None: no float32 accumulator, Liger's default), and
-"Liger-size chunks" (Liger's chunk, ≈ N·H/V rows, with dW in the weight's dtype: the same memory as Liger).
+in float32 precision by the vocabulary-slab pass), "dW in weight dtype" (accum_dtype=None: dW summed over the
+chunks in itself, Liger's default), "Liger-size chunks" (Liger's chunk, ≈ N·H/V rows, with dW in the weight's
+dtype: the same memory as Liger) and "Liger-size chunks, float32 dW" (Liger's chunk with the slab pass).
 peak_extra_mib is the peak memory above the inputs during one forward+backward, the returned gradients included;
 full_logits_mib is the size of the [N, V] logits in the input dtype beside it. TFLOP/s counts the three products,
 6·N·H·V.
@@ -43,6 +44,9 @@ def providers(device: str) -> dict:
         "triformer (dW in weight dtype)": lambda x, w, t: F_tri.linear_cross_entropy(x, w, t, accum_dtype=None),
         "triformer (Liger-size chunks)": lambda x, w, t: F_tri.linear_cross_entropy(
             x, w, t, chunk_size=liger_chunk_rows(x.shape[0], x.shape[1], w.shape[0]), accum_dtype=None
+        ),
+        "triformer (Liger-size chunks, float32 dW)": lambda x, w, t: F_tri.linear_cross_entropy(
+            x, w, t, chunk_size=liger_chunk_rows(x.shape[0], x.shape[1], w.shape[0])
         ),
         "torch": _torch_loss,
         "torch.compile": torch.compile(_torch_loss) if device == "cuda" else RuntimeError(COMPILE_CUDA_ONLY),

@@ -55,6 +55,7 @@ def _cross_entropy_kernel(
     loss_ptr,
     grad_ptr,
     n_valid_ptr,
+    lse_ptr,
     M,
     V,
     stride_lm,
@@ -67,10 +68,13 @@ def _cross_entropy_kernel(
     SMOOTH: tl.constexpr,
     GRAD: tl.constexpr,
     INPLACE: tl.constexpr,
+    STORE_LSE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """loss[row] for BLOCK_M rows and, when GRAD, scale · ∂loss/∂logits into grad (INPLACE: into the logits)."""
+    """loss[row] for BLOCK_M rows and, when GRAD, scale · ∂loss/∂logits into grad (INPLACE: into the logits);
+    when STORE_LSE, the row's log-sum-exp m + log s into lse[row] (meaningless
+    where the target is ignored)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
     t = tl.load(targets_ptr + rows, mask=row_mask, other=ignore_index).to(tl.int64)
@@ -99,6 +103,8 @@ def _cross_entropy_kernel(
         loss = (1.0 - smoothing) * loss + smoothing * ((m - tl.sum(x0, axis=1)) + log_s - sum_x / V)
     loss = tl.where(out_of_range, float("nan"), loss)
     tl.store(loss_ptr + rows, tl.where(valid, loss, 0.0), mask=row_mask)
+    if STORE_LSE:
+        tl.store(lse_ptr + rows, m + log_s, mask=row_mask)
     if GRAD:
         scale = 1.0
         if MEAN:
@@ -185,11 +191,14 @@ def cross_entropy_forward(
     grad: torch.Tensor | None,
     n_chunks: int,
     n_valid: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
 ):
     """Per-row losses (float32 [M]) of 2-D logits [M, V] and integer targets [M] (any strides).
 
     grad: None for no gradient, else an [M, V] tensor (`logits` itself to overwrite the logits) that receives
     scale · ∂loss/∂logits, scale = 1 / n_valid (a 0-d device tensor, reduction="mean") or 1 (n_valid None).
+    lse: None, or a contiguous float32 [M] that receives each row's log-sum-exp (meaningless where the
+    target is ignored).
     Rows are processed in n_chunks launches (one launch covers them all when n_chunks = 1).
     """
     m, v = logits.shape
@@ -210,6 +219,7 @@ def cross_entropy_forward(
             losses[first:last],
             g[first:last],
             losses if n_valid is None else n_valid,
+            losses if lse is None else lse[first:last],
             last - first,
             v,
             logits.stride(0),
@@ -222,6 +232,7 @@ def cross_entropy_forward(
             SMOOTH=smoothing > 0,
             GRAD=grad is not None,
             INPLACE=grad is logits,
+            STORE_LSE=lse is not None,
             **meta,
         )
     return losses

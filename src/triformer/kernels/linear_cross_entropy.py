@@ -7,12 +7,24 @@ Per chunk of C rows (x_c [C, H], targets t_c), every product on triformer's kern
     loss_c, G_c = CE(Z_c, t_c)     cross_entropy.py's kernel; G_c = ∂loss_c/∂Z_c is written over Z_c
     G_c ⊙= s_c                     the per-row incoming gradient (reduction="none", in its backward)
     dx_c = G_c·W                   matmul.py, copied into dx's rows
-    dW = α·G_cᵀ·x_c (+ dW)         this file's product, accumulated across chunks (float32, or W's dtype)
+    dW = α·G_cᵀ·x_c (+ dW)         this file's product, accumulated across chunks in W's dtype
     db += Σ_rows G_c               reductions.py's column_sum, float32
 
 α (a device scalar: 1 / number of non-ignored targets for reduction="mean") is folded into the dW product's
 epilogue, so no pass ever rescales dW; dx and db, both small, take it together with the incoming gradient in the
-backward. Peak extra memory: one chunk's logits plus the gradients (and dW's float32 accumulator when asked).
+backward.
+
+dW in float32 precision (16-bit W, several chunks): instead of a float32 [V, H] buffer, the row chunks keep each
+row's log-sum-exp (lse, float32 [N]) and a second pass goes over slabs of the vocabulary, columns v of one slab at
+a time (the slab's [N, |v|] logits no larger than a row chunk's):
+
+    Z_v = x·W_vᵀ + b_v             matmul.py                                                 [N, |v|]
+    G_v = (e^(Z_v − lse) − ε/V − (1 − ε)·[v = t]) ⊙ s      _slab_grad_kernel, over Z_v
+    dW_v = α·G_vᵀ·x                this file's product: every row summed in one float32 accumulator, rounded once
+    db_v = Σ_rows G_v              column_sum, float32
+
+one more product (Z_v: 4·N·H·V FLOPs in all against 3) for no float32 buffer and no read-modify-write of dW per
+chunk. Peak extra memory: one chunk's (or slab's) logits plus the gradients.
 """
 
 from __future__ import annotations
@@ -153,6 +165,83 @@ def _accumulate_tma_kernel(
             ACCUMULATE,
             HAS_ALPHA,
         )
+
+
+@triton.jit
+def _slab_grad_kernel(
+    z_ptr,
+    lse_ptr,
+    targets_ptr,
+    row_scale_ptr,
+    M,
+    SLAB,
+    V,
+    first_col,
+    stride_zm,
+    ignore_index,
+    smoothing,
+    SMOOTH: tl.constexpr,
+    ROW_SCALE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Over a slab of logits z [M, SLAB] (vocabulary columns first_col + j, unit column stride), in place:
+    G = (e^(z − lse[row]) − ε/V − (1 − ε)·[first_col + j = t[row]]) · s[row]; 0 for rows whose target is
+    ignore_index, NaN for rows whose target is outside [0, V). One BLOCK_M×BLOCK_N tile a program."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < M
+    t = tl.load(targets_ptr + rows, mask=row_mask, other=ignore_index).to(tl.int64)
+    valid = t != ignore_index
+    out_of_range = valid & ((t < 0) | (t >= V))
+    lse = tl.load(lse_ptr + rows, mask=row_mask & valid, other=0.0)
+    mask = row_mask[:, None] & (cols < SLAB)[None, :]
+    ptrs = z_ptr + rows.to(tl.int64)[:, None] * stride_zm + cols[None, :]
+    z = tl.load(ptrs, mask=mask & valid[:, None], other=0.0).to(tl.float32)
+    g = tl.exp(z - lse[:, None])
+    if SMOOTH:
+        g -= smoothing / V
+    g = tl.where((first_col + cols)[None, :] == t[:, None], g - (1.0 - smoothing), g)
+    if ROW_SCALE:
+        g *= tl.load(row_scale_ptr + rows, mask=row_mask, other=0.0)[:, None]
+    g = tl.where(valid[:, None], g, 0.0)
+    g = tl.where(out_of_range[:, None], float("nan"), g)
+    tl.store(ptrs, g.to(z_ptr.dtype.element_ty), mask=mask)
+
+
+# The slab gradient's tile (and the interpreter's, smaller).
+_SLAB_BLOCK = (32, 256)
+_INTERPRETER_SLAB_BLOCK = (16, 32)
+
+
+def slab_grad_(z, lse, targets, first_col, v, ignore_index, smoothing, row_scale) -> torch.Tensor:
+    """z [N, SLAB] (logits of vocabulary columns first_col + j, unit column stride) becomes their cross-entropy
+    gradient in place, from each row's lse (float32 [N]), contiguous targets [N] and row_scale (float32 [N]) or
+    None; see _slab_grad_kernel."""
+    m, slab = z.shape
+    if m and slab:
+        block_m, block_n = _INTERPRETER_SLAB_BLOCK if interpreter_active() else _SLAB_BLOCK
+        launch(
+            _slab_grad_kernel,
+            (cdiv(m, block_m), cdiv(slab, block_n)),
+            z,
+            lse,
+            targets,
+            lse if row_scale is None else row_scale,
+            m,
+            slab,
+            v,
+            first_col,
+            z.stride(0),
+            ignore_index,
+            float(smoothing),
+            SMOOTH=smoothing > 0,
+            ROW_SCALE=row_scale is not None,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            num_warps=4,
+        )
+    return z
 
 
 def _config(bm, bn, bk, stages, warps):
@@ -304,6 +393,15 @@ def accumulate_product(
     return d
 
 
+def slab_columns(n: int, v: int, chunk_rows: int) -> int:
+    """Vocabulary columns per slab of the float32-dW pass: its [n, columns] logits hold no more elements than a
+    chunk of chunk_rows rows' logits, in whole 128-column tiles when there are that many; at least 1."""
+    cols = min(v, chunk_rows * v // max(n, 1))
+    if cols >= _CHUNK_ROW_MULTIPLE:
+        cols -= cols % _CHUNK_ROW_MULTIPLE
+    return max(cols, 1)
+
+
 def chunked_forward(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -317,42 +415,60 @@ def chunked_forward(
     float32_dw: bool,
     row_scale: torch.Tensor | None = None,
 ):
-    """The chunk loop of the module doc for x [N, H], weight [V, H], bias [V] or None, contiguous targets [N].
+    """The chunk loop (and, for float32_dw, the slab pass) of the module doc for x [N, H], weight [V, H], bias [V]
+    or None, contiguous targets [N].
 
     need = (dx, dW, db) wanted. Returns (per-row losses float32 [N], dx [N, H] unscaled, dW [V, H] in weight's
-    dtype with α folded in, db float32 [V] unscaled); None for a gradient not wanted. float32_dw: dW accumulates in
-    a float32 buffer across chunks (rounded once, at the last chunk), else in dW itself. row_scale: float32 [N]
-    multiplying each row's logit gradient (G_c) before the products. A target out of range gives its row a NaN
-    loss and gradient (see cross_entropy.py; cross_entropy.count_targets finds it).
+    dtype with α folded in, db float32 [V] unscaled); None for a gradient not wanted. float32_dw: dW in float32
+    precision (rounded once) when it would otherwise be summed over several chunks in a 16-bit dtype: by the slab
+    pass; else dW accumulates in itself. row_scale: float32 [N] multiplying each row's logit gradient before the
+    products. A target out of range gives its row a NaN loss and gradient (see cross_entropy.py;
+    cross_entropy.count_targets finds it).
     """
     n, h = x.shape
     v = weight.shape[0]
     need_dx, need_dw, need_db = need
-    any_grad = need_dx or need_dw or need_db
+    starts = range(0, n, chunk_rows)
+    slabs = need_dw and float32_dw and weight.dtype != torch.float32 and len(starts) > 1
+    chunk_dw, chunk_db = need_dw and not slabs, need_db and not slabs  # summed over the row chunks
+    chunk_grad = need_dx or chunk_dw or chunk_db
     losses = new_empty((n,), like=x, dtype=torch.float32)
+    lse = new_empty((n,), like=x, dtype=torch.float32) if slabs else None
     dx = new_empty((n, h), like=x) if need_dx else None
     dw = (new_empty((v, h), like=weight) if n else weight.new_zeros((v, h))) if need_dw else None
-    starts = range(0, n, chunk_rows)
-    acc = dw
-    if need_dw and float32_dw and weight.dtype != torch.float32 and len(starts) > 1:
-        acc = new_empty((v, h), like=weight, dtype=torch.float32)
-    db = torch.zeros(v, device=x.device, dtype=torch.float32) if need_db and not n else None
+    db = torch.zeros(v, device=x.device, dtype=torch.float32) if need_db and (not n or slabs) else None
     for i, start in enumerate(starts):
         stop = min(n, start + chunk_rows)
         z = matmul(x[start:stop], weight.t(), bias=bias)[0]
         losses[start:stop] = cross_entropy_forward(
-            z, targets[start:stop], ignore_index, smoothing, z if any_grad else None, n_chunks=1
+            z,
+            targets[start:stop],
+            ignore_index,
+            smoothing,
+            z if chunk_grad else None,
+            n_chunks=1,
+            lse=None if lse is None else lse[start:stop],
         )
-        if not any_grad:
+        if not chunk_grad:
             continue
         if row_scale is not None:
             scale_rows_(z, row_scale[start:stop])
         if need_dx:
             dx[start:stop] = matmul(z, weight)[0]
-        if need_dw:
-            accumulate_product(z.t(), x[start:stop], acc if i else None, dw if i == len(starts) - 1 else acc, alpha)
-        if need_db:
+        if chunk_dw:
+            accumulate_product(z.t(), x[start:stop], dw if i else None, dw, alpha)
+        if chunk_db:
             sums = column_sum(z, torch.float32)
             db = sums if db is None else db.add_(sums)
         del z  # the next chunk's logits reuse its memory
+    if slabs:
+        width = slab_columns(n, v, chunk_rows)
+        for first in range(0, v, width):
+            last = min(v, first + width)
+            z = matmul(x, weight[first:last].t(), bias=None if bias is None else bias[first:last])[0]
+            slab_grad_(z, lse, targets, first, v, ignore_index, smoothing, row_scale)
+            accumulate_product(z.t(), x, None, dw[first:last], alpha)
+            if need_db:
+                db[first:last] = column_sum(z, torch.float32)
+            del z
     return losses, dx, dw, db
