@@ -11,8 +11,10 @@ from harness import DEVICE, DTYPES, ON_GPU, TOLERANCE, assert_close, randn, refe
 
 import triformer.functional as F_tri
 from triformer import TritonLinearCrossEntropyLoss
+from triformer.kernels import cross_entropy as ce_kernels
 from triformer.kernels import linear_cross_entropy as lce_kernels
 from triformer.kernels import matmul_tma
+from triformer.kernels._runtime import cdiv
 from triformer.nn import TorchLinearCrossEntropyLoss
 
 # Ignored and padding rows compute −inf − (−inf), log 0 and 1 / 0 in numpy under the interpreter; all masked.
@@ -133,6 +135,58 @@ def test_float32_weight_gradient_is_rounded_once(dtype, seed, monkeypatch):
     assert errors[torch.float32] < TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_slab_gradient_equals_the_cross_entropy_gradient(smoothing, seed):
+    """slab_grad_ over column slabs of the logits (widths not a multiple of its block, targets in other slabs,
+    ignored and out-of-range targets, a per-row scale) gives the columns of the cross-entropy kernel's gradient."""
+    m, v = 37, 203
+    logits = randn(m, v, dtype=torch.float32) * 4
+    targets = make_targets((m,), v).to(torch.int64)
+    targets[3], targets[5] = v + 2, -7  # out of range: NaN rows
+    scale = torch.rand(m, device=DEVICE) + 0.5
+    want = torch.empty_like(logits)
+    stats = torch.empty(3, m, device=DEVICE)
+    ce_kernels.cross_entropy_forward(logits, targets, -100, smoothing, want, 1, stats=stats)
+    want *= scale[:, None]
+    for first, last in ((0, 64), (64, 67), (67, 200), (200, 203)):
+        got = logits[:, first:last].contiguous()
+        lce_kernels.slab_grad_(got, stats, targets, first, v, -100, smoothing, scale)
+        assert torch.equal(got.isnan(), want[:, first:last].isnan())
+        assert_close(got.nan_to_num(), want[:, first:last].nan_to_num(), torch.float32, f"columns {first}:{last}")
+
+
+def test_slab_pass_keeps_the_precision_of_large_logits(seed):
+    """Logits near 1e4 (fp16): the slab pass subtracts the row max before the exponential (a rounded float32
+    log-sum-exp would cost |lse|·2⁻²⁴ of every probability), so its weight gradient is as accurate as the one-chunk
+    path's, both against float64 math on the same fp16-rounded logits."""
+    n, h, v = 48, 16, 64
+    x = randn(n, h, dtype=torch.float16)
+    w = randn(v, h, dtype=torch.float16, scale=h**-0.5 * 16, requires_grad=True)
+    b = torch.full((v,), 1e4, device=DEVICE, dtype=torch.float16)
+    targets = make_targets((n,), v, ignored=0.0)
+    x64, w64 = x.double().cpu(), w.detach().double().cpu()
+    z = F.linear(x64, w64, b.double().cpu()).half().double().requires_grad_()  # the logits as the kernels round them
+    (dz,) = torch.autograd.grad(F.cross_entropy(z, targets.cpu()), z)
+    want = dz.t() @ x64
+    errors = []
+    for chunk in (n, 4):  # one chunk (no slab pass), then 12 chunks and the slab pass
+        (got,) = torch.autograd.grad(F_tri.linear_cross_entropy(x, w, targets, b, chunk_size=chunk), w)
+        errors.append(((got.double().cpu() - want).norm() / want.norm()).item())
+    assert errors[1] <= 1.05 * errors[0], errors  # a rounded float32 lse: 1.15–1.25× here
+
+
+def test_slab_columns():
+    """Equal slabs whose logits stay within a chunk's (plus the widening to 8 columns), at least one column."""
+    assert lce_kernels.slab_columns(8192, 50304, 1024) == 6288
+    assert lce_kernels.slab_columns(8192, 50257, 1024) == 5592  # 9 slabs of 5585 columns, widened to 16 bytes
+    assert lce_kernels.slab_columns(8192, 50304, 128) == 792  # 64 slabs of 786 columns, widened
+    assert lce_kernels.slab_columns(100, 7, 3) == 1
+    for n, v, chunk in ((8192, 50304, 1024), (8192, 128256, 256), (1000, 333, 7), (41, 33, 9)):
+        cols = lce_kernels.slab_columns(n, v, chunk)
+        assert 1 <= cols <= v and n * cols <= chunk * v + 7 * n
+        assert v - (cdiv(v, cols) - 1) * cols >= 1  # no empty last slab
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_equals_linear_then_cross_entropy(dtype, seed):
     """The same numbers as triformer's own cross_entropy(linear(x)) on the full logits."""
@@ -149,28 +203,32 @@ def test_equals_linear_then_cross_entropy(dtype, seed):
         assert_close(got, want, dtype, f"grad of {name}")
 
 
-def test_only_some_inputs_need_gradients(seed):
+@pytest.mark.parametrize("dtype", DTYPES[:2])  # fp16: the slab pass
+def test_only_some_inputs_need_gradients(dtype, seed):
     """Gradients are computed only for what requires them; no gradient at all runs the loss alone."""
-    x, w, b = make_inputs(9, 8, 33, torch.float32)
+    x, w, b = make_inputs(9, 8, 33, dtype)
     targets = make_targets((9,), 33)
     w.requires_grad_(False)
-    run_and_compare(x, w, b, targets, torch.float32, chunk_size=4)
+    run_and_compare(x, w, b, targets, dtype, chunk_size=4)
     x.requires_grad_(False)
     w.requires_grad_(True)
     b.requires_grad_(False)
-    run_and_compare(x, w, b, targets, torch.float32, chunk_size=4)
+    run_and_compare(x, w, b, targets, dtype, chunk_size=4)
+    b.requires_grad_(True)
+    run_and_compare(x, w, b, targets, dtype, chunk_size=4, reduction="none", label_smoothing=0.1)
     with torch.no_grad():
         loss = F_tri.linear_cross_entropy(x, w, targets, b, chunk_size=4)
-    assert_close(loss, reference(x, w, b, targets)[0], torch.float32, "loss under no_grad")
+    assert_close(loss, reference(x, w, b, targets)[0], dtype, "loss under no_grad")
 
 
+@pytest.mark.parametrize("dtype", DTYPES[:2])  # fp16: the slab pass
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_all_targets_ignored(reduction, seed):
+def test_all_targets_ignored(reduction, dtype, seed):
     """As torch: "mean" gives NaN (0 / 0), "sum" 0, "none" zeros; every gradient is zero."""
-    x, w, b = make_inputs(6, 8, 33, torch.float32)
+    x, w, b = make_inputs(6, 8, 33, dtype)
     targets = torch.full((6,), -100, device=DEVICE)
     ours = F_tri.linear_cross_entropy(x, w, targets, b, reduction=reduction, chunk_size=4)
-    ref = F.cross_entropy(F.linear(x, w, b).detach().double().cpu(), targets.cpu(), reduction=reduction)
+    ref = F.cross_entropy(F.linear(*(t.detach().double().cpu() for t in (x, w, b))), targets.cpu(), reduction=reduction)
     assert torch.equal(ours.isnan().cpu(), ref.isnan())
     assert torch.equal(ours.nan_to_num().cpu().double(), ref.nan_to_num())
     for grad in torch.autograd.grad(ours.sum(), (x, w, b)):

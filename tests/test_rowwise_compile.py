@@ -63,7 +63,7 @@ CROSS_ENTROPY = dict(
     loss_ptr="*fp32",
     grad_ptr="*bf16",
     n_valid_ptr="*i64",
-    lse_ptr="*fp32",
+    stats_ptr="*fp32",
     M="i32",
     V="i32",
     stride_lm="i32",
@@ -72,6 +72,7 @@ CROSS_ENTROPY = dict(
     stride_gv="i32",
     ignore_index="i32",
     smoothing="fp32",
+    stride_stats="i32",
 )
 COUNT_TARGETS = dict(targets_ptr="*i64", counts_ptr="*i64", M="i32", V="i32", ignore_index="i32")
 SCALE_ROWS = dict(g_ptr="*bf16", scale_ptr="*fp32", M="i32", V="i32", stride_gm="i32", stride_gv="i32", stride_s="i32")
@@ -136,7 +137,14 @@ def compile_all() -> dict:
         if op == "cross_entropy":
             m = cross_entropy.launch_meta(4096, 50304)
             warps = m.pop("num_warps")
-            flags = dict(MEAN=True, SMOOTH=rest == "buffer", GRAD=True, INPLACE=rest == "inplace", STORE_LSE=False, **m)
+            flags = dict(
+                MEAN=True,
+                SMOOTH=rest == "buffer",
+                GRAD=True,
+                INPLACE=rest == "inplace",
+                STORE_STATS=rest == "inplace",
+                **m,
+            )
             return {
                 "loss+grad": spills(cross_entropy._cross_entropy_kernel, CROSS_ENTROPY, flags, warps),
                 "scale": spills(cross_entropy._scale_rows_kernel, SCALE_ROWS, {"BLOCK_N": 4096}, 8),

@@ -1,9 +1,9 @@
 """How should the fused linear + cross-entropy chunk its rows, and where should dW accumulate? On a GPU host, for
-each shape [N, H, V] (bf16, no bias, as an LM head): every chunk size × dW accumulator (float32 buffer, or the
-weight's dtype) with the tuner on, beside Liger-Kernel (where installed) and eager F.linear + F.cross_entropy:
-GPU time (CUDA graph; the profiler's kernel time for Liger), wall time with host launches (do_bench), peak memory
-above the inputs (returned gradients included), and the error of dx and dW against a float64 reference
-(‖ours − ref‖ / ‖ref‖).
+each shape [N, H, V] (bf16, no bias, as an LM head): every chunk size × dW accumulator (float32 precision by the
+vocabulary-slab pass, or summed in the weight's dtype) with the tuner on, beside Liger-Kernel (where installed) and
+eager F.linear + F.cross_entropy: GPU time (CUDA graph; the profiler's kernel time for Liger), wall time with host
+launches (do_bench), peak memory above the inputs (returned gradients included), and the error of dx and dW against
+a float64 reference (‖ours − ref‖ / ‖ref‖).
 
 Run: python tools/gpu_lce_chunks.py [--shapes 8192x768x50304 8192x4096x128256] [--chunks 128 256 512 1024]
 Logs to $OUT/lce_chunks.csv.

@@ -255,11 +255,12 @@ def linear_cross_entropy(
     F.cross_entropy; all targets ignored: "mean" gives NaN (0/0) with zero gradients, as torch.
     chunk_size: rows per chunk; None picks one whose logits are ≤ 1/8 of the full logits and ≤ 256 MiB
     (kernels.linear_cross_entropy.default_chunk_rows).
-    accum_dtype: torch.float32 (default) gives weight's gradient float32 precision (one float32 sum over every
-    row, rounded once): with 16-bit weights and several chunks, a second pass over slabs of the vocabulary
-    recomputes their logits from each row's stored log-sum-exp (one more product, no float32 [V, H] buffer;
-    see kernels.linear_cross_entropy). None accumulates it in the gradient itself across the row chunks (weight's
-    dtype, rounded once per chunk: Liger's default; three products).
+    accum_dtype: torch.float32 (default) gives a 16-bit weight's gradient float32 precision (one float32 sum over
+    every row, rounded once): with several chunks, a second pass over slabs of the vocabulary recomputes their
+    logits and gradients from each row's stored softmax statistics (one more product, no float32 [V, H] buffer;
+    see kernels.linear_cross_entropy). A float32 weight's gradient sums the chunks in itself. None accumulates it
+    in the gradient itself across the row chunks (weight's dtype, rounded once per chunk: Liger's default; three
+    products).
     reduction="none" recomputes the chunks in the backward (each row's incoming gradient must scale its logit
     gradient before the products sum over rows); "mean" and "sum" keep only the gradients, and their backward can
     run once. Under autocast x, weight and bias are cast to the autocast dtype, as F.linear.

@@ -55,7 +55,7 @@ def _cross_entropy_kernel(
     loss_ptr,
     grad_ptr,
     n_valid_ptr,
-    lse_ptr,
+    stats_ptr,
     M,
     V,
     stride_lm,
@@ -64,17 +64,18 @@ def _cross_entropy_kernel(
     stride_gv,
     ignore_index,
     smoothing,
+    stride_stats,
     MEAN: tl.constexpr,
     SMOOTH: tl.constexpr,
     GRAD: tl.constexpr,
     INPLACE: tl.constexpr,
-    STORE_LSE: tl.constexpr,
+    STORE_STATS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     """loss[row] for BLOCK_M rows and, when GRAD, scale · ∂loss/∂logits into grad (INPLACE: into the logits);
-    when STORE_LSE, the row's log-sum-exp m + log s into lse[row] (meaningless
-    where the target is ignored)."""
+    when STORE_STATS, the row's m, log s and x_t (lse = m + log s) into stats[k · stride_stats + row], k = 0, 1, 2
+    (meaningless where the target is ignored)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
     t = tl.load(targets_ptr + rows, mask=row_mask, other=ignore_index).to(tl.int64)
@@ -103,8 +104,10 @@ def _cross_entropy_kernel(
         loss = (1.0 - smoothing) * loss + smoothing * ((m - tl.sum(x0, axis=1)) + log_s - sum_x / V)
     loss = tl.where(out_of_range, float("nan"), loss)
     tl.store(loss_ptr + rows, tl.where(valid, loss, 0.0), mask=row_mask)
-    if STORE_LSE:
-        tl.store(lse_ptr + rows, m + log_s, mask=row_mask)
+    if STORE_STATS:
+        tl.store(stats_ptr + rows, m, mask=row_mask)
+        tl.store(stats_ptr + stride_stats + rows, log_s, mask=row_mask)
+        tl.store(stats_ptr + 2 * stride_stats + rows, x_t.to(tl.float32), mask=row_mask)
     if GRAD:
         scale = 1.0
         if MEAN:
@@ -191,14 +194,15 @@ def cross_entropy_forward(
     grad: torch.Tensor | None,
     n_chunks: int,
     n_valid: torch.Tensor | None = None,
-    lse: torch.Tensor | None = None,
+    stats: torch.Tensor | None = None,
 ):
     """Per-row losses (float32 [M]) of 2-D logits [M, V] and integer targets [M] (any strides).
 
     grad: None for no gradient, else an [M, V] tensor (`logits` itself to overwrite the logits) that receives
     scale · ∂loss/∂logits, scale = 1 / n_valid (a 0-d device tensor, reduction="mean") or 1 (n_valid None).
-    lse: None, or a contiguous float32 [M] that receives each row's log-sum-exp (meaningless where the
-    target is ignored).
+    stats: None, or a float32 [3, M] with unit column stride that receives each row's max m, log s (its
+    log-sum-exp is m + log s) and target logit x_t, for a later pass that recomputes the row's gradient from its
+    logits (meaningless where the target is ignored).
     Rows are processed in n_chunks launches (one launch covers them all when n_chunks = 1).
     """
     m, v = logits.shape
@@ -219,7 +223,7 @@ def cross_entropy_forward(
             losses[first:last],
             g[first:last],
             losses if n_valid is None else n_valid,
-            losses if lse is None else lse[first:last],
+            losses if stats is None else stats[:, first:last],
             last - first,
             v,
             logits.stride(0),
@@ -228,11 +232,12 @@ def cross_entropy_forward(
             g.stride(1),
             ignore_index,
             float(smoothing),
+            0 if stats is None else stats.stride(0),
             MEAN=n_valid is not None,
             SMOOTH=smoothing > 0,
             GRAD=grad is not None,
             INPLACE=grad is logits,
-            STORE_LSE=lse is not None,
+            STORE_STATS=stats is not None,
             **meta,
         )
     return losses

@@ -15,16 +15,20 @@ epilogue, so no pass ever rescales dW; dx and db, both small, take it together w
 backward.
 
 dW in float32 precision (16-bit W, several chunks): instead of a float32 [V, H] buffer, the row chunks keep each
-row's log-sum-exp (lse, float32 [N]) and a second pass goes over slabs of the vocabulary, columns v of one slab at
-a time (the slab's [N, |v|] logits no larger than a row chunk's):
+row's softmax statistics (its max m, log s with lse = m + log s, and the target logit x_t as the chunk read it:
+float32 [3, N]) and a second pass goes over slabs of the vocabulary, columns v of one slab at a time (the slab's
+[N, |v|] logits about as large as a row chunk's):
 
     Z_v = x·W_vᵀ + b_v             matmul.py                                                 [N, |v|]
-    G_v = (e^(Z_v − lse) − ε/V − (1 − ε)·[v = t]) ⊙ s      _slab_grad_kernel, over Z_v
+    G_v = (e^((Z_v − m) − log s) − ε/V − (1 − ε)·[v = t]) ⊙ s      _slab_grad_kernel, over Z_v
     dW_v = α·G_vᵀ·x                this file's product: every row summed in one float32 accumulator, rounded once
     db_v = Σ_rows G_v              column_sum, float32
 
-one more product (Z_v: 4·N·H·V FLOPs in all against 3) for no float32 buffer and no read-modify-write of dW per
-chunk. Peak extra memory: one chunk's (or slab's) logits plus the gradients.
+The target's own term takes the stored x_t rather than the recomputed logit: a product of another shape may round
+a logit differently by one unit of x's dtype, which the target term of a confident row (e^(x_t − lse) − 1 ≈ 0)
+would magnify; elsewhere such a difference moves a probability by as little as rounding the gradient does. One
+more product (8·N·H·V FLOPs in all against 6) for no float32 buffer and no read-modify-write of dW per chunk. Peak
+extra memory: one chunk's or slab's logits plus the gradients.
 """
 
 from __future__ import annotations
@@ -170,7 +174,7 @@ def _accumulate_tma_kernel(
 @triton.jit
 def _slab_grad_kernel(
     z_ptr,
-    lse_ptr,
+    stats_ptr,
     targets_ptr,
     row_scale_ptr,
     M,
@@ -178,6 +182,7 @@ def _slab_grad_kernel(
     V,
     first_col,
     stride_zm,
+    stride_stats,
     ignore_index,
     smoothing,
     SMOOTH: tl.constexpr,
@@ -186,22 +191,28 @@ def _slab_grad_kernel(
     BLOCK_N: tl.constexpr,
 ):
     """Over a slab of logits z [M, SLAB] (vocabulary columns first_col + j, unit column stride), in place:
-    G = (e^(z − lse[row]) − ε/V − (1 − ε)·[first_col + j = t[row]]) · s[row]; 0 for rows whose target is
-    ignore_index, NaN for rows whose target is outside [0, V). One BLOCK_M×BLOCK_N tile a program."""
+    G = (e^((z − m) − log s) − ε/V − (1 − ε)·[first_col + j = t]) · row_scale, per row from stats (m, log s, x_t at
+    k · stride_stats + row, k = 0, 1, 2; the target's term from x_t); 0 for rows whose target is ignore_index, NaN
+    for rows whose target is outside [0, V). One BLOCK_M×BLOCK_N tile a program."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < M
     t = tl.load(targets_ptr + rows, mask=row_mask, other=ignore_index).to(tl.int64)
     valid = t != ignore_index
     out_of_range = valid & ((t < 0) | (t >= V))
-    lse = tl.load(lse_ptr + rows, mask=row_mask & valid, other=0.0)
+    read = row_mask & valid
+    m = tl.load(stats_ptr + rows, mask=read, other=0.0)
+    log_s = tl.load(stats_ptr + stride_stats + rows, mask=read, other=0.0)
+    x_t = tl.load(stats_ptr + 2 * stride_stats + rows, mask=read, other=0.0)
     mask = row_mask[:, None] & (cols < SLAB)[None, :]
     ptrs = z_ptr + rows.to(tl.int64)[:, None] * stride_zm + cols[None, :]
     z = tl.load(ptrs, mask=mask & valid[:, None], other=0.0).to(tl.float32)
-    g = tl.exp(z - lse[:, None])
+    is_target = (first_col + cols)[None, :] == t[:, None]
+    z = tl.where(is_target, x_t[:, None], z)
+    g = tl.exp((z - m[:, None]) - log_s[:, None])
     if SMOOTH:
         g -= smoothing / V
-    g = tl.where((first_col + cols)[None, :] == t[:, None], g - (1.0 - smoothing), g)
+    g = tl.where(is_target, g - (1.0 - smoothing), g)
     if ROW_SCALE:
         g *= tl.load(row_scale_ptr + rows, mask=row_mask, other=0.0)[:, None]
     g = tl.where(valid[:, None], g, 0.0)
@@ -214,10 +225,10 @@ _SLAB_BLOCK = (32, 256)
 _INTERPRETER_SLAB_BLOCK = (16, 32)
 
 
-def slab_grad_(z, lse, targets, first_col, v, ignore_index, smoothing, row_scale) -> torch.Tensor:
+def slab_grad_(z, stats, targets, first_col, v, ignore_index, smoothing, row_scale) -> torch.Tensor:
     """z [N, SLAB] (logits of vocabulary columns first_col + j, unit column stride) becomes their cross-entropy
-    gradient in place, from each row's lse (float32 [N]), contiguous targets [N] and row_scale (float32 [N]) or
-    None; see _slab_grad_kernel."""
+    gradient in place, from each row's stats (float32 [3, N] with unit column stride, as cross_entropy_forward
+    stores them), contiguous targets [N] and row_scale (float32 [N]) or None; see _slab_grad_kernel."""
     m, slab = z.shape
     if m and slab:
         block_m, block_n = _INTERPRETER_SLAB_BLOCK if interpreter_active() else _SLAB_BLOCK
@@ -225,14 +236,15 @@ def slab_grad_(z, lse, targets, first_col, v, ignore_index, smoothing, row_scale
             _slab_grad_kernel,
             (cdiv(m, block_m), cdiv(slab, block_n)),
             z,
-            lse,
+            stats,
             targets,
-            lse if row_scale is None else row_scale,
+            stats if row_scale is None else row_scale,
             m,
             slab,
             v,
             first_col,
             z.stride(0),
+            stats.stride(0),
             ignore_index,
             float(smoothing),
             SMOOTH=smoothing > 0,
@@ -394,12 +406,12 @@ def accumulate_product(
 
 
 def slab_columns(n: int, v: int, chunk_rows: int) -> int:
-    """Vocabulary columns per slab of the float32-dW pass: its [n, columns] logits hold no more elements than a
-    chunk of chunk_rows rows' logits, in whole 128-column tiles when there are that many; at least 1."""
-    cols = min(v, chunk_rows * v // max(n, 1))
-    if cols >= _CHUNK_ROW_MULTIPLE:
-        cols -= cols % _CHUNK_ROW_MULTIPLE
-    return max(cols, 1)
+    """Vocabulary columns per slab of the float32-dW pass: as many equal slabs as keep each one's [n, columns]
+    logits within a chunk of chunk_rows rows' (at least 1 column), widened to a multiple of 8 (16-byte rows, which
+    the TMA kernels need) when wider than 8."""
+    slabs = cdiv(v, max(chunk_rows * v // max(n, 1), 1))
+    cols = cdiv(v, slabs)
+    return cols if cols <= 8 else min(v, cdiv(cols, 8) * 8)
 
 
 def chunked_forward(
@@ -433,10 +445,14 @@ def chunked_forward(
     chunk_dw, chunk_db = need_dw and not slabs, need_db and not slabs  # summed over the row chunks
     chunk_grad = need_dx or chunk_dw or chunk_db
     losses = new_empty((n,), like=x, dtype=torch.float32)
-    lse = new_empty((n,), like=x, dtype=torch.float32) if slabs else None
+    stats = new_empty((3, n), like=x, dtype=torch.float32) if slabs else None
     dx = new_empty((n, h), like=x) if need_dx else None
     dw = (new_empty((v, h), like=weight) if n else weight.new_zeros((v, h))) if need_dw else None
-    db = torch.zeros(v, device=x.device, dtype=torch.float32) if need_db and (not n or slabs) else None
+    db = None  # summed over the row chunks from the first, or written slab by slab
+    if need_db and slabs:
+        db = new_empty((v,), like=x, dtype=torch.float32)
+    elif need_db and not n:
+        db = torch.zeros(v, device=x.device, dtype=torch.float32)
     for i, start in enumerate(starts):
         stop = min(n, start + chunk_rows)
         z = matmul(x[start:stop], weight.t(), bias=bias)[0]
@@ -447,11 +463,9 @@ def chunked_forward(
             smoothing,
             z if chunk_grad else None,
             n_chunks=1,
-            lse=None if lse is None else lse[start:stop],
+            stats=None if stats is None else stats[:, start:stop],
         )
-        if not chunk_grad:
-            continue
-        if row_scale is not None:
+        if chunk_grad and row_scale is not None:
             scale_rows_(z, row_scale[start:stop])
         if need_dx:
             dx[start:stop] = matmul(z, weight)[0]
@@ -466,7 +480,7 @@ def chunked_forward(
         for first in range(0, v, width):
             last = min(v, first + width)
             z = matmul(x, weight[first:last].t(), bias=None if bias is None else bias[first:last])[0]
-            slab_grad_(z, lse, targets, first, v, ignore_index, smoothing, row_scale)
+            slab_grad_(z, stats, targets, first, v, ignore_index, smoothing, row_scale)
             accumulate_product(z.t(), x, None, dw[first:last], alpha)
             if need_db:
                 db[first:last] = column_sum(z, torch.float32)
