@@ -9,8 +9,8 @@ Triton would specialize differently (see arg_key) and the keyword values; the fi
 Triton (compiling when needed) and records the compiled kernel it got back and the full argument list (keyword
 and default values, which the key fixes); a repeated key calls that kernel's launcher directly.
 
-Switches (environment, read at import): TRIFORMER_FAST_LAUNCH=1 turns the fast path on; 0, the default until the
-path has had a GPU run (reports/NOTES.md), sends every call through Triton;
+Switches (environment, read at import): TRIFORMER_FAST_LAUNCH=1 (the default) turns the fast path on; 0 sends every
+call through Triton;
 TRIFORMER_FAST_LAUNCH=check sends every call through Triton and asserts that Triton chose the recorded compiled
 kernel and bound the recorded arguments (the GPU suite's check of the keys). Whatever else Triton reads per call
 sends calls through Triton while it is set: a launch hook (enter or exit, e.g. a profiler's), Triton's debug or
@@ -34,7 +34,7 @@ from triton.runtime.jit import JITFunction
 
 from ._runtime import interpreter_active, overridden
 
-_MODE = os.environ.get("TRIFORMER_FAST_LAUNCH", "0")
+_MODE = os.environ.get("TRIFORMER_FAST_LAUNCH", "1")
 if _MODE not in ("0", "1", "check"):
     raise ValueError(f"TRIFORMER_FAST_LAUNCH must be 0, 1 or check, got {_MODE!r}")
 FAST = _MODE != "0"  # check records calls too (it needs a record to check against)
