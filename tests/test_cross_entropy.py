@@ -103,6 +103,31 @@ def test_all_targets_ignored(reduction, seed):
     assert torch.equal(logits.grad, torch.zeros_like(logits))
 
 
+@pytest.mark.parametrize("inplace", [False, True], ids=["buffer", "inplace"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_inf_and_nan_incoming_gradients_leave_ignored_rows_at_zero(reduction, inplace, seed):
+    """As torch: an ignored row's gradient is 0 whatever its incoming gradient (inf, NaN); a NaN reaches its own
+    row only; finite incoming gradients as before."""
+    logits = randn(4, 10, requires_grad=True)
+    targets = torch.tensor([1, -100, 3, -100], device=DEVICE)
+    if reduction == "none":
+        dloss = torch.tensor([2.0, float("inf"), float("nan"), float("nan")], device=DEVICE)
+    else:
+        dloss = torch.tensor(float("inf"), device=DEVICE)
+    work = logits * 1.0 if inplace else logits  # inplace_grad overwrites these logits with their gradient
+    loss = F_tri.cross_entropy(work, targets, reduction=reduction, inplace_grad=inplace)
+    (ours,) = torch.autograd.grad(loss, logits, dloss)
+    assert not ours[1].any() and not ours[3].any()
+    if reduction == "none":
+        ref_logits = logits.detach().double().cpu().requires_grad_()
+        ref_loss = F.cross_entropy(ref_logits, targets.cpu(), reduction="none")
+        (ref,) = torch.autograd.grad(ref_loss, ref_logits, dloss.double().cpu())
+        assert ours[2].isnan().all() and ref[2].isnan().all()
+        assert_close(ours[0], ref[0], torch.float32, "row of a finite incoming gradient")
+    else:
+        assert not ours[0].isfinite().any() and not ours[2].isfinite().any()
+
+
 def test_n_chunks_same_result(seed):
     logits = randn(13, 257)
     targets = make_targets((13,), 257)

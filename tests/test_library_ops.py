@@ -87,7 +87,10 @@ OPCHECK_CASES = {
     ),
     "cross_entropy-none": lambda: (ops.cross_entropy, (leaf(5, 10), targets((5,), 10), -100, "none", 0.0, 2, True)),
     "cross_entropy-no-grad": lambda: (ops.cross_entropy, (randn(5, 10), targets((5,), 10), -100, "sum", 0.0, 1, False)),
-    "scale_rows_": lambda: (ops.scale_rows_, (randn(4, 10), randn(4))),
+    "scale_rows_": lambda: (
+        ops.scale_rows_,
+        (randn(4, 10), randn(4), torch.tensor([1, -100, 3, 0], device=DEVICE), -100),
+    ),
     "attention": lambda: (ops.attention, (leaf(1, 2, 5, 8), leaf(1, 1, 5, 8), leaf(1, 1, 5, 8), True, 0.3)),
     "attention_backward": lambda: (
         ops.attention_backward,

@@ -235,6 +235,29 @@ def test_all_targets_ignored(reduction, dtype, seed):
         assert torch.equal(grad, torch.zeros_like(grad))
 
 
+@pytest.mark.parametrize("dtype", DTYPES[:2])  # fp16: the slab pass
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_inf_and_nan_incoming_gradients_leave_ignored_rows_at_zero(reduction, dtype, seed):
+    """As torch: an ignored row's gradient of x is 0 whatever its incoming gradient (inf, NaN), and it adds nothing
+    to the weight's gradient; rows of finite incoming gradients as before."""
+    x, w, b = make_inputs(6, 8, 33, dtype)
+    targets = torch.tensor([1, -100, 3, -100, 5, 0], device=DEVICE)
+    if reduction == "none":
+        dloss = torch.tensor([1.0, float("inf"), 2.0, float("nan"), 1.0, 3.0], device=DEVICE)
+    else:
+        dloss = torch.tensor(float("inf"), device=DEVICE)
+    loss = F_tri.linear_cross_entropy(x, w, targets, b, reduction=reduction, chunk_size=2)
+    dx, dw = torch.autograd.grad(loss, (x, w), dloss)
+    assert not dx[1].any() and not dx[3].any()
+    if reduction == "none":
+        ref, (xr, wr, _) = reference(x, w, b, targets, reduction="none")
+        ref_dx, ref_dw = torch.autograd.grad(ref, (xr, wr), dloss.nan_to_num(posinf=0.0).double().cpu())
+        assert_close(dx, ref_dx, dtype, "grad of x")
+        assert_close(dw, ref_dw, dtype, "grad of weight")
+    else:
+        assert not dx[0].isfinite().any() and not dw.isfinite().all()
+
+
 def test_strided_and_broadcast_views(seed):
     """x a time-shifted [B, T−1, H] slice and a stride-0 broadcast row; weight a transposed view and a column
     step; bias with a step and broadcast; targets with a step and broadcast."""

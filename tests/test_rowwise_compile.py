@@ -75,7 +75,17 @@ CROSS_ENTROPY = dict(
     stride_stats="i32",
 )
 COUNT_TARGETS = dict(targets_ptr="*i64", counts_ptr="*i64", M="i32", V="i32", ignore_index="i32")
-SCALE_ROWS = dict(g_ptr="*bf16", scale_ptr="*fp32", M="i32", V="i32", stride_gm="i32", stride_gv="i32", stride_s="i32")
+SCALE_ROWS = dict(
+    g_ptr="*bf16",
+    scale_ptr="*fp32",
+    targets_ptr="*i64",
+    M="i32",
+    V="i32",
+    stride_gm="i32",
+    stride_gv="i32",
+    stride_s="i32",
+    ignore_index="i32",
+)
 DROPOUT = dict(x_ptr="*bf16", y_ptr="*bf16", n="i32", threshold="i32", scale="fp32", seed="i32")
 
 NORM_WIDTHS = [768, 4096, 8192, 12288, 32768]
@@ -147,7 +157,9 @@ def compile_all() -> dict:
             )
             return {
                 "loss+grad": spills(cross_entropy._cross_entropy_kernel, CROSS_ENTROPY, flags, warps),
-                "scale": spills(cross_entropy._scale_rows_kernel, SCALE_ROWS, {"BLOCK_N": 4096}, 8),
+                "scale": spills(
+                    cross_entropy._scale_rows_kernel, SCALE_ROWS, {"HAS_TARGETS": True, "BLOCK_N": 4096}, 8
+                ),
                 "count": spills(
                     cross_entropy._count_targets_kernel,
                     COUNT_TARGETS,

@@ -545,8 +545,9 @@ def _cross_entropy_fake(logits, targets, ignore_index, reduction, smoothing, n_c
 
 
 def _cross_entropy_setup(ctx, inputs, output):
-    ctx.save_for_backward(output[1])
+    ctx.save_for_backward(output[1], inputs[1])
     ctx.reduction, ctx.logits_shape, ctx.backward_done = inputs[3], inputs[0].shape, False
+    ctx.ignore_index = inputs[2]
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)
 
@@ -561,19 +562,20 @@ def _cross_entropy_backward(ctx, dloss, *_):
             "its backward can run only once"
         )
     ctx.backward_done = True
-    (grad,) = ctx.saved_tensors
+    grad, targets = ctx.saved_tensors
     scale = dloss.reshape(-1) if ctx.reduction == "none" else dloss.reshape(())
-    scale_rows_op(grad, scale.float())
+    scale_rows_op(grad, scale.float(), targets.reshape(-1), ctx.ignore_index)
     return grad.view(ctx.logits_shape), None, None, None, None, None, None
 
 
-def _scale_rows_impl(g: Tensor, scale: Tensor) -> None:
-    """g [M, V] *= scale (0-d, or one per row) in place; first the target checks of the losses that have landed."""
+def _scale_rows_impl(g: Tensor, scale: Tensor, targets: Tensor | None, ignore_index: int) -> None:
+    """g [M, V] *= scale (0-d, or one per row) in place, rows whose target (targets [M] or None) is ignore_index
+    left at 0; first the target checks of the losses that have landed."""
     _targets.poll()
-    ce_kernels.scale_rows_(g, scale)
+    ce_kernels.scale_rows_(g, scale, None if targets is None else targets.contiguous(), ignore_index)
 
 
-def _scale_rows_fake(g, scale):
+def _scale_rows_fake(g, scale, targets, ignore_index):
     return None
 
 
@@ -600,8 +602,9 @@ class _CrossEntropyInPlace(torch.autograd.Function):
         torch.autograd.graph.increment_version(logits2d)
         base = logits2d._base if logits2d._base is not None else logits2d
         base._triformer_grad_version = base._version
-        ctx.save_for_backward(logits2d)
+        ctx.save_for_backward(logits2d, targets)
         ctx.reduction, ctx.logits_shape, ctx.backward_done = reduction, logits2d.shape, False
+        ctx.ignore_index = ignore_index
         ctx.set_materialize_grads(False)
         return loss
 

@@ -141,7 +141,7 @@ def _lce_setup(ctx, inputs, output):
     if reduction == "none":
         ctx.save_for_backward(x, weight, bias, targets)
     else:
-        ctx.save_for_backward(*output[1:])
+        ctx.save_for_backward(*output[1:], targets)
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)
     ctx.args, ctx.computed = (ignore_index, smoothing, chunk_rows, float32_dw), inputs[9:12]
@@ -167,12 +167,16 @@ def _lce_backward(ctx, dloss, *_):
                 "them in place: its backward can run only once"
             )
         ctx.backward_done = True
-        dx, dw, db, alpha = ctx.saved_tensors
+        dx, dw, db, alpha, targets = ctx.saved_tensors
         g = dloss.reshape(()).float()
         g_alpha = g * alpha if ctx.reduction == "mean" else g  # dx and db were left unscaled by α
-        for grad, scale, wanted in ((dx, g_alpha, need[0]), (dw, g, need[1]), (db, g_alpha, need[2])):
-            if wanted:
-                scale_rows_op(grad, scale)
+        ignore_index = ctx.args[0]
+        if need[0]:  # rows of ignored targets stay 0, as torch's
+            scale_rows_op(dx, g_alpha, targets.reshape(-1), ignore_index)
+        if need[1]:
+            scale_rows_op(dw, g, None, ignore_index)
+        if need[2]:
+            scale_rows_op(db, g_alpha, None, ignore_index)
     grads = (
         dx.view(ctx.x_shape) if need[0] else None,
         dw if need[1] else None,

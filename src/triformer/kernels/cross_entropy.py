@@ -134,11 +134,28 @@ def _cross_entropy_kernel(
 
 
 @triton.jit
-def _scale_rows_kernel(g_ptr, scale_ptr, M, V, stride_gm, stride_gv, stride_s, BLOCK_N: tl.constexpr):
-    """g[row, :] *= scale[row · stride_s], one row a program; nothing is read or written where scale is 1."""
+def _scale_rows_kernel(
+    g_ptr,
+    scale_ptr,
+    targets_ptr,
+    M,
+    V,
+    stride_gm,
+    stride_gv,
+    stride_s,
+    ignore_index,
+    HAS_TARGETS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """g[row, :] *= scale[row · stride_s], one row a program; nothing is read or written where scale is 1, nor (with
+    targets) in a row whose target is ignore_index: its gradient stays 0 whatever scale is (inf or NaN included),
+    as torch's."""
     row = tl.program_id(0)
     scale = tl.load(scale_ptr + row * stride_s).to(tl.float32)
-    if scale != 1.0:
+    active = scale != 1.0
+    if HAS_TARGETS:
+        active = active & (tl.load(targets_ptr + row) != ignore_index)
+    if active:
         for start in range(0, V, BLOCK_N):
             c = start + tl.arange(0, BLOCK_N)
             ptrs = g_ptr + row.to(tl.int64) * stride_gm + c.to(tl.int64) * stride_gv
@@ -243,13 +260,30 @@ def cross_entropy_forward(
     return losses
 
 
-def scale_rows_(g: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """g [M, V] *= scale in place; scale is a 0-d tensor (every row) or one value per row [M]."""
+def scale_rows_(
+    g: torch.Tensor, scale: torch.Tensor, targets: torch.Tensor | None = None, ignore_index: int = -100
+) -> torch.Tensor:
+    """g [M, V] *= scale in place; scale is a 0-d tensor (every row) or one value per row [M]. With targets [M]
+    (contiguous), rows whose target is ignore_index are left as they are (their gradient, 0)."""
     m, v = g.shape
     if m and v:
         block = min(next_power_of_2(v), 4096)
         stride_s = 0 if scale.dim() == 0 else scale.stride(0)
         # One program a row (not one a block of a row): where scale is 1 (loss.backward() of a mean or sum), as
         # few programs as rows load it and return.
-        launch(_scale_rows_kernel, (m,), g, scale, m, v, g.stride(0), g.stride(1), stride_s, BLOCK_N=block)
+        launch(
+            _scale_rows_kernel,
+            (m,),
+            g,
+            scale,
+            scale if targets is None else targets,
+            m,
+            v,
+            g.stride(0),
+            g.stride(1),
+            stride_s,
+            ignore_index,
+            HAS_TARGETS=targets is not None,
+            BLOCK_N=block,
+        )
     return g

@@ -466,7 +466,7 @@ def chunked_forward(
             stats=None if stats is None else stats[:, start:stop],
         )
         if chunk_grad and row_scale is not None:
-            scale_rows_(z, row_scale[start:stop])
+            scale_rows_(z, row_scale[start:stop], targets[start:stop], ignore_index)
         if need_dx:
             dx[start:stop] = matmul(z, weight)[0]
         if chunk_dw:
