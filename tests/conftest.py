@@ -1,8 +1,11 @@
 """Choose how kernels run before anything imports triton: natively with CUDA, else through the interpreter."""
 
+import atexit
 import contextlib
 import os
+import shutil
 import sys
+import tempfile
 
 if "TRITON_INTERPRET" not in os.environ:
     import torch
@@ -10,6 +13,12 @@ if "TRITON_INTERPRET" not in os.environ:
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
     assert "triformer.kernels.matmul" not in sys.modules, "kernels were compiled before the runner was chosen"
+# torch.compile's caches on disk key a custom op's compiled backward without the op's autograd formula: a cache left
+# by an older checkout can replay a backward that calls an op with its old signature. Each test process compiles
+# into a fresh folder, removed at its exit, unless the caller names one.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="triformer-tests-inductor-")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 # Hundreds of shapes would each trigger an autotuning sweep on the GPU: tests use one fixed tile per shape and
 # check every tile of the tuning space explicitly (test_linear_gpu.py), and the autotuned path on a few shapes.
 os.environ.setdefault("TRIFORMER_AUTOTUNE", "0")
