@@ -175,6 +175,30 @@ def test_slab_pass_keeps_the_precision_of_large_logits(seed):
     assert errors[1] <= 1.05 * errors[0], errors  # a rounded float32 lse: 1.15–1.25× here
 
 
+def test_slab_target_term_ignores_a_recomputed_target_logit(monkeypatch, seed):
+    """Confident rows (p_t ≈ 1, gradient e^(x_t − lse) − 1 ≈ 0): the slab pass forms the target's term from the x_t
+    the chunk read, so slab products that round every logit one unit of fp16 higher (another tile or kernel may)
+    move the weight gradient by about that unit, where a recomputed x_t would move the target terms wholly."""
+    n, h, v = 32, 16, 48
+    targets = make_targets((n,), v, ignored=0.0)
+    w = torch.nn.functional.normalize(randn(v, h), dim=1)
+    x = (12.0 * w[targets]).half()  # each row's target logit 12, the others ≈ 12·cos: p_t ≈ 1
+    w = w.half().requires_grad_()
+    (exact,) = torch.autograd.grad(F_tri.linear_cross_entropy(x, w, targets, chunk_size=4), w)
+    real_matmul = lce_kernels.matmul
+
+    def one_unit_up(a, b_, **kwargs):
+        out, pre = real_matmul(a, b_, **kwargs)
+        if out.shape[0] == n:  # a slab's product: every logit one fp16 unit higher
+            out = torch.nextafter(out, torch.full_like(out, float("inf")))
+        return out, pre
+
+    monkeypatch.setattr(lce_kernels, "matmul", one_unit_up)
+    (shifted,) = torch.autograd.grad(F_tri.linear_cross_entropy(x, w, targets, chunk_size=4), w)
+    change = ((shifted.double() - exact.double()).norm() / exact.double().norm()).item()
+    assert change < 2e-2, change  # a recomputed x_t: 0.6 here
+
+
 def test_slab_columns():
     """Equal slabs whose logits stay within a chunk's (plus the widening to 8 columns), at least one column."""
     assert lce_kernels.slab_columns(8192, 50304, 1024) == 6288
