@@ -49,6 +49,19 @@ def launch_meta(m: int, v: int) -> dict:
 
 
 @triton.jit
+def logit_gradient(x, cols, m, log_s, t, valid, out_of_range, scale, smoothing, V, SMOOTH: tl.constexpr):
+    """scale · ∂loss/∂x for a tile of float32 logits x [BLOCK_M, BLOCK_N] at vocabulary columns cols, from each row's
+    max m, log s and target t: (e^((x − m) − log s) − ε/V − (1 − ε)·[col = t]) · scale; 0 in rows whose target is
+    ignored (valid false), NaN in rows whose target is out of range. scale: a number or one per row [BLOCK_M, 1]."""
+    g = tl.exp((x - m[:, None]) - log_s[:, None])
+    if SMOOTH:
+        g -= smoothing / V
+    g = tl.where(cols[None, :] == t[:, None], g - (1.0 - smoothing), g)
+    g = tl.where(valid[:, None], g * scale, 0.0)
+    return tl.where(out_of_range[:, None], float("nan"), g)
+
+
+@triton.jit
 def _cross_entropy_kernel(
     logits_ptr,
     targets_ptr,
@@ -120,12 +133,7 @@ def _cross_entropy_kernel(
             c = start + cols
             in_row = (c < V)[None, :]
             x = tl.load(x_rows + c[None, :].to(tl.int64) * stride_lv, mask=valid[:, None] & in_row, other=0.0)
-            g = tl.exp((x.to(tl.float32) - m[:, None]) - log_s[:, None])
-            if SMOOTH:
-                g -= smoothing / V
-            g = tl.where(c[None, :] == t[:, None], g - (1.0 - smoothing), g)
-            g = tl.where(valid[:, None], g * scale, 0.0)
-            g = tl.where(out_of_range[:, None], float("nan"), g)
+            g = logit_gradient(x.to(tl.float32), c, m, log_s, t, valid, out_of_range, scale, smoothing, V, SMOOTH)
             tl.store(
                 g_rows + c[None, :].to(tl.int64) * stride_gv,
                 g.to(grad_ptr.dtype.element_ty),

@@ -42,7 +42,7 @@ from ._launch import launch
 from ._runtime import cdiv, device_properties, interpreter_active, new_empty
 from ._tiles import fitting_configs, fixed_config, grouped_tile, launch_tuned
 from ._tma import load_tile, operand_descriptors, tile_counts, use_descriptor_memory
-from .cross_entropy import cross_entropy_forward, scale_rows_
+from .cross_entropy import cross_entropy_forward, logit_gradient, scale_rows_
 from .matmul import matmul
 from .reductions import column_sum
 
@@ -207,16 +207,12 @@ def _slab_grad_kernel(
     mask = row_mask[:, None] & (cols < SLAB)[None, :]
     ptrs = z_ptr + rows.to(tl.int64)[:, None] * stride_zm + cols[None, :]
     z = tl.load(ptrs, mask=mask & valid[:, None], other=0.0).to(tl.float32)
-    is_target = (first_col + cols)[None, :] == t[:, None]
-    z = tl.where(is_target, x_t[:, None], z)
-    g = tl.exp((z - m[:, None]) - log_s[:, None])
-    if SMOOTH:
-        g -= smoothing / V
-    g = tl.where(is_target, g - (1.0 - smoothing), g)
+    vocab_cols = first_col + cols
+    z = tl.where(vocab_cols[None, :] == t[:, None], x_t[:, None], z)
+    scale = 1.0
     if ROW_SCALE:
-        g *= tl.load(row_scale_ptr + rows, mask=row_mask, other=0.0)[:, None]
-    g = tl.where(valid[:, None], g, 0.0)
-    g = tl.where(out_of_range[:, None], float("nan"), g)
+        scale = tl.load(row_scale_ptr + rows, mask=row_mask, other=0.0)[:, None]
+    g = logit_gradient(z, vocab_cols, m, log_s, t, valid, out_of_range, scale, smoothing, V, SMOOTH)
     tl.store(ptrs, g.to(z_ptr.dtype.element_ty), mask=mask)
 
 
