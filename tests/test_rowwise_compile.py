@@ -87,6 +87,20 @@ SCALE_ROWS = dict(
     ignore_index="i32",
 )
 DROPOUT = dict(x_ptr="*bf16", y_ptr="*bf16", n="i32", threshold="i32", scale="fp32", seed="i32")
+SLAB_GRAD = dict(
+    z_ptr="*bf16",
+    stats_ptr="*fp32",
+    targets_ptr="*i64",
+    row_scale_ptr="*fp32",
+    M="i32",
+    SLAB="i32",
+    V="i32",
+    first_col="i32",
+    stride_zm="i32",
+    stride_stats="i32",
+    ignore_index="i32",
+    smoothing="fp32",
+)
 
 NORM_WIDTHS = [768, 4096, 8192, 12288, 32768]
 SOFTMAX_WIDTHS = [768, 4096, 8192, 32768]
@@ -94,12 +108,13 @@ CASES = (
     [f"{op}-{w}" for op in ("layer_norm", "rms_norm") for w in NORM_WIDTHS]
     + [f"softmax{'-causal' if c else ''}-{w}" for c in (False, True) for w in SOFTMAX_WIDTHS]
     + ["cross_entropy-inplace", "cross_entropy-buffer", "dropout", "dropout-seed-in-memory"]
+    + ["slab_grad", "slab_grad-row-scale"]
 )
 
 
 def compile_all() -> dict:
     """In a process without the interpreter: case → {kernel: spilled bytes} or the error that stopped it."""
-    from triformer.kernels import _rows, cross_entropy, dropout, norms, softmax
+    from triformer.kernels import _rows, cross_entropy, dropout, linear_cross_entropy, norms, softmax
 
     def spills(kernel, types, constexprs, num_warps):
         return spilled_bytes(compile_for_sm90(kernel, types, constexprs, num_warps))
@@ -166,6 +181,14 @@ def compile_all() -> dict:
                     {"BLOCK": cross_entropy._COUNT_BLOCK},
                     cross_entropy._COUNT_WARPS,
                 ),
+            }
+        if op == "slab_grad":
+            block_m, block_n = linear_cross_entropy._SLAB_BLOCK
+            flags = dict(SMOOTH=True, ROW_SCALE=rest == "row-scale", BLOCK_M=block_m, BLOCK_N=block_n)
+            return {
+                "slab_grad": spills(
+                    linear_cross_entropy._slab_grad_kernel, SLAB_GRAD, flags, linear_cross_entropy._SLAB_WARPS
+                )
             }
         in_memory = rest == "seed-in-memory"
         types = {**DROPOUT, "seed": "*i64"} if in_memory else DROPOUT

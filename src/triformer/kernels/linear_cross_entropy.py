@@ -216,8 +216,8 @@ def _slab_grad_kernel(
     tl.store(ptrs, g.to(z_ptr.dtype.element_ty), mask=mask)
 
 
-# The slab gradient's tile (and the interpreter's, smaller).
-_SLAB_BLOCK = (32, 256)
+# The slab gradient's tile and warps (32 logits a thread; 32 rows spill registers on sm_90), the interpreter's tile.
+_SLAB_BLOCK, _SLAB_WARPS = (16, 256), 4
 _INTERPRETER_SLAB_BLOCK = (16, 32)
 
 
@@ -247,7 +247,7 @@ def slab_grad_(z, stats, targets, first_col, v, ignore_index, smoothing, row_sca
             ROW_SCALE=row_scale is not None,
             BLOCK_M=block_m,
             BLOCK_N=block_n,
-            num_warps=4,
+            num_warps=_SLAB_WARPS,
         )
     return z
 
