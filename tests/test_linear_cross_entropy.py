@@ -282,20 +282,21 @@ def test_inf_and_nan_incoming_gradients_leave_ignored_rows_at_zero(reduction, dt
         assert not dx[0].isfinite().any() and not dw.isfinite().all()
 
 
-def test_strided_and_broadcast_views(seed):
+@pytest.mark.parametrize("dtype", DTYPES[:2])  # fp16: the slab pass
+def test_strided_and_broadcast_views(dtype, seed):
     """x a time-shifted [B, T−1, H] slice and a stride-0 broadcast row; weight a transposed view and a column
     step; bias with a step and broadcast; targets with a step and broadcast."""
     v, h = 33, 8
-    x_shifted = randn(2, 6, h, requires_grad=True)
-    w_t = randn(h, v, scale=h**-0.5, requires_grad=True)
-    b_step = randn(2 * v, requires_grad=True)
+    x_shifted = randn(2, 6, h, dtype=dtype, requires_grad=True)
+    w_t = randn(h, v, dtype=dtype, scale=h**-0.5, requires_grad=True)
+    b_step = randn(2 * v, dtype=dtype, requires_grad=True)
     targets = make_targets((2, 10), v)[:, ::2]
-    run_and_compare(x_shifted[:, :-1], w_t.t(), b_step[::2], targets, torch.float32, chunk_size=3)
-    x_row = randn(1, h, requires_grad=True)
-    w_step = randn(v, 2 * h, scale=h**-0.5, requires_grad=True)
-    b_row = randn(1, requires_grad=True)
+    run_and_compare(x_shifted[:, :-1], w_t.t(), b_step[::2], targets, dtype, chunk_size=3)
+    x_row = randn(1, h, dtype=dtype, requires_grad=True)
+    w_step = randn(v, 2 * h, dtype=dtype, scale=h**-0.5, requires_grad=True)
+    b_row = randn(1, dtype=dtype, requires_grad=True)
     target = make_targets((1,), v, ignored=0.0)
-    run_and_compare(x_row.expand(7, h), w_step[:, ::2], b_row.expand(v), target.expand(7), torch.float32, chunk_size=3)
+    run_and_compare(x_row.expand(7, h), w_step[:, ::2], b_row.expand(v), target.expand(7), dtype, chunk_size=3)
 
 
 def test_out_of_range_targets_raise(seed):
