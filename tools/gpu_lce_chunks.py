@@ -6,7 +6,9 @@ launches (do_bench), peak memory above the inputs (returned gradients included),
 a float64 reference (‖ours − ref‖ / ‖ref‖).
 
 Run: python tools/gpu_lce_chunks.py [--shapes 8192x768x50304 8192x4096x128256] [--chunks 128 256 512 1024]
-Logs to $OUT/lce_chunks.csv.
+                                    [--breakdown]
+Logs to $OUT/lce_chunks.csv; with --breakdown also each provider's GPU time by kernel (one step under
+torch.profiler, no L2 flush) to $OUT/lce_kernels.csv and the heaviest kernels to the log.
 """
 
 import argparse
@@ -45,6 +47,27 @@ def relative_error(ours, ref) -> float:
     return ((ours.double() - ref).norm() / ref.norm()).item()
 
 
+def kernel_breakdown(step, steps: int = 3) -> pd.DataFrame:
+    """GPU time per kernel name (ms per step, launches per step) of `steps` calls of step() under torch.profiler."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    table = pd.DataFrame(
+        {"kernel": [e.name[:60] for e in events], "ms": [e.time_range.elapsed_us() / 1e3 for e in events]}
+    )
+    grouped = table.groupby("kernel")["ms"].agg(["sum", "count"]) / steps
+    return grouped.rename(columns={"sum": "ms_per_step", "count": "launches_per_step"}).sort_values(
+        "ms_per_step", ascending=False
+    )
+
+
 def variants(n, h, v, chunks):
     table = {
         f"triformer chunk {c} dW {acc}": (
@@ -64,8 +87,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=["8192x768x50304", "8192x4096x128256"])
     parser.add_argument("--chunks", nargs="+", type=int, default=[128, 256, 512, 1024])
+    parser.add_argument("--breakdown", action="store_true", help="also GPU time per kernel of each provider")
     args = parser.parse_args()
-    rows = []
+    rows, kernels = [], []
     out = Path(os.environ.get("OUT", "."))
     print(torch.cuda.get_device_name(), flush=True)
     for shape in args.shapes:
@@ -102,6 +126,11 @@ def main():
                 flush=True,
             )
             pd.DataFrame(rows).to_csv(out / "lce_chunks.csv", index=False)
+            if args.breakdown:
+                breakdown = kernel_breakdown(step)
+                print(breakdown.head(8).to_string(float_format="%.3f"), flush=True)
+                kernels.append(breakdown.reset_index().assign(shape=shape, provider=name))
+                pd.concat(kernels).to_csv(out / "lce_kernels.csv", index=False)
         del ref_dx, ref_dw
         torch.cuda.empty_cache()
 
