@@ -366,6 +366,8 @@ GROUPS = {
             "mlp_ratio": number(above=0),
             "dropout": number(0, below=1),
             "pool": one_of(*POOLS),
+            "augment_shift": integer(0),  # training images moved by up to this many pixels (0: not moved)
+            "augment_flip": boolean,  # training images mirrored left to right half of the time
         },
         required=("dataset", "patch_size", "n_layer", "n_head", "n_embd", "epochs", "batch_size", "lr"),
     ),

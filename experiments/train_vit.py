@@ -1,7 +1,8 @@
 """Stage `train_vit`: a Vision Transformer on FashionMNIST (data@fashion_mnist) and, with `baseline: true`, its torch
 twin (backend="torch") from the same seed on the same batches.
 
-`epochs` of AdamW (warmup + cosine, gradient clipping, bf16 autocast on the GPU), evaluation on the test split after
+`epochs` of AdamW on training images shifted by up to `augment_shift` pixels and mirrored (`augment_flip`) at
+random (warmup + cosine, gradient clipping, bf16 autocast on the GPU), evaluation on the test split after
 each epoch, a checkpoint each epoch under checkpoints/train_vit/<config hash>/<role>/ (a killed run resumes there;
 removed after success unless `keep_checkpoints`). `processes: N` trains data-parallel in N processes under torchrun
 (one GPU each; gloo on the CPU) at the same global batch.
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 
 from triformer import training
-from triformer.data import image_classification, image_module
+from triformer.data import black_pixel, image_classification, image_module
 from triformer.models import ViT, ViTConfig
 
 from . import common
@@ -31,9 +32,14 @@ def train(config: dict, info: dict, device: torch.device, checkpoints: Path) -> 
     """{role: final metrics (with `history` on process 0)} for the model and its baseline."""
     name = config["dataset"]
     root = common.DATA_ROOT / name
-    train_set = image_classification(name, root, train=True, subset=config.get("train_subset", 0))
+    train_set = training.Examples(
+        *image_classification(name, root, train=True, subset=config.get("train_subset", 0)).tensors,
+        shift=config.get("augment_shift", 0),
+        flip=config.get("augment_flip", False),
+        fill=black_pixel(name),
+    )
     val_set = image_classification(name, root, train=False, subset=config.get("val_subset", 0))
-    _, channels, size, _ = train_set.tensors[0].shape
+    _, channels, size, _ = train_set.inputs.shape
     model_params = {key: config[key] for key in MODEL_KEYS if key in config}
     results = {}
     for role, backend in common.roles(config).items():
@@ -56,7 +62,9 @@ def train(config: dict, info: dict, device: torch.device, checkpoints: Path) -> 
             device=device,
             checkpoint_dir=checkpoints / role,
             run_params={
-                **common.used(config, "dataset", "train_subset", "val_subset", "processes"),
+                **common.used(
+                    config, "dataset", "train_subset", "val_subset", "processes", "augment_shift", "augment_flip"
+                ),
                 **model_params,
                 "backend": backend,
             },

@@ -305,6 +305,63 @@ def test_batch_sources():
         )
 
 
+def moved(image: torch.Tensor, dy: int, dx: int, mirrored: bool, fill: torch.Tensor) -> torch.Tensor:
+    """image [C, H, W] mirrored left to right (when asked) and then moved by (dy, dx) pixels, element by element."""
+    channels, h, w = image.shape
+    source = image.flip(-1) if mirrored else image
+    out = fill.reshape(channels, 1, 1).expand(channels, h, w).clone()
+    for i in range(h):
+        for j in range(w):
+            if 0 <= i - dy < h and 0 <= j - dx < w:
+                out[:, i, j] = source[:, i - dy, j - dx]
+    return out
+
+
+@pytest.mark.parametrize("shift, flip", [(2, True), (1, False), (0, True)])
+def test_augmented_batches_are_moved_and_mirrored_images(shift, flip):
+    """Every training image of an augmented batch is its example mirrored (flip) and moved by at most `shift`
+    pixels each way, the uncovered pixels taking each channel's fill; the draws repeat for the same (seed, step),
+    differ between steps and cover every move; evaluation batches are the examples untouched."""
+    torch.manual_seed(0)
+    images = torch.randn(40, 2, 5, 6, dtype=torch.float64)  # distinct values: a match says which move it was
+    labels = torch.arange(40)
+    fill = torch.tensor([-0.5, 7.0], dtype=torch.float64)
+    examples = training.Examples(images, labels, shift=shift, flip=flip, fill=fill.tolist()).to(DEVICE)
+    all_moves = [
+        (dy, dx, m)
+        for dy in range(-shift, shift + 1)
+        for dx in range(-shift, shift + 1)
+        for m in ((False, True) if flip else (False,))
+    ]
+    candidates = {move: torch.stack([moved(image, *move, fill) for image in images]) for move in all_moves}
+    seen = set()
+    for step in range(12):  # 192 draws
+        x, y = examples.batch(step, 16, seed=3)
+        assert x.shape == (len(y), 2, 5, 6) and x.dtype == images.dtype
+        for out, label in zip(x.cpu(), y.cpu()):
+            moves = [move for move in all_moves if torch.equal(out, candidates[move][label])]
+            assert moves, f"example {label.item()} is not a move of at most {shift} pixels"
+            seen.add(moves[0])
+    assert {(dy, dx) for dy, dx, _ in seen} == {(dy, dx) for dy, dx, _ in all_moves}
+    assert {m for _, _, m in seen} == ({False, True} if flip else {False})
+    again = examples.batch(2, 16, seed=3)[0]
+    assert torch.equal(again, examples.batch(2, 16, seed=3)[0])
+    eval_x, eval_y = next(examples.eval_batches(16, 1, seed=0))
+    assert torch.equal(eval_x.cpu(), images[:16]) and torch.equal(eval_y.cpu(), labels[:16])
+
+
+def test_augmentation_settings_are_checked():
+    images, labels = torch.zeros(4, 3, 8, 8), torch.arange(4)
+    with pytest.raises(ValueError, match="shift must be a whole number"):
+        training.Examples(images, labels, shift=-1)
+    with pytest.raises(ValueError, match="augment images"):
+        training.Examples(torch.zeros(4, 8), labels, flip=True)
+    with pytest.raises(ValueError, match="one per channel"):
+        training.Examples(images, labels, shift=1, fill=[0.0, 1.0])
+    plain = training.Examples(images, labels)
+    assert torch.equal(plain.batch(0, 4, seed=0)[0], images[plain.batch(0, 4, seed=0)[1]])
+
+
 # ------------------------------------------------------------------------------------------------ torch.compile
 
 

@@ -148,6 +148,7 @@ def test_train_vit_trains_model_and_twin_on_fashion_mnist(common, project):
     for run in runs.values():
         assert steps(project, run, "val/accuracy") == [1, 2] and run.data.metrics["perf/images_per_s"] > 0
         assert run.data.params["patch_size"] == "7" and run.data.tags["processes"] == "1"
+        assert run.data.params["augment_shift"] == "2" and run.data.params["augment_flip"] == "True"
 
 
 def test_ablation_gpt_variants_swap_one_part():

@@ -25,7 +25,7 @@ import os
 import pickle
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -109,22 +109,45 @@ def _sync(device: torch.device) -> None:
 
 class Examples:
     """Inputs [N, ...] and class labels [N]: epoch e visits them in a random order drawn from (seed, e); evaluation
-    visits them in order. A batch counts its labels as `unit` (images)."""
+    visits them in order. A batch counts its labels as `unit` (images).
+
+    Images [N, C, H, W] can be augmented in training batches (never in evaluation), on the inputs' device, with
+    draws from (seed, step) so that a resumed run sees the same batches: `shift` > 0 moves each image by a whole
+    number of pixels in [-shift, shift] along each axis (the pixels uncovered take `fill`: the background's value,
+    one for all channels or one per channel), `flip` mirrors each image left to right with probability 1/2."""
 
     unit = "images"
     accuracy = True
 
-    def __init__(self, inputs: torch.Tensor, labels: torch.Tensor):
+    def __init__(
+        self,
+        inputs: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        shift: int = 0,
+        flip: bool = False,
+        fill: float | Sequence[float] = 0.0,
+    ):
         if len(inputs) != len(labels) or len(labels) == 0:
             raise ValueError(
                 f"Examples needs as many inputs as labels, at least one: got {len(inputs)} inputs and "
                 f"{len(labels)} labels"
             )
+        if isinstance(shift, bool) or not isinstance(shift, int) or shift < 0:
+            raise ValueError(f"shift must be a whole number of pixels ≥ 0, got {shift!r}")
+        if (shift or flip) and inputs.dim() != 4:
+            raise ValueError(f"shift and flip augment images [N, C, H, W]; got inputs of shape {tuple(inputs.shape)}")
+        fills = torch.as_tensor(fill, dtype=torch.float64).reshape(-1)
+        if shift and len(fills) not in (1, inputs.shape[1]):
+            raise ValueError(f"fill needs one value or one per channel ({inputs.shape[1]}), got {len(fills)}")
         self.inputs, self.labels = inputs, labels
+        self.shift, self.flip, self.fill = shift, bool(flip), fill
         self._order: tuple[int, torch.Tensor] | None = None
 
     def to(self, device) -> Examples:
-        return Examples(self.inputs.to(device), self.labels.to(device))
+        return Examples(
+            self.inputs.to(device), self.labels.to(device), shift=self.shift, flip=self.flip, fill=self.fill
+        )
 
     def steps_per_epoch(self, batch_size: int) -> int:
         return math.ceil(len(self.labels) / batch_size)
@@ -135,7 +158,29 @@ class Examples:
             shuffle = torch.Generator().manual_seed(seed * 100_003 + epoch)
             self._order = epoch, torch.randperm(len(self.labels), generator=shuffle).to(self.labels.device)
         index = self._order[1][i * batch_size : (i + 1) * batch_size]
-        return self.inputs[index], self.labels[index]
+        inputs = self.inputs[index]
+        if self.shift or self.flip:
+            inputs = self._augmented(inputs, torch.Generator().manual_seed(seed * 1_000_033 + step))
+        return inputs, self.labels[index]
+
+    def _augmented(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Each image shifted by (dy, dx) and, where drawn, mirrored: out[b, c, i, j] = image[b, c, i − dy, j' − dx]
+        with j' = j, or W − 1 − j when mirrored (fill outside the image)."""
+        b, _, h, w = images.shape
+        s = self.shift
+        dy, dx = (torch.randint(-s, s + 1, (b, 1), generator=generator) for _ in range(2))
+        mirrored = torch.rand(b, 1, generator=generator) < 0.5 if self.flip else torch.zeros(b, 1, dtype=torch.bool)
+        cols = torch.arange(w)
+        rows = torch.arange(h)[None, :] - dy  # [B, H]: source row of each output row
+        cols = torch.where(mirrored, w - 1 - cols, cols) - dx  # [B, W]: source column of each output column
+        device = images.device
+        fill = torch.as_tensor(self.fill, dtype=images.dtype, device=device).reshape(1, -1, 1, 1)
+        padded = fill.expand(b, images.shape[1], h + 2 * s, w + 2 * s).clone()  # sources in [-s, H + s)
+        padded[:, :, s : s + h, s : s + w] = images
+        rows, cols = (rows + s).to(device), (cols + s).to(device)
+        batch = torch.arange(b, device=device)[:, None, None, None]
+        channel = torch.arange(images.shape[1], device=device)[None, :, None, None]
+        return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
 
     def eval_batches(self, batch_size: int, count: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The first `count` batches in order (count 0: all of them)."""

@@ -35,4 +35,19 @@ def image_classification(name: str, root: str | Path, train: bool, subset: int =
     return TensorDataset((images.float() / 255 - mean) / std, labels)
 
 
-__all__ = ["IMAGE_DATASETS", "cifar10", "fashion_mnist", "image_classification", "image_module", "shakespeare"]
+def black_pixel(name: str) -> list[float]:
+    """A black pixel (0 in every channel) after image_classification's normalisation, one value per channel: what
+    an image's background reads."""
+    module = image_module(name)
+    return [-mean / std for mean, std in zip(module.MEAN, module.STD)]
+
+
+__all__ = [
+    "IMAGE_DATASETS",
+    "black_pixel",
+    "cifar10",
+    "fashion_mnist",
+    "image_classification",
+    "image_module",
+    "shakespeare",
+]
