@@ -236,3 +236,16 @@ def test_poisoned_outputs_are_overwritten(seed):
     x, w, b = make_inputs(33, 7, 65, torch.float32)
     out = F_tri.linear(x, w, b, activation="relu")
     assert not torch.isnan(out).any()
+
+
+def test_matmul_writes_into_a_block_of_rows_it_is_given(seed):
+    """matmul(..., out=rows of a larger tensor) writes exactly those rows (bias and activation included) and
+    returns them; the rows around stay as they were."""
+    from triformer.kernels.matmul import matmul
+
+    a, b, bias = randn(5, 16), randn(16, 24), randn(24)
+    whole = torch.full((9, 24), float("nan"), device=a.device)
+    c, preact = matmul(a, b, bias=bias, activation="relu", out=whole[2:7])
+    assert c.data_ptr() == whole[2:7].data_ptr() and preact is None
+    assert_close(whole[2:7], torch.relu(a.double() @ b.double() + bias.double()), torch.float32, "the block")
+    assert torch.isnan(whole[:2]).all() and torch.isnan(whole[7:]).all()

@@ -220,8 +220,10 @@ def cross_entropy_forward(
     n_chunks: int,
     n_valid: torch.Tensor | None = None,
     stats: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ):
-    """Per-row losses (float32 [M]) of 2-D logits [M, V] and integer targets [M] (any strides).
+    """Per-row losses (float32 [M]) of 2-D logits [M, V] and integer targets [M] (any strides), written into `out`
+    (a float32 [M] with unit stride) when given.
 
     grad: None for no gradient, else an [M, V] tensor (`logits` itself to overwrite the logits) that receives
     scale · ∂loss/∂logits, scale = 1 / n_valid (a 0-d device tensor, reduction="mean") or 1 (n_valid None).
@@ -232,7 +234,11 @@ def cross_entropy_forward(
     """
     m, v = logits.shape
     targets = targets.contiguous()  # the kernel reads targets[row] at unit stride
-    losses = new_empty((m,), like=logits, dtype=torch.float32)
+    if out is None:
+        losses = new_empty((m,), like=logits, dtype=torch.float32)
+    else:
+        assert out.shape == (m,) and out.dtype == torch.float32 and out.stride(0) == 1, (out.shape, out.dtype)
+        losses = out
     if m == 0:
         return losses
     meta = launch_meta(m, v)

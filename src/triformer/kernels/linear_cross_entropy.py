@@ -452,7 +452,7 @@ def chunked_forward(
     for i, start in enumerate(starts):
         stop = min(n, start + chunk_rows)
         z = matmul(x[start:stop], weight.t(), bias=bias)[0]
-        losses[start:stop] = cross_entropy_forward(
+        cross_entropy_forward(
             z,
             targets[start:stop],
             ignore_index,
@@ -460,11 +460,12 @@ def chunked_forward(
             z if chunk_grad else None,
             n_chunks=1,
             stats=None if stats is None else stats[:, start:stop],
+            out=losses[start:stop],
         )
         if chunk_grad and row_scale is not None:
             scale_rows_(z, row_scale[start:stop], targets[start:stop], ignore_index)
         if need_dx:
-            dx[start:stop] = matmul(z, weight)[0]
+            matmul(z, weight, out=dx[start:stop])
         if chunk_dw:
             accumulate_product(z.t(), x[start:stop], dw if i else None, dw, alpha)
         if chunk_db:

@@ -156,18 +156,25 @@ def matmul(
     bias: torch.Tensor | None = None,
     activation: str | None = None,
     store_preactivation: bool = False,
+    out: torch.Tensor | None = None,
 ):
     """C = act(a @ b + bias) for 2-D a [M, K], b [K, N] of any strides (views are not copied) and bias [N] (every
     kernel reads it at unit stride: a strided or expanded bias is copied here, N elements).
 
-    Returns (c, the preactivation a @ b + bias or None), contiguous, in a's dtype.
+    Returns (c, the preactivation a @ b + bias or None), contiguous, in a's dtype; c is `out` when given (a
+    contiguous [M, N] tensor of a's dtype on a's device, e.g. a block of rows of a larger output).
     """
     M, K = a.shape
     K2, N = b.shape
     assert K == K2, (a.shape, b.shape)
     if bias is not None:
         bias = bias.contiguous()
-    c = new_empty((M, N), like=a)
+    if out is None:
+        c = new_empty((M, N), like=a)
+    else:
+        assert out.shape == (M, N) and out.dtype == a.dtype and out.device == a.device, (out.shape, out.dtype)
+        assert out.is_contiguous(), out.stride()
+        c = out
     preact = new_empty((M, N), like=a) if store_preactivation else None
     act = activation_code(activation)
     if M > 0 and N > 0:
