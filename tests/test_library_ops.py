@@ -60,6 +60,12 @@ def attention_saved():
     return q, k, v, o, lse
 
 
+def residual_saved():
+    x, h, w = randn(2, 3, 9), randn(2, 3, 9), randn(9)
+    s, _, mean, rstd = ops.add_dropout_norm(x, h, w, randn(9), 1e-5, True, 0.2, torch.tensor(5))
+    return s, w, mean, rstd
+
+
 # op name, arguments (built per test: fresh random inputs)
 OPCHECK_CASES = {
     "linear-fused-gelu": lambda: (ops.linear, (leaf(2, 3, 7), leaf(5, 7), leaf(5), "gelu", True, True)),
@@ -109,6 +115,29 @@ OPCHECK_CASES = {
     "linear_cross_entropy-none": lambda: (
         ops.linear_cross_entropy,
         (leaf(5, 8), leaf(10, 8), None, targets((5,), 10), -100, "none", 0.0, 2, False, True, True, False),
+    ),
+    "add_dropout_norm": lambda: (
+        ops.add_dropout_norm,
+        (leaf(2, 3, 9), leaf(2, 3, 9), leaf(9), leaf(9), 1e-5, True, 0.2, torch.tensor(5)),
+    ),
+    "add_dropout_norm-rms-mixed": lambda: (
+        ops.add_dropout_norm,
+        (leaf(5, 9), leaf(5, 9, dtype=torch.float16), leaf(9), None, 1e-6, False, 0.0, torch.tensor(0)),
+    ),
+    "add_dropout_norm_backward": lambda: (
+        ops.add_dropout_norm_backward,
+        (
+            randn(2, 3, 9),
+            randn(2, 3, 9),
+            *residual_saved(),
+            0.2,
+            torch.tensor(5),
+            torch.float32,
+            torch.float32,
+            True,
+            True,
+            torch.float32,
+        ),
     ),
     "linear_cross_entropy_backward": lambda: (
         ops.linear_cross_entropy_backward,
@@ -188,6 +217,7 @@ EAGER_CASES = {
     "layer_norm": lambda x: TF.layer_norm(x, 9, leaf(9), leaf(9)),
     "softmax": lambda x: TF.softmax(x, causal=False),
     "dropout": lambda x: TF.dropout(x, 0.25, 7),
+    "add_dropout_norm": lambda x: TF.add_dropout_norm(x, x * 0.5, 0.25, leaf(9), leaf(9), seed=7),
     "cross_entropy": lambda x: TF.cross_entropy(x, targets((3, 4), 9), label_smoothing=0.1),
     "gated-in-place": lambda x: TF.swiglu(x * 1.5, inplace_grad=None),
 }

@@ -102,19 +102,61 @@ SLAB_GRAD = dict(
     smoothing="fp32",
 )
 
+RESIDUAL_NORM_FWD = dict(
+    x_ptr="*fp32",  # a float32 residual stream, a bf16 branch (autocast), as a GPT under bf16 autocast has them
+    h_ptr="*bf16",
+    w_ptr="*fp32",
+    b_ptr="*fp32",
+    s_ptr="*fp32",
+    y_ptr="*fp32",
+    mean_ptr="*fp32",
+    rstd_ptr="*fp32",
+    seed_ptr="*i64",
+    M="i32",
+    N="i32",
+    stride_xm="i32",
+    stride_hm="i32",
+    eps="fp32",
+    threshold="i32",
+    scale="fp32",
+    seed="i32",
+)
+RESIDUAL_NORM_BWD = dict(
+    dy_ptr="*fp32",
+    ds_ptr="*fp32",
+    s_ptr="*fp32",
+    w_ptr="*fp32",
+    mean_ptr="*fp32",
+    rstd_ptr="*fp32",
+    dx_ptr="*fp32",
+    dh_ptr="*bf16",
+    partial_ptr="*fp32",
+    seed_ptr="*i64",
+    M="i32",
+    N="i32",
+    stride_dym="i32",
+    stride_dsm="i32",
+    rows_per_program="i32",
+    threshold="i32",
+    scale="fp32",
+    seed="i32",
+)
+
 NORM_WIDTHS = [768, 4096, 8192, 12288, 32768]
+RESIDUAL_NORM_WIDTHS = [384, 768, 1000, 4096]
 SOFTMAX_WIDTHS = [768, 4096, 8192, 32768]
 CASES = (
     [f"{op}-{w}" for op in ("layer_norm", "rms_norm") for w in NORM_WIDTHS]
     + [f"softmax{'-causal' if c else ''}-{w}" for c in (False, True) for w in SOFTMAX_WIDTHS]
     + ["cross_entropy-inplace", "cross_entropy-buffer", "dropout", "dropout-seed-in-memory"]
     + ["slab_grad", "slab_grad-row-scale"]
+    + [f"residual_norm-{op}-{w}" for op in ("layer_norm", "rms_norm") for w in RESIDUAL_NORM_WIDTHS]
 )
 
 
 def compile_all() -> dict:
     """In a process without the interpreter: case → {kernel: spilled bytes} or the error that stopped it."""
-    from triformer.kernels import _rows, cross_entropy, dropout, linear_cross_entropy, norms, softmax
+    from triformer.kernels import _rows, cross_entropy, dropout, linear_cross_entropy, norms, residual_norm, softmax
 
     def spills(kernel, types, constexprs, num_warps):
         return spilled_bytes(compile_for_sm90(kernel, types, constexprs, num_warps))
@@ -189,6 +231,23 @@ def compile_all() -> dict:
                 "slab_grad": spills(
                     linear_cross_entropy._slab_grad_kernel, SLAB_GRAD, flags, linear_cross_entropy._SLAB_WARPS
                 )
+            }
+        if op == "residual_norm":
+            norm, _, width = rest.partition("-")
+            center = norm == "layer_norm"
+            m = residual_norm._tiling(4096, int(width))
+            warps = m.pop("num_warps")
+            flags = dict(CENTER=center, HAS_W=True, SEED_IN_MEMORY=False, DROP_BLOCK=dropout.BLOCK, **m)
+            return {
+                "forward": spills(
+                    residual_norm._residual_norm_forward_kernel, RESIDUAL_NORM_FWD, {**flags, "HAS_B": center}, warps
+                ),
+                "backward": spills(
+                    residual_norm._residual_norm_backward_kernel,
+                    RESIDUAL_NORM_BWD,
+                    {**flags, "HAS_DS": True, "DW": True, "DB": center},
+                    warps,
+                ),
             }
         in_memory = rest == "seed-in-memory"
         types = {**DROPOUT, "seed": "*i64"} if in_memory else DROPOUT

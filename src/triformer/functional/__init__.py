@@ -664,4 +664,5 @@ check_targets = _targets.check_targets
 from .attention import attention  # noqa: E402,F401  (its own module; imported last: it uses _cast_for_autocast)
 from .gated import gated_activation, geglu, swiglu  # noqa: E402,F401  (its own module)
 from .linear_cross_entropy import linear_cross_entropy  # noqa: E402,F401  (fused linear + cross-entropy)
+from .residual import add_dropout_norm  # noqa: E402,F401  (its own module)
 from .rope import rope, rope_tables  # noqa: E402,F401  (its own module)

@@ -6,11 +6,11 @@
 u(seed, i) is a 16-bit uniform integer: one half of a 32-bit draw of Philox 4x32-10 (tl.randint4x, the generator
 behind tl.rand) keyed by the seed and the element's index i in row-major order. One Philox call gives four 32-bit
 draws, eight 16-bit uniforms: element i takes half (i // BLOCK) mod 8 of the call at counter
-(i // 8·BLOCK)·BLOCK + i mod BLOCK, BLOCK fixed below. Halving the draws per element halves the integer work that
-bounded this kernel; the price is p rounded to a multiple of 2⁻¹⁶ (keep probability off by at most 2⁻¹⁷).
-The mask depends only on (seed, shape), never on strides or device, and the backward is this same kernel applied
-to dy. p = 0 keeps everything exactly (t = 0, scale 1); p = 1 gives exact zeros (t = 2¹⁶, scale 0). A dropped
-element is x · 0, as torch computes it: NaN and ±inf become NaN, not 0.
+(i // 8·BLOCK)·8·BLOCK + i mod BLOCK, BLOCK fixed below (keep_mask draws the same mask at any indices). Halving
+the draws per element halves the integer work that bounded this kernel; the price is p rounded to a multiple of
+2⁻¹⁶ (keep probability off by at most 2⁻¹⁷). The mask depends only on (seed, shape), never on strides or device,
+and the backward is this same kernel applied to dy. p = 0 keeps everything exactly (t = 0, scale 1); p = 1 gives
+exact zeros (t = 2¹⁶, scale 0). A dropped element is x · 0, as torch computes it: NaN and ±inf become NaN, not 0.
 """
 
 from __future__ import annotations
@@ -36,6 +36,17 @@ def _sixteen_bit_runs(r0, r1, r2, r3):
     return tl.reshape(tl.permute(tl.join(low, high), (2, 1, 3, 0)), (8, r0.shape[0]))
 
 
+@triton.jit
+def keep_mask(seed, offs, threshold, BLOCK: tl.constexpr):
+    """keep_i = [u(seed, i) ≥ threshold] at int64 element indices offs of any shape: the mask _dropout_kernel draws
+    for them (one Philox call per element here, where the kernel shares each call between eight elements)."""
+    r0, r1, r2, r3 = tl.randint4x(seed, (offs // (8 * BLOCK)) * (8 * BLOCK) + offs % BLOCK)
+    half = (offs // BLOCK) % 8  # run j takes half j mod 2 (low, high) of draw r_(j // 2)
+    r = tl.where(half < 4, tl.where(half < 2, r0, r1), tl.where(half < 6, r2, r3))
+    u = tl.where(half % 2 == 0, r & 0xFFFF, r >> 16)
+    return u.to(tl.int32) >= threshold
+
+
 @triton.jit(do_not_specialize=["seed", "threshold"])
 def _dropout_kernel(x_ptr, y_ptr, n, threshold, scale, seed, BLOCK: tl.constexpr, SEED_IN_MEMORY: tl.constexpr):
     """Eight consecutive runs of BLOCK elements from one Philox call (four 32-bit draws, eight 16-bit uniforms).
@@ -55,6 +66,11 @@ def _dropout_kernel(x_ptr, y_ptr, n, threshold, scale, seed, BLOCK: tl.constexpr
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+def threshold_and_scale(p: float) -> tuple[int, float]:
+    """The kernels' form of drop probability p: (t = round(p · 2¹⁶), 1 / (1 − p), or 0 for p = 1)."""
+    return round(p * 2**16), 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
+
+
 def dropout(x: torch.Tensor, p: float, seed: int | torch.Tensor) -> torch.Tensor:
     """keep · x / (1 − p) with the mask of (seed, x's shape); contiguous output of x's shape and dtype. seed: an int,
     or an integer tensor of one element on x's device (read by the kernel: nothing waits for it)."""
@@ -62,8 +78,7 @@ def dropout(x: torch.Tensor, p: float, seed: int | torch.Tensor) -> torch.Tensor
     y = new_empty(x.shape, like=x)
     n = x.numel()
     if n:
-        scale = 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
-        threshold = round(p * 2**16)
+        threshold, scale = threshold_and_scale(p)
         launch(
             _dropout_kernel,
             (cdiv(n, 8 * BLOCK),),

@@ -71,6 +71,29 @@ def _affine(xhat, w, b, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
 
 
 @triton.jit
+def whole_row_stats(x, col_mask, pivot, N, eps, CENTER: tl.constexpr):
+    """For whole rows x [BLOCK_M, BLOCK_N] (float32, 0 in masked columns) and their pivots x₀ [BLOCK_M, 1]:
+    (x − x₀ − μ' with masked columns 0 (x itself for RMSNorm), μ' = mean(x − x₀) [BLOCK_M] (0 for RMSNorm), rstd)."""
+    mean = tl.zeros((x.shape[0],), dtype=tl.float32)
+    if CENTER:  # masked rows hold x = x₀ = μ = 0: only masked columns need zeroing
+        x = tl.where(col_mask[None, :], x - pivot, 0.0)
+        mean = tl.sum(x, axis=1) / N
+        x = tl.where(col_mask[None, :], x - mean[:, None], 0.0)
+    rstd = tl.math.rsqrt(tl.sum(x * x, axis=1) / N + eps)
+    return x, mean, rstd
+
+
+@triton.jit
+def norm_input_gradient(xhat, g, rstd, N, CENTER: tl.constexpr):
+    """dx = (g − x̂ · mean(x̂ ⊙ g) − mean(g)) · rstd for whole rows (no mean(g) term for RMSNorm); g = w ⊙ dy."""
+    c1 = tl.sum(xhat * g, axis=1) / N
+    c2 = tl.zeros((xhat.shape[0],), dtype=tl.float32)
+    if CENTER:
+        c2 = tl.sum(g, axis=1) / N
+    return (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+
+
+@triton.jit
 def _norm_forward_kernel(
     x_ptr,
     w_ptr,
@@ -106,11 +129,7 @@ def _norm_forward_kernel(
             w, b = _affine_params(cols, col_mask, w_ptr, b_ptr, HAS_W, HAS_B)
         mask = row_mask[:, None] & col_mask[None, :]
         x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        if CENTER:  # masked rows hold x = x₀ = μ = 0: only masked columns need zeroing
-            x = tl.where(col_mask[None, :], x - pivot, 0.0)
-            mean = tl.sum(x, axis=1) / N
-            x = tl.where(col_mask[None, :], x - mean[:, None], 0.0)
-        rstd = tl.math.rsqrt(tl.sum(x * x, axis=1) / N + eps)
+        x, mean, rstd = whole_row_stats(x, col_mask, pivot, N, eps, CENTER)
         if not PARAMS_FIRST:
             w, b = _affine_params(cols, col_mask, w_ptr, b_ptr, HAS_W, HAS_B)
         y = _affine(x * rstd[:, None], w, b, HAS_W, HAS_B)
@@ -259,12 +278,7 @@ def _norm_backward_kernel(
             mask = (rows < row_end)[:, None] & col_mask[None, :]
             dy = dy.to(tl.float32)
             xhat = tl.where(mask, (x.to(tl.float32) - pivot - mean[:, None]) * rstd[:, None], 0.0)
-            g = dy * w[None, :]
-            c1 = tl.sum(xhat * g, axis=1) / N
-            c2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
-            if CENTER:
-                c2 = tl.sum(g, axis=1) / N
-            dx = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+            dx = norm_input_gradient(xhat, dy * w[None, :], rstd, N, CENTER)
             tl.store(
                 dx_ptr + rows.to(tl.int64)[:, None] * stride_dxm + cols[None, :],
                 dx.to(dx_ptr.dtype.element_ty),

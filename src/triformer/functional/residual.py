@@ -1,0 +1,157 @@
+"""`add_dropout_norm(x, h, ...)`: a pre-norm block's residual add with dropout on the branch, and the next norm of
+the sum, as one op each way (op triformer::add_dropout_norm; kernels/residual_norm.py)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..kernels import norms as norm_kernels
+from ..kernels import residual_norm as residual_kernels
+from ..kernels._runtime import check_tensor
+from . import _check_dropout_args, _check_eps, _check_param, _seed_tensor, dropout, layer_norm, rms_norm
+from ._library import Op, placeholder
+
+NORMS = ("layernorm", "rmsnorm")
+
+
+def _impl(
+    x: Tensor, h: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, center: bool, p: float, seed: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(s, y, the rows' mean(s − s₀) (a placeholder for RMSNorm), their rstd)."""
+    s, y, mean, rstd = residual_kernels.forward(x, h, weight, bias, eps, center, p, _seed(seed))
+    return s, y, placeholder(rstd) if mean is None else mean, rstd
+
+
+def _seed(seed: Tensor) -> int | Tensor:
+    """An int for a seed on the CPU (passed by value), the tensor for one on the device (read by the kernel)."""
+    return int(seed) if seed.device.type == "cpu" else seed
+
+
+def _fake(x, h, weight, bias, eps, center, p, seed):
+    dtype = torch.promote_types(x.dtype, h.dtype)
+    rows = x.shape[:-1].numel()
+    rstd = x.new_empty((rows,), dtype=torch.float32)
+    stream, normed = x.new_empty(x.shape, dtype=dtype), x.new_empty(x.shape, dtype=dtype)
+    return stream, normed, rstd.new_empty((rows,) if center else (0,)), rstd
+
+
+def _setup(ctx, inputs, output):
+    x, h, weight, bias, _, center, ctx.p, seed = inputs
+    s, _, mean, rstd = output
+    ctx.save_for_backward(s, weight, mean if center else None, rstd, seed)
+    ctx.dtypes = x.dtype, h.dtype, None if weight is None else weight.dtype, None if bias is None else bias.dtype
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, ds, dy, _mean, _rstd):
+    s, weight, mean, rstd, seed = ctx.saved_tensors
+    if ds is None and dy is None:
+        return None, None, None, None, None, None, None, None
+    need_dx, need_dh, need_dw, need_db = ctx.needs_input_grad[:4]
+    x_dtype, h_dtype, w_dtype, b_dtype = ctx.dtypes
+    dtypes = (w_dtype if need_dw and dy is not None else None, b_dtype if need_db and dy is not None else None)
+    dx, dh, sums = _backward_op(
+        torch.zeros_like(s) if dy is None else dy,
+        ds,
+        s,
+        weight,
+        mean,
+        rstd,
+        ctx.p,
+        seed,
+        x_dtype,
+        h_dtype,
+        dtypes[0] is not None,
+        dtypes[1] is not None,
+        norm_kernels.sums_dtype(*dtypes),
+    )
+    grads = iter(sums.unbind(0))
+    dw, db = (None if dtype is None else next(grads).to(dtype) for dtype in dtypes)
+    return dx if need_dx else None, dh if need_dh else None, dw, db, None, None, None, None
+
+
+def _backward_impl(
+    dy: Tensor,
+    ds: Tensor | None,
+    s: Tensor,
+    weight: Tensor | None,
+    mean: Tensor | None,
+    rstd: Tensor,
+    p: float,
+    seed: Tensor,
+    x_dtype: torch.dtype,
+    h_dtype: torch.dtype,
+    need_dw: bool,
+    need_db: bool,
+    sum_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dh, [dw; db]: the wanted ones as the rows of one tensor in sum_dtype) of _impl."""
+    return residual_kernels.backward(
+        dy, ds, s, weight, mean, rstd, p, _seed(seed), x_dtype, h_dtype, need_dw, need_db, sum_dtype
+    )
+
+
+def _backward_fake(dy, ds, s, weight, mean, rstd, p, seed, x_dtype, h_dtype, need_dw, need_db, sum_dtype):
+    return (
+        s.new_empty(s.shape, dtype=x_dtype),
+        s.new_empty(s.shape, dtype=h_dtype),
+        rstd.new_empty((need_dw + need_db, s.shape[-1]), dtype=sum_dtype),
+    )
+
+
+_backward_op = Op("add_dropout_norm_backward", _backward_impl, _backward_fake)
+_op = Op("add_dropout_norm", _impl, _fake, setup_context=_setup, backward=_backward)
+
+
+def _check(x, h, weight, bias, norm) -> None:
+    check_tensor(x, "x")
+    check_tensor(h, "h")
+    if h.shape != x.shape:
+        raise ValueError(f"h must have x's shape {tuple(x.shape)}, got {tuple(h.shape)}")
+    if h.device != x.device:
+        raise ValueError(f"h is on {h.device} but x is on {x.device}")
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"x must have a last dimension of at least one element, got shape {tuple(x.shape)}")
+    if norm not in NORMS:
+        raise ValueError(f"norm={norm!r} is not one of {NORMS}")
+    if norm == "rmsnorm" and bias is not None:
+        raise ValueError("RMSNorm has no bias: pass bias=None with norm='rmsnorm'")
+
+
+def add_dropout_norm(
+    x: torch.Tensor,
+    h: torch.Tensor,
+    p: float = 0.0,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float | None = 1e-5,
+    norm: str = "layernorm",
+    training: bool = True,
+    seed: int | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, y) with s = x + dropout(h, p) and y = layer_norm(s) (norm="layernorm", with weight and bias) or
+    rms_norm(s) (norm="rmsnorm", weight only) over the last dim: a pre-norm block's residual add and the norm that
+    follows it, forward and backward in one kernel each (op triformer::add_dropout_norm).
+
+    x and h [..., N] of one shape (h may have another float dtype, e.g. a bf16 branch on a float32 residual stream:
+    s and y take the promoted dtype, as `x + h` does); weight and bias [N] or None. The sum, the mask and the
+    gradients are those of `x + dropout(h, p, seed, training)` followed by the norm (triformer's dropout: the same
+    seed gives the same mask). Rows wider than kernels/residual_norm.MAX_WIDTH run as those separate ops.
+    """
+    _check(x, h, weight, bias, norm)
+    n = x.shape[-1]
+    _check_param(weight, "weight", x, (n,))
+    _check_param(bias, "bias", x, (n,))
+    _check_dropout_args(p, seed)
+    center = norm == "layernorm"
+    _check_eps(eps, allow_none=not center)
+    if eps is None:
+        eps = torch.finfo(torch.promote_types(x.dtype, h.dtype)).eps
+    if n > residual_kernels.MAX_WIDTH:
+        s = x + dropout(h, p, seed, training)
+        return s, layer_norm(s, (n,), weight, bias, eps) if center else rms_norm(s, (n,), weight, eps)
+    p = float(p) if training else 0.0
+    seed = _seed_tensor(seed if p else 0, x)  # p = 0 keeps every element whatever the seed: none is drawn
+    return tuple(_op(x, h, weight, bias, float(eps), center, p, seed)[:2])

@@ -1,0 +1,319 @@
+"""A residual add with dropout on the branch, then LayerNorm or RMSNorm of the sum: one kernel each way.
+
+Per row of N elements, with the dropout mask keep of dropout.py (seed, element index in the [M, N] shape),
+d = keep · h / (1 − p) rounded to h's dtype, and the sum rounded to its dtype (x's and h's promoted):
+
+    s = x + d          y = norm(s) · w + b                          (norms.py, whole rows)
+    backward, with ds the gradient reaching s from later in the residual stream and dy that of y:
+    g = ds + norm'(dy)          dx = g          dh = keep · g / (1 − p)       (g rounded to h's dtype first)
+    dw = Σ_rows dy ⊙ ŝ          db = Σ_rows dy
+
+This is `x + dropout(h)` followed by the next norm, as a pre-norm transformer block computes them, in the same
+roundings: the sum, the mask and the gradients equal those of the three ops (dropout.py, an add, norms.py). The
+backward forms the residual stream's gradient g itself, so the add that would accumulate ds and the norm's input
+gradient is not launched either. Rows up to MAX_WIDTH elements (held whole in registers); the forward saves s, the
+rows' mean(s − s₀) (LayerNorm) and rstd.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import launch
+from ._rows import as_rows, persistent_programs, row_tiling
+from ._runtime import cdiv, new_empty
+from .dropout import BLOCK as DROPOUT_BLOCK
+from .dropout import keep_mask, threshold_and_scale
+from .norms import _affine, _affine_params, _row_pivot, _unit_stride, norm_input_gradient, whole_row_stats
+from .reductions import column_sum
+
+# Widest row the kernels take: whole rows in registers (the backward holds s, dy, ds and ŝ per element; rows of
+# 8192 spill on sm_90 at 8 or 16 warps).
+MAX_WIDTH = 4096
+# Elements of the block of rows one program computes at once.
+TILE = 2048
+
+
+@triton.jit
+def _dropped(
+    h, rows, cols, N, threshold, scale, seed_ptr, seed, SEED_IN_MEMORY: tl.constexpr, DROP_BLOCK: tl.constexpr
+):
+    """keep · h · scale (float32) for a tile h [BLOCK_M, BLOCK_N] at rows × cols of the [M, N] shape (DROP_BLOCK:
+    dropout.BLOCK, part of the mask's definition)."""
+    key = seed
+    if SEED_IN_MEMORY:
+        key = tl.load(seed_ptr)
+    keep = keep_mask(key, rows.to(tl.int64)[:, None] * N + cols[None, :], threshold, DROP_BLOCK)
+    return h * tl.where(keep, scale, 0.0)  # a dropped NaN or inf stays NaN (NaN · 0), as torch
+
+
+@triton.jit(do_not_specialize=["seed", "threshold"])
+def _residual_norm_forward_kernel(
+    x_ptr,
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    s_ptr,
+    y_ptr,
+    mean_ptr,
+    rstd_ptr,
+    seed_ptr,
+    M,
+    N,
+    stride_xm,
+    stride_hm,
+    eps,
+    threshold,
+    scale,
+    seed,
+    CENTER: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    SEED_IN_MEMORY: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DROP_BLOCK: tl.constexpr,
+):
+    """s = x + keep · h · scale and y = norm(s) · w + b for BLOCK_M whole rows; stores s, y (contiguous), μ' (when
+    CENTER) and rstd per row."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < M
+    cols = tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    mask = row_mask[:, None] & col_mask[None, :]
+    x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
+    h = tl.load(h_ptr + rows.to(tl.int64)[:, None] * stride_hm + cols[None, :], mask=mask, other=0.0)
+    d = _dropped(h.to(tl.float32), rows, cols, N, threshold, scale, seed_ptr, seed, SEED_IN_MEMORY, DROP_BLOCK)
+    s = x.to(tl.float32) + d.to(h_ptr.dtype.element_ty).to(tl.float32)
+    s = tl.where(mask, s.to(s_ptr.dtype.element_ty).to(tl.float32), 0.0)  # as stored: the backward reads it back
+    out = rows.to(tl.int64)[:, None] * N + cols[None, :]
+    tl.store(s_ptr + out, s.to(s_ptr.dtype.element_ty), mask=mask)
+    pivot = tl.zeros((BLOCK_M, 1), dtype=tl.float32)
+    if CENTER:
+        pivot = tl.sum(tl.where(cols[None, :] == 0, s, 0.0), axis=1)[:, None]  # s₀, as _row_pivot reads it
+    shifted, mean, rstd = whole_row_stats(s, col_mask, pivot, N, eps, CENTER)
+    w, b = _affine_params(cols, col_mask, w_ptr, b_ptr, HAS_W, HAS_B)
+    y = _affine(shifted * rstd[:, None], w, b, HAS_W, HAS_B)
+    tl.store(y_ptr + out, y.to(y_ptr.dtype.element_ty), mask=mask)
+    if CENTER:
+        tl.store(mean_ptr + rows, mean, mask=row_mask)
+    tl.store(rstd_ptr + rows, rstd, mask=row_mask)
+
+
+@triton.jit(do_not_specialize=["seed", "threshold"])
+def _residual_norm_backward_kernel(
+    dy_ptr,
+    ds_ptr,
+    s_ptr,
+    w_ptr,
+    mean_ptr,
+    rstd_ptr,
+    dx_ptr,
+    dh_ptr,
+    partial_ptr,
+    seed_ptr,
+    M,
+    N,
+    stride_dym,
+    stride_dsm,
+    rows_per_program,
+    threshold,
+    scale,
+    seed,
+    CENTER: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_DS: tl.constexpr,
+    DW: tl.constexpr,
+    DB: tl.constexpr,
+    SEED_IN_MEMORY: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DROP_BLOCK: tl.constexpr,
+):
+    """g = ds + norm'(dy), dx = g and dh = keep · g · scale for the rows [pid · rows_per_program, …), and this
+    program's partial sums: row pid of the [programs, N] plane of dw (first, when DW) and of db (next, when DB)."""
+    pid = tl.program_id(0)
+    row_start = pid * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, M)
+    cols = tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    w = tl.full((BLOCK_N,), 1.0, dtype=tl.float32)
+    if HAS_W:
+        w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    dw_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    db_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for r0 in range(row_start, row_end, BLOCK_M):
+        rows = r0 + tl.arange(0, BLOCK_M)
+        row_mask = rows < row_end
+        mask = row_mask[:, None] & col_mask[None, :]
+        at = rows.to(tl.int64)[:, None] * N + cols[None, :]
+        s = tl.load(s_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + rows.to(tl.int64)[:, None] * stride_dym + cols[None, :], mask=mask, other=0.0)
+        dy = dy.to(tl.float32)
+        rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
+        mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        if CENTER:
+            mean = tl.load(mean_ptr + rows, mask=row_mask, other=0.0)
+        pivot = _row_pivot(s_ptr + rows.to(tl.int64)[:, None] * N, row_mask, CENTER)
+        shat = tl.where(mask, (s - pivot - mean[:, None]) * rstd[:, None], 0.0)
+        g = norm_input_gradient(shat, dy * w[None, :], rstd, N, CENTER)
+        if HAS_DS:
+            ds = tl.load(ds_ptr + rows.to(tl.int64)[:, None] * stride_dsm + cols[None, :], mask=mask, other=0.0)
+            g += ds.to(tl.float32)
+        g = g.to(dx_ptr.dtype.element_ty)
+        tl.store(dx_ptr + at, g, mask=mask)
+        g_h = g.to(dh_ptr.dtype.element_ty).to(tl.float32)
+        dh = _dropped(g_h, rows, cols, N, threshold, scale, seed_ptr, seed, SEED_IN_MEMORY, DROP_BLOCK)
+        tl.store(dh_ptr + at, dh.to(dh_ptr.dtype.element_ty), mask=mask)
+        if DW:
+            dw_acc += tl.sum(dy * shat, axis=0)
+        if DB:
+            db_acc += tl.sum(dy, axis=0)
+    partials = partial_ptr + pid.to(tl.int64) * N
+    if DW:
+        tl.store(partials + cols, dw_acc, mask=col_mask)
+        partials += tl.num_programs(0).to(tl.int64) * N
+    if DB:
+        tl.store(partials + cols, db_acc, mask=col_mask)
+
+
+def _seed_args(seed: int | torch.Tensor, like: torch.Tensor) -> tuple:
+    """(seed_ptr, seed, SEED_IN_MEMORY, DROP_BLOCK) for an int seed or a one-element integer tensor on the device."""
+    if isinstance(seed, torch.Tensor):
+        return seed, 0, True
+    return like, seed, False
+
+
+def _tiling(m: int, n: int) -> dict:
+    if n > MAX_WIDTH:
+        raise ValueError(f"rows of {n} elements are wider than the fused residual norm takes ({MAX_WIDTH})")
+    meta = row_tiling(m, n, max_block=MAX_WIDTH, gpu_tile=TILE)
+    meta.pop("ONE_BLOCK", None)
+    return meta
+
+
+def forward(
+    x: torch.Tensor,
+    h: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    center: bool,
+    p: float,
+    seed: int | torch.Tensor,
+):
+    """(s, y, μ' or None, rstd) for x and h [..., N] of one shape, weight and bias [N] or None; s and y contiguous
+    in the promoted dtype of x and h, shaped like x; μ' and rstd float32 [M]."""
+    n = x.shape[-1]
+    x2, h2 = as_rows(x, n), as_rows(h, n)
+    m = x2.shape[0]
+    dtype = torch.promote_types(x.dtype, h.dtype)
+    s = new_empty(x.shape, like=x, dtype=dtype)
+    y = new_empty(x.shape, like=x, dtype=dtype)
+    mean = new_empty((m,), like=x, dtype=torch.float32) if center else None
+    rstd = new_empty((m,), like=x, dtype=torch.float32)
+    if m and n:
+        threshold, scale = threshold_and_scale(p)
+        weight, bias = _unit_stride(weight), _unit_stride(bias)
+        meta = _tiling(m, n)
+        seed_ptr, seed_value, in_memory = _seed_args(seed, x2)
+        launch(
+            _residual_norm_forward_kernel,
+            (cdiv(m, meta["BLOCK_M"]),),
+            x2,
+            h2,
+            x2 if weight is None else weight,
+            x2 if bias is None else bias,
+            s,
+            y,
+            rstd if mean is None else mean,
+            rstd,
+            seed_ptr,
+            m,
+            n,
+            x2.stride(0),
+            h2.stride(0),
+            eps,
+            threshold,
+            scale,
+            seed_value,
+            CENTER=center,
+            HAS_W=weight is not None,
+            HAS_B=bias is not None,
+            SEED_IN_MEMORY=in_memory,
+            DROP_BLOCK=DROPOUT_BLOCK,
+            **meta,
+        )
+    return s, y, mean, rstd
+
+
+def backward(
+    dy: torch.Tensor,
+    ds: torch.Tensor | None,
+    s: torch.Tensor,
+    weight: torch.Tensor | None,
+    mean: torch.Tensor | None,
+    rstd: torch.Tensor,
+    p: float,
+    seed: int | torch.Tensor,
+    dx_dtype: torch.dtype,
+    dh_dtype: torch.dtype,
+    need_dw: bool,
+    need_db: bool,
+    sum_dtype: torch.dtype,
+):
+    """(dx in dx_dtype, dh in dh_dtype, both shaped like s, the wanted of dw and db as the rows of one [k, N] tensor
+    in sum_dtype) from dy and ds (None: no gradient reached s) [..., N] and what forward saved."""
+    n = s.shape[-1]
+    s2 = s.reshape(s.shape[:-1].numel(), n)
+    m = s2.shape[0]
+    dx = new_empty(s.shape, like=s, dtype=dx_dtype)
+    dh = new_empty(s.shape, like=s, dtype=dh_dtype)
+    k = need_dw + need_db
+    if not (m and n):
+        return dx, dh, torch.zeros((k, n), device=s.device, dtype=sum_dtype)
+    dy2 = as_rows(dy, n)
+    ds2 = None if ds is None else as_rows(ds, n)
+    threshold, scale = threshold_and_scale(p)
+    weight = _unit_stride(weight)
+    meta = _tiling(m, n)
+    tiles = cdiv(m, meta["BLOCK_M"])
+    rows_per_program = cdiv(tiles, persistent_programs(s.device, tiles, meta["num_warps"])) * meta["BLOCK_M"]
+    programs = cdiv(m, rows_per_program)
+    partials = new_empty((k, programs, n), like=s, dtype=torch.float32)
+    seed_ptr, seed_value, in_memory = _seed_args(seed, s2)
+    launch(
+        _residual_norm_backward_kernel,
+        (programs,),
+        dy2,
+        dy2 if ds2 is None else ds2,
+        s2,
+        s2 if weight is None else weight,
+        rstd if mean is None else mean,
+        rstd,
+        dx,
+        dh,
+        partials if k else rstd,
+        seed_ptr,
+        m,
+        n,
+        dy2.stride(0),
+        dy2.stride(0) if ds2 is None else ds2.stride(0),
+        rows_per_program,
+        threshold,
+        scale,
+        seed_value,
+        CENTER=mean is not None,
+        HAS_W=weight is not None,
+        HAS_DS=ds2 is not None,
+        DW=need_dw,
+        DB=need_db,
+        SEED_IN_MEMORY=in_memory,
+        DROP_BLOCK=DROPOUT_BLOCK,
+        **meta,
+    )
+    if not k:
+        return dx, dh, new_empty((0, n), like=s, dtype=sum_dtype)
+    return dx, dh, column_sum(partials, sum_dtype, rows_per_program=programs)

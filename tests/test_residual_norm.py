@@ -1,0 +1,199 @@
+"""add_dropout_norm: s = x + dropout(h), y = norm(s), against a float64 reference (the mask read off triformer's
+dropout) and against the three separate ops; every gradient, odd shapes, strided and stride-0 views, mixed dtypes,
+NaN and inf, outputs poisoned (conftest), bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from harness import DEVICE, DTYPES, ON_GPU, assert_close, randn
+
+import triformer.functional as F_tri
+from triformer.kernels import residual_norm
+from triformer.kernels._runtime import overridden
+
+NORMS = ["layernorm", "rmsnorm"]
+
+
+def keep_scale(shape, p: float, seed: int) -> torch.Tensor:
+    """keep / (1 − p) in float64 for triformer's dropout mask of (seed, shape)."""
+    ones = torch.ones(shape, device=DEVICE, dtype=torch.float32)
+    return (F_tri.dropout(ones, p, seed) != 0).double().cpu() / (1 - p)
+
+
+def rounded(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t's value rounded to dtype, in float64, with t's exact gradient."""
+    return t.detach().to(dtype).double() + (t - t.detach())
+
+
+def reference(x, h, w, b, p, seed, norm, eps, out_dtype):
+    """(s, y) in float64 from float64 leaves, the branch rounded to h's dtype after dropout and the sum to the output
+    dtype, as the op rounds them."""
+    d = rounded(h * keep_scale(h.shape, p, seed), h.dtype_under_test)
+    s = rounded(x + d, out_dtype)
+    if norm == "layernorm":
+        y = torch.nn.functional.layer_norm(s, s.shape[-1:], w, b, eps)
+    else:
+        y = torch.nn.functional.rms_norm(s, s.shape[-1:], w, eps)
+    return s, y
+
+
+def leaf64(t):
+    return t.detach().double().cpu().requires_grad_(True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("shape", [(1, 1), (5, 7), (3, 4, 33), (37, 129), (2, 1000)])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_matches_float64_reference_and_gradients(shape, norm, dtype, p, seed):
+    n = shape[-1]
+    x, h = randn(*shape, dtype=dtype, requires_grad=True), randn(*shape, dtype=dtype, requires_grad=True)
+    w = randn(n, requires_grad=True)
+    b = randn(n, requires_grad=True) if norm == "layernorm" else None
+    s, y = F_tri.add_dropout_norm(x, h, p, w, b, eps=1e-5, norm=norm, seed=seed)
+    assert s.dtype == y.dtype == dtype and s.shape == y.shape == x.shape
+    gs, gy = randn(*shape, dtype=dtype), randn(*shape, dtype=dtype)
+    torch.autograd.backward((s, y), (gs, gy))
+
+    refs = [leaf64(t) for t in (x, h, w)] + ([leaf64(b)] if b is not None else [None])
+    refs[1].dtype_under_test = dtype
+    s64, y64 = reference(*refs, p, seed, norm, 1e-5, dtype)
+    torch.autograd.backward((s64, y64), (gs.double().cpu(), gy.double().cpu()))
+    assert_close(s, s64, dtype, "s")
+    assert_close(y, y64, dtype, "y")
+    for name, t, r in zip(("x", "h", "w", "b"), (x, h, w, b), refs):
+        if t is not None:
+            assert_close(t.grad, r.grad, dtype, f"grad of {name}", scale_floor=1e-3 * shape[0] ** 0.5)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("used", ["both", "s only", "y only"])
+def test_equals_the_three_separate_ops(norm, used, seed):
+    """In float32 the op is x + dropout(h) followed by the norm, bit for bit, forward and backward, whichever of its
+    outputs the loss uses."""
+    x, h = randn(6, 2, 65, requires_grad=True), randn(6, 2, 65, requires_grad=True)
+    w, b = randn(65, requires_grad=True), randn(65, requires_grad=True)
+    b_used = b if norm == "layernorm" else None
+    s, y = F_tri.add_dropout_norm(x, h, 0.4, w, b_used, eps=1e-5, norm=norm, seed=seed)
+    s_ref = x + F_tri.dropout(h, 0.4, seed)
+    if norm == "layernorm":
+        y_ref = F_tri.layer_norm(s_ref, 65, w, b, eps=1e-5)
+    else:
+        y_ref = F_tri.rms_norm(s_ref, 65, w, eps=1e-5)
+    assert torch.equal(s, s_ref) and torch.equal(y, y_ref)
+    gs, gy = randn(6, 2, 65), randn(6, 2, 65)
+
+    def loss(s, y):
+        return {"both": (s * gs).sum() + (y * gy).sum(), "s only": (s * gs).sum(), "y only": (y * gy).sum()}[used]
+
+    leaves = (x, h, w) if norm == "rmsnorm" or used == "s only" else (x, h, w, b)
+    grads = torch.autograd.grad(loss(s, y), leaves, allow_unused=True)
+    grads_ref = torch.autograd.grad(loss(s_ref, y_ref), leaves, allow_unused=True)
+    for name, a, r in zip("xhwb", grads, grads_ref):
+        assert (a is None) == (r is None), name
+        if a is not None:
+            assert torch.equal(a, r), name
+
+
+def test_float16_branch_on_a_float32_stream(seed):
+    """A 16-bit branch (a bf16/fp16 linear's output under autocast) on a float32 residual stream: s and y are
+    float32, the gradient of h comes back in h's dtype, as with x + dropout(h)."""
+    x, h = randn(9, 48, requires_grad=True), randn(9, 48, dtype=torch.float16, requires_grad=True)
+    w, b = randn(48, requires_grad=True), randn(48, requires_grad=True)
+    s, y = F_tri.add_dropout_norm(x, h, 0.2, w, b, seed=seed)
+    s_ref = x + F_tri.dropout(h, 0.2, seed)
+    y_ref = F_tri.layer_norm(s_ref, 48, w, b)
+    assert s.dtype == y.dtype == torch.float32 and torch.equal(s, s_ref)
+    assert_close(y, y_ref, torch.float32, "y")
+    g = randn(9, 48)
+    grads = torch.autograd.grad((s * g).sum() + (y * g).sum(), (x, h, w, b))
+    grads_ref = torch.autograd.grad((s_ref * g).sum() + (y_ref * g).sum(), (x, h, w, b))
+    assert grads[1].dtype == torch.float16
+    for name, a, r in zip("xhwb", grads, grads_ref):
+        assert_close(a, r, torch.float16 if name == "h" else torch.float32, f"grad of {name}")
+
+
+def test_strided_and_stride0_views(seed):
+    """Transposed x, an expanded (stride-0) h, an expanded weight and a strided bias give the contiguous inputs'
+    results."""
+    x_base, h_row = randn(40, 24), randn(1, 40)
+    w_one, b_base = randn(1), randn(80)
+    x, h = x_base.t(), h_row.expand(24, 40)  # [24, 40]
+    w, b = w_one.expand(40), b_base[::2]
+    leaves = [t.requires_grad_() for t in (x_base, h_row, w_one, b_base)]
+    x, h, w, b = x_base.t(), h_row.expand(24, 40), w_one.expand(40), b_base[::2]
+    s, y = F_tri.add_dropout_norm(x, h, 0.25, w, b, seed=seed)
+    xc, hc, wc, bc = (t.detach().contiguous().requires_grad_() for t in (x, h, w, b))
+    s_ref, y_ref = F_tri.add_dropout_norm(xc, hc, 0.25, wc, bc, seed=seed)
+    assert torch.equal(s, s_ref) and torch.equal(y, y_ref)
+    g = randn(24, 40)
+    grads = torch.autograd.grad((s * g).sum() + (y * g).sum(), leaves)
+    grads_ref = torch.autograd.grad((s_ref * g).sum() + (y_ref * g).sum(), (xc, hc, wc, bc))
+    assert_close(grads[0], grads_ref[0].t(), torch.float32, "grad of x")
+    assert_close(grads[1], grads_ref[1].sum(0, keepdim=True), torch.float32, "grad of the expanded h")
+    assert_close(grads[2], grads_ref[2].sum(0, keepdim=True), torch.float32, "grad of the expanded weight")
+    assert_close(grads[3][::2], grads_ref[3], torch.float32, "grad of the strided bias")
+    assert not grads[3][1::2].any()
+
+
+def test_nan_and_inf_propagate_as_in_torch(seed):
+    """A NaN or inf in h is NaN in s wherever dropped (NaN · 0, as torch's dropout) and itself where kept; a NaN in x
+    reaches its row of y."""
+    x, h = randn(4, 32), randn(4, 32)
+    h[0, 3], h[1, 5], x[2, 7] = float("nan"), float("inf"), float("nan")
+    s, y = F_tri.add_dropout_norm(x, h, 0.5, seed=seed)
+    s_ref = x + F_tri.dropout(h, 0.5, seed)
+    assert torch.equal(torch.isnan(s), torch.isnan(s_ref)) and torch.equal(torch.isinf(s), torch.isinf(s_ref))
+    assert torch.isnan(y[2]).all() and not torch.isnan(y[3]).any()
+
+
+def test_not_training_and_p_zero_draw_no_seed(seed):
+    """training=False (or p = 0) is x + h, then the norm; no seed is drawn from torch's generator."""
+    x, h = randn(5, 16), randn(5, 16)
+    state = torch.get_rng_state()
+    s, y = F_tri.add_dropout_norm(x, h, 0.7, training=False)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(s, x + h)
+    assert_close(y, torch.nn.functional.layer_norm((x + h).double(), (16,)), torch.float32, "y")
+
+
+def test_rows_wider_than_the_kernel_run_as_separate_ops(seed):
+    with overridden(residual_norm, MAX_WIDTH=16):
+        x, h = randn(3, 40, requires_grad=True), randn(3, 40, requires_grad=True)
+        s, y = F_tri.add_dropout_norm(x, h, 0.3, seed=seed)
+    s_ref = x + F_tri.dropout(h, 0.3, seed)
+    assert torch.equal(s, s_ref) and torch.equal(y, F_tri.layer_norm(s_ref, 40))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"h": "other shape"}, ValueError, "h must have x's shape"),
+        ({"norm": "batchnorm"}, ValueError, "is not one of"),
+        ({"norm": "rmsnorm", "bias": True}, ValueError, "RMSNorm has no bias"),
+        ({"p": 1.5}, ValueError, "p"),
+        ({"weight": "wrong size"}, ValueError, "weight must have shape"),
+        ({"h": "integer"}, TypeError, "h has dtype"),
+        ({"eps": -1.0}, ValueError, "eps"),
+    ],
+)
+def test_bad_input_names_what_is_wrong(kwargs, error, match):
+    x = randn(3, 8)
+    args = {"h": randn(3, 8), "p": 0.1, "weight": None, "bias": None, "eps": 1e-5, "norm": "layernorm"}
+    special = {
+        "other shape": randn(3, 9),
+        "integer": torch.ones(3, 8, dtype=torch.int64, device=DEVICE),
+        "wrong size": randn(9),
+        True: randn(8),
+    }
+    args.update({k: special.get(v, v) if isinstance(v, (str, bool)) and k != "norm" else v for k, v in kwargs.items()})
+    with pytest.raises(error, match=match):
+        F_tri.add_dropout_norm(x, **args)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the seed in device memory is the CUDA-graph path")
+def test_seed_in_device_memory(seed):
+    x, h = randn(64, 256), randn(64, 256)
+    s, _ = F_tri.add_dropout_norm(x, h, 0.5, seed=torch.tensor(seed, device=DEVICE))
+    assert torch.equal(s, x + F_tri.dropout(h, 0.5, seed))
