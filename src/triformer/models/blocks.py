@@ -14,6 +14,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from .. import functional as F_tri
 from .. import nn as tnn
 from .mlp import BACKENDS, make_linear
 
@@ -96,9 +97,20 @@ def default_mlp_hidden(kind: str, dim: int) -> int:
     return math.ceil(math.ceil(8 * dim / 3) / 8) * 8
 
 
+def add_dropout_norm(norm: nn.Module, x: torch.Tensor, h: torch.Tensor, p: float, training: bool):
+    """(s, norm(s)) for s = x + dropout(h, p) in one op (triformer's add_dropout_norm) with a TritonLayerNorm or
+    TritonRMSNorm's parameters."""
+    if isinstance(norm, tnn.TritonRMSNorm):
+        return F_tri.add_dropout_norm(x, h, p, norm.weight, None, norm.eps, "rmsnorm", training)
+    return F_tri.add_dropout_norm(x, h, p, norm.weight, norm.bias, norm.eps, "layernorm", training)
+
+
 class Block(nn.Module):
     """Pre-norm transformer block on x (B, T, C):
-    x + dropout(attention(norm_1(x))), then x + dropout(mlp(norm_2(x)))."""
+    x + dropout(attention(norm_1(x))), then x + dropout(mlp(norm_2(x))).
+
+    With its norms and dropout on triformer (`fusable`), a stack of blocks can run through forward_fused instead:
+    each residual add, its dropout and the norm that reads the sum in one op (run_blocks)."""
 
     def __init__(
         self,
@@ -124,15 +136,37 @@ class Block(nn.Module):
         self.ln_2 = make_norm(norm, dim, bias, backends["norm"])
         self.mlp = make_mlp(mlp, dim, mlp_hidden or default_mlp_hidden(mlp, dim), bias, backends["mlp"])
         self.drop = make_dropout(dropout, backends["dropout"])
+        self.p = dropout
+        self.fusable = backends["norm"] == backends["dropout"] == "triton"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop(self.attn(self.ln_1(x)))  # (B, T, C)
         x = x + self.drop(self.mlp(self.ln_2(x)))  # (B, T, C)
         return x
 
+    def forward_fused(
+        self, x: torch.Tensor, h: torch.Tensor, next_norm: nn.Module
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(forward(x), next_norm(forward(x))) given h = ln_1(x), the residual adds fused with the norms after them."""
+        x, h = add_dropout_norm(self.ln_2, x, self.attn(h), self.p, self.training)  # (B, T, C) each
+        return add_dropout_norm(next_norm, x, self.mlp(h), self.p, self.training)
+
     def residual_projections(self) -> list[nn.Parameter]:
         """The two weights that write into the residual stream (GPT-2 scales their initialisation)."""
         return [self.attn.out_proj.weight, self.mlp.residual_projection()]
+
+
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, final_norm: nn.Module, fused: bool) -> torch.Tensor:
+    """final_norm(the blocks applied to x in turn); fused (every block fusable, final_norm a triformer norm): through
+    Block.forward_fused, one op for each residual add with its dropout and the next norm."""
+    if not fused:
+        for block in blocks:
+            x = block(x)  # (B, T, C)
+        return final_norm(x)
+    h = blocks[0].ln_1(x)
+    for block, next_norm in zip(blocks, [*(b.ln_1 for b in blocks[1:]), final_norm]):
+        x, h = block.forward_fused(x, h, next_norm)  # (B, T, C) each
+    return h
 
 
 @torch.no_grad()

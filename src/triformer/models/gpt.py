@@ -31,6 +31,7 @@ from .blocks import (
     make_norm,
     make_rotary,
     part_backends,
+    run_blocks,
 )
 from .mlp import make_linear
 
@@ -50,6 +51,7 @@ class GPTConfig:
     mlp_hidden: int | None = None  # the MLP's hidden width (None: the default of its kind)
     rope: bool = False  # rotary position embedding instead of a learned one
     fused_head: bool = False  # loss by fused linear + cross-entropy (no (B, T, V) logits) instead of logits + CE
+    fused_residual: bool = True  # triformer norms and dropout: each residual add + dropout + next norm as one op
     backend: str = "triton"  # triton | torch (the twin)
     torch_parts: tuple[str, ...] = ()  # parts on PyTorch whatever the backend: attention, norm, mlp, head, dropout
 
@@ -126,9 +128,8 @@ class GPT(nn.Module):
         if self.wpe is not None:
             x = x + self.wpe(torch.arange(T, device=idx.device))  # + (T, C)
         x = self.drop(x)
-        for block in self.blocks:
-            x = block(x)  # (B, T, C)
-        return self.ln_f(x)  # (B, T, C)
+        fused = self.config.fused_residual and self.blocks[0].fusable
+        return run_blocks(self.blocks, x, self.ln_f, fused)  # (B, T, C)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         """(logits (B, T, V), loss): the loss is None without targets, else the mean cross-entropy over the targets

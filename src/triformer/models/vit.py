@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .. import nn as tnn
-from .blocks import Block, by_backend, check_choice, init_gpt2_, make_dropout, make_norm
+from .blocks import Block, by_backend, check_choice, init_gpt2_, make_dropout, make_norm, run_blocks
 from .mlp import make_linear
 
 POOLS = ("cls", "mean")
@@ -33,6 +33,7 @@ class ViTConfig:
     mlp_ratio: float = 4.0  # MLP hidden width = mlp_ratio · n_embd
     dropout: float = 0.0  # on the embeddings and on each residual branch
     pool: str = "cls"  # cls: a learned class token | mean: the mean over patch tokens
+    fused_residual: bool = True  # each residual add + dropout + next norm as one op (triton backend)
     backend: str = "triton"  # triton | torch (the twin)
 
     def __post_init__(self):
@@ -96,9 +97,8 @@ class ViT(nn.Module):
         if self.cls_token is not None:
             x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)  # (B, 1 + N, C)
         x = self.drop(x + self.pos_embed)
-        for block in self.blocks:
-            x = block(x)  # (B, tokens, C)
-        x = self.ln_f(x)
+        fused = self.config.fused_residual and self.blocks[0].fusable
+        x = run_blocks(self.blocks, x, self.ln_f, fused)  # (B, tokens, C), final-normed
         pooled = x[:, 0] if self.cls_token is not None else x.mean(dim=1)  # (B, C)
         logits = self.head(pooled)  # (B, num_classes)
         loss = None if labels is None else self.loss_fn(logits, labels)
