@@ -184,45 +184,41 @@ def test_gpt_dropout_in_training_only(seed):
     assert_close(ours(idx)[0], ref(idx)[0], torch.float32, "logits in eval mode (no dropout)")
 
 
-@pytest.mark.parametrize("variant", ["gpt2", "llama"])
-def test_gpt_fused_residual_trains_as_the_separate_ops(variant, seed, monkeypatch):
+def assert_fused_residual_trains_as_separate_ops(model_cls, config, inputs, seed, monkeypatch):
     """fused_residual (each residual add, its dropout and the next norm as one op) draws the same dropout seeds in
-    the same order as the separate ops: the same loss and gradients, dropout on, in training."""
+    the same order as the separate ops: the same loss and gradients, dropout on, in training; two fused ops a
+    block."""
     import triformer.functional as F_tri
 
     calls = []
     fused_op = F_tri.add_dropout_norm
     monkeypatch.setattr(F_tri, "add_dropout_norm", lambda *a, **k: calls.append(1) or fused_op(*a, **k))
-    fused = GPT(gpt_config(variant, dropout=0.2)).to(DEVICE)
-    separate = GPT(gpt_config(variant, dropout=0.2, fused_residual=False)).to(DEVICE)
+    fused = model_cls(config).to(DEVICE)
+    separate = model_cls(type(config)(**{**vars(config), "fused_residual": False})).to(DEVICE)
     separate.load_state_dict(fused.state_dict())
-    idx, targets = tokens(fused.config), tokens(fused.config)
     losses = []
     for model in (fused, separate):
         torch.manual_seed(seed)
-        loss = model(idx, targets)[1]
+        loss = model(*inputs)[1]
         loss.backward()
         losses.append(loss)
-    assert len(calls) == 2 * fused.config.n_layer  # two residual adds a block, none in the separate run
+    assert len(calls) == 2 * config.n_layer  # none in the separate run
     assert_close(losses[0], losses[1], torch.float32, "loss")
     for (name, p), q in zip(fused.named_parameters(), separate.parameters()):
         assert_close(p.grad, q.grad, torch.float32, f"grad of {name}")
 
 
-def test_vit_fused_residual_trains_as_the_separate_ops(seed):
-    fused = ViT(ViTConfig(**TINY_VIT, dropout=0.2)).to(DEVICE)
-    separate = ViT(ViTConfig(**TINY_VIT, dropout=0.2, fused_residual=False)).to(DEVICE)
-    separate.load_state_dict(fused.state_dict())
-    images, labels = torch.randn(3, 3, 12, 12, device=DEVICE), torch.randint(0, 5, (3,), device=DEVICE)
-    losses = []
-    for model in (fused, separate):
-        torch.manual_seed(seed)
-        loss = model(images, labels)[1]
-        loss.backward()
-        losses.append(loss)
-    assert_close(losses[0], losses[1], torch.float32, "loss")
-    for (name, p), q in zip(fused.named_parameters(), separate.parameters()):
-        assert_close(p.grad, q.grad, torch.float32, f"grad of {name}")
+@pytest.mark.parametrize("variant", ["gpt2", "llama"])
+def test_gpt_fused_residual_trains_as_the_separate_ops(variant, seed, monkeypatch):
+    config = gpt_config(variant, dropout=0.2)
+    inputs = tokens(config), tokens(config)
+    assert_fused_residual_trains_as_separate_ops(GPT, config, inputs, seed, monkeypatch)
+
+
+def test_vit_fused_residual_trains_as_the_separate_ops(seed, monkeypatch):
+    config = ViTConfig(**TINY_VIT, dropout=0.2)
+    inputs = torch.randn(3, 3, 12, 12, device=DEVICE), torch.randint(0, 5, (3,), device=DEVICE)
+    assert_fused_residual_trains_as_separate_ops(ViT, config, inputs, seed, monkeypatch)
 
 
 def test_generate_shape_range_and_context_crop(seed):
