@@ -51,6 +51,10 @@ def op_cases(device, dtype, size: dict | None = None) -> dict:
     cos, sin = F_tri.rope_tables(head_dim, seq, device=device)
     up, head = randn(rows, 2 * width), randn(vocab, width)
 
+    def residual_norm_torch(t, branch, weight, bias):
+        summed = t + F.dropout(branch, 0.1)
+        return summed, F.layer_norm(summed, (width,), weight, bias)
+
     def swiglu_torch(t):
         a, g = t.chunk(2, dim=-1)
         return F.silu(a) * g
@@ -83,6 +87,11 @@ def op_cases(device, dtype, size: dict | None = None) -> dict:
                 (scores,),
             ),
             "dropout": (lambda: F_tri.dropout(x, 0.1), lambda: F.dropout(x, 0.1), (x,)),
+            "add_dropout_norm": (
+                lambda: F_tri.add_dropout_norm(x, up[:, :width], 0.1, gain, shift),
+                lambda: residual_norm_torch(x, up[:, :width], gain, shift),
+                (x, up, gain, shift),
+            ),
             "cross_entropy": (
                 lambda: F_tri.cross_entropy(logits, labels),
                 lambda: F.cross_entropy(logits, labels),

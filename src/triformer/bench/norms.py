@@ -1,8 +1,11 @@
-"""Memory-bound row ops: LayerNorm, RMSNorm, softmax and dropout, forward and forward+backward, triformer against
-torch eager, torch.compile and Liger-Kernel (where installed and where it has the op).
+"""Memory-bound row ops: LayerNorm, RMSNorm, softmax, dropout and a residual add with dropout followed by LayerNorm
+(add_dropout_norm: (s, y) = (x + dropout(h), layer_norm(s)), triformer's one op against torch's three), forward and
+forward+backward, triformer against torch eager, torch.compile and Liger-Kernel (where installed and where it has
+the op).
 
 Rates in GB/s count each input read once and each output written once: forward x and y (plus the parameters),
-forward+backward also dy and dx (plus the parameter gradients). Forward runs under torch.no_grad();
+forward+backward also dy and dx (plus the parameter gradients); add_dropout_norm twice that (h and s, their
+gradients). Forward runs under torch.no_grad();
 forward+backward is torch.autograd.grad of the output against x and the parameters (no .grad accumulation).
 The providers of one case are timed side by side: do_bench once each, the GPU time as the median of `rounds`
 rounds that time every provider in turn (ratios between kernels that share one bandwidth ceiling are then not
@@ -19,9 +22,11 @@ from torch import nn
 from tqdm import tqdm
 
 from .. import nn as tnn
+from ..models import blocks
 from .timing import interleaved_gpu_ms, median_ms
 
-OPS = ("layer_norm", "rms_norm", "softmax", "dropout")
+OPS = ("layer_norm", "rms_norm", "softmax", "dropout", "add_dropout_norm")
+TWO_INPUTS = ("add_dropout_norm",)  # module(x, h) → (s, y)
 PROVIDERS = ("triformer", "torch", "torch.compile", "liger")
 COMPILE_CUDA_ONLY = "torch.compile provider runs on CUDA only (CPU inductor compile time would swamp the run)"
 
@@ -41,12 +46,29 @@ def _liger_modules() -> dict:
     return found
 
 
+class _AddDropoutNorm(nn.Module):
+    """(s, y) = (x + dropout(h, 0.1), layer_norm(s)): triformer's add_dropout_norm op with a TritonLayerNorm's
+    parameters, or torch's dropout, add and nn.LayerNorm."""
+
+    def __init__(self, n: int, triformer: bool):
+        super().__init__()
+        self.norm = tnn.TritonLayerNorm(n) if triformer else nn.LayerNorm(n)
+        self.triformer = triformer
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor):
+        if self.triformer:
+            return blocks.add_dropout_norm(self.norm, x, h, 0.1, self.training)
+        s = x + nn.functional.dropout(h, 0.1, self.training)
+        return s, self.norm(s)
+
+
 def _torch_module(op: str, n: int) -> nn.Module:
     return {
         "layer_norm": lambda: nn.LayerNorm(n),
         "rms_norm": lambda: nn.RMSNorm(n, eps=1e-6),
         "softmax": lambda: nn.Softmax(dim=-1),
         "dropout": lambda: nn.Dropout(0.1),
+        "add_dropout_norm": lambda: _AddDropoutNorm(n, triformer=False),
     }[op]()
 
 
@@ -56,6 +78,7 @@ def _triformer_module(op: str, n: int) -> nn.Module:
         "rms_norm": lambda: tnn.TritonRMSNorm(n),
         "softmax": lambda: tnn.TritonSoftmax(),
         "dropout": lambda: tnn.TritonDropout(0.1),
+        "add_dropout_norm": lambda: _AddDropoutNorm(n, triformer=True),
     }[op]()
 
 
@@ -80,7 +103,7 @@ def make_module(op: str, provider: str, n: int, device: str, dtype: torch.dtype)
 
 def mode_call(fn, inputs: list[torch.Tensor], dy: torch.Tensor, mode: str):
     """What one timed call runs: fn() under no_grad (mode "fwd"), or fn() and its gradients against inputs
-    ("fwd+bwd")."""
+    ("fwd+bwd"; dy the gradient of each output where fn returns several)."""
     if mode == "fwd":
 
         def forward():
@@ -88,7 +111,13 @@ def mode_call(fn, inputs: list[torch.Tensor], dy: torch.Tensor, mode: str):
                 return fn()
 
         return forward
-    return lambda: torch.autograd.grad(fn(), inputs, dy)
+
+    def forward_backward():
+        out = fn()
+        outputs = out if isinstance(out, tuple) else (out,)
+        return torch.autograd.grad(outputs, inputs, (dy,) * len(outputs))
+
+    return forward_backward
 
 
 def peak_extra_mib(fn, device: str) -> float:
@@ -139,10 +168,11 @@ def failure_row(op, shape, dtype, mode, provider, exc: Exception) -> dict:
     return result_row(op, shape, dtype, mode, provider, missing, 0, error=f"{type(exc).__name__}: {exc}"[:200])
 
 
-def _bytes(module: nn.Module, m: int, n: int, dtype: torch.dtype, mode: str) -> int:
+def _bytes(module: nn.Module, m: int, n: int, dtype: torch.dtype, mode: str, pairs: int = 1) -> int:
+    """Bytes read and written once each: `pairs` inputs and as many outputs, and their gradients for fwd+bwd."""
     element = torch.finfo(dtype).bits // 8
     params = sum(p.numel() * p.element_size() for p in module.parameters())
-    tensors = 2 if mode == "fwd" else 4  # x, y; and dy, dx
+    tensors = (2 if mode == "fwd" else 4) * pairs  # x, y; and dy, dx
     return tensors * m * n * element + params * (1 if mode == "fwd" else 2)
 
 
@@ -167,14 +197,15 @@ def run(
                 module = make_module(op, provider, n, device, dtype)
                 if module is None:
                     continue
-                x = torch.randn(m, n, device=device, dtype=dtype, requires_grad=mode != "fwd")
+                pairs = 2 if op in TWO_INPUTS else 1
+                xs = [torch.randn(m, n, device=device, dtype=dtype, requires_grad=mode != "fwd") for _ in range(pairs)]
                 dy = torch.randn(m, n, device=device, dtype=dtype)
-                call = mode_call(lambda module=module, x=x: module(x), [x, *module.parameters()], dy, mode)
+                call = mode_call(lambda module=module, xs=xs: module(*xs), [*xs, *module.parameters()], dy, mode)
                 ms[provider] = median_ms(call)  # compiles and warms up too
             except Exception as exc:  # e.g. torch.compile failing on this host: the row says why
                 rows.append(failure_row(op, (m, n), dtype, mode, provider, exc))
                 continue
-            calls[provider], nbytes[provider] = call, _bytes(module, m, n, dtype, mode)
+            calls[provider], nbytes[provider] = call, _bytes(module, m, n, dtype, mode, pairs)
         gpu = interleaved_gpu_ms(calls, rounds)
         for provider in calls:
             times = {"ms": ms[provider], "gpu_ms": gpu[provider]}
