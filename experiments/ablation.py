@@ -85,10 +85,16 @@ def kernel_rows(config: dict, device: str) -> list[dict]:
     return rows
 
 
+SEPARATE_RESIDUAL = "separate residual"  # all on triformer, each residual add, dropout and norm its own op
+
+
 def gpt_variant(variant: str, fields: dict) -> GPTConfig:
-    """ "triformer": every part on triformer; "torch": the twin; a part's name: that part on torch."""
+    """ "triformer": every part on triformer; "torch": the twin; a part's name: that part on torch;
+    SEPARATE_RESIDUAL: every part on triformer without GPTConfig.fused_residual."""
     if variant in ("triformer", "torch"):
         return GPTConfig(**fields, backend="triton" if variant == "triformer" else "torch")
+    if variant == SEPARATE_RESIDUAL:
+        return GPTConfig(**fields, fused_residual=False)
     return GPTConfig(**fields, torch_parts=(variant,))
 
 
@@ -105,6 +111,7 @@ def gpt_rows(gpt: dict, dtype: torch.dtype, device: str, seed: int) -> list[dict
             {
                 "variant": variant,
                 "torch_parts": "+".join(model.config.torch_parts) or model.config.backend,
+                "fused_residual": model.config.fused_residual and model.blocks[0].fusable,
                 "ms": ms,
                 "perf_tokens_per_s": gpt["batch_size"] * model.config.block_size / (ms * 1e-3),
                 "mem_peak_mib": peak,

@@ -279,7 +279,7 @@ ABLATION_GPT = mapping(
         "batch_size": integer(1),
         "steps": integer(1),
         "warmup": integer(0),
-        "variants": list_of(one_of("triformer", *PARTS, "torch")),
+        "variants": list_of(one_of("triformer", *PARTS, "separate residual", "torch")),
     },
     required=("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size", "variants"),
 )

@@ -164,13 +164,14 @@ def test_ablation_gpt_variants_swap_one_part():
         "batch_size": 2,
         "steps": 1,
         "warmup": 0,
-        "variants": ["triformer", "attention", "torch"],
+        "variants": ["triformer", "separate residual", "attention", "torch"],
     }
     rows = ablation.gpt_rows(gpt, torch.float32, "cpu", seed=0)
-    assert [(row["variant"], row["torch_parts"]) for row in rows] == [
-        ("triformer", "triton"),
-        ("attention", "attention"),
-        ("torch", "torch"),
+    assert [(row["variant"], row["torch_parts"], row["fused_residual"]) for row in rows] == [
+        ("triformer", "triton", True),
+        ("separate residual", "triton", False),
+        ("attention", "attention", True),
+        ("torch", "torch", False),
     ]
     assert all(row["perf_tokens_per_s"] > 0 for row in rows) and rows[-1]["speedup_vs_torch"] == 1.0
     swapped = GPT(
