@@ -67,12 +67,21 @@ def test_matches_float64_reference_and_gradients(shape, norm, dtype, p, seed):
             assert_close(t.grad, r.grad, dtype, f"grad of {name}", scale_floor=1e-3 * shape[0] ** 0.5)
 
 
+DTYPE_PAIRS = [
+    pytest.param(torch.float32, torch.float32, id="fp32"),
+    pytest.param(torch.float16, torch.float16, id="fp16"),
+    pytest.param(torch.float32, torch.float16, id="fp32-stream-fp16-branch"),
+    pytest.param(torch.float16, torch.float32, id="fp16-stream-fp32-branch"),
+]
+
+
+@pytest.mark.parametrize("x_dtype, h_dtype", DTYPE_PAIRS)
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("used", ["both", "s only", "y only"])
-def test_equals_the_three_separate_ops(norm, used, seed):
-    """In float32 the op is x + dropout(h) followed by the norm, bit for bit, forward and backward, whichever of its
-    outputs the loss uses."""
-    x, h = randn(6, 2, 65, requires_grad=True), randn(6, 2, 65, requires_grad=True)
+def test_equals_the_three_separate_ops(norm, used, x_dtype, h_dtype, seed):
+    """The op is x + dropout(h) followed by the norm, bit for bit, forward and backward, whichever of its outputs
+    the loss uses, for every pair of dtypes: each rounding where the separate ops round."""
+    x, h = randn(6, 2, 65, dtype=x_dtype, requires_grad=True), randn(6, 2, 65, dtype=h_dtype, requires_grad=True)
     w, b = randn(65, requires_grad=True), randn(65, requires_grad=True)
     b_used = b if norm == "layernorm" else None
     s, y = F_tri.add_dropout_norm(x, h, 0.4, w, b_used, eps=1e-5, norm=norm, seed=seed)
@@ -82,7 +91,7 @@ def test_equals_the_three_separate_ops(norm, used, seed):
     else:
         y_ref = F_tri.rms_norm(s_ref, 65, w, eps=1e-5)
     assert torch.equal(s, s_ref) and torch.equal(y, y_ref)
-    gs, gy = randn(6, 2, 65), randn(6, 2, 65)
+    gs, gy = randn(6, 2, 65, dtype=s.dtype), randn(6, 2, 65, dtype=s.dtype)
 
     def loss(s, y):
         return {"both": (s * gs).sum() + (y * gy).sum(), "s only": (s * gs).sum(), "y only": (y * gy).sum()}[used]
@@ -94,6 +103,18 @@ def test_equals_the_three_separate_ops(norm, used, seed):
         assert (a is None) == (r is None), name
         if a is not None:
             assert torch.equal(a, r), name
+
+
+def test_only_s_used_leaves_the_norm_out_of_the_gradient(seed):
+    """With y unused, a non-finite s (an inf in x) does not reach the gradient through the norm: dx = ds and
+    dh = dropout(ds), as when the norm is not in the graph."""
+    x, h = randn(4, 32, requires_grad=True), randn(4, 32, requires_grad=True)
+    with torch.no_grad():
+        x[1, 3] = float("inf")
+    s, _ = F_tri.add_dropout_norm(x, h, 0.3, seed=seed)
+    gs = randn(4, 32)
+    dx, dh = torch.autograd.grad((s * gs).sum(), (x, h))
+    assert torch.equal(dx, gs) and torch.equal(dh, F_tri.dropout(gs, 0.3, seed))
 
 
 def test_float16_branch_on_a_float32_stream(seed):

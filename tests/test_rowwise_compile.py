@@ -245,7 +245,7 @@ def compile_all() -> dict:
                 "backward": spills(
                     residual_norm._residual_norm_backward_kernel,
                     RESIDUAL_NORM_BWD,
-                    {**flags, "HAS_DS": True, "DW": True, "DB": center},
+                    {**flags, "HAS_DY": True, "HAS_DS": True, "DW": True, "DB": center},
                     warps,
                 ),
             }

@@ -53,7 +53,7 @@ def _backward(ctx, ds, dy, _mean, _rstd):
     x_dtype, h_dtype, w_dtype, b_dtype = ctx.dtypes
     dtypes = (w_dtype if need_dw and dy is not None else None, b_dtype if need_db and dy is not None else None)
     dx, dh, sums = _backward_op(
-        torch.zeros_like(s) if dy is None else dy,
+        dy,
         ds,
         s,
         weight,
@@ -73,7 +73,7 @@ def _backward(ctx, ds, dy, _mean, _rstd):
 
 
 def _backward_impl(
-    dy: Tensor,
+    dy: Tensor | None,
     ds: Tensor | None,
     s: Tensor,
     weight: Tensor | None,
@@ -150,7 +150,7 @@ def add_dropout_norm(
     if eps is None:
         eps = torch.finfo(torch.promote_types(x.dtype, h.dtype)).eps
     if n > residual_kernels.MAX_WIDTH:
-        s = x + dropout(h, p, seed, training)
+        s = x + dropout(h, p, seed if p else 0, training)  # p = 0: no seed drawn, as the op below
         return s, layer_norm(s, (n,), weight, bias, eps) if center else rms_norm(s, (n,), weight, eps)
     p = float(p) if training else 0.0
     seed = _seed_tensor(seed if p else 0, x)  # p = 0 keeps every element whatever the seed: none is drawn

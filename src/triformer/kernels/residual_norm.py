@@ -5,7 +5,8 @@ d = keep · h / (1 − p) rounded to h's dtype, and the sum rounded to its dtype
 
     s = x + d          y = norm(s) · w + b                          (norms.py, whole rows)
     backward, with ds the gradient reaching s from later in the residual stream and dy that of y:
-    g = ds + norm'(dy)          dx = g          dh = keep · g / (1 − p)       (g rounded to h's dtype first)
+    g = ds + norm'(dy)          dx = g          dh = keep · g / (1 − p)
+    (norm'(dy) and g rounded to s's dtype, g to h's before dh: where the separate ops round them)
     dw = Σ_rows dy ⊙ ŝ          db = Σ_rows dy
 
 This is `x + dropout(h)` followed by the next norm, as a pre-norm transformer block computes them, in the same
@@ -124,6 +125,7 @@ def _residual_norm_backward_kernel(
     seed,
     CENTER: tl.constexpr,
     HAS_W: tl.constexpr,
+    HAS_DY: tl.constexpr,
     HAS_DS: tl.constexpr,
     DW: tl.constexpr,
     DB: tl.constexpr,
@@ -132,8 +134,9 @@ def _residual_norm_backward_kernel(
     BLOCK_N: tl.constexpr,
     DROP_BLOCK: tl.constexpr,
 ):
-    """g = ds + norm'(dy), dx = g and dh = keep · g · scale for the rows [pid · rows_per_program, …), and this
-    program's partial sums: row pid of the [programs, N] plane of dw (first, when DW) and of db (next, when DB)."""
+    """g = ds + norm'(dy) (either term absent without HAS_DS, HAS_DY), dx = g and dh = keep · g · scale for the rows
+    [pid · rows_per_program, …), and this program's partial sums (HAS_DY): row pid of the [programs, N] plane of dw
+    (first, when DW) and of db (next, when DB)."""
     pid = tl.program_id(0)
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)
@@ -149,28 +152,31 @@ def _residual_norm_backward_kernel(
         row_mask = rows < row_end
         mask = row_mask[:, None] & col_mask[None, :]
         at = rows.to(tl.int64)[:, None] * N + cols[None, :]
-        s = tl.load(s_ptr + at, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + rows.to(tl.int64)[:, None] * stride_dym + cols[None, :], mask=mask, other=0.0)
-        dy = dy.to(tl.float32)
-        rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
-        mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        if CENTER:
-            mean = tl.load(mean_ptr + rows, mask=row_mask, other=0.0)
-        pivot = _row_pivot(s_ptr + rows.to(tl.int64)[:, None] * N, row_mask, CENTER)
-        shat = tl.where(mask, (s - pivot - mean[:, None]) * rstd[:, None], 0.0)
-        g = norm_input_gradient(shat, dy * w[None, :], rstd, N, CENTER)
+        g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if HAS_DY:
+            s = tl.load(s_ptr + at, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(dy_ptr + rows.to(tl.int64)[:, None] * stride_dym + cols[None, :], mask=mask, other=0.0)
+            dy = dy.to(tl.float32)
+            rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
+            mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            if CENTER:
+                mean = tl.load(mean_ptr + rows, mask=row_mask, other=0.0)
+            pivot = _row_pivot(s_ptr + rows.to(tl.int64)[:, None] * N, row_mask, CENTER)
+            shat = tl.where(mask, (s - pivot - mean[:, None]) * rstd[:, None], 0.0)
+            # the norm's input gradient in s's dtype, as the norm op returns it
+            g = norm_input_gradient(shat, dy * w[None, :], rstd, N, CENTER).to(s_ptr.dtype.element_ty).to(tl.float32)
+            if DW:
+                dw_acc += tl.sum(dy * shat, axis=0)
+            if DB:
+                db_acc += tl.sum(dy, axis=0)
         if HAS_DS:
             ds = tl.load(ds_ptr + rows.to(tl.int64)[:, None] * stride_dsm + cols[None, :], mask=mask, other=0.0)
             g += ds.to(tl.float32)
-        g = g.to(dx_ptr.dtype.element_ty)
-        tl.store(dx_ptr + at, g, mask=mask)
-        g_h = g.to(dh_ptr.dtype.element_ty).to(tl.float32)
+        g = g.to(s_ptr.dtype.element_ty)  # the stream's gradient in s's dtype, as autograd sums it
+        tl.store(dx_ptr + at, g.to(dx_ptr.dtype.element_ty), mask=mask)
+        g_h = g.to(dh_ptr.dtype.element_ty).to(tl.float32)  # the add's gradient of the branch, in h's dtype
         dh = _dropped(g_h, rows, cols, N, threshold, scale, seed_ptr, seed, SEED_IN_MEMORY, DROP_BLOCK)
         tl.store(dh_ptr + at, dh.to(dh_ptr.dtype.element_ty), mask=mask)
-        if DW:
-            dw_acc += tl.sum(dy * shat, axis=0)
-        if DB:
-            db_acc += tl.sum(dy, axis=0)
     partials = partial_ptr + pid.to(tl.int64) * N
     if DW:
         tl.store(partials + cols, dw_acc, mask=col_mask)
@@ -180,7 +186,7 @@ def _residual_norm_backward_kernel(
 
 
 def _seed_args(seed: int | torch.Tensor, like: torch.Tensor) -> tuple:
-    """(seed_ptr, seed, SEED_IN_MEMORY, DROP_BLOCK) for an int seed or a one-element integer tensor on the device."""
+    """(seed_ptr, seed, SEED_IN_MEMORY) for an int seed or a one-element integer tensor on the device."""
     if isinstance(seed, torch.Tensor):
         return seed, 0, True
     return like, seed, False
@@ -190,7 +196,8 @@ def _tiling(m: int, n: int) -> dict:
     if n > MAX_WIDTH:
         raise ValueError(f"rows of {n} elements are wider than the fused residual norm takes ({MAX_WIDTH})")
     meta = row_tiling(m, n, max_block=MAX_WIDTH, gpu_tile=TILE)
-    meta.pop("ONE_BLOCK", None)
+    if not meta.pop("ONE_BLOCK"):  # e.g. _rows.row_block_cap below n: the kernels hold whole rows only
+        raise ValueError(f"rows of {n} elements do not fit one register block here")
     return meta
 
 
@@ -250,7 +257,7 @@ def forward(
 
 
 def backward(
-    dy: torch.Tensor,
+    dy: torch.Tensor | None,
     ds: torch.Tensor | None,
     s: torch.Tensor,
     weight: torch.Tensor | None,
@@ -265,7 +272,10 @@ def backward(
     sum_dtype: torch.dtype,
 ):
     """(dx in dx_dtype, dh in dh_dtype, both shaped like s, the wanted of dw and db as the rows of one [k, N] tensor
-    in sum_dtype) from dy and ds (None: no gradient reached s) [..., N] and what forward saved."""
+    in sum_dtype) from dy and ds [..., N] and what forward saved. dy None: no gradient reached y (dw and db are not
+    asked for); ds None: none reached s; not both."""
+    assert dy is not None or ds is not None, "a gradient of s or y"
+    assert dy is not None or not (need_dw or need_db), "dw and db need dy"
     n = s.shape[-1]
     s2 = s.reshape(s.shape[:-1].numel(), n)
     m = s2.shape[0]
@@ -274,8 +284,9 @@ def backward(
     k = need_dw + need_db
     if not (m and n):
         return dx, dh, torch.zeros((k, n), device=s.device, dtype=sum_dtype)
-    dy2 = as_rows(dy, n)
+    dy2 = None if dy is None else as_rows(dy, n)
     ds2 = None if ds is None else as_rows(ds, n)
+    given = ds2 if dy2 is None else dy2  # stands in for the absent one
     threshold, scale = threshold_and_scale(p)
     weight = _unit_stride(weight)
     meta = _tiling(m, n)
@@ -287,8 +298,8 @@ def backward(
     launch(
         _residual_norm_backward_kernel,
         (programs,),
-        dy2,
-        dy2 if ds2 is None else ds2,
+        given if dy2 is None else dy2,
+        given if ds2 is None else ds2,
         s2,
         s2 if weight is None else weight,
         rstd if mean is None else mean,
@@ -299,14 +310,15 @@ def backward(
         seed_ptr,
         m,
         n,
-        dy2.stride(0),
-        dy2.stride(0) if ds2 is None else ds2.stride(0),
+        given.stride(0) if dy2 is None else dy2.stride(0),
+        given.stride(0) if ds2 is None else ds2.stride(0),
         rows_per_program,
         threshold,
         scale,
         seed_value,
         CENTER=mean is not None,
         HAS_W=weight is not None,
+        HAS_DY=dy2 is not None,
         HAS_DS=ds2 is not None,
         DW=need_dw,
         DB=need_db,
