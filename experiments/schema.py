@@ -261,6 +261,7 @@ GPT_MODEL = {
     "mlp_hidden": optional(integer(1)),
     "rope": boolean,
     "fused_head": boolean,
+    "fused_residual": boolean,
     "torch_parts": list_of(one_of(*PARTS), nonempty=False),
 }
 # A transformer training stage: the model on `backend`, its torch twin with `baseline`, `processes` data-parallel.
@@ -368,6 +369,7 @@ GROUPS = {
             "pool": one_of(*POOLS),
             "augment_shift": integer(0),  # training images moved by up to this many pixels (0: not moved)
             "augment_flip": boolean,  # training images mirrored left to right half of the time
+            "fused_residual": boolean,  # ViTConfig.fused_residual
         },
         required=("dataset", "patch_size", "n_layer", "n_head", "n_embd", "epochs", "batch_size", "lr"),
     ),

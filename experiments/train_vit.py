@@ -23,7 +23,7 @@ from triformer.models import ViT, ViTConfig
 from . import common
 
 OUT = Path("results/train_vit")
-MODEL_KEYS = ("patch_size", "n_layer", "n_head", "n_embd", "mlp_ratio", "dropout", "pool")
+MODEL_KEYS = ("patch_size", "n_layer", "n_head", "n_embd", "mlp_ratio", "dropout", "pool", "fused_residual")
 EPOCH_METRICS = ("train/epoch_loss", "val/loss", "val/accuracy", "perf/images_per_s", "perf/step_ms", "mem/peak_mib")
 FINAL_METRICS = ("val/accuracy", "val/loss", "train/loss", "perf/images_per_s", "perf/step_ms", "mem/peak_mib")
 
