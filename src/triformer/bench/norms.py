@@ -103,7 +103,7 @@ def make_module(op: str, provider: str, n: int, device: str, dtype: torch.dtype)
 
 def mode_call(fn, inputs: list[torch.Tensor], dy: torch.Tensor, mode: str):
     """What one timed call runs: fn() under no_grad (mode "fwd"), or fn() and its gradients against inputs
-    ("fwd+bwd"; dy the gradient of each output where fn returns several)."""
+    ("fwd+bwd"; dy: the output's gradient, or one per output, or one tensor for every output of a tuple)."""
     if mode == "fwd":
 
         def forward():
@@ -114,8 +114,9 @@ def mode_call(fn, inputs: list[torch.Tensor], dy: torch.Tensor, mode: str):
 
     def forward_backward():
         out = fn()
-        outputs = out if isinstance(out, tuple) else (out,)
-        return torch.autograd.grad(outputs, inputs, (dy,) * len(outputs))
+        if isinstance(out, tuple) and isinstance(dy, torch.Tensor):
+            return torch.autograd.grad(out, inputs, (dy,) * len(out))
+        return torch.autograd.grad(out, inputs, dy)
 
     return forward_backward
 
