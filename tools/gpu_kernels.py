@@ -1,7 +1,10 @@
 """On a GPU host: every kernel benchmark side by side with its ceilings, printed as ratio tables (logs to $OUT).
 
 The suites, their shapes and the dtype are the bench stage's, from params.yaml's `bench` group at its `gpu` profile;
-arguments pick some of the suites (`gpu_kernels.py linear norms`)."""
+arguments pick some of the suites (`gpu_kernels.py linear norms`). SUITE_OPTIONS (JSON) replaces options of a
+suite for this run, e.g. the gpt suite's character model and three providers only:
+  SUITE_OPTIONS='{"gpt": {"models": ["char"], "providers": ["torch", "triformer", "triformer (CUDA graph)"]}}'
+(a list of names for "models" picks those of the configured models; the norms suite's "ops" picks ops)."""
 
 import json
 import os
@@ -17,6 +20,11 @@ from triformer.bench.suites import load_suite, measured_ceilings, with_fractions
 
 out = os.environ.get("OUT", "/tmp/out")
 config = stage_config("bench", load_params(), "gpu")
+for suite_name, options in json.loads(os.environ.get("SUITE_OPTIONS", "{}")).items():
+    suite_config = config.setdefault(suite_name, {})
+    if all(isinstance(m, str) for m in options.get("models", [None])):  # names of configured models
+        options["models"] = [m for m in suite_config.get("models", []) if m.get("name") in options["models"]]
+    suite_config.update(options)
 suites = sys.argv[1:] or config["suites"]
 dtype = getattr(torch, config["dtype"])
 ceilings = measured_ceilings("cuda")
