@@ -249,3 +249,7 @@ def test_matmul_writes_into_a_block_of_rows_it_is_given(seed):
     assert c.data_ptr() == whole[2:7].data_ptr() and preact is None
     assert_close(whole[2:7], torch.relu(a.double() @ b.double() + bias.double()), torch.float32, "the block")
     assert torch.isnan(whole[:2]).all() and torch.isnan(whole[7:]).all()
+    with pytest.raises(AssertionError, match="aliases"):
+        matmul(a, b[:, :16], out=a)
+    with pytest.raises(AssertionError, match="dense rows"):
+        matmul(a[:1], b, out=torch.zeros(2, 48, device=a.device)[:1, :24])

@@ -306,7 +306,8 @@ def test_batch_sources():
 
 
 def moved(image: torch.Tensor, dy: int, dx: int, mirrored: bool, fill: torch.Tensor) -> torch.Tensor:
-    """image [C, H, W] mirrored left to right (when asked) and then moved by (dy, dx) pixels, element by element."""
+    """image [C, H, W] mirrored left to right (when asked) and moved by (dy, dx) pixels, element by element (the
+    tests try every move of either sign, so the order of the two does not matter)."""
     channels, h, w = image.shape
     source = image.flip(-1) if mirrored else image
     out = fill.reshape(channels, 1, 1).expand(channels, h, w).clone()

@@ -107,6 +107,14 @@ def _sync(device: torch.device) -> None:
 # ------------------------------------------------------------------------------------------------ batches and losses
 
 
+def to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small CPU tensor (a batch's indices or draws) on `device` without a host wait: through pinned memory and a
+    non-blocking copy on CUDA (a copy from pageable memory synchronizes the stream every step)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 class Examples:
     """Inputs [N, ...] and class labels [N]: epoch e visits them in a random order drawn from (seed, e); evaluation
     visits them in order. A batch counts its labels as `unit` (images).
@@ -137,11 +145,12 @@ class Examples:
             raise ValueError(f"shift must be a whole number of pixels ≥ 0, got {shift!r}")
         if (shift or flip) and inputs.dim() != 4:
             raise ValueError(f"shift and flip augment images [N, C, H, W]; got inputs of shape {tuple(inputs.shape)}")
-        fills = torch.as_tensor(fill, dtype=torch.float64).reshape(-1)
+        fills = tuple(torch.as_tensor(fill, dtype=torch.float64).reshape(-1).tolist())
         if shift and len(fills) not in (1, inputs.shape[1]):
             raise ValueError(f"fill needs one value or one per channel ({inputs.shape[1]}), got {len(fills)}")
         self.inputs, self.labels = inputs, labels
         self.shift, self.flip, self.fill = shift, bool(flip), fill
+        self._fills = fills * inputs.shape[1] if len(fills) == 1 and inputs.dim() == 4 else fills  # one a channel
         self._order: tuple[int, torch.Tensor] | None = None
 
     def to(self, device) -> Examples:
@@ -156,7 +165,8 @@ class Examples:
         epoch, i = divmod(step, self.steps_per_epoch(batch_size))
         if self._order is None or self._order[0] != epoch:
             shuffle = torch.Generator().manual_seed(seed * 100_003 + epoch)
-            self._order = epoch, torch.randperm(len(self.labels), generator=shuffle).to(self.labels.device)
+            order = torch.randperm(len(self.labels), generator=shuffle)
+            self._order = epoch, to_device_async(order, self.labels.device)
         index = self._order[1][i * batch_size : (i + 1) * batch_size]
         inputs = self.inputs[index]
         if self.shift or self.flip:
@@ -174,10 +184,11 @@ class Examples:
         rows = torch.arange(h)[None, :] - dy  # [B, H]: source row of each output row
         cols = torch.where(mirrored, w - 1 - cols, cols) - dx  # [B, W]: source column of each output column
         device = images.device
-        fill = torch.as_tensor(self.fill, dtype=images.dtype, device=device).reshape(1, -1, 1, 1)
-        padded = fill.expand(b, images.shape[1], h + 2 * s, w + 2 * s).clone()  # sources in [-s, H + s)
+        padded = images.new_empty((b, images.shape[1], h + 2 * s, w + 2 * s))  # sources in [-s, H + s)
+        for channel, value in enumerate(self._fills):
+            padded[:, channel].fill_(value)
         padded[:, :, s : s + h, s : s + w] = images
-        rows, cols = (rows + s).to(device), (cols + s).to(device)
+        rows, cols = to_device_async(torch.cat((rows, cols), dim=1) + s, device).split((h, w), dim=1)
         batch = torch.arange(b, device=device)[:, None, None, None]
         channel = torch.arange(images.shape[1], device=device)[None, :, None, None]
         return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
@@ -213,7 +224,7 @@ class TokenStream:
         return None  # endless: step-based runs only
 
     def _windows(self, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        index = offsets.to(self.tokens.device)[:, None] + self._positions  # (B, T)
+        index = to_device_async(offsets, self.tokens.device)[:, None] + self._positions  # (B, T)
         return self.tokens[index], self.tokens[index + 1]
 
     def _random_offsets(self, generator: torch.Generator, batch_size: int) -> torch.Tensor:

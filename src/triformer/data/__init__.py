@@ -39,7 +39,7 @@ def black_pixel(name: str) -> list[float]:
     """A black pixel (0 in every channel) after image_classification's normalisation, one value per channel: what
     an image's background reads."""
     module = image_module(name)
-    return [-mean / std for mean, std in zip(module.MEAN, module.STD)]
+    return ((torch.zeros(len(module.MEAN)) - torch.tensor(module.MEAN)) / torch.tensor(module.STD)).tolist()
 
 
 __all__ = [

@@ -173,7 +173,9 @@ def matmul(
         c = new_empty((M, N), like=a)
     else:
         assert out.shape == (M, N) and out.dtype == a.dtype and out.device == a.device, (out.shape, out.dtype)
-        assert out.is_contiguous(), out.stride()
+        assert out.stride() == (N, 1), f"out must be dense rows of N = {N}, got strides {out.stride()}"
+        storage = out.untyped_storage().data_ptr()
+        assert all(t is None or t.untyped_storage().data_ptr() != storage for t in (a, b, bias)), "out aliases an input"
         c = out
     preact = new_empty((M, N), like=a) if store_preactivation else None
     act = activation_code(activation)
