@@ -355,6 +355,24 @@ def test_kernel_guards_targets_out_of_range(seed):
     assert_close(grad[good], ref_grad, torch.float32, "gradient of the rows with valid targets")
 
 
+@pytest.mark.parametrize("n_chunks", [1, 3])
+def test_kernel_writes_losses_into_the_rows_it_is_given(n_chunks, seed):
+    """cross_entropy_forward(out=rows of a larger tensor) writes every one of those rows (0 for an ignored target,
+    NaN for one out of range) and returns them; the rows around stay as they were."""
+    from triformer.kernels import cross_entropy as ce_kernels
+
+    logits = randn(7, 10)
+    targets = torch.tensor([3, -100, 10, 0, 9, -100, 5], device=DEVICE)
+    whole = torch.full((11,), 7.0, device=DEVICE)
+    losses = ce_kernels.cross_entropy_forward(logits, targets, -100, 0.0, None, n_chunks, out=whole[2:9])
+    assert losses.data_ptr() == whole[2:9].data_ptr()
+    assert (whole[:2] == 7).all() and (whole[9:] == 7).all()
+    assert whole[3] == 0 and whole[7] == 0 and torch.isnan(whole[4])
+    good = torch.tensor([0, 3, 4, 6])
+    ref = F.cross_entropy(logits[good].double(), targets[good], reduction="none")
+    assert_close(losses[good], ref, torch.float32, "losses of the rows with valid targets")
+
+
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("inplace", [False, True], ids=["buffer", "inplace"])
