@@ -397,9 +397,15 @@ def _seed_tensor(seed, x: torch.Tensor) -> torch.Tensor:
     return torch.full((), seed, dtype=torch.int64, device=device)
 
 
+def _seed_value(seed: Tensor) -> int | Tensor:
+    """The seed as the kernels take it: an int for one on the CPU (passed by value), the tensor for one on the device
+    (read by the kernel)."""
+    return int(seed) if seed.device.type == "cpu" else seed
+
+
 def _dropout_impl(x: Tensor, p: float, seed: Tensor) -> Tensor:
     """keep · x / (1 − p) with the mask of (seed, x.shape); contiguous."""
-    return dropout_kernels.dropout(x, p, int(seed) if seed.device.type == "cpu" else seed)
+    return dropout_kernels.dropout(x, p, _seed_value(seed))
 
 
 def _dropout_fake(x, p, seed):

@@ -9,7 +9,7 @@ from torch import Tensor
 from ..kernels import norms as norm_kernels
 from ..kernels import residual_norm as residual_kernels
 from ..kernels._runtime import check_tensor
-from . import _check_dropout_args, _check_eps, _check_param, _seed_tensor, dropout, layer_norm, rms_norm
+from . import _check_dropout_args, _check_eps, _check_param, _seed_tensor, _seed_value, dropout, layer_norm, rms_norm
 from ._library import Op, placeholder
 
 NORMS = ("layernorm", "rmsnorm")
@@ -19,13 +19,8 @@ def _impl(
     x: Tensor, h: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, center: bool, p: float, seed: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(s, y, the rows' mean(s − s₀) (a placeholder for RMSNorm), their rstd)."""
-    s, y, mean, rstd = residual_kernels.forward(x, h, weight, bias, eps, center, p, _seed(seed))
+    s, y, mean, rstd = residual_kernels.forward(x, h, weight, bias, eps, center, p, _seed_value(seed))
     return s, y, placeholder(rstd) if mean is None else mean, rstd
-
-
-def _seed(seed: Tensor) -> int | Tensor:
-    """An int for a seed on the CPU (passed by value), the tensor for one on the device (read by the kernel)."""
-    return int(seed) if seed.device.type == "cpu" else seed
 
 
 def _fake(x, h, weight, bias, eps, center, p, seed):
@@ -89,7 +84,7 @@ def _backward_impl(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dh, [dw; db]: the wanted ones as the rows of one tensor in sum_dtype) of _impl."""
     return residual_kernels.backward(
-        dy, ds, s, weight, mean, rstd, p, _seed(seed), x_dtype, h_dtype, need_dw, need_db, sum_dtype
+        dy, ds, s, weight, mean, rstd, p, _seed_value(seed), x_dtype, h_dtype, need_dw, need_db, sum_dtype
     )
 
 

@@ -37,6 +37,16 @@ def _sixteen_bit_runs(r0, r1, r2, r3):
 
 
 @triton.jit
+def philox_key(seed, SEED_IN_MEMORY: tl.constexpr):
+    """The mask's key: seed itself, or (SEED_IN_MEMORY) the integer it points to (a one-element tensor, e.g. drawn on
+    the device)."""
+    if SEED_IN_MEMORY:
+        return tl.load(seed)
+    else:
+        return seed
+
+
+@triton.jit
 def keep_mask(seed, offs, threshold, BLOCK: tl.constexpr):
     """keep_i = [u(seed, i) ≥ threshold] at int64 element indices offs of any shape: the mask _dropout_kernel draws
     for them (one Philox call per element here, where the kernel shares each call between eight elements)."""
@@ -56,10 +66,7 @@ def _dropout_kernel(x_ptr, y_ptr, n, threshold, scale, seed, BLOCK: tl.constexpr
     offs = base[None, :] + (tl.arange(0, 8) * BLOCK).to(tl.int64)[:, None]  # row j: run j
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask)
-    if SEED_IN_MEMORY:
-        key = tl.load(seed)
-    else:
-        key = seed
+    key = philox_key(seed, SEED_IN_MEMORY)
     r0, r1, r2, r3 = tl.randint4x(key, base)
     keep = _sixteen_bit_runs(r0, r1, r2, r3).to(tl.int32) >= threshold
     y = x.to(tl.float32) * tl.where(keep, scale, 0.0)  # a dropped NaN or inf stays NaN (NaN · 0), as torch

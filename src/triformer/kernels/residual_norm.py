@@ -26,7 +26,7 @@ from ._launch import launch
 from ._rows import as_rows, persistent_programs, row_tiling
 from ._runtime import cdiv, new_empty
 from .dropout import BLOCK as DROPOUT_BLOCK
-from .dropout import keep_mask, threshold_and_scale
+from .dropout import keep_mask, philox_key, threshold_and_scale
 from .norms import _affine, _affine_params, _row_pivot, _unit_stride, norm_input_gradient, whole_row_stats
 from .reductions import column_sum
 
@@ -38,15 +38,12 @@ TILE = 2048
 
 
 @triton.jit
-def _dropped(
-    h, rows, cols, N, threshold, scale, seed_ptr, seed, SEED_IN_MEMORY: tl.constexpr, DROP_BLOCK: tl.constexpr
-):
-    """keep · h · scale (float32) for a tile h [BLOCK_M, BLOCK_N] at rows × cols of the [M, N] shape (DROP_BLOCK:
-    dropout.BLOCK, part of the mask's definition)."""
-    key = seed
-    if SEED_IN_MEMORY:
-        key = tl.load(seed_ptr)
-    keep = keep_mask(key, rows.to(tl.int64)[:, None] * N + cols[None, :], threshold, DROP_BLOCK)
+def _dropped(h, rows, cols, N, threshold, scale, seed, SEED_IN_MEMORY: tl.constexpr, DROP_BLOCK: tl.constexpr):
+    """keep · h · scale (float32) for a tile h [BLOCK_M, BLOCK_N] at rows × cols of the [M, N] shape; seed an int,
+    or (SEED_IN_MEMORY) a pointer to it (DROP_BLOCK: dropout.BLOCK, part of the mask's definition)."""
+    keep = keep_mask(
+        philox_key(seed, SEED_IN_MEMORY), rows.to(tl.int64)[:, None] * N + cols[None, :], threshold, DROP_BLOCK
+    )
     return h * tl.where(keep, scale, 0.0)  # a dropped NaN or inf stays NaN (NaN · 0), as torch
 
 
@@ -60,7 +57,6 @@ def _residual_norm_forward_kernel(
     y_ptr,
     mean_ptr,
     rstd_ptr,
-    seed_ptr,
     M,
     N,
     stride_xm,
@@ -86,7 +82,7 @@ def _residual_norm_forward_kernel(
     mask = row_mask[:, None] & col_mask[None, :]
     x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
     h = tl.load(h_ptr + rows.to(tl.int64)[:, None] * stride_hm + cols[None, :], mask=mask, other=0.0)
-    d = _dropped(h.to(tl.float32), rows, cols, N, threshold, scale, seed_ptr, seed, SEED_IN_MEMORY, DROP_BLOCK)
+    d = _dropped(h.to(tl.float32), rows, cols, N, threshold, scale, seed, SEED_IN_MEMORY, DROP_BLOCK)
     s = x.to(tl.float32) + d.to(h_ptr.dtype.element_ty).to(tl.float32)
     s = tl.where(mask, s.to(s_ptr.dtype.element_ty).to(tl.float32), 0.0)  # as stored: the backward reads it back
     out = rows.to(tl.int64)[:, None] * N + cols[None, :]
@@ -114,7 +110,6 @@ def _residual_norm_backward_kernel(
     dx_ptr,
     dh_ptr,
     partial_ptr,
-    seed_ptr,
     M,
     N,
     stride_dym,
@@ -175,7 +170,7 @@ def _residual_norm_backward_kernel(
         g = g.to(s_ptr.dtype.element_ty)  # the stream's gradient in s's dtype, as autograd sums it
         tl.store(dx_ptr + at, g.to(dx_ptr.dtype.element_ty), mask=mask)
         g_h = g.to(dh_ptr.dtype.element_ty).to(tl.float32)  # the add's gradient of the branch, in h's dtype
-        dh = _dropped(g_h, rows, cols, N, threshold, scale, seed_ptr, seed, SEED_IN_MEMORY, DROP_BLOCK)
+        dh = _dropped(g_h, rows, cols, N, threshold, scale, seed, SEED_IN_MEMORY, DROP_BLOCK)
         tl.store(dh_ptr + at, dh.to(dh_ptr.dtype.element_ty), mask=mask)
     partials = partial_ptr + pid.to(tl.int64) * N
     if DW:
@@ -183,13 +178,6 @@ def _residual_norm_backward_kernel(
         partials += tl.num_programs(0).to(tl.int64) * N
     if DB:
         tl.store(partials + cols, db_acc, mask=col_mask)
-
-
-def _seed_args(seed: int | torch.Tensor, like: torch.Tensor) -> tuple:
-    """(seed_ptr, seed, SEED_IN_MEMORY) for an int seed or a one-element integer tensor on the device."""
-    if isinstance(seed, torch.Tensor):
-        return seed, 0, True
-    return like, seed, False
 
 
 def _tiling(m: int, n: int) -> dict:
@@ -225,7 +213,6 @@ def forward(
         threshold, scale = threshold_and_scale(p)
         weight, bias = _unit_stride(weight), _unit_stride(bias)
         meta = _tiling(m, n)
-        seed_ptr, seed_value, in_memory = _seed_args(seed, x2)
         launch(
             _residual_norm_forward_kernel,
             (cdiv(m, meta["BLOCK_M"]),),
@@ -237,7 +224,6 @@ def forward(
             y,
             rstd if mean is None else mean,
             rstd,
-            seed_ptr,
             m,
             n,
             x2.stride(0),
@@ -245,11 +231,11 @@ def forward(
             eps,
             threshold,
             scale,
-            seed_value,
+            seed,
             CENTER=center,
             HAS_W=weight is not None,
             HAS_B=bias is not None,
-            SEED_IN_MEMORY=in_memory,
+            SEED_IN_MEMORY=isinstance(seed, torch.Tensor),
             DROP_BLOCK=DROPOUT_BLOCK,
             **meta,
         )
@@ -294,7 +280,6 @@ def backward(
     rows_per_program = cdiv(tiles, persistent_programs(s.device, tiles, meta["num_warps"])) * meta["BLOCK_M"]
     programs = cdiv(m, rows_per_program)
     partials = new_empty((k, programs, n), like=s, dtype=torch.float32)
-    seed_ptr, seed_value, in_memory = _seed_args(seed, s2)
     launch(
         _residual_norm_backward_kernel,
         (programs,),
@@ -307,7 +292,6 @@ def backward(
         dx,
         dh,
         partials if k else rstd,
-        seed_ptr,
         m,
         n,
         given.stride(0) if dy2 is None else dy2.stride(0),
@@ -315,14 +299,14 @@ def backward(
         rows_per_program,
         threshold,
         scale,
-        seed_value,
+        seed,
         CENTER=mean is not None,
         HAS_W=weight is not None,
         HAS_DY=dy2 is not None,
         HAS_DS=ds2 is not None,
         DW=need_dw,
         DB=need_db,
-        SEED_IN_MEMORY=in_memory,
+        SEED_IN_MEMORY=isinstance(seed, torch.Tensor),
         DROP_BLOCK=DROPOUT_BLOCK,
         **meta,
     )
