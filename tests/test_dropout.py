@@ -144,3 +144,47 @@ def test_bad_inputs():
 def test_cpu_tensor_without_interpreter(without_interpreter):
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         F_tri.dropout(torch.randn(8), 0.5, 1)
+
+
+def _masks_of_successive_graph_runs(make_mask, runs: int = 6) -> list[torch.Tensor]:
+    """make_mask() run under torch.compile(mode="reduce-overhead") `runs` times: warm-up, recording, replays."""
+    torch._dynamo.reset()
+    compiled = torch.compile(make_mask, mode="reduce-overhead", fullgraph=True)
+    masks = []
+    for _ in range(runs):
+        torch.compiler.cudagraph_mark_step_begin()
+        masks.append(compiled().clone())
+    return masks
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("op", ["dropout", "add_dropout_norm"])
+def test_every_graph_replay_draws_a_new_mask(op):
+    """Under torch.compile(mode="reduce-overhead") the seed is drawn on the device inside the graph, so each replay
+    draws a new mask (a mask frozen at the capture would train one fixed sub-network), and each replay's mask is a
+    proper one (rate p)."""
+    ones, zeros = torch.ones(4096, 64, device=DEVICE), torch.zeros(4096, 64, device=DEVICE)
+    if op == "dropout":
+        masks = _masks_of_successive_graph_runs(lambda: F_tri.dropout(ones, 0.5) != 0)
+    else:
+        masks = _masks_of_successive_graph_runs(lambda: F_tri.add_dropout_norm(zeros, ones, 0.5)[0] != 0)
+    for mask in masks:
+        assert abs(1 - mask.double().mean().item() - 0.5) < binomial_bound(0.5, mask.numel())
+    for earlier, later in zip(masks, masks[1:]):
+        assert not torch.equal(earlier, later), "two runs of the compiled graph drew the same mask"
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+def test_every_cuda_graph_replay_draws_a_new_mask():
+    """A plain torch.cuda.CUDAGraph capture of a dropout with no seed: each replay draws a new mask."""
+    ones = torch.ones(4096, 64, device=DEVICE)
+    F_tri.dropout(ones, 0.5)  # compiled before the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        mask = F_tri.dropout(ones, 0.5) != 0
+    masks = []
+    for _ in range(3):
+        graph.replay()
+        masks.append(mask.clone())
+    for earlier, later in zip(masks, masks[1:]):
+        assert not torch.equal(earlier, later), "two replays of the graph drew the same mask"

@@ -47,6 +47,27 @@ def assert_same_parameter_grads(ours, ref, tol=None):
         assert_close(p.grad, p_ref.grad, torch.float32, f"grad of {name}", tol)
 
 
+def assert_bf16_no_worse_than_twin(model_cls, config, inputs, targets):
+    """Under bf16 autocast, the loss and every parameter's gradient of the triformer model are as close to the
+    float64 twin as the torch twin's own bf16 run is (within 2x, plus 1e-3); all three start from the same weights."""
+    ours, ref = with_reference(model_cls, config)
+    twin = model_cls(type(config)(**{**vars(config), "backend": "torch"})).to(DEVICE)
+    twin.load_state_dict(ours.state_dict())
+    loss_ref = ref(inputs.double() if inputs.is_floating_point() else inputs, targets)[1]
+    loss_ref.backward()
+    errors = {}
+    for name, model in (("ours", ours), ("twin", twin)):
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            loss = model(inputs, targets)[1]
+        loss.backward()
+        errors[name] = {"loss": relative_error(loss, loss_ref)}
+        errors[name].update(
+            {n: relative_error(p.grad, p_ref.grad) for (n, p), p_ref in zip(model.named_parameters(), ref.parameters())}
+        )
+    for key, ours_error in errors["ours"].items():
+        assert ours_error <= 2 * errors["twin"][key] + 1e-3, (key, ours_error, errors["twin"][key])
+
+
 def tokens(config, batch=2, length=None):
     return torch.randint(0, config.vocab_size, (batch, length or config.block_size), device=DEVICE)
 
@@ -304,23 +325,8 @@ def test_gpt_char_size_bf16_no_worse_than_twin(variant, seed):
         n_embd=384,
         n_kv_head=2 if variant == "llama" else None,
     )
-    ours, ref = with_reference(GPT, config)
-    twin = GPT(GPTConfig(**{**vars(config), "backend": "torch"})).to(DEVICE)
-    twin.load_state_dict(ours.state_dict())
     idx, targets = tokens(config, batch=8), tokens(config, batch=8)
-    loss_ref = ref(idx, targets)[1]
-    loss_ref.backward()
-    errors = {}
-    for name, model in (("ours", ours), ("twin", twin)):
-        with torch.autocast(DEVICE, dtype=torch.bfloat16):
-            loss = model(idx, targets)[1]
-        loss.backward()
-        errors[name] = {"loss": relative_error(loss, loss_ref)}
-        errors[name].update(
-            {n: relative_error(p.grad, p_ref.grad) for (n, p), p_ref in zip(model.named_parameters(), ref.parameters())}
-        )
-    for key, ours_error in errors["ours"].items():
-        assert ours_error <= 2 * errors["twin"][key] + 1e-3, (key, ours_error, errors["twin"][key])
+    assert_bf16_no_worse_than_twin(GPT, config, idx, targets)
 
 
 # ------------------------------------------------------------------------------------------------------ ViT
@@ -344,6 +350,18 @@ def test_vit_matches_torch_twin(pool, seed):
     assert_same_parameter_grads(ours, ref)
     assert (ours.cls_token is None) == (pool == "mean")
     assert ours.pos_embed.shape == (1, 9 + (pool == "cls"), 32)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="bf16 and the ViT's training size need a GPU (the interpreter has no bf16)")
+@pytest.mark.parametrize("fused_residual", [False, True])
+def test_vit_training_size_bf16_no_worse_than_twin(fused_residual, seed):
+    """train_vit's GPU model (28×28 FashionMNIST-shaped images, patch 4, 6 layers, 4 heads, 128 wide, MLP ratio 2)
+    under bf16 autocast: the loss and every parameter's gradient are as close to the float64 twin as the torch twin's
+    own bf16 run is (within 2x, plus 1e-3)."""
+    config = ViTConfig(n_layer=6, n_head=4, n_embd=128, mlp_ratio=2.0, fused_residual=fused_residual)
+    images = torch.randn(64, 1, 28, 28, device=DEVICE)
+    labels = torch.randint(0, 10, (64,), device=DEVICE)
+    assert_bf16_no_worse_than_twin(ViT, config, images, labels)
 
 
 def test_vit_patches_are_a_strided_convolution(seed):

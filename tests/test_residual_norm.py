@@ -42,6 +42,29 @@ def leaf64(t):
     return t.detach().double().cpu().requires_grad_(True)
 
 
+def norm_gradient_scale(s64, w64, gy, norm: str, eps: float) -> float:
+    """The largest rstd · |w ⊙ dy| over the rows: the size of the terms whose difference is the norm's part of the
+    input gradient. A row whose terms cancel (one element: x̂ = 0) keeps only their rounding, amplified by rstd
+    (1/√eps there), so the gradients of x and h are compared against this scale too."""
+    s64 = s64.detach()
+    if norm == "layernorm":
+        spread = s64.var(-1, unbiased=False, keepdim=True)
+    else:
+        spread = s64.pow(2).mean(-1, keepdim=True)
+    rstd = (spread + eps).rsqrt()
+    return (rstd * (w64.detach() * gy.double().cpu()).abs()).max().item()
+
+
+def assert_same_rounding(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    """Bit for bit through the interpreter and for 16-bit results. On a GPU a float32 result may differ in its last
+    bits: the compiler contracts a product and the sum it feeds into one FMA (one rounding where the separate ops
+    round twice), and a strided operand changes the order of a row's reduction."""
+    if ON_GPU and a.dtype == torch.float32:
+        assert_close(a, b, torch.float32, what)
+    else:
+        assert torch.equal(a, b), what
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("shape", [(1, 1), (5, 7), (3, 4, 33), (37, 129), (2, 1000)])
@@ -62,9 +85,11 @@ def test_matches_float64_reference_and_gradients(shape, norm, dtype, p, seed):
     torch.autograd.backward((s64, y64), (gs.double().cpu(), gy.double().cpu()))
     assert_close(s, s64, dtype, "s")
     assert_close(y, y64, dtype, "y")
+    cancelling = norm_gradient_scale(s64, refs[2], gy, norm, 1e-5)
     for name, t, r in zip(("x", "h", "w", "b"), (x, h, w, b), refs):
         if t is not None:
-            assert_close(t.grad, r.grad, dtype, f"grad of {name}", scale_floor=1e-3 * shape[0] ** 0.5)
+            floor = max(1e-3 * shape[0] ** 0.5, cancelling if name in "xh" else 0.0)
+            assert_close(t.grad, r.grad, dtype, f"grad of {name}", scale_floor=floor)
 
 
 DTYPE_PAIRS = [
@@ -80,7 +105,8 @@ DTYPE_PAIRS = [
 @pytest.mark.parametrize("used", ["both", "s only", "y only"])
 def test_equals_the_three_separate_ops(norm, used, x_dtype, h_dtype, seed):
     """The op is x + dropout(h) followed by the norm, bit for bit, forward and backward, whichever of its outputs
-    the loss uses, for every pair of dtypes: each rounding where the separate ops round."""
+    the loss uses, for every pair of dtypes: each rounding where the separate ops round (float32 results on a GPU:
+    to float32 rounding, see assert_same_rounding)."""
     x, h = randn(6, 2, 65, dtype=x_dtype, requires_grad=True), randn(6, 2, 65, dtype=h_dtype, requires_grad=True)
     w, b = randn(65, requires_grad=True), randn(65, requires_grad=True)
     b_used = b if norm == "layernorm" else None
@@ -90,7 +116,8 @@ def test_equals_the_three_separate_ops(norm, used, x_dtype, h_dtype, seed):
         y_ref = F_tri.layer_norm(s_ref, 65, w, b, eps=1e-5)
     else:
         y_ref = F_tri.rms_norm(s_ref, 65, w, eps=1e-5)
-    assert torch.equal(s, s_ref) and torch.equal(y, y_ref)
+    assert_same_rounding(s, s_ref, "s")
+    assert_same_rounding(y, y_ref, "y")
     gs, gy = randn(6, 2, 65, dtype=s.dtype), randn(6, 2, 65, dtype=s.dtype)
 
     def loss(s, y):
@@ -102,7 +129,7 @@ def test_equals_the_three_separate_ops(norm, used, x_dtype, h_dtype, seed):
     for name, a, r in zip("xhwb", grads, grads_ref):
         assert (a is None) == (r is None), name
         if a is not None:
-            assert torch.equal(a, r), name
+            assert_same_rounding(a, r, f"grad of {name}")
 
 
 def test_only_s_used_leaves_the_norm_out_of_the_gradient(seed):
@@ -147,7 +174,8 @@ def test_strided_and_stride0_views(seed):
     s, y = F_tri.add_dropout_norm(x, h, 0.25, w, b, seed=seed)
     xc, hc, wc, bc = (t.detach().contiguous().requires_grad_() for t in (x, h, w, b))
     s_ref, y_ref = F_tri.add_dropout_norm(xc, hc, 0.25, wc, bc, seed=seed)
-    assert torch.equal(s, s_ref) and torch.equal(y, y_ref)
+    assert torch.equal(s, s_ref)
+    assert_same_rounding(y, y_ref, "y")
     g = randn(24, 40)
     grads = torch.autograd.grad((s * g).sum() + (y * g).sum(), leaves)
     grads_ref = torch.autograd.grad((s_ref * g).sum() + (y_ref * g).sum(), (xc, hc, wc, bc))
