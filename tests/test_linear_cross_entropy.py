@@ -442,6 +442,31 @@ def test_logits_exist_one_chunk_at_a_time(monkeypatch, seed):
     assert lce_kernels.default_chunk_rows(5, 33, 4) == 1
 
 
+def test_slab_pass_lends_the_dw_memory_to_the_dx_products(monkeypatch, seed):
+    """dW by the slab pass is written only after the row chunks, so each chunk's dx product may stage its split-K
+    partials in dW's memory; dW summed chunk by chunk (accum_dtype=None) is live, and lends nothing."""
+    scratches = []
+    real_matmul = lce_kernels.matmul
+
+    def spying_matmul(a, b, **kwargs):
+        if "out" in kwargs:  # the dx products write into dx's rows
+            scratches.append(kwargs.get("scratch"))
+        return real_matmul(a, b, **kwargs)
+
+    monkeypatch.setattr(lce_kernels, "matmul", spying_matmul)
+    n, h, v = 41, 8, 33
+    x, w, b = make_inputs(n, h, v, torch.float16)
+    targets = make_targets((n,), v)
+    for accum_dtype, lent in ((torch.float32, True), (None, False)):
+        scratches.clear()
+        loss = F_tri.linear_cross_entropy(x, w, targets, b, chunk_size=9, accum_dtype=accum_dtype)
+        torch.autograd.grad(loss, (x, w, b))
+        assert len(scratches) == 5
+        for scratch in scratches:
+            assert (scratch is not None) == lent
+            assert scratch is None or (scratch.shape == w.shape and scratch.dtype == w.dtype)
+
+
 @pytest.mark.skipif(not ON_GPU, reason="peak memory is measured with torch.cuda's allocator statistics")
 @pytest.mark.parametrize("accum_dtype", [torch.float32, None])
 def test_peak_memory_is_one_chunk_and_the_gradients(accum_dtype, seed):
@@ -460,8 +485,8 @@ def test_peak_memory_is_one_chunk_and_the_gradients(accum_dtype, seed):
     extra = torch.cuda.max_memory_allocated() - base
     chunk = lce_kernels.default_chunk_rows(n, v, 2)
     gradients = (n * h + v * h + v) * 2
-    # One chunk's (or slab's) logits, the dx product before the copy, float32 losses, log-sum-exps and column sums,
-    # the bias sums: no float32 [V, H] buffer.
+    # One chunk's (or slab's) logits, the dx product's split-K partials (in dW's memory in the slab pass), float32
+    # losses, log-sum-exps and column sums, the bias sums: no float32 [V, H] buffer.
     allowed = gradients + chunk * (v + h) * 2 + 4 * (2 * n + 3 * v) + 2**20
     assert extra <= allowed, f"{extra / 2**20:.1f} MiB extra, allowed {allowed / 2**20:.1f}"
     assert chunk * v * 2 <= n * v * 2 // 8  # the default chunk's logits: at most 1/8 of the full logits

@@ -70,6 +70,28 @@ def test_tma_product(M, N, K, a_trans, b_trans, schedule, programs, activation, 
     assert_close(c, REFERENCE_ACTIVATION[activation](ref), dtype, "output", scale_floor=floor)
 
 
+def test_cut_tiles_stage_their_partials_in_scratch_with_room(seed):
+    """Given scratch memory with room for them, the cut tiles' float32 partials are staged at its front (which is
+    overwritten, nothing past it) and the product is the same bit for bit; a scratch without room is left alone."""
+    M, N, K = 70, 40, 104
+    a, b = randn(M, K, dtype=torch.float16), randn(K, N, dtype=torch.float16)
+
+    def product(scratch):
+        c = _poisoned((M, N), torch.float16, a)
+        args = (a, b, c, c, c, M, N, K, a.stride(0), b.stride(0))
+        flags = dict(HAS_BIAS=False, ACT=0, STORE_PREACT=False, A_TRANS=False, B_TRANS=False)
+        matmul_tma.launch_on(args, flags, matmul_tma.schedule_meta(TILE, 0, 3), 7, scratch)
+        return c
+
+    expected = product(None)
+    halves = 2 * matmul_tma.count_tiles(M, N, TILE) * 3 * TILE["BLOCK_M"] * TILE["BLOCK_N"]  # 16-bit elements
+    roomy, small = _poisoned((halves + 7,), torch.float16, a), _poisoned((halves - 1,), torch.float16, a)
+    assert torch.equal(product(roomy), expected)
+    assert not torch.isnan(roomy[:halves]).all() and torch.isnan(roomy[halves:]).all()
+    assert torch.equal(product(small), expected)
+    assert torch.isnan(small).all()
+
+
 @pytest.mark.parametrize(
     "M,N,K,tile,expected",
     [

@@ -464,8 +464,8 @@ def chunked_forward(
         )
         if chunk_grad and row_scale is not None:
             scale_rows_(z, row_scale[start:stop], targets[start:stop], ignore_index)
-        if need_dx:
-            matmul(z, weight, out=dx[start:stop])
+        if need_dx:  # in the slab pass dW is written only after the chunks: its memory holds dx's split-K partials
+            matmul(z, weight, out=dx[start:stop], scratch=dw if slabs else None)
         if chunk_dw:
             accumulate_product(z.t(), x[start:stop], dw if i else None, dw, alpha)
         if chunk_db:

@@ -149,6 +149,11 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
+def _shares_storage(t: torch.Tensor, others) -> bool:
+    storage = t.untyped_storage().data_ptr()
+    return any(o is not None and o.untyped_storage().data_ptr() == storage for o in others)
+
+
 def matmul(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -157,12 +162,15 @@ def matmul(
     activation: str | None = None,
     store_preactivation: bool = False,
     out: torch.Tensor | None = None,
+    scratch: torch.Tensor | None = None,
 ):
     """C = act(a @ b + bias) for 2-D a [M, K], b [K, N] of any strides (views are not copied) and bias [N] (every
     kernel reads it at unit stride: a strided or expanded bias is copied here, N elements).
 
     Returns (c, the preactivation a @ b + bias or None), contiguous, in a's dtype; c is `out` when given (a
-    contiguous [M, N] tensor of a's dtype on a's device, e.g. a block of rows of a larger output).
+    contiguous [M, N] tensor of a's dtype on a's device, e.g. a block of rows of a larger output). scratch: a tensor
+    whose memory a split-K product may overwrite with its float32 partials instead of allocating them (memory the
+    caller holds but does not need until the product is done).
     """
     M, K = a.shape
     K2, N = b.shape
@@ -174,15 +182,18 @@ def matmul(
     else:
         assert out.shape == (M, N) and out.dtype == a.dtype and out.device == a.device, (out.shape, out.dtype)
         assert out.stride() == (N, 1), f"out must be dense rows of N = {N}, got strides {out.stride()}"
-        storage = out.untyped_storage().data_ptr()
-        assert all(t is None or t.untyped_storage().data_ptr() != storage for t in (a, b, bias)), "out aliases an input"
         c = out
+    if out is not None or scratch is not None:
+        inputs = (a, b, bias)
+        for name, t in (("out", out), ("scratch", scratch)):
+            assert t is None or not _shares_storage(t, inputs), f"{name} aliases an input"
+        assert scratch is None or out is None or not _shares_storage(scratch, (out,)), "scratch aliases out"
     preact = new_empty((M, N), like=a) if store_preactivation else None
     act = activation_code(activation)
     if M > 0 and N > 0:
         views = matmul_tma.tma_views(a, b, c)  # None for K = 0
         if views is not None:
-            matmul_tma.launch(views, c, bias, preact, act)
+            matmul_tma.launch(views, c, bias, preact, act, scratch)
         else:
             if not K:  # C = act(bias): nothing is read from a and b, which may have no storage; c stands in
                 a = b = c

@@ -387,11 +387,25 @@ def _candidates(
     return candidates
 
 
-def launch_on(args: tuple, flags: dict, meta: dict, num_sms: int) -> None:
+def partial_buffer(rows: int, cols: int, device: torch.device, scratch: torch.Tensor | None) -> torch.Tensor:
+    """float32 [rows, cols] for the cut tiles' partial products: the front of scratch's memory when scratch is a
+    contiguous tensor on `device` with room for it, else a new tensor."""
+    nbytes = rows * cols * 4
+    if (
+        scratch is not None
+        and scratch.device == device
+        and scratch.is_contiguous()
+        and scratch.numel() * scratch.element_size() >= nbytes
+    ):
+        return scratch.reshape(-1).view(torch.uint8)[:nbytes].view(torch.float32).view(rows, cols)
+    return torch.empty((rows, cols), device=device, dtype=torch.float32)
+
+
+def launch_on(args: tuple, flags: dict, meta: dict, num_sms: int, scratch: torch.Tensor | None = None) -> None:
     """One product with args (a, b, c, preact, bias, M, N, K, stride_a, stride_b), flags and launch meta (a tile
     config with WHOLE_TILES and SPLIT_K, see schedule_meta) on at most num_sms persistent programs: the whole
-    tiles, then the cut tiles' runs and the sum of their partials. A meta {"WS_CONFIG": tile} runs matmul_ws.py's
-    kernel instead (A row-major, B transposed)."""
+    tiles, then the cut tiles' runs and the sum of their partials (in scratch's memory when it has room, see
+    partial_buffer). A meta {"WS_CONFIG": tile} runs matmul_ws.py's kernel instead (A row-major, B transposed)."""
     a, b, c, preact, bias, M, N = args[:7]
     if "WS_CONFIG" in meta:  # B transposed: b is its memory, W [N, K] (see tma_views)
         _gluon_kernel().launch(
@@ -432,7 +446,7 @@ def launch_on(args: tuple, flags: dict, meta: dict, num_sms: int) -> None:
             **tile_meta,
         )
     if cut:
-        partial = torch.empty((cut * split * block_m, block_n), device=c.device, dtype=torch.float32)
+        partial = partial_buffer(cut * split * block_m, block_n, c.device, scratch)
         _launch.launch(
             _matmul_tma_kernel,
             (min(num_sms, cut * split),),
@@ -476,8 +490,16 @@ def launch_on(args: tuple, flags: dict, meta: dict, num_sms: int) -> None:
         )
 
 
-def launch(views, c: torch.Tensor, bias: torch.Tensor | None, preact: torch.Tensor | None, act: int) -> None:
-    """c = act(a·b + bias) (preact = a·b + bias when given) for the views tma_views gave."""
+def launch(
+    views,
+    c: torch.Tensor,
+    bias: torch.Tensor | None,
+    preact: torch.Tensor | None,
+    act: int,
+    scratch: torch.Tensor | None = None,
+) -> None:
+    """c = act(a·b + bias) (preact = a·b + bias when given) for the views tma_views gave; split-K partials in
+    scratch's memory where it has room (see launch_on)."""
     (a_view, a_trans), (b_view, b_trans) = views
     M, N = c.shape
     K = a_view.shape[0] if a_trans else a_view.shape[1]
@@ -497,7 +519,7 @@ def launch(views, c: torch.Tensor, bias: torch.Tensor | None, preact: torch.Tens
     flags = dict(HAS_BIAS=bias is not None, ACT=act, STORE_PREACT=preact is not None, A_TRANS=a_trans, B_TRANS=b_trans)
 
     def run(meta):
-        launch_on(args, flags, meta, num_sms)
+        launch_on(args, flags, meta, num_sms, scratch)
 
     fixed = fixed_config(_TMA_CONFIGS, FORCED_CONFIG, M, N, c.element_size())
     if fixed is not None:
