@@ -61,3 +61,13 @@ def row_path(request):
 
     with _rows.row_block_cap(LOOPED_BLOCK) if request.param == "looped" else contextlib.nullcontext():
         yield request.param
+
+
+@pytest.fixture(params=["row-a-program", "split-rows"])
+def ce_rows(request):
+    """Cross-entropy runs twice: one program a row, and each row split over three programs (the path of few rows
+    of a wide vocabulary)."""
+    from triformer.kernels import cross_entropy
+
+    with cross_entropy.split_rows(3) if request.param == "split-rows" else contextlib.nullcontext():
+        yield request.param

@@ -62,9 +62,22 @@ def test_against_float64(v, reduction, smoothing, dtype, seed):
     run_and_compare(logits, make_targets((m,), v), dtype, reduction=reduction, label_smoothing=smoothing)
 
 
+@pytest.mark.parametrize("splits", [2, 3, 7])
+@pytest.mark.parametrize("reduction,smoothing", CASES, ids=[f"{r}-ls{s}" for r, s in CASES])
+@pytest.mark.parametrize("v", [1, 33, 1000, 4097])
+def test_rows_split_over_programs(v, reduction, smoothing, splits, seed):
+    """Each row split over several programs (column ranges of 16 or more, so fewer programs than asked for narrow
+    rows): the loss and gradient of the float64 reference, in a buffer and in place."""
+    from triformer.kernels import cross_entropy as ce_kernels
+
+    with ce_kernels.split_rows(splits):
+        logits = randn(6, v, scale=3.0)
+        run_and_compare(logits, make_targets((6,), v), torch.float32, reduction=reduction, label_smoothing=smoothing)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("v", [1000, 4097])
-def test_looped_vocabulary(v, reduction, row_path, seed):
+def test_looped_vocabulary(v, reduction, row_path, ce_rows, seed):
     logits = randn(5, v, scale=3.0)
     run_and_compare(logits, make_targets((5,), v), torch.float32, reduction=reduction, label_smoothing=0.1)
 
@@ -77,21 +90,21 @@ def test_batch_time_vocab_logits(dtype, seed):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_logits_of_1e4(dtype, row_path, seed):
+def test_logits_of_1e4(dtype, row_path, ce_rows, seed):
     logits = randn(9, 1000, dtype=dtype, scale=1e4)
     run_and_compare(logits, make_targets((9,), 1000), dtype, reduction="sum", label_smoothing=0.1)
     logits = (1e4 + randn(9, 1000, dtype=torch.float64)).to(dtype)  # e^x overflows without the max shift
     run_and_compare(logits, make_targets((9,), 1000), dtype)
 
 
-def test_incoming_gradient_scales(seed):
+def test_incoming_gradient_scales(ce_rows, seed):
     """loss · 3 (the backward's scaling pass) and a custom ignore_index."""
     logits = randn(11, 65)
     run_and_compare(logits, make_targets((11,), 65, ignore_index=7), torch.float32, dloss_scale=3.0, ignore_index=7)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_all_targets_ignored(reduction, seed):
+def test_all_targets_ignored(reduction, ce_rows, seed):
     """As torch: "mean" gives NaN (0 / 0), "sum" 0, "none" zeros; the gradient is zero in every case."""
     logits = randn(5, 33, requires_grad=True)
     targets = torch.full((5,), -100, device=DEVICE)
@@ -105,7 +118,7 @@ def test_all_targets_ignored(reduction, seed):
 
 @pytest.mark.parametrize("inplace", [False, True], ids=["buffer", "inplace"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_inf_and_nan_incoming_gradients_leave_ignored_rows_at_zero(reduction, inplace, seed):
+def test_inf_and_nan_incoming_gradients_leave_ignored_rows_at_zero(reduction, inplace, ce_rows, seed):
     """As torch: an ignored row's gradient is 0 whatever its incoming gradient (inf, NaN); a NaN reaches its own
     row only; finite incoming gradients as before."""
     logits = randn(4, 10, requires_grad=True)
@@ -338,7 +351,7 @@ def test_cpu_tensor_without_interpreter(without_interpreter):
         F_tri.cross_entropy(torch.randn(2, 8), torch.zeros(2, dtype=torch.int64))
 
 
-def test_kernel_guards_targets_out_of_range(seed):
+def test_kernel_guards_targets_out_of_range(ce_rows, seed):
     """The kernel turns an out-of-range target into a NaN loss and gradient for that row only, without reading
     outside the row (so no mode gives a wrong loss: not even a CUDA graph, where nothing reads the check back)."""
     from triformer.kernels import cross_entropy as ce_kernels
@@ -356,7 +369,7 @@ def test_kernel_guards_targets_out_of_range(seed):
 
 
 @pytest.mark.parametrize("n_chunks", [1, 3])
-def test_kernel_writes_losses_into_the_rows_it_is_given(n_chunks, seed):
+def test_kernel_writes_losses_into_the_rows_it_is_given(n_chunks, ce_rows, seed):
     """cross_entropy_forward(out=rows of a larger tensor) writes every one of those rows (0 for an ignored target,
     NaN for one out of range) and returns them; the rows around stay as they were."""
     from triformer.kernels import cross_entropy as ce_kernels

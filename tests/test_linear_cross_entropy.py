@@ -89,7 +89,7 @@ def test_vocabulary_and_leading_dims(v, seed):
 
 
 @pytest.mark.parametrize("chunk_size", [1, 5, 11, 64, None])
-def test_chunk_sizes(chunk_size, seed):
+def test_chunk_sizes(chunk_size, ce_rows, seed):
     """One row a chunk, sizes that do not divide N, exactly N, more than N, and the default."""
     x, w, b = make_inputs(11, 8, 33, torch.float32)
     run_and_compare(x, w, b, make_targets((11,), 33), torch.float32, chunk_size=chunk_size)
@@ -136,7 +136,7 @@ def test_float32_weight_gradient_is_rounded_once(dtype, seed, monkeypatch):
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
-def test_slab_gradient_equals_the_cross_entropy_gradient(smoothing, seed):
+def test_slab_gradient_equals_the_cross_entropy_gradient(smoothing, ce_rows, seed):
     """slab_grad_ over column slabs of the logits (widths not a multiple of its block, targets in other slabs,
     ignored and out-of-range targets, a per-row scale) gives the columns of the cross-entropy kernel's gradient."""
     m, v = 37, 203
