@@ -64,7 +64,7 @@ def test_against_float64(v, reduction, smoothing, dtype, seed):
 
 @pytest.mark.parametrize("splits", [2, 3, 7])
 @pytest.mark.parametrize("reduction,smoothing", CASES, ids=[f"{r}-ls{s}" for r, s in CASES])
-@pytest.mark.parametrize("v", [1, 33, 1000, 4097])
+@pytest.mark.parametrize("v", [1, 33, 1000, 4097, 20011])
 def test_rows_split_over_programs(v, reduction, smoothing, splits, seed):
     """Each row split over several programs (column ranges of 16 or more, so fewer programs than asked for narrow
     rows): the loss and gradient of the float64 reference, in a buffer and in place."""

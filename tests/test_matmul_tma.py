@@ -72,7 +72,8 @@ def test_tma_product(M, N, K, a_trans, b_trans, schedule, programs, activation, 
 
 def test_cut_tiles_stage_their_partials_in_scratch_with_room(seed):
     """Given scratch memory with room for them, the cut tiles' float32 partials are staged at its front (which is
-    overwritten, nothing past it) and the product is the same bit for bit; a scratch without room is left alone."""
+    overwritten, nothing past it) and the product is the same bit for bit; a scratch without room, or not 16-byte
+    aligned, is left alone."""
     M, N, K = 70, 40, 104
     a, b = randn(M, K, dtype=torch.float16), randn(K, N, dtype=torch.float16)
 
@@ -90,6 +91,9 @@ def test_cut_tiles_stage_their_partials_in_scratch_with_room(seed):
     assert not torch.isnan(roomy[:halves]).all() and torch.isnan(roomy[halves:]).all()
     assert torch.equal(product(small), expected)
     assert torch.isnan(small).all()
+    misaligned = _poisoned((halves + 16,), torch.float16, a)[1:]  # 2 bytes past a 16-byte boundary
+    assert torch.equal(product(misaligned), expected)
+    assert torch.isnan(misaligned).all()
 
 
 @pytest.mark.parametrize(

@@ -433,7 +433,11 @@ def split_launch(v: int, splits: int) -> tuple[int, int, dict]:
     """(columns per split, a multiple of 16; the splits that leaves none empty; the launch meta) for rows of v
     logits split over at most `splits` programs each."""
     split_cols = cdiv(cdiv(v, splits), 16) * 16
-    block_n = min(_BLOCK_V, next_power_of_2(split_cols))
+    # the column block (down to an eighth of the widest) that pads a split's range least: 10064 columns take
+    # five blocks of 2048, not two of 8192
+    widest = min(_BLOCK_V, next_power_of_2(split_cols))
+    blocks = [widest >> i for i in range(4) if widest >> i >= 16]
+    block_n = min(blocks, key=lambda b: (cdiv(split_cols, b) * b, -b))
     meta = {"BLOCK_M": 1, "BLOCK_N": block_n, "num_warps": max(4, min(_WIDE_ROW_WARPS, block_n // 512))}
     return split_cols, cdiv(v, split_cols), meta
 

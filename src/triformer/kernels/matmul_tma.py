@@ -389,12 +389,13 @@ def _candidates(
 
 def partial_buffer(rows: int, cols: int, device: torch.device, scratch: torch.Tensor | None) -> torch.Tensor:
     """float32 [rows, cols] for the cut tiles' partial products: the front of scratch's memory when scratch is a
-    contiguous tensor on `device` with room for it, else a new tensor."""
+    contiguous tensor on `device` with room for it, 16-byte aligned (as TMA wants), else a new tensor."""
     nbytes = rows * cols * 4
     if (
         scratch is not None
         and scratch.device == device
         and scratch.is_contiguous()
+        and scratch.data_ptr() % 16 == 0
         and scratch.numel() * scratch.element_size() >= nbytes
     ):
         return scratch.reshape(-1).view(torch.uint8)[:nbytes].view(torch.float32).view(rows, cols)
