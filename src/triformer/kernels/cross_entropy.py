@@ -103,6 +103,15 @@ def _row_targets(targets_ptr, rows, row_mask, V, ignore_index):
 
 
 @triton.jit
+def _target_logit(x_rows, t, valid, out_of_range, stride_lv):
+    """Each row's logit at its target, float32 (0 where the target is ignored or out of range); x_rows [BLOCK_M, 1]
+    points at each row's first logit."""
+    t_safe = tl.where(valid & ~out_of_range, t, 0)
+    x_t = tl.load(x_rows + (t_safe * stride_lv)[:, None], mask=valid[:, None], other=0.0)
+    return tl.sum(x_t.to(tl.float32), axis=1)
+
+
+@triton.jit
 def _stats_over(x_rows, valid, x0, first, last, stride_lv, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SMOOTH):
     """(max m, Σ e^(x − m), Σ (x − x₀)) of each row's logits at columns [first, last), online over blocks."""
     cols = tl.arange(0, BLOCK_N)
@@ -174,9 +183,7 @@ def _cross_entropy_kernel(
     if SPLITS == 1:
         # Read before the first pass: its block reductions (barriers) then separate every warp's reads of x_t and
         # x₀ from the in-place gradient writes of the second pass.
-        t_safe = tl.where(valid & ~out_of_range, t, 0)
-        x_t = tl.load(logits_ptr + rows.to(tl.int64) * stride_lm + t_safe * stride_lv, mask=valid, other=0.0)
-        x_t = x_t.to(tl.float32)
+        x_t = _target_logit(x_rows, t, valid, out_of_range, stride_lv)
         x0 = tl.load(x_rows, mask=valid[:, None], other=0.0).to(tl.float32)
         m, s, sum_x = _stats_over(x_rows, valid, x0, 0, V, stride_lv, BLOCK_M, BLOCK_N, SMOOTH)
         first = 0
@@ -259,9 +266,7 @@ def _split_stats_kernel(
     tl.store(slot + splits * M, s, mask=row_mask)
     tl.store(slot + 2 * splits * M, sum_x, mask=row_mask)
     if split == 0:
-        t_safe = tl.where(valid & ~out_of_range, t, 0)
-        x_t = tl.load(logits_ptr + rows.to(tl.int64) * stride_lm + t_safe * stride_lv, mask=valid, other=0.0)
-        tl.store(slot + 3 * splits * M, x_t.to(tl.float32), mask=row_mask)
+        tl.store(slot + 3 * splits * M, _target_logit(x_rows, t, valid, out_of_range, stride_lv), mask=row_mask)
         tl.store(slot + 4 * splits * M, tl.sum(x0, axis=1), mask=row_mask)
 
 
