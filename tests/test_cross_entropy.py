@@ -148,7 +148,7 @@ def test_n_chunks_same_result(seed):
         run_and_compare(logits, targets, torch.float32, n_chunks=n_chunks)
 
 
-def test_strided_logits(seed):
+def test_strided_logits(ce_rows, seed):
     """A time-shifted [B, T−1, V] slice (not viewable as rows: copied once) and a transposed [V, N] tensor."""
     logits = randn(2, 9, 129)[:, :-1]
     run_and_compare(logits, make_targets((2, 8), 129), torch.float32)
