@@ -339,6 +339,16 @@ def twin_metrics(results: dict, config: dict, keys, throughput: str) -> dict:
     return metrics
 
 
+def accuracy_gap(results: dict) -> dict:
+    """With a baseline: the model's validation accuracy minus the twin's in percentage points, and whether it is
+    within 0.5 of it. Accuracies are counts over at most a million images, so the gap is rounded to 1e-6 points: a
+    gap of exactly 50 images in 10000 is within, not 0.5000000000000004 points off."""
+    if "baseline" not in results:
+        return {}
+    gap = round(100 * (results["model"]["val/accuracy"] - results["baseline"]["val/accuracy"]), 6)
+    return {"accuracy_gap_points": gap, "within_half_point": abs(gap) <= 0.5}
+
+
 # ------------------------------------------------------------------------------------------------ data parallel
 
 

@@ -47,10 +47,7 @@ def main() -> None:
             role: {"backend": roles[role][0], "fused": roles[role][1], **common.flat_metrics(result, FINAL_METRICS)}
             for role, result in results.items()
         }
-        if "baseline" in results:
-            gap = 100 * (results["model"]["val/accuracy"] - results["baseline"]["val/accuracy"])
-            metrics["accuracy_gap_points"] = gap
-            metrics["within_half_point"] = abs(gap) <= 0.5
+        metrics.update(common.accuracy_gap(results))
         common.write_json(
             OUT / "metrics.json",
             {**metrics, "dataset": config["dataset"], "epochs": config["epochs"], "run": common.label(info)},

@@ -77,9 +77,7 @@ def train(config: dict, info: dict, device: torch.device, checkpoints: Path) -> 
 def write(results: dict, config: dict, info: dict) -> None:
     common.write_csv(OUT / "epochs.csv", common.history_rows(results, EPOCH_METRICS, "epoch"))
     metrics = common.twin_metrics(results, config, FINAL_METRICS, "perf/images_per_s")
-    if "baseline" in results:
-        gap = 100 * (results["model"]["val/accuracy"] - results["baseline"]["val/accuracy"])
-        metrics.update(accuracy_gap_points=gap, within_half_point=abs(gap) <= 0.5)
+    metrics.update(common.accuracy_gap(results))
     common.write_json(
         OUT / "metrics.json",
         {

@@ -440,6 +440,6 @@ else:
         display(
             Markdown(
                 f"Accuracy gap, triformer − twin: **{100 * accuracy_gap:+.2f} points** "
-                f"({'within' if abs(accuracy_gap) <= 0.005 else 'outside'} the 0.5-point target)."
+                f"({'within' if abs(round(100 * accuracy_gap, 6)) <= 0.5 else 'outside'} the 0.5-point target)."
             )
         )

@@ -292,3 +292,12 @@ def test_bench_suites_take_their_run_arguments_and_a_listed_missing_suite_anythi
     with pytest.raises(common.schema.ParamsError) as error:
         common.schema.validate({"common": {"seed": 0, "dtype": "float32"}, "bench": group}, "bench", "cpu")
     assert str(error.value).splitlines()[1:] == ["  bench.cpu.lineer: unknown key (known keys: ['suites'])"]
+
+
+def test_an_accuracy_gap_of_exactly_half_a_point_is_within(common):
+    """0.9038 − 0.8988 is 0.0050000000000000044 in floating point: 50 images in 10000, within the 0.5-point target."""
+    run = {"model": {"val/accuracy": 0.9038}, "baseline": {"val/accuracy": 0.8988}}
+    assert common.accuracy_gap(run) == {"accuracy_gap_points": 0.5, "within_half_point": True}
+    run["model"]["val/accuracy"] = 0.9039
+    assert common.accuracy_gap(run)["within_half_point"] is False
+    assert common.accuracy_gap({"model": run["model"]}) == {}
