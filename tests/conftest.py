@@ -63,11 +63,11 @@ def row_path(request):
         yield request.param
 
 
-@pytest.fixture(params=["row-a-program", "split-rows"])
+@pytest.fixture(params=["usual-tiling", "few-rows-tiling"])
 def ce_rows(request):
-    """Cross-entropy runs twice: one program a row, and each row split over three programs (the path of few rows
-    of a wide vocabulary)."""
+    """Cross-entropy runs twice: with its usual tiling, and with the one for few rows of a wide vocabulary (a fused
+    linear + CE chunk: one row a program on a wide block), which the interpreter would otherwise never take."""
     from triformer.kernels import cross_entropy
 
-    with cross_entropy.split_rows(3) if request.param == "split-rows" else contextlib.nullcontext():
+    with cross_entropy.few_rows(True) if request.param == "few-rows-tiling" else contextlib.nullcontext():
         yield request.param

@@ -62,19 +62,6 @@ def test_against_float64(v, reduction, smoothing, dtype, seed):
     run_and_compare(logits, make_targets((m,), v), dtype, reduction=reduction, label_smoothing=smoothing)
 
 
-@pytest.mark.parametrize("splits", [2, 3, 7])
-@pytest.mark.parametrize("reduction,smoothing", CASES, ids=[f"{r}-ls{s}" for r, s in CASES])
-@pytest.mark.parametrize("v", [1, 33, 1000, 4097, 20011])
-def test_rows_split_over_programs(v, reduction, smoothing, splits, seed):
-    """Each row split over several programs (column ranges of 16 or more, so fewer programs than asked for narrow
-    rows): the loss and gradient of the float64 reference, in a buffer and in place."""
-    from triformer.kernels import cross_entropy as ce_kernels
-
-    with ce_kernels.split_rows(splits):
-        logits = randn(6, v, scale=3.0)
-        run_and_compare(logits, make_targets((6,), v), torch.float32, reduction=reduction, label_smoothing=smoothing)
-
-
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("v", [1000, 4097])
 def test_looped_vocabulary(v, reduction, row_path, ce_rows, seed):

@@ -57,17 +57,6 @@ SOFTMAX_BWD = dict(
     stride_dym="i32",
     stride_dxm="i32",
 )
-SPLIT_STATS = dict(
-    logits_ptr="*bf16",
-    targets_ptr="*i64",
-    partials_ptr="*fp32",
-    M="i32",
-    V="i32",
-    stride_lm="i32",
-    stride_lv="i32",
-    ignore_index="i32",
-    split_cols="i32",
-)
 CROSS_ENTROPY = dict(
     logits_ptr="*bf16",
     targets_ptr="*i64",
@@ -75,7 +64,6 @@ CROSS_ENTROPY = dict(
     grad_ptr="*bf16",
     n_valid_ptr="*i64",
     stats_ptr="*fp32",
-    partials_ptr="*fp32",
     M="i32",
     V="i32",
     stride_lm="i32",
@@ -85,7 +73,6 @@ CROSS_ENTROPY = dict(
     ignore_index="i32",
     smoothing="fp32",
     stride_stats="i32",
-    split_cols="i32",
 )
 COUNT_TARGETS = dict(targets_ptr="*i64", counts_ptr="*i64", M="i32", V="i32", ignore_index="i32")
 SCALE_ROWS = dict(
@@ -168,7 +155,6 @@ CASES = (
 def compile_all() -> dict:
     """In a process without the interpreter: case → {kernel: spilled bytes} or the error that stopped it."""
     from triformer.kernels import _rows, cross_entropy, dropout, linear_cross_entropy, norms, residual_norm, softmax
-    from triformer.kernels._runtime import next_power_of_2
 
     def spills(kernel, types, constexprs, num_warps):
         return spilled_bytes(compile_for_sm90(kernel, types, constexprs, num_warps))
@@ -214,29 +200,21 @@ def compile_all() -> dict:
                 result[name] = spills(kernel, types, {"CAUSAL": causal, **m}, warps)
             return result
         if op == "cross_entropy":
-            m = cross_entropy.launch_meta(4096, 50304)
-            warps = m.pop("num_warps")
             flags = dict(
                 MEAN=True,
                 SMOOTH=rest == "buffer",
                 GRAD=True,
                 INPLACE=rest == "inplace",
                 STORE_STATS=rest == "inplace",
-                SPLITS=1,
-                **m,
             )
-            split_cols, splits, split_meta = cross_entropy.split_launch(50304, 5)  # 128-row chunks on 132 SMs
-            split_warps = split_meta.pop("num_warps")
-            split_flags = {**flags, **split_meta, "SPLITS": next_power_of_2(splits)}
+
+            def loss_and_grad(meta):
+                warps = meta.pop("num_warps")
+                return spills(cross_entropy._cross_entropy_kernel, CROSS_ENTROPY, {**flags, **meta}, warps)
+
             return {
-                "loss+grad": spills(cross_entropy._cross_entropy_kernel, CROSS_ENTROPY, flags, warps),
-                "split stats": spills(
-                    cross_entropy._split_stats_kernel,
-                    SPLIT_STATS,
-                    {"SMOOTH": rest == "buffer", **split_meta},
-                    split_warps,
-                ),
-                "split rows": spills(cross_entropy._cross_entropy_kernel, CROSS_ENTROPY, split_flags, split_warps),
+                "loss+grad": loss_and_grad(cross_entropy.launch_meta(4096, 50304)),
+                "few rows": loss_and_grad(cross_entropy.launch_meta(128, 50304, few_rows=True)),  # an LCE chunk
                 "scale": spills(
                     cross_entropy._scale_rows_kernel, SCALE_ROWS, {"HAS_TARGETS": True, "BLOCK_N": 4096}, 8
                 ),

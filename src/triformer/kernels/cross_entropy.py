@@ -19,10 +19,8 @@ into the logits' own storage (grad_ptr == logits_ptr: each element is read befor
 it). The backward then only multiplies it by the incoming gradient, skipping the pass entirely where that is
 exactly 1 (the usual loss.backward()).
 
-Few rows of a wide vocabulary (a fused linear + CE chunk) would leave most SMs idle at one program a row: there each
-row is split over several programs, each a range of its columns, in two launches. The first folds each range into
-partial statistics (m_k, s_k, Σ_k (x − x₀)) and keeps x_t and x₀; the second combines them, m = max_k m_k and
-s = Σ_k s_k · e^(m_k − m), and writes the loss and each range's gradient.
+Few rows of a wide vocabulary (a fused linear + CE chunk of 128 rows) get the same kernel on a wider vocabulary block
+and more warps: with about one program per SM, more loads in flight per SM is what keeps the memory busy.
 """
 
 from __future__ import annotations
@@ -46,34 +44,37 @@ _WIDE_ROW_WARPS = 16
 _COUNT_BLOCK, _COUNT_WARPS = 4096, 8
 
 
-# Few rows of a wide vocabulary (a fused linear + CE chunk: 128 rows of 50304) leave most SMs idle at one program a
-# row; such rows are split over several programs (about _SPLIT_PROGRAMS_PER_SM programs per SM in all, each at least
-# _SPLIT_MIN_COLS columns), in two launches: partial statistics, then their combination and the gradient.
-_SPLIT_PROGRAMS_PER_SM = 4
-_SPLIT_MIN_COLS = 4096
-_MAX_SPLITS = 64
-FORCED_SPLITS: int | None = None  # split_rows()
+# Few rows of a wide vocabulary (a fused linear + CE chunk: 128 rows of 50304; fewer than _FEW_ROWS_PER_SM rows per
+# SM) have about one program per SM: those programs take _FEW_ROWS_BLOCK_V logits a step on _FEW_ROWS_WARPS warps
+# (more bytes in flight per SM; H100, 2026-12-07: 128×50304 from 20.1 to 19.8 µs, 256×128256 from 79.3 to 72.8).
+_FEW_ROWS_PER_SM = 4
+_FEW_ROWS_BLOCK_V, _FEW_ROWS_WARPS = 16384, 32
+FORCED_FEW_ROWS: bool | None = None  # few_rows()
 
 
-def split_rows(n: int | None):
-    """Within the block every one-launch cross-entropy splits each row over n programs (None: the usual choice;
-    fewer where n programs would get empty column ranges)."""
-    return overridden(sys.modules[__name__], FORCED_SPLITS=n)
+def few_rows(forced: bool | None):
+    """Within the block every one-launch cross-entropy takes (True) or never takes (False) the few-rows tiling
+    whatever its rows (None: the usual choice), through the interpreter too."""
+    return overridden(sys.modules[__name__], FORCED_FEW_ROWS=forced)
 
 
-def row_splits(m: int, v: int, device: torch.device) -> int:
-    """Programs each of m rows of v logits gets (1: the one-program kernel)."""
-    if FORCED_SPLITS is not None:
-        return max(1, FORCED_SPLITS)
-    if interpreter_active() or m == 0:
-        return 1
-    programs = _SPLIT_PROGRAMS_PER_SM * device_properties(device).multi_processor_count
-    return max(1, min(cdiv(programs, m), v // _SPLIT_MIN_COLS, _MAX_SPLITS))
+def few_wide_rows(m: int, v: int, device: torch.device) -> bool:
+    """Whether m rows of v logits are few wide rows (see _FEW_ROWS_PER_SM); never through the interpreter unless
+    forced (few_rows)."""
+    if FORCED_FEW_ROWS is not None:
+        return FORCED_FEW_ROWS
+    if interpreter_active() or m == 0 or v < _BLOCK_V:
+        return False
+    return m < _FEW_ROWS_PER_SM * device_properties(device).multi_processor_count
 
 
-def launch_meta(m: int, v: int) -> dict:
+def launch_meta(m: int, v: int, few_rows: bool = False) -> dict:
     """The cross-entropy kernel's tiling for m rows of v logits: whole vocabulary blocks of _BLOCK_V on
-    _WIDE_ROW_WARPS warps, or several narrow rows a program on at most 4 warps."""
+    _WIDE_ROW_WARPS warps, or several narrow rows a program on at most 4 warps; few_rows: one row a program, blocks
+    of up to _FEW_ROWS_BLOCK_V on _FEW_ROWS_WARPS warps."""
+    if few_rows:
+        block = min(_FEW_ROWS_BLOCK_V, max(16, next_power_of_2(v)))
+        return {"BLOCK_M": 1, "BLOCK_N": block, "num_warps": _FEW_ROWS_WARPS}
     meta = row_tiling(m, v, loop=True, max_block=_BLOCK_V)
     wide = meta["BLOCK_M"] == 1 and meta["BLOCK_N"] == _BLOCK_V
     meta["num_warps"] = _WIDE_ROW_WARPS if wide else min(meta["num_warps"], 4)
@@ -112,15 +113,15 @@ def _target_logit(x_rows, t, valid, out_of_range, stride_lv):
 
 
 @triton.jit
-def _stats_over(x_rows, valid, x0, first, last, stride_lv, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SMOOTH):
-    """(max m, Σ e^(x − m), Σ (x − x₀)) of each row's logits at columns [first, last), online over blocks."""
+def _row_stats(x_rows, valid, x0, V, stride_lv, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SMOOTH):
+    """(max m, Σ e^(x − m), Σ (x − x₀)) of each row's V logits, online over blocks."""
     cols = tl.arange(0, BLOCK_N)
     m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     s = tl.zeros((BLOCK_M,), dtype=tl.float32)
     sum_x = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for start in range(first, last, BLOCK_N):
+    for start in range(0, V, BLOCK_N):
         c = start + cols
-        mask = valid[:, None] & (c < last)[None, :]
+        mask = valid[:, None] & (c < V)[None, :]
         x = tl.load(x_rows + c[None, :].to(tl.int64) * stride_lv, mask=mask, other=float("-inf")).to(tl.float32)
         m, s = online_softmax_update(m, s, x)
         if SMOOTH:
@@ -147,7 +148,6 @@ def _cross_entropy_kernel(
     grad_ptr,
     n_valid_ptr,
     stats_ptr,
-    partials_ptr,
     M,
     V,
     stride_lm,
@@ -157,59 +157,35 @@ def _cross_entropy_kernel(
     ignore_index,
     smoothing,
     stride_stats,
-    split_cols,
     MEAN: tl.constexpr,
     SMOOTH: tl.constexpr,
     GRAD: tl.constexpr,
     INPLACE: tl.constexpr,
     STORE_STATS: tl.constexpr,
-    SPLITS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     """loss[row] for BLOCK_M rows and, when GRAD, scale · ∂loss/∂logits into grad (INPLACE: into the logits);
     when STORE_STATS, the row's m, log s and x_t (lse = m + log s) into stats[k · stride_stats + row], k = 0, 1, 2
-    (meaningless where the target is ignored).
-
-    SPLITS = 1: a program takes whole rows (partials_ptr and split_cols unused). SPLITS > 1 (a power of two ≥ the
-    programs of axis 1), the second pass of a split row: program (r, k) combines the row's partials from
-    _split_stats_kernel (m = max_k m_k, s = Σ_k s_k · e^(m_k − m)) and writes the gradient of its columns
-    [k·split_cols, (k + 1)·split_cols); program (r, 0) stores the loss (and stats)."""
+    (meaningless where the target is ignored)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
     t, valid, out_of_range = _row_targets(targets_ptr, rows, row_mask, V, ignore_index)
     x_rows = logits_ptr + rows.to(tl.int64)[:, None] * stride_lm
-    split = tl.program_id(1)
-    if SPLITS == 1:
-        # Read before the first pass: its block reductions (barriers) then separate every warp's reads of x_t and
-        # x₀ from the in-place gradient writes of the second pass.
-        x_t = _target_logit(x_rows, t, valid, out_of_range, stride_lv)
+    # Read before the first pass: its block reductions (barriers) then separate every warp's reads of x_t and x₀
+    # from the in-place gradient writes of the second pass.
+    x_t = _target_logit(x_rows, t, valid, out_of_range, stride_lv)
+    x0 = tl.zeros((BLOCK_M, 1), dtype=tl.float32)  # the shift of Σ (x − x₀), read only where ε > 0 needs it
+    if SMOOTH:
         x0 = tl.load(x_rows, mask=valid[:, None], other=0.0).to(tl.float32)
-        m, s, sum_x = _stats_over(x_rows, valid, x0, 0, V, stride_lv, BLOCK_M, BLOCK_N, SMOOTH)
-        first = 0
-        last = V
-    else:  # the logits are read only by the gradient pass: each element by the thread that overwrites it
-        splits = tl.num_programs(1)
-        ks = tl.arange(0, SPLITS)
-        slots = partials_ptr + ks[None, :] * M + rows[:, None]
-        present = row_mask[:, None] & (ks < splits)[None, :]
-        m_k = tl.load(slots, mask=present, other=float("-inf"))
-        m = tl.max(m_k, axis=1)
-        m_safe = tl.where(m == float("-inf"), 0.0, m)
-        s = tl.sum(tl.load(slots + splits * M, mask=present, other=0.0) * tl.exp(m_k - m_safe[:, None]), axis=1)
-        sum_x = tl.sum(tl.load(slots + 2 * splits * M, mask=present, other=0.0), axis=1)
-        x_t = tl.load(partials_ptr + 3 * splits * M + rows, mask=row_mask, other=0.0)
-        x0 = tl.load(partials_ptr + 4 * splits * M + rows, mask=row_mask, other=0.0)[:, None]
-        first = split * split_cols
-        last = tl.minimum(V, first + split_cols)
+    m, s, sum_x = _row_stats(x_rows, valid, x0, V, stride_lv, BLOCK_M, BLOCK_N, SMOOTH)
     log_s = tl.log(s)
-    if split == 0:
-        loss = _row_loss(m, log_s, x_t, x0, sum_x, valid, out_of_range, smoothing, V, SMOOTH)
-        tl.store(loss_ptr + rows, loss, mask=row_mask)
-        if STORE_STATS:
-            tl.store(stats_ptr + rows, m, mask=row_mask)
-            tl.store(stats_ptr + stride_stats + rows, log_s, mask=row_mask)
-            tl.store(stats_ptr + 2 * stride_stats + rows, x_t, mask=row_mask)
+    loss = _row_loss(m, log_s, x_t, x0, sum_x, valid, out_of_range, smoothing, V, SMOOTH)
+    tl.store(loss_ptr + rows, loss, mask=row_mask)
+    if STORE_STATS:
+        tl.store(stats_ptr + rows, m, mask=row_mask)
+        tl.store(stats_ptr + stride_stats + rows, log_s, mask=row_mask)
+        tl.store(stats_ptr + 2 * stride_stats + rows, x_t, mask=row_mask)
     if GRAD:
         scale = 1.0
         if MEAN:
@@ -219,9 +195,9 @@ def _cross_entropy_kernel(
         else:
             g_rows = grad_ptr + rows.to(tl.int64)[:, None] * stride_gm
         cols = tl.arange(0, BLOCK_N)
-        for start in range(first, last, BLOCK_N):
+        for start in range(0, V, BLOCK_N):
             c = start + cols
-            in_row = (c < last)[None, :]
+            in_row = (c < V)[None, :]
             x = tl.load(x_rows + c[None, :].to(tl.int64) * stride_lv, mask=valid[:, None] & in_row, other=0.0)
             g = logit_gradient(x.to(tl.float32), c, m, log_s, t, valid, out_of_range, scale, smoothing, V, SMOOTH)
             tl.store(
@@ -229,45 +205,6 @@ def _cross_entropy_kernel(
                 g.to(grad_ptr.dtype.element_ty),
                 mask=row_mask[:, None] & in_row,
             )
-
-
-@triton.jit
-def _split_stats_kernel(
-    logits_ptr,
-    targets_ptr,
-    partials_ptr,
-    M,
-    V,
-    stride_lm,
-    stride_lv,
-    ignore_index,
-    split_cols,
-    SMOOTH: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    """A row split over the programs of axis 1, first pass: program (r, k) folds the row's columns
-    [k·split_cols, (k + 1)·split_cols) into partials[j, k, row], j = 0, 1, 2: their max, Σ e^(x − max) and
-    Σ (x − x₀); program (r, 0) also keeps the target logit x_t and x₀ in partials[3, 0, row] and partials[4, 0,
-    row] (read here, before the second pass may overwrite them with their gradients)."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    split = tl.program_id(1)
-    splits = tl.num_programs(1)
-    row_mask = rows < M
-    t, valid, out_of_range = _row_targets(targets_ptr, rows, row_mask, V, ignore_index)
-    x_rows = logits_ptr + rows.to(tl.int64)[:, None] * stride_lm
-    x0 = tl.load(x_rows, mask=valid[:, None], other=0.0).to(tl.float32)
-    first = split * split_cols
-    m, s, sum_x = _stats_over(
-        x_rows, valid, x0, first, tl.minimum(V, first + split_cols), stride_lv, BLOCK_M, BLOCK_N, SMOOTH
-    )
-    slot = partials_ptr + split * M + rows
-    tl.store(slot, m, mask=row_mask)
-    tl.store(slot + splits * M, s, mask=row_mask)
-    tl.store(slot + 2 * splits * M, sum_x, mask=row_mask)
-    if split == 0:
-        tl.store(slot + 3 * splits * M, _target_logit(x_rows, t, valid, out_of_range, stride_lv), mask=row_mask)
-        tl.store(slot + 4 * splits * M, tl.sum(x0, axis=1), mask=row_mask)
 
 
 @triton.jit
@@ -371,120 +308,36 @@ def cross_entropy_forward(
     if m == 0:
         return losses
     g = logits if grad is None else grad
-    splits = row_splits(m, v, logits.device) if n_chunks == 1 else 1
-    if splits > 1:
-        _split_rows_forward(logits, targets, ignore_index, smoothing, grad, g, n_valid, stats, losses, splits)
-        return losses
-    meta = launch_meta(m, v)
+    meta = launch_meta(m, v, few_rows=n_chunks == 1 and few_wide_rows(m, v, logits.device))
     rows_per_chunk = cdiv(cdiv(m, n_chunks), meta["BLOCK_M"]) * meta["BLOCK_M"]
     for first in range(0, m, rows_per_chunk):
         last = min(m, first + rows_per_chunk)
-        rows = slice(first, last)
-        _launch_loss_kernel(
+        launch(
+            _cross_entropy_kernel,
             (cdiv(last - first, meta["BLOCK_M"]),),
-            logits[rows],
-            targets[rows],
-            losses[rows],
-            g[rows],
-            n_valid,
-            None if stats is None else stats[:, rows],
-            None,
+            logits[first:last],
+            targets[first:last],
+            losses[first:last],
+            g[first:last],
+            losses if n_valid is None else n_valid,
+            losses if stats is None else stats[:, first:last],
+            last - first,
+            v,
+            logits.stride(0),
+            logits.stride(1),
+            g.stride(0),
+            g.stride(1),
             ignore_index,
-            smoothing,
-            grad is not None,
-            grad is logits,
-            meta,
+            float(smoothing),
+            0 if stats is None else stats.stride(0),
+            MEAN=n_valid is not None,
+            SMOOTH=smoothing > 0,
+            GRAD=grad is not None,
+            INPLACE=grad is logits,
+            STORE_STATS=stats is not None,
+            **meta,
         )
     return losses
-
-
-def _launch_loss_kernel(
-    grid, logits, targets, losses, g, n_valid, stats, partials, ignore_index, smoothing, grad, inplace, meta, cols=0
-) -> None:
-    """_cross_entropy_kernel over logits [M, V] (and g, losses, targets, stats for the same rows): whole rows when
-    partials is None, else split rows of `cols` columns a program (see _split_rows_forward)."""
-    m, v = logits.shape
-    launch(
-        _cross_entropy_kernel,
-        grid,
-        logits,
-        targets,
-        losses,
-        g,
-        losses if n_valid is None else n_valid,
-        losses if stats is None else stats,
-        losses if partials is None else partials,
-        m,
-        v,
-        logits.stride(0),
-        logits.stride(1),
-        g.stride(0),
-        g.stride(1),
-        ignore_index,
-        float(smoothing),
-        0 if stats is None else stats.stride(0),
-        cols or v,
-        MEAN=n_valid is not None,
-        SMOOTH=smoothing > 0,
-        GRAD=grad,
-        INPLACE=inplace,
-        STORE_STATS=stats is not None,
-        SPLITS=1 if partials is None else next_power_of_2(partials.shape[1]),
-        **meta,
-    )
-
-
-def split_launch(v: int, splits: int) -> tuple[int, int, dict]:
-    """(columns per split, a multiple of 16; the splits that leaves none empty; the launch meta) for rows of v
-    logits split over at most `splits` programs each."""
-    split_cols = cdiv(cdiv(v, splits), 16) * 16
-    # the column block (down to an eighth of the widest) that pads a split's range least: 10064 columns take
-    # five blocks of 2048, not two of 8192
-    widest = min(_BLOCK_V, next_power_of_2(split_cols))
-    blocks = [widest >> i for i in range(4) if widest >> i >= 16]
-    block_n = min(blocks, key=lambda b: (cdiv(split_cols, b) * b, -b))
-    meta = {"BLOCK_M": 1, "BLOCK_N": block_n, "num_warps": max(4, min(_WIDE_ROW_WARPS, block_n // 512))}
-    return split_cols, cdiv(v, split_cols), meta
-
-
-def _split_rows_forward(logits, targets, ignore_index, smoothing, grad, g, n_valid, stats, losses, splits) -> None:
-    """cross_entropy_forward's work with each row split over `splits` programs: _split_stats_kernel (partials
-    [5, splits, M]), then _cross_entropy_kernel combining them."""
-    m, v = logits.shape
-    split_cols, splits, meta = split_launch(v, splits)
-    partials = new_empty((5, splits, m), like=logits, dtype=torch.float32)
-    grid = (m, splits)
-    launch(
-        _split_stats_kernel,
-        grid,
-        logits,
-        targets,
-        partials,
-        m,
-        v,
-        logits.stride(0),
-        logits.stride(1),
-        ignore_index,
-        split_cols,
-        SMOOTH=smoothing > 0,
-        **meta,
-    )
-    _launch_loss_kernel(
-        grid,
-        logits,
-        targets,
-        losses,
-        g,
-        n_valid,
-        stats,
-        partials,
-        ignore_index,
-        smoothing,
-        grad is not None,
-        grad is logits,
-        meta,
-        split_cols,
-    )
 
 
 def scale_rows_(
