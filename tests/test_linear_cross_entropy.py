@@ -200,14 +200,16 @@ def test_slab_target_term_ignores_a_recomputed_target_logit(monkeypatch, seed):
 
 
 def test_slab_columns():
-    """Equal slabs whose logits stay within a chunk's (plus the widening to 8 columns), at least one column."""
+    """Equal slabs whose logits are no larger than a chunk's, 8-column multiples (16-byte rows), at least one
+    column."""
     assert lce_kernels.slab_columns(8192, 50304, 1024) == 6288
     assert lce_kernels.slab_columns(8192, 50257, 1024) == 5592  # 9 slabs of 5585 columns, widened to 16 bytes
-    assert lce_kernels.slab_columns(8192, 50304, 128) == 792  # 64 slabs of 786 columns, widened
+    assert lce_kernels.slab_columns(8192, 50304, 128) == 776  # 786 columns a chunk's: 65 slabs of 774, widened
     assert lce_kernels.slab_columns(100, 7, 3) == 1
-    for n, v, chunk in ((8192, 50304, 1024), (8192, 128256, 256), (1000, 333, 7), (41, 33, 9)):
+    for n, v, chunk in ((8192, 50304, 1024), (8192, 128256, 256), (8192, 50304, 128), (1000, 333, 7), (41, 33, 9)):
         cols = lce_kernels.slab_columns(n, v, chunk)
-        assert 1 <= cols <= v and n * cols <= chunk * v + 7 * n
+        assert 1 <= cols <= v and n * cols <= max(chunk * v, n)
+        assert cols <= 8 or cols % 8 == 0
         assert v - (cdiv(v, cols) - 1) * cols >= 1  # no empty last slab
 
 

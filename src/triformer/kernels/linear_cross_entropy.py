@@ -402,11 +402,13 @@ def accumulate_product(
 
 
 def slab_columns(n: int, v: int, chunk_rows: int) -> int:
-    """Vocabulary columns per slab of the float32-dW pass: as many equal slabs as keep each one's [n, columns]
-    logits within a chunk of chunk_rows rows' (at least 1 column), widened to a multiple of 8 (16-byte rows, which
-    the TMA kernels need) when wider than 8."""
-    slabs = cdiv(v, max(chunk_rows * v // max(n, 1), 1))
-    cols = cdiv(v, slabs)
+    """Vocabulary columns per slab of the float32-dW pass: equal slabs whose [n, columns] logits are no larger than
+    a chunk of chunk_rows rows' (so the slab pass never raises the peak memory above the chunk pass's), at least 1
+    column, and a multiple of 8 (16-byte rows, which the TMA kernels need) when wider than 8."""
+    budget = max(chunk_rows * v // max(n, 1), 1)
+    if budget >= 8:
+        budget -= budget % 8
+    cols = cdiv(v, cdiv(v, budget))
     return cols if cols <= 8 else min(v, cdiv(cols, 8) * 8)
 
 
