@@ -6,7 +6,8 @@ launches (do_bench), peak memory above the inputs (returned gradients included),
 a float64 reference (‖ours − ref‖ / ‖ref‖).
 
 Run: python tools/gpu_lce_chunks.py [--shapes 8192x768x50304 8192x4096x128256] [--chunks 128 256 512 1024]
-                                    [--breakdown]
+                                    [--breakdown] [--dw float32 bf16]
+                                    [--ce-tilings "row 16384 / 32 warps" "row 32768 / 32 warps" ...]
 Logs to $OUT/lce_chunks.csv; with --breakdown also each provider's GPU time by kernel (one step under
 torch.profiler, no L2 flush) to $OUT/lce_kernels.csv and the heaviest kernels to the log.
 """
@@ -18,11 +19,14 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from gpu_ce_rows import TILINGS  # tools/, beside this script
 
 import triformer.functional as TF
 from triformer.bench.linear_cross_entropy import liger_chunk_rows, providers
 from triformer.bench.norms import peak_extra_mib
 from triformer.bench.timing import timings
+from triformer.kernels import cross_entropy
+from triformer.kernels._runtime import overridden
 
 DTYPE = torch.bfloat16
 
@@ -68,15 +72,24 @@ def kernel_breakdown(step, steps: int = 3) -> pd.DataFrame:
     )
 
 
-def variants(n, h, v, chunks):
-    table = {
-        f"triformer chunk {c} dW {acc}": (
-            lambda x, w, t, c=c, a=a: TF.linear_cross_entropy(x, w, t, chunk_size=c, accum_dtype=a)
-        )
-        for c in chunks
-        for acc, a in (("float32", torch.float32), ("bf16", None))
-    }
+def variants(chunks, accumulators, ce_tilings):
+    """name → loss(x, w, targets): every chunk size × dW accumulator × cross-entropy tiling of few rows
+    (gpu_ce_rows.TILINGS; none named: the library's own), then Liger-Kernel and torch."""
+    table = {}
+    for tiling in ce_tilings or [None]:
+        overrides = TILINGS[tiling] if tiling else {}
+        for c in chunks:
+            for acc in accumulators:
+                a = torch.float32 if acc == "float32" else None
+
+                def loss(x, w, t, c=c, a=a, overrides=overrides):
+                    with overridden(cross_entropy, **overrides):
+                        return TF.linear_cross_entropy(x, w, t, chunk_size=c, accum_dtype=a)
+
+                table[f"triformer chunk {c} dW {acc}" + (f" [{tiling}]" if tiling else "")] = loss
     others = providers("cuda")
+    if "liger" not in others:
+        print("liger: not installed (carry .whl-liger)", flush=True)
     for name in ("liger", "torch"):
         if name in others:
             table[name] = others[name]
@@ -88,6 +101,8 @@ def main():
     parser.add_argument("--shapes", nargs="+", default=["8192x768x50304", "8192x4096x128256"])
     parser.add_argument("--chunks", nargs="+", type=int, default=[128, 256, 512, 1024])
     parser.add_argument("--breakdown", action="store_true", help="also GPU time per kernel of each provider")
+    parser.add_argument("--dw", nargs="+", default=["float32", "bf16"], choices=["float32", "bf16"])
+    parser.add_argument("--ce-tilings", nargs="*", default=[], choices=sorted(TILINGS), metavar="TILING")
     args = parser.parse_args()
     rows, kernels = [], []
     out = Path(os.environ.get("OUT", "."))
@@ -103,7 +118,7 @@ def main():
             f"== {shape}: full logits {n * v * 2 / 2**20:.0f} MiB, Liger's chunk {liger_chunk_rows(n, h, v)} rows",
             flush=True,
         )
-        for name, loss_fn in variants(n, h, v, args.chunks).items():
+        for name, loss_fn in variants(args.chunks, args.dw, args.ce_tilings).items():
 
             def step():
                 return torch.autograd.grad(loss_fn(x, w, targets), (x, w))
