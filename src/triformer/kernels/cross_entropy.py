@@ -95,7 +95,7 @@ def logit_gradient(x, cols, m, log_s, t, valid, out_of_range, scale, smoothing, 
 
 
 @triton.jit
-def _row_targets(targets_ptr, rows, row_mask, V, ignore_index):
+def row_targets(targets_ptr, rows, row_mask, V, ignore_index):
     """(each row's target t, whether it counts (not ignored), whether it is outside [0, V): NaN loss and gradient,
     count_targets keeps the first)."""
     t = tl.load(targets_ptr + rows, mask=row_mask, other=ignore_index).to(tl.int64)
@@ -170,7 +170,7 @@ def _cross_entropy_kernel(
     (meaningless where the target is ignored)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
-    t, valid, out_of_range = _row_targets(targets_ptr, rows, row_mask, V, ignore_index)
+    t, valid, out_of_range = row_targets(targets_ptr, rows, row_mask, V, ignore_index)
     x_rows = logits_ptr + rows.to(tl.int64)[:, None] * stride_lm
     # Read before the first pass: its block reductions (barriers) then separate every warp's reads of x_t and x₀
     # from the in-place gradient writes of the second pass.

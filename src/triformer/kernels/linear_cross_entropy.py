@@ -42,7 +42,7 @@ from ._launch import launch
 from ._runtime import cdiv, device_properties, interpreter_active, new_empty
 from ._tiles import fitting_configs, fixed_config, grouped_tile, launch_tuned
 from ._tma import load_tile, operand_descriptors, tile_counts, use_descriptor_memory
-from .cross_entropy import cross_entropy_forward, logit_gradient, scale_rows_
+from .cross_entropy import cross_entropy_forward, logit_gradient, row_targets, scale_rows_
 from .matmul import matmul
 from .reductions import column_sum
 
@@ -197,13 +197,10 @@ def _slab_grad_kernel(
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < M
-    t = tl.load(targets_ptr + rows, mask=row_mask, other=ignore_index).to(tl.int64)
-    valid = t != ignore_index
-    out_of_range = valid & ((t < 0) | (t >= V))
-    read = row_mask & valid
-    m = tl.load(stats_ptr + rows, mask=read, other=0.0)
-    log_s = tl.load(stats_ptr + stride_stats + rows, mask=read, other=0.0)
-    x_t = tl.load(stats_ptr + 2 * stride_stats + rows, mask=read, other=0.0)
+    t, valid, out_of_range = row_targets(targets_ptr, rows, row_mask, V, ignore_index)
+    m = tl.load(stats_ptr + rows, mask=valid, other=0.0)
+    log_s = tl.load(stats_ptr + stride_stats + rows, mask=valid, other=0.0)
+    x_t = tl.load(stats_ptr + 2 * stride_stats + rows, mask=valid, other=0.0)
     mask = row_mask[:, None] & (cols < SLAB)[None, :]
     ptrs = z_ptr + rows.to(tl.int64)[:, None] * stride_zm + cols[None, :]
     z = tl.load(ptrs, mask=mask & valid[:, None], other=0.0).to(tl.float32)
