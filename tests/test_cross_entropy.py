@@ -63,7 +63,7 @@ def test_against_float64(v, reduction, smoothing, dtype, seed):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-@pytest.mark.parametrize("v", [1000, 4097])
+@pytest.mark.parametrize("v", [1000, 4097, 20011])
 def test_looped_vocabulary(v, reduction, row_path, ce_rows, seed):
     logits = randn(5, v, scale=3.0)
     run_and_compare(logits, make_targets((5,), v), torch.float32, reduction=reduction, label_smoothing=0.1)

@@ -206,10 +206,11 @@ def test_slab_columns():
     assert lce_kernels.slab_columns(8192, 50257, 1024) == 5592  # 9 slabs of 5585 columns, widened to 16 bytes
     assert lce_kernels.slab_columns(8192, 50304, 128) == 776  # 786 columns a chunk's: 65 slabs of 774, widened
     assert lce_kernels.slab_columns(100, 7, 3) == 1
+    assert lce_kernels.slab_columns(2, 17, 1) == 8  # a budget of 8 columns: 8 + 8 + 1, not 6 + 6 + 5
     for n, v, chunk in ((8192, 50304, 1024), (8192, 128256, 256), (8192, 50304, 128), (1000, 333, 7), (41, 33, 9)):
         cols = lce_kernels.slab_columns(n, v, chunk)
         assert 1 <= cols <= v and n * cols <= max(chunk * v, n)
-        assert cols <= 8 or cols % 8 == 0
+        assert cols % 8 == 0 or cols == v or chunk * v // n < 8
         assert v - (cdiv(v, cols) - 1) * cols >= 1  # no empty last slab
 
 

@@ -1,9 +1,9 @@
 """How should the cross-entropy kernel tile few wide rows (a fused linear + CE chunk)? On a GPU host, for rows × vocab
 shapes (bf16 logits, gradient written over them, reduction mean, as the fused linear + CE calls it): the GPU time of
-the loss-and-gradient kernels for each tiling of cross_entropy.py's few-rows case, beside Liger-Kernel's
-cross-entropy kernel launched the way its forward launches it (one program a row, 32 warps); the profiler's summed
-kernel time of back-to-back calls for every provider alike (the logits stay in L2 between calls, as they do after
-the chunk's product), and each tiling's loss against torch's float32 cross-entropy.
+the loss-and-gradient kernel for each few-rows tiling of cross_entropy.py, beside Liger-Kernel's cross-entropy kernel
+launched the way its forward launches it (one program a row, 32 warps); the profiler's summed kernel time with L2
+flushed before each call, for every provider alike (in the fused linear + CE the chunk's logits are still in L2: the
+tool's times are the colder case), and each tiling's loss against torch's float32 cross-entropy.
 
 Run: python tools/gpu_ce_rows.py [--shapes 128x50304 256x128256 ...]
 Logs to $OUT/ce_rows.csv.

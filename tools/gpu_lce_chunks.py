@@ -74,10 +74,11 @@ def kernel_breakdown(step, steps: int = 3) -> pd.DataFrame:
 
 def variants(chunks, accumulators, ce_tilings):
     """name → loss(x, w, targets): every chunk size × dW accumulator × cross-entropy tiling of few rows
-    (gpu_ce_rows.TILINGS; none named: the library's own), then Liger-Kernel and torch."""
+    (gpu_ce_rows.TILINGS, taken whatever the chunk's rows; none named: the library's own choice), then Liger-Kernel
+    and torch."""
     table = {}
     for tiling in ce_tilings or [None]:
-        overrides = TILINGS[tiling] if tiling else {}
+        overrides = dict(TILINGS[tiling], FORCED_FEW_ROWS=True) if tiling else {}
         for c in chunks:
             for acc in accumulators:
                 a = torch.float32 if acc == "float32" else None

@@ -45,8 +45,8 @@ _COUNT_BLOCK, _COUNT_WARPS = 4096, 8
 
 
 # Few rows of a wide vocabulary (a fused linear + CE chunk: 128 rows of 50304; fewer than _FEW_ROWS_PER_SM rows per
-# SM) have about one program per SM: those programs take _FEW_ROWS_BLOCK_V logits a step on _FEW_ROWS_WARPS warps
-# (more bytes in flight per SM; H100, 2026-12-07: 128×50304 from 20.1 to 19.8 µs, 256×128256 from 79.3 to 72.8).
+# SM) leave a few programs per SM at most: those programs take _FEW_ROWS_BLOCK_V logits a step on _FEW_ROWS_WARPS
+# warps, more bytes in flight per SM (measurements: reports/NOTES.md, cross-entropy of few wide rows).
 _FEW_ROWS_PER_SM = 4
 _FEW_ROWS_BLOCK_V, _FEW_ROWS_WARPS = 16384, 32
 FORCED_FEW_ROWS: bool | None = None  # few_rows()

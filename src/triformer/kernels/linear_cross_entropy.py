@@ -401,12 +401,12 @@ def accumulate_product(
 def slab_columns(n: int, v: int, chunk_rows: int) -> int:
     """Vocabulary columns per slab of the float32-dW pass: equal slabs whose [n, columns] logits are no larger than
     a chunk of chunk_rows rows' (so the slab pass never raises the peak memory above the chunk pass's), at least 1
-    column, and a multiple of 8 (16-byte rows, which the TMA kernels need) when wider than 8."""
+    column, and a multiple of 8 (16-byte rows, which the TMA kernels need) wherever 8 columns fit that bound."""
     budget = max(chunk_rows * v // max(n, 1), 1)
-    if budget >= 8:
-        budget -= budget % 8
-    cols = cdiv(v, cdiv(v, budget))
-    return cols if cols <= 8 else min(v, cdiv(cols, 8) * 8)
+    if budget < 8:
+        return cdiv(v, cdiv(v, budget))
+    budget -= budget % 8
+    return min(v, cdiv(cdiv(v, cdiv(v, budget)), 8) * 8)
 
 
 def chunked_forward(
