@@ -69,5 +69,5 @@ def ce_rows(request):
     linear + CE chunk: one row a program on a wide block), which the interpreter would otherwise never take."""
     from triformer.kernels import cross_entropy
 
-    with cross_entropy.few_rows(True) if request.param == "few-rows-tiling" else contextlib.nullcontext():
+    with cross_entropy.force_few_rows(True) if request.param == "few-rows-tiling" else contextlib.nullcontext():
         yield request.param

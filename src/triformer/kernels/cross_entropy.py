@@ -49,10 +49,10 @@ _COUNT_BLOCK, _COUNT_WARPS = 4096, 8
 # warps, more bytes in flight per SM (measurements: reports/NOTES.md, cross-entropy of few wide rows).
 _FEW_ROWS_PER_SM = 4
 _FEW_ROWS_BLOCK_V, _FEW_ROWS_WARPS = 16384, 32
-FORCED_FEW_ROWS: bool | None = None  # few_rows()
+FORCED_FEW_ROWS: bool | None = None  # force_few_rows()
 
 
-def few_rows(forced: bool | None):
+def force_few_rows(forced: bool | None):
     """Within the block every one-launch cross-entropy takes (True) or never takes (False) the few-rows tiling
     whatever its rows (None: the usual choice), through the interpreter too."""
     return overridden(sys.modules[__name__], FORCED_FEW_ROWS=forced)
@@ -60,7 +60,7 @@ def few_rows(forced: bool | None):
 
 def few_wide_rows(m: int, v: int, device: torch.device) -> bool:
     """Whether m rows of v logits are few wide rows (see _FEW_ROWS_PER_SM); never through the interpreter unless
-    forced (few_rows)."""
+    forced (force_few_rows)."""
     if FORCED_FEW_ROWS is not None:
         return FORCED_FEW_ROWS
     if interpreter_active() or m == 0 or v < _BLOCK_V:
