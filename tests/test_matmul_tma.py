@@ -40,7 +40,7 @@ def _operand(rows, cols, transposed, dtype):
 
 
 # (share of the tiles computed whole, split of the others)
-SCHEDULES = {"whole": (1.0, 1), "cut2": (0.0, 2), "cut3": (0.0, 3), "half-cut3": (0.5, 3)}
+SCHEDULES = {"whole": (1.0, 1), "cut2": (0.0, 2), "cut3": (0.0, 3), "half-cut3": (0.5, 3), "cut6": (0.0, 6)}
 
 
 def _poisoned(shape, dtype, like):
@@ -68,6 +68,47 @@ def test_tma_product(M, N, K, a_trans, b_trans, schedule, programs, activation, 
     floor = well_conditioned_norm(a64, b64)
     assert_close(preact, ref, dtype, "preactivation", scale_floor=floor)
     assert_close(c, REFERENCE_ACTIVATION[activation](ref), dtype, "output", scale_floor=floor)
+
+
+@pytest.mark.parametrize("splits", [1, 4, 6, 9])
+@pytest.mark.parametrize("sum_m,sum_n", [(8, 16), (16, 32)])
+def test_split_k_sum_adds_the_partials_in_split_order(splits, sum_m, sum_n, seed):
+    """The cut tiles' partials summed one split after another, as float32 adds in split order give bit for bit
+    (however many splits a loop step loads), each into its tile of C (tiles in grouped order)."""
+    block_m, block_n, group_m = 16, 32, 2
+    M, N = 3 * block_m - 5, 3 * block_n - 7  # edge tiles: only their in-range part is written
+    tiles_m, tiles_n = 3, 3
+    tile_count = tiles_m * tiles_n
+    partial = randn(splits * tile_count * block_m, block_n, dtype=torch.float32) * 1e3
+    c = _poisoned((M, N), torch.float32, partial)
+    matmul_tma._split_k_sum_kernel[(tile_count, block_m // sum_m, block_n // sum_n)](
+        partial, c, c, c, M, N, 0, tile_count, splits, HAS_BIAS=False, ACT=0, STORE_PREACT=False,
+        BLOCK_M=block_m, BLOCK_N=block_n, GROUP_M=group_m, SUM_M=sum_m, SUM_N=sum_n,
+    )  # fmt: skip
+    tiles = partial.view(splits, tile_count, block_m, block_n)
+    expected = torch.empty(tiles_m * block_m, tiles_n * block_n, dtype=torch.float32, device=partial.device)
+    for t in range(tile_count):
+        group, in_group = divmod(t, group_m * tiles_n)
+        rows_in_group = min(tiles_m - group * group_m, group_m)
+        pid_m, pid_n = group * group_m + in_group % rows_in_group, in_group // rows_in_group
+        acc = torch.zeros(block_m, block_n, dtype=torch.float32, device=partial.device)
+        for split in range(splits):
+            acc += tiles[split, t]
+        expected[pid_m * block_m : (pid_m + 1) * block_m, pid_n * block_n : (pid_n + 1) * block_n] = acc
+    assert torch.equal(c, expected[:M, :N])
+
+
+@pytest.mark.parametrize(
+    "cut,block_m,block_n,expected",
+    [
+        (6, 128, 128, (8, 64)),  # a 128-row product cut 16 ways: 192 programs instead of 24
+        (12, 128, 256, (8, 128)),  # 12 · 16 · 2 = 384 programs
+        (100, 128, 128, (32, 128)),  # enough tiles: the widest blocks
+        (1, 32, 32, (8, 32)),  # narrower than the widest blocks: never below 8 rows, columns as they are
+    ],
+)
+def test_split_k_sum_blocks_fill_the_gpu(cut, block_m, block_n, expected):
+    assert matmul_tma.sum_blocks(cut, block_m, block_n, num_sms=132) == expected
 
 
 def test_cut_tiles_stage_their_partials_in_scratch_with_room(seed):

@@ -1,6 +1,7 @@
 """How should the cross-entropy kernel tile few wide rows (a fused linear + CE chunk)? On a GPU host, for rows × vocab
 shapes (bf16 logits, gradient written over them, reduction mean, as the fused linear + CE calls it): the GPU time of
-the loss-and-gradient kernel for each few-rows tiling of cross_entropy.py, beside Liger-Kernel's cross-entropy kernel
+the loss-and-gradient kernel for each few-rows tiling of cross_entropy.py and its usual tiling, each with its
+vocabulary blocks prefetched or not, beside Liger-Kernel's cross-entropy kernel
 launched the way its forward launches it (one program a row, 32 warps); the profiler's summed kernel time with L2
 flushed before each call, for every provider alike (in the fused linear + CE the chunk's logits are still in L2: the
 tool's times are the colder case), and each tiling's loss against torch's float32 cross-entropy.
@@ -22,10 +23,17 @@ from triformer.bench.timing import kernel_ms
 from triformer.kernels import cross_entropy
 from triformer.kernels._runtime import overridden
 
-# name → overrides of cross_entropy.py's few-rows tiling (every shape counts as few rows)
+# name → overrides of cross_entropy.py's switches: the few-rows tiling (taken whatever the rows) and the usual one,
+# each with its vocabulary blocks prefetched or not
 TILINGS = {
-    f"row {block} / {warps} warps": dict(_FEW_ROWS_BLOCK_V=block, _FEW_ROWS_WARPS=warps)
-    for block, warps in ((8192, 16), (16384, 16), (16384, 32), (32768, 32))
+    f"row {block} / {warps} warps{' / prefetch' if prefetch else ''}": dict(
+        FORCED_FEW_ROWS=True, _FEW_ROWS_BLOCK_V=block, _FEW_ROWS_WARPS=warps, PREFETCH_BLOCKS=prefetch
+    )
+    for block, warps in ((8192, 16), (16384, 32), (32768, 32))
+    for prefetch in (False, True)
+} | {
+    f"usual{' / prefetch' if prefetch else ''}": dict(FORCED_FEW_ROWS=False, PREFETCH_BLOCKS=prefetch)
+    for prefetch in (False, True)
 }
 
 
@@ -55,7 +63,7 @@ def liger(logits, targets):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--shapes", nargs="+", default=["128x50304", "256x50304", "512x50304", "1024x50304", "256x128256"]
+        "--shapes", nargs="+", default=["128x50304", "256x50304", "1024x50304", "256x128256", "8192x50304"]
     )
     args = parser.parse_args()
     out = Path(os.environ.get("OUT", "."))
@@ -85,17 +93,17 @@ def main():
             err = abs(mean(run(logits)) - ref) / abs(ref)
             ms = kernel_ms(lambda run=run, logits=logits: run(logits))
             rows.append(dict(shape=shape, provider=name, gpu_ms=ms, gb_per_s=gb / (ms * 1e-3), loss_rel_err=err))
-            print(f"{shape:12s} {name:22s} {ms * 1e3:8.1f} µs  {gb / (ms * 1e-3):7.0f} GB/s  loss err {err:.1e}")
+            print(f"{shape:12s} {name:32s} {ms * 1e3:8.1f} µs  {gb / (ms * 1e-3):7.0f} GB/s  loss err {err:.1e}")
             pd.DataFrame(rows).to_csv(out / "ce_rows.csv", index=False)
     table = pd.DataFrame(rows).pivot(index="shape", columns="provider", values="gpu_ms")
     print("\nGPU µs per call\n" + (table * 1e3).round(1).to_string(), flush=True)
 
 
 def _with(overrides: dict, fn):
-    """fn, called with cross_entropy.py's few-rows tiling overridden and taken whatever the rows."""
+    """fn, called with cross_entropy.py's switches overridden."""
 
     def call(x):
-        with overridden(cross_entropy, FORCED_FEW_ROWS=True, **overrides):
+        with overridden(cross_entropy, **overrides):
             return fn(x)
 
     return call

@@ -7,7 +7,7 @@ a float64 reference (‖ours − ref‖ / ‖ref‖).
 
 Run: python tools/gpu_lce_chunks.py [--shapes 8192x768x50304 8192x4096x128256] [--chunks 128 256 512 1024]
                                     [--breakdown] [--dw float32 bf16]
-                                    [--ce-tilings "row 16384 / 32 warps" "row 32768 / 32 warps" ...]
+                                    [--ce-tilings "row 16384 / 32 warps" "row 16384 / 32 warps / prefetch" ...]
 Logs to $OUT/lce_chunks.csv; with --breakdown also each provider's GPU time by kernel (one step under
 torch.profiler, no L2 flush) to $OUT/lce_kernels.csv and the heaviest kernels to the log.
 """
@@ -73,12 +73,11 @@ def kernel_breakdown(step, steps: int = 3) -> pd.DataFrame:
 
 
 def variants(chunks, accumulators, ce_tilings):
-    """name → loss(x, w, targets): every chunk size × dW accumulator × cross-entropy tiling of few rows
-    (gpu_ce_rows.TILINGS, taken whatever the chunk's rows; none named: the library's own choice), then Liger-Kernel
-    and torch."""
+    """name → loss(x, w, targets): every chunk size × dW accumulator × cross-entropy tiling (gpu_ce_rows.TILINGS,
+    taken whatever the chunk's rows; none named: the library's own choice), then Liger-Kernel and torch."""
     table = {}
     for tiling in ce_tilings or [None]:
-        overrides = dict(TILINGS[tiling], FORCED_FEW_ROWS=True) if tiling else {}
+        overrides = TILINGS[tiling] if tiling else {}
         for c in chunks:
             for acc in accumulators:
                 a = torch.float32 if acc == "float32" else None

@@ -51,6 +51,10 @@ _FEW_ROWS_PER_SM = 4
 _FEW_ROWS_BLOCK_V, _FEW_ROWS_WARPS = 16384, 32
 FORCED_FEW_ROWS: bool | None = None  # force_few_rows()
 
+# Each vocabulary block's loads are issued before the previous block's reductions and stores (a software pipeline of
+# depth one), so that a program's reads do not pause at every block's barriers (False: load, then reduce).
+PREFETCH_BLOCKS = True
+
 
 def force_few_rows(forced: bool | None):
     """Within the block every one-launch cross-entropy takes (True) or never takes (False) the few-rows tiling
@@ -113,18 +117,34 @@ def _target_logit(x_rows, t, valid, out_of_range, stride_lv):
 
 
 @triton.jit
-def _row_stats(x_rows, valid, x0, V, stride_lv, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SMOOTH):
-    """(max m, Σ e^(x − m), Σ (x − x₀)) of each row's V logits, online over blocks."""
+def _logit_block(x_rows, start, valid, V, stride_lv, other, BLOCK_N: tl.constexpr):
+    """The logits of columns [start, start + BLOCK_N) of each row [BLOCK_M, BLOCK_N], in their dtype; `other` past V
+    and in rows whose target is ignored (valid false)."""
+    c = start + tl.arange(0, BLOCK_N)
+    mask = valid[:, None] & (c < V)[None, :]
+    return tl.load(x_rows + c[None, :].to(tl.int64) * stride_lv, mask=mask, other=other)
+
+
+@triton.jit
+def _row_stats(
+    x_rows, valid, x0, V, stride_lv, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SMOOTH, PREFETCH: tl.constexpr
+):
+    """(max m, Σ e^(x − m), Σ (x − x₀)) of each row's V logits, online over blocks. PREFETCH: each block's loads
+    are issued before the previous block's reductions."""
     cols = tl.arange(0, BLOCK_N)
     m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     s = tl.zeros((BLOCK_M,), dtype=tl.float32)
     sum_x = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    x_next = _logit_block(x_rows, 0, valid, V, stride_lv, float("-inf"), BLOCK_N)
     for start in range(0, V, BLOCK_N):
-        c = start + cols
-        mask = valid[:, None] & (c < V)[None, :]
-        x = tl.load(x_rows + c[None, :].to(tl.int64) * stride_lv, mask=mask, other=float("-inf")).to(tl.float32)
+        if PREFETCH:
+            x = x_next.to(tl.float32)
+            x_next = _logit_block(x_rows, start + BLOCK_N, valid, V, stride_lv, float("-inf"), BLOCK_N)
+        else:
+            x = _logit_block(x_rows, start, valid, V, stride_lv, float("-inf"), BLOCK_N).to(tl.float32)
         m, s = online_softmax_update(m, s, x)
         if SMOOTH:
+            mask = valid[:, None] & (start + cols < V)[None, :]
             sum_x += tl.sum(tl.where(mask, x - x0, 0.0), axis=1)
     return m, s, sum_x
 
@@ -162,6 +182,7 @@ def _cross_entropy_kernel(
     GRAD: tl.constexpr,
     INPLACE: tl.constexpr,
     STORE_STATS: tl.constexpr,
+    PREFETCH: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -178,7 +199,7 @@ def _cross_entropy_kernel(
     x0 = tl.zeros((BLOCK_M, 1), dtype=tl.float32)  # the shift of Σ (x − x₀), read only where ε > 0 needs it
     if SMOOTH:
         x0 = tl.load(x_rows, mask=valid[:, None], other=0.0).to(tl.float32)
-    m, s, sum_x = _row_stats(x_rows, valid, x0, V, stride_lv, BLOCK_M, BLOCK_N, SMOOTH)
+    m, s, sum_x = _row_stats(x_rows, valid, x0, V, stride_lv, BLOCK_M, BLOCK_N, SMOOTH, PREFETCH)
     log_s = tl.log(s)
     loss = _row_loss(m, log_s, x_t, x0, sum_x, valid, out_of_range, smoothing, V, SMOOTH)
     tl.store(loss_ptr + rows, loss, mask=row_mask)
@@ -195,10 +216,15 @@ def _cross_entropy_kernel(
         else:
             g_rows = grad_ptr + rows.to(tl.int64)[:, None] * stride_gm
         cols = tl.arange(0, BLOCK_N)
+        x_next = _logit_block(x_rows, 0, valid, V, stride_lv, 0.0, BLOCK_N)
         for start in range(0, V, BLOCK_N):
             c = start + cols
             in_row = (c < V)[None, :]
-            x = tl.load(x_rows + c[None, :].to(tl.int64) * stride_lv, mask=valid[:, None] & in_row, other=0.0)
+            if PREFETCH:  # the next block is read before this one's gradient overwrites it (in place)
+                x = x_next
+                x_next = _logit_block(x_rows, start + BLOCK_N, valid, V, stride_lv, 0.0, BLOCK_N)
+            else:
+                x = _logit_block(x_rows, start, valid, V, stride_lv, 0.0, BLOCK_N)
             g = logit_gradient(x.to(tl.float32), c, m, log_s, t, valid, out_of_range, scale, smoothing, V, SMOOTH)
             tl.store(
                 g_rows + c[None, :].to(tl.int64) * stride_gv,
@@ -335,6 +361,7 @@ def cross_entropy_forward(
             GRAD=grad is not None,
             INPLACE=grad is logits,
             STORE_STATS=stats is not None,
+            PREFETCH=PREFETCH_BLOCKS,
             **meta,
         )
     return losses

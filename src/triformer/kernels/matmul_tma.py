@@ -175,17 +175,26 @@ def _split_k_sum_kernel(
 ):
     """P = Σ_s partial[slot s · tile_count + t] + bias[n] over the splits (in split order: deterministic) of cut
     tile t = program_id(0) (tile first_tile + t in grouped order), C = act(P), and P itself when STORE_PREACT,
-    for one SUM_M×SUM_N block of the tile."""
+    for one SUM_M×SUM_N block of the tile. Four splits' loads are issued before their adds (one latency a step,
+    not one a split)."""
     t = tl.program_id(0)
     pid_m, pid_n = grouped_tile(first_tile + t, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     in_m = tl.program_id(1) * SUM_M + tl.arange(0, SUM_M)
     in_n = tl.program_id(2) * SUM_N + tl.arange(0, SUM_N)
     rows, cols = pid_m * BLOCK_M + in_m, pid_n * BLOCK_N + in_n
-    slot_offsets = in_m[:, None] * BLOCK_N + in_n[None, :]
+    tile_offsets = in_m[:, None] * BLOCK_N + in_n[None, :]
+    tile_elements = BLOCK_M * BLOCK_N
     acc = tl.zeros((SUM_M, SUM_N), dtype=tl.float32)
-    for split in range(splits):
-        slot = tl.cast(split * tile_count + t, tl.int64)
-        acc += tl.load(partial_ptr + slot * (BLOCK_M * BLOCK_N) + slot_offsets)
+    for first in range(0, splits, 4):
+        slot = tl.cast(first * tile_count + t, tl.int64)
+        p0 = tl.load(partial_ptr + slot * tile_elements + tile_offsets)
+        p1 = tl.load(partial_ptr + (slot + tile_count) * tile_elements + tile_offsets, mask=first + 1 < splits)
+        p2 = tl.load(partial_ptr + (slot + 2 * tile_count) * tile_elements + tile_offsets, mask=first + 2 < splits)
+        p3 = tl.load(partial_ptr + (slot + 3 * tile_count) * tile_elements + tile_offsets, mask=first + 3 < splits)
+        acc += p0
+        acc = tl.where(first + 1 < splits, acc + p1, acc)
+        acc = tl.where(first + 2 < splits, acc + p2, acc)
+        acc = tl.where(first + 3 < splits, acc + p3, acc)
     acc = add_bias(acc, bias_ptr, cols, N, HAS_BIAS)
     mask = (rows < M)[:, None] & (cols < N)[None, :]
     offsets = rows.to(tl.int64)[:, None] * N + cols[None, :]
@@ -402,6 +411,21 @@ def partial_buffer(rows: int, cols: int, device: torch.device, scratch: torch.Te
     return torch.empty((rows, cols), device=device, dtype=torch.float32)
 
 
+def sum_blocks(cut: int, block_m: int, block_n: int, num_sms: int) -> tuple[int, int]:
+    """(SUM_M, SUM_N) of _split_k_sum_kernel's programs for `cut` cut tiles: 32×128 blocks, narrowed (rows to 8,
+    then columns to 64) while the launch would have fewer than two programs a SM (a few cut tiles: the partials
+    of a 128-row product cut 16 ways are read by 24 programs at 32×128, 192 at 8×64)."""
+    sum_m, sum_n = min(32, block_m), min(128, block_n)
+    while cut * (block_m // sum_m) * (block_n // sum_n) < 2 * num_sms:
+        if sum_m > 8:
+            sum_m //= 2
+        elif sum_n > 64:
+            sum_n //= 2
+        else:
+            break
+    return sum_m, sum_n
+
+
 def launch_on(args: tuple, flags: dict, meta: dict, num_sms: int, scratch: torch.Tensor | None = None) -> None:
     """One product with args (a, b, c, preact, bias, M, N, K, stride_a, stride_b), flags and launch meta (a tile
     config with WHOLE_TILES and SPLIT_K, see schedule_meta) on at most num_sms persistent programs: the whole
@@ -466,7 +490,7 @@ def launch_on(args: tuple, flags: dict, meta: dict, num_sms: int, scratch: torch
             PARTIAL=True,
             **_partial_launch_meta(tile_meta),
         )
-        sum_m, sum_n = min(32, block_m), min(128, block_n)
+        sum_m, sum_n = sum_blocks(cut, block_m, block_n, num_sms)
         _launch.launch(
             _split_k_sum_kernel,
             (cut, block_m // sum_m, block_n // sum_n),
