@@ -467,7 +467,37 @@ def test_slab_pass_lends_the_dw_memory_to_the_dx_products(monkeypatch, seed):
         assert len(scratches) == 5
         for scratch in scratches:
             assert (scratch is not None) == lent
-            assert scratch is None or (scratch.shape == w.shape and scratch.dtype == w.dtype)
+            assert scratch is None or (scratch.dtype == w.dtype and scratch.numel() <= w.numel())
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_the_rows_stats_and_losses_wait_in_dw_last_slab(reduction, monkeypatch, seed):
+    """With room in the rows of dW that the slab pass writes last, the rows' stats (and the per-row losses, which a
+    "mean" reduces before the slab pass) wait there instead of in buffers of their own: the same results bit for
+    bit; without room, buffers of their own."""
+    n, h, v = 64, 256, 100  # 24-column slabs: the last one's 4 rows of dW hold 2 KiB, the workspace takes 1 KiB
+    x, w, b = make_inputs(n, h, v, torch.float16)
+    targets = make_targets((n,), v)
+    real = lce_kernels.last_slab_workspace
+    lent = []
+
+    def spying(dw, last_slab_row, floats):
+        lent.append(real(dw, last_slab_row, floats)[0] is not None)
+        return real(dw, last_slab_row, floats)
+
+    def results():
+        loss = F_tri.linear_cross_entropy(x, w, targets, b, reduction=reduction, chunk_size=16)
+        return (loss, *torch.autograd.grad(loss.sum(), (x, w, b)))
+
+    monkeypatch.setattr(lce_kernels, "last_slab_workspace", spying)
+    in_dw = results()
+    monkeypatch.setattr(lce_kernels, "last_slab_workspace", lambda dw, row, floats: (None, dw.view(-1)))
+    own_buffers = results()
+    assert lent == [True]
+    for ours, theirs in zip(in_dw, own_buffers, strict=True):
+        assert torch.equal(ours, theirs)
+    dw = torch.empty(v, h, dtype=torch.float16)
+    assert real(dw, 96, 4 * n)[0] is not None and real(dw, 96, 4 * n + 512)[0] is None
 
 
 @pytest.mark.skipif(not ON_GPU, reason="peak memory is measured with torch.cuda's allocator statistics")

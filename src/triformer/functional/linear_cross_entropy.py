@@ -104,19 +104,28 @@ def _lce_impl(
     alpha = 1.0 / counts[0].clamp(min=1).float() if reduction == "mean" else None
     need = (need_dx, need_dw, need_db and bias is not None) if reduction != "none" else (False, False, False)
     losses, dx, dw, db = lce_kernels.chunked_forward(
-        x2d, weight, bias, targets1d, ignore_index, smoothing, chunk_rows, need, alpha, float32_dw
+        x2d,
+        weight,
+        bias,
+        targets1d,
+        ignore_index,
+        smoothing,
+        chunk_rows,
+        need,
+        alpha,
+        float32_dw,
+        row_losses=reduction == "none",
     )
     if reduction == "none":
         loss = losses.view(targets.shape)
     else:
-        total = losses.sum()
-        loss = total / counts[0] if reduction == "mean" else total
+        loss = losses / counts[0] if reduction == "mean" else losses
     return (
         loss,
-        or_placeholder(dx, losses),
-        or_placeholder(dw, losses),
-        or_placeholder(None if db is None else db.view(1, v), losses),
-        or_placeholder(alpha, losses),
+        or_placeholder(dx, loss),
+        or_placeholder(dw, loss),
+        or_placeholder(None if db is None else db.view(1, v), loss),
+        or_placeholder(alpha, loss),
     )
 
 
@@ -216,6 +225,7 @@ def _lce_backward_impl(
         None,
         float32_dw,
         row_scale=dloss.float().reshape(-1).contiguous(),
+        row_losses=False,
     )
     return (
         or_placeholder(dx, x2d),

@@ -409,6 +409,18 @@ def slab_columns(n: int, v: int, chunk_rows: int) -> int:
     return min(v, cdiv(cdiv(v, cdiv(v, budget)), 8) * 8)
 
 
+def last_slab_workspace(dw: torch.Tensor, last_slab_row: int, floats: int) -> tuple:
+    """(float32 [floats] at the end of dW's memory, the memory before it) when it lies within dW's rows from
+    last_slab_row on, which the slab pass writes last (after its last read of the workspace); (None, all of dW's
+    memory) when those rows lack room. dw: contiguous [V, H]."""
+    flat = dw.view(-1)
+    elements = floats * 4 // dw.element_size()
+    start = (flat.numel() - elements) // 8 * 8  # 16-byte aligned for a 16-bit dW (and a 4-byte one)
+    if floats * 4 % dw.element_size() or start < last_slab_row * dw.shape[1]:
+        return None, flat
+    return flat[start : start + elements].view(torch.float32), flat[:start]
+
+
 def chunked_forward(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -421,16 +433,21 @@ def chunked_forward(
     alpha: torch.Tensor | None,
     float32_dw: bool,
     row_scale: torch.Tensor | None = None,
+    row_losses: bool = True,
 ):
     """The chunk loop (and, for float32_dw, the slab pass) of the module doc for x [N, H], weight [V, H], bias [V]
     or None, contiguous targets [N].
 
     need = (dx, dW, db) wanted. Returns (per-row losses float32 [N], dx [N, H] unscaled, dW [V, H] in weight's
-    dtype with α folded in, db float32 [V] unscaled); None for a gradient not wanted. float32_dw: dW in float32
-    precision (rounded once) when it would otherwise be summed over several chunks in a 16-bit dtype: by the slab
-    pass; else dW accumulates in itself. row_scale: float32 [N] multiplying each row's logit gradient before the
-    products. A target out of range gives its row a NaN loss and gradient (see cross_entropy.py;
-    cross_entropy.count_targets finds it).
+    dtype with α folded in, db float32 [V] unscaled); None for a gradient not wanted. row_losses False: the sum of
+    the losses (a float32 0-d tensor) instead of the per-row losses. float32_dw: dW in float32 precision (rounded
+    once) when it would otherwise be summed over several chunks in a 16-bit dtype: by the slab pass; else dW
+    accumulates in itself. row_scale: float32 [N] multiplying each row's logit gradient before the products. A
+    target out of range gives its row a NaN loss and gradient (see cross_entropy.py; cross_entropy.count_targets
+    finds it).
+
+    Until the slab pass writes them, dW's rows hold what the chunks leave for it: the rows' stats and (row_losses
+    False) the per-row losses in its last slab's rows, and the dx product's split-K partials before them.
     """
     n, h = x.shape
     v = weight.shape[0]
@@ -439,10 +456,20 @@ def chunked_forward(
     slabs = need_dw and float32_dw and weight.dtype != torch.float32 and len(starts) > 1
     chunk_dw, chunk_db = need_dw and not slabs, need_db and not slabs  # summed over the row chunks
     chunk_grad = need_dx or chunk_dw or chunk_db
-    losses = new_empty((n,), like=x, dtype=torch.float32)
-    stats = new_empty((3, n), like=x, dtype=torch.float32) if slabs else None
     dx = new_empty((n, h), like=x) if need_dx else None
     dw = (new_empty((v, h), like=weight) if n else weight.new_zeros((v, h))) if need_dw else None
+    losses = stats = partials = None
+    if slabs:
+        width = slab_columns(n, v, chunk_rows)
+        in_dw = 3 * n if row_losses else 4 * n
+        workspace, partials = last_slab_workspace(dw, (v - 1) // width * width, in_dw)
+        if workspace is not None:
+            stats = workspace[: 3 * n].view(3, n)
+            losses = None if row_losses else workspace[3 * n :]
+        else:
+            stats = new_empty((3, n), like=x, dtype=torch.float32)
+    if losses is None:
+        losses = new_empty((n,), like=x, dtype=torch.float32)
     db = None  # summed over the row chunks from the first, or written slab by slab
     if need_db and slabs:
         db = new_empty((v,), like=x, dtype=torch.float32)
@@ -463,16 +490,17 @@ def chunked_forward(
         )
         if chunk_grad and row_scale is not None:
             scale_rows_(z, row_scale[start:stop], targets[start:stop], ignore_index)
-        if need_dx:  # in the slab pass dW is written only after the chunks: its memory holds dx's split-K partials
-            matmul(z, weight, out=dx[start:stop], scratch=dw if slabs else None)
+        if need_dx:
+            matmul(z, weight, out=dx[start:stop], scratch=partials)
         if chunk_dw:
             accumulate_product(z.t(), x[start:stop], dw if i else None, dw, alpha)
         if chunk_db:
             sums = column_sum(z, torch.float32)
             db = sums if db is None else db.add_(sums)
         del z  # the next chunk's logits reuse its memory
+    if not row_losses:
+        losses = losses.sum()  # before the slab pass writes over them
     if slabs:
-        width = slab_columns(n, v, chunk_rows)
         for first in range(0, v, width):
             last = min(v, first + width)
             z = matmul(x, weight[first:last].t(), bias=None if bias is None else bias[first:last])[0]
