@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from harness import DTYPES, ON_GPU, assert_close, randn, well_conditioned_norm
+from harness import DEVICE, DTYPES, ON_GPU, assert_close, randn, well_conditioned_norm
 from test_linear import REFERENCE_ACTIVATION
 
-from triformer.kernels import matmul_tma
+from triformer.kernels import _tma, matmul_tma
 from triformer.kernels.activation import activation_code
 
 pytestmark = pytest.mark.skipif(
@@ -135,6 +135,28 @@ def test_cut_tiles_stage_their_partials_in_scratch_with_room(seed):
     misaligned = _poisoned((halves + 16,), torch.float16, a)[1:]  # 2 bytes past a 16-byte boundary
     assert torch.equal(product(misaligned), expected)
     assert torch.isnan(misaligned).all()
+
+
+def test_scratch_lends_its_front_to_the_partials_and_the_rest_to_the_descriptors():
+    scratch = torch.empty(1000, dtype=torch.float16, device=DEVICE)
+    partial, lent = matmul_tma.scratch_memory(scratch, scratch.device, 8, 16)  # 512 bytes of partials
+    assert partial.shape == (8, 16) and partial.dtype == torch.float32 and partial.data_ptr() == scratch.data_ptr()
+    assert lent.dtype == torch.uint8 and lent.data_ptr() == scratch.data_ptr() + 512 and lent.numel() == 2000 - 512
+    assert matmul_tma.scratch_memory(scratch, scratch.device, 0, 16)[1].numel() == 2000  # no cut tiles: all lent
+    partial, lent = matmul_tma.scratch_memory(scratch, scratch.device, 64, 16)  # no room: new memory, nothing lent
+    assert partial.shape == (64, 16) and partial.data_ptr() != scratch.data_ptr() and lent is None
+    assert matmul_tma.scratch_memory(None, scratch.device, 0, 16) == (None, None)
+
+
+def test_descriptors_take_the_aligned_end_of_lent_memory():
+    """(The interpreter never asks for descriptor memory: the allocator itself is checked here.)"""
+    lent = torch.empty(1000, dtype=torch.uint8, device=DEVICE)[3:]
+    memory = _tma._descriptor_memory_in(lent, 256, 128, None)
+    assert memory.numel() == 256 and memory.data_ptr() % 128 == 0
+    assert lent.data_ptr() <= memory.data_ptr() and memory.data_ptr() + 256 <= lent.data_ptr() + lent.numel()
+    assert memory.data_ptr() + 256 + 128 > lent.data_ptr() + lent.numel()  # the last aligned place
+    new = _tma._descriptor_memory_in(lent[:200], 256, 128, None)  # no room
+    assert new.numel() == 256 and not lent.data_ptr() <= new.data_ptr() < lent.data_ptr() + lent.numel()
 
 
 @pytest.mark.parametrize(

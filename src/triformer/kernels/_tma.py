@@ -1,10 +1,13 @@
 """Device-side pieces of the Hopper product (matmul_tma.py): TMA descriptors of the operands and outputs, tile
 counts and loads, and the epilogue that stores C = act(P) (and P when asked), P = acc + bias[n].
 
-Descriptors are built on the device; Triton asks the allocator set by `use_descriptor_memory` for their memory.
+Descriptors are built on the device; Triton asks the allocator set by `use_descriptor_memory` for their memory (new
+memory, or memory the caller lends).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -20,9 +23,19 @@ def _descriptor_memory(size: int, alignment: int, stream: int | None) -> torch.T
     return torch.empty(size, device="cpu" if interpreter_active() else "cuda", dtype=torch.int8)
 
 
-def use_descriptor_memory() -> None:
-    """Call before each launch: the allocator is per thread (a ContextVar), and the backward runs on autograd's."""
-    triton.set_allocator(_descriptor_memory)
+def _descriptor_memory_in(lent: torch.Tensor, size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    """The descriptors' memory at the aligned end of `lent` (bytes, uint8) when it has room, else new memory."""
+    start = (lent.data_ptr() + lent.numel() - size) // alignment * alignment - lent.data_ptr()
+    if start < 0:
+        return _descriptor_memory(size, alignment, stream)
+    return lent[start : start + size]
+
+
+def use_descriptor_memory(lent: torch.Tensor | None = None) -> None:
+    """Call before each launch: the allocator is per thread (a ContextVar), and the backward runs on autograd's.
+    lent: memory (uint8, contiguous, on the launch's device) free while the launch runs, where the descriptors go
+    when they fit, instead of new memory."""
+    triton.set_allocator(_descriptor_memory if lent is None else functools.partial(_descriptor_memory_in, lent))
 
 
 @triton.jit

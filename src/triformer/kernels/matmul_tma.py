@@ -396,10 +396,12 @@ def _candidates(
     return candidates
 
 
-def partial_buffer(rows: int, cols: int, device: torch.device, scratch: torch.Tensor | None) -> torch.Tensor:
-    """float32 [rows, cols] for the cut tiles' partial products: the front of scratch's memory when scratch is a
-    contiguous tensor on `device` with room for it, 16-byte aligned (as TMA wants), else a new tensor."""
-    nbytes = rows * cols * 4
+def scratch_memory(scratch: torch.Tensor | None, device: torch.device, partial_rows: int, partial_cols: int) -> tuple:
+    """(float32 [partial_rows, partial_cols] for the cut tiles' partial products, bytes (uint8) the descriptors may
+    take, or None): the front of scratch's memory for the partials and the rest for the descriptors when scratch is
+    a contiguous tensor on `device`, 16-byte aligned (as TMA wants), with room for the partials; else new memory for
+    the partials (when there are any) and none lent to the descriptors."""
+    nbytes = partial_rows * partial_cols * 4
     if (
         scratch is not None
         and scratch.device == device
@@ -407,8 +409,10 @@ def partial_buffer(rows: int, cols: int, device: torch.device, scratch: torch.Te
         and scratch.data_ptr() % 16 == 0
         and scratch.numel() * scratch.element_size() >= nbytes
     ):
-        return scratch.reshape(-1).view(torch.uint8)[:nbytes].view(torch.float32).view(rows, cols)
-    return torch.empty((rows, cols), device=device, dtype=torch.float32)
+        memory = scratch.reshape(-1).view(torch.uint8)
+        return memory[:nbytes].view(torch.float32).view(partial_rows, partial_cols), memory[nbytes:]
+    partial = torch.empty((partial_rows, partial_cols), device=device, dtype=torch.float32) if nbytes else None
+    return partial, None
 
 
 def sum_blocks(cut: int, block_m: int, block_n: int, num_sms: int) -> tuple[int, int]:
@@ -429,8 +433,9 @@ def sum_blocks(cut: int, block_m: int, block_n: int, num_sms: int) -> tuple[int,
 def launch_on(args: tuple, flags: dict, meta: dict, num_sms: int, scratch: torch.Tensor | None = None) -> None:
     """One product with args (a, b, c, preact, bias, M, N, K, stride_a, stride_b), flags and launch meta (a tile
     config with WHOLE_TILES and SPLIT_K, see schedule_meta) on at most num_sms persistent programs: the whole
-    tiles, then the cut tiles' runs and the sum of their partials (in scratch's memory when it has room, see
-    partial_buffer). A meta {"WS_CONFIG": tile} runs matmul_ws.py's kernel instead (A row-major, B transposed)."""
+    tiles, then the cut tiles' runs and the sum of their partials (the partials and the kernels' descriptors in
+    scratch's memory when it has room, see scratch_memory). A meta {"WS_CONFIG": tile} runs matmul_ws.py's kernel
+    instead (A row-major, B transposed)."""
     a, b, c, preact, bias, M, N = args[:7]
     if "WS_CONFIG" in meta:  # B transposed: b is its memory, W [N, K] (see tma_views)
         _gluon_kernel().launch(
@@ -444,13 +449,14 @@ def launch_on(args: tuple, flags: dict, meta: dict, num_sms: int, scratch: torch
             num_sms,
         )
         return
-    use_descriptor_memory()
     tile_meta = {k: v for k, v in meta.items() if k not in ("WHOLE_TILES", "SPLIT_K")}
     block_m, block_n = meta["BLOCK_M"], meta["BLOCK_N"]
     tiles = count_tiles(M, N, meta)
     split = meta["SPLIT_K"]
     whole = tiles if split == 1 else min(meta["WHOLE_TILES"], tiles)
     cut = tiles - whole
+    partial, lent = scratch_memory(scratch, c.device, cut * split * block_m, block_n)
+    use_descriptor_memory(lent)
     if whole:
         _launch.launch(
             _matmul_tma_kernel,
@@ -471,7 +477,6 @@ def launch_on(args: tuple, flags: dict, meta: dict, num_sms: int, scratch: torch
             **tile_meta,
         )
     if cut:
-        partial = partial_buffer(cut * split * block_m, block_n, c.device, scratch)
         _launch.launch(
             _matmul_tma_kernel,
             (min(num_sms, cut * split),),
