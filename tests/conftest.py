@@ -63,19 +63,11 @@ def row_path(request):
         yield request.param
 
 
-@pytest.fixture(params=["usual-tiling", "few-rows-tiling", "unprefetched"])
+@pytest.fixture(params=["usual-tiling", "few-rows-tiling"])
 def ce_rows(request):
-    """Cross-entropy runs three times: with its usual tiling, with the one for few rows of a wide vocabulary (a fused
-    linear + CE chunk: one row a program on a wide block), which the interpreter would otherwise never take, and
-    with each vocabulary block loaded only when its turn comes (not prefetched)."""
+    """Cross-entropy runs twice: with its usual tiling, and with the one for few rows of a wide vocabulary (a fused
+    linear + CE chunk: one row a program on a wide block), which the interpreter would otherwise never take."""
     from triformer.kernels import cross_entropy
-    from triformer.kernels._runtime import overridden
 
-    if request.param == "few-rows-tiling":
-        context = cross_entropy.force_few_rows(True)
-    elif request.param == "unprefetched":
-        context = overridden(cross_entropy, PREFETCH_BLOCKS=False)
-    else:
-        context = contextlib.nullcontext()
-    with context:
+    with cross_entropy.force_few_rows(True) if request.param == "few-rows-tiling" else contextlib.nullcontext():
         yield request.param

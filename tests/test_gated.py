@@ -13,7 +13,6 @@ from sm90_compile import assert_compiled_without_spills, child_report, compile_f
 import triformer.functional as F_tri
 from triformer import TritonGatedMLP
 from triformer.kernels import gated as gated_kernels
-from triformer.kernels._runtime import overridden
 from triformer.nn import TorchGatedMLP
 
 GATES = {"silu": F.silu, "gelu": lambda a: F.gelu(a, approximate="tanh")}
@@ -62,14 +61,12 @@ def test_against_float64(activation, where, shape, dtype, seed):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("activation", ["silu", "gelu"])
-@pytest.mark.parametrize("row_major", [True, False])
-def test_several_row_and_column_blocks(row_major, activation, dtype, seed):
-    """Small tiles under the interpreter: 16-column blocks (the last partly masked) and 4-row blocks, programs on a
-    1-D grid in row-major tile order or on a 2-D grid."""
-    with gated_kernels.interpreter_tiling(64, 16), overridden(gated_kernels, ROW_MAJOR_ORDER=row_major):
+def test_several_row_and_column_blocks(activation, dtype, seed):
+    """Small tiles under the interpreter: 16-column blocks (the last partly masked) and 4-row blocks, 2 × 3 tiles."""
+    with gated_kernels.interpreter_tiling(64, 16):
         grid, meta = gated_kernels.launch_config(7, 33)
         if not ON_GPU:
-            assert grid == ((6,) if row_major else (2, 3)) and (meta["BLOCK_M"], meta["BLOCK_N"]) == (4, 16)
+            assert grid == (6,) and (meta["BLOCK_M"], meta["BLOCK_N"]) == (4, 16)
         check(randn(7, 66, dtype=dtype, requires_grad=True), non_leaf, activation, dtype)
 
 
@@ -255,7 +252,7 @@ def compile_all() -> dict:
     def case(name):
         act, _, shape = name.partition("-")
         m, n = map(int, shape.split("x"))
-        meta = dict(kernels._launch(m, n, kernels.GPU_TILE, kernels.GPU_MAX_BLOCK_N, kernels.ROW_MAJOR_ORDER)[1])
+        meta = dict(kernels._launch(m, n, kernels.GPU_TILE, kernels.GPU_MAX_BLOCK_N)[1])
         warps = meta.pop("num_warps")
         flags = {**meta, "ACT": activation_code(act)}
         return {

@@ -2,7 +2,7 @@
 flushed) of the gated forward and forward+backward and of RoPE forward and forward+backward at the bench stage's
 gpu shapes, for each candidate of the launcher's module constants, beside the current default.
 
-gated: GPU_TILE (elements per program) × GPU_MAX_BLOCK_N (widest column block) × ROW_MAJOR_ORDER (program order).
+gated: GPU_TILE (elements per program) × GPU_MAX_BLOCK_N (widest column block).
 rope:  GPU_TILE (elements per program) × PROGRAMS_PER_SM (programs launched per SM before a program loops).
 Prints, per shape and direction, ms per candidate and its speed against the default (> 1: faster); logs to
 $OUT/tile_sweep.csv.
@@ -27,7 +27,7 @@ from triformer.kernels._runtime import overridden  # noqa: E402
 
 DTYPE = torch.bfloat16
 CANDIDATES = {
-    gated: {"GPU_TILE": [4096, 8192], "GPU_MAX_BLOCK_N": [1024, 2048, 4096], "ROW_MAJOR_ORDER": [False, True]},
+    gated: {"GPU_TILE": [2048, 4096, 8192, 16384], "GPU_MAX_BLOCK_N": [512, 1024, 2048, 4096]},
     rope: {"GPU_TILE": [2048, 4096, 8192, 16384], "PROGRAMS_PER_SM": [4, 8, 16, 32]},
 }
 

@@ -51,10 +51,6 @@ _FEW_ROWS_PER_SM = 4
 _FEW_ROWS_BLOCK_V, _FEW_ROWS_WARPS = 16384, 32
 FORCED_FEW_ROWS: bool | None = None  # force_few_rows()
 
-# Each vocabulary block's loads are issued before the previous block's reductions and stores (a software pipeline of
-# depth one), so that a program's reads do not pause at every block's barriers (False: load, then reduce).
-PREFETCH_BLOCKS = True
-
 
 def force_few_rows(forced: bool | None):
     """Within the block every one-launch cross-entropy takes (True) or never takes (False) the few-rows tiling
@@ -126,22 +122,14 @@ def _logit_block(x_rows, start, valid, V, stride_lv, other, BLOCK_N: tl.constexp
 
 
 @triton.jit
-def _row_stats(
-    x_rows, valid, x0, V, stride_lv, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SMOOTH, PREFETCH: tl.constexpr
-):
-    """(max m, Σ e^(x − m), Σ (x − x₀)) of each row's V logits, online over blocks. PREFETCH: each block's loads
-    are issued before the previous block's reductions."""
+def _row_stats(x_rows, valid, x0, V, stride_lv, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SMOOTH):
+    """(max m, Σ e^(x − m), Σ (x − x₀)) of each row's V logits, online over blocks."""
     cols = tl.arange(0, BLOCK_N)
     m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     s = tl.zeros((BLOCK_M,), dtype=tl.float32)
     sum_x = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    x_next = _logit_block(x_rows, 0, valid, V, stride_lv, float("-inf"), BLOCK_N)
     for start in range(0, V, BLOCK_N):
-        if PREFETCH:
-            x = x_next.to(tl.float32)
-            x_next = _logit_block(x_rows, start + BLOCK_N, valid, V, stride_lv, float("-inf"), BLOCK_N)
-        else:
-            x = _logit_block(x_rows, start, valid, V, stride_lv, float("-inf"), BLOCK_N).to(tl.float32)
+        x = _logit_block(x_rows, start, valid, V, stride_lv, float("-inf"), BLOCK_N).to(tl.float32)
         m, s = online_softmax_update(m, s, x)
         if SMOOTH:
             mask = valid[:, None] & (start + cols < V)[None, :]
@@ -182,7 +170,6 @@ def _cross_entropy_kernel(
     GRAD: tl.constexpr,
     INPLACE: tl.constexpr,
     STORE_STATS: tl.constexpr,
-    PREFETCH: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -199,7 +186,7 @@ def _cross_entropy_kernel(
     x0 = tl.zeros((BLOCK_M, 1), dtype=tl.float32)  # the shift of Σ (x − x₀), read only where ε > 0 needs it
     if SMOOTH:
         x0 = tl.load(x_rows, mask=valid[:, None], other=0.0).to(tl.float32)
-    m, s, sum_x = _row_stats(x_rows, valid, x0, V, stride_lv, BLOCK_M, BLOCK_N, SMOOTH, PREFETCH)
+    m, s, sum_x = _row_stats(x_rows, valid, x0, V, stride_lv, BLOCK_M, BLOCK_N, SMOOTH)
     log_s = tl.log(s)
     loss = _row_loss(m, log_s, x_t, x0, sum_x, valid, out_of_range, smoothing, V, SMOOTH)
     tl.store(loss_ptr + rows, loss, mask=row_mask)
@@ -216,15 +203,10 @@ def _cross_entropy_kernel(
         else:
             g_rows = grad_ptr + rows.to(tl.int64)[:, None] * stride_gm
         cols = tl.arange(0, BLOCK_N)
-        x_next = _logit_block(x_rows, 0, valid, V, stride_lv, 0.0, BLOCK_N)
         for start in range(0, V, BLOCK_N):
             c = start + cols
             in_row = (c < V)[None, :]
-            if PREFETCH:  # the next block is read before this one's gradient overwrites it (in place)
-                x = x_next
-                x_next = _logit_block(x_rows, start + BLOCK_N, valid, V, stride_lv, 0.0, BLOCK_N)
-            else:
-                x = _logit_block(x_rows, start, valid, V, stride_lv, 0.0, BLOCK_N)
+            x = _logit_block(x_rows, start, valid, V, stride_lv, 0.0, BLOCK_N)
             g = logit_gradient(x.to(tl.float32), c, m, log_s, t, valid, out_of_range, scale, smoothing, V, SMOOTH)
             tl.store(
                 g_rows + c[None, :].to(tl.int64) * stride_gv,
@@ -361,7 +343,6 @@ def cross_entropy_forward(
             GRAD=grad is not None,
             INPLACE=grad is logits,
             STORE_STATS=stats is not None,
-            PREFETCH=PREFETCH_BLOCKS,
             **meta,
         )
     return losses

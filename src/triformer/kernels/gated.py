@@ -8,7 +8,8 @@ x [M, 2N] holds the two halves of one up-projection, a = x[:, :N] (the gate) and
 (act and act' as in activation.py.) Nothing is stored for the backward but x itself: act(a) and act'(a) are
 recomputed from a. The halves are read through x's strides (no copy) and da, db are written into the two halves of
 one [M, 2N] gradient, which may be x's own storage (each element is read before the same program overwrites it).
-Float32 math; outputs in x's dtype. Programs cover [BLOCK_M, BLOCK_N] tiles of the [M, N] half-plane.
+Float32 math; outputs in x's dtype. Programs cover [BLOCK_M, BLOCK_N] tiles of the [M, N] half-plane, in row-major
+tile order (consecutive programs read consecutive memory).
 """
 
 from __future__ import annotations
@@ -32,9 +33,6 @@ GPU_TILE = 4096
 GPU_MAX_BLOCK_N = 1024
 INTERPRETER_TILE = 16384
 INTERPRETER_MAX_BLOCK_N = 4096
-# Programs numbered row block by row block (a row block's column blocks one after another: consecutive programs
-# read consecutive memory) on a 1-D grid; False: a 2-D grid whose first axis is the row block.
-ROW_MAJOR_ORDER = True
 
 
 def interpreter_tiling(tile: int, max_block_n: int):
@@ -57,17 +55,13 @@ def _act_and_derivative(a, ACT: tl.constexpr):
 
 
 @triton.jit
-def _tile(M, N, stride_m, stride_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_MAJOR: tl.constexpr):
+def _tile(M, N, stride_m, stride_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """(offsets of this program's [BLOCK_M, BLOCK_N] tile in a tensor of the given strides, its mask, and the
-    [rows, cols] index vectors). ROW_MAJOR: program p takes tile (p // column blocks, p % column blocks), so that
-    consecutive programs read consecutive memory; else tile (program_id(0), program_id(1))."""
-    if ROW_MAJOR:
-        column_blocks = tl.cdiv(N, BLOCK_N)
-        pid_m = tl.program_id(0) // column_blocks
-        pid_n = tl.program_id(0) % column_blocks
-    else:
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
+    [rows, cols] index vectors). Program p takes tile (p // column blocks, p % column blocks): consecutive programs
+    read consecutive memory."""
+    column_blocks = tl.cdiv(N, BLOCK_N)
+    pid_m = tl.program_id(0) // column_blocks
+    pid_n = tl.program_id(0) % column_blocks
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rows < M)[:, None] & (cols < N)[None, :]
@@ -86,10 +80,9 @@ def _gated_forward_kernel(
     ACT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    ROW_MAJOR: tl.constexpr,
 ):
     """h = act(a) ⊙ b with a at x_ptr + offsets and b N columns further; h has unit column stride."""
-    x_offsets, mask, rows, cols = _tile(M, N, stride_xm, stride_xn, BLOCK_M, BLOCK_N, ROW_MAJOR)
+    x_offsets, mask, rows, cols = _tile(M, N, stride_xm, stride_xn, BLOCK_M, BLOCK_N)
     a = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(x_ptr + N * stride_xn + x_offsets, mask=mask, other=0.0).to(tl.float32)
     act, _ = _act_and_derivative(a, ACT)
@@ -113,10 +106,9 @@ def _gated_backward_kernel(
     ACT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    ROW_MAJOR: tl.constexpr,
 ):
     """da = dh ⊙ b ⊙ act'(a) into dx's first N columns, db = dh ⊙ act(a) into the next N (dx may be x)."""
-    x_offsets, mask, rows, cols = _tile(M, N, stride_xm, stride_xn, BLOCK_M, BLOCK_N, ROW_MAJOR)
+    x_offsets, mask, rows, cols = _tile(M, N, stride_xm, stride_xn, BLOCK_M, BLOCK_N)
     dh_offsets = rows.to(tl.int64)[:, None] * stride_dhm + cols[None, :] * stride_dhn
     dh = tl.load(dh_ptr + dh_offsets, mask=mask, other=0.0).to(tl.float32)
     a = tl.load(x_ptr + x_offsets, mask=mask, other=0.0).to(tl.float32)
@@ -128,26 +120,20 @@ def _gated_backward_kernel(
 
 
 @functools.lru_cache(maxsize=1024)
-def _launch(m: int, n: int, tile: int, max_block_n: int, row_major: bool) -> tuple:
-    """(grid, meta as (key, value) pairs), computed once per shape."""
+def _launch(m: int, n: int, tile: int, max_block_n: int) -> tuple:
+    """(grid, meta as (key, value) pairs), computed once per shape: one program a tile, in row-major tile order."""
     block_n = min(next_power_of_2(n), max_block_n)
     block_m = max(1, min(next_power_of_2(m), tile // block_n))
-    meta = {
-        "BLOCK_M": block_m,
-        "BLOCK_N": block_n,
-        "ROW_MAJOR": row_major,
-        "num_warps": 4 if block_m * block_n <= 2048 else 8,
-    }
-    blocks = cdiv(m, block_m), cdiv(n, block_n)
-    return ((blocks[0] * blocks[1],) if row_major else blocks), tuple(meta.items())
+    meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": 4 if block_m * block_n <= 2048 else 8}
+    return (cdiv(m, block_m) * cdiv(n, block_n),), tuple(meta.items())
 
 
 def launch_config(m: int, n: int) -> tuple:
     """(grid, meta) over the [m, n] half-plane."""
     if interpreter_active():
-        grid, meta = _launch(m, n, INTERPRETER_TILE, INTERPRETER_MAX_BLOCK_N, ROW_MAJOR_ORDER)
+        grid, meta = _launch(m, n, INTERPRETER_TILE, INTERPRETER_MAX_BLOCK_N)
     else:
-        grid, meta = _launch(m, n, GPU_TILE, GPU_MAX_BLOCK_N, ROW_MAJOR_ORDER)
+        grid, meta = _launch(m, n, GPU_TILE, GPU_MAX_BLOCK_N)
     return grid, dict(meta)
 
 
