@@ -200,20 +200,22 @@ def test_slab_target_term_ignores_a_recomputed_target_logit(monkeypatch, seed):
 
 
 def test_slab_columns():
-    """As few slabs as keep their logits no larger than a chunk's, as equal as whole 128-column tiles allow (8-column
-    multiples, 16-byte rows, where 128 do not fit), at least one column."""
+    """As few slabs as keep their logits no larger than a chunk's, as equal as whole 128-column tiles allow where they
+    cost at most an eighth of a chunk's width (else 8-column multiples, 16-byte rows), at least one column."""
     assert lce_kernels.slab_columns(8192, 50304, 1024) == 5632  # 6288 a chunk's: 9 slabs (8 of 6272 + 128), evened
     assert lce_kernels.slab_columns(8192, 50304, 128) == 768  # 786 a chunk's: 66 slabs, the last of 384
     assert lce_kernels.slab_columns(8192, 128256, 256) == 3968  # 4008 a chunk's: 33 slabs
     assert lce_kernels.slab_columns(8192, 500, 1024) == 56  # 62 a chunk's, under 128: 9 slabs of 8-column multiples
+    assert lce_kernels.slab_columns(1024, 2550, 102) == 232  # 254 a chunk's: 11 slabs of 8-column multiples, not 20
     assert lce_kernels.slab_columns(1000, 333, 7) == 2  # 2 a chunk's, under 8: 167 slabs of 2 columns, the last of 1
     assert lce_kernels.slab_columns(100, 7, 3) == 1
     assert lce_kernels.slab_columns(2, 17, 1) == 8  # a budget of 8 columns: 8 + 8 + 1, not 6 + 6 + 5
-    for n, v, chunk in ((8192, 50304, 1024), (8192, 128256, 256), (8192, 50304, 128), (1000, 333, 7), (41, 33, 9)):
+    for n, v, chunk in ((8192, 50304, 1024), (8192, 128256, 256), (8192, 50304, 128), (1024, 2550, 102), (41, 33, 9)):
         cols = lce_kernels.slab_columns(n, v, chunk)
         assert 1 <= cols <= v and n * cols <= max(chunk * v, n)
         budget = chunk * v // n
-        assert cols % 128 == 0 if budget >= 128 else cols % 8 == 0 or cols == v or budget < 8
+        whole_tiles = budget >= 128 and budget % 128 <= budget // 8
+        assert cols % 128 == 0 if whole_tiles else cols % 8 == 0 or cols == v or budget < 8
         assert v - (cdiv(v, cols) - 1) * cols >= 1  # no empty last slab
 
 

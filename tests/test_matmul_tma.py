@@ -10,6 +10,7 @@ import pytest
 import torch
 from harness import DEVICE, DTYPES, ON_GPU, assert_close, randn, well_conditioned_norm
 from test_linear import REFERENCE_ACTIVATION
+from triton.runtime import _allocation
 
 from triformer.kernels import _tma, matmul_tma
 from triformer.kernels.activation import activation_code
@@ -113,8 +114,9 @@ def test_split_k_sum_blocks_fill_the_gpu(cut, block_m, block_n, expected):
 
 def test_cut_tiles_stage_their_partials_in_scratch_with_room(seed):
     """Given scratch memory with room for them, the cut tiles' float32 partials are staged at its front (which is
-    overwritten, nothing past it) and the product is the same bit for bit; a scratch without room, or not 16-byte
-    aligned, is left alone."""
+    overwritten; nothing past it, 14 bytes too few for the kernels' descriptors; with 8 KiB more, only the end that
+    the descriptors take) and the product is the same bit for bit; a scratch without room, or not 16-byte aligned,
+    is left alone."""
     M, N, K = 70, 40, 104
     a, b = randn(M, K, dtype=torch.float16), randn(K, N, dtype=torch.float16)
 
@@ -132,6 +134,9 @@ def test_cut_tiles_stage_their_partials_in_scratch_with_room(seed):
     assert not torch.isnan(roomy[:halves]).all() and torch.isnan(roomy[halves:]).all()
     assert torch.equal(product(small), expected)
     assert torch.isnan(small).all()
+    spacious = _poisoned((halves + 4096,), torch.float16, a)  # 8 KiB past the partials: the descriptors fit
+    assert torch.equal(product(spacious), expected)
+    assert torch.isnan(spacious[halves : halves + 2048]).all()  # on a GPU they take its end (7 · 3 · 128 bytes)
     misaligned = _poisoned((halves + 16,), torch.float16, a)[1:]  # 2 bytes past a 16-byte boundary
     assert torch.equal(product(misaligned), expected)
     assert torch.isnan(misaligned).all()
@@ -146,6 +151,18 @@ def test_scratch_lends_its_front_to_the_partials_and_the_rest_to_the_descriptors
     partial, lent = matmul_tma.scratch_memory(scratch, scratch.device, 64, 16)  # no room: new memory, nothing lent
     assert partial.shape == (64, 16) and partial.data_ptr() != scratch.data_ptr() and lent is None
     assert matmul_tma.scratch_memory(None, scratch.device, 0, 16) == (None, None)
+
+
+def test_lent_descriptor_memory_is_taken_back():
+    """Within the block Triton's allocator hands out the lent memory; after it (an exception too) new memory again."""
+    lent = torch.empty(4096, dtype=torch.uint8, device=DEVICE)
+    with _tma.lent_descriptor_memory(lent):
+        memory = _allocation._allocator.get()(256, 128, None)
+        assert lent.data_ptr() <= memory.data_ptr() < lent.data_ptr() + lent.numel()
+    assert _allocation._allocator.get() is _tma._descriptor_memory
+    with pytest.raises(RuntimeError), _tma.lent_descriptor_memory(lent):
+        raise RuntimeError
+    assert _allocation._allocator.get() is _tma._descriptor_memory
 
 
 def test_descriptors_take_the_aligned_end_of_lent_memory():

@@ -7,6 +7,7 @@ memory, or memory the caller lends).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -34,8 +35,20 @@ def _descriptor_memory_in(lent: torch.Tensor, size: int, alignment: int, stream:
 def use_descriptor_memory(lent: torch.Tensor | None = None) -> None:
     """Call before each launch: the allocator is per thread (a ContextVar), and the backward runs on autograd's.
     lent: memory (uint8, contiguous, on the launch's device) free while the launch runs, where the descriptors go
-    when they fit, instead of new memory."""
+    when they fit, instead of new memory (lend it through lent_descriptor_memory, which takes it back)."""
     triton.set_allocator(_descriptor_memory if lent is None else functools.partial(_descriptor_memory_in, lent))
+
+
+@contextlib.contextmanager
+def lent_descriptor_memory(lent: torch.Tensor | None):
+    """Within the block launches' descriptors take `lent` memory where they fit (see use_descriptor_memory); on
+    exit, exceptions included, new memory again: no later launch (a compiled kernel's own launcher sets no
+    allocator) writes into memory its lender has taken back."""
+    use_descriptor_memory(lent)
+    try:
+        yield
+    finally:
+        use_descriptor_memory()
 
 
 @triton.jit

@@ -398,20 +398,22 @@ def accumulate_product(
     return d
 
 
-# A slab's width is a multiple of this many columns wherever one fits the memory bound: whole tiles of the slab's
-# products (its logits' columns, dW's rows) and of the slab gradient, none mostly empty.
+# A slab's width is a multiple of this many columns wherever that costs at most an eighth of the widest slab the
+# memory bound allows: whole tiles of the slab's products (its logits' columns, dW's rows) and of the slab
+# gradient, none mostly empty.
 SLAB_COLUMN_MULTIPLE = 128
 
 
 def slab_columns(n: int, v: int, chunk_rows: int) -> int:
     """Vocabulary columns per slab of the float32-dW pass: slabs whose [n, columns] logits are no larger than a chunk
     of chunk_rows rows' (so the slab pass never raises the peak memory above the chunk pass's), as few as fit, as equal
-    as a width in multiples of SLAB_COLUMN_MULTIPLE allows, or of 8 (16-byte rows, which the TMA kernels need) where
-    no such multiple fits; at least 1 column."""
+    as a width in multiples of SLAB_COLUMN_MULTIPLE allows (see there), else of 8 (16-byte rows, which the TMA kernels
+    need) where 8 fit; at least 1 column."""
     budget = max(chunk_rows * v // max(n, 1), 1)
     if budget < 8:
         return cdiv(v, cdiv(v, budget))
-    multiple = SLAB_COLUMN_MULTIPLE if budget >= SLAB_COLUMN_MULTIPLE else 8
+    whole_tiles = budget >= SLAB_COLUMN_MULTIPLE and budget % SLAB_COLUMN_MULTIPLE <= budget // 8
+    multiple = SLAB_COLUMN_MULTIPLE if whole_tiles else 8
     budget -= budget % multiple
     return min(v, cdiv(cdiv(v, cdiv(v, budget)), multiple) * multiple)
 

@@ -32,6 +32,7 @@ from . import _launch
 from ._runtime import cdiv, device_properties, interpreter_active, overridden
 from ._tiles import add_bias, fitting_configs, fixed_config, grouped_tile, launch_tuned
 from ._tma import (
+    lent_descriptor_memory,
     load_tile,
     operand_descriptors,
     output_descriptor,
@@ -39,7 +40,6 @@ from ._tma import (
     store_epilogue,
     store_tile,
     tile_counts,
-    use_descriptor_memory,
 )
 from .activation import apply_activation
 
@@ -456,68 +456,68 @@ def launch_on(args: tuple, flags: dict, meta: dict, num_sms: int, scratch: torch
     whole = tiles if split == 1 else min(meta["WHOLE_TILES"], tiles)
     cut = tiles - whole
     partial, lent = scratch_memory(scratch, c.device, cut * split * block_m, block_n)
-    use_descriptor_memory(lent)
-    if whole:
-        _launch.launch(
-            _matmul_tma_kernel,
-            (min(num_sms, whole),),
-            a,
-            b,
-            c,
-            preact,
-            bias,
-            c,
-            *args[5:],
-            0,
-            whole,
-            1,
-            **flags,
-            NUM_SMS=num_sms,
-            PARTIAL=False,
-            **tile_meta,
-        )
-    if cut:
-        _launch.launch(
-            _matmul_tma_kernel,
-            (min(num_sms, cut * split),),
-            a,
-            b,
-            c,
-            preact,
-            bias,
-            partial,
-            *args[5:],
-            whole,
-            cut,
-            split,
-            **flags,
-            NUM_SMS=num_sms,
-            PARTIAL=True,
-            **_partial_launch_meta(tile_meta),
-        )
-        sum_m, sum_n = sum_blocks(cut, block_m, block_n, num_sms)
-        _launch.launch(
-            _split_k_sum_kernel,
-            (cut, block_m // sum_m, block_n // sum_n),
-            partial,
-            c,
-            preact,
-            bias,
-            M,
-            N,
-            whole,
-            cut,
-            split,
-            HAS_BIAS=flags["HAS_BIAS"],
-            ACT=flags["ACT"],
-            STORE_PREACT=flags["STORE_PREACT"],
-            BLOCK_M=block_m,
-            BLOCK_N=block_n,
-            GROUP_M=meta["GROUP_M"],
-            SUM_M=sum_m,
-            SUM_N=sum_n,
-            num_warps=4,
-        )
+    with lent_descriptor_memory(lent):
+        if whole:
+            _launch.launch(
+                _matmul_tma_kernel,
+                (min(num_sms, whole),),
+                a,
+                b,
+                c,
+                preact,
+                bias,
+                c,
+                *args[5:],
+                0,
+                whole,
+                1,
+                **flags,
+                NUM_SMS=num_sms,
+                PARTIAL=False,
+                **tile_meta,
+            )
+        if cut:
+            _launch.launch(
+                _matmul_tma_kernel,
+                (min(num_sms, cut * split),),
+                a,
+                b,
+                c,
+                preact,
+                bias,
+                partial,
+                *args[5:],
+                whole,
+                cut,
+                split,
+                **flags,
+                NUM_SMS=num_sms,
+                PARTIAL=True,
+                **_partial_launch_meta(tile_meta),
+            )
+            sum_m, sum_n = sum_blocks(cut, block_m, block_n, num_sms)
+            _launch.launch(
+                _split_k_sum_kernel,
+                (cut, block_m // sum_m, block_n // sum_n),
+                partial,
+                c,
+                preact,
+                bias,
+                M,
+                N,
+                whole,
+                cut,
+                split,
+                HAS_BIAS=flags["HAS_BIAS"],
+                ACT=flags["ACT"],
+                STORE_PREACT=flags["STORE_PREACT"],
+                BLOCK_M=block_m,
+                BLOCK_N=block_n,
+                GROUP_M=meta["GROUP_M"],
+                SUM_M=sum_m,
+                SUM_N=sum_n,
+                num_warps=4,
+            )
 
 
 def launch(
