@@ -63,11 +63,19 @@ def row_path(request):
         yield request.param
 
 
-@pytest.fixture(params=["usual-tiling", "few-rows-tiling"])
+@pytest.fixture(params=["usual-tiling", "few-rows-tiling", "target-in-loop"])
 def ce_rows(request):
-    """Cross-entropy runs twice: with its usual tiling, and with the one for few rows of a wide vocabulary (a fused
-    linear + CE chunk: one row a program on a wide block), which the interpreter would otherwise never take."""
+    """Cross-entropy runs three times: with its usual tiling, with the one for few rows of a wide vocabulary (a fused
+    linear + CE chunk: one row a program on a wide block), which the interpreter would otherwise never take, and with
+    the target's term of the gradient formed in the loop (TARGET_AFTER_LOOP off)."""
     from triformer.kernels import cross_entropy
+    from triformer.kernels._runtime import overridden
 
-    with cross_entropy.force_few_rows(True) if request.param == "few-rows-tiling" else contextlib.nullcontext():
+    if request.param == "few-rows-tiling":
+        context = cross_entropy.force_few_rows(True)
+    elif request.param == "target-in-loop":
+        context = overridden(cross_entropy, TARGET_AFTER_LOOP=False)
+    else:
+        context = contextlib.nullcontext()
+    with context:
         yield request.param

@@ -51,6 +51,11 @@ _FEW_ROWS_PER_SM = 4
 _FEW_ROWS_BLOCK_V, _FEW_ROWS_WARPS = 16384, 32
 FORCED_FEW_ROWS: bool | None = None  # force_few_rows()
 
+# The gradient pass computes (e^((x − m) − log s) − ε/V)·(one factor a row) for every logit and writes the target's
+# term after the loop, one store a row; False: each logit is compared with the target and its row's ignore and range
+# flags (logit_gradient).
+TARGET_AFTER_LOOP = True
+
 
 def force_few_rows(forced: bool | None):
     """Within the block every one-launch cross-entropy takes (True) or never takes (False) the few-rows tiling
@@ -170,6 +175,7 @@ def _cross_entropy_kernel(
     GRAD: tl.constexpr,
     INPLACE: tl.constexpr,
     STORE_STATS: tl.constexpr,
+    TARGET_AFTER_LOOP: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -203,15 +209,42 @@ def _cross_entropy_kernel(
         else:
             g_rows = grad_ptr + rows.to(tl.int64)[:, None] * stride_gm
         cols = tl.arange(0, BLOCK_N)
+        if TARGET_AFTER_LOOP:
+            # One factor a row: scale, 0 where the target is ignored (its logits read as 0 against m = log s = 0,
+            # so the product is 0), NaN where it is out of range.
+            row_scale = tl.where(out_of_range, float("nan"), tl.where(valid, scale, 0.0))
+            m_row = tl.where(valid, m, 0.0)
+            log_s_row = tl.where(valid, log_s, 0.0)
         for start in range(0, V, BLOCK_N):
             c = start + cols
             in_row = (c < V)[None, :]
-            x = _logit_block(x_rows, start, valid, V, stride_lv, 0.0, BLOCK_N)
-            g = logit_gradient(x.to(tl.float32), c, m, log_s, t, valid, out_of_range, scale, smoothing, V, SMOOTH)
+            x = _logit_block(x_rows, start, valid, V, stride_lv, 0.0, BLOCK_N).to(tl.float32)
+            if TARGET_AFTER_LOOP:
+                g = tl.exp((x - m_row[:, None]) - log_s_row[:, None])
+                if SMOOTH:
+                    g -= smoothing / V
+                g = g * row_scale[:, None]
+            else:
+                g = logit_gradient(x, c, m, log_s, t, valid, out_of_range, scale, smoothing, V, SMOOTH)
             tl.store(
                 g_rows + c[None, :].to(tl.int64) * stride_gv,
                 g.to(grad_ptr.dtype.element_ty),
                 mask=row_mask[:, None] & in_row,
+            )
+        if TARGET_AFTER_LOOP:
+            # The target's own term, − (1 − ε)·scale, written over the loop's value at t once every thread's stores
+            # are done, from x_t in float32 (the same logit the loop read).
+            tl.debug_barrier()
+            g_t = tl.exp((x_t - m_row) - log_s_row)
+            if SMOOTH:
+                g_t -= smoothing / V
+            g_t = (g_t - (1.0 - smoothing)) * row_scale
+            in_range = valid & ~out_of_range
+            t_safe = tl.where(in_range, t, 0)
+            tl.store(
+                g_rows + (t_safe * stride_gv)[:, None],
+                g_t[:, None].to(grad_ptr.dtype.element_ty),
+                mask=in_range[:, None],
             )
 
 
@@ -343,6 +376,7 @@ def cross_entropy_forward(
             GRAD=grad is not None,
             INPLACE=grad is logits,
             STORE_STATS=stats is not None,
+            TARGET_AFTER_LOOP=TARGET_AFTER_LOOP,
             **meta,
         )
     return losses
