@@ -206,6 +206,7 @@ def compile_all() -> dict:
                 GRAD=True,
                 INPLACE=rest == "inplace",
                 STORE_STATS=rest == "inplace",
+                TARGET_AFTER_LOOP=cross_entropy.TARGET_AFTER_LOOP,
             )
 
             def loss_and_grad(meta):

@@ -100,6 +100,28 @@ def logit_gradient(x, cols, m, log_s, t, valid, out_of_range, scale, smoothing, 
 
 
 @triton.jit
+def row_factor(scale, valid, out_of_range):
+    """One factor a row of the gradient: scale where the target counts, 0 where it is ignored, NaN where it is out
+    of range (scale: a number or one per row)."""
+    return tl.where(out_of_range, float("nan"), tl.where(valid, scale, 0.0))
+
+
+@triton.jit
+def softmax_less_smoothing(x, m, log_s, smoothing, V, SMOOTH: tl.constexpr):
+    """e^((x − m) − log s) − ε/V: a logit's gradient unless it is the target's, before its row's factor."""
+    g = tl.exp((x - m) - log_s)
+    if SMOOTH:
+        g -= smoothing / V
+    return g
+
+
+@triton.jit
+def target_gradient(x_t, m, log_s, factor, smoothing, V, SMOOTH: tl.constexpr):
+    """The target logit's gradient (e^((x_t − m) − log s) − ε/V − (1 − ε)) · factor, per row."""
+    return (softmax_less_smoothing(x_t, m, log_s, smoothing, V, SMOOTH) - (1.0 - smoothing)) * factor
+
+
+@triton.jit
 def row_targets(targets_ptr, rows, row_mask, V, ignore_index):
     """(each row's target t, whether it counts (not ignored), whether it is outside [0, V): NaN loss and gradient,
     count_targets keeps the first)."""
@@ -210,9 +232,8 @@ def _cross_entropy_kernel(
             g_rows = grad_ptr + rows.to(tl.int64)[:, None] * stride_gm
         cols = tl.arange(0, BLOCK_N)
         if TARGET_AFTER_LOOP:
-            # One factor a row: scale, 0 where the target is ignored (its logits read as 0 against m = log s = 0,
-            # so the product is 0), NaN where it is out of range.
-            row_scale = tl.where(out_of_range, float("nan"), tl.where(valid, scale, 0.0))
+            # an ignored row's logits read as 0 against m = log s = 0: a finite value times its factor 0
+            factor = row_factor(scale, valid, out_of_range)
             m_row = tl.where(valid, m, 0.0)
             log_s_row = tl.where(valid, log_s, 0.0)
         for start in range(0, V, BLOCK_N):
@@ -220,10 +241,8 @@ def _cross_entropy_kernel(
             in_row = (c < V)[None, :]
             x = _logit_block(x_rows, start, valid, V, stride_lv, 0.0, BLOCK_N).to(tl.float32)
             if TARGET_AFTER_LOOP:
-                g = tl.exp((x - m_row[:, None]) - log_s_row[:, None])
-                if SMOOTH:
-                    g -= smoothing / V
-                g = g * row_scale[:, None]
+                g = softmax_less_smoothing(x, m_row[:, None], log_s_row[:, None], smoothing, V, SMOOTH)
+                g = g * factor[:, None]
             else:
                 g = logit_gradient(x, c, m, log_s, t, valid, out_of_range, scale, smoothing, V, SMOOTH)
             tl.store(
@@ -235,10 +254,7 @@ def _cross_entropy_kernel(
             # The target's own term, − (1 − ε)·scale, written over the loop's value at t once every thread's stores
             # are done, from x_t in float32 (the same logit the loop read).
             tl.debug_barrier()
-            g_t = tl.exp((x_t - m_row) - log_s_row)
-            if SMOOTH:
-                g_t -= smoothing / V
-            g_t = (g_t - (1.0 - smoothing)) * row_scale
+            g_t = target_gradient(x_t, m_row, log_s_row, factor, smoothing, V, SMOOTH)
             in_range = valid & ~out_of_range
             t_safe = tl.where(in_range, t, 0)
             tl.store(

@@ -42,7 +42,14 @@ from ._launch import launch
 from ._runtime import cdiv, device_properties, interpreter_active, new_empty
 from ._tiles import fitting_configs, fixed_config, grouped_tile, launch_tuned
 from ._tma import load_tile, operand_descriptors, tile_counts, use_descriptor_memory
-from .cross_entropy import cross_entropy_forward, logit_gradient, row_targets, scale_rows_
+from .cross_entropy import (
+    cross_entropy_forward,
+    row_factor,
+    row_targets,
+    scale_rows_,
+    softmax_less_smoothing,
+    target_gradient,
+)
 from .matmul import matmul
 from .reductions import column_sum
 
@@ -193,24 +200,33 @@ def _slab_grad_kernel(
     """Over a slab of logits z [M, SLAB] (vocabulary columns first_col + j, unit column stride), in place:
     G = (e^((z − m) − log s) − ε/V − (1 − ε)·[first_col + j = t]) · row_scale, per row from stats (m, log s, x_t at
     k · stride_stats + row, k = 0, 1, 2; the target's term from x_t); 0 for rows whose target is ignore_index, NaN
-    for rows whose target is outside [0, V). One BLOCK_M×BLOCK_N tile a program."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    for rows whose target is outside [0, V). One BLOCK_M×BLOCK_N tile a program, tiles in row-major order (program
+    p: tile (p // column tiles, p % column tiles)). Every logit takes (e^((z − m) − log s) − ε/V) times one factor a
+    row (row_scale, 0 where ignored, NaN out of range); the target's term, from x_t, is written over it after."""
+    column_tiles = tl.cdiv(SLAB, BLOCK_N)
+    rows = tl.program_id(0) // column_tiles * BLOCK_M + tl.arange(0, BLOCK_M)
+    first = tl.program_id(0) % column_tiles * BLOCK_N
+    cols = first + tl.arange(0, BLOCK_N)
     row_mask = rows < M
     t, valid, out_of_range = row_targets(targets_ptr, rows, row_mask, V, ignore_index)
     m = tl.load(stats_ptr + rows, mask=valid, other=0.0)
     log_s = tl.load(stats_ptr + stride_stats + rows, mask=valid, other=0.0)
     x_t = tl.load(stats_ptr + 2 * stride_stats + rows, mask=valid, other=0.0)
-    mask = row_mask[:, None] & (cols < SLAB)[None, :]
-    ptrs = z_ptr + rows.to(tl.int64)[:, None] * stride_zm + cols[None, :]
-    z = tl.load(ptrs, mask=mask & valid[:, None], other=0.0).to(tl.float32)
-    vocab_cols = first_col + cols
-    z = tl.where(vocab_cols[None, :] == t[:, None], x_t[:, None], z)
-    scale = 1.0
+    scale = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
     if ROW_SCALE:
-        scale = tl.load(row_scale_ptr + rows, mask=row_mask, other=0.0)[:, None]
-    g = logit_gradient(z, vocab_cols, m, log_s, t, valid, out_of_range, scale, smoothing, V, SMOOTH)
-    tl.store(ptrs, g.to(z_ptr.dtype.element_ty), mask=mask)
+        scale = tl.load(row_scale_ptr + rows, mask=row_mask, other=0.0)
+    factor = row_factor(scale, valid, out_of_range)
+    mask = row_mask[:, None] & (cols < SLAB)[None, :]
+    z_rows = z_ptr + rows.to(tl.int64)[:, None] * stride_zm
+    z = tl.load(z_rows + cols[None, :], mask=mask & valid[:, None], other=0.0).to(tl.float32)
+    g = softmax_less_smoothing(z, m[:, None], log_s[:, None], smoothing, V, SMOOTH)  # ignored: z = m = log s = 0
+    tl.store(z_rows + cols[None, :], (g * factor[:, None]).to(z_ptr.dtype.element_ty), mask=mask)
+    # the target's term where this tile holds the target's column, once every thread's stores are done
+    tl.debug_barrier()
+    col_t = t - first_col
+    here = valid & ~out_of_range & (col_t >= first) & (col_t < first + BLOCK_N) & (col_t < SLAB)
+    g_t = target_gradient(x_t, m, log_s, factor, smoothing, V, SMOOTH)
+    tl.store(z_rows + tl.where(here, col_t, 0)[:, None], g_t[:, None].to(z_ptr.dtype.element_ty), mask=here[:, None])
 
 
 # The slab gradient's tile and warps (32 logits a thread; 32 rows spill registers on sm_90), the interpreter's tile.
@@ -227,7 +243,7 @@ def slab_grad_(z, stats, targets, first_col, v, ignore_index, smoothing, row_sca
         block_m, block_n = _INTERPRETER_SLAB_BLOCK if interpreter_active() else _SLAB_BLOCK
         launch(
             _slab_grad_kernel,
-            (cdiv(m, block_m), cdiv(slab, block_n)),
+            (cdiv(m, block_m) * cdiv(slab, block_n),),
             z,
             stats,
             targets,
