@@ -63,19 +63,18 @@ def row_path(request):
         yield request.param
 
 
-@pytest.fixture(params=["usual-tiling", "few-rows-tiling", "target-in-loop"])
+@pytest.fixture(params=["usual-tiling", "few-rows-tiling", "target-in-loop", "few-rows-target-in-loop"])
 def ce_rows(request):
-    """Cross-entropy runs three times: with its usual tiling, with the one for few rows of a wide vocabulary (a fused
-    linear + CE chunk: one row a program on a wide block), which the interpreter would otherwise never take, and with
-    the target's term of the gradient formed in the loop (TARGET_AFTER_LOOP off)."""
+    """Cross-entropy runs four times: with its usual tiling and with the one for few rows of a wide vocabulary (a
+    fused linear + CE chunk: one row a program on a wide block), which the interpreter would otherwise never take,
+    each with the target's term of the gradient written after the loop and formed in it (TARGET_AFTER_LOOP off)."""
     from triformer.kernels import cross_entropy
     from triformer.kernels._runtime import overridden
 
-    if request.param == "few-rows-tiling":
-        context = cross_entropy.force_few_rows(True)
-    elif request.param == "target-in-loop":
-        context = overridden(cross_entropy, TARGET_AFTER_LOOP=False)
-    else:
-        context = contextlib.nullcontext()
-    with context:
+    few_rows = request.param.startswith("few-rows")
+    with overridden(
+        cross_entropy,
+        FORCED_FEW_ROWS=True if few_rows else cross_entropy.FORCED_FEW_ROWS,
+        TARGET_AFTER_LOOP=not request.param.endswith("target-in-loop"),
+    ):
         yield request.param

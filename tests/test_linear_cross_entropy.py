@@ -138,16 +138,19 @@ def test_float32_weight_gradient_is_rounded_once(dtype, seed, monkeypatch):
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 def test_slab_gradient_equals_the_cross_entropy_gradient(smoothing, ce_rows, seed):
     """slab_grad_ over column slabs of the logits (widths not a multiple of its block, targets in other slabs,
-    ignored and out-of-range targets, a per-row scale) gives the columns of the cross-entropy kernel's gradient."""
+    ignored and out-of-range targets, a per-row scale, inf and NaN on ignored rows, 0 on a counted one) gives the
+    columns of the cross-entropy kernel's gradient."""
     m, v = 37, 203
     logits = randn(m, v, dtype=torch.float32) * 4
     targets = make_targets((m,), v).to(torch.int64)
     targets[3], targets[5] = v + 2, -7  # out of range: NaN rows
     scale = torch.rand(m, device=DEVICE) + 0.5
+    targets[0], targets[1], targets[7] = -100, -100, 11
+    scale[0], scale[1], scale[7] = float("inf"), float("nan"), 0.0  # ignored rows stay 0 whatever their scale
     want = torch.empty_like(logits)
     stats = torch.empty(3, m, device=DEVICE)
     ce_kernels.cross_entropy_forward(logits, targets, -100, smoothing, want, 1, stats=stats)
-    want *= scale[:, None]
+    want = torch.where((targets == -100)[:, None], 0.0, want * scale[:, None])  # ignored: 0, as the loss ignores them
     for first, last in ((0, 64), (64, 67), (67, 200), (200, 203)):
         got = logits[:, first:last].contiguous()
         lce_kernels.slab_grad_(got, stats, targets, first, v, -100, smoothing, scale)

@@ -216,6 +216,9 @@ def compile_all() -> dict:
             return {
                 "loss+grad": loss_and_grad(cross_entropy.launch_meta(4096, 50304)),
                 "few rows": loss_and_grad(cross_entropy.launch_meta(128, 50304, few_rows=True)),  # an LCE chunk
+                "few rows, target in loop": loss_and_grad(
+                    {**cross_entropy.launch_meta(128, 50304, few_rows=True), "TARGET_AFTER_LOOP": False}
+                ),
                 "scale": spills(
                     cross_entropy._scale_rows_kernel, SCALE_ROWS, {"HAS_TARGETS": True, "BLOCK_N": 4096}, 8
                 ),
