@@ -97,24 +97,15 @@ def _lce_impl(
     "mean" (α = 1 / valid targets, float32) or "sum" (α a placeholder); "none": the losses, then placeholders
     (its backward runs the chunks again). Each gradient not needed is a placeholder."""
     _targets.poll()
-    x2d, weight, bias, targets1d = _prepare(x, weight, bias, targets)
+    prepared = _prepare(x, weight, bias, targets)
+    x2d, weight, bias, targets1d = prepared
     v = weight.shape[0]
     counts = ce_kernels.count_targets(targets1d, v, ignore_index)  # (valid, out of range, first out of range)
     _targets.note(counts, v, ignore_index)
     alpha = 1.0 / counts[0].clamp(min=1).float() if reduction == "mean" else None
     need = (need_dx, need_dw, need_db and bias is not None) if reduction != "none" else (False, False, False)
     losses, dx, dw, db = lce_kernels.chunked_forward(
-        x2d,
-        weight,
-        bias,
-        targets1d,
-        ignore_index,
-        smoothing,
-        chunk_rows,
-        need,
-        alpha,
-        float32_dw,
-        row_losses=reduction == "none",
+        *prepared, ignore_index, smoothing, chunk_rows, need, alpha, float32_dw, row_losses=reduction == "none"
     )
     if reduction == "none":
         loss = losses.view(targets.shape)
@@ -211,21 +202,12 @@ def _lce_backward_impl(
     """reduction="none": (dx [N, H], dW, db float32 [1, V]) for the incoming per-row gradient dloss, the chunks run
     again with each row's logit gradient scaled by it; placeholders where not needed."""
     _targets.poll()
-    x2d, weight, bias, targets1d = _prepare(x, weight, bias, targets)
+    prepared = _prepare(x, weight, bias, targets)
+    x2d, weight, bias, _ = prepared
     need = (need_dx, need_dw, need_db and bias is not None)
+    row_scale = dloss.float().reshape(-1).contiguous()
     _, dx, dw, db = lce_kernels.chunked_forward(
-        x2d,
-        weight,
-        bias,
-        targets1d,
-        ignore_index,
-        smoothing,
-        chunk_rows,
-        need,
-        None,
-        float32_dw,
-        row_scale=dloss.float().reshape(-1).contiguous(),
-        row_losses=False,
+        *prepared, ignore_index, smoothing, chunk_rows, need, None, float32_dw, row_scale=row_scale, row_losses=False
     )
     return (
         or_placeholder(dx, x2d),

@@ -19,6 +19,14 @@ from ._runtime import overridden
 
 
 @triton.jit
+def row_major_tile(tile, N, BLOCK_N: tl.constexpr):
+    """(row, column) of tile number `tile` over N columns in BLOCK_N-column tiles, in row-major order: a row of
+    tiles one after another, so programs launched together read consecutive memory."""
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    return tile // tiles_n, tile % tiles_n
+
+
+@triton.jit
 def grouped_tile(tile, tiles_m, tiles_n, GROUP_M: tl.constexpr):
     """(row, column) of tile number `tile` in grouped order: GROUP_M rows of tiles sweep the columns together,
     so tiles that run at the same time share their B tiles in L2."""

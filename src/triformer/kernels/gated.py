@@ -23,6 +23,7 @@ import triton.language as tl
 
 from ._launch import launch
 from ._runtime import cdiv, interpreter_active, new_empty, next_power_of_2, overridden
+from ._tiles import row_major_tile
 from .activation import _sigmoid, _tanh, activation_code
 
 GATED_ACTIVATIONS = ("silu", "gelu")
@@ -57,11 +58,9 @@ def _act_and_derivative(a, ACT: tl.constexpr):
 @triton.jit
 def _tile(M, N, stride_m, stride_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """(offsets of this program's [BLOCK_M, BLOCK_N] tile in a tensor of the given strides, its mask, and the
-    [rows, cols] index vectors). Program p takes tile (p // column blocks, p % column blocks): consecutive programs
-    read consecutive memory."""
-    column_blocks = tl.cdiv(N, BLOCK_N)
-    pid_m = tl.program_id(0) // column_blocks
-    pid_n = tl.program_id(0) % column_blocks
+    [rows, cols] index vectors). Program p takes tile p in row-major order (consecutive programs read consecutive
+    memory)."""
+    pid_m, pid_n = row_major_tile(tl.program_id(0), N, BLOCK_N)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rows < M)[:, None] & (cols < N)[None, :]

@@ -40,7 +40,7 @@ import triton.language as tl
 from . import matmul_tma
 from ._launch import launch
 from ._runtime import cdiv, device_properties, interpreter_active, new_empty
-from ._tiles import fitting_configs, fixed_config, grouped_tile, launch_tuned
+from ._tiles import fitting_configs, fixed_config, grouped_tile, launch_tuned, row_major_tile
 from ._tma import load_tile, operand_descriptors, tile_counts, use_descriptor_memory
 from .cross_entropy import (
     cross_entropy_forward,
@@ -200,12 +200,12 @@ def _slab_grad_kernel(
     """Over a slab of logits z [M, SLAB] (vocabulary columns first_col + j, unit column stride), in place:
     G = (e^((z − m) − log s) − ε/V − (1 − ε)·[first_col + j = t]) · row_scale, per row from stats (m, log s, x_t at
     k · stride_stats + row, k = 0, 1, 2; the target's term from x_t); 0 for rows whose target is ignore_index, NaN
-    for rows whose target is outside [0, V). One BLOCK_M×BLOCK_N tile a program, tiles in row-major order (program
-    p: tile (p // column tiles, p % column tiles)). Every logit takes (e^((z − m) − log s) − ε/V) times one factor a
-    row (row_scale, 0 where ignored, NaN out of range); the target's term, from x_t, is written over it after."""
-    column_tiles = tl.cdiv(SLAB, BLOCK_N)
-    rows = tl.program_id(0) // column_tiles * BLOCK_M + tl.arange(0, BLOCK_M)
-    first = tl.program_id(0) % column_tiles * BLOCK_N
+    for rows whose target is outside [0, V). One BLOCK_M×BLOCK_N tile a program, tiles in row-major order. Every
+    logit takes (e^((z − m) − log s) − ε/V) times one factor a row (row_scale, 0 where ignored, NaN out of range);
+    the target's term, from x_t, is written over it after."""
+    tile_m, tile_n = row_major_tile(tl.program_id(0), SLAB, BLOCK_N)
+    rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    first = tile_n * BLOCK_N
     cols = first + tl.arange(0, BLOCK_N)
     row_mask = rows < M
     t, valid, out_of_range = row_targets(targets_ptr, rows, row_mask, V, ignore_index)
