@@ -63,11 +63,14 @@ def row_path(request):
         yield request.param
 
 
-@pytest.fixture(params=["usual-tiling", "few-rows-tiling", "target-in-loop", "few-rows-target-in-loop"])
+@pytest.fixture(
+    params=["usual-tiling", "few-rows-tiling", "target-in-loop", "few-rows-target-in-loop", "int64-columns"]
+)
 def ce_rows(request):
-    """Cross-entropy runs four times: with its usual tiling and with the one for few rows of a wide vocabulary (a
+    """Cross-entropy runs five times: with its usual tiling and with the one for few rows of a wide vocabulary (a
     fused linear + CE chunk: one row a program on a wide block), which the interpreter would otherwise never take,
-    each with the target's term of the gradient written after the loop and formed in it (TARGET_AFTER_LOOP off)."""
+    each with the target's term of the gradient written after the loop and formed in it (TARGET_AFTER_LOOP off);
+    and with int64 column offsets, which only a vocabulary past 2³¹ elements would otherwise take."""
     from triformer.kernels import cross_entropy
     from triformer.kernels._runtime import overridden
 
@@ -76,5 +79,6 @@ def ce_rows(request):
         cross_entropy,
         FORCED_FEW_ROWS=True if few_rows else cross_entropy.FORCED_FEW_ROWS,
         TARGET_AFTER_LOOP=not request.param.endswith("target-in-loop"),
+        COLUMN_OFFSETS_I32=request.param != "int64-columns",
     ):
         yield request.param

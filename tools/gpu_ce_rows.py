@@ -1,10 +1,11 @@
 """How should the cross-entropy kernel tile few wide rows (a fused linear + CE chunk)? On a GPU host, for rows × vocab
 shapes (bf16 logits, gradient written over them, reduction mean, as the fused linear + CE calls it): the GPU time of
-the loss-and-gradient kernel for each few-rows tiling of cross_entropy.py and its usual tiling (each with the
-gradient's target term after the loop or in it), beside Liger-Kernel's cross-entropy kernel launched the way its
-forward launches it (one program a row, 32 warps); the profiler's summed kernel time with L2 flushed before each
-call, for every provider alike (in the fused linear + CE the chunk's logits are still in L2: the tool's times are the
-colder case), and each tiling's loss against torch's float32 cross-entropy.
+the loss-and-gradient kernel for each few-rows tiling of cross_entropy.py and its usual tiling (each as the library
+runs it, with the gradient's target term formed in the loop, and with int64 column offsets), beside Liger-Kernel's
+cross-entropy kernel launched the way its forward launches it (one program a row, 32 warps); the profiler's summed
+kernel time with L2 flushed before each call, for every provider alike (in the fused linear + CE the chunk's logits
+are still in L2: the tool's times are the colder case), and each tiling's loss against torch's float32
+cross-entropy.
 
 Run: python tools/gpu_ce_rows.py [--shapes 128x50304 256x128256 ...]
 Logs to $OUT/ce_rows.csv.
@@ -24,14 +25,18 @@ from triformer.kernels import cross_entropy
 from triformer.kernels._runtime import overridden
 
 # name → overrides of cross_entropy.py's switches: each few-rows tiling (taken whatever the rows) and the usual one,
-# each with the gradient's target term written after the loop (the library's choice) or formed in it
+# as the library runs it (the gradient's target term written after the loop, int32 column offsets), with the target
+# term formed in the loop, and with int64 column offsets
 _TILINGS = {
     f"row {block} / {warps} warps": dict(FORCED_FEW_ROWS=True, _FEW_ROWS_BLOCK_V=block, _FEW_ROWS_WARPS=warps)
     for block, warps in ((8192, 16), (16384, 32), (32768, 32))
 } | {"usual": dict(FORCED_FEW_ROWS=False)}
-TILINGS = {name: dict(o, TARGET_AFTER_LOOP=True) for name, o in _TILINGS.items()} | {
-    f"{name} / target in loop": dict(o, TARGET_AFTER_LOOP=False) for name, o in _TILINGS.items()
+_VARIANTS = {
+    "": dict(TARGET_AFTER_LOOP=True, COLUMN_OFFSETS_I32=True),
+    " / target in loop": dict(TARGET_AFTER_LOOP=False, COLUMN_OFFSETS_I32=True),
+    " / int64 columns": dict(TARGET_AFTER_LOOP=True, COLUMN_OFFSETS_I32=False),
 }
+TILINGS = {name + suffix: dict(o, **v) for suffix, v in _VARIANTS.items() for name, o in _TILINGS.items()}
 
 
 def ours(logits, targets, n_valid):

@@ -5,11 +5,14 @@ per step against GPU busy time (the host-bound share), and the heaviest kernels 
 The models and providers are the bench stage's (params.yaml `bench.gpu.gpt`, providers of triformer.bench.gpt).
 Logs to $OUT/step_profile.txt and $OUT/step_profile.csv (one row per model, provider and kind of work).
 
-Run: python tools/gpu_step_profile.py [--models char] [--providers triformer torch] [--steps 5]
+Run: python tools/gpu_step_profile.py [--models char] [--providers triformer torch] [--steps 5] [--python]
 """
 
 import argparse
+import cProfile
+import io
 import os
+import pstats
 import re
 import sys
 import time
@@ -63,6 +66,22 @@ def profile_steps(step, steps: int):
     return prof, wall_ms
 
 
+def python_profile(step, steps: int) -> str:
+    """The heaviest Python functions of `steps` steps under cProfile (by own time and by cumulative time): where the
+    host's time goes in a host-bound step."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    profiler.disable()
+    text = io.StringIO()
+    stats = pstats.Stats(profiler, stream=text)
+    stats.sort_stats("tottime").print_stats(25)
+    stats.sort_stats("cumulative").print_stats(40)
+    return text.getvalue()
+
+
 def kernel_table(prof, steps: int) -> pd.DataFrame:
     """One row per GPU kernel name: launches and µs per step."""
     rows = [
@@ -79,6 +98,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", help="model names of params.yaml bench.gpu.gpt (default: all)")
     parser.add_argument("--providers", nargs="*", default=list(PROVIDERS))
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--python", action="store_true", help="also the steps' Python functions under cProfile")
     args = parser.parse_args()
     out = Path(os.environ.get("OUT", "/tmp/out"))
     out.mkdir(parents=True, exist_ok=True)
@@ -106,11 +126,13 @@ def main() -> None:
                 "-- host: heaviest calls by self CPU time (all steps) --",
                 prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12),
             ]
+            if args.python:
+                lines += ["-- host: Python functions under cProfile (all steps) --", python_profile(step, args.steps)]
             summary += [
                 dict(model=shape_name(entry), provider=provider, kind=kind, wall_ms=wall_ms, **values)
                 for kind, values in by_kind.to_dict("index").items()
             ]
-            print("\n".join(lines[-7:-2]), flush=True)
+            print("\n".join(lines[-9:-4] if args.python else lines[-7:-2]), flush=True)
             del model, step, prof
             torch.cuda.empty_cache()
     (out / "step_profile.txt").write_text("\n".join(lines) + "\n")

@@ -33,7 +33,15 @@ import triton.language as tl
 
 from ._launch import launch
 from ._rows import online_softmax_update, row_tiling
-from ._runtime import cdiv, device_properties, interpreter_active, new_empty, next_power_of_2, overridden
+from ._runtime import (
+    cdiv,
+    device_properties,
+    fits_int32,
+    interpreter_active,
+    new_empty,
+    next_power_of_2,
+    overridden,
+)
 
 # Vocabulary block per loop step, on 16 warps (16 logits a thread) for rows of one block or more: large blocks keep
 # fewer rows in flight, so a row's second read (the gradient pass) more often finds it in L2.
@@ -55,6 +63,9 @@ FORCED_FEW_ROWS: bool | None = None  # force_few_rows()
 # term after the loop, one store a row; False: each logit is compared with the target and its row's ignore and range
 # flags (logit_gradient).
 TARGET_AFTER_LOOP = True
+# Vocabulary column offsets in int32 wherever (V − 1)·stride fits (fewer registers and address operations a logit
+# than int64); False: always int64.
+COLUMN_OFFSETS_I32 = True
 
 
 def force_few_rows(forced: bool | None):
@@ -140,23 +151,32 @@ def _target_logit(x_rows, t, valid, out_of_range, stride_lv):
 
 
 @triton.jit
-def _logit_block(x_rows, start, valid, V, stride_lv, other, BLOCK_N: tl.constexpr):
+def column_offsets(c, stride, I32: tl.constexpr):
+    """c · stride for vocabulary columns c, in int32 when I32 (the host checked that (V − 1)·stride fits), else in
+    int64."""
+    if I32:
+        return c * stride
+    return c.to(tl.int64) * stride
+
+
+@triton.jit
+def _logit_block(x_rows, start, valid, V, stride_lv, other, BLOCK_N: tl.constexpr, I32: tl.constexpr):
     """The logits of columns [start, start + BLOCK_N) of each row [BLOCK_M, BLOCK_N], in their dtype; `other` past V
     and in rows whose target is ignored (valid false)."""
     c = start + tl.arange(0, BLOCK_N)
     mask = valid[:, None] & (c < V)[None, :]
-    return tl.load(x_rows + c[None, :].to(tl.int64) * stride_lv, mask=mask, other=other)
+    return tl.load(x_rows + column_offsets(c, stride_lv, I32)[None, :], mask=mask, other=other)
 
 
 @triton.jit
-def _row_stats(x_rows, valid, x0, V, stride_lv, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SMOOTH):
+def _row_stats(x_rows, valid, x0, V, stride_lv, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SMOOTH, I32):
     """(max m, Σ e^(x − m), Σ (x − x₀)) of each row's V logits, online over blocks."""
     cols = tl.arange(0, BLOCK_N)
     m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     s = tl.zeros((BLOCK_M,), dtype=tl.float32)
     sum_x = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for start in range(0, V, BLOCK_N):
-        x = _logit_block(x_rows, start, valid, V, stride_lv, float("-inf"), BLOCK_N).to(tl.float32)
+        x = _logit_block(x_rows, start, valid, V, stride_lv, float("-inf"), BLOCK_N, I32).to(tl.float32)
         m, s = online_softmax_update(m, s, x)
         if SMOOTH:
             mask = valid[:, None] & (start + cols < V)[None, :]
@@ -198,12 +218,13 @@ def _cross_entropy_kernel(
     INPLACE: tl.constexpr,
     STORE_STATS: tl.constexpr,
     TARGET_AFTER_LOOP: tl.constexpr,
+    COLUMNS_I32: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     """loss[row] for BLOCK_M rows and, when GRAD, scale · ∂loss/∂logits into grad (INPLACE: into the logits);
     when STORE_STATS, the row's m, log s and x_t (lse = m + log s) into stats[k · stride_stats + row], k = 0, 1, 2
-    (meaningless where the target is ignored)."""
+    (meaningless where the target is ignored). COLUMNS_I32: column offsets in int32 (the host checked they fit)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
     t, valid, out_of_range = row_targets(targets_ptr, rows, row_mask, V, ignore_index)
@@ -214,7 +235,7 @@ def _cross_entropy_kernel(
     x0 = tl.zeros((BLOCK_M, 1), dtype=tl.float32)  # the shift of Σ (x − x₀), read only where ε > 0 needs it
     if SMOOTH:
         x0 = tl.load(x_rows, mask=valid[:, None], other=0.0).to(tl.float32)
-    m, s, sum_x = _row_stats(x_rows, valid, x0, V, stride_lv, BLOCK_M, BLOCK_N, SMOOTH)
+    m, s, sum_x = _row_stats(x_rows, valid, x0, V, stride_lv, BLOCK_M, BLOCK_N, SMOOTH, COLUMNS_I32)
     log_s = tl.log(s)
     loss = _row_loss(m, log_s, x_t, x0, sum_x, valid, out_of_range, smoothing, V, SMOOTH)
     tl.store(loss_ptr + rows, loss, mask=row_mask)
@@ -239,14 +260,14 @@ def _cross_entropy_kernel(
         for start in range(0, V, BLOCK_N):
             c = start + cols
             in_row = (c < V)[None, :]
-            x = _logit_block(x_rows, start, valid, V, stride_lv, 0.0, BLOCK_N).to(tl.float32)
+            x = _logit_block(x_rows, start, valid, V, stride_lv, 0.0, BLOCK_N, COLUMNS_I32).to(tl.float32)
             if TARGET_AFTER_LOOP:
                 g = softmax_less_smoothing(x, m_row[:, None], log_s_row[:, None], smoothing, V, SMOOTH)
                 g = g * factor[:, None]
             else:
                 g = logit_gradient(x, c, m, log_s, t, valid, out_of_range, scale, smoothing, V, SMOOTH)
             tl.store(
-                g_rows + c[None, :].to(tl.int64) * stride_gv,
+                g_rows + column_offsets(c, stride_gv, COLUMNS_I32)[None, :],
                 g.to(grad_ptr.dtype.element_ty),
                 mask=row_mask[:, None] & in_row,
             )
@@ -393,6 +414,7 @@ def cross_entropy_forward(
             INPLACE=grad is logits,
             STORE_STATS=stats is not None,
             TARGET_AFTER_LOOP=TARGET_AFTER_LOOP,
+            COLUMNS_I32=COLUMN_OFFSETS_I32 and fits_int32((v - 1) * max(logits.stride(1), g.stride(1))),
             **meta,
         )
     return losses
