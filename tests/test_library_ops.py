@@ -267,6 +267,28 @@ def test_fast_path_avoids_the_dispatcher():
     assert "triformer.softmax.default" in seen
 
 
+def test_a_dispatcher_call_without_gradient_goes_straight_to_the_implementation(monkeypatch):
+    """A call through torch.ops.triformer in plain eager mode that wants no gradient (what a compiled graph's code
+    makes) runs the implementation from the autograd key, without descending to the backend key; one that wants a
+    gradient runs the op's Function, whose backward gives the fast path's gradients."""
+    op = OPS["softmax"]
+    impl, direct = op.impl, []
+
+    def counted(*args):
+        direct.append(1)
+        return impl(*args)
+
+    monkeypatch.setattr(op, "impl", counted)
+    x = leaf(4, 9)
+    with torch.no_grad():
+        y = op.overload(x, False)
+    assert direct and torch.equal(y, TF.softmax(x.detach()))
+    with through_dispatcher():
+        (g,) = torch.autograd.grad(TF.softmax(x).square().sum(), x)
+    (expected,) = torch.autograd.grad(TF.softmax(x).square().sum(), x)
+    assert torch.equal(g, expected)
+
+
 # ------------------------------------------------------------------------------------ the target check
 
 

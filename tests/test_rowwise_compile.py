@@ -207,6 +207,7 @@ def compile_all() -> dict:
                 INPLACE=rest == "inplace",
                 STORE_STATS=rest == "inplace",
                 TARGET_AFTER_LOOP=cross_entropy.TARGET_AFTER_LOOP,
+                COLUMNS_I32=cross_entropy.COLUMN_OFFSETS_I32,
             )
 
             def loss_and_grad(meta):
@@ -218,6 +219,9 @@ def compile_all() -> dict:
                 "few rows": loss_and_grad(cross_entropy.launch_meta(128, 50304, few_rows=True)),  # an LCE chunk
                 "few rows, target in loop": loss_and_grad(
                     {**cross_entropy.launch_meta(128, 50304, few_rows=True), "TARGET_AFTER_LOOP": False}
+                ),
+                "few rows, int64 columns": loss_and_grad(
+                    {**cross_entropy.launch_meta(128, 50304, few_rows=True), "COLUMNS_I32": False}
                 ),
                 "scale": spills(
                     cross_entropy._scale_rows_kernel, SCALE_ROWS, {"HAS_TARGETS": True, "BLOCK_N": 4096}, 8

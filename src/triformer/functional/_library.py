@@ -1,18 +1,20 @@
 """How triformer's ops are registered with torch.library, and how a call reaches one.
 
-Every op is a `torch.library.custom_op` named `triformer::<name>` with a fake implementation (the outputs' shapes,
-dtypes and strides, for torch.compile, torch.export and FakeTensor tracing) and, when it is differentiable, its
-autograd formula (`register_autograd`: a setup_context that saves what the backward needs, and a backward that
-calls the backward ops). torch.compile takes each op whole: no graph break, the Triton launches inside it stay
-opaque to Inductor (the launchers choose their tiles at run time, by a tuner keyed on the problem, and some
-build TMA descriptors or launch Gluon kernels, which `triton_op`'s traced implementation cannot hold).
+Every op is defined in the `triformer` library (`torch.ops.triformer.<name>`, its schema inferred from the
+implementation's annotations) with its implementation as the CPU and CUDA kernel, a fake implementation (the
+outputs' shapes, dtypes and strides, for torch.compile, torch.export and FakeTensor tracing) and, when it is
+differentiable, an autograd kernel: an autograd.Function made from the op's setup_context (what the backward needs)
+and backward (which calls the backward ops). torch.compile takes each op whole: no graph break, the Triton launches
+inside it stay opaque to Inductor (the launchers choose their tiles at run time, by a tuner keyed on the problem,
+and some build TMA descriptors or launch Gluon kernels, which `triton_op`'s traced implementation cannot hold).
 
-An eager call does not go through the dispatcher: `Op.__call__` runs the same implementation, setup_context and
-backward through an autograd.Function made here from them (the dispatcher's own autograd wrapper is the same
-Function, reached through three more crossings between Python and C++ per call).
+An eager call does not go through the dispatcher: `Op.__call__` runs the implementation, or the same Function.
 The dispatcher is taken whenever something may watch or trace the call: torch.compile / export tracing, an active
 dispatch mode (FakeTensorMode, FlopCounterMode, the modes of torch.library.opcheck) or a tensor subclass argument.
-`through_dispatcher()` makes every call take it (tests and the host-cost profile compare the two paths).
+A dispatcher call in plain eager mode that wants no gradient (a compiled graph's call) runs the implementation
+straight from the autograd kernel: one crossing between C++ and Python, where torch.library.custom_op's wrappers
+take three more.
+`through_dispatcher()` makes every call take the dispatcher (tests and the host-cost profile compare the two paths).
 """
 
 from __future__ import annotations
@@ -88,6 +90,10 @@ def or_placeholder(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return placeholder(like) if t is None else t
 
 
+# The library every op is defined in.
+_LIBRARY = torch.library.Library("triformer", "DEF")
+
+
 class Op:
     """A registered triformer op (see the module doc); call it like its implementation, every argument
     positional."""
@@ -104,27 +110,38 @@ class Op:
     ):
         self.name, self.impl = name, impl
         OPS[name] = self
-        custom = torch.library.custom_op(f"triformer::{name}", impl, mutates_args=tuple(mutates_args))
-        custom.register_fake(fake)
-        if backward is not None:
-            custom.register_autograd(backward, setup_context=setup_context)
-        self.custom = custom
+        _LIBRARY.define(name + torch.library.infer_schema(impl, mutates_args=tuple(mutates_args)))
+        for backend in ("CPU", "CUDA"):
+            _LIBRARY.impl(name, impl, backend)
+        torch.library.register_fake(f"triformer::{name}", fake, lib=_LIBRARY)
         self.overload = getattr(torch.ops.triformer, name).default
         parameters = list(inspect.signature(impl).parameters)
         self._mutated = tuple(parameters.index(arg) for arg in mutates_args)
         self._function = None
         if backward is not None:
+            overload = self.overload
 
             def forward(ctx, *args):
-                output = impl(*args)
+                output = impl(*args) if plain_eager(args) else overload(*args)
                 setup_context(ctx, args, output)
                 return output
 
             self._function = type(
-                f"{name}_eager",
+                f"{name}_autograd",
                 (torch.autograd.Function,),
                 {"forward": staticmethod(forward), "backward": staticmethod(backward)},
             )
+            _LIBRARY.impl(name, self._autograd_kernel, "Autograd")
+
+    def _autograd_kernel(self, *args):
+        """The op's kernel for the dispatcher's autograd key: the Function when a gradient is wanted; otherwise the
+        implementation itself in plain eager mode (a compiled graph's call), or the op again below autograd."""
+        if torch.is_grad_enabled() and _any_requires_grad(args):
+            return self._function.apply(*args)
+        if plain_eager(args):
+            return self.impl(*args)
+        with torch._C._AutoDispatchBelowAutograd():
+            return self.overload(*args)
 
     def __call__(self, *args):
         if traced(args):

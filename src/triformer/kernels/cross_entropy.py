@@ -155,8 +155,10 @@ def column_offsets(c, stride, I32: tl.constexpr):
     """c · stride for vocabulary columns c, in int32 when I32 (the host checked that (V − 1)·stride fits), else in
     int64."""
     if I32:
-        return c * stride
-    return c.to(tl.int64) * stride
+        offsets = c * stride
+    else:
+        offsets = c.to(tl.int64) * stride
+    return offsets
 
 
 @triton.jit
