@@ -289,6 +289,46 @@ def test_a_dispatcher_call_without_gradient_goes_straight_to_the_implementation(
     assert torch.equal(g, expected)
 
 
+def test_a_mutating_op_bumps_the_version_on_every_path():
+    """scale_rows_ writes into g: eager, through the dispatcher, under no_grad and through a view, g's version (its
+    base's for a view) moves as an in-place torch op's would, so autograd catches a write into a saved tensor."""
+    g, scale = randn(4, 8), torch.tensor(2.0)
+    for call in (OPS["scale_rows_"], torch.ops.triformer.scale_rows_):
+        for context in (contextlib.nullcontext(), torch.no_grad()):
+            before = g._version
+            with context:
+                call(g, scale, None, -100)
+            assert g._version == before + 1
+    base = randn(4, 8)
+    torch.ops.triformer.scale_rows_(base[1:], scale, None, -100)
+    assert base._version == 1
+    with through_dispatcher(), pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        x, c = leaf(4, 8) * 1.0, leaf(4, 8)
+        y = x * c  # saves x for c's gradient
+        h = TF.swiglu(x, inplace_grad=True)  # its backward writes into x
+        (h.sum() + y.sum()).backward()
+
+
+def test_ops_without_a_gradient_formula_say_so():
+    """A backward op differentiated (double backward) raises, naming the op; so does a write into a tensor that
+    requires a gradient."""
+    x = leaf(3, 5)
+    (g,) = torch.autograd.grad(TF.softmax(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="softmax_backward has no gradient formula"):
+        g.sum().backward()
+    with pytest.raises(RuntimeError, match="scale_rows_ writes into its argument 0"):
+        OPS["scale_rows_"](leaf(4, 8), torch.tensor(2.0), None, -100)
+
+
+def test_meta_tensors_take_the_fake_implementation():
+    """Through the dispatcher a meta tensor gets the fake implementation's output (the autograd key never runs the
+    implementation on it); every op is tagged PT2-compliant."""
+    y = torch.ops.triformer.softmax(torch.empty(3, 5, device="meta"), False)
+    assert y.device.type == "meta" and y.shape == (3, 5)
+    for name in OPS:
+        assert torch.Tag.pt2_compliant_tag in getattr(torch.ops.triformer, name).default.tags, name
+
+
 # ------------------------------------------------------------------------------------ the target check
 
 

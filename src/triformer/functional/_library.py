@@ -90,8 +90,33 @@ def or_placeholder(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return placeholder(like) if t is None else t
 
 
-# The library every op is defined in.
-_LIBRARY = torch.library.Library("triformer", "DEF")
+def _direct(args: Sequence) -> bool:
+    """Whether a dispatcher call with these arguments may run the implementation itself: plain eager mode and no
+    meta tensor (those go on to the fake implementation)."""
+    if _is_compiling() or _dispatch_modes():
+        return False
+    for a in args:
+        kind = type(a)
+        if kind is _Tensor or kind is _Parameter:
+            if a.is_meta:
+                return False
+        elif isinstance(a, _Tensor):
+            return False
+    return True
+
+
+# Each op's library fragment by name, kept through a reload of this module (a reload defines the ops again, in place
+# of the fragments before).
+_FRAGMENTS: dict[str, torch.library.Library] = globals().get("_FRAGMENTS", {})
+
+
+def _fragment(name: str) -> torch.library.Library:
+    """A new library fragment to define op `name` in, the op's earlier definition (a module reload) removed."""
+    old = _FRAGMENTS.pop(name, None)
+    if old is not None:
+        old._destroy()
+    _FRAGMENTS[name] = torch.library.Library("triformer", "FRAGMENT")
+    return _FRAGMENTS[name]
 
 
 class Op:
@@ -110,48 +135,77 @@ class Op:
     ):
         self.name, self.impl = name, impl
         OPS[name] = self
-        _LIBRARY.define(name + torch.library.infer_schema(impl, mutates_args=tuple(mutates_args)))
+        library = _fragment(name)
+        schema = torch.library.infer_schema(impl, mutates_args=tuple(mutates_args))
+        library.define(name + schema, tags=(torch.Tag.pt2_compliant_tag,))
         for backend in ("CPU", "CUDA"):
-            _LIBRARY.impl(name, impl, backend)
-        torch.library.register_fake(f"triformer::{name}", fake, lib=_LIBRARY)
-        self.overload = getattr(torch.ops.triformer, name).default
+            library.impl(name, impl, backend)
+        torch.library.register_fake(f"triformer::{name}", fake, lib=library)
+        self.overload = overload = getattr(torch.ops.triformer, name).default
         parameters = list(inspect.signature(impl).parameters)
         self._mutated = tuple(parameters.index(arg) for arg in mutates_args)
-        self._function = None
-        if backward is not None:
-            overload = self.overload
+        if self._mutated:
+            library.impl(name, self._inplace_kernel, "ADInplaceOrView", with_keyset=True)
+        run = self._run
 
-            def forward(ctx, *args):
-                output = impl(*args) if plain_eager(args) else overload(*args)
+        def forward(ctx, *args):
+            output = run(*args) if _direct(args) else overload(*args)
+            if backward is not None:
                 setup_context(ctx, args, output)
-                return output
+            return output
 
-            self._function = type(
-                f"{name}_autograd",
-                (torch.autograd.Function,),
-                {"forward": staticmethod(forward), "backward": staticmethod(backward)},
-            )
-            _LIBRARY.impl(name, self._autograd_kernel, "Autograd")
+        def no_backward(ctx, *grads):
+            raise RuntimeError(f"triformer::{name} has no gradient formula: it is a backward op (no double backward)")
+
+        self._function = type(
+            f"{name}_autograd",
+            (torch.autograd.Function,),
+            {"forward": staticmethod(forward), "backward": staticmethod(backward or no_backward)},
+        )
+        library.impl(name, self._autograd_kernel, "Autograd")
+
+    def _run(self, *args):
+        """The implementation, with the versions of the tensors it mutates bumped (as an in-place torch op's)."""
+        output = self.impl(*args)
+        for i in self._mutated:
+            torch.autograd.graph.increment_version(args[i])
+        return output
+
+    def _inplace_kernel(self, keyset, *args):
+        """The op's ADInplaceOrView kernel (ops that mutate an argument): bump the mutated tensors' versions, then on
+        to the backend."""
+        for i in self._mutated:
+            torch.autograd.graph.increment_version(args[i])
+        return self.overload.redispatch(keyset & torch._C._after_ADInplaceOrView_keyset, *args)
 
     def _autograd_kernel(self, *args):
-        """The op's kernel for the dispatcher's autograd key: the Function when a gradient is wanted; otherwise the
-        implementation itself in plain eager mode (a compiled graph's call), or the op again below autograd."""
+        """The op's kernel for the dispatcher's autograd key: the op's Function when a gradient is wanted; otherwise
+        the implementation itself in plain eager mode (a compiled graph's call), or the op again below autograd."""
         if torch.is_grad_enabled() and _any_requires_grad(args):
-            return self._function.apply(*args)
-        if plain_eager(args):
-            return self.impl(*args)
+            return self._differentiated(args)
+        if _direct(args):
+            return self._run(*args)
         with torch._C._AutoDispatchBelowAutograd():
             return self.overload(*args)
 
     def __call__(self, *args):
         if traced(args):
             return self.overload(*args)
-        if self._function is not None and torch.is_grad_enabled() and _any_requires_grad(args):
-            return self._function.apply(*args)
-        output = self.impl(*args)
+        if torch.is_grad_enabled() and _any_requires_grad(args):
+            return self._differentiated(args)
+        return self._run(*args)
+
+    def _differentiated(self, args):
+        """The op through its Function, for a call that wants a gradient; an op that writes into an argument that
+        requires a gradient raises (it has no gradient formula to account for the write)."""
         for i in self._mutated:
-            torch.autograd.graph.increment_version(args[i])
-        return output
+            if args[i].requires_grad:
+                raise RuntimeError(
+                    f"triformer::{self.name} writes into its argument {i} in place, which requires a gradient; "
+                    "it has no gradient formula (it is a backward op): call it on a tensor that does not require "
+                    "a gradient, or under torch.no_grad()"
+                )
+        return self._function.apply(*args)
 
     def __repr__(self) -> str:
         return f"triformer op {self.name}"
