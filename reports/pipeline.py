@@ -234,7 +234,7 @@ else:
         if not host.empty:  # the host suite: µs per call, ours against torch (bench/host.py)
             display(Markdown("Host time per call, µs (under Triton's interpreter this times the interpreter):"))
             per_call = host.pivot_table(index=["shape", "mode"], columns="provider", values="ms", sort=False) * 1e3
-            for provider in ("triformer (Triton launch)", "triformer (fast launch)"):
+            for provider in ("triformer (Triton launch)", "triformer (fast launch)", "triformer (dispatcher)"):
                 if provider in per_call and "torch" in per_call:
                     per_call[f"{provider} ÷ torch"] = per_call[provider] / per_call["torch"]
             display(per_call.round(2))

@@ -62,19 +62,22 @@ TINY_HOST = dict(rows=4, width=16, vocab=24, heads=2, seq=8, head_dim=16)
 
 
 def test_host_suite_times_every_op_both_ways_for_every_provider(monkeypatch):
-    """Rows for every op × mode × provider, each the median of interleaved rounds; each triformer provider runs
-    with its own launch path. (On the CPU the fast provider cannot take the fast path: the interpreter runs every
-    launch; tests/test_launch.py checks the path, the GPU rows flag it when inactive.)"""
+    """Rows for every op × mode × provider, each the median of interleaved rounds; each triformer provider runs with its
+    own launch path, the dispatcher provider through torch.ops.triformer. (On the CPU the fast provider cannot take the
+    fast path: the interpreter runs every launch; tests/test_launch.py checks the path, the GPU rows flag it when
+    inactive.)"""
     from harness import DEVICE
 
     from triformer.bench import host
+    from triformer.functional import _library
     from triformer.kernels import _launch
 
-    fast_seen, times = [], iter(range(1, 1000))
+    fast_seen, dispatcher_seen, times = [], [], iter(range(1, 1000))
 
     def fake_per_call_ms(fn, calls, warmup=20):
         fn()
         fast_seen.append(_launch.FAST)
+        dispatcher_seen.append(_library._state.dispatcher)
         return float(next(times))
 
     monkeypatch.setattr(host, "per_call_ms", fake_per_call_ms)
@@ -85,11 +88,17 @@ def test_host_suite_times_every_op_both_ways_for_every_provider(monkeypatch):
     assert [(r["shape"], r["mode"], r["provider"]) for r in rows] == [
         (f"{op} (4x16)", mode, provider) for op in ops for mode in ("fwd", "fwd+bwd") for provider in host.PROVIDERS
     ]
-    # rounds interleave the providers: round r of provider i got time 3·r + i + 1 (+ 9 per case); the median is r = 1
-    assert [r["ms"] for r in rows[:3]] == [4.0, 5.0, 6.0]
+    # rounds interleave the providers: round r of provider i got time 4·r + i + 1 (+ 12 per case); the median is r = 1
+    assert [r["ms"] for r in rows[:4]] == [5.0, 6.0, 7.0, 8.0]
     assert all(r["op"] == "host" and r["unit"] == "calls/s" and r["rate"] == 1e3 / r["ms"] for r in rows)
-    expected = {"triformer (Triton launch)": False, "triformer (fast launch)": True, "torch": _launch.FAST}
+    expected = {
+        "triformer (Triton launch)": False,
+        "triformer (fast launch)": True,
+        "triformer (dispatcher)": True,
+        "torch": _launch.FAST,
+    }
     assert fast_seen == [expected[p] for _ in ops for _ in range(2) for _ in range(3) for p in host.PROVIDERS]
+    assert dispatcher_seen == [p == "triformer (dispatcher)" for _ in ops for _ in range(6) for p in host.PROVIDERS]
 
 
 def test_host_suite_reports_an_op_that_fails_and_goes_on(monkeypatch):
@@ -117,5 +126,6 @@ def test_host_suite_reports_an_op_that_fails_and_goes_on(monkeypatch):
         ops=["softmax", "layer_norm"],
     )
     broken = [r for r in rows if r["shape"].startswith("softmax")]
-    assert len(broken) == 6 and all("ZeroDivisionError" in r["error"] and math.isnan(r["ms"]) for r in broken)
+    assert len(broken) == 2 * len(host.PROVIDERS)
+    assert all("ZeroDivisionError" in r["error"] and math.isnan(r["ms"]) for r in broken)
     assert all(r["error"] == "" and r["ms"] > 0 for r in rows if r["shape"].startswith("layer_norm"))

@@ -4,13 +4,14 @@ so that wall time per call is what the host spends (Python, input checks, autogr
 
 Providers: "triformer (Triton launch)", every kernel launched through Triton's JITFunction.run; "triformer (fast
 launch)", a repeated launch through the compiled kernel's launcher (kernels/_launch.py; whichever the
-TRIFORMER_FAST_LAUNCH switch says, each provider sets its own); torch, the PyTorch counterpart. Rows in
-the bench stage's format under op "host": shape names the op and its problem, ms is ms per call, rate calls/s, unit
-"calls/s", whose ceiling is the call rate of torch.empty_like in the same run (the cheapest call torch makes). Each
-row is the median of `rounds` interleaved rounds (every provider timed once per round). A fast-launch row whose
-calls took no fast launch on a GPU says so in its `error` (the path was inactive: the row times Triton's launch); an
-op that fails gives rows with the error. Under Triton's interpreter the numbers time the interpreter, not a launch:
-they only show that the suite runs.
+TRIFORMER_FAST_LAUNCH switch says, each provider sets its own); "triformer (dispatcher)", fast launches with every op
+called through torch.ops.triformer (the path of a torch.compile'd graph's calls); torch, the PyTorch counterpart. Rows
+in the bench stage's format under op "host": shape names the op and its problem, ms is ms per call, rate calls/s, unit
+"calls/s", whose ceiling is the call rate of torch.empty_like in the same run (the cheapest call torch makes). Each row
+is the median of `rounds` interleaved rounds (every provider timed once per round). A fast-launch row whose calls took
+no fast launch on a GPU says so in its `error` (the path was inactive: the row times Triton's launch); an op that fails
+gives rows with the error. Under Triton's interpreter the numbers time the interpreter, not a launch: they only show
+that the suite runs.
 """
 
 from __future__ import annotations
@@ -24,14 +25,15 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .. import functional as F_tri
+from ..functional._library import through_dispatcher
 from ..kernels import _launch
 from ..kernels._runtime import overridden
 from ..nn.rope import torch_rope
 
 # Every op's problem: rows × width activations, a vocab-wide head, attention of heads × seq × head_dim (batch 2).
 GPU_SIZE = dict(rows=256, width=256, vocab=1000, heads=4, seq=128, head_dim=64)
-PROVIDERS = ("triformer (Triton launch)", "triformer (fast launch)", "torch")
-_FAST_LAUNCH = {"triformer (Triton launch)": False, "triformer (fast launch)": True}
+PROVIDERS = ("triformer (Triton launch)", "triformer (fast launch)", "triformer (dispatcher)", "torch")
+_FAST_LAUNCH = {"triformer (Triton launch)": False, "triformer (fast launch)": True, "triformer (dispatcher)": True}
 
 
 def op_cases(device, dtype, size: dict | None = None) -> dict:
@@ -199,8 +201,9 @@ def _case_rows(name, mode, ours, theirs, inputs, calls, warmup, rounds, dtype, s
             fast = _FAST_LAUNCH.get(provider)
             before = _launch.fast_launches
             with contextlib.nullcontext() if fast is None else overridden(_launch, FAST=fast, CHECK=False):
-                with torch.no_grad() if mode == "fwd" else contextlib.nullcontext():
-                    times[provider].append(per_call_ms(fn, calls, warmup))
+                with through_dispatcher() if provider == "triformer (dispatcher)" else contextlib.nullcontext():
+                    with torch.no_grad() if mode == "fwd" else contextlib.nullcontext():
+                        times[provider].append(per_call_ms(fn, calls, warmup))
             if fast:
                 fast_calls += _launch.fast_launches - before
     inactive = str(device).startswith("cuda") and fast_calls == 0
