@@ -63,22 +63,13 @@ def row_path(request):
         yield request.param
 
 
-@pytest.fixture(
-    params=["usual-tiling", "few-rows-tiling", "target-in-loop", "few-rows-target-in-loop", "int64-columns"]
-)
+@pytest.fixture(params=["usual-tiling", "one-row-tiling"])
 def ce_rows(request):
-    """Cross-entropy runs five times: with its usual tiling and with the one for few rows of a wide vocabulary (a
-    fused linear + CE chunk: one row a program on a wide block), which the interpreter would otherwise never take,
-    each with the target's term of the gradient written after the loop and formed in it (TARGET_AFTER_LOOP off);
-    and with int64 column offsets, which only a vocabulary past 2³¹ elements would otherwise take."""
+    """Cross-entropy runs twice: with its usual tiling and with one row a program on a wide block (wide rows: a GPT's
+    logits, a fused linear + CE chunk), which the interpreter would otherwise never take."""
     from triformer.kernels import cross_entropy
     from triformer.kernels._runtime import overridden
 
-    few_rows = request.param.startswith("few-rows")
-    with overridden(
-        cross_entropy,
-        FORCED_FEW_ROWS=True if few_rows else cross_entropy.FORCED_FEW_ROWS,
-        TARGET_AFTER_LOOP=not request.param.endswith("target-in-loop"),
-        COLUMN_OFFSETS_I32=request.param != "int64-columns",
-    ):
+    one_row = request.param == "one-row-tiling"
+    with overridden(cross_entropy, FORCED_ONE_ROW=True if one_row else cross_entropy.FORCED_ONE_ROW):
         yield request.param

@@ -128,6 +128,21 @@ def test_inf_and_nan_incoming_gradients_leave_ignored_rows_at_zero(reduction, in
         assert not ours[0].isfinite().any() and not ours[2].isfinite().any()
 
 
+def test_wide_rows_take_one_row_a_program_on_the_measured_blocks():
+    """The one-row tiling's block on 132 SMs, as measured (reports/NOTES.md): the wide block where the programs are
+    few (a 128-row chunk; 256 rows of a 128256 vocabulary), the narrower one for more rows, with label smoothing and
+    where the SMs are unknown; never wider than the vocabulary."""
+    from triformer.kernels import cross_entropy
+
+    block = cross_entropy.one_row_block
+    assert block(128, 50304, 132) == block(256, 128256, 132) == 32768
+    assert block(256, 50304, 132) == block(8192, 50304, 132) == block(8192, 128256, 132) == 16384
+    assert block(128, 50304, 132, smooth=True) == block(128, 50304, None) == 16384
+    assert block(4, 100, 132) == 128
+    meta = cross_entropy.launch_meta(128, 50304, one_row=True, sms=132)
+    assert meta == {"BLOCK_M": 1, "BLOCK_N": 32768, "num_warps": 32}
+
+
 def test_n_chunks_same_result(seed):
     logits = randn(13, 257)
     targets = make_targets((13,), 257)

@@ -292,7 +292,7 @@ def test_a_dispatcher_call_without_gradient_goes_straight_to_the_implementation(
 def test_a_mutating_op_bumps_the_version_on_every_path():
     """scale_rows_ writes into g: eager, through the dispatcher, under no_grad and through a view, g's version (its
     base's for a view) moves as an in-place torch op's would, so autograd catches a write into a saved tensor."""
-    g, scale = randn(4, 8), torch.tensor(2.0)
+    g, scale = randn(4, 8), torch.tensor(2.0, device=DEVICE)
     for call in (OPS["scale_rows_"], torch.ops.triformer.scale_rows_):
         for context in (contextlib.nullcontext(), torch.no_grad()):
             before = g._version
@@ -317,7 +317,7 @@ def test_ops_without_a_gradient_formula_say_so():
     with pytest.raises(RuntimeError, match="softmax_backward has no gradient formula"):
         g.sum().backward()
     with pytest.raises(RuntimeError, match="scale_rows_ writes into its argument 0"):
-        OPS["scale_rows_"](leaf(4, 8), torch.tensor(2.0), None, -100)
+        OPS["scale_rows_"](leaf(4, 8), torch.tensor(2.0, device=DEVICE), None, -100)
 
 
 def test_meta_tensors_take_the_fake_implementation():

@@ -206,8 +206,6 @@ def compile_all() -> dict:
                 GRAD=True,
                 INPLACE=rest == "inplace",
                 STORE_STATS=rest == "inplace",
-                TARGET_AFTER_LOOP=cross_entropy.TARGET_AFTER_LOOP,
-                COLUMNS_I32=cross_entropy.COLUMN_OFFSETS_I32,
             )
 
             def loss_and_grad(meta):
@@ -215,13 +213,11 @@ def compile_all() -> dict:
                 return spills(cross_entropy._cross_entropy_kernel, CROSS_ENTROPY, {**flags, **meta}, warps)
 
             return {
-                "loss+grad": loss_and_grad(cross_entropy.launch_meta(4096, 50304)),
-                "few rows": loss_and_grad(cross_entropy.launch_meta(128, 50304, few_rows=True)),  # an LCE chunk
-                "few rows, target in loop": loss_and_grad(
-                    {**cross_entropy.launch_meta(128, 50304, few_rows=True), "TARGET_AFTER_LOOP": False}
-                ),
-                "few rows, int64 columns": loss_and_grad(
-                    {**cross_entropy.launch_meta(128, 50304, few_rows=True), "COLUMNS_I32": False}
+                "loss+grad": loss_and_grad(cross_entropy.launch_meta(4096, 8192)),
+                # one row a program: a GPT's logits, and a fused linear + CE chunk of 128 rows on 132 SMs
+                "one row": loss_and_grad(cross_entropy.launch_meta(8192, 50304, one_row=True, sms=132)),
+                "one row, few": loss_and_grad(
+                    cross_entropy.launch_meta(128, 50304, one_row=True, sms=132, smooth=flags["SMOOTH"])
                 ),
                 "scale": spills(
                     cross_entropy._scale_rows_kernel, SCALE_ROWS, {"HAS_TARGETS": True, "BLOCK_N": 4096}, 8

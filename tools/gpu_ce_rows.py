@@ -1,11 +1,10 @@
-"""How should the cross-entropy kernel tile few wide rows (a fused linear + CE chunk)? On a GPU host, for rows × vocab
-shapes (bf16 logits, gradient written over them, reduction mean, as the fused linear + CE calls it): the GPU time of
-the loss-and-gradient kernel for each few-rows tiling of cross_entropy.py and its usual tiling (each as the library
-runs it, with the gradient's target term formed in the loop, and with int64 column offsets), beside Liger-Kernel's
-cross-entropy kernel launched the way its forward launches it (one program a row, 32 warps); the profiler's summed
-kernel time with L2 flushed before each call, for every provider alike (in the fused linear + CE the chunk's logits
-are still in L2: the tool's times are the colder case), and each tiling's loss against torch's float32
-cross-entropy.
+"""How should the cross-entropy kernel tile wide rows (a GPT's logits, a fused linear + CE chunk)? On a GPU host, for
+rows × vocab shapes (bf16 logits, gradient written over them, reduction mean, as the fused linear + CE calls it): the
+GPU time of the loss-and-gradient kernel with the library's own choice of tiling, with one row a program on each
+vocabulary block and warps, and with the usual tiling, beside Liger-Kernel's cross-entropy kernel launched the way
+its forward launches it (one program a row, 32 warps); the profiler's summed kernel time with L2 flushed before each
+call, for every provider alike (in the fused linear + CE the chunk's logits are still in L2: the tool's times are
+the colder case), and each tiling's loss against torch's float32 cross-entropy.
 
 Run: python tools/gpu_ce_rows.py [--shapes 128x50304 256x128256 ...]
 Logs to $OUT/ce_rows.csv.
@@ -24,19 +23,16 @@ from triformer.bench.timing import kernel_ms
 from triformer.kernels import cross_entropy
 from triformer.kernels._runtime import overridden
 
-# name → overrides of cross_entropy.py's switches: each few-rows tiling (taken whatever the rows) and the usual one,
-# as the library runs it (the gradient's target term written after the loop, int32 column offsets), with the target
-# term formed in the loop, and with int64 column offsets
-_TILINGS = {
-    f"row {block} / {warps} warps": dict(FORCED_FEW_ROWS=True, _FEW_ROWS_BLOCK_V=block, _FEW_ROWS_WARPS=warps)
-    for block, warps in ((8192, 16), (16384, 32), (32768, 32))
-} | {"usual": dict(FORCED_FEW_ROWS=False)}
-_VARIANTS = {
-    "": dict(TARGET_AFTER_LOOP=True, COLUMN_OFFSETS_I32=True),
-    " / target in loop": dict(TARGET_AFTER_LOOP=False, COLUMN_OFFSETS_I32=True),
-    " / int64 columns": dict(TARGET_AFTER_LOOP=True, COLUMN_OFFSETS_I32=False),
-}
-TILINGS = {name + suffix: dict(o, **v) for suffix, v in _VARIANTS.items() for name, o in _TILINGS.items()}
+# name → overrides of cross_entropy.py's switches: the library's choice, one row a program on each block and warps
+# (whatever the rows), the usual tiling
+TILINGS = (
+    {"library": {}}
+    | {
+        f"row {block} / {warps} warps": dict(FORCED_ONE_ROW=True, FORCED_ONE_ROW_BLOCK_V=block, _ONE_ROW_WARPS=warps)
+        for block, warps in ((8192, 16), (16384, 32), (32768, 32))
+    }
+    | {"usual": dict(FORCED_ONE_ROW=False)}
+)
 
 
 def ours(logits, targets, n_valid):

@@ -7,7 +7,7 @@ a float64 reference (‖ours − ref‖ / ‖ref‖).
 
 Run: python tools/gpu_lce_chunks.py [--shapes 8192x768x50304 8192x4096x128256] [--chunks 128 256 512 1024]
                                     [--breakdown] [--dw float32 bf16]
-                                    [--ce-tilings "row 16384 / 32 warps" "row 16384 / 32 warps / target in loop" ...]
+                                    [--ce-tilings library "row 16384 / 32 warps" ...]
 Logs to $OUT/lce_chunks.csv; with --breakdown also each provider's GPU time by kernel (one step under
 torch.profiler, no L2 flush) to $OUT/lce_kernels.csv and the heaviest kernels to the log.
 """

@@ -46,11 +46,6 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def fits_int32(n: int) -> bool:
-    """Whether a non-negative element offset n is an int32 (a kernel may then compute offsets up to n in int32)."""
-    return n < 2**31
-
-
 def next_power_of_2(n: int) -> int:
     """The smallest power of two ≥ n (1 for n ≤ 1), host side, for the same reason as cdiv."""
     return 1 << max(n - 1, 0).bit_length()

@@ -19,13 +19,11 @@ into the logits' own storage (grad_ptr == logits_ptr: each element is read befor
 it). The backward then only multiplies it by the incoming gradient, skipping the pass entirely where that is
 exactly 1 (the usual loss.backward()).
 
-Few rows of a wide vocabulary (a fused linear + CE chunk of 128 rows) get the same kernel on a wider vocabulary block
-and more warps: with about one program per SM, more loads in flight per SM is what keeps the memory busy.
+Wide rows (a GPT's logits, a fused linear + CE chunk) get the same kernel one row a program, on a wider vocabulary
+block and more warps: more loads in flight per SM is what keeps the memory busy.
 """
 
 from __future__ import annotations
-
-import sys
 
 import torch
 import triton
@@ -33,15 +31,7 @@ import triton.language as tl
 
 from ._launch import launch
 from ._rows import online_softmax_update, row_tiling
-from ._runtime import (
-    cdiv,
-    device_properties,
-    fits_int32,
-    interpreter_active,
-    new_empty,
-    next_power_of_2,
-    overridden,
-)
+from ._runtime import cdiv, device_properties, interpreter_active, new_empty, next_power_of_2
 
 # Vocabulary block per loop step, on 16 warps (16 logits a thread) for rows of one block or more: large blocks keep
 # fewer rows in flight, so a row's second read (the gradient pass) more often finds it in L2.
@@ -52,62 +42,52 @@ _WIDE_ROW_WARPS = 16
 _COUNT_BLOCK, _COUNT_WARPS = 4096, 8
 
 
-# Few rows of a wide vocabulary (a fused linear + CE chunk: 128 rows of 50304; fewer than _FEW_ROWS_PER_SM rows per
-# SM) leave a few programs per SM at most: those programs take _FEW_ROWS_BLOCK_V logits a step on _FEW_ROWS_WARPS
-# warps, more bytes in flight per SM (measurements: reports/NOTES.md, cross-entropy of few wide rows).
+# Wide rows (a GPT's or a fused linear + CE chunk's logits) take one row a program on _ONE_ROW_WARPS warps, a
+# vocabulary block of _ONE_ROW_BLOCK_V a step, or _ONE_ROW_WIDE_BLOCK_V where the programs are few (at most one a SM,
+# or fewer than _FEW_ROWS_PER_SM a SM over a vocabulary of more than two wide blocks): more bytes in flight per SM.
+# Rows of _ONE_ROW_MIN_V logits or more take it whatever their number; rows of _BLOCK_V or more only when few.
+# (Measurements: reports/NOTES.md, cross-entropy of wide rows.)
+_ONE_ROW_BLOCK_V, _ONE_ROW_WIDE_BLOCK_V, _ONE_ROW_WARPS = 16384, 32768, 32
+_ONE_ROW_MIN_V = 16384
 _FEW_ROWS_PER_SM = 4
-_FEW_ROWS_BLOCK_V, _FEW_ROWS_WARPS = 16384, 32
-FORCED_FEW_ROWS: bool | None = None  # force_few_rows()
-
-# The gradient pass computes (e^((x − m) − log s) − ε/V)·(one factor a row) for every logit and writes the target's
-# term after the loop, one store a row; False: each logit is compared with the target and its row's ignore and range
-# flags (logit_gradient).
-TARGET_AFTER_LOOP = True
-# Vocabulary column offsets in int32 wherever (V − 1)·stride fits (fewer registers and address operations a logit
-# than int64); False: always int64.
-COLUMN_OFFSETS_I32 = True
+FORCED_ONE_ROW: bool | None = None  # True / False: every one-launch call takes / never takes it (tests, tools)
+FORCED_ONE_ROW_BLOCK_V: int | None = None  # its block, whatever the rows (tools)
 
 
-def force_few_rows(forced: bool | None):
-    """Within the block every one-launch cross-entropy takes (True) or never takes (False) the few-rows tiling
-    whatever its rows (None: the usual choice), through the interpreter too."""
-    return overridden(sys.modules[__name__], FORCED_FEW_ROWS=forced)
-
-
-def few_wide_rows(m: int, v: int, device: torch.device) -> bool:
-    """Whether m rows of v logits are few wide rows (see _FEW_ROWS_PER_SM); never through the interpreter unless
-    forced (force_few_rows)."""
-    if FORCED_FEW_ROWS is not None:
-        return FORCED_FEW_ROWS
+def one_row_tiling(m: int, v: int, device: torch.device) -> bool:
+    """Whether m rows of v logits take one row a program (see _ONE_ROW_MIN_V); never through the interpreter unless
+    forced (FORCED_ONE_ROW)."""
+    if FORCED_ONE_ROW is not None:
+        return FORCED_ONE_ROW
     if interpreter_active() or m == 0 or v < _BLOCK_V:
         return False
-    return m < _FEW_ROWS_PER_SM * device_properties(device).multi_processor_count
+    return v >= _ONE_ROW_MIN_V or m < _FEW_ROWS_PER_SM * device_properties(device).multi_processor_count
 
 
-def launch_meta(m: int, v: int, few_rows: bool = False) -> dict:
+def one_row_block(m: int, v: int, sms: int | None, smooth: bool = False) -> int:
+    """The vocabulary block of one row a program for m rows of v logits on sms SMs (None: many rows); never the wide
+    block with label smoothing (its Σx spills a register on sm_90)."""
+    if FORCED_ONE_ROW_BLOCK_V is not None:
+        block = FORCED_ONE_ROW_BLOCK_V
+    elif smooth or sms is None:
+        block = _ONE_ROW_BLOCK_V
+    elif m <= sms or (m < _FEW_ROWS_PER_SM * sms and v > 2 * _ONE_ROW_WIDE_BLOCK_V):
+        block = _ONE_ROW_WIDE_BLOCK_V
+    else:
+        block = _ONE_ROW_BLOCK_V
+    return min(block, max(16, next_power_of_2(v)))
+
+
+def launch_meta(m: int, v: int, one_row: bool = False, sms: int | None = None, smooth: bool = False) -> dict:
     """The cross-entropy kernel's tiling for m rows of v logits: whole vocabulary blocks of _BLOCK_V on
-    _WIDE_ROW_WARPS warps, or several narrow rows a program on at most 4 warps; few_rows: one row a program, blocks
-    of up to _FEW_ROWS_BLOCK_V on _FEW_ROWS_WARPS warps."""
-    if few_rows:
-        block = min(_FEW_ROWS_BLOCK_V, max(16, next_power_of_2(v)))
-        return {"BLOCK_M": 1, "BLOCK_N": block, "num_warps": _FEW_ROWS_WARPS}
+    _WIDE_ROW_WARPS warps, or several narrow rows a program on at most 4 warps; one_row: one row a program, blocks of
+    one_row_block(m, v, sms, smooth) on _ONE_ROW_WARPS warps."""
+    if one_row:
+        return {"BLOCK_M": 1, "BLOCK_N": one_row_block(m, v, sms, smooth), "num_warps": _ONE_ROW_WARPS}
     meta = row_tiling(m, v, loop=True, max_block=_BLOCK_V)
     wide = meta["BLOCK_M"] == 1 and meta["BLOCK_N"] == _BLOCK_V
     meta["num_warps"] = _WIDE_ROW_WARPS if wide else min(meta["num_warps"], 4)
     return meta
-
-
-@triton.jit
-def logit_gradient(x, cols, m, log_s, t, valid, out_of_range, scale, smoothing, V, SMOOTH: tl.constexpr):
-    """scale · ∂loss/∂x for a tile of float32 logits x [BLOCK_M, BLOCK_N] at vocabulary columns cols, from each row's
-    max m, log s and target t: (e^((x − m) − log s) − ε/V − (1 − ε)·[col = t]) · scale; 0 in rows whose target is
-    ignored (valid false), NaN in rows whose target is out of range. scale: a number or one per row [BLOCK_M, 1]."""
-    g = tl.exp((x - m[:, None]) - log_s[:, None])
-    if SMOOTH:
-        g -= smoothing / V
-    g = tl.where(cols[None, :] == t[:, None], g - (1.0 - smoothing), g)
-    g = tl.where(valid[:, None], g * scale, 0.0)
-    return tl.where(out_of_range[:, None], float("nan"), g)
 
 
 @triton.jit
@@ -151,34 +131,23 @@ def _target_logit(x_rows, t, valid, out_of_range, stride_lv):
 
 
 @triton.jit
-def column_offsets(c, stride, I32: tl.constexpr):
-    """c · stride for vocabulary columns c, in int32 when I32 (the host checked that (V − 1)·stride fits), else in
-    int64."""
-    if I32:
-        offsets = c * stride
-    else:
-        offsets = c.to(tl.int64) * stride
-    return offsets
-
-
-@triton.jit
-def _logit_block(x_rows, start, valid, V, stride_lv, other, BLOCK_N: tl.constexpr, I32: tl.constexpr):
+def _logit_block(x_rows, start, valid, V, stride_lv, other, BLOCK_N: tl.constexpr):
     """The logits of columns [start, start + BLOCK_N) of each row [BLOCK_M, BLOCK_N], in their dtype; `other` past V
     and in rows whose target is ignored (valid false)."""
     c = start + tl.arange(0, BLOCK_N)
     mask = valid[:, None] & (c < V)[None, :]
-    return tl.load(x_rows + column_offsets(c, stride_lv, I32)[None, :], mask=mask, other=other)
+    return tl.load(x_rows + c[None, :].to(tl.int64) * stride_lv, mask=mask, other=other)
 
 
 @triton.jit
-def _row_stats(x_rows, valid, x0, V, stride_lv, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SMOOTH, I32):
+def _row_stats(x_rows, valid, x0, V, stride_lv, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SMOOTH):
     """(max m, Σ e^(x − m), Σ (x − x₀)) of each row's V logits, online over blocks."""
     cols = tl.arange(0, BLOCK_N)
     m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     s = tl.zeros((BLOCK_M,), dtype=tl.float32)
     sum_x = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for start in range(0, V, BLOCK_N):
-        x = _logit_block(x_rows, start, valid, V, stride_lv, float("-inf"), BLOCK_N, I32).to(tl.float32)
+        x = _logit_block(x_rows, start, valid, V, stride_lv, float("-inf"), BLOCK_N).to(tl.float32)
         m, s = online_softmax_update(m, s, x)
         if SMOOTH:
             mask = valid[:, None] & (start + cols < V)[None, :]
@@ -219,14 +188,12 @@ def _cross_entropy_kernel(
     GRAD: tl.constexpr,
     INPLACE: tl.constexpr,
     STORE_STATS: tl.constexpr,
-    TARGET_AFTER_LOOP: tl.constexpr,
-    COLUMNS_I32: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     """loss[row] for BLOCK_M rows and, when GRAD, scale · ∂loss/∂logits into grad (INPLACE: into the logits);
     when STORE_STATS, the row's m, log s and x_t (lse = m + log s) into stats[k · stride_stats + row], k = 0, 1, 2
-    (meaningless where the target is ignored). COLUMNS_I32: column offsets in int32 (the host checked they fit)."""
+    (meaningless where the target is ignored)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
     t, valid, out_of_range = row_targets(targets_ptr, rows, row_mask, V, ignore_index)
@@ -237,7 +204,7 @@ def _cross_entropy_kernel(
     x0 = tl.zeros((BLOCK_M, 1), dtype=tl.float32)  # the shift of Σ (x − x₀), read only where ε > 0 needs it
     if SMOOTH:
         x0 = tl.load(x_rows, mask=valid[:, None], other=0.0).to(tl.float32)
-    m, s, sum_x = _row_stats(x_rows, valid, x0, V, stride_lv, BLOCK_M, BLOCK_N, SMOOTH, COLUMNS_I32)
+    m, s, sum_x = _row_stats(x_rows, valid, x0, V, stride_lv, BLOCK_M, BLOCK_N, SMOOTH)
     log_s = tl.log(s)
     loss = _row_loss(m, log_s, x_t, x0, sum_x, valid, out_of_range, smoothing, V, SMOOTH)
     tl.store(loss_ptr + rows, loss, mask=row_mask)
@@ -254,37 +221,32 @@ def _cross_entropy_kernel(
         else:
             g_rows = grad_ptr + rows.to(tl.int64)[:, None] * stride_gm
         cols = tl.arange(0, BLOCK_N)
-        if TARGET_AFTER_LOOP:
-            # an ignored row's logits read as 0 against m = log s = 0: a finite value times its factor 0
-            factor = row_factor(scale, valid, out_of_range)
-            m_row = tl.where(valid, m, 0.0)
-            log_s_row = tl.where(valid, log_s, 0.0)
+        # Every logit takes (e^((x − m) − log s) − ε/V) times one factor a row; an ignored row's logits read as 0
+        # against m = log s = 0: a finite value times its factor 0.
+        factor = row_factor(scale, valid, out_of_range)
+        m_row = tl.where(valid, m, 0.0)
+        log_s_row = tl.where(valid, log_s, 0.0)
         for start in range(0, V, BLOCK_N):
             c = start + cols
             in_row = (c < V)[None, :]
-            x = _logit_block(x_rows, start, valid, V, stride_lv, 0.0, BLOCK_N, COLUMNS_I32).to(tl.float32)
-            if TARGET_AFTER_LOOP:
-                g = softmax_less_smoothing(x, m_row[:, None], log_s_row[:, None], smoothing, V, SMOOTH)
-                g = g * factor[:, None]
-            else:
-                g = logit_gradient(x, c, m, log_s, t, valid, out_of_range, scale, smoothing, V, SMOOTH)
+            x = _logit_block(x_rows, start, valid, V, stride_lv, 0.0, BLOCK_N).to(tl.float32)
+            g = softmax_less_smoothing(x, m_row[:, None], log_s_row[:, None], smoothing, V, SMOOTH) * factor[:, None]
             tl.store(
-                g_rows + column_offsets(c, stride_gv, COLUMNS_I32)[None, :],
+                g_rows + c[None, :].to(tl.int64) * stride_gv,
                 g.to(grad_ptr.dtype.element_ty),
                 mask=row_mask[:, None] & in_row,
             )
-        if TARGET_AFTER_LOOP:
-            # The target's own term, − (1 − ε)·scale, written over the loop's value at t once every thread's stores
-            # are done, from x_t in float32 (the same logit the loop read).
-            tl.debug_barrier()
-            g_t = target_gradient(x_t, m_row, log_s_row, factor, smoothing, V, SMOOTH)
-            in_range = valid & ~out_of_range
-            t_safe = tl.where(in_range, t, 0)
-            tl.store(
-                g_rows + (t_safe * stride_gv)[:, None],
-                g_t[:, None].to(grad_ptr.dtype.element_ty),
-                mask=in_range[:, None],
-            )
+        # The target's own term, − (1 − ε)·scale, written over the loop's value at t once every thread's stores are
+        # done, from x_t in float32 (the same logit the loop read).
+        tl.debug_barrier()
+        g_t = target_gradient(x_t, m_row, log_s_row, factor, smoothing, V, SMOOTH)
+        in_range = valid & ~out_of_range
+        t_safe = tl.where(in_range, t, 0)
+        tl.store(
+            g_rows + (t_safe * stride_gv)[:, None],
+            g_t[:, None].to(grad_ptr.dtype.element_ty),
+            mask=in_range[:, None],
+        )
 
 
 @triton.jit
@@ -388,7 +350,9 @@ def cross_entropy_forward(
     if m == 0:
         return losses
     g = logits if grad is None else grad
-    meta = launch_meta(m, v, few_rows=n_chunks == 1 and few_wide_rows(m, v, logits.device))
+    one_row = n_chunks == 1 and one_row_tiling(m, v, logits.device)
+    sms = device_properties(logits.device).multi_processor_count if one_row and not interpreter_active() else None
+    meta = launch_meta(m, v, one_row, sms, smoothing > 0)
     rows_per_chunk = cdiv(cdiv(m, n_chunks), meta["BLOCK_M"]) * meta["BLOCK_M"]
     for first in range(0, m, rows_per_chunk):
         last = min(m, first + rows_per_chunk)
@@ -415,8 +379,6 @@ def cross_entropy_forward(
             GRAD=grad is not None,
             INPLACE=grad is logits,
             STORE_STATS=stats is not None,
-            TARGET_AFTER_LOOP=TARGET_AFTER_LOOP,
-            COLUMNS_I32=COLUMN_OFFSETS_I32 and fits_int32((v - 1) * max(logits.stride(1), g.stride(1))),
             **meta,
         )
     return losses
