@@ -129,3 +129,30 @@ def test_host_suite_reports_an_op_that_fails_and_goes_on(monkeypatch):
     assert len(broken) == 2 * len(host.PROVIDERS)
     assert all("ZeroDivisionError" in r["error"] and math.isnan(r["ms"]) for r in broken)
     assert all(r["error"] == "" and r["ms"] > 0 for r in rows if r["shape"].startswith("layer_norm"))
+
+
+def test_live_at_peak_names_the_blocks_of_the_peak():
+    """Replaying allocator events: the peak counts blocks allocated during the trace, frees end a block's life, and
+    each block is named by its innermost frame inside the library."""
+    from triformer.bench.memory import allocation_site, blocks_by_site, live_at_peak
+
+    def frame(path, line):
+        return {"filename": path, "line": line, "name": "f"}
+
+    ours = frame("/x/site-packages/triformer/kernels/a.py", 7)
+    theirs = frame("/usr/lib/python3/torch/nn/functional.py", 3)
+    events = [
+        {"action": "free_requested", "addr": 99, "size": 4096},  # allocated before the trace: not counted
+        {"action": "alloc", "addr": 1, "size": 1024, "frames": [theirs, ours]},
+        {"action": "alloc", "addr": 2, "size": 512, "frames": [theirs]},
+        {"action": "free_requested", "addr": 2, "size": 512},
+        {"action": "alloc", "addr": 3, "size": 2048, "frames": []},
+        {"action": "alloc", "addr": 4, "size": 512, "frames": [ours]},
+        {"action": "free_requested", "addr": 3, "size": 2048},
+        {"action": "alloc", "addr": 5, "size": 1024, "frames": [ours]},
+    ]
+    peak, blocks = live_at_peak(events)
+    assert peak == 1024 + 2048 + 512 and sorted(b["addr"] for b in blocks) == [1, 3, 4]
+    assert allocation_site(blocks[0]) == "triformer/kernels/a.py:7 (f)"
+    assert allocation_site({"frames": [theirs]}) == "/usr/lib/python3/torch/nn/functional.py:3 (f)"
+    assert blocks_by_site(blocks) == [("?", 1, 2048), ("triformer/kernels/a.py:7 (f)", 2, 1536)]

@@ -128,6 +128,24 @@ def test_inf_and_nan_incoming_gradients_leave_ignored_rows_at_zero(reduction, in
         assert not ours[0].isfinite().any() and not ours[2].isfinite().any()
 
 
+def test_which_rows_take_one_row_a_program(monkeypatch):
+    """On a GPU of 132 SMs (faked): rows of 16384 logits or more always, rows of 8192 or more while fewer than four
+    a SM, narrower rows never."""
+    from types import SimpleNamespace
+
+    from triformer.kernels import cross_entropy
+    from triformer.kernels._runtime import assume_interpreter
+
+    monkeypatch.setattr(cross_entropy, "device_properties", lambda device: SimpleNamespace(multi_processor_count=132))
+    cuda = torch.device("cuda")
+    with assume_interpreter(False):
+        assert cross_entropy.one_row_tiling(8192, 50304, cuda) and cross_entropy.one_row_tiling(1, 16384, cuda)
+        assert cross_entropy.one_row_tiling(527, 8192, cuda) and not cross_entropy.one_row_tiling(528, 8192, cuda)
+        assert not cross_entropy.one_row_tiling(4, 8191, cuda) and not cross_entropy.one_row_tiling(0, 50304, cuda)
+    with assume_interpreter(True):  # the interpreter: the usual tiling unless forced
+        assert not cross_entropy.one_row_tiling(8192, 50304, cuda)
+
+
 def test_wide_rows_take_one_row_a_program_on_the_measured_blocks():
     """The one-row tiling's block on 132 SMs, as measured (reports/NOTES.md): the wide block where the programs are
     few (a 128-row chunk; 256 rows of a 128256 vocabulary), the narrower one for more rows, with label smoothing and

@@ -6,10 +6,11 @@ launches (do_bench), peak memory above the inputs (returned gradients included),
 a float64 reference (‖ours − ref‖ / ‖ref‖).
 
 Run: python tools/gpu_lce_chunks.py [--shapes 8192x768x50304 8192x4096x128256] [--chunks 128 256 512 1024]
-                                    [--breakdown] [--dw float32 bf16]
+                                    [--breakdown] [--memory] [--dw float32 bf16]
                                     [--ce-tilings library "row 16384 / 32 warps" ...]
 Logs to $OUT/lce_chunks.csv; with --breakdown also each provider's GPU time by kernel (one step under
-torch.profiler, no L2 flush) to $OUT/lce_kernels.csv and the heaviest kernels to the log.
+torch.profiler, no L2 flush) to $OUT/lce_kernels.csv and the heaviest kernels to the log; with --memory the blocks
+live at each provider's peak by allocation site (triformer.bench.memory) to $OUT/lce_memory.csv and the log.
 """
 
 import argparse
@@ -23,6 +24,7 @@ from gpu_ce_rows import TILINGS  # tools/, beside this script
 
 import triformer.functional as TF
 from triformer.bench.linear_cross_entropy import liger_chunk_rows, providers
+from triformer.bench.memory import peak_blocks
 from triformer.bench.norms import peak_extra_mib
 from triformer.bench.timing import timings
 from triformer.kernels import cross_entropy
@@ -101,10 +103,11 @@ def main():
     parser.add_argument("--shapes", nargs="+", default=["8192x768x50304", "8192x4096x128256"])
     parser.add_argument("--chunks", nargs="+", type=int, default=[128, 256, 512, 1024])
     parser.add_argument("--breakdown", action="store_true", help="also GPU time per kernel of each provider")
+    parser.add_argument("--memory", action="store_true", help="also the blocks live at each provider's peak, by site")
     parser.add_argument("--dw", nargs="+", default=["float32", "bf16"], choices=["float32", "bf16"])
     parser.add_argument("--ce-tilings", nargs="*", default=[], choices=sorted(TILINGS), metavar="TILING")
     args = parser.parse_args()
-    rows, kernels = [], []
+    rows, kernels, memory = [], [], []
     out = Path(os.environ.get("OUT", "."))
     print(torch.cuda.get_device_name(), flush=True)
     for shape in args.shapes:
@@ -141,6 +144,13 @@ def main():
                 flush=True,
             )
             pd.DataFrame(rows).to_csv(out / "lce_chunks.csv", index=False)
+            if args.memory:
+                peak_bytes, sites = peak_blocks(step)
+                print(f"-- blocks live at the peak ({peak_bytes} bytes), by allocation site --", flush=True)
+                for site, blocks, size in sites[:12]:
+                    print(f"{size:>14,d} B in {blocks:3d} blocks  {site}", flush=True)
+                memory += [dict(shape=shape, provider=name, site=s, blocks=b, bytes=z) for s, b, z in sites]
+                pd.DataFrame(memory).to_csv(out / "lce_memory.csv", index=False)
             if args.breakdown:
                 breakdown = kernel_breakdown(step)
                 print(breakdown.head(8).to_string(float_format="%.3f"), flush=True)

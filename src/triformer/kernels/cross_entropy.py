@@ -33,8 +33,9 @@ from ._launch import launch
 from ._rows import online_softmax_update, row_tiling
 from ._runtime import cdiv, device_properties, interpreter_active, new_empty, next_power_of_2
 
-# Vocabulary block per loop step, on 16 warps (16 logits a thread) for rows of one block or more: large blocks keep
-# fewer rows in flight, so a row's second read (the gradient pass) more often finds it in L2.
+# The usual tiling's vocabulary block per loop step, on 16 warps (16 logits a thread), for rows of one block or more
+# that do not take one row a program (see below): large blocks keep fewer rows in flight, so a row's second read
+# (the gradient pass) more often finds it in L2.
 _BLOCK_V = 8192
 _WIDE_ROW_WARPS = 16
 # Targets per step (and warps) of the one-program count of valid and out-of-range targets (one launch instead of
@@ -45,8 +46,8 @@ _COUNT_BLOCK, _COUNT_WARPS = 4096, 8
 # Wide rows (a GPT's or a fused linear + CE chunk's logits) take one row a program on _ONE_ROW_WARPS warps, a
 # vocabulary block of _ONE_ROW_BLOCK_V a step, or _ONE_ROW_WIDE_BLOCK_V where the programs are few (at most one a SM,
 # or fewer than _FEW_ROWS_PER_SM a SM over a vocabulary of more than two wide blocks): more bytes in flight per SM.
-# Rows of _ONE_ROW_MIN_V logits or more take it whatever their number; rows of _BLOCK_V or more only when few.
-# (Measurements: reports/NOTES.md, cross-entropy of wide rows.)
+# Rows of _ONE_ROW_MIN_V logits or more take it whatever their number; rows of _BLOCK_V or more only when few (rows of
+# one launch). (Measurements: reports/NOTES.md, "Cross-entropy tiling", 2026-12-07 fifth session.)
 _ONE_ROW_BLOCK_V, _ONE_ROW_WIDE_BLOCK_V, _ONE_ROW_WARPS = 16384, 32768, 32
 _ONE_ROW_MIN_V = 16384
 _FEW_ROWS_PER_SM = 4
@@ -350,9 +351,10 @@ def cross_entropy_forward(
     if m == 0:
         return losses
     g = logits if grad is None else grad
-    one_row = n_chunks == 1 and one_row_tiling(m, v, logits.device)
+    launch_rows = cdiv(m, n_chunks)
+    one_row = one_row_tiling(launch_rows, v, logits.device)
     sms = device_properties(logits.device).multi_processor_count if one_row and not interpreter_active() else None
-    meta = launch_meta(m, v, one_row, sms, smoothing > 0)
+    meta = launch_meta(launch_rows, v, one_row, sms, smoothing > 0)
     rows_per_chunk = cdiv(cdiv(m, n_chunks), meta["BLOCK_M"]) * meta["BLOCK_M"]
     for first in range(0, m, rows_per_chunk):
         last = min(m, first + rows_per_chunk)
