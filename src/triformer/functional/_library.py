@@ -53,10 +53,14 @@ def through_dispatcher():
         _state.dispatcher = previous
 
 
-def _subclass(args: Sequence) -> bool:
+def _unusual_tensor(args: Sequence, meta: bool = False) -> bool:
+    """Whether an argument is a tensor subclass (or, with meta, a meta tensor)."""
     for a in args:
         kind = type(a)
-        if kind is not _Tensor and kind is not _Parameter and isinstance(a, _Tensor):
+        if kind is _Tensor or kind is _Parameter:
+            if meta and a.is_meta:
+                return True
+        elif isinstance(a, _Tensor):
             return True
     return False
 
@@ -64,12 +68,12 @@ def _subclass(args: Sequence) -> bool:
 def plain_eager(args: Sequence) -> bool:
     """Whether a call with these arguments runs in plain eager mode: no torch.compile / export tracing, no dispatch
     mode, no tensor subclass argument."""
-    return not (_is_compiling() or _dispatch_modes() or _subclass(args))
+    return not (_is_compiling() or _dispatch_modes() or _unusual_tensor(args))
 
 
 def traced(args: Sequence) -> bool:
     """Whether a call with these arguments must go through the dispatcher (see the module doc)."""
-    return _is_compiling() or _state.dispatcher or _dispatch_modes() or _subclass(args)
+    return _is_compiling() or _state.dispatcher or _dispatch_modes() or _unusual_tensor(args)
 
 
 def _any_requires_grad(args: Sequence) -> bool:
@@ -93,16 +97,7 @@ def or_placeholder(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
 def _direct(args: Sequence) -> bool:
     """Whether a dispatcher call with these arguments may run the implementation itself: plain eager mode and no
     meta tensor (those go on to the fake implementation)."""
-    if _is_compiling() or _dispatch_modes():
-        return False
-    for a in args:
-        kind = type(a)
-        if kind is _Tensor or kind is _Parameter:
-            if a.is_meta:
-                return False
-        elif isinstance(a, _Tensor):
-            return False
-    return True
+    return not (_is_compiling() or _dispatch_modes() or _unusual_tensor(args, meta=True))
 
 
 # Each op's library fragment by name, kept through a reload of this module (a reload defines the ops again, in place
@@ -164,18 +159,21 @@ class Op:
         )
         library.impl(name, self._autograd_kernel, "Autograd")
 
-    def _run(self, *args):
-        """The implementation, with the versions of the tensors it mutates bumped (as an in-place torch op's)."""
-        output = self.impl(*args)
+    def _bump_versions(self, args) -> None:
+        """Bump the versions of the tensors the op mutates, as an in-place torch op does."""
         for i in self._mutated:
             torch.autograd.graph.increment_version(args[i])
+
+    def _run(self, *args):
+        """The implementation, the versions of the tensors it mutates bumped."""
+        output = self.impl(*args)
+        self._bump_versions(args)
         return output
 
     def _inplace_kernel(self, keyset, *args):
         """The op's ADInplaceOrView kernel (ops that mutate an argument): bump the mutated tensors' versions, then on
         to the backend."""
-        for i in self._mutated:
-            torch.autograd.graph.increment_version(args[i])
+        self._bump_versions(args)
         return self.overload.redispatch(keyset & torch._C._after_ADInplaceOrView_keyset, *args)
 
     def _autograd_kernel(self, *args):
