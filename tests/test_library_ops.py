@@ -120,6 +120,20 @@ OPCHECK_CASES = {
         ops.add_dropout_norm,
         (leaf(2, 3, 9), leaf(2, 3, 9), leaf(9), leaf(9), 1e-5, True, 0.2, torch.tensor(5)),
     ),
+    "add_dropout_norm-narrow-y": lambda: (
+        ops.add_dropout_norm,
+        (
+            leaf(4, 9),
+            leaf(4, 9, dtype=torch.float16),
+            leaf(9),
+            leaf(9),
+            1e-5,
+            True,
+            0.3,
+            torch.tensor(2),
+            torch.float16,
+        ),
+    ),
     "add_dropout_norm-rms-mixed": lambda: (
         ops.add_dropout_norm,
         (leaf(5, 9), leaf(5, 9, dtype=torch.float16), leaf(9), None, 1e-6, False, 0.0, torch.tensor(0)),

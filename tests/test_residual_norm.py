@@ -167,6 +167,33 @@ def test_float16_branch_on_a_float32_stream(seed):
         assert_close(a, r, torch.float16 if name == "h" else torch.float32, f"grad of {name}")
 
 
+NARROW_DTYPES = [d for d in DTYPES if d != torch.float32]
+
+
+@pytest.mark.parametrize("y_dtype", NARROW_DTYPES)
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("p", [0.0, 0.4])
+def test_y_in_a_narrower_dtype_equals_the_cast_norm(norm, p, y_dtype, seed):
+    """y_dtype (a norm that only feeds linears, under autocast): y equals the float32 norm cast to y_dtype, s stays
+    float32, and every gradient equals that of the cast (dy arrives in y_dtype)."""
+    x, h = randn(7, 3, 96, requires_grad=True), randn(7, 3, 96, dtype=y_dtype, requires_grad=True)
+    w, b = randn(96, requires_grad=True), randn(96, requires_grad=True)
+    b_used = b if norm == "layernorm" else None
+    s, y = F_tri.add_dropout_norm(x, h, p, w, b_used, eps=1e-5, norm=norm, seed=seed, y_dtype=y_dtype)
+    s_ref, y_wide = F_tri.add_dropout_norm(x, h, p, w, b_used, eps=1e-5, norm=norm, seed=seed)
+    y_ref = y_wide.to(y_dtype)
+    assert s.dtype == torch.float32 and y.dtype == y_dtype
+    assert torch.equal(s, s_ref)
+    assert_same_rounding(y, y_ref, "y", via_float32=True)
+    gs, gy = randn(7, 3, 96), randn(7, 3, 96, dtype=y_dtype)
+    leaves = (x, h, w, b) if norm == "layernorm" else (x, h, w)
+    grads = torch.autograd.grad((s * gs).sum() + (y * gy).float().sum(), leaves)
+    grads_ref = torch.autograd.grad((s_ref * gs).sum() + (y_ref * gy).float().sum(), leaves)
+    for name, a, r in zip("xhwb", grads, grads_ref):
+        assert a.dtype == r.dtype, name
+        assert_same_rounding(a, r, f"grad of {name}", via_float32=True)
+
+
 def test_strided_and_stride0_views(seed):
     """Transposed x, an expanded (stride-0) h, an expanded weight and a strided bias give the contiguous inputs'
     results."""
@@ -230,6 +257,7 @@ def test_rows_wider_than_the_kernel_run_as_separate_ops(seed):
         ({"weight": "wrong size"}, ValueError, "weight must have shape"),
         ({"h": "integer"}, TypeError, "h has dtype"),
         ({"eps": -1.0}, ValueError, "eps"),
+        ({"y_dtype": torch.int32}, TypeError, "y_dtype must be None or one of"),
     ],
 )
 def test_bad_input_names_what_is_wrong(kwargs, error, match):

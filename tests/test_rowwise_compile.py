@@ -242,7 +242,7 @@ def compile_all() -> dict:
             center = norm == "layer_norm"
             m = residual_norm._tiling(4096, int(width))
             warps = m.pop("num_warps")
-            flags = dict(CENTER=center, HAS_W=True, SEED_IN_MEMORY=False, DROP_BLOCK=dropout.BLOCK, **m)
+            flags = dict(CENTER=center, HAS_W=True, DROPOUT=True, SEED_IN_MEMORY=False, DROP_BLOCK=dropout.BLOCK, **m)
             return {
                 "forward": spills(
                     residual_norm._residual_norm_forward_kernel, RESIDUAL_NORM_FWD, {**flags, "HAS_B": center}, warps

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from ..kernels import norms as norm_kernels
 from ..kernels import residual_norm as residual_kernels
-from ..kernels._runtime import check_tensor
+from ..kernels._runtime import FLOAT_DTYPES, check_tensor
 from . import _check_dropout_args, _check_eps, _check_param, _seed_tensor, _seed_value, dropout, layer_norm, rms_norm
 from ._library import Op, placeholder
 
@@ -16,23 +16,31 @@ NORMS = ("layernorm", "rmsnorm")
 
 
 def _impl(
-    x: Tensor, h: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, center: bool, p: float, seed: Tensor
+    x: Tensor,
+    h: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    center: bool,
+    p: float,
+    seed: Tensor,
+    y_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(s, y, the rows' mean(s − s₀) (a placeholder for RMSNorm), their rstd)."""
-    s, y, mean, rstd = residual_kernels.forward(x, h, weight, bias, eps, center, p, _seed_value(seed))
+    s, y, mean, rstd = residual_kernels.forward(x, h, weight, bias, eps, center, p, _seed_value(seed), y_dtype)
     return s, y, placeholder(rstd) if mean is None else mean, rstd
 
 
-def _fake(x, h, weight, bias, eps, center, p, seed):
+def _fake(x, h, weight, bias, eps, center, p, seed, y_dtype=None):
     dtype = torch.promote_types(x.dtype, h.dtype)
     rows = x.shape[:-1].numel()
     rstd = x.new_empty((rows,), dtype=torch.float32)
-    stream, normed = x.new_empty(x.shape, dtype=dtype), x.new_empty(x.shape, dtype=dtype)
+    stream, normed = x.new_empty(x.shape, dtype=dtype), x.new_empty(x.shape, dtype=y_dtype or dtype)
     return stream, normed, rstd.new_empty((rows,) if center else (0,)), rstd
 
 
 def _setup(ctx, inputs, output):
-    x, h, weight, bias, _, center, ctx.p, seed = inputs
+    x, h, weight, bias, _, center, ctx.p, seed = inputs[:8]  # y_dtype may be left to its default
     s, _, mean, rstd = output
     ctx.save_for_backward(s, weight, mean if center else None, rstd, seed)
     ctx.dtypes = x.dtype, h.dtype, None if weight is None else weight.dtype, None if bias is None else bias.dtype
@@ -43,7 +51,7 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, ds, dy, _mean, _rstd):
     s, weight, mean, rstd, seed = ctx.saved_tensors
     if ds is None and dy is None:
-        return None, None, None, None, None, None, None, None
+        return (None,) * 9
     need_dx, need_dh, need_dw, need_db = ctx.needs_input_grad[:4]
     x_dtype, h_dtype, w_dtype, b_dtype = ctx.dtypes
     dtypes = (w_dtype if need_dw and dy is not None else None, b_dtype if need_db and dy is not None else None)
@@ -64,7 +72,7 @@ def _backward(ctx, ds, dy, _mean, _rstd):
     )
     grads = iter(sums.unbind(0))
     dw, db = (None if dtype is None else next(grads).to(dtype) for dtype in dtypes)
-    return dx if need_dx else None, dh if need_dh else None, dw, db, None, None, None, None
+    return dx if need_dx else None, dh if need_dh else None, dw, db, None, None, None, None, None
 
 
 def _backward_impl(
@@ -100,7 +108,7 @@ _backward_op = Op("add_dropout_norm_backward", _backward_impl, _backward_fake)
 _op = Op("add_dropout_norm", _impl, _fake, setup_context=_setup, backward=_backward)
 
 
-def _check(x, h, weight, bias, norm) -> None:
+def _check(x, h, weight, bias, norm, y_dtype) -> None:
     check_tensor(x, "x")
     check_tensor(h, "h")
     if h.shape != x.shape:
@@ -113,6 +121,8 @@ def _check(x, h, weight, bias, norm) -> None:
         raise ValueError(f"norm={norm!r} is not one of {NORMS}")
     if norm == "rmsnorm" and bias is not None:
         raise ValueError("RMSNorm has no bias: pass bias=None with norm='rmsnorm'")
+    if y_dtype is not None and y_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"y_dtype must be None or one of {FLOAT_DTYPES}, got {y_dtype!r}")
 
 
 def add_dropout_norm(
@@ -125,6 +135,7 @@ def add_dropout_norm(
     norm: str = "layernorm",
     training: bool = True,
     seed: int | torch.Tensor | None = None,
+    y_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(s, y) with s = x + dropout(h, p) and y = layer_norm(s) (norm="layernorm", with weight and bias) or
     rms_norm(s) (norm="rmsnorm", weight only) over the last dim: a pre-norm block's residual add and the norm that
@@ -134,8 +145,12 @@ def add_dropout_norm(
     s and y take the promoted dtype, as `x + h` does); weight and bias [N] or None. The sum, the mask and the
     gradients are those of `x + dropout(h, p, seed, training)` followed by the norm (triformer's dropout: the same
     seed gives the same mask). Rows wider than kernels/residual_norm.MAX_WIDTH run as those separate ops.
+
+    y_dtype: y's dtype when not s's, e.g. the autocast dtype for a norm whose output only feeds linears (they would
+    cast it): y is computed in float32 and rounded once to it, as the cast of a float32 y would round it, and its
+    gradient is read in that dtype.
     """
-    _check(x, h, weight, bias, norm)
+    _check(x, h, weight, bias, norm, y_dtype)
     n = x.shape[-1]
     _check_param(weight, "weight", x, (n,))
     _check_param(bias, "bias", x, (n,))
@@ -146,7 +161,8 @@ def add_dropout_norm(
         eps = torch.finfo(torch.promote_types(x.dtype, h.dtype)).eps
     if n > residual_kernels.MAX_WIDTH:
         s = x + dropout(h, p, seed if p else 0, training)  # p = 0: no seed drawn, as the op below
-        return s, layer_norm(s, (n,), weight, bias, eps) if center else rms_norm(s, (n,), weight, eps)
+        y = layer_norm(s, (n,), weight, bias, eps) if center else rms_norm(s, (n,), weight, eps)
+        return s, y if y_dtype is None else y.to(y_dtype)
     p = float(p) if training else 0.0
     seed = _seed_tensor(seed if p else 0, x)  # p = 0 keeps every element whatever the seed: none is drawn
-    return tuple(_op(x, h, weight, bias, float(eps), center, p, seed)[:2])
+    return tuple(_op(x, h, weight, bias, float(eps), center, p, seed, y_dtype)[:2])

@@ -129,12 +129,12 @@ def launch_rows(
 RESIDENT_WARPS_PER_SM = 16
 
 
-def persistent_programs(device: torch.device, n_tiles: int, num_warps: int) -> int:
-    """How many programs a loop-over-rows kernel launches: as many as stay resident together
-    (RESIDENT_WARPS_PER_SM), at most one per tile."""
+def persistent_programs(device: torch.device, n_tiles: int, num_warps: int, resident_warps: int | None = None) -> int:
+    """How many programs a loop-over-rows kernel launches: as many as stay resident together (resident_warps a SM,
+    default RESIDENT_WARPS_PER_SM), at most one per tile."""
     if device.type != "cuda" or interpreter_active():
         return max(1, min(n_tiles, 4))
-    per_sm = max(1, RESIDENT_WARPS_PER_SM // num_warps)
+    per_sm = max(1, (resident_warps or RESIDENT_WARPS_PER_SM) // num_warps)
     return max(1, min(n_tiles, per_sm * device_properties(device).multi_processor_count))
 
 

@@ -33,18 +33,36 @@ from .reductions import column_sum
 # Widest row the kernels take: whole rows in registers (the backward holds s, dy, ds and ŝ per element; rows of
 # 8192 spill on sm_90 at 8 or 16 warps).
 MAX_WIDTH = 4096
-# Elements of the block of rows one program computes at once.
+# Launch knobs (`tools/gpu_tile_sweep.py residual` times their candidates): elements of the block of rows one
+# program computes at once; the warps of a program (None: row_tiling's, by elements); the backward's resident warps
+# a SM (None: _rows.RESIDENT_WARPS_PER_SM).
 TILE = 2048
+WARPS = None
+BACKWARD_RESIDENT_WARPS = None
 
 
 @triton.jit
-def _dropped(h, rows, cols, N, threshold, scale, seed, SEED_IN_MEMORY: tl.constexpr, DROP_BLOCK: tl.constexpr):
+def _dropped(
+    h,
+    rows,
+    cols,
+    N,
+    threshold,
+    scale,
+    seed,
+    DROPOUT: tl.constexpr,
+    SEED_IN_MEMORY: tl.constexpr,
+    DROP_BLOCK: tl.constexpr,
+):
     """keep · h · scale (float32) for a tile h [BLOCK_M, BLOCK_N] at rows × cols of the [M, N] shape; seed an int,
-    or (SEED_IN_MEMORY) a pointer to it (DROP_BLOCK: dropout.BLOCK, part of the mask's definition)."""
-    keep = keep_mask(
-        philox_key(seed, SEED_IN_MEMORY), rows.to(tl.int64)[:, None] * N + cols[None, :], threshold, DROP_BLOCK
-    )
-    return h * tl.where(keep, scale, 0.0)  # a dropped NaN or inf stays NaN (NaN · 0), as torch
+    or (SEED_IN_MEMORY) a pointer to it (DROP_BLOCK: dropout.BLOCK, part of the mask's definition). Without DROPOUT
+    (p = 0: every element kept, scale 1) h itself, and no mask is drawn."""
+    if DROPOUT:
+        keep = keep_mask(
+            philox_key(seed, SEED_IN_MEMORY), rows.to(tl.int64)[:, None] * N + cols[None, :], threshold, DROP_BLOCK
+        )
+        h = h * tl.where(keep, scale, 0.0)  # a dropped NaN or inf stays NaN (NaN · 0), as torch
+    return h
 
 
 @triton.jit(do_not_specialize=["seed", "threshold"])
@@ -68,6 +86,7 @@ def _residual_norm_forward_kernel(
     CENTER: tl.constexpr,
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
+    DROPOUT: tl.constexpr,
     SEED_IN_MEMORY: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -82,7 +101,7 @@ def _residual_norm_forward_kernel(
     mask = row_mask[:, None] & col_mask[None, :]
     x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
     h = tl.load(h_ptr + rows.to(tl.int64)[:, None] * stride_hm + cols[None, :], mask=mask, other=0.0)
-    d = _dropped(h.to(tl.float32), rows, cols, N, threshold, scale, seed, SEED_IN_MEMORY, DROP_BLOCK)
+    d = _dropped(h.to(tl.float32), rows, cols, N, threshold, scale, seed, DROPOUT, SEED_IN_MEMORY, DROP_BLOCK)
     s = x.to(tl.float32) + d.to(h_ptr.dtype.element_ty).to(tl.float32)
     s = tl.where(mask, s.to(s_ptr.dtype.element_ty).to(tl.float32), 0.0)  # as stored: the backward reads it back
     out = rows.to(tl.int64)[:, None] * N + cols[None, :]
@@ -124,6 +143,7 @@ def _residual_norm_backward_kernel(
     HAS_DS: tl.constexpr,
     DW: tl.constexpr,
     DB: tl.constexpr,
+    DROPOUT: tl.constexpr,
     SEED_IN_MEMORY: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -170,7 +190,7 @@ def _residual_norm_backward_kernel(
         g = g.to(s_ptr.dtype.element_ty)  # the stream's gradient in s's dtype, as autograd sums it
         tl.store(dx_ptr + at, g.to(dx_ptr.dtype.element_ty), mask=mask)
         g_h = g.to(dh_ptr.dtype.element_ty).to(tl.float32)  # the add's gradient of the branch, in h's dtype
-        dh = _dropped(g_h, rows, cols, N, threshold, scale, seed, SEED_IN_MEMORY, DROP_BLOCK)
+        dh = _dropped(g_h, rows, cols, N, threshold, scale, seed, DROPOUT, SEED_IN_MEMORY, DROP_BLOCK)
         tl.store(dh_ptr + at, dh.to(dh_ptr.dtype.element_ty), mask=mask)
     partials = partial_ptr + pid.to(tl.int64) * N
     if DW:
@@ -186,6 +206,8 @@ def _tiling(m: int, n: int) -> dict:
     meta = row_tiling(m, n, max_block=MAX_WIDTH, gpu_tile=TILE)
     if not meta.pop("ONE_BLOCK"):  # e.g. _rows.row_block_cap below n: the kernels hold whole rows only
         raise ValueError(f"rows of {n} elements do not fit one register block here")
+    if WARPS:
+        meta["num_warps"] = WARPS
     return meta
 
 
@@ -198,15 +220,17 @@ def forward(
     center: bool,
     p: float,
     seed: int | torch.Tensor,
+    y_dtype: torch.dtype | None = None,
 ):
-    """(s, y, μ' or None, rstd) for x and h [..., N] of one shape, weight and bias [N] or None; s and y contiguous
-    in the promoted dtype of x and h, shaped like x; μ' and rstd float32 [M]."""
+    """(s, y, μ' or None, rstd) for x and h [..., N] of one shape, weight and bias [N] or None; s and y contiguous,
+    shaped like x, s in the promoted dtype of x and h, y in y_dtype (default s's: y is computed in float32 and
+    rounded once to it); μ' and rstd float32 [M]."""
     n = x.shape[-1]
     x2, h2 = as_rows(x, n), as_rows(h, n)
     m = x2.shape[0]
     dtype = torch.promote_types(x.dtype, h.dtype)
     s = new_empty(x.shape, like=x, dtype=dtype)
-    y = new_empty(x.shape, like=x, dtype=dtype)
+    y = new_empty(x.shape, like=x, dtype=y_dtype or dtype)
     mean = new_empty((m,), like=x, dtype=torch.float32) if center else None
     rstd = new_empty((m,), like=x, dtype=torch.float32)
     if m and n:
@@ -235,6 +259,7 @@ def forward(
             CENTER=center,
             HAS_W=weight is not None,
             HAS_B=bias is not None,
+            DROPOUT=threshold > 0,
             SEED_IN_MEMORY=isinstance(seed, torch.Tensor),
             DROP_BLOCK=DROPOUT_BLOCK,
             **meta,
@@ -277,7 +302,9 @@ def backward(
     weight = _unit_stride(weight)
     meta = _tiling(m, n)
     tiles = cdiv(m, meta["BLOCK_M"])
-    rows_per_program = cdiv(tiles, persistent_programs(s.device, tiles, meta["num_warps"])) * meta["BLOCK_M"]
+    rows_per_program = (
+        cdiv(tiles, persistent_programs(s.device, tiles, meta["num_warps"], BACKWARD_RESIDENT_WARPS)) * meta["BLOCK_M"]
+    )
     programs = cdiv(m, rows_per_program)
     partials = new_empty((k, programs, n), like=s, dtype=torch.float32)
     launch(
@@ -306,6 +333,7 @@ def backward(
         HAS_DS=ds2 is not None,
         DW=need_dw,
         DB=need_db,
+        DROPOUT=threshold > 0,
         SEED_IN_MEMORY=isinstance(seed, torch.Tensor),
         DROP_BLOCK=DROPOUT_BLOCK,
         **meta,

@@ -97,12 +97,14 @@ def default_mlp_hidden(kind: str, dim: int) -> int:
     return math.ceil(math.ceil(8 * dim / 3) / 8) * 8
 
 
-def add_dropout_norm(norm: nn.Module, x: torch.Tensor, h: torch.Tensor, p: float, training: bool):
+def add_dropout_norm(norm: nn.Module, x: torch.Tensor, h: torch.Tensor, p: float, training: bool, into_linear: bool):
     """(s, norm(s)) for s = x + dropout(h, p) in one op (triformer's add_dropout_norm) with a TritonLayerNorm or
-    TritonRMSNorm's parameters."""
+    TritonRMSNorm's parameters. into_linear: norm(s) only feeds linears, so under autocast it is made in the
+    autocast dtype the linears would cast it to (the same values, without the float32 copy)."""
+    y_dtype = F_tri._autocast_dtype(x.device.type) if into_linear else None
     if isinstance(norm, tnn.TritonRMSNorm):
-        return F_tri.add_dropout_norm(x, h, p, norm.weight, None, norm.eps, "rmsnorm", training)
-    return F_tri.add_dropout_norm(x, h, p, norm.weight, norm.bias, norm.eps, "layernorm", training)
+        return F_tri.add_dropout_norm(x, h, p, norm.weight, None, norm.eps, "rmsnorm", training, y_dtype=y_dtype)
+    return F_tri.add_dropout_norm(x, h, p, norm.weight, norm.bias, norm.eps, "layernorm", training, y_dtype=y_dtype)
 
 
 class Block(nn.Module):
@@ -145,27 +147,32 @@ class Block(nn.Module):
         return x
 
     def forward_fused(
-        self, x: torch.Tensor, h: torch.Tensor, next_norm: nn.Module
+        self, x: torch.Tensor, h: torch.Tensor, next_norm: nn.Module, next_into_linear: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(forward(x), next_norm(forward(x))) given h = ln_1(x), the residual adds fused with the norms after them."""
-        x, h = add_dropout_norm(self.ln_2, x, self.attn(h), self.p, self.training)  # (B, T, C) each
-        return add_dropout_norm(next_norm, x, self.mlp(h), self.p, self.training)
+        """(forward(x), next_norm(forward(x))) given h = ln_1(x), the residual adds fused with the norms after them.
+        next_into_linear: next_norm's output only feeds linears (see add_dropout_norm); ln_2's always does."""
+        x, h = add_dropout_norm(self.ln_2, x, self.attn(h), self.p, self.training, True)  # (B, T, C) each
+        return add_dropout_norm(next_norm, x, self.mlp(h), self.p, self.training, next_into_linear)
 
     def residual_projections(self) -> list[nn.Parameter]:
         """The two weights that write into the residual stream (GPT-2 scales their initialisation)."""
         return [self.attn.out_proj.weight, self.mlp.residual_projection()]
 
 
-def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, final_norm: nn.Module, fused: bool) -> torch.Tensor:
+def run_blocks(
+    blocks: nn.ModuleList, x: torch.Tensor, final_norm: nn.Module, fused: bool, final_into_linear: bool = False
+) -> torch.Tensor:
     """final_norm(the blocks applied to x in turn); fused (every block fusable, final_norm a triformer norm): through
-    Block.forward_fused, one op for each residual add with its dropout and the next norm."""
+    Block.forward_fused, one op for each residual add with its dropout and the next norm. final_into_linear: the
+    result only feeds linears (under autocast it may come in the autocast dtype: Block.forward_fused)."""
     if not fused:
         for block in blocks:
             x = block(x)  # (B, T, C)
         return final_norm(x)
     h = blocks[0].ln_1(x)
-    for block, next_norm in zip(blocks, [*(b.ln_1 for b in blocks[1:]), final_norm]):
-        x, h = block.forward_fused(x, h, next_norm)  # (B, T, C) each
+    last = len(blocks) - 1
+    for i, (block, next_norm) in enumerate(zip(blocks, [*(b.ln_1 for b in blocks[1:]), final_norm])):
+        x, h = block.forward_fused(x, h, next_norm, i < last or final_into_linear)  # (B, T, C) each
     return h
 
 

@@ -117,8 +117,9 @@ class GPT(nn.Module):
         c = self.config
         return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * (seq_len or c.block_size)
 
-    def features(self, idx: torch.Tensor) -> torch.Tensor:
-        """The final-normed hidden states (B, T, C) of token ids idx (B, T)."""
+    def features(self, idx: torch.Tensor, into_head: bool = False) -> torch.Tensor:
+        """The final-normed hidden states (B, T, C) of token ids idx (B, T). into_head: they only feed the LM head,
+        so under autocast they may come in the autocast dtype it casts them to (models/blocks.run_blocks)."""
         if idx.dim() != 2:
             raise ValueError(f"idx must be token ids (B, T), got shape {tuple(idx.shape)}")
         B, T = idx.shape
@@ -129,12 +130,12 @@ class GPT(nn.Module):
             x = x + self.wpe(torch.arange(T, device=idx.device))  # + (T, C)
         x = self.drop(x)
         fused = self.config.fused_residual and self.blocks[0].fusable
-        return run_blocks(self.blocks, x, self.ln_f, fused)  # (B, T, C)
+        return run_blocks(self.blocks, x, self.ln_f, fused, final_into_linear=into_head)  # (B, T, C)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         """(logits (B, T, V), loss): the loss is None without targets, else the mean cross-entropy over the targets
         (B, T) that are not -100. With fused_head and targets the logits are None: that head never makes them."""
-        x = self.features(idx)  # (B, T, C)
+        x = self.features(idx, into_head=True)  # (B, T, C)
         if targets is None:
             return self.lm_head(x), None  # (B, T, V)
         if targets.shape != idx.shape:
@@ -160,7 +161,7 @@ class GPT(nn.Module):
         try:
             for _ in range(max_new_tokens):
                 context = idx[:, -self.config.block_size :]  # (B, ≤ block_size)
-                logits = self.lm_head(self.features(context)[:, -1, :]).float() / temperature  # (B, V)
+                logits = self.lm_head(self.features(context, into_head=True)[:, -1, :]).float() / temperature  # (B, V)
                 if top_k is not None:
                     kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, [-1]]  # (B, 1)
                     logits = logits.masked_fill(logits < kth, -math.inf)
