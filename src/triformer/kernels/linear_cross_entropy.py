@@ -472,7 +472,8 @@ def chunked_forward(
     finds it).
 
     Until the slab pass writes them, dW's rows hold what the chunks leave for it: the rows' stats and (row_losses
-    False) the per-row losses in its last slab's rows, and the dx product's split-K partials before them.
+    False) the per-row losses in its last slab's rows, and before them the chunk products' scratch: the logits and
+    dx products' split-K partials and TMA descriptors (which would otherwise be new memory at the peak).
     """
     n, h = x.shape
     v = weight.shape[0]
@@ -502,7 +503,7 @@ def chunked_forward(
         db = torch.zeros(v, device=x.device, dtype=torch.float32)
     for i, start in enumerate(starts):
         stop = min(n, start + chunk_rows)
-        z = matmul(x[start:stop], weight.t(), bias=bias)[0]
+        z = matmul(x[start:stop], weight.t(), bias=bias, scratch=partials)[0]  # descriptors in dW's free memory
         cross_entropy_forward(
             z,
             targets[start:stop],
