@@ -134,6 +134,21 @@ OPCHECK_CASES = {
             torch.float16,
         ),
     ),
+    "add_dropout_norm-branch-bias": lambda: (
+        ops.add_dropout_norm,
+        (
+            leaf(4, 9),
+            leaf(4, 9, dtype=torch.float16),
+            leaf(9),
+            leaf(9),
+            1e-5,
+            True,
+            0.3,
+            torch.tensor(2),
+            None,
+            leaf(9),
+        ),
+    ),
     "add_dropout_norm-rms-mixed": lambda: (
         ops.add_dropout_norm,
         (leaf(5, 9), leaf(5, 9, dtype=torch.float16), leaf(9), None, 1e-6, False, 0.0, torch.tensor(0)),

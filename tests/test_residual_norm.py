@@ -137,6 +137,53 @@ def test_equals_the_three_separate_ops(norm, used, x_dtype, h_dtype, seed):
             assert_same_rounding(a, r, f"grad of {name}", via_float32=s.dtype == torch.float32)
 
 
+BRANCH_DTYPES = [
+    pytest.param(torch.float32, torch.float32, id="fp32-branch-fp32-bias"),
+    pytest.param(torch.float16, torch.float16, id="fp16-branch-fp16-bias"),
+    pytest.param(torch.float16, torch.float32, id="fp16-branch-fp32-bias"),
+]
+
+
+@pytest.mark.parametrize("h_dtype, c_dtype", BRANCH_DTYPES)
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("used", ["both", "s only", "y only"])
+@pytest.mark.parametrize("p", [0.0, 0.4])
+def test_branch_bias_equals_the_separate_ops(norm, used, p, h_dtype, c_dtype, seed):
+    """branch_bias c: s = x + dropout(h + c) (h + c promoted, as torch adds them) followed by the norm, bit for bit,
+    forward and backward; c's gradient is Σ_rows of the branch's (float32 results on a GPU: to float32 rounding)."""
+    x = randn(5, 3, 72, requires_grad=True)
+    h = randn(5, 3, 72, dtype=h_dtype, requires_grad=True)
+    c = randn(72, dtype=c_dtype, requires_grad=True)
+    w, b = randn(72, requires_grad=True), randn(72, requires_grad=True)
+    b_used = b if norm == "layernorm" else None
+    s, y = F_tri.add_dropout_norm(x, h, p, w, b_used, eps=1e-5, norm=norm, seed=seed, branch_bias=c)
+    s_ref = x + F_tri.dropout(h + c, p, seed)
+    if norm == "layernorm":
+        y_ref = F_tri.layer_norm(s_ref, 72, w, b, eps=1e-5)
+    else:
+        y_ref = F_tri.rms_norm(s_ref, 72, w, eps=1e-5)
+    assert s.dtype == s_ref.dtype
+    assert_same_rounding(s, s_ref, "s")
+    assert_same_rounding(y, y_ref, "y")
+    gs, gy = randn(5, 3, 72), randn(5, 3, 72)
+
+    def loss(s, y):
+        return {"both": (s * gs).sum() + (y * gy).sum(), "s only": (s * gs).sum(), "y only": (y * gy).sum()}[used]
+
+    leaves = (x, h, c, w) if norm == "rmsnorm" or used == "s only" else (x, h, c, w, b)
+    grads = torch.autograd.grad(loss(s, y), leaves, allow_unused=True)
+    grads_ref = torch.autograd.grad(loss(s_ref, y_ref), leaves, allow_unused=True)
+    for name, a, r in zip("xhcwb", grads, grads_ref):
+        assert (a is None) == (r is None), name
+        if a is None:
+            continue
+        assert a.dtype == r.dtype, name
+        if name == "c":  # a column sum: the order of its additions differs from column_sum's
+            assert_close(a, r, c_dtype, "grad of c", scale_floor=15**0.5)
+        else:
+            assert_same_rounding(a, r, f"grad of {name}", via_float32=True)
+
+
 def test_only_s_used_leaves_the_norm_out_of_the_gradient(seed):
     """With y unused, a non-finite s (an inf in x) does not reach the gradient through the norm: dx = ds and
     dh = dropout(ds), as when the norm is not in the graph."""
@@ -258,6 +305,7 @@ def test_rows_wider_than_the_kernel_run_as_separate_ops(seed):
         ({"h": "integer"}, TypeError, "h has dtype"),
         ({"eps": -1.0}, ValueError, "eps"),
         ({"y_dtype": torch.int32}, TypeError, "y_dtype must be None or one of"),
+        ({"branch_bias": "wrong size"}, ValueError, "branch_bias must have shape"),
     ],
 )
 def test_bad_input_names_what_is_wrong(kwargs, error, match):

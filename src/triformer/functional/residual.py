@@ -25,14 +25,17 @@ def _impl(
     p: float,
     seed: Tensor,
     y_dtype: torch.dtype | None = None,
+    branch_bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(s, y, the rows' mean(s − s₀) (a placeholder for RMSNorm), their rstd)."""
-    s, y, mean, rstd = residual_kernels.forward(x, h, weight, bias, eps, center, p, _seed_value(seed), y_dtype)
+    s, y, mean, rstd = residual_kernels.forward(
+        x, h, weight, bias, eps, center, p, _seed_value(seed), y_dtype, branch_bias
+    )
     return s, y, placeholder(rstd) if mean is None else mean, rstd
 
 
-def _fake(x, h, weight, bias, eps, center, p, seed, y_dtype=None):
-    dtype = torch.promote_types(x.dtype, h.dtype)
+def _fake(x, h, weight, bias, eps, center, p, seed, y_dtype=None, branch_bias=None):
+    dtype = torch.promote_types(x.dtype, residual_kernels.branch_dtype(h.dtype, branch_bias))
     rows = x.shape[:-1].numel()
     rstd = x.new_empty((rows,), dtype=torch.float32)
     stream, normed = x.new_empty(x.shape, dtype=dtype), x.new_empty(x.shape, dtype=y_dtype or dtype)
@@ -40,10 +43,15 @@ def _fake(x, h, weight, bias, eps, center, p, seed, y_dtype=None):
 
 
 def _setup(ctx, inputs, output):
-    x, h, weight, bias, _, center, ctx.p, seed = inputs[:8]  # y_dtype may be left to its default
+    x, h, weight, bias, _, center, ctx.p, seed = inputs[:8]  # y_dtype and branch_bias may be left to their defaults
+    branch_bias = inputs[9] if len(inputs) > 9 else None
     s, _, mean, rstd = output
     ctx.save_for_backward(s, weight, mean if center else None, rstd, seed)
     ctx.dtypes = x.dtype, h.dtype, None if weight is None else weight.dtype, None if bias is None else bias.dtype
+    ctx.branch = (
+        None if branch_bias is None else (residual_kernels.branch_dtype(h.dtype, branch_bias), branch_bias.dtype)
+    )
+    ctx.n_inputs = len(inputs)
     ctx.mark_non_differentiable(mean, rstd)
     ctx.set_materialize_grads(False)
 
@@ -51,10 +59,16 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, ds, dy, _mean, _rstd):
     s, weight, mean, rstd, seed = ctx.saved_tensors
     if ds is None and dy is None:
-        return (None,) * 9
+        return (None,) * ctx.n_inputs
     need_dx, need_dh, need_dw, need_db = ctx.needs_input_grad[:4]
     x_dtype, h_dtype, w_dtype, b_dtype = ctx.dtypes
-    dtypes = (w_dtype if need_dw and dy is not None else None, b_dtype if need_db and dy is not None else None)
+    t_dtype, c_dtype = ctx.branch or (None, None)
+    need_dc = ctx.branch is not None and ctx.needs_input_grad[9]
+    dtypes = (
+        w_dtype if need_dw and dy is not None else None,
+        b_dtype if need_db and dy is not None else None,
+        c_dtype if need_dc else None,
+    )
     dx, dh, sums = _backward_op(
         dy,
         ds,
@@ -69,10 +83,13 @@ def _backward(ctx, ds, dy, _mean, _rstd):
         dtypes[0] is not None,
         dtypes[1] is not None,
         norm_kernels.sums_dtype(*dtypes),
+        t_dtype,
+        need_dc,
     )
     grads = iter(sums.unbind(0))
-    dw, db = (None if dtype is None else next(grads).to(dtype) for dtype in dtypes)
-    return dx if need_dx else None, dh if need_dh else None, dw, db, None, None, None, None, None
+    dw, db, dc = (None if dtype is None else next(grads).to(dtype) for dtype in dtypes)
+    grads = (dx if need_dx else None, dh if need_dh else None, dw, db, None, None, None, None, None, dc)
+    return grads[: ctx.n_inputs]
 
 
 def _backward_impl(
@@ -89,18 +106,37 @@ def _backward_impl(
     need_dw: bool,
     need_db: bool,
     sum_dtype: torch.dtype,
+    t_dtype: torch.dtype | None = None,
+    need_dc: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx, dh, [dw; db]: the wanted ones as the rows of one tensor in sum_dtype) of _impl."""
+    """(dx, dh, [dw; db; dc]: the wanted ones as the rows of one tensor in sum_dtype) of _impl; t_dtype: the
+    branch's dtype when it had a bias (dc: that bias's gradient)."""
     return residual_kernels.backward(
-        dy, ds, s, weight, mean, rstd, p, _seed_value(seed), x_dtype, h_dtype, need_dw, need_db, sum_dtype
+        dy,
+        ds,
+        s,
+        weight,
+        mean,
+        rstd,
+        p,
+        _seed_value(seed),
+        x_dtype,
+        h_dtype,
+        need_dw,
+        need_db,
+        sum_dtype,
+        t_dtype,
+        need_dc,
     )
 
 
-def _backward_fake(dy, ds, s, weight, mean, rstd, p, seed, x_dtype, h_dtype, need_dw, need_db, sum_dtype):
+def _backward_fake(
+    dy, ds, s, weight, mean, rstd, p, seed, x_dtype, h_dtype, need_dw, need_db, sum_dtype, t_dtype=None, need_dc=False
+):
     return (
         s.new_empty(s.shape, dtype=x_dtype),
         s.new_empty(s.shape, dtype=h_dtype),
-        rstd.new_empty((need_dw + need_db, s.shape[-1]), dtype=sum_dtype),
+        rstd.new_empty((need_dw + need_db + need_dc, s.shape[-1]), dtype=sum_dtype),
     )
 
 
@@ -136,6 +172,7 @@ def add_dropout_norm(
     training: bool = True,
     seed: int | torch.Tensor | None = None,
     y_dtype: torch.dtype | None = None,
+    branch_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(s, y) with s = x + dropout(h, p) and y = layer_norm(s) (norm="layernorm", with weight and bias) or
     rms_norm(s) (norm="rmsnorm", weight only) over the last dim: a pre-norm block's residual add and the norm that
@@ -149,20 +186,26 @@ def add_dropout_norm(
     y_dtype: y's dtype when not s's, e.g. the autocast dtype for a norm whose output only feeds linears (they would
     cast it): y is computed in float32 and rounded once to it, as the cast of a float32 y would round it, and its
     gradient is read in that dtype.
+
+    branch_bias: c [N], the bias of the linear that made h, added here instead of by that linear:
+    s = x + dropout(h + c), with h + c in their promoted dtype, as torch adds them. Its gradient (Σ over the rows of
+    the branch's gradient) comes out of the pass that writes h's, instead of a pass of its own over it.
     """
     _check(x, h, weight, bias, norm, y_dtype)
     n = x.shape[-1]
     _check_param(weight, "weight", x, (n,))
     _check_param(bias, "bias", x, (n,))
+    _check_param(branch_bias, "branch_bias", x, (n,))
     _check_dropout_args(p, seed)
     center = norm == "layernorm"
     _check_eps(eps, allow_none=not center)
     if eps is None:
-        eps = torch.finfo(torch.promote_types(x.dtype, h.dtype)).eps
+        eps = torch.finfo(torch.promote_types(x.dtype, residual_kernels.branch_dtype(h.dtype, branch_bias))).eps
     if n > residual_kernels.MAX_WIDTH:
-        s = x + dropout(h, p, seed if p else 0, training)  # p = 0: no seed drawn, as the op below
+        branch = h if branch_bias is None else h + branch_bias
+        s = x + dropout(branch, p, seed if p else 0, training)  # p = 0: no seed drawn, as the op below
         y = layer_norm(s, (n,), weight, bias, eps) if center else rms_norm(s, (n,), weight, eps)
         return s, y if y_dtype is None else y.to(y_dtype)
     p = float(p) if training else 0.0
     seed = _seed_tensor(seed if p else 0, x)  # p = 0 keeps every element whatever the seed: none is drawn
-    return tuple(_op(x, h, weight, bias, float(eps), center, p, seed, y_dtype)[:2])
+    return tuple(_op(x, h, weight, bias, float(eps), center, p, seed, y_dtype, branch_bias)[:2])

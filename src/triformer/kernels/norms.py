@@ -393,9 +393,10 @@ def norm_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tenso
     return y, x2, mean, rstd
 
 
-def sums_dtype(dw_dtype: torch.dtype | None, db_dtype: torch.dtype | None) -> torch.dtype:
-    """The dtype dw and db are summed in: theirs when they agree, else float32 (each cast after the sum)."""
-    wanted = {dtype for dtype in (dw_dtype, db_dtype) if dtype is not None}
+def sums_dtype(*dtypes: torch.dtype | None) -> torch.dtype:
+    """The dtype column sums (dw, db, ...) are summed in: theirs when the wanted ones (not None) agree, else float32
+    (each cast after the sum)."""
+    wanted = {dtype for dtype in dtypes if dtype is not None}
     return wanted.pop() if len(wanted) == 1 else torch.float32
 
 

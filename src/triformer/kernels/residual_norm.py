@@ -1,16 +1,20 @@
 """A residual add with dropout on the branch, then LayerNorm or RMSNorm of the sum: one kernel each way.
 
-Per row of N elements, with the dropout mask keep of dropout.py (seed, element index in the [M, N] shape),
-d = keep · h / (1 − p) rounded to h's dtype, and the sum rounded to its dtype (x's and h's promoted):
+Per row of N elements, with the dropout mask keep of dropout.py (seed, element index in the [M, N] shape), the
+branch t = h, or t = h + c with the branch's bias c [N] (the bias of the linear that made h, added here instead),
+in t's dtype (h's and c's promoted), d = keep · t / (1 − p) rounded to t's dtype, and the sum rounded to its dtype
+(x's and t's promoted):
 
     s = x + d          y = norm(s) · w + b                          (norms.py, whole rows)
     backward, with ds the gradient reaching s from later in the residual stream and dy that of y:
-    g = ds + norm'(dy)          dx = g          dh = keep · g / (1 − p)
-    (norm'(dy) and g rounded to s's dtype, g to h's before dh: where the separate ops round them)
+    g = ds + norm'(dy)          dx = g          dt = keep · g / (1 − p)          dh = dt          dc = Σ_rows dt
+    (norm'(dy) and g rounded to s's dtype, g to t's before dt and dt to h's for dh: where the separate ops round
+    them)
     dw = Σ_rows dy ⊙ ŝ          db = Σ_rows dy
 
-This is `x + dropout(h)` followed by the next norm, as a pre-norm transformer block computes them, in the same
-roundings: the sum, the mask and the gradients equal those of the three ops (dropout.py, an add, norms.py). The
+This is `x + dropout(h)` (or `x + dropout(h + c)`) followed by the next norm, as a pre-norm transformer block computes
+them, in the same roundings: the sum, the mask and the gradients equal those of the separate ops (dropout.py, the
+adds, norms.py); the branch's bias column sum dc comes out of the pass that writes dh, instead of one more pass. The
 backward forms the residual stream's gradient g itself, so the add that would accumulate ds and the norm's input
 gradient is not launched either. Rows up to MAX_WIDTH elements (held whole in registers); the forward saves s, the
 rows' mean(s − s₀) (LayerNorm) and rstd.
@@ -65,10 +69,20 @@ def _dropped(
     return h
 
 
+@triton.jit
+def _in_branch_dtype(v, h_ptr, T_IS_H: tl.constexpr):
+    """v (float32) rounded to the branch t's dtype: h's (T_IS_H), else float32 (h's and c's differ: promoted, t is
+    float32)."""
+    if T_IS_H:
+        v = v.to(h_ptr.dtype.element_ty).to(tl.float32)
+    return v
+
+
 @triton.jit(do_not_specialize=["seed", "threshold"])
 def _residual_norm_forward_kernel(
     x_ptr,
     h_ptr,
+    c_ptr,
     w_ptr,
     b_ptr,
     s_ptr,
@@ -86,14 +100,16 @@ def _residual_norm_forward_kernel(
     CENTER: tl.constexpr,
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
+    HAS_C: tl.constexpr,
+    T_IS_H: tl.constexpr,
     DROPOUT: tl.constexpr,
     SEED_IN_MEMORY: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DROP_BLOCK: tl.constexpr,
 ):
-    """s = x + keep · h · scale and y = norm(s) · w + b for BLOCK_M whole rows; stores s, y (contiguous), μ' (when
-    CENTER) and rstd per row."""
+    """s = x + keep · t · scale with t = h (+ c when HAS_C) and y = norm(s) · w + b for BLOCK_M whole rows; stores s,
+    y (contiguous), μ' (when CENTER) and rstd per row."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
     cols = tl.arange(0, BLOCK_N)
@@ -101,8 +117,11 @@ def _residual_norm_forward_kernel(
     mask = row_mask[:, None] & col_mask[None, :]
     x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
     h = tl.load(h_ptr + rows.to(tl.int64)[:, None] * stride_hm + cols[None, :], mask=mask, other=0.0)
-    d = _dropped(h.to(tl.float32), rows, cols, N, threshold, scale, seed, DROPOUT, SEED_IN_MEMORY, DROP_BLOCK)
-    s = x.to(tl.float32) + d.to(h_ptr.dtype.element_ty).to(tl.float32)
+    t = h.to(tl.float32)
+    if HAS_C:
+        t = _in_branch_dtype(t + tl.load(c_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :], h_ptr, T_IS_H)
+    d = _dropped(t, rows, cols, N, threshold, scale, seed, DROPOUT, SEED_IN_MEMORY, DROP_BLOCK)
+    s = x.to(tl.float32) + _in_branch_dtype(d, h_ptr, T_IS_H)
     s = tl.where(mask, s.to(s_ptr.dtype.element_ty).to(tl.float32), 0.0)  # as stored: the backward reads it back
     out = rows.to(tl.int64)[:, None] * N + cols[None, :]
     tl.store(s_ptr + out, s.to(s_ptr.dtype.element_ty), mask=mask)
@@ -143,15 +162,17 @@ def _residual_norm_backward_kernel(
     HAS_DS: tl.constexpr,
     DW: tl.constexpr,
     DB: tl.constexpr,
+    DC: tl.constexpr,
+    T_IS_H: tl.constexpr,
     DROPOUT: tl.constexpr,
     SEED_IN_MEMORY: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DROP_BLOCK: tl.constexpr,
 ):
-    """g = ds + norm'(dy) (either term absent without HAS_DS, HAS_DY), dx = g and dh = keep · g · scale for the rows
-    [pid · rows_per_program, …), and this program's partial sums (HAS_DY): row pid of the [programs, N] plane of dw
-    (first, when DW) and of db (next, when DB)."""
+    """g = ds + norm'(dy) (either term absent without HAS_DS, HAS_DY), dx = g and dh = dt = keep · g · scale for the
+    rows [pid · rows_per_program, …), and this program's partial sums: row pid of the [programs, N] plane of dw
+    (first, when DW), of db (next, when DB; both need HAS_DY) and of dc = Σ dt (last, when DC)."""
     pid = tl.program_id(0)
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)
@@ -162,6 +183,7 @@ def _residual_norm_backward_kernel(
         w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
     dw_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     db_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    dc_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for r0 in range(row_start, row_end, BLOCK_M):
         rows = r0 + tl.arange(0, BLOCK_M)
         row_mask = rows < row_end
@@ -189,15 +211,27 @@ def _residual_norm_backward_kernel(
             g += ds.to(tl.float32)
         g = g.to(s_ptr.dtype.element_ty)  # the stream's gradient in s's dtype, as autograd sums it
         tl.store(dx_ptr + at, g.to(dx_ptr.dtype.element_ty), mask=mask)
-        g_h = g.to(dh_ptr.dtype.element_ty).to(tl.float32)  # the add's gradient of the branch, in h's dtype
-        dh = _dropped(g_h, rows, cols, N, threshold, scale, seed, DROPOUT, SEED_IN_MEMORY, DROP_BLOCK)
-        tl.store(dh_ptr + at, dh.to(dh_ptr.dtype.element_ty), mask=mask)
+        g_t = _in_branch_dtype(g.to(tl.float32), dh_ptr, T_IS_H)  # the add's gradient of the branch, in t's dtype
+        dt = _in_branch_dtype(
+            _dropped(g_t, rows, cols, N, threshold, scale, seed, DROPOUT, SEED_IN_MEMORY, DROP_BLOCK), dh_ptr, T_IS_H
+        )
+        tl.store(dh_ptr + at, dt.to(dh_ptr.dtype.element_ty), mask=mask)
+        if DC:
+            dc_acc += tl.sum(dt, axis=0)
     partials = partial_ptr + pid.to(tl.int64) * N
     if DW:
         tl.store(partials + cols, dw_acc, mask=col_mask)
         partials += tl.num_programs(0).to(tl.int64) * N
     if DB:
         tl.store(partials + cols, db_acc, mask=col_mask)
+        partials += tl.num_programs(0).to(tl.int64) * N
+    if DC:
+        tl.store(partials + cols, dc_acc, mask=col_mask)
+
+
+def branch_dtype(h_dtype: torch.dtype, branch_bias: torch.Tensor | None) -> torch.dtype:
+    """The branch t's dtype: h's, or h's and the branch bias's promoted."""
+    return h_dtype if branch_bias is None else torch.promote_types(h_dtype, branch_bias.dtype)
 
 
 def _tiling(m: int, n: int) -> dict:
@@ -221,27 +255,29 @@ def forward(
     p: float,
     seed: int | torch.Tensor,
     y_dtype: torch.dtype | None = None,
+    branch_bias: torch.Tensor | None = None,
 ):
-    """(s, y, μ' or None, rstd) for x and h [..., N] of one shape, weight and bias [N] or None; s and y contiguous,
-    shaped like x, s in the promoted dtype of x and h, y in y_dtype (default s's: y is computed in float32 and
-    rounded once to it); μ' and rstd float32 [M]."""
+    """(s, y, μ' or None, rstd) for x and h [..., N] of one shape, weight, bias and branch_bias (c) [N] or None; s and
+    y contiguous, shaped like x, s in the promoted dtype of x and the branch t = h (+ c), y in y_dtype (default s's:
+    y is computed in float32 and rounded once to it); μ' and rstd float32 [M]."""
     n = x.shape[-1]
     x2, h2 = as_rows(x, n), as_rows(h, n)
     m = x2.shape[0]
-    dtype = torch.promote_types(x.dtype, h.dtype)
+    dtype = torch.promote_types(x.dtype, branch_dtype(h.dtype, branch_bias))
     s = new_empty(x.shape, like=x, dtype=dtype)
     y = new_empty(x.shape, like=x, dtype=y_dtype or dtype)
     mean = new_empty((m,), like=x, dtype=torch.float32) if center else None
     rstd = new_empty((m,), like=x, dtype=torch.float32)
     if m and n:
         threshold, scale = threshold_and_scale(p)
-        weight, bias = _unit_stride(weight), _unit_stride(bias)
+        weight, bias, branch_bias = _unit_stride(weight), _unit_stride(bias), _unit_stride(branch_bias)
         meta = _tiling(m, n)
         launch(
             _residual_norm_forward_kernel,
             (cdiv(m, meta["BLOCK_M"]),),
             x2,
             h2,
+            x2 if branch_bias is None else branch_bias,
             x2 if weight is None else weight,
             x2 if bias is None else bias,
             s,
@@ -259,6 +295,8 @@ def forward(
             CENTER=center,
             HAS_W=weight is not None,
             HAS_B=bias is not None,
+            HAS_C=branch_bias is not None,
+            T_IS_H=branch_dtype(h.dtype, branch_bias) == h.dtype,
             DROPOUT=threshold > 0,
             SEED_IN_MEMORY=isinstance(seed, torch.Tensor),
             DROP_BLOCK=DROPOUT_BLOCK,
@@ -281,10 +319,13 @@ def backward(
     need_dw: bool,
     need_db: bool,
     sum_dtype: torch.dtype,
+    t_dtype: torch.dtype | None = None,
+    need_dc: bool = False,
 ):
-    """(dx in dx_dtype, dh in dh_dtype, both shaped like s, the wanted of dw and db as the rows of one [k, N] tensor
-    in sum_dtype) from dy and ds [..., N] and what forward saved. dy None: no gradient reached y (dw and db are not
-    asked for); ds None: none reached s; not both."""
+    """(dx in dx_dtype, dh in dh_dtype, both shaped like s, the wanted of dw, db and dc (the branch bias's) as the
+    rows of one [k, N] tensor in sum_dtype) from dy and ds [..., N] and what forward saved; t_dtype: the branch's
+    dtype (forward's branch_dtype; None: dh_dtype, no branch bias). dy None: no gradient reached y (dw and db are
+    not asked for); ds None: none reached s; not both."""
     assert dy is not None or ds is not None, "a gradient of s or y"
     assert dy is not None or not (need_dw or need_db), "dw and db need dy"
     n = s.shape[-1]
@@ -292,7 +333,7 @@ def backward(
     m = s2.shape[0]
     dx = new_empty(s.shape, like=s, dtype=dx_dtype)
     dh = new_empty(s.shape, like=s, dtype=dh_dtype)
-    k = need_dw + need_db
+    k = need_dw + need_db + need_dc
     if not (m and n):
         return dx, dh, torch.zeros((k, n), device=s.device, dtype=sum_dtype)
     dy2 = None if dy is None else as_rows(dy, n)
@@ -333,6 +374,8 @@ def backward(
         HAS_DS=ds2 is not None,
         DW=need_dw,
         DB=need_db,
+        DC=need_dc,
+        T_IS_H=t_dtype in (None, dh_dtype),
         DROPOUT=threshold > 0,
         SEED_IN_MEMORY=isinstance(seed, torch.Tensor),
         DROP_BLOCK=DROPOUT_BLOCK,

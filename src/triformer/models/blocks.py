@@ -76,7 +76,15 @@ class MLP(nn.Module):
         self.proj = make_linear(hidden, dim, None, backend, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.fc(x))  # (B, T, C) → (B, T, hidden) → (B, T, C)
+        return self.proj(self.before_output(x))  # (B, T, C) → (B, T, hidden) → (B, T, C)
+
+    @property
+    def output_linear(self) -> nn.Module:
+        """The linear that makes the output (a residual block may add its bias itself)."""
+        return self.proj
+
+    def before_output(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)  # (B, T, hidden)
 
     def residual_projection(self) -> nn.Parameter:
         return self.proj.weight
@@ -97,14 +105,29 @@ def default_mlp_hidden(kind: str, dim: int) -> int:
     return math.ceil(math.ceil(8 * dim / 3) / 8) * 8
 
 
-def add_dropout_norm(norm: nn.Module, x: torch.Tensor, h: torch.Tensor, p: float, training: bool, into_linear: bool):
-    """(s, norm(s)) for s = x + dropout(h, p) in one op (triformer's add_dropout_norm) with a TritonLayerNorm or
-    TritonRMSNorm's parameters. into_linear: norm(s) only feeds linears, so under autocast it is made in the
-    autocast dtype the linears would cast it to (the same values, without the float32 copy)."""
+def branch_before_bias(branch: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(branch(x) without its output linear's bias, that bias or None) for an attention or MLP branch: the residual
+    op adds the bias (and sums its gradient) in the pass it makes anyway."""
+    linear = branch.output_linear
+    inner = branch.before_output(x)
+    if isinstance(linear, tnn.TritonLinear):
+        return F_tri.linear(inner, linear.weight, None, activation=linear.activation, fused=linear.fused), linear.bias
+    return nn.functional.linear(inner, linear.weight), linear.bias
+
+
+def add_dropout_norm(
+    norm: nn.Module, x: torch.Tensor, branch: nn.Module, h: torch.Tensor, p: float, training: bool, into_linear: bool
+):
+    """(s, norm(s)) for s = x + dropout(branch(h), p) in one op (triformer's add_dropout_norm) with a TritonLayerNorm
+    or TritonRMSNorm's parameters, the branch's output bias added by that op (branch_before_bias). into_linear:
+    norm(s) only feeds linears, so under autocast it is made in the autocast dtype the linears would cast it to (the
+    same values, without the float32 copy)."""
     y_dtype = F_tri._autocast_dtype(x.device.type) if into_linear else None
-    if isinstance(norm, tnn.TritonRMSNorm):
-        return F_tri.add_dropout_norm(x, h, p, norm.weight, None, norm.eps, "rmsnorm", training, y_dtype=y_dtype)
-    return F_tri.add_dropout_norm(x, h, p, norm.weight, norm.bias, norm.eps, "layernorm", training, y_dtype=y_dtype)
+    out, c = branch_before_bias(branch, h)
+    weight, bias, kind = (
+        (norm.weight, None, "rmsnorm") if isinstance(norm, tnn.TritonRMSNorm) else (norm.weight, norm.bias, "layernorm")
+    )
+    return F_tri.add_dropout_norm(x, out, p, weight, bias, norm.eps, kind, training, y_dtype=y_dtype, branch_bias=c)
 
 
 class Block(nn.Module):
@@ -151,8 +174,8 @@ class Block(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(forward(x), next_norm(forward(x))) given h = ln_1(x), the residual adds fused with the norms after them.
         next_into_linear: next_norm's output only feeds linears (see add_dropout_norm); ln_2's always does."""
-        x, h = add_dropout_norm(self.ln_2, x, self.attn(h), self.p, self.training, True)  # (B, T, C) each
-        return add_dropout_norm(next_norm, x, self.mlp(h), self.p, self.training, next_into_linear)
+        x, h = add_dropout_norm(self.ln_2, x, self.attn, h, self.p, self.training, True)  # (B, T, C) each
+        return add_dropout_norm(next_norm, x, self.mlp, h, self.p, self.training, next_into_linear)
 
     def residual_projections(self) -> list[nn.Parameter]:
         """The two weights that write into the residual stream (GPT-2 scales their initialisation)."""

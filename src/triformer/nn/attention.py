@@ -82,6 +82,15 @@ class _MultiheadAttentionBase(nn.Module):
         return q, k, v
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out_proj(self.before_output(x))
+
+    @property
+    def output_linear(self) -> nn.Module:
+        """The linear that makes the output (a residual block may add its bias itself)."""
+        return self.out_proj
+
+    def before_output(self, x: torch.Tensor) -> torch.Tensor:
+        """The heads' outputs side by side (B, T, embed_dim): what out_proj takes."""
         if x.dim() != 3 or x.shape[-1] != self.embed_dim:
             raise ValueError(f"x must be (B, T, embed_dim={self.embed_dim}), got shape {tuple(x.shape)}")
         B, T, C = x.shape
@@ -89,8 +98,7 @@ class _MultiheadAttentionBase(nn.Module):
         if self.rotary is not None:
             q, k = self.rotary(q, k)
         y = self.attend(q, k, v)  # (B, H, T, D)
-        y = y.transpose(1, 2).reshape(B, T, C)  # heads side by side again: (B, T, C)
-        return self.out_proj(y)
+        return y.transpose(1, 2).reshape(B, T, C)  # heads side by side again: (B, T, C)
 
     def attend(self, q, k, v) -> torch.Tensor:
         raise NotImplementedError

@@ -41,6 +41,14 @@ class _GatedMLP(nn.Module):
         """The weight that writes into the residual stream (GPT-2's scaled initialisation)."""
         return self.down.weight
 
+    @property
+    def output_linear(self) -> nn.Module:
+        """The linear that makes the output (a residual block may add its bias itself)."""
+        return self.down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.before_output(x))
+
     def extra_repr(self) -> str:
         return f"dim={self.dim}, hidden={self.hidden}, activation={self.activation!r}"
 
@@ -55,8 +63,9 @@ class TritonGatedMLP(_GatedMLP):
             lambda i, o, **kw: TritonLinear(i, o, activation=None, **kw), dim, hidden, activation, bias, device, dtype
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F_tri.gated_activation(self.up(x), self.gate, inplace_grad=None))
+    def before_output(self, x: torch.Tensor) -> torch.Tensor:
+        """act(a) ⊙ b: what the down projection takes."""
+        return F_tri.gated_activation(self.up(x), self.gate, inplace_grad=None)
 
 
 class TorchGatedMLP(_GatedMLP):
@@ -65,6 +74,7 @@ class TorchGatedMLP(_GatedMLP):
     def __init__(self, dim: int, hidden: int, activation: str = "swiglu", bias: bool = False, device=None, dtype=None):
         super().__init__(nn.Linear, dim, hidden, activation, bias, device, dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def before_output(self, x: torch.Tensor) -> torch.Tensor:
+        """act(a) ⊙ b: what the down projection takes."""
         a, b = self.up(x).chunk(2, dim=-1)
-        return self.down(_TORCH_GATES[self.gate](a) * b)
+        return _TORCH_GATES[self.gate](a) * b
