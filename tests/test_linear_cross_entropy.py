@@ -453,27 +453,30 @@ def test_logits_exist_one_chunk_at_a_time(monkeypatch, seed):
     assert lce_kernels.default_chunk_rows(5, 33, 4) == 1
 
 
-def test_slab_pass_lends_the_dw_memory_to_the_dx_products(monkeypatch, seed):
-    """dW by the slab pass is written only after the row chunks, so each chunk's dx product may stage its split-K
-    partials in dW's memory; dW summed chunk by chunk (accum_dtype=None) is live, and lends nothing."""
-    scratches = []
+def test_slab_pass_lends_the_dw_memory_to_the_chunk_products(monkeypatch, seed):
+    """dW by the slab pass is written only after the row chunks, so each chunk's logits and dx products may stage
+    their split-K partials and TMA descriptors in dW's memory; dW summed chunk by chunk (accum_dtype=None) is live,
+    and lends nothing; the slab pass's own products lend nothing either."""
+    scratches = {"logits": [], "dx": [], "slab": []}
     real_matmul = lce_kernels.matmul
+    n, h, v = 41, 8, 33
 
     def spying_matmul(a, b, **kwargs):
-        if "out" in kwargs:  # the dx products write into dx's rows
-            scratches.append(kwargs.get("scratch"))
+        kind = "dx" if "out" in kwargs else "logits" if a.shape[0] < n else "slab"  # dx products write into dx
+        scratches[kind].append(kwargs.get("scratch"))
         return real_matmul(a, b, **kwargs)
 
     monkeypatch.setattr(lce_kernels, "matmul", spying_matmul)
-    n, h, v = 41, 8, 33
     x, w, b = make_inputs(n, h, v, torch.float16)
     targets = make_targets((n,), v)
     for accum_dtype, lent in ((torch.float32, True), (None, False)):
-        scratches.clear()
+        for calls in scratches.values():
+            calls.clear()
         loss = F_tri.linear_cross_entropy(x, w, targets, b, chunk_size=9, accum_dtype=accum_dtype)
         torch.autograd.grad(loss, (x, w, b))
-        assert len(scratches) == 5
-        for scratch in scratches:
+        assert len(scratches["logits"]) == len(scratches["dx"]) == 5
+        assert bool(scratches["slab"]) == lent and all(scratch is None for scratch in scratches["slab"])
+        for scratch in scratches["logits"] + scratches["dx"]:
             assert (scratch is not None) == lent
             assert scratch is None or (scratch.dtype == w.dtype and scratch.numel() <= w.numel())
 

@@ -14,6 +14,7 @@ import torch
 from harness import DEVICE, ON_GPU, assert_close, relative_error, tolerance
 
 from triformer import GPT, GPTConfig, ViT, ViTConfig
+from triformer.models import blocks
 from triformer.models.blocks import PARTS, Block
 
 TINY_GPT = dict(vocab_size=37, block_size=9, n_layer=2, n_head=2, n_embd=32)
@@ -309,6 +310,37 @@ def test_gpt_under_autocast_matches_twin(variant, seed):
     assert_close(loss, loss_ref, dtype, "loss under autocast", tol=10 * tolerance(dtype))
     loss.backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in ours.parameters())
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "llama"])
+def test_norms_into_linears_come_in_the_autocast_dtype_with_the_same_results(variant, monkeypatch, seed):
+    """Under autocast the blocks' norms whose output only feeds linears make it in the autocast dtype: the loss and
+    every gradient equal those of the float32 outputs that the linears cast (bf16 on the GPU, fp16 on the CPU)."""
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+    config = gpt_config(variant)
+    model = GPT(config).to(DEVICE)
+    idx, targets = tokens(config), tokens(config)
+    made = []
+    real = blocks.F_tri.add_dropout_norm
+
+    def results(wide: bool):
+        def spying(*args, y_dtype, **kwargs):  # wide: the float32 output, cast by the linears
+            made.append(y_dtype)
+            return real(*args, y_dtype=None if wide else y_dtype, **kwargs)
+
+        model.zero_grad(set_to_none=True)
+        with monkeypatch.context() as patch:
+            patch.setattr(blocks.F_tri, "add_dropout_norm", spying)
+            with torch.autocast(DEVICE, dtype=dtype):
+                loss = model(idx, targets)[1]
+        loss.backward()
+        return loss.detach(), {name: p.grad for name, p in model.named_parameters()}
+
+    (loss, grads), (loss_wide, grads_wide) = results(wide=False), results(wide=True)
+    assert made == [dtype] * (4 * config.n_layer)
+    assert torch.equal(loss, loss_wide)
+    for name, grad in grads.items():
+        assert torch.equal(grad, grads_wide[name]), name
 
 
 @pytest.mark.skipif(not ON_GPU, reason="bf16 and the character GPT's size need a GPU (the interpreter has no bf16)")

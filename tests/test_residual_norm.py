@@ -184,6 +184,20 @@ def test_branch_bias_equals_the_separate_ops(norm, used, p, h_dtype, c_dtype, se
             assert_same_rounding(a, r, f"grad of {name}", via_float32=True)
 
 
+def test_tiny_p_keeps_every_element_but_still_scales(seed):
+    """p below 2⁻¹⁷ rounds to a threshold of 0 (every element kept), but the kept ones are still scaled by
+    1 / (1 − p), as triformer's dropout does: the op and its gradient equal the separate ops."""
+    x, h = randn(6, 40, requires_grad=True), randn(6, 40, requires_grad=True)
+    s, y = F_tri.add_dropout_norm(x, h, 1e-6, seed=seed)
+    s_ref = x + F_tri.dropout(h, 1e-6, seed)
+    assert not torch.equal(s_ref, x + h)  # the scale is there to see
+    assert_same_rounding(s, s_ref, "s")
+    assert_same_rounding(y, F_tri.layer_norm(s_ref, 40), "y")
+    g = randn(6, 40)
+    (dh,) = torch.autograd.grad((s * g).sum(), (h,))
+    assert_same_rounding(dh, F_tri.dropout(g, 1e-6, seed), "grad of h")
+
+
 def test_only_s_used_leaves_the_norm_out_of_the_gradient(seed):
     """With y unused, a non-finite s (an inf in x) does not reach the gradient through the norm: dx = ds and
     dh = dropout(ds), as when the norm is not in the graph."""

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .. import functional as F_tri
 from .. import nn as tnn
-from ..models import blocks
 from .timing import interleaved_gpu_ms, median_ms
 
 OPS = ("layer_norm", "rms_norm", "softmax", "dropout", "add_dropout_norm")
@@ -57,7 +57,9 @@ class _AddDropoutNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, h: torch.Tensor):
         if self.triformer:
-            return blocks.add_dropout_norm(self.norm, x, h, 0.1, self.training)
+            return F_tri.add_dropout_norm(
+                x, h, 0.1, self.norm.weight, self.norm.bias, self.norm.eps, "layernorm", self.training
+            )
         s = x + nn.functional.dropout(h, 0.1, self.training)
         return s, self.norm(s)
 

@@ -60,7 +60,7 @@ def _dropped(
 ):
     """keep · h · scale (float32) for a tile h [BLOCK_M, BLOCK_N] at rows × cols of the [M, N] shape; seed an int,
     or (SEED_IN_MEMORY) a pointer to it (DROP_BLOCK: dropout.BLOCK, part of the mask's definition). Without DROPOUT
-    (p = 0: every element kept, scale 1) h itself, and no mask is drawn."""
+    (every element kept and scale 1: p = 0) h itself, and no mask is drawn."""
     if DROPOUT:
         keep = keep_mask(
             philox_key(seed, SEED_IN_MEMORY), rows.to(tl.int64)[:, None] * N + cols[None, :], threshold, DROP_BLOCK
@@ -297,7 +297,7 @@ def forward(
             HAS_B=bias is not None,
             HAS_C=branch_bias is not None,
             T_IS_H=branch_dtype(h.dtype, branch_bias) == h.dtype,
-            DROPOUT=threshold > 0,
+            DROPOUT=threshold > 0 or scale != 1.0,
             SEED_IN_MEMORY=isinstance(seed, torch.Tensor),
             DROP_BLOCK=DROPOUT_BLOCK,
             **meta,
@@ -376,7 +376,7 @@ def backward(
         DB=need_db,
         DC=need_dc,
         T_IS_H=t_dtype in (None, dh_dtype),
-        DROPOUT=threshold > 0,
+        DROPOUT=threshold > 0 or scale != 1.0,
         SEED_IN_MEMORY=isinstance(seed, torch.Tensor),
         DROP_BLOCK=DROPOUT_BLOCK,
         **meta,
