@@ -103,12 +103,13 @@ SLAB_GRAD = dict(
 )
 
 RESIDUAL_NORM_FWD = dict(
-    x_ptr="*fp32",  # a float32 residual stream, a bf16 branch (autocast), as a GPT under bf16 autocast has them
-    h_ptr="*bf16",
+    x_ptr="*fp32",  # a float32 residual stream, a bf16 branch and its float32 bias, y in bf16: as a GPT's blocks
+    h_ptr="*bf16",  # have them under bf16 autocast
+    c_ptr="*fp32",
     w_ptr="*fp32",
     b_ptr="*fp32",
     s_ptr="*fp32",
-    y_ptr="*fp32",
+    y_ptr="*bf16",
     mean_ptr="*fp32",
     rstd_ptr="*fp32",
     M="i32",
@@ -121,7 +122,7 @@ RESIDUAL_NORM_FWD = dict(
     seed="i32",
 )
 RESIDUAL_NORM_BWD = dict(
-    dy_ptr="*fp32",
+    dy_ptr="*bf16",
     ds_ptr="*fp32",
     s_ptr="*fp32",
     w_ptr="*fp32",
@@ -242,15 +243,26 @@ def compile_all() -> dict:
             center = norm == "layer_norm"
             m = residual_norm._tiling(4096, int(width))
             warps = m.pop("num_warps")
-            flags = dict(CENTER=center, HAS_W=True, DROPOUT=True, SEED_IN_MEMORY=False, DROP_BLOCK=dropout.BLOCK, **m)
+            flags = dict(
+                CENTER=center,
+                HAS_W=True,
+                T_IS_H=False,
+                DROPOUT=True,
+                SEED_IN_MEMORY=False,
+                DROP_BLOCK=dropout.BLOCK,
+                **m,
+            )
             return {
                 "forward": spills(
-                    residual_norm._residual_norm_forward_kernel, RESIDUAL_NORM_FWD, {**flags, "HAS_B": center}, warps
+                    residual_norm._residual_norm_forward_kernel,
+                    RESIDUAL_NORM_FWD,
+                    {**flags, "HAS_B": center, "HAS_C": True},
+                    warps,
                 ),
                 "backward": spills(
                     residual_norm._residual_norm_backward_kernel,
                     RESIDUAL_NORM_BWD,
-                    {**flags, "HAS_DY": True, "HAS_DS": True, "DW": True, "DB": center},
+                    {**flags, "HAS_DY": True, "HAS_DS": True, "DW": True, "DB": center, "DC": True},
                     warps,
                 ),
             }
