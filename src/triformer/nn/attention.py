@@ -72,14 +72,14 @@ class _MultiheadAttentionBase(nn.Module):
         self.rotary = rotary
 
     def split_heads(self, qkv: torch.Tensor):
-        """q (B, H, T, D), k and v (B, Hkv, T, D): strided views of the projection's output, no copies."""
+        """q (B, H, T, D), k and v (B, Hkv, T, D): strided views of the projection's output, no copies. One split
+        (not three slices): its backward writes the projection's gradient with one concatenation, where three
+        slices' would each fill a zero gradient of the whole output, copy into it, and add the three."""
         B, T, _ = qkv.shape
         H, Hkv = self.num_heads, self.num_kv_heads
         heads = qkv.view(B, T, H + 2 * Hkv, self.head_dim)  # (B, T, H + 2·Hkv, D)
-        q = heads[:, :, :H].transpose(1, 2)  # (B, H, T, D)
-        k = heads[:, :, H : H + Hkv].transpose(1, 2)  # (B, Hkv, T, D)
-        v = heads[:, :, H + Hkv :].transpose(1, 2)  # (B, Hkv, T, D)
-        return q, k, v
+        q, k, v = heads.split([H, Hkv, Hkv], dim=2)  # (B, T, H, D), (B, T, Hkv, D) twice
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D), (B, Hkv, T, D) twice
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out_proj(self.before_output(x))
