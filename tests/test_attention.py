@@ -145,6 +145,20 @@ def test_views_of_fused_qkv(heads, causal, dtype, seed):
     run_and_compare((qkv,), views, causal, None, dtype)
 
 
+def test_output_lies_heads_side_by_side(seed):
+    """o [B, H, S, D] lies in memory as [B, S, H, D]: o.transpose(1, 2).reshape(B, S, H·D), what an output projection
+    takes, is a view (no copy), as with SDPA's flash kernels; the fake implementation (torch.compile's) agrees."""
+    q, k, v = make_qkv(2, 3, 3, 11, 16, torch.float32)
+    out = F_tri.attention(q, k, v, causal=True)
+    heads_side_by_side = out.transpose(1, 2).reshape(2, 11, 48)
+    assert out.transpose(1, 2).is_contiguous() and heads_side_by_side.data_ptr() == out.data_ptr()
+    mode = torch._subclasses.fake_tensor.FakeTensorMode()
+    fakes = [mode.from_tensor(t.detach()) for t in (q, k, v)]
+    with mode:
+        fake = torch.ops.triformer.attention(*fakes, True, 0.25)[0]
+    assert fake.shape == out.shape and fake.stride() == out.stride()
+
+
 def test_strided_incoming_gradient(seed):
     """A non-contiguous dy (here a transposed view) is read through its strides."""
     q, k, v = make_qkv(1, 2, 2, 17, 16, torch.float32)

@@ -48,12 +48,12 @@ def _check_attention_inputs(q, k, v, causal, scale) -> None:
 
 
 def _attention_impl(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
-    """(o [B, Hq, S, D] contiguous, lse [B, Hq, S] float32, base 2) for validated inputs."""
+    """(o [B, Hq, S, D] laid out as [B, S, Hq, D], lse [B, Hq, S] float32, base 2) for validated inputs."""
     return attention_kernels.attention_forward(q, k, v, causal, scale)
 
 
 def _attention_fake(q, k, v, causal, scale):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return attention_kernels.output_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 def _attention_setup(ctx, inputs, output):
@@ -116,9 +116,10 @@ def attention(
     q [B, Hq, S, D], k and v [B, Hkv, S, D] with Hq a multiple of Hkv (multi-query and grouped-query attention:
     query head h uses kv head h // (Hq // Hkv)); any strides (e.g. views of a fused [B, S, 3, H, D] projection);
     D a multiple of 8 up to 256; any S ≥ 1; float32, float16 or bfloat16 with float32 softmax statistics.
-    causal: key j is masked for query i when j > i. scale: default 1/√D. Returns o [B, Hq, S, D] (contiguous,
-    q's dtype). Under autocast the inputs are cast to the autocast dtype. No dropout on the attention
-    probabilities.
+    causal: key j is masked for query i when j > i. scale: default 1/√D. Returns o [B, Hq, S, D] in q's dtype,
+    laid out as [B, S, Hq, D] (o.transpose(1, 2) is contiguous: heads side by side for the output projection, as
+    SDPA's flash kernels return it). Under autocast the inputs are cast to the autocast dtype. No dropout on the
+    attention probabilities.
     """
     from . import _cast_for_autocast
 

@@ -763,13 +763,21 @@ def _key(q: torch.Tensor, k: torch.Tensor, causal: bool) -> tuple:
     return (b, h, k.shape[1], s, d, q.dtype, causal)
 
 
+def output_like(q: torch.Tensor) -> torch.Tensor:
+    """An uninitialized o of q's shape [B, H, S, D] and dtype laid out as [B, S, H, D] (what attention_forward
+    returns, and what a fake implementation must return too)."""
+    b, h, s, d = q.shape
+    return new_empty((b, s, h, d), like=q).transpose(1, 2)
+
+
 def attention_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float, meta: dict | None = None
 ):
-    """(o [B, Hq, S, D] contiguous in q's dtype, lse [B, Hq, S] float32 in base 2) for validated inputs.
-    meta: a launch config to use instead of the tuner's pick (tests check each candidate)."""
+    """(o [B, Hq, S, D] in q's dtype, lse [B, Hq, S] float32 in base 2) for validated inputs; o lies in memory as
+    [B, S, Hq, D] (o.transpose(1, 2) is contiguous: the heads side by side, as the output projection reads them, with
+    no copy). meta: a launch config to use instead of the tuner's pick (tests check each candidate)."""
     b, h, s, d = q.shape
-    o = new_empty((b, h, s, d), like=q)
+    o = output_like(q)
     lse = new_empty((b, h, s), like=q, dtype=torch.float32)
     args = (
         q,
