@@ -145,13 +145,20 @@ def test_views_of_fused_qkv(heads, causal, dtype, seed):
     run_and_compare((qkv,), views, causal, None, dtype)
 
 
-def test_output_lies_heads_side_by_side(seed):
+def test_output_and_gradients_lie_heads_side_by_side(seed):
     """o [B, H, S, D] lies in memory as [B, S, H, D]: o.transpose(1, 2).reshape(B, S, H·D), what an output projection
-    takes, is a view (no copy), as with SDPA's flash kernels; the fake implementation (torch.compile's) agrees."""
+    takes, is a view (no copy), as with SDPA's flash kernels. So do dq, dk and dv for views of a fused projection
+    (whose gradient is then one concatenation of whole rows); contiguous inputs get contiguous gradients. The fake
+    implementation (torch.compile's) agrees."""
     q, k, v = make_qkv(2, 3, 3, 11, 16, torch.float32)
     out = F_tri.attention(q, k, v, causal=True)
     heads_side_by_side = out.transpose(1, 2).reshape(2, 11, 48)
     assert out.transpose(1, 2).is_contiguous() and heads_side_by_side.data_ptr() == out.data_ptr()
+    assert all(g.is_contiguous() for g in torch.autograd.grad(out, (q, k, v), randn(*out.shape)))
+    qkv = randn(2, 11, 9, 16, requires_grad=True)
+    views = fused_qkv_views(3, 3)([qkv])
+    grads = torch.autograd.grad(F_tri.attention(*views, causal=True), views, randn(*out.shape))
+    assert all(g.transpose(1, 2).is_contiguous() for g in grads)
     mode = torch._subclasses.fake_tensor.FakeTensorMode()
     fakes = [mode.from_tensor(t.detach()) for t in (q, k, v)]
     with mode:

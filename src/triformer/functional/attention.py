@@ -53,7 +53,7 @@ def _attention_impl(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float)
 
 
 def _attention_fake(q, k, v, causal, scale):
-    return attention_kernels.output_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return attention_kernels.sequence_major_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 def _attention_setup(ctx, inputs, output):
@@ -94,9 +94,9 @@ def _attention_backward_impl(
 
 def _attention_backward_fake(do, q, k, v, o, lse, causal, scale, need_dq, need_dkdv):
     return (
-        q.new_empty(q.shape) if need_dq else placeholder(lse),
-        k.new_empty(k.shape) if need_dkdv else placeholder(lse),
-        v.new_empty(v.shape) if need_dkdv else placeholder(lse),
+        attention_kernels.gradient_like(q) if need_dq else placeholder(lse),
+        attention_kernels.gradient_like(k) if need_dkdv else placeholder(lse),
+        attention_kernels.gradient_like(v) if need_dkdv else placeholder(lse),
     )
 
 

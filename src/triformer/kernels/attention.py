@@ -763,11 +763,19 @@ def _key(q: torch.Tensor, k: torch.Tensor, causal: bool) -> tuple:
     return (b, h, k.shape[1], s, d, q.dtype, causal)
 
 
-def output_like(q: torch.Tensor) -> torch.Tensor:
-    """An uninitialized o of q's shape [B, H, S, D] and dtype laid out as [B, S, H, D] (what attention_forward
-    returns, and what a fake implementation must return too)."""
-    b, h, s, d = q.shape
-    return new_empty((b, s, h, d), like=q).transpose(1, 2)
+def sequence_major_like(t: torch.Tensor) -> torch.Tensor:
+    """An uninitialized tensor of t's shape [B, H, S, D] and dtype laid out as [B, S, H, D]: the layout of o and of
+    dq, dk, dv (heads side by side, as a fused projection's input and output lie; what a fake implementation must
+    return too)."""
+    b, h, s, d = t.shape
+    return new_empty((b, s, h, d), like=t).transpose(1, 2)
+
+
+def gradient_like(t: torch.Tensor) -> torch.Tensor:
+    """An uninitialized gradient for q, k or v: contiguous for a contiguous input (a leaf's .grad then takes it as it
+    is), else laid out as [B, S, H, D] (sequence_major_like: views of a fused projection's output, whose gradient is
+    then one concatenation of whole rows)."""
+    return new_empty(t.shape, like=t) if t.is_contiguous() else sequence_major_like(t)
 
 
 def attention_forward(
@@ -777,7 +785,7 @@ def attention_forward(
     [B, S, Hq, D] (o.transpose(1, 2) is contiguous: the heads side by side, as the output projection reads them, with
     no copy). meta: a launch config to use instead of the tuner's pick (tests check each candidate)."""
     b, h, s, d = q.shape
-    o = output_like(q)
+    o = sequence_major_like(q)
     lse = new_empty((b, h, s), like=q, dtype=torch.float32)
     args = (
         q,
@@ -824,8 +832,9 @@ def attention_backward(
     meta_dkdv: dict | None = None,
     meta_dq: dict | None = None,
 ):
-    """(dq, dk, dv) of attention_forward's output for the incoming gradient do (any strides); None where not
-    needed. meta_dkdv, meta_dq: launch configs to use instead of the tuner's picks."""
+    """(dq, dk, dv) of attention_forward's output for the incoming gradient do (any strides), each laid out as
+    gradient_like gives; None where not needed. meta_dkdv, meta_dq: launch configs to use instead of the tuner's
+    picks."""
     b, h, s, d = q.shape
     h_kv = k.shape[1]
     group = h // h_kv
@@ -849,7 +858,7 @@ def attention_backward(
     flags, key = _common_flags(q, causal), _key(q, k, causal)
     dq = dk = dv = None
     if need_dkdv:
-        dk, dv = new_empty(k.shape, like=k), new_empty(v.shape, like=v)
+        dk, dv = gradient_like(k), gradient_like(v)
         args = (
             q,
             k,
@@ -875,7 +884,7 @@ def attention_backward(
         )
         _launch("dkdv", _dkdv_kernel, lambda cfg: (cdiv(s, cfg["BLOCK_N"]), b * h_kv), args, flags, key, meta_dkdv)
     if need_dq:
-        dq = new_empty(q.shape, like=q)
+        dq = gradient_like(q)
         args = (
             q,
             k,
