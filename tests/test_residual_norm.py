@@ -279,6 +279,40 @@ def test_strided_and_stride0_views(seed):
     assert not grads[3][1::2].any()
 
 
+@pytest.mark.parametrize("layout", ["strided", "stride-0"])
+def test_branch_bias_views(layout, seed):
+    """A strided or expanded (stride-0) branch bias gives the contiguous one's results; its gradient reaches the
+    base tensor through the view."""
+    x, h = randn(24, 40, requires_grad=True), randn(24, 40, requires_grad=True)
+    base = randn(80 if layout == "strided" else 1, requires_grad=True)
+    c = base[::2] if layout == "strided" else base.expand(40)
+    s, y = F_tri.add_dropout_norm(x, h, 0.25, seed=seed, branch_bias=c)
+    cc = c.detach().contiguous().requires_grad_()
+    s_ref, y_ref = F_tri.add_dropout_norm(x, h, 0.25, seed=seed, branch_bias=cc)
+    assert torch.equal(s, s_ref)
+    assert_same_rounding(y, y_ref, "y")
+    g = randn(24, 40)
+    (grad,) = torch.autograd.grad((s * g).sum() + (y * g).sum(), (base,))
+    (grad_ref,) = torch.autograd.grad((s_ref * g).sum() + (y_ref * g).sum(), (cc,))
+    expected = torch.zeros_like(base)
+    if layout == "strided":
+        expected[::2] = grad_ref
+    else:
+        expected[0] = grad_ref.sum()
+    assert_close(grad, expected, torch.float32, "grad of the branch bias's base")
+
+
+def test_nan_and_inf_in_the_branch_bias_propagate_as_in_torch(seed):
+    """A NaN or inf in the branch bias reaches its column of s as in x + dropout(h + c): NaN where dropped, itself
+    where kept; and the norm spreads a non-finite s to its row of y."""
+    x, h, c = randn(4, 32), randn(4, 32), randn(32)
+    c[3], c[5] = float("nan"), float("inf")
+    s, y = F_tri.add_dropout_norm(x, h, 0.5, seed=seed, branch_bias=c)
+    s_ref = x + F_tri.dropout(h + c, 0.5, seed)
+    assert torch.equal(torch.isnan(s), torch.isnan(s_ref)) and torch.equal(torch.isinf(s), torch.isinf(s_ref))
+    assert torch.isnan(y).all()
+
+
 def test_nan_and_inf_propagate_as_in_torch(seed):
     """A NaN or inf in h is NaN in s wherever dropped (NaN · 0, as torch's dropout) and itself where kept; a NaN in x
     reaches its row of y."""
