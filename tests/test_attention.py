@@ -159,11 +159,17 @@ def test_output_and_gradients_lie_heads_side_by_side(seed):
     views = fused_qkv_views(3, 3)([qkv])
     grads = torch.autograd.grad(F_tri.attention(*views, causal=True), views, randn(*out.shape))
     assert all(g.transpose(1, 2).is_contiguous() for g in grads)
-    mode = torch._subclasses.fake_tensor.FakeTensorMode()
-    fakes = [mode.from_tensor(t.detach()) for t in (q, k, v)]
-    with mode:
-        fake = torch.ops.triformer.attention(*fakes, True, 0.25)[0]
-    assert fake.shape == out.shape and fake.stride() == out.stride()
+    gqa_views = fused_qkv_views(4, 2)([randn(2, 11, 8, 16)])
+    for inputs in ((q, k, v), views, gqa_views):  # the fakes' strides (torch.compile's) are the real ones'
+        inputs = [t.detach() for t in inputs]
+        o, lse = torch.ops.triformer.attention(*inputs, True, 0.25)
+        real = [o, *torch.ops.triformer.attention_backward(o, *inputs, o, lse, True, 0.25, True, True)]
+        mode = torch._subclasses.fake_tensor.FakeTensorMode()
+        fakes = [mode.from_tensor(t) for t in (*inputs, o, lse)]
+        with mode:
+            fake_o, fake_lse = torch.ops.triformer.attention(*fakes[:3], True, 0.25)
+            fake = [fake_o, *torch.ops.triformer.attention_backward(fake_o, *fakes, True, 0.25, True, True)]
+        assert [(t.shape, t.stride()) for t in fake] == [(t.shape, t.stride()) for t in real]
 
 
 def test_strided_incoming_gradient(seed):

@@ -183,6 +183,23 @@ OPCHECK_CASES = {
             torch.float32,
         ),
     ),
+    "add_dropout_norm_backward-branch-bias": lambda: (
+        ops.add_dropout_norm_backward,
+        (
+            randn(2, 3, 9),
+            randn(2, 3, 9),
+            *residual_saved(),
+            0.2,
+            torch.tensor(5),
+            torch.float32,
+            torch.float16,
+            True,
+            True,
+            torch.float32,
+            torch.float32,
+            True,
+        ),
+    ),
     "linear_cross_entropy_backward": lambda: (
         ops.linear_cross_entropy_backward,
         (randn(5), randn(5, 8), randn(10, 8), randn(10), targets((5,), 10), -100, 0.0, 2, True, True, True, True),

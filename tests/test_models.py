@@ -129,6 +129,21 @@ def test_gpt_with_one_part_on_torch_matches_twin(part, seed):
         GPTConfig(torch_parts=["attn"])
 
 
+@pytest.mark.parametrize("part", ["attention", "mlp"])
+def test_gpt_with_a_biased_branch_on_torch_matches_twin(part, seed):
+    """A branch on PyTorch with biases (GPT-2's) inside the fused residual path: the torch branch runs without its
+    output bias, which the residual op adds; the same function and gradients as the twin."""
+    config = gpt_config("gpt2", torch_parts=[part])
+    ours, ref = with_reference(GPT, config)
+    assert config.bias and ours.blocks[0].fusable
+    idx, targets = tokens(config), tokens(config)
+    loss, loss_ref = ours(idx, targets)[1], ref(idx, targets)[1]
+    assert_close(loss, loss_ref, torch.float32, "loss")
+    loss.backward()
+    loss_ref.backward()
+    assert_same_parameter_grads(ours, ref)
+
+
 def test_gpt_shorter_sequence_matches_twin(seed):
     """T below block_size: learned positions sliced, causal attention over T only."""
     config = gpt_config()

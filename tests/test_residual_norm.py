@@ -141,6 +141,14 @@ BRANCH_DTYPES = [
     pytest.param(torch.float32, torch.float32, id="fp32-branch-fp32-bias"),
     pytest.param(torch.float16, torch.float16, id="fp16-branch-fp16-bias"),
     pytest.param(torch.float16, torch.float32, id="fp16-branch-fp32-bias"),
+    pytest.param(torch.float32, torch.float16, id="fp32-branch-fp16-bias"),
+] + [
+    pytest.param(h, c, id=f"{name}-gpu", marks=pytest.mark.skipif(not ON_GPU, reason="bf16 needs a GPU"))
+    for name, h, c in (
+        ("bf16-branch-bf16-bias", torch.bfloat16, torch.bfloat16),
+        ("fp16-branch-bf16-bias", torch.float16, torch.bfloat16),
+        ("bf16-branch-fp32-bias", torch.bfloat16, torch.float32),
+    )
 ]
 
 

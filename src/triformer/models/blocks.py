@@ -109,6 +109,8 @@ def branch_before_bias(branch: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor
     """(branch(x) without its output linear's bias, that bias or None) for an attention or MLP branch: the residual
     op adds the bias (and sums its gradient) in the pass it makes anyway."""
     linear = branch.output_linear
+    if getattr(linear, "activation", None) is not None:  # act(x·Wᵀ + c) cannot take c afterwards
+        raise ValueError(f"the branch's output linear has activation={linear.activation!r}; it must have none")
     inner = branch.before_output(x)
     if isinstance(linear, tnn.TritonLinear):
         return F_tri.linear(inner, linear.weight, None, activation=linear.activation, fused=linear.fused), linear.bias
