@@ -66,6 +66,30 @@ def residual_saved():
     return s, w, mean, rstd
 
 
+def mixed_residual_args(*extra):
+    """add_dropout_norm's arguments for a float16 branch on a float32 stream, then `extra` (y_dtype, branch_bias)."""
+    return (leaf(4, 9), leaf(4, 9, dtype=torch.float16), leaf(9), leaf(9), 1e-5, True, 0.3, torch.tensor(2), *extra)
+
+
+def residual_backward_args(dy, need_sums: bool, h_dtype=torch.float32, *extra):
+    """add_dropout_norm_backward's arguments for a saved forward, dw and db wanted or not, then `extra` (t_dtype,
+    need_dc)."""
+    saved = residual_saved()
+    return (
+        dy,
+        randn(2, 3, 9),
+        *saved,
+        0.2,
+        torch.tensor(5),
+        torch.float32,
+        h_dtype,
+        need_sums,
+        need_sums,
+        torch.float32,
+        *extra,
+    )
+
+
 # op name, arguments (built per test: fresh random inputs)
 OPCHECK_CASES = {
     "linear-fused-gelu": lambda: (ops.linear, (leaf(2, 3, 7), leaf(5, 7), leaf(5), "gelu", True, True)),
@@ -120,85 +144,17 @@ OPCHECK_CASES = {
         ops.add_dropout_norm,
         (leaf(2, 3, 9), leaf(2, 3, 9), leaf(9), leaf(9), 1e-5, True, 0.2, torch.tensor(5)),
     ),
-    "add_dropout_norm-narrow-y": lambda: (
-        ops.add_dropout_norm,
-        (
-            leaf(4, 9),
-            leaf(4, 9, dtype=torch.float16),
-            leaf(9),
-            leaf(9),
-            1e-5,
-            True,
-            0.3,
-            torch.tensor(2),
-            torch.float16,
-        ),
-    ),
-    "add_dropout_norm-branch-bias": lambda: (
-        ops.add_dropout_norm,
-        (
-            leaf(4, 9),
-            leaf(4, 9, dtype=torch.float16),
-            leaf(9),
-            leaf(9),
-            1e-5,
-            True,
-            0.3,
-            torch.tensor(2),
-            None,
-            leaf(9),
-        ),
-    ),
+    "add_dropout_norm-narrow-y": lambda: (ops.add_dropout_norm, mixed_residual_args(torch.float16)),
+    "add_dropout_norm-branch-bias": lambda: (ops.add_dropout_norm, mixed_residual_args(None, leaf(9))),
     "add_dropout_norm-rms-mixed": lambda: (
         ops.add_dropout_norm,
         (leaf(5, 9), leaf(5, 9, dtype=torch.float16), leaf(9), None, 1e-6, False, 0.0, torch.tensor(0)),
     ),
-    "add_dropout_norm_backward": lambda: (
-        ops.add_dropout_norm_backward,
-        (
-            randn(2, 3, 9),
-            randn(2, 3, 9),
-            *residual_saved(),
-            0.2,
-            torch.tensor(5),
-            torch.float32,
-            torch.float32,
-            True,
-            True,
-            torch.float32,
-        ),
-    ),
-    "add_dropout_norm_backward-s-only": lambda: (
-        ops.add_dropout_norm_backward,
-        (
-            None,
-            randn(2, 3, 9),
-            *residual_saved(),
-            0.2,
-            torch.tensor(5),
-            torch.float32,
-            torch.float32,
-            False,
-            False,
-            torch.float32,
-        ),
-    ),
+    "add_dropout_norm_backward": lambda: (ops.add_dropout_norm_backward, residual_backward_args(randn(2, 3, 9), True)),
+    "add_dropout_norm_backward-s-only": lambda: (ops.add_dropout_norm_backward, residual_backward_args(None, False)),
     "add_dropout_norm_backward-branch-bias": lambda: (
         ops.add_dropout_norm_backward,
-        (
-            randn(2, 3, 9),
-            randn(2, 3, 9),
-            *residual_saved(),
-            0.2,
-            torch.tensor(5),
-            torch.float32,
-            torch.float16,
-            True,
-            True,
-            torch.float32,
-            torch.float32,
-            True,
-        ),
+        residual_backward_args(randn(2, 3, 9), True, torch.float16, torch.float32, True),
     ),
     "linear_cross_entropy_backward": lambda: (
         ops.linear_cross_entropy_backward,

@@ -99,6 +99,16 @@ def test_gpt_matches_torch_twin(variant, seed):
         assert_close(logits_with_loss, logits_ref, torch.float32, "logits returned with the loss, after backward")
 
 
+def assert_same_loss_and_grads(ours, ref, config) -> None:
+    """The model and its twin give the same loss on fresh tokens, and the same parameter gradients."""
+    idx, targets = tokens(config), tokens(config)
+    loss, loss_ref = ours(idx, targets)[1], ref(idx, targets)[1]
+    assert_close(loss, loss_ref, torch.float32, "loss")
+    loss.backward()
+    loss_ref.backward()
+    assert_same_parameter_grads(ours, ref)
+
+
 @pytest.mark.parametrize("part", PARTS)
 def test_gpt_with_one_part_on_torch_matches_twin(part, seed):
     """torch_parts puts that part (and only it) on PyTorch inside the triformer model: the same parameters and
@@ -119,12 +129,7 @@ def test_gpt_with_one_part_on_torch_matches_twin(part, seed):
     assert config.torch_parts == (part,)
     ours.eval()
     ref.eval()
-    idx, targets = tokens(config), tokens(config)
-    loss, loss_ref = ours(idx, targets)[1], ref(idx, targets)[1]
-    assert_close(loss, loss_ref, torch.float32, "loss")
-    loss.backward()
-    loss_ref.backward()
-    assert_same_parameter_grads(ours, ref)
+    assert_same_loss_and_grads(ours, ref, config)
     with pytest.raises(ValueError, match=r"torch_parts \['attn'\] are not parts of the model"):
         GPTConfig(torch_parts=["attn"])
 
@@ -136,12 +141,7 @@ def test_gpt_with_a_biased_branch_on_torch_matches_twin(part, seed):
     config = gpt_config("gpt2", torch_parts=[part])
     ours, ref = with_reference(GPT, config)
     assert config.bias and ours.blocks[0].fusable
-    idx, targets = tokens(config), tokens(config)
-    loss, loss_ref = ours(idx, targets)[1], ref(idx, targets)[1]
-    assert_close(loss, loss_ref, torch.float32, "loss")
-    loss.backward()
-    loss_ref.backward()
-    assert_same_parameter_grads(ours, ref)
+    assert_same_loss_and_grads(ours, ref, config)
 
 
 def test_gpt_shorter_sequence_matches_twin(seed):
