@@ -263,7 +263,8 @@ def forward(
     n = x.shape[-1]
     x2, h2 = as_rows(x, n), as_rows(h, n)
     m = x2.shape[0]
-    dtype = torch.promote_types(x.dtype, branch_dtype(h.dtype, branch_bias))
+    t_dtype = branch_dtype(h.dtype, branch_bias)
+    dtype = torch.promote_types(x.dtype, t_dtype)
     s = new_empty(x.shape, like=x, dtype=dtype)
     y = new_empty(x.shape, like=x, dtype=y_dtype or dtype)
     mean = new_empty((m,), like=x, dtype=torch.float32) if center else None
@@ -296,8 +297,8 @@ def forward(
             HAS_W=weight is not None,
             HAS_B=bias is not None,
             HAS_C=branch_bias is not None,
-            T_IS_H=branch_dtype(h.dtype, branch_bias) == h.dtype,
-            DROPOUT=threshold > 0 or scale != 1.0,
+            T_IS_H=t_dtype == h.dtype,
+            DROPOUT=p > 0,
             SEED_IN_MEMORY=isinstance(seed, torch.Tensor),
             DROP_BLOCK=DROPOUT_BLOCK,
             **meta,
@@ -376,7 +377,7 @@ def backward(
         DB=need_db,
         DC=need_dc,
         T_IS_H=t_dtype in (None, dh_dtype),
-        DROPOUT=threshold > 0 or scale != 1.0,
+        DROPOUT=p > 0,
         SEED_IN_MEMORY=isinstance(seed, torch.Tensor),
         DROP_BLOCK=DROPOUT_BLOCK,
         **meta,

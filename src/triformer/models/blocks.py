@@ -113,7 +113,7 @@ def branch_before_bias(branch: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor
         raise ValueError(f"the branch's output linear has activation={linear.activation!r}; it must have none")
     inner = branch.before_output(x)
     if isinstance(linear, tnn.TritonLinear):
-        return F_tri.linear(inner, linear.weight, None, activation=linear.activation, fused=linear.fused), linear.bias
+        return F_tri.linear(inner, linear.weight, None, fused=linear.fused), linear.bias
     return nn.functional.linear(inner, linear.weight), linear.bias
 
 
