@@ -100,13 +100,26 @@ def test_explicit_scale(causal, dtype, seed):
 @pytest.mark.parametrize("causal", CAUSAL)
 def test_large_logits(causal, dtype, seed):
     """q scaled by 100: logits in the hundreds, far past exp's float32 range without the running max.
-    The gradients are ill-conditioned (a relative change ε of the inputs moves the logits by ε·|logit|): the
-    tolerance is ten times the dtype's own (seen on the CPU: float32 ≤ 2.1e-5, float16 ≤ 3e-3)."""
+    The gradients are ill-conditioned (a relative change ε of the inputs moves the logits by ε·|logit|): a 16-bit
+    computation's gradient error depends on the draw (float16 up to 4e-2 for torch's own attention in 150 draws on the
+    CPU). So the tolerance is ten times the dtype's own, or twice the error of F.scaled_dot_product_attention in
+    the same dtype on the same inputs, whichever is larger."""
     q, k, v = make_qkv(1, 2, 2, 33, 64, dtype, q_scale=100.0)
     logits = (q.detach().double() @ k.detach().double().transpose(-1, -2)) / 8
     assert logits.abs().max() > 100  # past exp's float32 range (e^88)
-    out = run_and_compare((q, k, v), as_is, causal, None, dtype, tol=10 * tolerance(dtype))
+    refs = [float64_copy(t) for t in (q, k, v)]
+    twins = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = F_tri.attention(q, k, v, causal=causal)
+    ref = reference_attention(*refs, causal, 1 / 8)
+    twin = torch.nn.functional.scaled_dot_product_attention(*twins, is_causal=causal)
     assert torch.isfinite(out).all()
+    assert_close(out, ref, dtype, "output", 10 * tolerance(dtype))
+    dy = randn(*out.shape, dtype=dtype)
+    for o, grad in ((out, dy), (ref, dy.double()), (twin, dy)):
+        o.backward(grad)
+    for name, tested, reference, torch_own in zip("qkv", (q, k, v), refs, twins):
+        tol = max(10 * tolerance(dtype), 2 * relative_error(torch_own.grad, reference.grad))
+        assert_close(tested.grad, reference.grad, dtype, f"grad of {name}", tol)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
