@@ -65,6 +65,17 @@ def randn(*shape, dtype=torch.float32, scale: float = 1.0, requires_grad: bool =
     return t.requires_grad_(requires_grad)
 
 
+def make_targets(shape, v: int, ignore_index: int = -100, ignored: float = 0.25) -> torch.Tensor:
+    """Class indices in [0, v) on the test device, each replaced by ignore_index with probability `ignored`; the
+    first is always kept so a mean stays defined (the all-ignored batch has tests of its own)."""
+    t = torch.randint(0, v, shape)
+    t[torch.rand(shape) < ignored] = ignore_index
+    if t.numel() and ignored < 1.0:
+        kept = torch.randint(0, v - 1 if 0 <= ignore_index < v else v, ()).item()
+        t.view(-1)[0] = kept + (0 <= ignore_index <= kept)
+    return t.to(DEVICE)
+
+
 def reference_copy(t: torch.Tensor | None) -> torch.Tensor | None:
     """A float64 CPU leaf with the same values, for the reference computation."""
     if t is None:

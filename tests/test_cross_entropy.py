@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from harness import DEVICE, DTYPES, ON_GPU, assert_close, randn
+from harness import DEVICE, DTYPES, ON_GPU, assert_close, make_targets, randn
 from rowwise import WIDTHS, rows_for
 
 import triformer.functional as F_tri
@@ -15,12 +15,6 @@ from triformer import TritonCrossEntropyLoss
 pytestmark = pytest.mark.filterwarnings(
     "ignore:invalid value encountered:RuntimeWarning", "ignore:divide by zero encountered:RuntimeWarning"
 )
-
-
-def make_targets(shape, v, ignore_index=-100, ignored=0.25):
-    t = torch.randint(0, v, shape)
-    t[torch.rand(shape) < ignored] = ignore_index
-    return t.to(DEVICE)
 
 
 def reference(logits, targets, **kwargs):

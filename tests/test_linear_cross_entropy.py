@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from harness import DEVICE, DTYPES, ON_GPU, TOLERANCE, assert_close, randn, reference_copy, relative_error
+from harness import DEVICE, DTYPES, ON_GPU, TOLERANCE, assert_close, make_targets, randn, reference_copy, relative_error
 
 import triformer.functional as F_tri
 from triformer import TritonLinearCrossEntropyLoss
@@ -31,12 +31,6 @@ def make_inputs(n, h, v, dtype, bias=True, lead=()):
     w = randn(v, h, dtype=dtype, scale=h**-0.5, requires_grad=True)
     b = randn(v, dtype=dtype, requires_grad=True) if bias else None
     return x, w, b
-
-
-def make_targets(shape, v, ignore_index=-100, ignored=0.25):
-    t = torch.randint(0, v, shape)
-    t[torch.rand(shape) < ignored] = ignore_index
-    return t.to(DEVICE)
 
 
 def reference(x, w, b, targets, **kwargs):
