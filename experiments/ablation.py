@@ -20,6 +20,7 @@ from triformer import tracking
 from triformer.bench import gpt as gpt_bench
 from triformer.bench.timing import median_ms
 from triformer.models import GPT, GPTConfig
+from triformer.models.blocks import can_fuse
 from triformer.models.mlp import make_linear
 
 from . import common
@@ -111,7 +112,7 @@ def gpt_rows(gpt: dict, dtype: torch.dtype, device: str, seed: int) -> list[dict
             {
                 "variant": variant,
                 "torch_parts": "+".join(model.config.torch_parts) or model.config.backend,
-                "fused_residual": model.config.fused_residual and model.blocks[0].fusable,
+                "fused_residual": model.config.fused_residual and can_fuse(model.blocks, model.ln_f),
                 "ms": ms,
                 "perf_tokens_per_s": gpt["batch_size"] * model.config.block_size / (ms * 1e-3),
                 "mem_peak_mib": peak,

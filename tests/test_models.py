@@ -13,7 +13,7 @@ import pytest
 import torch
 from harness import DEVICE, ON_GPU, assert_close, relative_error, tolerance
 
-from triformer import GPT, GPTConfig, ViT, ViTConfig
+from triformer import GPT, GPTConfig, TritonDropout, TritonLinear, ViT, ViTConfig
 from triformer.models import blocks
 from triformer.models.blocks import PARTS, Block
 
@@ -256,6 +256,103 @@ def test_vit_fused_residual_trains_as_the_separate_ops(seed, monkeypatch):
     config = ViTConfig(**TINY_VIT, dropout=0.2)
     inputs = torch.randn(3, 3, 12, 12, device=DEVICE), torch.randint(0, 5, (3,), device=DEVICE)
     assert_fused_residual_trains_as_separate_ops(ViT, config, inputs, seed, monkeypatch)
+
+
+def fused_and_separate(config):
+    """A GPT on the fused residual path and one on the separate ops with the same weights."""
+    fused = GPT(config).to(DEVICE)
+    separate = GPT(GPTConfig(**{**vars(config), "fused_residual": False})).to(DEVICE)
+    separate.load_state_dict(fused.state_dict())
+    return fused, separate
+
+
+def assert_same_training_loss(models, idx, seed):
+    """The same loss from each model in training mode, each drawing its dropout seeds from the same RNG state."""
+    losses = []
+    for model in models:
+        torch.manual_seed(seed)
+        losses.append(model(idx, idx)[1])
+    assert_close(losses[0], losses[1], torch.float32, "loss")
+    return losses
+
+
+def test_fused_residual_reads_the_dropout_modules_rate(seed):
+    """A dropout rate changed on the modules after construction (a schedule, say) holds on the fused path too."""
+    fused, separate = fused_and_separate(gpt_config(dropout=0.2))
+    for model in (fused, separate):
+        for module in model.modules():
+            if isinstance(module, TritonDropout):
+                module.p = 0.6
+    idx = tokens(fused.config)
+    losses = assert_same_training_loss((fused, separate), idx, seed)
+    for module in separate.modules():
+        if isinstance(module, TritonDropout):
+            module.p = 0.2
+    torch.manual_seed(seed)
+    assert relative_error(separate(idx, idx)[1], losses[1]) > 1e-3  # the rate matters at this size
+
+
+HOOKED_MODULES = {
+    "block": lambda m: m.blocks[1],
+    "ln_2": lambda m: m.blocks[0].ln_2,
+    "next ln_1": lambda m: m.blocks[1].ln_1,
+    "attn": lambda m: m.blocks[0].attn,
+    "out_proj": lambda m: m.blocks[0].attn.out_proj,
+    "mlp": lambda m: m.blocks[1].mlp,
+    "mlp proj": lambda m: m.blocks[1].mlp.proj,
+    "dropout": lambda m: m.blocks[0].drop,
+    "ln_f": lambda m: m.ln_f,
+}
+
+
+@pytest.mark.parametrize("where", HOOKED_MODULES)
+def test_fused_residual_runs_forward_hooks(where, seed):
+    """A forward hook on a module whose work the fused path does itself (it applies norms and dropout through their
+    parameters and calls the branches' parts): the model runs block by block instead, so the hook runs and what it
+    changes shows."""
+    fused, separate = fused_and_separate(gpt_config(dropout=0.1))
+    calls = {fused: 0, separate: 0}
+    for model in (fused, separate):
+
+        def double(module, args, output, model=model):
+            calls[model] += 1
+            return output * 2
+
+        HOOKED_MODULES[where](model).register_forward_hook(double)
+    assert not fused.blocks[0].fusable or not fused.blocks[1].fusable or where == "ln_f"
+    assert_same_training_loss((fused, separate), tokens(fused.config), seed)
+    assert calls[fused] == calls[separate] > 0
+
+
+def test_fused_residual_runs_global_hooks(seed):
+    """A hook registered for every module runs on every module of the fused model, as on the separate one."""
+    fused, separate = fused_and_separate(gpt_config())
+    idx = tokens(fused.config)
+    for model in (fused, separate):
+        called = set()
+        handle = torch.nn.modules.module.register_module_forward_hook(lambda m, a, o: called.add(m))
+        try:
+            model(idx)
+        finally:
+            handle.remove()
+        assert called == {m for m in model.modules() if not isinstance(m, torch.nn.ModuleList)} - {model.loss_fn}
+
+
+def test_fused_residual_with_a_replaced_output_linear(seed):
+    """An output projection replaced by a subclass that computes something else (a LoRA-style wrapper): the fused
+    path, which would read only its weight, is not taken."""
+
+    class Scaled(TritonLinear):
+        def forward(self, x):
+            return super().forward(x) * 3
+
+    fused, separate = fused_and_separate(gpt_config())
+    for model in (fused, separate):
+        old = model.blocks[0].attn.out_proj
+        model.blocks[0].attn.out_proj = Scaled(old.in_features, old.out_features, bias=True).to(DEVICE)
+        model.blocks[0].attn.out_proj.load_state_dict(old.state_dict())
+    assert not fused.blocks[0].fusable
+    assert_same_training_loss((fused, separate), tokens(fused.config), seed)
 
 
 def test_generate_shape_range_and_context_crop(seed):

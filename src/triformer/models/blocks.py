@@ -132,6 +132,43 @@ def add_dropout_norm(
     return F_tri.add_dropout_norm(x, out, p, weight, bias, norm.eps, kind, training, y_dtype=y_dtype, branch_bias=c)
 
 
+def _hooked(module: nn.Module) -> bool:
+    """Whether a forward or backward hook (pre or post) is registered on the module."""
+    return bool(
+        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
+    )
+
+
+def _global_hooks() -> bool:
+    """Whether a forward or backward hook is registered for every module (nn.modules.module.register_module_*)."""
+    registry = nn.modules.module
+    return bool(
+        registry._global_forward_hooks
+        or registry._global_forward_pre_hooks
+        or registry._global_backward_hooks
+        or registry._global_backward_pre_hooks
+    )
+
+
+# What Block.forward_fused knows how to compute without calling the module: exact types, since a subclass or a
+# wrapper (LoRA on an output linear, say) may compute something else.
+_FUSED_NORMS = (tnn.TritonLayerNorm, tnn.TritonRMSNorm)
+_FUSED_DROPOUTS = (tnn.TritonDropout, nn.Identity)
+_FUSED_BRANCHES = (
+    tnn.TritonMultiheadAttention,
+    tnn.TorchMultiheadAttention,
+    MLP,
+    tnn.TritonGatedMLP,
+    tnn.TorchGatedMLP,
+)
+_FUSED_OUTPUT_LINEARS = (tnn.TritonLinear, nn.Linear)
+
+
+def fusable_norm(norm: nn.Module) -> bool:
+    """Whether Block.forward_fused may apply this norm through its parameters (a triformer norm, no hooks)."""
+    return type(norm) in _FUSED_NORMS and not _hooked(norm)
+
+
 class Block(nn.Module):
     """Pre-norm transformer block on x (B, T, C):
     x + dropout(attention(norm_1(x))), then x + dropout(mlp(norm_2(x))).
@@ -163,8 +200,21 @@ class Block(nn.Module):
         self.ln_2 = make_norm(norm, dim, bias, backends["norm"])
         self.mlp = make_mlp(mlp, dim, mlp_hidden or default_mlp_hidden(mlp, dim), bias, backends["mlp"])
         self.drop = make_dropout(dropout, backends["dropout"])
-        self.p = dropout
-        self.fusable = backends["norm"] == backends["dropout"] == "triton"
+
+    @property
+    def fusable(self) -> bool:
+        """Whether forward_fused computes what forward does: the norms and dropout on triformer, the parts of types
+        it knows (it calls the branches' parts and applies the norms and dropout through their parameters, so a
+        replaced or wrapped part would be skipped), and no hooks on the block or the parts it does not call."""
+        branches = (self.attn, self.mlp)
+        return (
+            fusable_norm(self.ln_1)
+            and fusable_norm(self.ln_2)
+            and type(self.drop) in _FUSED_DROPOUTS
+            and all(type(b) in _FUSED_BRANCHES for b in branches)
+            and all(type(b.output_linear) in _FUSED_OUTPUT_LINEARS for b in branches)
+            and not any(map(_hooked, (self, self.drop, *branches, *(b.output_linear for b in branches))))
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop(self.attn(self.ln_1(x)))  # (B, T, C)
@@ -176,21 +226,30 @@ class Block(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(forward(x), next_norm(forward(x))) given h = ln_1(x), the residual adds fused with the norms after them.
         next_into_linear: next_norm's output only feeds linears (see add_dropout_norm); ln_2's always does."""
-        x, h = add_dropout_norm(self.ln_2, x, self.attn, h, self.p, self.training, True)  # (B, T, C) each
-        return add_dropout_norm(next_norm, x, self.mlp, h, self.p, self.training, next_into_linear)
+        p = self.drop.p if isinstance(self.drop, tnn.TritonDropout) else 0.0
+        training = self.drop.training
+        x, h = add_dropout_norm(self.ln_2, x, self.attn, h, p, training, True)  # (B, T, C) each
+        return add_dropout_norm(next_norm, x, self.mlp, h, p, training, next_into_linear)
 
     def residual_projections(self) -> list[nn.Parameter]:
         """The two weights that write into the residual stream (GPT-2 scales their initialisation)."""
         return [self.attn.out_proj.weight, self.mlp.residual_projection()]
 
 
+def can_fuse(blocks: nn.ModuleList, final_norm: nn.Module) -> bool:
+    """Whether run_blocks may take Block.forward_fused: every block fusable, final_norm a triformer norm without
+    hooks, and no hooks registered for every module."""
+    return all(block.fusable for block in blocks) and fusable_norm(final_norm) and not _global_hooks()
+
+
 def run_blocks(
     blocks: nn.ModuleList, x: torch.Tensor, final_norm: nn.Module, fused: bool, final_into_linear: bool = False
 ) -> torch.Tensor:
-    """final_norm(the blocks applied to x in turn); fused (every block fusable, final_norm a triformer norm): through
-    Block.forward_fused, one op for each residual add with its dropout and the next norm. final_into_linear: the
-    result only feeds linears (under autocast it may come in the autocast dtype: Block.forward_fused)."""
-    if not fused:
+    """final_norm(the blocks applied to x in turn); fused and can_fuse(blocks, final_norm): through
+    Block.forward_fused, one op for each residual add with its dropout and the next norm (otherwise block by block).
+    final_into_linear: the result only feeds linears (under autocast it may come in the autocast dtype:
+    Block.forward_fused)."""
+    if not (fused and can_fuse(blocks, final_norm)):
         for block in blocks:
             x = block(x)  # (B, T, C)
         return final_norm(x)

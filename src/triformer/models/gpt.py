@@ -129,7 +129,7 @@ class GPT(nn.Module):
         if self.wpe is not None:
             x = x + self.wpe(torch.arange(T, device=idx.device))  # + (T, C)
         x = self.drop(x)
-        fused = self.config.fused_residual and self.blocks[0].fusable
+        fused = self.config.fused_residual
         return run_blocks(self.blocks, x, self.ln_f, fused, final_into_linear=into_head)  # (B, T, C)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):

@@ -97,8 +97,7 @@ class ViT(nn.Module):
         if self.cls_token is not None:
             x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)  # (B, 1 + N, C)
         x = self.drop(x + self.pos_embed)
-        fused = self.config.fused_residual and self.blocks[0].fusable
-        x = run_blocks(self.blocks, x, self.ln_f, fused)  # (B, tokens, C), final-normed
+        x = run_blocks(self.blocks, x, self.ln_f, self.config.fused_residual)  # (B, tokens, C), final-normed
         pooled = x[:, 0] if self.cls_token is not None else x.mean(dim=1)  # (B, C)
         logits = self.head(pooled)  # (B, num_classes)
         loss = None if labels is None else self.loss_fn(logits, labels)
