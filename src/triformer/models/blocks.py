@@ -161,7 +161,7 @@ _FUSED_BRANCHES = (
     tnn.TritonGatedMLP,
     tnn.TorchGatedMLP,
 )
-_FUSED_OUTPUT_LINEARS = (tnn.TritonLinear, nn.Linear)
+_FUSED_OUTPUT_LINEARS = (tnn.TritonLinear, tnn.TorchLinear, nn.Linear)
 
 
 def fusable_norm(norm: nn.Module) -> bool:
