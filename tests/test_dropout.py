@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from harness import DEVICE, DTYPES, ON_GPU, assert_close, randn
 
 import triformer.functional as F_tri
 from triformer import TritonDropout
-from triformer.kernels import dropout as dropout_kernels
 
 N = 1 << 20 if ON_GPU else 1 << 16
 
@@ -32,13 +32,47 @@ def test_rate_and_scale(p, dtype, seed):
 
 @pytest.mark.parametrize("p", [0.2, 0.7])
 def test_mask_is_not_correlated_along_the_tensor(p, seed):
-    """Each run of elements that shares a Philox call (the low and the high half of its draws, each of its four
-    draws) drops at the rate p on its own."""
+    """Each of the eight halves of a Philox call (the low and the high half of each of its four draws: the elements
+    i with i mod 8 = h) drops at the rate p on its own, and neighbours (which share a call) drop independently."""
     y = F_tri.dropout(randn(64, 4096), p, seed)
-    dropped_per_run = (y == 0).double().reshape(-1, dropout_kernels.BLOCK).mean(1)
-    assert (dropped_per_run - p).abs().max() < binomial_bound(p, dropout_kernels.BLOCK)
+    dropped = (y == 0).double().reshape(-1, 8)  # column h: the elements that take half h of their call
+    assert (dropped.mean(0) - p).abs().max() < binomial_bound(p, dropped.shape[0])
     pairs = (y[:, :-1] == 0) & (y[:, 1:] == 0)  # neighbours dropped together: p² if independent
     assert abs(pairs.double().mean().item() - p * p) < binomial_bound(p * p, pairs.numel()) * 2
+    for h in range(7):  # the two halves of one call, and two draws of one call
+        both = dropped[:, h] * dropped[:, h + 1]
+        assert abs(both.mean().item() - p * p) < binomial_bound(p * p, both.numel()) * 2
+
+
+def philox_4x32_10(seed: int, counters: np.ndarray) -> list[np.ndarray]:
+    """The four 32-bit draws of Philox 4x32-10 (Salmon et al., 2011) for counters (c mod 2³², c // 2³², 0, 0) and key
+    (seed mod 2³², seed // 2³²), as tl.randint4x makes them."""
+    m32 = np.uint64(0xFFFFFFFF)
+    c = counters.astype(np.uint64)
+    c0, c1, c2, c3 = c & m32, c >> np.uint64(32), np.zeros_like(c), np.zeros_like(c)
+    k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64((seed >> 32) & 0xFFFFFFFF)
+    round_a, round_b = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
+    for _ in range(10):
+        product_a, product_b = round_a * c0, round_b * c2  # 64-bit products of 32-bit factors
+        c0, c2 = (product_b >> np.uint64(32)) ^ c1 ^ k0, (product_a >> np.uint64(32)) ^ c3 ^ k1
+        c1, c3 = product_b & m32, product_a & m32
+        k0, k1 = (k0 + np.uint64(0x9E3779B9)) & m32, (k1 + np.uint64(0xBB67AE85)) & m32
+    return [c0, c1, c2, c3]
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 4099, 70001])
+def test_mask_is_the_documented_one(n, seed):
+    """Element i is kept when half i mod 8 of the Philox call at counter i // 8 (the low or high 16 bits of draw
+    r_(h // 2)) is at least round(p · 2¹⁶): the mask from an independent Philox in numpy."""
+    p = 0.3
+    i = np.arange(n, dtype=np.uint64)
+    draws = philox_4x32_10(seed, i // np.uint64(8))
+    half = i % np.uint64(8)
+    r = np.choose((half // np.uint64(2)).astype(np.int64), draws)
+    u = np.where(half % np.uint64(2) == 0, r & np.uint64(0xFFFF), r >> np.uint64(16))
+    expected = torch.from_numpy(u >= round(p * 2**16))
+    kept = F_tri.dropout(torch.ones(n, device=DEVICE), p, seed) != 0
+    assert torch.equal(kept.cpu(), expected)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -5,12 +5,14 @@
 
 u(seed, i) is a 16-bit uniform integer: one half of a 32-bit draw of Philox 4x32-10 (tl.randint4x, the generator
 behind tl.rand) keyed by the seed and the element's index i in row-major order. One Philox call gives four 32-bit
-draws, eight 16-bit uniforms: element i takes half (i // BLOCK) mod 8 of the call at counter
-(i // 8·BLOCK)·8·BLOCK + i mod BLOCK, BLOCK fixed below (keep_mask draws the same mask at any indices). Halving
-the draws per element halves the integer work that bounded this kernel; the price is p rounded to a multiple of
-2⁻¹⁶ (keep probability off by at most 2⁻¹⁷). The mask depends only on (seed, shape), never on strides or device,
-and the backward is this same kernel applied to dy. p = 0 keeps everything exactly (t = 0, scale 1); p = 1 gives
-exact zeros (t = 2¹⁶, scale 0). A dropped element is x · 0, as torch computes it: NaN and ±inf become NaN, not 0.
+draws r₀…r₃, eight 16-bit uniforms: element i takes, of the call at counter i // 8, half h = i mod 8, which is the
+low (h even) or high (h odd) 16 bits of draw r_(h // 2). Eight neighbours share a call, so a row kernel whose rows
+are a multiple of 8 long draws one call for eight of its elements too (keep_mask draws the same mask at any
+indices, one call per element). Sharing each call halves the integer work that bounded this kernel with one call
+per element; the price is p rounded to a multiple of 2⁻¹⁶ (keep probability off by at most 2⁻¹⁷). The mask depends
+only on (seed, shape), never on strides, device or launch tiling, and the backward is this same kernel applied to
+dy. p = 0 keeps everything exactly (t = 0, scale 1); p = 1 gives exact zeros (t = 2¹⁶, scale 0). A dropped element
+is x · 0, as torch computes it: NaN and ±inf become NaN, not 0.
 """
 
 from __future__ import annotations
@@ -22,18 +24,18 @@ import triton.language as tl
 from ._launch import launch
 from ._runtime import cdiv, new_empty
 
-# Part of the mask's definition (see above): changing it changes every mask drawn from a given seed.
+# Philox calls a program makes (8 · BLOCK elements); not part of the mask's definition.
 BLOCK = 512
 NUM_WARPS = 4
 
 
 @triton.jit
-def _sixteen_bit_runs(r0, r1, r2, r3):
-    """[8, BLOCK]: row j holds half j mod 2 (low, high) of the draws r_(j // 2), each [BLOCK]."""
-    low = tl.join(tl.join(r0 & 0xFFFF, r1 & 0xFFFF), tl.join(r2 & 0xFFFF, r3 & 0xFFFF))  # [BLOCK, i1, i2], r_(2·i2+i1)
-    high = tl.join(tl.join(r0 >> 16, r1 >> 16), tl.join(r2 >> 16, r3 >> 16))
-    # [BLOCK, i1, i2, half] → [i2, i1, half, BLOCK]: row 4·i2 + 2·i1 + half = 2·(2·i2 + i1) + half.
-    return tl.reshape(tl.permute(tl.join(low, high), (2, 1, 3, 0)), (8, r0.shape[0]))
+def sixteen_bit_draws(r0, r1, r2, r3):
+    """The eight 16-bit uniforms of each call (draws r₀…r₃ of one shape S) as [S, 2, 2, 2], whose last three dims
+    flattened give h = 2·j + k for half k (0 low, 1 high) of draw r_j: a reshape to [..., 8·S_last] puts the call at
+    counter c's eight halves at elements 8·c … 8·c + 7."""
+    draws = tl.join(tl.join(r0, r2), tl.join(r1, r3))  # [S, a, b] = r_(2a + b)
+    return tl.join(draws & 0xFFFF, draws >> 16)  # [S, a, b, k]: low (k = 0) or high 16 bits of r_(2a + b)
 
 
 @triton.jit
@@ -47,28 +49,36 @@ def philox_key(seed, SEED_IN_MEMORY: tl.constexpr):
 
 
 @triton.jit
-def keep_mask(seed, offs, threshold, BLOCK: tl.constexpr):
+def keep_mask(seed, offs, threshold):
     """keep_i = [u(seed, i) ≥ threshold] at int64 element indices offs of any shape: the mask _dropout_kernel draws
     for them (one Philox call per element here, where the kernel shares each call between eight elements)."""
-    r0, r1, r2, r3 = tl.randint4x(seed, (offs // (8 * BLOCK)) * (8 * BLOCK) + offs % BLOCK)
-    half = (offs // BLOCK) % 8  # run j takes half j mod 2 (low, high) of draw r_(j // 2)
+    r0, r1, r2, r3 = tl.randint4x(seed, offs // 8)
+    half = offs % 8  # low (even) or high (odd) 16 bits of draw r_(half // 2)
     r = tl.where(half < 4, tl.where(half < 2, r0, r1), tl.where(half < 6, r2, r3))
     u = tl.where(half % 2 == 0, r & 0xFFFF, r >> 16)
     return u.to(tl.int32) >= threshold
 
 
+@triton.jit
+def row_keep_mask(seed, rows, N, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """keep for the tile [BLOCK_M, BLOCK_N] of whole rows `rows` (int64) from column 0 of an [M, N] shape with N a
+    multiple of 8: keep_mask at rows × columns, one Philox call for eight neighbours (columns ≥ N: draws to mask)."""
+    calls = rows[:, None] * (N // 8) + tl.arange(0, BLOCK_N // 8)[None, :]
+    r0, r1, r2, r3 = tl.randint4x(seed, calls)
+    return tl.reshape(sixteen_bit_draws(r0, r1, r2, r3), (BLOCK_M, BLOCK_N)).to(tl.int32) >= threshold
+
+
 @triton.jit(do_not_specialize=["seed", "threshold"])
 def _dropout_kernel(x_ptr, y_ptr, n, threshold, scale, seed, BLOCK: tl.constexpr, SEED_IN_MEMORY: tl.constexpr):
-    """Eight consecutive runs of BLOCK elements from one Philox call (four 32-bit draws, eight 16-bit uniforms).
-    SEED_IN_MEMORY: seed points to the seed (an integer tensor of one element, e.g. drawn on the device).
-    The eight runs' loads are issued before the Philox rounds, so memory and integer work overlap."""
-    base = tl.program_id(0).to(tl.int64) * (8 * BLOCK) + tl.arange(0, BLOCK)
-    offs = base[None, :] + (tl.arange(0, 8) * BLOCK).to(tl.int64)[:, None]  # row j: run j
+    """Elements [pid · 8·BLOCK, …): BLOCK Philox calls, each for eight neighbours (four 32-bit draws, eight 16-bit
+    uniforms). SEED_IN_MEMORY: seed points to the seed (an integer tensor of one element, e.g. drawn on the device).
+    The loads are issued before the Philox rounds, so memory and integer work overlap."""
+    calls = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    offs = calls[:, None] * 8 + tl.arange(0, 8)[None, :]  # [BLOCK, 8]: row j, the eight elements of call j
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask)
-    key = philox_key(seed, SEED_IN_MEMORY)
-    r0, r1, r2, r3 = tl.randint4x(key, base)
-    keep = _sixteen_bit_runs(r0, r1, r2, r3).to(tl.int32) >= threshold
+    r0, r1, r2, r3 = tl.randint4x(philox_key(seed, SEED_IN_MEMORY), calls)
+    keep = tl.reshape(sixteen_bit_draws(r0, r1, r2, r3), (BLOCK, 8)).to(tl.int32) >= threshold
     y = x.to(tl.float32) * tl.where(keep, scale, 0.0)  # a dropped NaN or inf stays NaN (NaN · 0), as torch
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 

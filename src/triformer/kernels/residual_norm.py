@@ -29,8 +29,7 @@ import triton.language as tl
 from ._launch import launch
 from ._rows import as_rows, persistent_programs, row_tiling
 from ._runtime import cdiv, new_empty
-from .dropout import BLOCK as DROPOUT_BLOCK
-from .dropout import keep_mask, philox_key, threshold_and_scale
+from .dropout import keep_mask, philox_key, row_keep_mask, threshold_and_scale
 from .norms import _affine, _affine_params, _row_pivot, _unit_stride, norm_input_gradient, whole_row_stats
 from .reductions import column_sum
 
@@ -56,15 +55,18 @@ def _dropped(
     seed,
     DROPOUT: tl.constexpr,
     SEED_IN_MEMORY: tl.constexpr,
-    DROP_BLOCK: tl.constexpr,
+    ROW_CALLS: tl.constexpr,
 ):
-    """keep · h · scale (float32) for a tile h [BLOCK_M, BLOCK_N] at rows × cols of the [M, N] shape; seed an int,
-    or (SEED_IN_MEMORY) a pointer to it (DROP_BLOCK: dropout.BLOCK, part of the mask's definition). Without DROPOUT
-    (every element kept and scale 1: p = 0) h itself, and no mask is drawn."""
+    """keep · h · scale (float32) for a tile h [BLOCK_M, BLOCK_N] of whole rows (cols from 0) of the [M, N] shape;
+    seed an int, or (SEED_IN_MEMORY) a pointer to it. ROW_CALLS (N a multiple of 8): one Philox call for eight
+    neighbours, as the dropout kernel draws them; else one a element. Without DROPOUT (every element kept and scale
+    1: p = 0) h itself, and no mask is drawn."""
     if DROPOUT:
-        keep = keep_mask(
-            philox_key(seed, SEED_IN_MEMORY), rows.to(tl.int64)[:, None] * N + cols[None, :], threshold, DROP_BLOCK
-        )
+        key = philox_key(seed, SEED_IN_MEMORY)
+        if ROW_CALLS:
+            keep = row_keep_mask(key, rows.to(tl.int64), N, threshold, h.shape[0], h.shape[1])
+        else:
+            keep = keep_mask(key, rows.to(tl.int64)[:, None] * N + cols[None, :], threshold)
         h = h * tl.where(keep, scale, 0.0)  # a dropped NaN or inf stays NaN (NaN · 0), as torch
     return h
 
@@ -106,7 +108,7 @@ def _residual_norm_forward_kernel(
     SEED_IN_MEMORY: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    DROP_BLOCK: tl.constexpr,
+    ROW_CALLS: tl.constexpr,
 ):
     """s = x + keep · t · scale with t = h (+ c when HAS_C) and y = norm(s) · w + b for BLOCK_M whole rows; stores s,
     y (contiguous), μ' (when CENTER) and rstd per row."""
@@ -120,7 +122,7 @@ def _residual_norm_forward_kernel(
     t = h.to(tl.float32)
     if HAS_C:
         t = _in_branch_dtype(t + tl.load(c_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :], h_ptr, T_IS_H)
-    d = _dropped(t, rows, cols, N, threshold, scale, seed, DROPOUT, SEED_IN_MEMORY, DROP_BLOCK)
+    d = _dropped(t, rows, cols, N, threshold, scale, seed, DROPOUT, SEED_IN_MEMORY, ROW_CALLS)
     s = x.to(tl.float32) + _in_branch_dtype(d, h_ptr, T_IS_H)
     s = tl.where(mask, s.to(s_ptr.dtype.element_ty).to(tl.float32), 0.0)  # as stored: the backward reads it back
     out = rows.to(tl.int64)[:, None] * N + cols[None, :]
@@ -168,7 +170,7 @@ def _residual_norm_backward_kernel(
     SEED_IN_MEMORY: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    DROP_BLOCK: tl.constexpr,
+    ROW_CALLS: tl.constexpr,
 ):
     """g = ds + norm'(dy) (either term absent without HAS_DS, HAS_DY), dx = g and dh = dt = keep · g · scale for the
     rows [pid · rows_per_program, …), and this program's partial sums: row pid of the [programs, N] plane of dw
@@ -213,7 +215,7 @@ def _residual_norm_backward_kernel(
         tl.store(dx_ptr + at, g.to(dx_ptr.dtype.element_ty), mask=mask)
         g_t = _in_branch_dtype(g.to(tl.float32), dh_ptr, T_IS_H)  # the add's gradient of the branch, in t's dtype
         dt = _in_branch_dtype(
-            _dropped(g_t, rows, cols, N, threshold, scale, seed, DROPOUT, SEED_IN_MEMORY, DROP_BLOCK), dh_ptr, T_IS_H
+            _dropped(g_t, rows, cols, N, threshold, scale, seed, DROPOUT, SEED_IN_MEMORY, ROW_CALLS), dh_ptr, T_IS_H
         )
         tl.store(dh_ptr + at, dt.to(dh_ptr.dtype.element_ty), mask=mask)
         if DC:
@@ -300,7 +302,7 @@ def forward(
             T_IS_H=t_dtype == h.dtype,
             DROPOUT=p > 0,
             SEED_IN_MEMORY=isinstance(seed, torch.Tensor),
-            DROP_BLOCK=DROPOUT_BLOCK,
+            ROW_CALLS=n % 8 == 0,
             **meta,
         )
     return s, y, mean, rstd
@@ -379,7 +381,7 @@ def backward(
         T_IS_H=t_dtype in (None, dh_dtype),
         DROPOUT=p > 0,
         SEED_IN_MEMORY=isinstance(seed, torch.Tensor),
-        DROP_BLOCK=DROPOUT_BLOCK,
+        ROW_CALLS=n % 8 == 0,
         **meta,
     )
     if not k:
