@@ -12,6 +12,7 @@ from sm90_compile import assert_compiled_without_spills, child_report, compile_f
 
 import triformer.functional as F_tri
 from triformer import TritonGatedMLP
+from triformer.functional import gated as gated_functional
 from triformer.kernels import gated as gated_kernels
 from triformer.nn import TorchGatedMLP
 
@@ -110,6 +111,29 @@ def test_gradient_goes_into_the_up_projection_output(seed):
     copy = leaf.detach().clone().requires_grad_()
     F_tri.swiglu(copy, inplace_grad=True).backward(randn(7, 33))
     assert copy.grad.data_ptr() == copy.data_ptr()
+
+
+def test_module_gradient_goes_into_the_up_projection_output(seed, monkeypatch):
+    """TritonGatedMLP's up-projection output (a view that the linear's autograd.Function returns) takes the
+    gradient in place; the result equals the out-of-place one. A view of a leaf is never written."""
+    mlp = TritonGatedMLP(16, 24).to(DEVICE)
+    inputs = randn(3, 5, 16, requires_grad=True)
+    calls = []
+    into_x = gated_functional._gated_backward_into_x_op
+    monkeypatch.setattr(gated_functional, "_gated_backward_into_x_op", lambda *a: calls.append(1) or into_x(*a))
+    mlp(inputs).sum().backward()
+    assert calls == [1]
+    grads = [p.grad.clone() for p in (inputs, *mlp.parameters())]
+    for p in (inputs, *mlp.parameters()):
+        p.grad = None
+    up = mlp.up(inputs)
+    mlp.down(F_tri.gated_activation(up, mlp.gate, inplace_grad=False)).sum().backward()
+    for (name, p), grad in zip([("x", inputs), *mlp.named_parameters()], grads, strict=True):
+        assert_close(grad, p.grad, torch.float32, f"grad of {name}")
+    leaf = randn(4, 48, requires_grad=True)
+    kept = leaf.detach().clone()
+    F_tri.swiglu(leaf[1:], inplace_grad=None).sum().backward()
+    assert calls == [1] and torch.equal(leaf.detach(), kept)
 
 
 def test_in_place_gradient_is_never_silently_wrong(seed):

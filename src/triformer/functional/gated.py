@@ -43,9 +43,16 @@ def _grad_in_place(x: torch.Tensor, inplace_grad: bool | None) -> bool:
     # the gradient is written through x's rows, so they must be a view of x (not a copy that reshape made)
     rows_of_x = x.dim() == 2 or x2d.data_ptr() == x.data_ptr()
     if inplace_grad is None:
-        base = x._base if x._base is not None else x
-        return separate_rows and rows_of_x and base.grad_fn is not None
+        return separate_rows and rows_of_x and _op_output(x)
     return rows_of_x
+
+
+def _op_output(x: torch.Tensor) -> bool:
+    """Whether x is an op's output whose storage no leaf holds: x has a grad_fn, and so has its base if it is a view,
+    or the base is an op's internal result that requires no gradient (a view that an autograd.Function returned,
+    as TritonLinear's output). A view of a leaf (a parameter, an input) is not."""
+    base = x._base
+    return x.grad_fn is not None and (base is None or base.grad_fn is not None or not base.requires_grad)
 
 
 def _gated_impl(x: Tensor, activation: str, inplace_grad: bool) -> Tensor:
