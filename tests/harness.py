@@ -65,6 +65,13 @@ def randn(*shape, dtype=torch.float32, scale: float = 1.0, requires_grad: bool =
     return t.requires_grad_(requires_grad)
 
 
+def dropout_scale(p: float) -> float:
+    """The scale of the elements triformer's dropout keeps: 1 / (1 − p̂), p̂ = p rounded to a multiple of 2⁻¹⁶ (the
+    drop probability its 16-bit draws give), 0 when p̂ = 1."""
+    rounded = round(p * 2**16) / 2**16
+    return 0.0 if rounded == 1.0 else 1.0 / (1.0 - rounded)
+
+
 def make_targets(shape, v: int, ignore_index: int = -100, ignored: float = 0.25) -> torch.Tensor:
     """Class indices in [0, v) on the test device, each replaced by ignore_index with probability `ignored`; the
     first is always kept so a mean stays defined (the all-ignored batch has tests of its own)."""

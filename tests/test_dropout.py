@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from harness import DEVICE, DTYPES, ON_GPU, assert_close, randn
+from harness import DEVICE, DTYPES, ON_GPU, assert_close, dropout_scale, randn
 
 import triformer.functional as F_tri
 from triformer import TritonDropout
@@ -27,7 +27,7 @@ def test_rate_and_scale(p, dtype, seed):
     y = F_tri.dropout(x, p, seed)
     kept = y != 0
     assert abs((1 - kept.double().mean().item()) - p) < binomial_bound(p, N)
-    assert_close(y[kept], x[kept].double() / (1 - p), dtype, "kept values")
+    assert_close(y[kept], x[kept].double() * dropout_scale(p), dtype, "kept values")
 
 
 @pytest.mark.parametrize("p", [0.2, 0.7])
@@ -84,7 +84,7 @@ def test_backward_reuses_the_mask(dtype, seed):
     y.backward(dy)
     kept = y.detach() != 0
     assert torch.equal(x.grad != 0, kept)
-    assert_close(x.grad[kept], dy[kept].double() / (1 - p), dtype, "grad of x")
+    assert_close(x.grad[kept], dy[kept].double() * dropout_scale(p), dtype, "grad of x")
 
 
 def test_same_seed_same_mask_other_seed_other_mask(seed):
@@ -128,8 +128,7 @@ def test_nan_and_inf_are_not_dropped_to_zero(p, dtype, seed):
     x.requires_grad_()
     y = F_tri.dropout(x, p, seed)
     keep = F_tri.dropout(torch.ones_like(x), p, seed) != 0  # the same mask: a function of (seed, shape)
-    scale = 0.0 if p == 1.0 else 1.0 / (1.0 - p)
-    factor = torch.where(keep, scale, 0.0)
+    factor = torch.where(keep, dropout_scale(p), 0.0)
     torch.testing.assert_close(y, (x.detach().float() * factor).to(dtype), rtol=0, atol=0, equal_nan=True)
     assert torch.isnan(y[specials & ~keep]).all() and torch.isnan(y[specials]).any()
     y.backward(dy)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from harness import DEVICE, DTYPES, ON_GPU, assert_close, randn
+from harness import DEVICE, DTYPES, ON_GPU, assert_close, dropout_scale, randn
 
 import triformer.functional as F_tri
 from triformer.kernels import residual_norm
@@ -16,9 +16,9 @@ NORMS = ["layernorm", "rmsnorm"]
 
 
 def keep_scale(shape, p: float, seed: int) -> torch.Tensor:
-    """keep / (1 − p) in float64 for triformer's dropout mask of (seed, shape)."""
+    """keep / (1 − p̂) in float64 for triformer's dropout mask of (seed, shape)."""
     ones = torch.ones(shape, device=DEVICE, dtype=torch.float32)
-    return (F_tri.dropout(ones, p, seed) != 0).double().cpu() / (1 - p)
+    return (F_tri.dropout(ones, p, seed) != 0).double().cpu() * dropout_scale(p)
 
 
 def rounded(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -192,18 +192,26 @@ def test_branch_bias_equals_the_separate_ops(norm, used, p, h_dtype, c_dtype, se
             assert_same_rounding(a, r, f"grad of {name}", via_float32=True)
 
 
-def test_tiny_p_keeps_every_element_but_still_scales(seed):
-    """p below 2⁻¹⁷ rounds to a threshold of 0 (every element kept), but the kept ones are still scaled by
-    1 / (1 − p), as triformer's dropout does: the op and its gradient equal the separate ops."""
-    x, h = randn(6, 40, requires_grad=True), randn(6, 40, requires_grad=True)
-    s, y = F_tri.add_dropout_norm(x, h, 1e-6, seed=seed)
-    s_ref = x + F_tri.dropout(h, 1e-6, seed)
-    assert not torch.equal(s_ref, x + h)  # the scale is there to see
+@pytest.mark.parametrize("p", [1e-6, 0.3, 1 - 1e-5, 1 - 1e-6])
+def test_dropout_is_unbiased_at_any_p(p, seed):
+    """The kept elements are scaled by 1 / (1 − p̂) for the rate p̂ the 16-bit draws give (p rounded to 2⁻¹⁶), so the
+    expected output is x: p below 2⁻¹⁷ is the identity, p within 2⁻¹⁷ of 1 drops every element; the op and its
+    gradient equal the separate ops."""
+    x, h = randn(64, 256, requires_grad=True), randn(64, 256, requires_grad=True)
+    s, y = F_tri.add_dropout_norm(x, h, p, seed=seed)
+    s_ref = x + F_tri.dropout(h, p, seed)
     assert_same_rounding(s, s_ref, "s")
-    assert_same_rounding(y, F_tri.layer_norm(s_ref, 40), "y")
-    g = randn(6, 40)
+    assert_same_rounding(y, F_tri.layer_norm(s_ref, 256), "y")
+    g = randn(64, 256)
     (dh,) = torch.autograd.grad((s * g).sum(), (h,))
-    assert_same_rounding(dh, F_tri.dropout(g, 1e-6, seed), "grad of h")
+    assert_same_rounding(dh, F_tri.dropout(g, p, seed), "grad of h")
+    ones = F_tri.dropout(torch.ones(1 << 16, device=DEVICE), p, seed)
+    kept = ones[ones != 0]
+    assert torch.equal(kept, torch.full_like(kept, dropout_scale(p)))
+    if p < 2**-17:
+        assert torch.equal(s, x + h)
+    elif p > 1 - 2**-17:
+        assert torch.equal(s, x) and not ones.any()
 
 
 def test_only_s_used_leaves_the_norm_out_of_the_gradient(seed):

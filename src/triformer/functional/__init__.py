@@ -404,7 +404,7 @@ def _seed_value(seed: Tensor) -> int | Tensor:
 
 
 def _dropout_impl(x: Tensor, p: float, seed: Tensor) -> Tensor:
-    """keep · x / (1 − p) with the mask of (seed, x.shape); contiguous."""
+    """keep · x / (1 − p̂) with the mask of (seed, x.shape); contiguous."""
     return dropout_kernels.dropout(x, p, _seed_value(seed))
 
 
@@ -428,12 +428,13 @@ _dropout_op = Op("dropout", _dropout_impl, _dropout_fake, setup_context=_dropout
 def dropout(
     x: torch.Tensor, p: float = 0.5, seed: int | torch.Tensor | None = None, training: bool = True
 ) -> torch.Tensor:
-    """Zero each element with probability p and scale the rest by 1 / (1 − p); identity when not training
+    """Zero each element with probability p̂ and scale the rest by 1 / (1 − p̂), where p̂ is p rounded to a multiple of
+    2⁻¹⁶ (each element's draw is a 16-bit uniform): E[output] = x exactly; identity when not training
     (op triformer::dropout).
 
     The mask is a function of (seed, x.shape) only (Philox; nothing stored, the backward draws it again): the same
-    seed gives the same mask. Each element's draw is a 16-bit uniform, so the drop rate is p rounded to a multiple
-    of 2⁻¹⁶ (p = 0 and p = 1 stay exact). seed: an int, a one-element integer tensor (on the CPU or x's device), or
+    seed gives the same mask. p = 0 and p = 1 stay exact; p below 2⁻¹⁷ rounds to 0 (the identity) and p within
+    2⁻¹⁷ of 1 to 1 (all zeros). seed: an int, a one-element integer tensor (on the CPU or x's device), or
     None: drawn from torch's default generator (so torch.manual_seed makes runs repeatable), the CPU's in eager
     mode, x's device's under torch.compile and CUDA graph capture (each replay draws anew).
     """

@@ -1,7 +1,7 @@
 """Dropout with a counter-based mask: nothing is stored, the backward draws the same mask again.
 
-    keep_i = [u(seed, i) ≥ t]   with t = round(p · 2¹⁶)
-    y_i = keep_i · x_i / (1 − p)      dx_i = keep_i · dy_i / (1 − p)
+    keep_i = [u(seed, i) ≥ t]   with t = round(p · 2¹⁶), so elements drop with probability p̂ = t / 2¹⁶
+    y_i = keep_i · x_i / (1 − p̂)      dx_i = keep_i · dy_i / (1 − p̂)
 
 u(seed, i) is a 16-bit uniform integer: one half of a 32-bit draw of Philox 4x32-10 (tl.randint4x, the generator
 behind tl.rand) keyed by the seed and the element's index i in row-major order. One Philox call gives four 32-bit
@@ -9,7 +9,8 @@ draws r₀…r₃, eight 16-bit uniforms: element i takes, of the call at counte
 low (h even) or high (h odd) 16 bits of draw r_(h // 2). Eight neighbours share a call, so a row kernel whose rows
 are a multiple of 8 long draws one call for eight of its elements too (keep_mask draws the same mask at any
 indices, one call per element). Sharing each call halves the integer work that bounded this kernel with one call
-per element; the price is p rounded to a multiple of 2⁻¹⁶ (keep probability off by at most 2⁻¹⁷). The mask depends
+per element; the price is p rounded to p̂, a multiple of 2⁻¹⁶ (off by at most 2⁻¹⁷), and the kept elements scaled by
+1 / (1 − p̂) so that E[y] = x exactly (p below 2⁻¹⁷ is the identity, p within 2⁻¹⁷ of 1 drops all). The mask depends
 only on (seed, shape), never on strides, device or launch tiling, and the backward is this same kernel applied to
 dy. p = 0 keeps everything exactly (t = 0, scale 1); p = 1 gives exact zeros (t = 2¹⁶, scale 0). A dropped element
 is x · 0, as torch computes it: NaN and ±inf become NaN, not 0.
@@ -84,12 +85,14 @@ def _dropout_kernel(x_ptr, y_ptr, n, threshold, scale, seed, BLOCK: tl.constexpr
 
 
 def threshold_and_scale(p: float) -> tuple[int, float]:
-    """The kernels' form of drop probability p: (t = round(p · 2¹⁶), 1 / (1 − p), or 0 for p = 1)."""
-    return round(p * 2**16), 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
+    """The kernels' form of drop probability p: (t = round(p · 2¹⁶), the kept elements' scale 1 / (1 − t / 2¹⁶), or 0
+    when t = 2¹⁶: everything dropped). t = 0 keeps everything at scale 1."""
+    threshold = round(p * 2**16)
+    return threshold, 0.0 if threshold >= 2**16 else 2**16 / (2**16 - threshold)
 
 
 def dropout(x: torch.Tensor, p: float, seed: int | torch.Tensor) -> torch.Tensor:
-    """keep · x / (1 − p) with the mask of (seed, x's shape); contiguous output of x's shape and dtype. seed: an int,
+    """keep · x / (1 − p̂) with the mask of (seed, x's shape); contiguous output of x's shape and dtype. seed: an int,
     or an integer tensor of one element on x's device (read by the kernel: nothing waits for it)."""
     x = x.contiguous()
     y = new_empty(x.shape, like=x)

@@ -2,12 +2,12 @@
 
 Per row of N elements, with the dropout mask keep of dropout.py (seed, element index in the [M, N] shape), the
 branch t = h, or t = h + c with the branch's bias c [N] (the bias of the linear that made h, added here instead),
-in t's dtype (h's and c's promoted), d = keep · t / (1 − p) rounded to t's dtype, and the sum rounded to its dtype
+in t's dtype (h's and c's promoted), d = keep · t / (1 − p̂) rounded to t's dtype, and the sum rounded to its dtype
 (x's and t's promoted):
 
     s = x + d          y = norm(s) · w + b                          (norms.py, whole rows)
     backward, with ds the gradient reaching s from later in the residual stream and dy that of y:
-    g = ds + norm'(dy)          dx = g          dt = keep · g / (1 − p)          dh = dt          dc = Σ_rows dt
+    g = ds + norm'(dy)          dx = g          dt = keep · g / (1 − p̂)          dh = dt          dc = Σ_rows dt
     (norm'(dy) and g rounded to s's dtype, g to t's before dt and dt to h's for dh: where the separate ops round
     them)
     dw = Σ_rows dy ⊙ ŝ          db = Σ_rows dy
@@ -300,7 +300,7 @@ def forward(
             HAS_B=bias is not None,
             HAS_C=branch_bias is not None,
             T_IS_H=t_dtype == h.dtype,
-            DROPOUT=p > 0,
+            DROPOUT=threshold > 0,
             SEED_IN_MEMORY=isinstance(seed, torch.Tensor),
             ROW_CALLS=n % 8 == 0,
             **meta,
@@ -379,7 +379,7 @@ def backward(
         DB=need_db,
         DC=need_dc,
         T_IS_H=t_dtype in (None, dh_dtype),
-        DROPOUT=p > 0,
+        DROPOUT=threshold > 0,
         SEED_IN_MEMORY=isinstance(seed, torch.Tensor),
         ROW_CALLS=n % 8 == 0,
         **meta,
