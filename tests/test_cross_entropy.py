@@ -297,8 +297,9 @@ def test_bad_inputs():
         F_tri.cross_entropy(logits, good, label_smoothing=1.5)
     with pytest.raises(ValueError, match="n_chunks must be a positive int"):
         F_tri.cross_entropy(logits, good, n_chunks=0)
-    with pytest.raises(ValueError, match="inplace_grad=True needs logits whose rows do not overlap"):
-        F_tri.cross_entropy(randn(1, 10, requires_grad=True).expand(4, 10), good, inplace_grad=True)
+    for bad in (randn(1, 10, requires_grad=True).expand(4, 10), randn(10, 4, requires_grad=True).t()):
+        with pytest.raises(ValueError, match="inplace_grad=True needs logits with unit stride along the classes"):
+            F_tri.cross_entropy(bad, good, inplace_grad=True)
     with pytest.raises(TypeError, match="inplace_grad must be True or False, got None"):
         F_tri.cross_entropy(logits, good, inplace_grad=None)
 

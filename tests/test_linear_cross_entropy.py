@@ -337,8 +337,9 @@ def test_bad_inputs():
         lce(x, w, t[:3])
     with pytest.raises(ValueError, match="reduction must be one of"):
         lce(x, w, t, reduction="avg")
-    with pytest.raises(ValueError, match="label_smoothing must lie in"):
-        lce(x, w, t, label_smoothing=-0.1)
+    for smoothing in (-0.1, "0.1", True, float("nan")):
+        with pytest.raises(ValueError, match="label_smoothing must lie in"):
+            lce(x, w, t, label_smoothing=smoothing)
     for chunk in (0, True, 2.5):
         with pytest.raises(ValueError, match="chunk_size must be a positive int"):
             lce(x, w, t, chunk_size=chunk)

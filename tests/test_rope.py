@@ -190,6 +190,8 @@ def test_bad_inputs_get_clear_errors():
         (ValueError, "requires grad", lambda: F_tri.rope(q, k, cos.clone().requires_grad_(), sin)),
         (ValueError, "cos is a meta tensor", lambda: F_tri.rope(q, k, cos.to("meta"), sin)),
         (ValueError, "even", lambda: TritonRotaryEmbedding(15)),
+        (ValueError, "base must be a positive finite number", lambda: F_tri.rope_tables(16, 8, base="1e4")),
+        (ValueError, "base must be a positive finite number", lambda: F_tri.rope_tables(16, 8, base=float("inf"))),
         (ValueError, "head_dim=16", lambda: TritonRotaryEmbedding(16, 8)(randn(1, 1, 7, 32), randn(1, 1, 7, 32))),
         (ValueError, "max_seq_len=8", lambda: TorchRotaryEmbedding(16, 8)(q, k, offset=2)),
     ]

@@ -450,8 +450,8 @@ def dropout(
 _REDUCTIONS = ("mean", "sum", "none")
 
 
-def _check_cross_entropy_options(ignore_index, reduction, label_smoothing, n_chunks, inplace_grad) -> None:
-    """The arguments of cross_entropy and TritonCrossEntropyLoss other than the tensors."""
+def check_loss_options(ignore_index, reduction, label_smoothing) -> None:
+    """The options cross_entropy and linear_cross_entropy share with F.cross_entropy."""
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     if reduction not in _REDUCTIONS:
@@ -462,6 +462,11 @@ def _check_cross_entropy_options(ignore_index, reduction, label_smoothing, n_chu
         or not 0.0 <= label_smoothing <= 1.0
     ):
         raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing!r}")
+
+
+def _check_cross_entropy_options(ignore_index, reduction, label_smoothing, n_chunks, inplace_grad) -> None:
+    """The arguments of cross_entropy and TritonCrossEntropyLoss other than the tensors."""
+    check_loss_options(ignore_index, reduction, label_smoothing)
     if isinstance(n_chunks, bool) or not isinstance(n_chunks, int) or n_chunks < 1:
         raise ValueError(f"n_chunks must be a positive int, got {n_chunks!r}")
     if not isinstance(inplace_grad, bool):
@@ -497,7 +502,10 @@ def _check_in_place(logits2d: torch.Tensor) -> None:
     """inplace_grad=True: the gradient goes into the logits' storage, which must hold each element once."""
     m, v = logits2d.shape
     if not (logits2d.is_contiguous() or (logits2d.stride(1) == 1 and logits2d.stride(0) >= v)):
-        raise ValueError(f"inplace_grad=True needs logits whose rows do not overlap; got strides {logits2d.stride()}")
+        raise ValueError(
+            f"inplace_grad=True needs logits with unit stride along the classes (the last dim) and rows that do "
+            f"not overlap; got strides {logits2d.stride()} for rows of {v}"
+        )
 
 
 def _cross_entropy_loss(

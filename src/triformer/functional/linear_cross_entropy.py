@@ -8,7 +8,7 @@ from torch import Tensor
 from ..kernels import cross_entropy as ce_kernels
 from ..kernels import linear_cross_entropy as lce_kernels
 from ..kernels._runtime import check_same_dtype, check_tensor
-from . import _REDUCTIONS, _cast_for_autocast, _targets, scale_rows_op
+from . import _cast_for_autocast, _targets, check_loss_options, scale_rows_op
 from ._library import Op, or_placeholder, placeholder
 
 ACCUM_DTYPES = (torch.float32, None)
@@ -56,12 +56,7 @@ def _check_inputs(x, weight, targets, bias, ignore_index, reduction, label_smoot
         )
     if targets.device != x.device:
         raise ValueError(f"targets are on {targets.device} but x is on {x.device}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
+    check_loss_options(ignore_index, reduction, label_smoothing)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int (rows per chunk) or None, got {chunk_size!r}")
     if accum_dtype not in ACCUM_DTYPES:
