@@ -258,15 +258,28 @@ BAD_INPUTS = [
         "at most 256",
     ),
     (
-        "empty sequence",
-        _bad(q=lambda: randn(2, 4, 0, 16), k=lambda: randn(2, 2, 0, 16), v=lambda: randn(2, 2, 0, 16)),
+        "no heads",
+        _bad(q=lambda: randn(2, 0, 9, 16), k=lambda: randn(2, 0, 9, 16), v=lambda: randn(2, 0, 9, 16)),
         ValueError,
-        "empty dimension",
+        "no heads or an empty head dim",
     ),
     ("negative scale", _bad(scale=-0.5), ValueError, "scale"),
     ("scale not a number", _bad(scale="0.5"), TypeError, "scale"),
     ("causal not a bool", _bad(causal=1), TypeError, "causal"),
 ]
+
+
+@pytest.mark.parametrize("shape", [(0, 4, 9, 16), (2, 4, 0, 16)], ids=["no batch", "no sequence"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_empty_batch_or_sequence_gives_empty_results(shape, causal):
+    """As SDPA: an empty batch or sequence gives an empty o and empty gradients, not an error."""
+    b, h, s, d = shape
+    q = randn(b, h, s, d, requires_grad=True)
+    k, v = randn(b, 2, s, d, requires_grad=True), randn(b, 2, s, d, requires_grad=True)
+    o = F_tri.attention(q, k, v, causal=causal)
+    assert o.shape == q.shape
+    o.sum().backward()
+    assert q.grad.shape == q.shape and k.grad.shape == k.shape and v.grad.shape == v.shape
 
 
 @pytest.mark.parametrize("make, error, message", [b[1:] for b in BAD_INPUTS], ids=[b[0] for b in BAD_INPUTS])

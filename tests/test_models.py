@@ -394,7 +394,12 @@ def test_gpt_bad_configs():
     with pytest.raises(ValueError, match="GPTConfig.vocab_size must be a positive int"):
         GPTConfig(vocab_size=0)
     with pytest.raises(ValueError, match="rope needs an even head dim"):
-        GPTConfig(n_embd=18, n_head=2, rope=True)
+        GPTConfig(n_embd=18, n_head=2, rope=True, torch_parts=["attention"])
+    with pytest.raises(ValueError, match="head dim n_embd / n_head = 12 is not one triformer's attention takes"):
+        GPTConfig(n_embd=48, n_head=4)
+    GPTConfig(n_embd=48, n_head=4, torch_parts=["attention"])  # torch's attention takes it
+    with pytest.raises(ValueError, match="idx must be a prompt"):
+        GPT(gpt_config()).generate(torch.zeros(2, 0, dtype=torch.long, device=DEVICE), 3)
     with pytest.raises(ValueError, match=r"dropout must be a number in \[0, 1\)"):
         GPT(gpt_config(dropout=1.0))
     model = GPT(gpt_config(backend="torch"))
@@ -531,6 +536,10 @@ def test_vit_bad_configs_and_inputs():
         ViTConfig(pool="max")
     with pytest.raises(ValueError, match="mlp_ratio must be > 0"):
         ViTConfig(mlp_ratio=0)
+    with pytest.raises(ValueError, match="n_embd=64 is not divisible by n_head=3"):
+        ViTConfig(n_embd=64, n_head=3)
+    with pytest.raises(ValueError, match="head dim n_embd / n_head = 4 is not one triformer's attention takes"):
+        ViTConfig(n_embd=16, n_head=4)
     model = ViT(ViTConfig(**TINY_VIT, backend="torch"))
     with pytest.raises(ValueError, match=r"images must be \(B, 3, 12, 12\), got shape \(2, 1, 12, 12\)"):
         model(torch.randn(2, 1, 12, 12))

@@ -17,8 +17,8 @@ def _check_attention_inputs(q, k, v, causal, scale) -> None:
         check_tensor(t, name)
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4-D [batch, heads, seq, head_dim], got shape {tuple(t.shape)}")
-        if 0 in t.shape:
-            raise ValueError(f"{name} has an empty dimension: shape {tuple(t.shape)}")
+        if t.shape[1] == 0 or t.shape[3] == 0:
+            raise ValueError(f"{name} has no heads or an empty head dim: shape {tuple(t.shape)}")
     check_same_dtype(q, "q", k, "k")
     check_same_dtype(q, "q", v, "v")
     if k.shape != v.shape:
@@ -115,11 +115,11 @@ def attention(
 
     q [B, Hq, S, D], k and v [B, Hkv, S, D] with Hq a multiple of Hkv (multi-query and grouped-query attention:
     query head h uses kv head h // (Hq // Hkv)); any strides (e.g. views of a fused [B, S, 3, H, D] projection);
-    D a multiple of 8 up to 256; any S ≥ 1; float32, float16 or bfloat16 with float32 softmax statistics.
-    causal: key j is masked for query i when j > i. scale: default 1/√D. Returns o [B, Hq, S, D] in q's dtype,
-    laid out as [B, S, Hq, D] (o.transpose(1, 2) is contiguous: heads side by side for the output projection, as
-    SDPA's flash kernels return it). Under autocast the inputs are cast to the autocast dtype. No dropout on the
-    attention probabilities.
+    D a multiple of 8 up to 256; any S and B (empty ones give an empty o); float32, float16 or bfloat16 with float32
+    softmax statistics. causal: key j is masked for query i when j > i. scale: default 1/√D. Returns o [B, Hq, S, D]
+    in q's dtype, laid out as [B, S, Hq, D] (o.transpose(1, 2) is contiguous: heads side by side for the output
+    projection, as SDPA's flash kernels return it). Under autocast the inputs are cast to the autocast dtype. No
+    dropout on the attention probabilities.
     """
     from . import _cast_for_autocast
 

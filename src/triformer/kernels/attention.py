@@ -787,6 +787,8 @@ def attention_forward(
     b, h, s, d = q.shape
     o = sequence_major_like(q)
     lse = new_empty((b, h, s), like=q, dtype=torch.float32)
+    if not (b and s):  # an empty batch or sequence: nothing to compute
+        return o, lse
     args = (
         q,
         k,
@@ -838,6 +840,12 @@ def attention_backward(
     b, h, s, d = q.shape
     h_kv = k.shape[1]
     group = h // h_kv
+    if not (b and s):  # an empty batch or sequence: empty gradients
+        return (
+            gradient_like(q) if need_dq else None,
+            gradient_like(k) if need_dkdv else None,
+            gradient_like(v) if need_dkdv else None,
+        )
     delta = new_empty((b, h, s), like=q, dtype=torch.float32)
     block_d = _block_d(d)
     launch(

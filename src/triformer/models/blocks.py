@@ -16,6 +16,7 @@ from torch import nn
 
 from .. import functional as F_tri
 from .. import nn as tnn
+from ..kernels.attention import MAX_HEAD_DIM
 from .mlp import BACKENDS, make_linear
 
 NORMS = ("layernorm", "rmsnorm")
@@ -44,6 +45,21 @@ def part_backends(backend: str, torch_parts=()) -> dict[str, str]:
     if unknown:
         raise ValueError(f"torch_parts {unknown} are not parts of the model; choose from {PARTS}")
     return {part: "torch" if part in torch_parts else backend for part in PARTS}
+
+
+def check_heads(n_embd: int, n_head: int, attention_backend: str, rope: bool = False) -> None:
+    """n_embd splits into n_head heads that the attention backend takes: triformer's attention needs a head dim that
+    is a multiple of 8 and at most 256, RoPE an even one."""
+    if n_embd % n_head:
+        raise ValueError(f"n_embd={n_embd} is not divisible by n_head={n_head}")
+    head_dim = n_embd // n_head
+    if attention_backend == "triton" and (head_dim % 8 or head_dim > MAX_HEAD_DIM):
+        raise ValueError(
+            f"head dim n_embd / n_head = {head_dim} is not one triformer's attention takes (a multiple of 8, at "
+            f"most {MAX_HEAD_DIM}); choose other sizes, or run the attention on torch"
+        )
+    if rope and head_dim % 2:
+        raise ValueError(f"rope needs an even head dim, got n_embd / n_head = {head_dim}")
 
 
 def make_norm(kind: str, dim: int, bias: bool, backend: str) -> nn.Module:

@@ -26,6 +26,7 @@ from .blocks import (
     Block,
     by_backend,
     check_choice,
+    check_heads,
     init_gpt2_,
     make_dropout,
     make_norm,
@@ -63,11 +64,8 @@ class GPTConfig:
                 raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
         check_choice("norm", self.norm, NORMS)
         check_choice("mlp", self.mlp, MLPS)
-        part_backends(self.backend, self.torch_parts)
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
-        if self.rope and (self.n_embd // self.n_head) % 2:
-            raise ValueError(f"rope needs an even head dim, got n_embd / n_head = {self.n_embd // self.n_head}")
+        backends = part_backends(self.backend, self.torch_parts)
+        check_heads(self.n_embd, self.n_head, backends["attention"], self.rope)
 
 
 class GPT(nn.Module):
@@ -156,6 +154,8 @@ class GPT(nn.Module):
             raise ValueError(f"temperature must be > 0, got {temperature!r}")
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+        if idx.dim() != 2 or (idx.shape[1] == 0 and max_new_tokens > 0):
+            raise ValueError(f"idx must be a prompt (B, T) of at least one token, got shape {tuple(idx.shape)}")
         was_training = self.training
         self.eval()
         try:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .. import nn as tnn
-from .blocks import Block, by_backend, check_choice, init_gpt2_, make_dropout, make_norm, run_blocks
+from .blocks import Block, by_backend, check_choice, check_heads, init_gpt2_, make_dropout, make_norm, run_blocks
 from .mlp import make_linear
 
 POOLS = ("cls", "mean")
@@ -47,6 +47,7 @@ class ViTConfig:
             raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio!r}")
         check_choice("pool", self.pool, POOLS)
         by_backend(self.backend, None, None)
+        check_heads(self.n_embd, self.n_head, self.backend)
 
     @property
     def num_patches(self) -> int:
