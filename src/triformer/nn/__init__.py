@@ -133,7 +133,8 @@ class TritonLayerNorm(nn.Module):
 
 class TritonRMSNorm(nn.Module):
     """y = x / √(mean(x²) + eps) · weight over the last dim, as nn.RMSNorm(hidden_size, eps) (same parameter);
-    eps=None is the input dtype's machine epsilon, as nn.RMSNorm takes it."""
+    eps=None is the input dtype's machine epsilon, as nn.RMSNorm takes it. The default differs: eps=1e-6 (the
+    original triformer's and LLaMA's), where nn.RMSNorm defaults to None; pass eps=None for nn.RMSNorm's."""
 
     def __init__(self, hidden_size: int, eps: float | None = 1e-6, device=None, dtype=None):
         super().__init__()
