@@ -10,7 +10,8 @@ residual: the fused residual add + LayerNorm (a float32 stream, a bf16 branch, y
 Prints, per shape and direction, ms per candidate and its speed against the default (> 1: faster), and the
 baselines' ms; logs to $OUT/tile_sweep.csv.
 
-Run: python tools/gpu_tile_sweep.py [gated] [rope] [residual]
+Run: python tools/gpu_tile_sweep.py [gated] [rope] [residual]  (TILE_SWEEP_DEFAULT_ONLY=1: the defaults and
+baselines only)
 """
 
 import itertools
@@ -29,6 +30,8 @@ from triformer.kernels import gated, residual_norm, rope  # noqa: E402
 from triformer.kernels._runtime import overridden  # noqa: E402
 
 DTYPE = torch.bfloat16
+# TILE_SWEEP_DEFAULT_ONLY=1: time the default launch beside the baselines, no other candidate.
+DEFAULT_ONLY = os.environ.get("TILE_SWEEP_DEFAULT_ONLY") == "1"
 CANDIDATES = {
     gated: {"GPU_TILE": [2048, 4096, 8192, 16384], "GPU_MAX_BLOCK_N": [512, 1024, 2048, 4096]},
     rope: {"GPU_TILE": [2048, 4096, 8192, 16384], "PROGRAMS_PER_SM": [4, 8, 16, 32]},
@@ -38,9 +41,9 @@ CANDIDATES = {
         "BACKWARD_RESIDENT_WARPS": [16, 32, 64],
     },
 }
-# rows × width of the residual stream: GPT-2 small (batch 16 × 1024 tokens, 768 wide), the character GPT (64 × 256,
-# 384 wide).
-RESIDUAL_SHAPES = [(16384, 768), (16384, 384)]
+# rows × width of the residual stream × dropout rate: GPT-2 small (batch 16 × 1024 tokens, 768 wide, no dropout),
+# the character GPT (64 × 256, 384 wide), without and with train_gpt's GPU-profile dropout (0.2).
+RESIDUAL_SHAPES = [(16384, 768, 0.0), (16384, 384, 0.0), (16384, 384, 0.2)]
 
 
 def gated_cases(shapes):
@@ -75,18 +78,19 @@ def rope_cases(shapes):
 
 
 def residual_cases(shapes):
-    """(shape name, fwd, fwd+bwd, {baseline: (fwd, fwd+bwd)}) for x float32 and h bf16 [M, N], y in bf16."""
-    for m, n in shapes:
+    """(shape name, fwd, fwd+bwd, {baseline: (fwd, fwd+bwd)}) for x float32 and h bf16 [M, N], dropout p on h, y in
+    bf16."""
+    for m, n, p in shapes:
         x = torch.randn(m, n, device="cuda", requires_grad=True)
         h = torch.randn(m, n, device="cuda", dtype=DTYPE, requires_grad=True)
         w, b = (torch.randn(n, device="cuda", requires_grad=True) for _ in range(2))
         ds, dy = torch.randn(m, n, device="cuda"), torch.randn(m, n, device="cuda", dtype=DTYPE)
 
-        def ours(x, h, w, b):
-            return TF.add_dropout_norm(x, h, 0.0, w, b, y_dtype=DTYPE)
+        def ours(x, h, w, b, p=p):
+            return TF.add_dropout_norm(x, h, p, w, b, y_dtype=DTYPE)
 
-        def twin(x, h, w, b):
-            s = x + h
+        def twin(x, h, w, b, p=p):
+            s = x + torch.nn.functional.dropout(h, p)
             return s, torch.nn.functional.layer_norm(s, (n,), w, b, 1e-5).to(DTYPE)
 
         def directions(f):
@@ -100,7 +104,7 @@ def residual_cases(shapes):
 
         forward, both = directions(ours)
         yield (
-            f"residual layernorm {m}x{n}",
+            f"residual layernorm {m}x{n} p={p}",
             forward,
             both,
             {
@@ -123,7 +127,8 @@ def sweep(module, cases) -> list[dict]:
                 print(
                     f"{shape} {direction}: {name} {ms:.4f} ms (its time ÷ the default's: {ms / base:.2f})", flush=True
                 )
-            for combo in itertools.product(*values):
+            combos = [tuple(default.values())] if DEFAULT_ONLY else itertools.product(*values)
+            for combo in combos:
                 setting = dict(zip(names, combo))
                 with overridden(module, **setting):
                     ms = gpu_ms(fn)
