@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -295,6 +296,7 @@ def test_bad_inputs():
         TritonCrossEntropyLoss(reduction="avg")
     with pytest.raises(ValueError, match="label_smoothing must lie in"):
         F_tri.cross_entropy(logits, good, label_smoothing=1.5)
+    F_tri.cross_entropy(logits, good, label_smoothing=np.float32(0.1))  # a numpy number is a number
     with pytest.raises(ValueError, match="n_chunks must be a positive int"):
         F_tri.cross_entropy(logits, good, n_chunks=0)
     for bad in (randn(1, 10, requires_grad=True).expand(4, 10), randn(10, 4, requires_grad=True).t()):

@@ -114,6 +114,18 @@ def test_p_zero_and_one_are_exact(dtype, seed):
     assert not x.grad.any()
 
 
+@pytest.mark.parametrize("p", [0, 0.0, 1e-6, np.float32(0.0)])
+def test_nothing_dropped_returns_x_and_draws_no_seed(p, seed):
+    """As torch at p = 0: x itself, and torch's generator is left as it was (p below 2⁻¹⁷ drops nothing either)."""
+    x = randn(5, 7)
+    assert F_tri.dropout(x, p) is x
+    torch.manual_seed(seed)
+    expected = torch.randint(0, 2**31 - 1, ()).item()
+    torch.manual_seed(seed)
+    F_tri.dropout(x, p)
+    assert torch.randint(0, 2**31 - 1, ()).item() == expected
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("p", [0.5, 1.0])
 def test_nan_and_inf_are_not_dropped_to_zero(p, dtype, seed):

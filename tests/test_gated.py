@@ -136,6 +136,42 @@ def test_module_gradient_goes_into_the_up_projection_output(seed, monkeypatch):
     assert calls == [1] and torch.equal(leaf.detach(), kept)
 
 
+def test_module_leaves_a_hooked_up_projection_output_alone(seed):
+    """A hook on up (activation capture, say) may keep its output: the gradient then takes a buffer of its own and
+    the kept tensor stays what the forward made; likewise for a hook registered for every module."""
+    mlp = TritonGatedMLP(16, 24).to(DEVICE)
+    inputs = randn(3, 5, 16, requires_grad=True)
+    for register in (mlp.up.register_forward_hook, torch.nn.modules.module.register_module_forward_hook):
+        kept = {}
+        handle = register(lambda module, args, out: kept.setdefault(module, (out, out.detach().clone())) and None)
+        try:
+            mlp(inputs).sum().backward()
+        finally:
+            handle.remove()
+        out, copy = kept[mlp.up]
+        assert torch.equal(out.detach(), copy)
+
+
+def test_no_write_into_a_view_of_data_that_needs_no_gradient(seed):
+    """inplace_grad=None writes only into an op output whose storage is no leaf's: a view that a custom Function
+    returns of plain data (which needs no gradient) is left alone."""
+
+    class ViewOf(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, data, weight):
+            return data.view(data.shape)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return None, grad.sum()
+
+    data = randn(4, 48)
+    kept = data.clone()
+    x = ViewOf.apply(data, torch.ones((), device=DEVICE, requires_grad=True))
+    F_tri.swiglu(x, inplace_grad=None).sum().backward()
+    assert torch.equal(data, kept)
+
+
 def test_in_place_gradient_is_never_silently_wrong(seed):
     """Another op that saved x raises when its backward runs after ours, and so does a second backward of ours."""
     leaf = randn(5, 16, requires_grad=True)

@@ -15,7 +15,7 @@ from harness import DEVICE, ON_GPU, assert_close, relative_error, tolerance
 
 from triformer import GPT, GPTConfig, TritonDropout, TritonLinear, ViT, ViTConfig
 from triformer.models import blocks
-from triformer.models.blocks import PARTS, Block
+from triformer.models.blocks import PARTS, Block, can_fuse
 
 TINY_GPT = dict(vocab_size=37, block_size=9, n_layer=2, n_head=2, n_embd=32)
 GPT_VARIANTS = {
@@ -140,7 +140,7 @@ def test_gpt_with_a_biased_branch_on_torch_matches_twin(part, seed):
     output bias, which the residual op adds; the same function and gradients as the twin."""
     config = gpt_config("gpt2", torch_parts=[part])
     ours, ref = with_reference(GPT, config)
-    assert config.bias and ours.blocks[0].fusable
+    assert config.bias and can_fuse(ours.blocks, ours.ln_f)
     assert_same_loss_and_grads(ours, ref, config)
 
 
@@ -276,6 +276,21 @@ def assert_same_training_loss(models, idx, seed):
     return losses
 
 
+@pytest.mark.parametrize(
+    "config",
+    [
+        *(pytest.param(gpt_config(v), id=v) for v in GPT_VARIANTS),
+        *(pytest.param(gpt_config(torch_parts=[part]), id=f"{part} on torch") for part in ("attention", "mlp", "head")),
+        pytest.param(gpt_config(dropout=0.1), id="dropout"),
+        pytest.param(ViTConfig(**TINY_VIT), id="vit"),
+    ],
+)
+def test_fused_residual_path_is_taken(config):
+    """The default configs, their branches on torch and the no-dropout nn.Identity all take the fused path."""
+    model = (GPT if isinstance(config, GPTConfig) else ViT)(config)
+    assert can_fuse(model.blocks, model.ln_f)
+
+
 def test_fused_residual_reads_the_dropout_modules_rate(seed):
     """A dropout rate changed on the modules after construction (a schedule, say) holds on the fused path too."""
     fused, separate = fused_and_separate(gpt_config(dropout=0.2))
@@ -283,6 +298,7 @@ def test_fused_residual_reads_the_dropout_modules_rate(seed):
         for module in model.modules():
             if isinstance(module, TritonDropout):
                 module.p = 0.6
+    assert can_fuse(fused.blocks, fused.ln_f)
     idx = tokens(fused.config)
     losses = assert_same_training_loss((fused, separate), idx, seed)
     for module in separate.modules():
@@ -290,6 +306,21 @@ def test_fused_residual_reads_the_dropout_modules_rate(seed):
             module.p = 0.2
     torch.manual_seed(seed)
     assert relative_error(separate(idx, idx)[1], losses[1]) > 1e-3  # the rate matters at this size
+
+
+def test_fused_residual_draws_as_many_seeds_at_rate_zero(seed):
+    """Dropout annealed to 0 on the modules: the fused and the separate path draw the same seeds from torch's
+    generator (none), so whatever is drawn next is the same."""
+    fused, separate = fused_and_separate(gpt_config(dropout=0.2))
+    drawn = []
+    for model in (fused, separate):
+        for module in model.modules():
+            if isinstance(module, TritonDropout):
+                module.p = 0.0
+        torch.manual_seed(seed)
+        model(tokens(model.config))
+        drawn.append(torch.randint(0, 2**31 - 1, ()).item())
+    assert drawn[0] == drawn[1]
 
 
 HOOKED_MODULES = {
@@ -355,6 +386,48 @@ def test_fused_residual_with_a_replaced_output_linear(seed):
     assert_same_training_loss((fused, separate), tokens(fused.config), seed)
 
 
+class ScaledBlock(Block):
+    """A block whose forward differs from Block's (layer scale on the output)."""
+
+    def forward(self, x):
+        return 0.5 * super().forward(x)
+
+
+def scaled_forward(model):
+    """A per-instance forward on one attention module."""
+    attn = model.blocks[0].attn
+    attn.forward = lambda x, original=attn.forward: 2 * original(x)
+
+
+def swapped_block(model):
+    """Block 1 replaced by a subclass with its own forward (same weights)."""
+    old = model.blocks[1]
+    model.blocks[1] = ScaledBlock(32, 2, causal=True, dropout=0.1).to(DEVICE)
+    model.blocks[1].load_state_dict(old.state_dict())
+
+
+def pruned_block(model):
+    model.blocks[1] = torch.nn.Identity()
+
+
+def activated_output(model):
+    """The MLP's output projection replaced by one with an activation (same weights)."""
+    old = model.blocks[0].mlp.proj
+    model.blocks[0].mlp.proj = TritonLinear(old.in_features, old.out_features, activation="relu").to(DEVICE)
+    model.blocks[0].mlp.proj.load_state_dict(old.state_dict())
+
+
+@pytest.mark.parametrize("change", [swapped_block, pruned_block, scaled_forward, activated_output])
+def test_fused_residual_steps_aside_for_changed_blocks(change, seed):
+    """A block of another class, a pruned block, a forward set on an instance, an output linear with an activation:
+    the model runs block by block, so it computes what its modules' forwards say."""
+    fused, separate = fused_and_separate(gpt_config(dropout=0.1))
+    for model in (fused, separate):
+        change(model)
+    assert not can_fuse(fused.blocks, fused.ln_f)
+    assert_same_training_loss((fused, separate), tokens(fused.config), seed)
+
+
 def test_generate_shape_range_and_context_crop(seed):
     config = gpt_config(dropout=0.1)
     model = GPT(config).to(DEVICE)
@@ -395,7 +468,7 @@ def test_gpt_bad_configs():
         GPTConfig(vocab_size=0)
     with pytest.raises(ValueError, match="rope needs an even head dim"):
         GPTConfig(n_embd=18, n_head=2, rope=True, torch_parts=["attention"])
-    with pytest.raises(ValueError, match="head dim n_embd / n_head = 12 is not one triformer's attention takes"):
+    with pytest.raises(ValueError, match="head dim n_embd / n_head = 12 is not supported"):
         GPTConfig(n_embd=48, n_head=4)
     GPTConfig(n_embd=48, n_head=4, torch_parts=["attention"])  # torch's attention takes it
     with pytest.raises(ValueError, match="idx must be a prompt"):
@@ -538,7 +611,7 @@ def test_vit_bad_configs_and_inputs():
         ViTConfig(mlp_ratio=0)
     with pytest.raises(ValueError, match="n_embd=64 is not divisible by n_head=3"):
         ViTConfig(n_embd=64, n_head=3)
-    with pytest.raises(ValueError, match="head dim n_embd / n_head = 4 is not one triformer's attention takes"):
+    with pytest.raises(ValueError, match="head dim n_embd / n_head = 4 is not supported"):
         ViTConfig(n_embd=16, n_head=4)
     model = ViT(ViTConfig(**TINY_VIT, backend="torch"))
     with pytest.raises(ValueError, match=r"images must be \(B, 3, 12, 12\), got shape \(2, 1, 12, 12\)"):

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import math
+import numbers
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -367,8 +369,13 @@ def softmax(x: torch.Tensor, dim: int = -1, causal: bool = False) -> torch.Tenso
 # ------------------------------------------------------------------------------------------- dropout
 
 
+def _is_number(value) -> bool:
+    """A real number that is not a bool (Python's, numpy's)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
 def _check_dropout_args(p, seed) -> None:
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+    if not _is_number(p) or not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout probability p must be a number in [0, 1], got {p!r}")
     if seed is not None:
         if isinstance(seed, torch.Tensor):
@@ -433,14 +440,15 @@ def dropout(
     (op triformer::dropout).
 
     The mask is a function of (seed, x.shape) only (Philox; nothing stored, the backward draws it again): the same
-    seed gives the same mask. p = 0 and p = 1 stay exact; p below 2⁻¹⁷ rounds to 0 (the identity) and p within
-    2⁻¹⁷ of 1 to 1 (all zeros). seed: an int, a one-element integer tensor (on the CPU or x's device), or
-    None: drawn from torch's default generator (so torch.manual_seed makes runs repeatable), the CPU's in eager
-    mode, x's device's under torch.compile and CUDA graph capture (each replay draws anew).
+    seed gives the same mask. p = 0 and p = 1 stay exact; p below 2⁻¹⁷ rounds to 0 (x itself is returned and no
+    seed is drawn, as torch at p = 0) and p within 2⁻¹⁷ of 1 to 1 (all zeros). seed: an int, a one-element integer
+    tensor (on the CPU or x's device), or None: drawn from torch's default generator (so torch.manual_seed makes
+    runs repeatable), the CPU's in eager mode, x's device's under torch.compile and CUDA graph capture (each replay
+    draws anew).
     """
     check_tensor(x, "x")
     _check_dropout_args(p, seed)
-    if not training:
+    if not training or not dropout_kernels.drops_any(p):  # as torch at p = 0: x itself, no seed drawn
         return x
     return _dropout_op(x, float(p), _seed_tensor(seed, x))
 
@@ -456,11 +464,7 @@ def check_loss_options(ignore_index, reduction, label_smoothing) -> None:
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if (
-        isinstance(label_smoothing, bool)
-        or not isinstance(label_smoothing, (int, float))
-        or not 0.0 <= label_smoothing <= 1.0
-    ):
+    if not _is_number(label_smoothing) or not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing!r}")
 
 

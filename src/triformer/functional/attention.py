@@ -12,6 +12,14 @@ from ..kernels._runtime import check_same_dtype, check_tensor
 from ._library import Op, or_placeholder, placeholder
 
 
+def check_head_dim(d: int, what: str = "head dim") -> None:
+    """The head dims the kernels take: multiples of 8 up to MAX_HEAD_DIM."""
+    if d % 8 or d > attention_kernels.MAX_HEAD_DIM:
+        raise ValueError(
+            f"{what} {d} is not supported: it must be a multiple of 8 and at most {attention_kernels.MAX_HEAD_DIM}"
+        )
+
+
 def _check_attention_inputs(q, k, v, causal, scale) -> None:
     for t, name in ((q, "q"), (k, "k"), (v, "v")):
         check_tensor(t, name)
@@ -34,10 +42,7 @@ def _check_attention_inputs(q, k, v, causal, scale) -> None:
         raise ValueError(
             f"q has {h} heads, not a multiple of the {h_kv} heads of k and v (grouped-query attention needs Hq = G·Hkv)"
         )
-    if d % 8 or d > attention_kernels.MAX_HEAD_DIM:
-        raise ValueError(
-            f"head dim {d} is not supported: it must be a multiple of 8 and at most {attention_kernels.MAX_HEAD_DIM}"
-        )
+    check_head_dim(d)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     if scale is not None:

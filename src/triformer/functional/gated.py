@@ -48,11 +48,9 @@ def _grad_in_place(x: torch.Tensor, inplace_grad: bool | None) -> bool:
 
 
 def _op_output(x: torch.Tensor) -> bool:
-    """Whether x is an op's output whose storage no leaf holds: x has a grad_fn, and so has its base if it is a view,
-    or the base is an op's internal result that requires no gradient (a view that an autograd.Function returned,
-    as TritonLinear's output). A view of a leaf (a parameter, an input) is not."""
-    base = x._base
-    return x.grad_fn is not None and (base is None or base.grad_fn is not None or not base.requires_grad)
+    """Whether x is a non-leaf whose storage is no leaf's: x has a grad_fn, and so has its base if it is a view."""
+    base = x._base if x._base is not None else x
+    return base.grad_fn is not None
 
 
 def _gated_impl(x: Tensor, activation: str, inplace_grad: bool) -> Tensor:
@@ -118,12 +116,13 @@ def gated_activation(x: torch.Tensor, activation: str = "silu", inplace_grad: bo
     activation: "silu" (SwiGLU) or "gelu" (GeGLU, tanh approximation as F.gelu(approximate="tanh")). The halves
     are read through x's strides (no copy); float32 math. Nothing but x is kept for the backward (act(a) and
     act'(a) are recomputed). By default (inplace_grad=False) the gradient [da | db] is a new tensor and x is
-    never written. inplace_grad=None writes it into x's own storage when x is a non-leaf (TritonGatedMLP does this
-    with its up-projection's output, which nothing else reads): no [.., 2·hidden] gradient buffer; inplace_grad=True
-    does so for any x. Afterwards x holds the gradient; an op that saved x for a later backward (and a second
-    backward of this one) then raises autograd's "modified by an inplace operation" instead of reading it (x's
-    version is bumped). Eager mode only: under torch.compile the gradient takes a buffer of its own, whose memory
-    Inductor plans (ops triformer::gated, gated_backward, gated_backward_into_x_).
+    never written. inplace_grad=None writes it into x's own storage when x is a non-leaf whose base (if x is a view)
+    is one too: no [.., 2·hidden] gradient buffer; inplace_grad=True does so for any x (TritonGatedMLP passes it for
+    its up-projection's output when no hook could have kept that output). Afterwards x holds the gradient; an op
+    that saved x for a later backward (and a second backward of this one) then raises autograd's "modified by an
+    inplace operation" instead of reading it (x's version is bumped). Eager mode only: under torch.compile the
+    gradient takes a buffer of its own, whose memory Inductor plans (ops triformer::gated, gated_backward,
+    gated_backward_into_x_).
     """
     _check_gated_input(x, activation, inplace_grad)
     return _gated_op(x, activation, _grad_in_place(x, inplace_grad))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..kernels import dropout as dropout_kernels
 from ..kernels import norms as norm_kernels
 from ..kernels import residual_norm as residual_kernels
 from ..kernels._runtime import FLOAT_DTYPES, check_tensor
@@ -203,9 +204,9 @@ def add_dropout_norm(
         eps = torch.finfo(torch.promote_types(x.dtype, residual_kernels.branch_dtype(h.dtype, branch_bias))).eps
     if n > residual_kernels.MAX_WIDTH:
         branch = h if branch_bias is None else h + branch_bias
-        s = x + dropout(branch, p, seed if p else 0, training)  # p = 0: no seed drawn, as the op below
+        s = x + dropout(branch, p, seed, training)  # no seed drawn where nothing drops, as the op below
         y = layer_norm(s, (n,), weight, bias, eps) if center else rms_norm(s, (n,), weight, eps)
         return s, y if y_dtype is None else y.to(y_dtype)
-    p = float(p) if training else 0.0
-    seed = _seed_tensor(seed if p else 0, x)  # p = 0 keeps every element whatever the seed: none is drawn
+    p = float(p) if training and dropout_kernels.drops_any(p) else 0.0
+    seed = _seed_tensor(seed if p else 0, x)  # nothing dropped: no seed drawn, as dropout() draws none
     return tuple(_op(x, h, weight, bias, float(eps), center, p, seed, y_dtype, branch_bias)[:2])

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from ..kernels import rope as rope_kernels
 from ..kernels._runtime import check_same_dtype, check_tensor
+from . import _is_number
 from ._library import Op, placeholder
 
 
@@ -22,7 +23,7 @@ def rope_tables(head_dim: int, max_seq_len: int, base: float = 10000.0, device=N
         )
     if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1:
         raise ValueError(f"max_seq_len must be a positive int, got {max_seq_len!r}")
-    if isinstance(base, bool) or not isinstance(base, (int, float)) or not 0 < base < math.inf:
+    if not _is_number(base) or not 0 < base < math.inf:
         raise ValueError(f"base must be a positive finite number, got {base!r}")
     inv_freq = float(base) ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)

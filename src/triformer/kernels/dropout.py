@@ -78,10 +78,14 @@ def _dropout_kernel(x_ptr, y_ptr, n, threshold, scale, seed, BLOCK: tl.constexpr
     offs = calls[:, None] * 8 + tl.arange(0, 8)[None, :]  # [BLOCK, 8]: row j, the eight elements of call j
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask)
-    r0, r1, r2, r3 = tl.randint4x(philox_key(seed, SEED_IN_MEMORY), calls)
-    keep = tl.reshape(sixteen_bit_draws(r0, r1, r2, r3), (BLOCK, 8)).to(tl.int32) >= threshold
+    keep = row_keep_mask(philox_key(seed, SEED_IN_MEMORY), calls, 8, threshold, BLOCK, 8)  # rows of 8: one call each
     y = x.to(tl.float32) * tl.where(keep, scale, 0.0)  # a dropped NaN or inf stays NaN (NaN · 0), as torch
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def drops_any(p: float) -> bool:
+    """Whether rate p drops anything (p̂ > 0): at p below 2⁻¹⁷ dropout is the identity and no seed is needed."""
+    return round(p * 2**16) > 0
 
 
 def threshold_and_scale(p: float) -> tuple[int, float]:

@@ -59,8 +59,8 @@ def _dropped(
 ):
     """keep · h · scale (float32) for a tile h [BLOCK_M, BLOCK_N] of whole rows (cols from 0) of the [M, N] shape;
     seed an int, or (SEED_IN_MEMORY) a pointer to it. ROW_CALLS (N a multiple of 8): one Philox call for eight
-    neighbours, as the dropout kernel draws them; else one a element. Without DROPOUT (every element kept and scale
-    1: p = 0) h itself, and no mask is drawn."""
+    neighbours, as the dropout kernel draws them; else one for each element. Without DROPOUT (p̂ = 0: every element
+    kept at scale 1) h itself, and no mask is drawn."""
     if DROPOUT:
         key = philox_key(seed, SEED_IN_MEMORY)
         if ROW_CALLS:

@@ -16,7 +16,8 @@ from torch import nn
 
 from .. import functional as F_tri
 from .. import nn as tnn
-from ..kernels.attention import MAX_HEAD_DIM
+from ..functional.attention import check_head_dim
+from ..nn.hooks import hooked, replaced_forward
 from .mlp import BACKENDS, make_linear
 
 NORMS = ("layernorm", "rmsnorm")
@@ -48,16 +49,13 @@ def part_backends(backend: str, torch_parts=()) -> dict[str, str]:
 
 
 def check_heads(n_embd: int, n_head: int, attention_backend: str, rope: bool = False) -> None:
-    """n_embd splits into n_head heads that the attention backend takes: triformer's attention needs a head dim that
-    is a multiple of 8 and at most 256, RoPE an even one."""
+    """n_embd splits into n_head heads that the attention backend takes (triformer's: check_head_dim), even ones for
+    RoPE."""
     if n_embd % n_head:
         raise ValueError(f"n_embd={n_embd} is not divisible by n_head={n_head}")
     head_dim = n_embd // n_head
-    if attention_backend == "triton" and (head_dim % 8 or head_dim > MAX_HEAD_DIM):
-        raise ValueError(
-            f"head dim n_embd / n_head = {head_dim} is not one triformer's attention takes (a multiple of 8, at "
-            f"most {MAX_HEAD_DIM}); choose other sizes, or run the attention on torch"
-        )
+    if attention_backend == "triton":
+        check_head_dim(head_dim, "the head dim n_embd / n_head =")
     if rope and head_dim % 2:
         raise ValueError(f"rope needs an even head dim, got n_embd / n_head = {head_dim}")
 
@@ -148,24 +146,6 @@ def add_dropout_norm(
     return F_tri.add_dropout_norm(x, out, p, weight, bias, norm.eps, kind, training, y_dtype=y_dtype, branch_bias=c)
 
 
-def _hooked(module: nn.Module) -> bool:
-    """Whether a forward or backward hook (pre or post) is registered on the module."""
-    return bool(
-        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
-    )
-
-
-def _global_hooks() -> bool:
-    """Whether a forward or backward hook is registered for every module (nn.modules.module.register_module_*)."""
-    registry = nn.modules.module
-    return bool(
-        registry._global_forward_hooks
-        or registry._global_forward_pre_hooks
-        or registry._global_backward_hooks
-        or registry._global_backward_pre_hooks
-    )
-
-
 # What Block.forward_fused knows how to compute without calling the module: exact types, since a subclass or a
 # wrapper (LoRA on an output linear, say) may compute something else.
 _FUSED_NORMS = (tnn.TritonLayerNorm, tnn.TritonRMSNorm)
@@ -180,9 +160,15 @@ _FUSED_BRANCHES = (
 _FUSED_OUTPUT_LINEARS = (tnn.TritonLinear, tnn.TorchLinear, nn.Linear)
 
 
+def _plain(module: nn.Module, types: tuple) -> bool:
+    """Whether module is exactly one of types, with its class's forward and no hooks: what its forward computes is
+    known, so the fused path may do its work without calling it."""
+    return type(module) in types and not (hooked(module) or replaced_forward(module))
+
+
 def fusable_norm(norm: nn.Module) -> bool:
     """Whether Block.forward_fused may apply this norm through its parameters (a triformer norm, no hooks)."""
-    return type(norm) in _FUSED_NORMS and not _hooked(norm)
+    return _plain(norm, _FUSED_NORMS)
 
 
 class Block(nn.Module):
@@ -219,17 +205,19 @@ class Block(nn.Module):
 
     @property
     def fusable(self) -> bool:
-        """Whether forward_fused computes what forward does: the norms and dropout on triformer, the parts of types
-        it knows (it calls the branches' parts and applies the norms and dropout through their parameters, so a
-        replaced or wrapped part would be skipped), and no hooks on the block or the parts it does not call."""
+        """Whether forward_fused computes what forward does: the norms and dropout on triformer, the block and its
+        parts of the types it knows with their classes' forwards and no hooks (it calls the branches' parts and
+        applies the norms and dropout through their parameters, so a replaced, wrapped or watched part would be
+        skipped), and output linears without an activation (the residual op adds their bias)."""
         branches = (self.attn, self.mlp)
+        outputs = [b.output_linear for b in branches if _plain(b, _FUSED_BRANCHES)]
         return (
-            fusable_norm(self.ln_1)
+            _plain(self, (Block,))
+            and fusable_norm(self.ln_1)
             and fusable_norm(self.ln_2)
-            and type(self.drop) in _FUSED_DROPOUTS
-            and all(type(b) in _FUSED_BRANCHES for b in branches)
-            and all(type(b.output_linear) in _FUSED_OUTPUT_LINEARS for b in branches)
-            and not any(map(_hooked, (self, self.drop, *branches, *(b.output_linear for b in branches))))
+            and _plain(self.drop, _FUSED_DROPOUTS)
+            and len(outputs) == 2
+            and all(_plain(o, _FUSED_OUTPUT_LINEARS) and getattr(o, "activation", None) is None for o in outputs)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -253,9 +241,9 @@ class Block(nn.Module):
 
 
 def can_fuse(blocks: nn.ModuleList, final_norm: nn.Module) -> bool:
-    """Whether run_blocks may take Block.forward_fused: every block fusable, final_norm a triformer norm without
-    hooks, and no hooks registered for every module."""
-    return all(block.fusable for block in blocks) and fusable_norm(final_norm) and not _global_hooks()
+    """Whether run_blocks may take Block.forward_fused: every block a fusable Block, final_norm a triformer norm
+    without hooks."""
+    return all(isinstance(block, Block) and block.fusable for block in blocks) and fusable_norm(final_norm)
 
 
 def run_blocks(

@@ -15,6 +15,7 @@ from torch.nn import functional as F
 
 from .. import functional as F_tri
 from . import TritonLinear
+from .hooks import hooked, replaced_forward
 
 GATED_MLP_ACTIVATIONS = {"swiglu": "silu", "geglu": "gelu"}
 _TORCH_GATES = {"silu": F.silu, "gelu": lambda a: F.gelu(a, approximate="tanh")}
@@ -64,8 +65,11 @@ class TritonGatedMLP(_GatedMLP):
         )
 
     def before_output(self, x: torch.Tensor) -> torch.Tensor:
-        """act(a) ⊙ b: what the down projection takes."""
-        return F_tri.gated_activation(self.up(x), self.gate, inplace_grad=None)
+        """act(a) ⊙ b: what the down projection takes. The gradient goes into up's output where nothing else can
+        hold it: up a TritonLinear (a fresh output) that no hook watches."""
+        up = self.up
+        private = type(up) is TritonLinear and not (hooked(up) or replaced_forward(up))
+        return F_tri.gated_activation(up(x), self.gate, inplace_grad=private)
 
 
 class TorchGatedMLP(_GatedMLP):
