@@ -13,6 +13,7 @@ import contextlib
 import csv
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -161,9 +162,22 @@ def used(config: dict, *keys: str) -> dict:
 
 
 def write_json(path: str | Path, obj) -> None:
+    """obj as strict JSON (a NaN or infinite number, e.g. a memory not measured on the CPU, is written null)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str, ensure_ascii=False) + "\n")
+    text = json.dumps(_finite(obj), indent=2, sort_keys=True, default=str, ensure_ascii=False, allow_nan=False)
+    path.write_text(text + "\n")
+
+
+def _finite(obj):
+    """obj with every non-finite float (at any depth of dicts, lists and tuples) replaced by None."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {key: _finite(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(value) for value in obj]
+    return obj
 
 
 def read_json(path: str | Path):

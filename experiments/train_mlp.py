@@ -44,7 +44,11 @@ def main() -> None:
         }
         common.write_csv(OUT / "epochs.csv", epoch_rows(results))
         metrics = {
-            role: {"backend": roles[role][0], "fused": roles[role][1], **common.flat_metrics(result, FINAL_METRICS)}
+            role: {
+                "backend": roles[role][0],
+                "fused": roles[role][1] if roles[role][0] == "triton" else None,  # nn.Linear has no fused variant
+                **common.flat_metrics(result, FINAL_METRICS),
+            }
             for role, result in results.items()
         }
         metrics.update(common.accuracy_gap(results))

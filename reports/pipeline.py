@@ -66,18 +66,28 @@ PROVENANCE = [
 
 
 def execution_runs(kind: str, stage: str) -> pd.DataFrame:
-    """The finished runs of the stage's latest execution on this profile (empty when there is none)."""
+    """The finished runs of the stage's latest execution on this profile (empty when there is none): the one whose
+    runs ended last (a run resumed from a checkpoint keeps its start time but joins the execution that resumed it)."""
     if client.get_experiment_by_name(kind) is None:
         return pd.DataFrame()
     runs = mlflow.search_runs(
         experiment_names=[kind],
-        order_by=["attributes.start_time DESC"],
+        order_by=["attributes.end_time DESC"],
         filter_string=f"tags.stage = '{stage}' and tags.profile = '{MACHINE['profile']}' "
         "and attributes.status = 'FINISHED'",
     )
     if runs.empty:
         return runs
     return runs[runs["tags.execution"] == runs["tags.execution"].iloc[0]].reset_index(drop=True)
+
+
+def plot_history(ax, run_id: str, key: str, label: str) -> None:
+    """The run's history of a metric on ax, one point per step: a run resumed from a checkpoint logs again the
+    steps between that checkpoint and the crash, and the last value logged for a step is the one kept."""
+    by_step = {m.step: m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp)}
+    steps = sorted(by_step)
+    ax.plot(steps, [by_step[step] for step in steps], marker="." if len(steps) < 30 else None, label=label)
+    ax.set_title(key)
 
 
 def artifact_csv(run_id: str, name: str, stage: str) -> pd.DataFrame:
@@ -288,14 +298,7 @@ else:
     for _, run in train.iterrows():
         label = run_label(run)
         for ax, key in zip(axes, ["train/loss", "val/accuracy", "perf/images_per_s"]):
-            history = client.get_metric_history(run["run_id"], key)
-            ax.plot(
-                [m.step for m in history],
-                [m.value for m in history],
-                marker="." if len(history) < 30 else None,
-                label=label,
-            )
-            ax.set_title(key)
+            plot_history(ax, run["run_id"], key, label)
             ax.set_xlabel("step" if key == "train/loss" else "epoch")
     axes[0].legend()
     fig.suptitle(f"{train.iloc[0]['params.dataset']}\n{card(train)}", fontsize=9)
@@ -338,14 +341,7 @@ def curves(runs: pd.DataFrame, keys: list[str], title: str, name: str) -> None:
     fig, axes = plt.subplots(1, len(keys), figsize=(4.4 * len(keys), 3.2))
     for _, run in runs.iterrows():
         for ax, key in zip(axes, keys):
-            history = client.get_metric_history(run["run_id"], key)
-            ax.plot(
-                [m.step for m in history],
-                [m.value for m in history],
-                marker="." if len(history) < 30 else None,
-                label=run_label(run),
-            )
-            ax.set_title(key)
+            plot_history(ax, run["run_id"], key, run_label(run))
     axes[0].legend()
     fig.suptitle(f"{title}\n{card(runs)}", fontsize=9)
     save(fig, name)

@@ -301,3 +301,16 @@ def test_an_accuracy_gap_of_exactly_half_a_point_is_within(common):
     run["model"]["val/accuracy"] = 0.9039
     assert common.accuracy_gap(run)["within_half_point"] is False
     assert common.accuracy_gap({"model": run["model"]}) == {}
+
+
+def test_metrics_files_are_strict_json(common, tmp_path):
+    """A number not measured (NaN, inf) is written null: metrics.json stays JSON that any parser and `dvc metrics
+    diff` read (NaN is not JSON, and NaN ≠ NaN made every such value a change)."""
+    path = tmp_path / "metrics.json"
+    common.write_json(path, {"a": float("nan"), "b": [1.5, float("inf"), {"c": -float("inf")}], "d": 2, "e": "x"})
+    assert json.loads(path.read_text(), parse_constant=lambda name: pytest.fail(f"{name} written")) == {
+        "a": None,
+        "b": [1.5, None, {"c": None}],
+        "d": 2,
+        "e": "x",
+    }
