@@ -242,7 +242,8 @@ def training_run(
     run_id = training.checkpoint_extra(checkpoint_dir).get("mlflow_run_id") if lead else None
     if run_id is not None and not tracking.run_exists(run_id):
         run_id = None
-    params = {**run_params, **{k: v for k, v in asdict(settings).items() if k != "progress"}}
+    unused = {"progress", *(("epochs",) if settings.iterations else ("iterations", "eval_every"))}  # the other schedule
+    params = {**run_params, **{k: v for k, v in asdict(settings).items() if k not in unused}}
     run_context = (
         start_run(stage, params, info, kind=kind, role=role, run_id=run_id) if lead else contextlib.nullcontext()
     )

@@ -126,6 +126,7 @@ def test_train_gpt_trains_the_model_its_params_ask_for_and_the_twin(common, proj
     assert set(runs) == {"model", "baseline"}
     for role, run in runs.items():
         assert run.info.status == "FINISHED" and run.data.params["mlp"] == "swiglu"
+        assert "iterations" in run.data.params and "epochs" not in run.data.params  # its schedule only
         assert steps(project, run, "train/loss") == [1, 2, 3, 4] and steps(project, run, "val/loss") == [2, 4]
         for key in ("perf/tokens_per_s", "perf/step_ms", "perf/mfu", "ceiling/tflops"):
             assert run.data.metrics[key] > 0, key
@@ -148,6 +149,7 @@ def test_train_vit_trains_model_and_twin_on_fashion_mnist(common, project):
     for run in runs.values():
         assert steps(project, run, "val/accuracy") == [1, 2] and run.data.metrics["perf/images_per_s"] > 0
         assert run.data.params["patch_size"] == "7" and run.data.tags["processes"] == "1"
+        assert "epochs" in run.data.params and not {"iterations", "eval_every"} & set(run.data.params)
         assert run.data.params["augment_shift"] == "2" and run.data.params["augment_flip"] == "True"
 
 
