@@ -114,6 +114,20 @@ def test_p_zero_and_one_are_exact(dtype, seed):
     assert not x.grad.any()
 
 
+@pytest.mark.parametrize("p", [np.float64(0.3), np.float32(0.3), np.float32(0.0)])
+def test_numpy_rates_in_eager_and_compiled_modules(p, seed):
+    """A rate from numpy (a schedule computed with it, say) works in eager mode and under torch.compile, where Dynamo
+    turns numpy numbers into tensors."""
+    module = TritonDropout(p)
+    x = randn(4, 64)
+    torch.manual_seed(seed)
+    eager = module(x)
+    torch.manual_seed(seed)
+    compiled = torch.compile(module, backend="eager")(x)
+    assert eager.shape == compiled.shape == x.shape
+    assert abs((eager == 0).double().mean().item() - float(p)) < 0.25
+
+
 @pytest.mark.parametrize("p", [0, 0.0, 1e-6, np.float32(0.0)])
 def test_nothing_dropped_returns_x_and_draws_no_seed(p, seed):
     """As torch at p = 0: x itself, and torch's generator is left as it was (p below 2⁻¹⁷ drops nothing either)."""

@@ -355,7 +355,7 @@ def test_bad_inputs():
 def test_module_constructor_validates():
     with pytest.raises(ValueError, match="reduction must be one of"):
         TritonLinearCrossEntropyLoss(reduction="avg")
-    with pytest.raises(ValueError, match="label_smoothing must be a number in"):
+    with pytest.raises(ValueError, match="label_smoothing must lie in"):
         TorchLinearCrossEntropyLoss(label_smoothing=2.0)
     with pytest.raises(ValueError, match="chunk_size must be a positive int"):
         TritonLinearCrossEntropyLoss(chunk_size=0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from harness import DEVICE, ON_GPU, assert_close, relative_error, tolerance
@@ -471,6 +472,7 @@ def test_gpt_bad_configs():
     with pytest.raises(ValueError, match="head dim n_embd / n_head = 12 is not supported"):
         GPTConfig(n_embd=48, n_head=4)
     GPTConfig(n_embd=48, n_head=4, torch_parts=["attention"])  # torch's attention takes it
+    GPT(gpt_config(dropout=np.float32(0.1)))  # a numpy rate is a number
     with pytest.raises(ValueError, match="idx must be a prompt"):
         GPT(gpt_config()).generate(torch.zeros(2, 0, dtype=torch.long, device=DEVICE), 3)
     with pytest.raises(ValueError, match=r"dropout must be a number in \[0, 1\)"):

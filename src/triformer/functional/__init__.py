@@ -170,7 +170,7 @@ def _check_eps(eps, allow_none: bool = False) -> None:
     """A norm's eps: a finite number ≥ 0 (None where torch takes it: the input dtype's machine epsilon)."""
     if eps is None and allow_none:
         return
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 <= eps < math.inf:
+    if not _is_number(eps) or not 0.0 <= eps < math.inf:
         raise ValueError(f"eps must be a finite number ≥ 0{' or None' if allow_none else ''}, got {eps!r}")
 
 
@@ -448,9 +448,10 @@ def dropout(
     """
     check_tensor(x, "x")
     _check_dropout_args(p, seed)
+    p = float(p)  # a numpy number included (Dynamo makes it a tensor, which round() does not take)
     if not training or not dropout_kernels.drops_any(p):  # as torch at p = 0: x itself, no seed drawn
         return x
-    return _dropout_op(x, float(p), _seed_tensor(seed, x))
+    return _dropout_op(x, p, _seed_tensor(seed, x))
 
 
 # ------------------------------------------------------------------------------------- cross_entropy

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from ..kernels import attention as attention_kernels
 from ..kernels._runtime import check_same_dtype, check_tensor
+from . import _is_number
 from ._library import Op, or_placeholder, placeholder
 
 
@@ -46,7 +47,7 @@ def _check_attention_inputs(q, k, v, causal, scale) -> None:
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     if scale is not None:
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        if not _is_number(scale):
             raise TypeError(f"scale must be a number or None, got {type(scale).__name__}")
         if not math.isfinite(scale) or scale < 0:
             raise ValueError(f"scale must be a finite number ≥ 0, got {scale}")

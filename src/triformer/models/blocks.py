@@ -55,7 +55,10 @@ def check_heads(n_embd: int, n_head: int, attention_backend: str, rope: bool = F
         raise ValueError(f"n_embd={n_embd} is not divisible by n_head={n_head}")
     head_dim = n_embd // n_head
     if attention_backend == "triton":
-        check_head_dim(head_dim, "the head dim n_embd / n_head =")
+        try:
+            check_head_dim(head_dim, "the head dim n_embd / n_head =")
+        except ValueError as error:
+            raise ValueError(f"{error}; or run the attention on torch (torch_parts=['attention'])") from None
     if rope and head_dim % 2:
         raise ValueError(f"rope needs an even head dim, got n_embd / n_head = {head_dim}")
 
@@ -70,7 +73,7 @@ def make_norm(kind: str, dim: int, bias: bool, backend: str) -> nn.Module:
 
 def make_dropout(p: float, backend: str) -> nn.Module:
     """Dropout on the residual stream (nn.Identity when p == 0: no kernel launched for nothing)."""
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+    if not F_tri._is_number(p) or not 0.0 <= p < 1.0:
         raise ValueError(f"dropout must be a number in [0, 1), got {p!r}")
     cls = by_backend(backend, tnn.TritonDropout, nn.Dropout)
     return cls(p) if p > 0 else nn.Identity()
@@ -243,7 +246,7 @@ class Block(nn.Module):
 def can_fuse(blocks: nn.ModuleList, final_norm: nn.Module) -> bool:
     """Whether run_blocks may take Block.forward_fused: every block a fusable Block, final_norm a triformer norm
     without hooks."""
-    return all(isinstance(block, Block) and block.fusable for block in blocks) and fusable_norm(final_norm)
+    return len(blocks) > 0 and all(isinstance(b, Block) and b.fusable for b in blocks) and fusable_norm(final_norm)
 
 
 def run_blocks(

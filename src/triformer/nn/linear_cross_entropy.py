@@ -19,16 +19,7 @@ from ..functional.linear_cross_entropy import ACCUM_DTYPES
 class _LinearCrossEntropyLoss(nn.Module):
     def __init__(self, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0):
         super().__init__()
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-            raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-        if reduction not in F_tri._REDUCTIONS:
-            raise ValueError(f"reduction must be one of {F_tri._REDUCTIONS}, got {reduction!r}")
-        if (
-            isinstance(label_smoothing, bool)
-            or not isinstance(label_smoothing, (int, float))
-            or not 0.0 <= label_smoothing <= 1.0
-        ):
-            raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
+        F_tri.check_loss_options(ignore_index, reduction, label_smoothing)
         self.ignore_index, self.reduction, self.label_smoothing = ignore_index, reduction, float(label_smoothing)
 
     def extra_repr(self) -> str:
