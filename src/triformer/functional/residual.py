@@ -207,6 +207,7 @@ def add_dropout_norm(
         s = x + dropout(branch, p, seed, training)  # no seed drawn where nothing drops, as the op below
         y = layer_norm(s, (n,), weight, bias, eps) if center else rms_norm(s, (n,), weight, eps)
         return s, y if y_dtype is None else y.to(y_dtype)
-    p = float(p) if training and dropout_kernels.drops_any(float(p)) else 0.0
+    p = float(p) if training else 0.0
+    p = p if dropout_kernels.drops_any(p) else 0.0
     seed = _seed_tensor(seed if p else 0, x)  # nothing dropped: no seed drawn, as dropout() draws none
     return tuple(_op(x, h, weight, bias, float(eps), center, p, seed, y_dtype, branch_bias)[:2])

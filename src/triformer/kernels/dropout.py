@@ -85,7 +85,7 @@ def _dropout_kernel(x_ptr, y_ptr, n, threshold, scale, seed, BLOCK: tl.constexpr
 
 def drops_any(p: float) -> bool:
     """Whether rate p drops anything (p̂ > 0): at p below 2⁻¹⁷ dropout is the identity and no seed is needed."""
-    return round(p * 2**16) > 0
+    return threshold_and_scale(p)[0] > 0
 
 
 def threshold_and_scale(p: float) -> tuple[int, float]:

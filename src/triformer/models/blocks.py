@@ -17,7 +17,7 @@ from torch import nn
 from .. import functional as F_tri
 from .. import nn as tnn
 from ..functional.attention import check_head_dim
-from ..nn.hooks import hooked, replaced_forward
+from ..nn.hooks import hooked_globally, hooked_itself, replaced_forward
 from .mlp import BACKENDS, make_linear
 
 NORMS = ("layernorm", "rmsnorm")
@@ -164,14 +164,10 @@ _FUSED_OUTPUT_LINEARS = (tnn.TritonLinear, tnn.TorchLinear, nn.Linear)
 
 
 def _plain(module: nn.Module, types: tuple) -> bool:
-    """Whether module is exactly one of types, with its class's forward and no hooks: what its forward computes is
-    known, so the fused path may do its work without calling it."""
-    return type(module) in types and not (hooked(module) or replaced_forward(module))
-
-
-def fusable_norm(norm: nn.Module) -> bool:
-    """Whether Block.forward_fused may apply this norm through its parameters (a triformer norm, no hooks)."""
-    return _plain(norm, _FUSED_NORMS)
+    """Whether module is exactly one of types, with its class's forward and no hooks of its own: what its forward
+    computes is known, so the fused path may do its work without calling it (hooks for every module: checked once
+    by the callers)."""
+    return type(module) in types and not (hooked_itself(module) or replaced_forward(module))
 
 
 class Block(nn.Module):
@@ -215,9 +211,10 @@ class Block(nn.Module):
         branches = (self.attn, self.mlp)
         outputs = [b.output_linear for b in branches if _plain(b, _FUSED_BRANCHES)]
         return (
-            _plain(self, (Block,))
-            and fusable_norm(self.ln_1)
-            and fusable_norm(self.ln_2)
+            not hooked_globally()
+            and _plain(self, (Block,))
+            and _plain(self.ln_1, _FUSED_NORMS)
+            and _plain(self.ln_2, _FUSED_NORMS)
             and _plain(self.drop, _FUSED_DROPOUTS)
             and len(outputs) == 2
             and all(_plain(o, _FUSED_OUTPUT_LINEARS) and getattr(o, "activation", None) is None for o in outputs)
@@ -244,9 +241,10 @@ class Block(nn.Module):
 
 
 def can_fuse(blocks: nn.ModuleList, final_norm: nn.Module) -> bool:
-    """Whether run_blocks may take Block.forward_fused: every block a fusable Block, final_norm a triformer norm
-    without hooks."""
-    return len(blocks) > 0 and all(isinstance(b, Block) and b.fusable for b in blocks) and fusable_norm(final_norm)
+    """Whether run_blocks may take Block.forward_fused: every block a fusable Block (no hooks for every module
+    either), final_norm a triformer norm without hooks."""
+    fusable_blocks = len(blocks) > 0 and all(isinstance(b, Block) and b.fusable for b in blocks)
+    return fusable_blocks and _plain(final_norm, _FUSED_NORMS)
 
 
 def run_blocks(
