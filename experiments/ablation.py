@@ -28,7 +28,7 @@ from . import common
 OUT = Path("results/ablation")
 VARIANTS = {"fused": ("triton", True), "unfused": ("triton", False), "torch": ("torch", True)}
 MODES = ("fwd", "fwd+bwd")
-MODEL_METRICS = ("perf/images_per_s", "perf/step_ms", "val/accuracy", "val/loss", "train/loss", "mem/peak_mib")
+MODEL_METRICS = ("perf/images_per_s", "perf/step_ms", "val/accuracy", "val/loss", "train/epoch_loss", "mem/peak_mib")
 GPT_RUN_KEYS = ("batch_size", "steps", "warmup", "variants")  # the rest of params ablation.gpt is GPTConfig's
 
 

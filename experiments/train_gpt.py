@@ -31,7 +31,7 @@ from . import common
 OUT = Path("results/train_gpt")
 MODEL_KEYS = tuple(f.name for f in fields(GPTConfig) if f.name not in ("vocab_size", "backend"))
 STEP_METRICS = ("train/interval_loss", "val/loss", "perf/tokens_per_s", "perf/step_ms", "mem/peak_mib", "perf/mfu")
-FINAL_METRICS = ("val/loss", "train/loss", "perf/tokens_per_s", "perf/step_ms", "mem/peak_mib", "perf/mfu")
+FINAL_METRICS = ("val/loss", "train/interval_loss", "perf/tokens_per_s", "perf/step_ms", "mem/peak_mib", "perf/mfu")
 
 
 @contextlib.contextmanager

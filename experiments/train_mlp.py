@@ -14,7 +14,7 @@ from . import common
 
 OUT = Path("results/train_mlp")
 EPOCH_METRICS = ("train/epoch_loss", "val/loss", "val/accuracy", "perf/images_per_s", "perf/step_ms", "mem/peak_mib")
-FINAL_METRICS = ("val/accuracy", "val/loss", "train/loss", "perf/images_per_s", "perf/step_ms", "mem/peak_mib")
+FINAL_METRICS = ("val/accuracy", "val/loss", "train/epoch_loss", "perf/images_per_s", "perf/step_ms", "mem/peak_mib")
 
 
 def epoch_rows(results: dict) -> list[dict]:

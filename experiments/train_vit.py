@@ -25,7 +25,7 @@ from . import common
 OUT = Path("results/train_vit")
 MODEL_KEYS = ("patch_size", "n_layer", "n_head", "n_embd", "mlp_ratio", "dropout", "pool", "fused_residual")
 EPOCH_METRICS = ("train/epoch_loss", "val/loss", "val/accuracy", "perf/images_per_s", "perf/step_ms", "mem/peak_mib")
-FINAL_METRICS = ("val/accuracy", "val/loss", "train/loss", "perf/images_per_s", "perf/step_ms", "mem/peak_mib")
+FINAL_METRICS = ("val/accuracy", "val/loss", "train/epoch_loss", "perf/images_per_s", "perf/step_ms", "mem/peak_mib")
 
 
 def train(config: dict, info: dict, device: torch.device, checkpoints: Path) -> dict:

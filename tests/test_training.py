@@ -104,7 +104,7 @@ def test_logs_steps_and_epochs_and_learns():
     epochs = [(step, m) for step, m in logged if "val/accuracy" in m]
     assert [step for step, _ in epochs] == [1, 2, 3]
     assert set(epochs[0][1]) >= {"train/epoch_loss", "val/loss", "val/accuracy", "perf/images_per_s", "perf/step_ms"}
-    assert result["val/accuracy"] > 0.6 and result["train/loss"] < result["history"][0]["train/epoch_loss"]
+    assert result["val/accuracy"] > 0.6 and result["train/epoch_loss"] < result["history"][0]["train/epoch_loss"]
 
 
 def test_warmup_then_cosine():
@@ -206,7 +206,7 @@ def test_a_step_based_run_evaluates_every_n_steps_in_tokens():
         *(["mem/peak_mib"] if DEVICE == "cuda" else []),
     }
     assert record["perf/mfu"] == pytest.approx(1e6 * record["perf/tokens_per_s"] / 2e12)
-    assert result["train/loss"] == record["train/interval_loss"] and result["resumed_from_step"] == 0
+    assert "train/loss" not in result and result["resumed_from_step"] == 0
     assert history[-1]["val/loss"] < history[0]["val/loss"]
     # the same evaluation batches every time: evaluating twice gives one number
     val = token_stream(200, 2)

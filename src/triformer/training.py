@@ -433,8 +433,9 @@ def fit(
 
     log(metrics, step) (rank 0 only) receives `train/loss` and `train/lr` every `log_every` steps (step = global
     step) and each record (step = the epoch number for epochs, the global step otherwise). after_eval(index,
-    metrics) runs after each record (and its checkpoint). The result is the last record with `train/loss` in place
-    of the interval's loss, plus `history` (every record), `resumed_from_step` (and `resumed_from_epoch`).
+    metrics) runs after each record (and its checkpoint). The result is the last record (its interval's mean loss
+    under the record's name, as logged, not `train/loss`, which is one step's), plus `history` (every record),
+    `resumed_from_step` (and `resumed_from_epoch`).
     """
     device = torch.device(device)
     if problem := compile_problem(config.compile, device.type):
@@ -576,7 +577,6 @@ def fit(
     bar.close()
 
     final = {k: v for k, v in (history[-1] if history else {}).items() if k not in ("step", "epoch")}
-    final["train/loss"] = final.pop(f"train/{name}_loss", float("nan"))
     resumed = {"resumed_from_step": start}
     if name == "epoch":
         resumed["resumed_from_epoch"] = start // steps_per_epoch
