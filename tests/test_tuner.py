@@ -5,6 +5,8 @@ on a shared GPU would be a benchmark, not a test.)"""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from triton.compiler.errors import CompilationError
@@ -108,3 +110,76 @@ def test_queued_clock_holds_the_stream_then_times_batches_of_calls(monkeypatch):
     hold = _tiles._TUNE_HOLD_CYCLES
     assert trace == ["call"] + batch(hold) + batch(hold) + batch(2 * hold) + batch(2 * hold)
     assert ms == 10.0 / 4  # median of 12, 8, 10 (the batch queued too slowly is not counted)
+
+
+@pytest.fixture
+def stored_picks(tmp_path, monkeypatch, fake_clock):
+    """TRIFORMER_TUNING_CACHE pointed at a fresh file; yields (its path, a function that forgets this process's
+    picks, as a new process starts)."""
+    path = tmp_path / "picks" / "tuning.json"
+    monkeypatch.setenv("TRIFORMER_TUNING_CACHE", str(path))
+    monkeypatch.setattr(_tiles, "_READ_STORED", True)  # fresh_picks turned reading off
+
+    def new_process():
+        _tiles._CHOSEN.clear()
+
+    yield path, new_process
+
+
+def test_a_stored_pick_is_launched_in_a_later_process_without_timing(stored_picks, fake_clock):
+    path, new_process = stored_picks
+    launched, timed = fake_clock
+    _tiles.launch_tuned(("key", 64, torch.bfloat16), lambda: ["slow", "fast", "medium"], launched.append)
+    assert timed == ["slow", "fast", "medium"] and path.exists()
+    new_process()
+    timed.clear()
+    launched.clear()
+    _tiles.launch_tuned(("key", 64, torch.bfloat16), lambda: [{"tile": "slow"}, "fast", "medium"], launched.append)
+    assert timed == [] and launched == ["fast"]
+    # another key is still tuned, and both picks are kept
+    _tiles.launch_tuned(("key", 128, torch.bfloat16), lambda: ["slow", "medium"], launched.append)
+    assert timed == ["slow", "medium"]
+    assert sorted(json.loads(path.read_text()).values()) == ["'fast'", "'medium'"]
+
+
+def test_a_stored_pick_that_is_no_longer_a_candidate_is_tuned_again(stored_picks, fake_clock):
+    path, new_process = stored_picks
+    launched, timed = fake_clock
+    _tiles.launch_tuned(("key",), lambda: ["slow", "fast"], launched.append)
+    new_process()
+    timed.clear()
+    _tiles.launch_tuned(("key",), lambda: ["slow", "medium"], launched.append)
+    assert timed == ["slow", "medium"] and launched[-1] == "medium"
+    assert list(json.loads(path.read_text()).values()) == ["'medium'"]
+
+
+def test_picks_are_kept_per_gpu_model(stored_picks, fake_clock, monkeypatch):
+    path, new_process = stored_picks
+    launched, timed = fake_clock
+    monkeypatch.setattr(_tiles, "_stored_key", lambda key: f"GPU A | {key!r}")
+    _tiles.launch_tuned(("key",), lambda: ["slow", "fast"], launched.append)
+    new_process()
+    timed.clear()
+    monkeypatch.setattr(_tiles, "_stored_key", lambda key: f"GPU B | {key!r}")
+    _tiles.launch_tuned(("key",), lambda: ["slow", "fast"], launched.append)
+    assert timed == ["slow", "fast"] and len(json.loads(path.read_text())) == 2
+
+
+def test_an_unreadable_store_warns_and_tunes(stored_picks, fake_clock):
+    path, _ = stored_picks
+    launched, timed = fake_clock
+    path.parent.mkdir()
+    path.write_text("{not json")
+    with pytest.warns(UserWarning, match="unreadable"):
+        _tiles.launch_tuned(("key",), lambda: ["slow", "fast"], launched.append)
+    assert timed == ["slow", "fast"] and launched[-1] == "fast"
+
+
+def test_fresh_picks_time_again_despite_a_store(stored_picks, fake_clock):
+    path, _ = stored_picks
+    launched, timed = fake_clock
+    _tiles.launch_tuned(("key",), lambda: ["slow", "fast"], launched.append)
+    timed.clear()
+    with _tiles.fresh_picks():
+        _tiles.launch_tuned(("key",), lambda: ["slow", "fast"], launched.append)
+    assert timed == ["slow", "fast"]

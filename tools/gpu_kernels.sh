@@ -4,6 +4,7 @@
 #   every kernel benchmark as ratio tables: SUITES (default all, none: skip);
 #   tools: PROBES="name.py:seconds ..." runs tools/name.py under that time limit ("name.py+a+b:seconds": with
 #   the arguments a b).
+# Matmul and attention tuner picks start from reports/gpu/tuning.json and come back as $OUT/tuning.json.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; export OUT
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
@@ -11,6 +12,11 @@ if ls .whl/*.whl >/dev/null 2>&1; then  # the wheelhouse (dvc, mlflow-skinny, li
   SITE=$(mktemp -d "${TMPDIR:-/tmp}/site.XXXXXX")   # a fresh folder each call: never what an earlier call installed
   python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .whl/*.whl || exit 2
   export PYTHONPATH=$PYTHONPATH:$SITE
+fi
+# the tuner's picks: those of earlier calls (committed), brought back with this call's additions
+if [ -z "${TRIFORMER_TUNING_CACHE:-}" ]; then
+  export TRIFORMER_TUNING_CACHE=$OUT/tuning.json
+  [ -f reports/gpu/tuning.json ] && cp reports/gpu/tuning.json "$TRIFORMER_TUNING_CACHE"
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"

@@ -4,9 +4,12 @@ epilogue, which tiles fit a product, and the tuner that picks a product's launch
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 import time
+import warnings
+from pathlib import Path
 
 import torch
 import triton
@@ -80,10 +83,60 @@ _CHOSEN: dict[tuple, object] = {}
 
 @contextlib.contextmanager
 def fresh_picks():
-    """Within the block the tuner starts with no picks (every key's first call times its candidates again) and
-    yields the dict of the picks it makes; the earlier picks come back on exit."""
-    with overridden(sys.modules[__name__], _CHOSEN={}):
+    """Within the block the tuner starts with no picks (every key's first call times its candidates again, the
+    stored picks unread) and yields the dict of the picks it makes; the earlier picks come back on exit."""
+    with overridden(sys.modules[__name__], _CHOSEN={}, _READ_STORED=False):
         yield _CHOSEN
+
+
+# TRIFORMER_TUNING_CACHE=<file.json>: picks kept across processes, per GPU model and Triton version. A key's first
+# call in a process launches the stored pick when it is still one of the key's candidates (compared by repr),
+# else times the candidates and adds its pick to the file.
+_READ_STORED = True
+
+
+def _stored_picks_path() -> Path | None:
+    path = os.environ.get("TRIFORMER_TUNING_CACHE")
+    return Path(path) if path else None
+
+
+def _stored_key(key: tuple) -> str:
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return f"{gpu} | triton {triton.__version__} | {key!r}"
+
+
+def _read_stored(path: Path) -> dict:
+    try:
+        stored = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as error:
+        warnings.warn(f"TRIFORMER_TUNING_CACHE {path} is unreadable ({error}): tuning again", stacklevel=3)
+        return {}
+    return stored if isinstance(stored, dict) else {}
+
+
+def _stored_pick(key: tuple, candidates: list):
+    """The stored pick for key among candidates, or None (no file, no entry, or no longer a candidate)."""
+    path = _stored_picks_path()
+    if path is None or not _READ_STORED:
+        return None
+    wanted = _read_stored(path).get(_stored_key(key))
+    return next((c for c in candidates if repr(c) == wanted), None)
+
+
+def _store_pick(key: tuple, choice) -> None:
+    """Adds key's pick to the file (read again first: other processes may have added theirs; written whole to a
+    temporary file, then renamed over it)."""
+    path = _stored_picks_path()
+    if path is None:
+        return
+    stored = _read_stored(path)
+    stored[_stored_key(key)] = repr(choice)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(stored, indent=1, sort_keys=True))
+    os.replace(temporary, path)
 
 
 # What each candidate took (ms per call) on its key's first call, by key: for tools that show the tuner's view.
@@ -96,10 +149,15 @@ _TUNE_CALLS, _TUNE_BATCHES, _TUNE_HOLD_CYCLES, _TUNE_MAX_HOLDS = 10, 3, 10_000_0
 def launch_tuned(key: tuple, candidates, run) -> None:
     """run(the fastest of candidates() for this product key): on the key's first call each candidate is timed
     end to end (`run(candidate)`, every kernel it launches; one that does not compile is skipped), later calls
-    reuse the pick."""
+    reuse the pick (so do later processes, through TRIFORMER_TUNING_CACHE)."""
     choice = _CHOSEN.get(key)
     if choice is None:
-        choice = _CHOSEN[key] = _fastest(key, candidates(), run)
+        listed = candidates()
+        choice = _stored_pick(key, listed)
+        if choice is None:
+            choice = _fastest(key, listed, run)
+            _store_pick(key, choice)
+        _CHOSEN[key] = choice
     run(choice)
 
 
