@@ -390,7 +390,7 @@ else:
     )
     curves(gpt, ["train/loss", "val/loss"], "GPT: loss against step", "gpt_curves")
     final = final_table(
-        gpt, ["val/loss", "train/loss", "perf/tokens_per_s", "perf/step_ms", "mem/peak_mib", "perf/mfu"]
+        gpt, ["val/loss", "train/interval_loss", "perf/tokens_per_s", "perf/step_ms", "mem/peak_mib", "perf/mfu"]
     )
     bars(
         final,
@@ -426,7 +426,7 @@ if vit.empty:
 else:
     curves(vit, ["train/loss", "val/accuracy"], f"ViT on {vit.iloc[0]['params.dataset']}", "vit_curves")
     final = final_table(
-        vit, ["val/accuracy", "val/loss", "train/loss", "perf/images_per_s", "perf/step_ms", "mem/peak_mib"]
+        vit, ["val/accuracy", "val/loss", "train/epoch_loss", "perf/images_per_s", "perf/step_ms", "mem/peak_mib"]
     )
     bars(
         final,

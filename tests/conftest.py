@@ -22,6 +22,8 @@ if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
 # Hundreds of shapes would each trigger an autotuning sweep on the GPU: tests use one fixed tile per shape and
 # check every tile of the tuning space explicitly (test_linear_gpu.py), and the autotuned path on a few shapes.
 os.environ.setdefault("TRIFORMER_AUTOTUNE", "0")
+# the tuner's picks are timed here: never read from or left in a user's store of picks
+os.environ.pop("TRIFORMER_TUNING_CACHE", None)
 
 import pytest  # noqa: E402
 

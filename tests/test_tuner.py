@@ -6,6 +6,8 @@ on a shared GPU would be a benchmark, not a test.)"""
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from triton.compiler.errors import CompilationError
 from triton.runtime.errors import OutOfResources
 
 from triformer.kernels import _tiles
+from triformer.kernels._runtime import overridden
 
 
 @pytest.fixture
@@ -118,12 +121,12 @@ def stored_picks(tmp_path, monkeypatch, fake_clock):
     picks, as a new process starts)."""
     path = tmp_path / "picks" / "tuning.json"
     monkeypatch.setenv("TRIFORMER_TUNING_CACHE", str(path))
-    monkeypatch.setattr(_tiles, "_READ_STORED", True)  # fresh_picks turned reading off
 
     def new_process():
         _tiles._CHOSEN.clear()
 
-    yield path, new_process
+    with overridden(_tiles, _USE_STORED=True):  # fake_clock's fresh_picks turned the store off
+        yield path, new_process
 
 
 def test_a_stored_pick_is_launched_in_a_later_process_without_timing(stored_picks, fake_clock):
@@ -175,11 +178,42 @@ def test_an_unreadable_store_warns_and_tunes(stored_picks, fake_clock):
     assert timed == ["slow", "fast"] and launched[-1] == "fast"
 
 
-def test_fresh_picks_time_again_despite_a_store(stored_picks, fake_clock):
+def test_fresh_picks_neither_read_nor_write_the_store(stored_picks, fake_clock):
     path, _ = stored_picks
     launched, timed = fake_clock
     _tiles.launch_tuned(("key",), lambda: ["slow", "fast"], launched.append)
     timed.clear()
     with _tiles.fresh_picks():
         _tiles.launch_tuned(("key",), lambda: ["slow", "fast"], launched.append)
-    assert timed == ["slow", "fast"]
+        _tiles.launch_tuned(("other key",), lambda: ["slow", "medium"], launched.append)
+    assert timed == ["slow", "fast", "slow", "medium"]
+    assert list(json.loads(path.read_text()).values()) == ["'fast'"]
+
+
+def test_a_store_that_cannot_be_written_warns_and_launches(tmp_path, monkeypatch, fake_clock):
+    launched, timed = fake_clock
+    (tmp_path / "a file").write_text("")
+    monkeypatch.setenv("TRIFORMER_TUNING_CACHE", str(tmp_path / "a file" / "tuning.json"))
+    with overridden(_tiles, _USE_STORED=True), pytest.warns(UserWarning):
+        _tiles.launch_tuned(("key",), lambda: ["slow", "fast"], launched.append)
+    assert launched[-1] == "fast"
+
+
+def _store_picks_in_a_process(path: str, first: int, start) -> None:
+    os.environ["TRIFORMER_TUNING_CACHE"] = path
+    start.wait()  # every process writes at the same time
+    for key in range(first, first + 50):
+        _tiles._store_pick(("key", key), {"tile": key})
+
+
+def test_processes_storing_at_once_keep_every_pick(tmp_path):
+    path = tmp_path / "tuning.json"
+    context = multiprocessing.get_context("spawn")
+    start = context.Barrier(4)
+    workers = [context.Process(target=_store_picks_in_a_process, args=(str(path), 50 * i, start)) for i in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert all(worker.exitcode == 0 for worker in workers)
+    assert len(json.loads(path.read_text())) == 200

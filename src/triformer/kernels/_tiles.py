@@ -4,6 +4,7 @@ epilogue, which tiles fit a product, and the tuner that picks a product's launch
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import sys
@@ -83,21 +84,23 @@ _CHOSEN: dict[tuple, object] = {}
 
 @contextlib.contextmanager
 def fresh_picks():
-    """Within the block the tuner starts with no picks (every key's first call times its candidates again, the
-    stored picks unread) and yields the dict of the picks it makes; the earlier picks come back on exit."""
-    with overridden(sys.modules[__name__], _CHOSEN={}, _READ_STORED=False):
+    """Within the block the tuner starts with no picks (every key's first call times its candidates again; the
+    stored picks are neither read nor written) and yields the dict of the picks it makes; the earlier picks come
+    back on exit."""
+    with overridden(sys.modules[__name__], _CHOSEN={}, _USE_STORED=False):
         yield _CHOSEN
 
 
 # TRIFORMER_TUNING_CACHE=<file.json>: picks kept across processes, per GPU model and Triton version. A key's first
 # call in a process launches the stored pick when it is still one of the key's candidates (compared by repr),
-# else times the candidates and adds its pick to the file.
-_READ_STORED = True
+# else times the candidates and adds its pick to the file. Processes sharing the file take turns (a lock file
+# beside it); a file that cannot be read or written is warned about and the tuner works as without it.
+_USE_STORED = True
 
 
 def _stored_picks_path() -> Path | None:
     path = os.environ.get("TRIFORMER_TUNING_CACHE")
-    return Path(path) if path else None
+    return Path(path) if path and _USE_STORED else None
 
 
 def _stored_key(key: tuple) -> str:
@@ -105,38 +108,57 @@ def _stored_key(key: tuple) -> str:
     return f"{gpu} | triton {triton.__version__} | {key!r}"
 
 
+@contextlib.contextmanager
+def _locked(path: Path):
+    """Within the block no other process holds path's lock (path + ".lock")."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def _read_stored(path: Path) -> dict:
-    try:
-        stored = json.loads(path.read_text())
-    except FileNotFoundError:
+    if not path.exists():
         return {}
-    except (OSError, ValueError) as error:
-        warnings.warn(f"TRIFORMER_TUNING_CACHE {path} is unreadable ({error}): tuning again", stacklevel=3)
-        return {}
-    return stored if isinstance(stored, dict) else {}
+    stored = json.loads(path.read_text())
+    if not isinstance(stored, dict):
+        raise ValueError("not a JSON object")
+    return stored
 
 
 def _stored_pick(key: tuple, candidates: list):
     """The stored pick for key among candidates, or None (no file, no entry, or no longer a candidate)."""
     path = _stored_picks_path()
-    if path is None or not _READ_STORED:
+    if path is None:
         return None
-    wanted = _read_stored(path).get(_stored_key(key))
+    try:
+        with _locked(path):
+            wanted = _read_stored(path).get(_stored_key(key))
+    except (OSError, ValueError) as error:
+        warnings.warn(f"TRIFORMER_TUNING_CACHE {path} is unreadable ({error}): tuning instead", stacklevel=3)
+        return None
     return next((c for c in candidates if repr(c) == wanted), None)
 
 
 def _store_pick(key: tuple, choice) -> None:
-    """Adds key's pick to the file (read again first: other processes may have added theirs; written whole to a
-    temporary file, then renamed over it)."""
+    """Adds key's pick to the file, under the lock (written whole to a temporary file, then renamed over it)."""
     path = _stored_picks_path()
     if path is None:
         return
-    stored = _read_stored(path)
-    stored[_stored_key(key)] = repr(choice)
-    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(stored, indent=1, sort_keys=True))
-    os.replace(temporary, path)
+    try:
+        with _locked(path):
+            try:
+                stored = _read_stored(path)
+            except ValueError:  # warned about when read: replaced by what this process knows
+                stored = {}
+            stored[_stored_key(key)] = repr(choice)
+            temporary.write_text(json.dumps(stored, indent=1, sort_keys=True))
+            os.replace(temporary, path)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        warnings.warn(f"TRIFORMER_TUNING_CACHE {path} cannot be written ({error}): pick not kept", stacklevel=3)
 
 
 # What each candidate took (ms per call) on its key's first call, by key: for tools that show the tuner's view.
