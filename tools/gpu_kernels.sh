@@ -4,7 +4,7 @@
 #   every kernel benchmark as ratio tables: SUITES (default all, none: skip);
 #   tools: PROBES="name.py:seconds ..." runs tools/name.py under that time limit ("name.py+a+b:seconds": with
 #   the arguments a b).
-# Matmul and attention tuner picks start from reports/gpu/tuning.json and come back as $OUT/tuning.json.
+# Matmul and attention tuner picks: tools/tuning_store.sh.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; export OUT
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
@@ -13,11 +13,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then  # the wheelhouse (dvc, mlflow-skinny, li
   python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .whl/*.whl || exit 2
   export PYTHONPATH=$PYTHONPATH:$SITE
 fi
-# the tuner's picks for the benchmarks and tools (not the tests, whose picks are forced or timed on a shared GPU):
-# those of earlier calls (committed), brought back with this call's additions
-PICKS=${TRIFORMER_TUNING_CACHE:-$OUT/tuning.json}
-unset TRIFORMER_TUNING_CACHE
-[ "$PICKS" = "$OUT/tuning.json" ] && [ -f reports/gpu/tuning.json ] && cp reports/gpu/tuning.json "$PICKS"
+source tools/tuning_store.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 if [ "${TESTS:-}" != none ]; then
@@ -27,10 +23,10 @@ if [ "${TESTS:-}" != none ]; then
     -k "${TEST_SELECT:-not nothing}" -p no:benchmark -rfE --durations=25 2>&1 | tee "$OUT/pytest_kernels.log" \
     | grep -v -E "(PASSED|SKIPPED|XFAIL)" | tail -80
 fi
-[ "${SUITES:-}" = none ] || TRIFORMER_TUNING_CACHE=$PICKS timeout ${BENCH_TIMEOUT:-300} python3 tools/gpu_kernels.py ${SUITES:-} 2>&1 | tee "$OUT/bench_kernels.log"
+[ "${SUITES:-}" = none ] || timeout ${BENCH_TIMEOUT:-300} python3 tools/gpu_kernels.py ${SUITES:-} 2>&1 | tee "$OUT/bench_kernels.log"
 for probe in ${PROBES:-}; do
   spec=${probe%%:*}; limit=${probe##*:}
   name=${spec%%+*}; args=""
   [ "$spec" != "$name" ] && args=${spec#*+} && args=${args//+/ }
-  TRIFORMER_TUNING_CACHE=$PICKS timeout "$limit" python3 tools/$name $args 2>&1 | tee "$OUT/${name%.py}.log"
+  timeout "$limit" python3 tools/$name $args 2>&1 | tee "$OUT/${name%.py}.log"
 done

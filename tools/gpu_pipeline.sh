@@ -17,6 +17,7 @@ if [ ! -d .git ]; then  # the copied tree has no git repository; DVC wants one
     dvc config --local core.no_scm true
   fi
 fi
+source tools/tuning_store.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 timeout ${REPRO_TIMEOUT:-560} dvc repro --keep-going ${STAGES:-} 2>&1 | grep -v "it/s\]$" | tee "$OUT/dvc_repro.log" | tail -60
 tar czf "$OUT/results.tgz" results reports/html reports/figures dvc.lock 2>/dev/null

@@ -37,6 +37,7 @@ fi
 
 START=$SECONDS
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+source tools/tuning_store.sh
 STAGES=${STAGES:-train_gpt train_vit}
 BUDGET=${BUDGET:-570}
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=${TQDM_MININTERVAL:-10}   # tqdm's bars: a line per 10 s in the logs
