@@ -93,8 +93,8 @@ def fresh_picks():
 
 # TRIFORMER_TUNING_CACHE=<file.json>: picks kept across processes, per GPU model and Triton version. A key's first
 # call in a process launches the stored pick when it is still one of the key's candidates (compared by repr),
-# else times the candidates and adds its pick to the file. Processes sharing the file take turns (a lock file
-# beside it); a file that cannot be read or written is warned about and the tuner works as without it.
+# else times the candidates and adds its pick to the file. Processes adding picks take turns (a lock file beside
+# it); a file that cannot be read or written is warned about and the tuner works as without it.
 _USE_STORED = True
 
 
@@ -118,6 +118,7 @@ def _locked(path: Path):
 
 
 def _read_stored(path: Path) -> dict:
+    """The store's picks ({} before the first): no lock needed, writers replace the file whole."""
     if not path.exists():
         return {}
     stored = json.loads(path.read_text())
@@ -132,8 +133,7 @@ def _stored_pick(key: tuple, candidates: list):
     if path is None:
         return None
     try:
-        with _locked(path):
-            wanted = _read_stored(path).get(_stored_key(key))
+        wanted = _read_stored(path).get(_stored_key(key))
     except (OSError, ValueError) as error:
         warnings.warn(f"TRIFORMER_TUNING_CACHE {path} is unreadable ({error}): tuning instead", stacklevel=3)
         return None
