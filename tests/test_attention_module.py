@@ -62,8 +62,8 @@ def test_parameters_match_the_twin():
     assert ours.qkv.activation is None and ours.out_proj.activation is None
 
 
-def test_heads_are_views_of_one_projection(monkeypatch, seed):
-    """q, k and v are strided views into the QKV projection's output: no copy before the kernel."""
+def spy_on_attention(monkeypatch) -> dict:
+    """q, k and v of the next attention calls, as they reach triformer.functional.attention."""
     seen = {}
     real = F_tri.attention
 
@@ -72,7 +72,15 @@ def test_heads_are_views_of_one_projection(monkeypatch, seed):
         return real(q, k, v, causal=causal, scale=scale)
 
     monkeypatch.setattr(F_tri, "attention", spy)
-    ours, _ = twins(num_kv_heads=2)
+    return seen
+
+
+@pytest.mark.parametrize("rope", [False, True], ids=["no-rope", "rope"])
+def test_heads_are_views_of_one_projection(monkeypatch, rope, seed):
+    """q, k and v are strided views into the QKV projection's output: no copy before the kernel, with a rotary
+    embedding too (q and k rotated in place there), with gradients or without."""
+    seen = spy_on_attention(monkeypatch)
+    ours, _ = twins(num_kv_heads=2, rope=rope)
     with torch.no_grad():
         ours(randn(2, 7, EMBED))
     q, k, v = seen["q"], seen["k"], seen["v"]
@@ -80,6 +88,24 @@ def test_heads_are_views_of_one_projection(monkeypatch, seed):
     storage = q.untyped_storage().data_ptr()
     assert k.untyped_storage().data_ptr() == storage == v.untyped_storage().data_ptr()
     assert not q.is_contiguous() and q.stride() == (7 * 128, 16, 128, 1)
+    ours(randn(2, 7, EMBED, requires_grad=True)).sum().backward()
+    assert seen["q"].untyped_storage().data_ptr() == seen["v"].untyped_storage().data_ptr()
+
+
+def test_rope_in_place_only_where_the_projection_output_is_private(monkeypatch, seed):
+    """A forward hook on the QKV projection may keep its output: then q and k are rotated into new tensors and the
+    hook's tensor keeps the projection's values; the result is the same either way."""
+    seen = spy_on_attention(monkeypatch)
+    ours, _ = twins(num_kv_heads=2, rope=True)
+    x = randn(2, 7, EMBED)
+    with torch.no_grad():
+        in_place = ours(x)
+        kept = []
+        ours.qkv.register_forward_hook(lambda module, args, out: kept.append(out))
+        copied = ours(x)
+    assert seen["q"].untyped_storage().data_ptr() != seen["v"].untyped_storage().data_ptr()
+    assert torch.equal(kept[0], ours.qkv(x))
+    assert torch.equal(in_place, copied)
 
 
 @pytest.mark.parametrize("cls", [TritonMultiheadAttention, TorchMultiheadAttention])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 import torch
 from harness import DEVICE, DTYPES, ON_GPU, assert_close, randn, reference_copy
 from sm90_compile import assert_compiled_without_spills, child_report, compile_for_sm90, report_each, spilled_bytes
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import triformer.functional as F_tri
 from triformer import TritonRotaryEmbedding
@@ -34,23 +36,31 @@ def random_tables(rows: int, half: int, dtype=torch.float32):
     return angles.cos().to(DEVICE, dtype), angles.sin().to(DEVICE, dtype)
 
 
-def check(leaves: list[torch.Tensor], views, cos, sin, offset: int, dtype: torch.dtype, grads=None):
+def check(leaves: list[torch.Tensor], views, cos, sin, offset: int, dtype: torch.dtype, grads=None, inplace=False):
     """views(*leaves) → (q, k); ours and the float64 reference on the same rounded inputs: q_rot, k_rot, then the
-    gradient of every leaf. grads: (dq_rot, dk_rot) to back-propagate (fresh random ones by default)."""
+    gradient of every leaf. grads: (dq_rot, dk_rot) to back-propagate (fresh random ones by default). inplace: q and
+    k are views of copies of the leaves (non-leaf tensors, as a projection's outputs are), rotated in place."""
     refs = [reference_copy(t) for t in leaves]
-    q, k = views(*leaves)
-    q_rot, k_rot = F_tri.rope(q, k, cos, sin, offset)
+    q, k = views(*(t.clone() for t in leaves)) if inplace else views(*leaves)
+    q_rot, k_rot = F_tri.rope(q, k, cos, sin, offset, inplace=inplace)
     q_ref, k_ref = (reference_rope(t, cos, sin, offset) for t in views(*refs))
     for out, ref, x, name in ((q_rot, q_ref, q, "q_rot"), (k_rot, k_ref, k, "k_rot")):
-        assert out.dtype == x.dtype and out.shape == x.shape and out.is_contiguous(), name
+        assert out.dtype == x.dtype and out.shape == x.shape, name
+        assert aliases(out, x) if inplace else out.is_contiguous(), name
         assert_close(out, ref, dtype, name)
     if grads is None:
         grads = randn(*q.shape, dtype=dtype), randn(*k.shape, dtype=dtype)
-    torch.autograd.backward((q_rot, k_rot), grads)
+    torch.autograd.backward((q_rot, k_rot), [g.clone() for g in grads] if inplace else grads)  # in place: rotated
     torch.autograd.backward((q_ref, k_ref), [g.detach().double().cpu() for g in grads])
     for i, (leaf, ref) in enumerate(zip(leaves, refs)):
         assert leaf.grad is not None, f"no gradient reached input {i}"
         assert_close(leaf.grad, ref.grad, dtype, f"grad of input {i}")
+
+
+def aliases(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a and b are views of the same elements (strides of dims longer than 1 compared)."""
+    strides = [tuple(s for s, n in zip(t.stride(), t.shape) if n > 1) for t in (a, b)]
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and strides[0] == strides[1]
 
 
 def plain(q, k):
@@ -171,6 +181,109 @@ def test_nan_and_inf_propagate(dtype, seed):
         assert_close(out.cpu()[finite], ref[finite], dtype, "finite part")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("s, d", [(1, 16), (7, 40), (33, 64)])
+def test_in_place_against_float64(s, d, dtype, seed):
+    """inplace=True on contiguous q, k (grouped-query) and on views of a fused [B, S, 3, H, D] projection: the
+    values written over q and k, and every gradient."""
+    offset = int(torch.randint(0, 5, ()).item())
+    cos, sin = random_tables(s + offset, d // 2)
+    check(qk(2, 3, 1, s, d, dtype), plain, cos, sin, offset, dtype, inplace=True)
+    fused = randn(2, s, 3, 2, d, dtype=dtype, requires_grad=True)
+
+    def views(t):
+        return t[:, :, 0].permute(0, 2, 1, 3), t[:, :, 1].permute(0, 2, 1, 3)
+
+    check([fused], views, cos, sin, offset, dtype, inplace=True)
+    assert not fused.grad[:, :, 2].any()
+
+
+def test_in_place_rotates_the_fused_projection_and_its_gradients(seed):
+    """inplace=True leaves v's third of a fused projection as it was and rotates q's and k's thirds; the backward
+    rotates distinct dense incoming gradients where they are (no new [B, H, S, D] tensors), and gradients it may not
+    overwrite (one tensor for both, an expanded one) into new tensors, with the same result."""
+    b, s, h, d = 2, 7, 2, 16
+    cos, sin = random_tables(s, d // 2)
+    source = randn(b, s, 3, h, d, requires_grad=True)
+    fused = source * 1
+    before = fused.detach().clone()
+    q, k = fused[:, :, 0].transpose(1, 2), fused[:, :, 1].transpose(1, 2)
+    q_rot, k_rot = F_tri.rope(q, k, cos, sin, inplace=True)
+    assert torch.equal(fused[:, :, 2], before[:, :, 2])
+    expected = F_tri.rope(before[:, :, 0].transpose(1, 2), before[:, :, 1].transpose(1, 2), cos, sin)
+    assert torch.equal(q_rot, expected[0]) and torch.equal(k_rot, expected[1])
+    dq, dk = randn(b, h, s, d), randn(b, h, s, d)
+    dq_kept, dk_kept = dq.clone(), dk.clone()
+    torch.autograd.backward((q_rot, k_rot), (dq, dk))
+    expected_grads = F_tri.rope(dq_kept, dk_kept, cos, -sin)  # the rotation by −θ
+    assert torch.equal(source.grad[:, :, 0].transpose(1, 2), expected_grads[0])
+    assert torch.equal(source.grad[:, :, 1].transpose(1, 2), expected_grads[1])
+    assert torch.equal(dq, expected_grads[0]) and torch.equal(dk, expected_grads[1]), "rotated where they were"
+    for shared in (randn(b, h, s, d), torch.ones((), device=DEVICE).expand(b, h, s, d)):
+        kept = shared.clone()
+        source.grad = None
+        fused = source * 1
+        q_rot, k_rot = F_tri.rope(fused[:, :, 0].transpose(1, 2), fused[:, :, 1].transpose(1, 2), cos, sin, 0, True)
+        torch.autograd.backward((q_rot, k_rot), (shared, shared))
+        assert torch.equal(shared, kept), "a gradient held twice is not written"
+        rotated = F_tri.rope(kept, kept, cos, -sin)
+        assert torch.equal(source.grad[:, :, 0].transpose(1, 2), rotated[0])
+        assert torch.equal(source.grad[:, :, 1].transpose(1, 2), rotated[1])
+
+
+def test_in_place_is_seen_by_autograd(seed):
+    """An op that saved q for its backward raises autograd's in-place error instead of reading the rotated values;
+    without gradients the rotation is still in place; the traced path (a dispatch mode) copies the rotation back
+    and gives eager mode's values and gradients."""
+    cos, sin = random_tables(7, 8)
+    source = randn(1, 2, 7, 16, requires_grad=True)
+    q, k = source * 1, source * 2
+    squared = q * q  # saves q
+    F_tri.rope(q, k, cos, sin, inplace=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        squared.sum().backward()
+    with torch.no_grad():
+        q, k = source * 1, source * 2
+        q_rot, k_rot = F_tri.rope(q, k, cos, sin, inplace=True)
+    assert q_rot is q and k_rot is k
+    assert torch.equal(q, F_tri.rope(source.detach(), source.detach(), cos, sin)[0])
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    dq, dk = randn(1, 2, 7, 16), randn(1, 2, 7, 16)
+    grads = []
+    for mode in (contextlib.nullcontext(), Passthrough()):
+        source.grad = None
+        with mode:
+            q, k = source * 1, source * 2
+            q_rot, k_rot = F_tri.rope(q, k, cos, sin, inplace=True)
+            assert aliases(q_rot, q) and aliases(k_rot, k)
+            torch.autograd.backward((q_rot, k_rot), (dq.clone(), dk.clone()))
+        grads.append((q.detach().clone(), source.grad.clone()))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+def test_in_place_bad_inputs_get_clear_errors():
+    cos, sin = random_tables(7, 8)
+    leaf = randn(1, 2, 7, 16, requires_grad=True)
+    with pytest.raises(ValueError, match="q, which is a leaf that requires grad"):
+        F_tri.rope(leaf, leaf * 1, cos, sin, inplace=True)
+    with pytest.raises(ValueError, match=r"k, which is a leaf that requires grad \(or a view of one\)"):
+        F_tri.rope(leaf * 1, leaf.transpose(2, 3).transpose(2, 3), cos, sin, inplace=True)
+    shared = leaf * 1
+    with pytest.raises(ValueError, match="share no element"):
+        F_tri.rope(shared, shared, cos, sin, inplace=True)
+    wide = randn(1, 2, 7, 24) * 1
+    with pytest.raises(ValueError, match="share no element"):
+        F_tri.rope(wide[..., :16], wide[..., 8:], cos, sin, inplace=True)
+    with pytest.raises(ValueError, match="q .* addresses some elements more than once"):
+        F_tri.rope(randn(1, 1, 7, 16).expand(1, 2, 7, 16), leaf * 1, cos, sin, inplace=True)
+    with pytest.raises(TypeError, match="inplace must be True or False"):
+        F_tri.rope(leaf, leaf, cos, sin, inplace=1)
+
+
 def test_bad_inputs_get_clear_errors():
     q = randn(1, 2, 7, 16)
     k = randn(1, 1, 7, 16)
@@ -257,13 +370,15 @@ def test_bench_suite_rows(seed):
     from triformer.bench import rope as rope_bench
 
     rows = rope_bench.run(
-        [(1, 2, 7, 16)], dtype=torch.float32, device=DEVICE, progress=False, rounds=1, names=("triformer", "torch")
+        [(1, 2, 7, 16)],
+        dtype=torch.float32,
+        device=DEVICE,
+        progress=False,
+        rounds=1,
+        names=("triformer", "triformer (in place)", "torch"),
     )
     assert [(r["mode"], r["provider"]) for r in rows] == [
-        ("fwd", "triformer"),
-        ("fwd", "torch"),
-        ("fwd+bwd", "triformer"),
-        ("fwd+bwd", "torch"),
+        (mode, provider) for mode in ("fwd", "fwd+bwd") for provider in ("triformer", "triformer (in place)", "torch")
     ]
     for row in rows:
         passes = 1 if row["mode"] == "fwd" else 2
@@ -297,6 +412,14 @@ ROPE_TYPES = dict(
             "stride_kh",
             "stride_ks",
             "stride_kd",
+            "stride_qob",
+            "stride_qoh",
+            "stride_qos",
+            "stride_qod",
+            "stride_kob",
+            "stride_koh",
+            "stride_kos",
+            "stride_kod",
             "stride_cs",
             "stride_cd",
             "stride_ss",
@@ -310,7 +433,12 @@ COMPILE_CASES = {
     "B8-S1024-D64-H24": ((8, 1024, 64, 24), {}),
     "B1-S1-D40-unit": (
         (1, 1, 40, 2),
-        {"S": 1, "HQ": 1, "HK": 1, "stride_qd": 1, "stride_kd": 1, "stride_cd": 1, "stride_sd": 1},
+        {
+            "S": 1,
+            "HQ": 1,
+            "HK": 1,
+            **{f"stride_{t}d": 1 for t in ("q", "k", "qo", "ko", "c", "s")},
+        },
     ),
 }
 

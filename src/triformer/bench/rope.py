@@ -1,10 +1,11 @@
-"""Rotary position embedding, forward and forward+backward: triformer against torch eager (Hugging Face's
-x·cos + rotate_half(x)·sin, triformer.nn.rope.torch_rope), its torch.compile, and Liger-Kernel's LigerRopeFunction
-(where installed).
+"""Rotary position embedding, forward and forward+backward: triformer (out of place, and in place) against torch
+eager (Hugging Face's x·cos + rotate_half(x)·sin, triformer.nn.rope.torch_rope), its torch.compile, and
+Liger-Kernel's LigerRopeFunction (where installed).
 
 Shapes [B, H, S, D] (q and k with H heads each). Every provider gets q and k as a model has them: transposed views
-[B, H, S, D] of [B, S, H, D] projections (Liger's own layout: it rotates them in place, no copy; triformer reads the
-views through their strides and writes new tensors), and the gradients in the same layout (torch.randn_like).
+[B, H, S, D] of [B, S, H, D] projection outputs (non-leaf tensors of a fresh history each call, made without a copy),
+which Liger and triformer in place rotate where they are and triformer out of place reads through their strides
+into new tensors; the gradients come in the same layout (torch.randn_like).
 triformer and torch read float32 tables [S, D/2], Liger float32 tables [1, S, D] (its format). GB/s counts q and k
 read and q_rot, k_rot written once (forward+backward: also dq_rot, dk_rot read and dq, dk written) plus the two
 float32 half tables once per pass, the same bytes for every provider; peak_extra_mib is the peak memory above the
@@ -31,11 +32,29 @@ def _liger_rope():
     return LigerRopeFunction
 
 
+class _ProjectionOutput(torch.autograd.Function):
+    """x's storage as a non-leaf tensor with a history of its own, as a projection's output is (no copy): what an
+    in-place rotation may write into, every call anew."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def _rope_in_place(q, k, cos, sin):
+    return F_tri.rope(q, k, cos, sin, inplace=True)
+
+
 def providers(device: str) -> dict:
     """name → f(q, k, cos, sin) → (q_rot, k_rot), with cos, sin float32 [S, D/2]; an exception where the provider
     cannot run here."""
     table: dict = {
         "triformer": F_tri.rope,
+        "triformer (in place)": _rope_in_place,
         "torch": torch_rope,
         "torch.compile": torch.compile(torch_rope) if device == "cuda" else RuntimeError(COMPILE_CUDA_ONLY),
     }
@@ -59,7 +78,9 @@ def _setup(fn, shape, dtype, device, mode):
         cos, sin = F_tri.rope_tables(d, s, device=device)
         inputs = [q.requires_grad_(mode != "fwd"), k.requires_grad_(mode != "fwd")]
         grads = [torch.randn_like(q), torch.randn_like(k)]
-        call = mode_call(lambda: fn(q, k, cos, sin), inputs, grads, mode)
+        call = mode_call(
+            lambda: fn(_ProjectionOutput.apply(q), _ProjectionOutput.apply(k), cos, sin), inputs, grads, mode
+        )
         passes = 1 if mode == "fwd" else 2
         nbytes = passes * (4 * q.numel() * q.element_size() + 2 * cos.numel() * cos.element_size())
         return call, nbytes

@@ -10,7 +10,8 @@ from torch import Tensor
 from ..kernels import rope as rope_kernels
 from ..kernels._runtime import check_same_dtype, check_tensor
 from . import _is_number
-from ._library import Op, placeholder
+from ._library import Op, placeholder, plain_eager
+from ._overlap import may_share_elements, overlaps_itself
 
 
 def rope_tables(head_dim: int, max_seq_len: int, base: float = 10000.0, device=None):
@@ -65,6 +66,26 @@ def _check_rope_inputs(q, k, cos, sin, offset) -> None:
         )
 
 
+def _check_in_place(q, k) -> None:
+    """inplace=True: q and k are written through their strides, so no element may be addressed twice, and autograd
+    must be able to record the write."""
+    for t, name in ((q, "q"), (k, "k")):
+        if overlaps_itself(t):
+            raise ValueError(
+                f"inplace=True writes the rotation into {name}, but {name} (shape {tuple(t.shape)}, strides "
+                f"{t.stride()}) addresses some elements more than once (an expanded view?): pass inplace=False"
+            )
+        base = t._base if t._base is not None else t
+        if torch.is_grad_enabled() and base.requires_grad and base.is_leaf:
+            raise ValueError(
+                f"inplace=True writes the rotation into {name}, which is a leaf that requires grad "
+                f"{'' if t._base is None else '(or a view of one) '}and autograd forbids writing it: pass "
+                f"inplace=False, or rotate a non-leaf (e.g. a projection's output)"
+            )
+    if may_share_elements(q, k):
+        raise ValueError("inplace=True needs q and k that share no element (they would be rotated twice)")
+
+
 def _rope_impl(
     q: Tensor | None, k: Tensor | None, cos: Tensor, sin: Tensor, offset: int, inverse: bool
 ) -> tuple[Tensor, Tensor]:
@@ -99,12 +120,113 @@ def _rope_backward(ctx, dq_rot, dk_rot):
 _rope_op = Op("rope", _rope_impl, _rope_fake, setup_context=_rope_setup, backward=_rope_backward)
 
 
-def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, offset: int = 0):
+def _rope_in_place_impl(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, offset: int, inverse: bool) -> None:
+    """q and k rotated in their own storage by +θ (by −θ when inverse)."""
+    rope_kernels.rotate(q, k, cos, sin, offset, inverse, in_place=True)
+
+
+def _rope_in_place_fake(q, k, cos, sin, offset, inverse):
+    return None
+
+
+_rope_in_place_op = Op("rope_", _rope_in_place_impl, _rope_in_place_fake, mutates_args=("q", "k"))
+
+
+def _private_gradients(dq_rot: Tensor | None, dk_rot: Tensor | None) -> bool:
+    """Whether the backward may rotate the incoming gradients where they are: dense, no element of one is the
+    other's, and no graph of the backward itself is being recorded (create_graph)."""
+    present = [g for g in (dq_rot, dk_rot) if g is not None]
+    if torch.is_grad_enabled() or any(overlaps_itself(g) for g in present):
+        return False
+    return len(present) < 2 or not may_share_elements(dq_rot, dk_rot)
+
+
+class _RopeInPlace(torch.autograd.Function):
+    """rope(..., inplace=True) in eager mode with gradients: the in-place op's rotation (a custom op cannot both
+    write into its inputs and have an autograd formula), returned as new aliases of q and k. Autograd is not told
+    which inputs were written (mark_dirty refuses two outputs when an input is a view, as q and k of a fused
+    projection are): their version is bumped instead, so every op that saved them (or their base) fails loudly in
+    its backward. The backward rotates the incoming gradients in place by −θ where they are private
+    (_private_gradients), else into new tensors."""
+
+    @staticmethod
+    def forward(ctx, q, k, cos, sin, offset):
+        _rope_in_place_impl(q, k, cos, sin, offset, False)
+        torch.autograd.graph.increment_version((q, k))
+        ctx.save_for_backward(cos, sin)
+        ctx.offset = offset
+        ctx.set_materialize_grads(False)
+        return q, k
+
+    @staticmethod
+    def backward(ctx, dq_rot, dk_rot):
+        cos, sin = ctx.saved_tensors
+        dq_rot = dq_rot if ctx.needs_input_grad[0] else None
+        dk_rot = dk_rot if ctx.needs_input_grad[1] else None
+        if dq_rot is None and dk_rot is None:
+            return None, None, None, None, None
+        if _private_gradients(dq_rot, dk_rot):
+            rope_kernels.rotate(dq_rot, dk_rot, cos, sin, ctx.offset, True, in_place=True)
+            return dq_rot, dk_rot, None, None, None
+        dq, dk = rope_kernels.rotate(dq_rot, dk_rot, cos, sin, ctx.offset, True)
+        return dq, dk, None, None, None
+
+
+class _RopeLeadingHeads(torch.autograd.Function):
+    """Heads [0, heads) of x [B, T, H_total, D] (q's and k's heads of a fused QKV projection's output, v's after
+    them) rotated in x's storage; returns an alias of x, its version bumped (as _RopeInPlace). One tensor in and
+    out, so the views taken of the alias afterwards (q, k, v by one split) are fresh. The backward rotates the
+    same heads of the incoming gradient by −θ, in place where it is private, else in a copy."""
+
+    @staticmethod
+    def forward(ctx, x, heads, cos, sin, offset):
+        rope_kernels.rotate(x[:, :, :heads].transpose(1, 2), None, cos, sin, offset, in_place=True)
+        torch.autograd.graph.increment_version(x)
+        ctx.save_for_backward(cos, sin)
+        ctx.heads, ctx.offset = heads, offset
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        if not _private_gradients(grad, None):
+            grad = grad.clone(memory_format=torch.contiguous_format)
+        rope_kernels.rotate(grad[:, :, : ctx.heads].transpose(1, 2), None, cos, sin, ctx.offset, True, in_place=True)
+        return grad, None, None, None, None
+
+
+def rope_leading_heads_(x: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor, offset: int = 0):
+    """Heads [0, heads) of x [B, T, H_total, D] rotated in place as rope rotates q and k (x's other heads kept);
+    returns an alias of x: take q, k and v from it. x must be a non-leaf
+    tensor that no op saved, in eager mode (TritonMultiheadAttention's QKV projection output); elsewhere use rope.
+    """
+    if x.dim() != 4 or not 0 <= heads <= x.shape[2]:
+        raise ValueError(f"x must be [B, T, H_total, D] with heads ≤ H_total, got shape {tuple(x.shape)}, {heads=}")
+    rotated = x[:, :, :heads].transpose(1, 2)
+    _check_rope_inputs(rotated, rotated, cos, sin, offset)
+    _check_in_place(rotated, x[:, :, :0].transpose(1, 2))
+    if not plain_eager((x, cos, sin)):
+        raise RuntimeError("rope_leading_heads_ runs in eager mode only (use rope under torch.compile)")
+    return _RopeLeadingHeads.apply(x, heads, cos, sin, offset)
+
+
+def rope(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, offset: int = 0, inplace: bool = False
+):
     """Rotary position embedding of q [B, Hq, S, D] and k [B, Hk, S, D] (rotate-half convention, as GPT-NeoX and
     LLaMA): x·cos + rotate_half(x)·sin with rotate_half(x) = [−x₂, x₁] for the halves x₁ = x[..., :D/2],
-    x₂ = x[..., D/2:]. Returns (q_rot, k_rot) (op triformer::rope).
+    x₂ = x[..., D/2:]. Returns (q_rot, k_rot) (ops triformer::rope, triformer::rope_).
 
-    OUT OF PLACE: q and k are left untouched; q_rot and k_rot are new contiguous [B, H, S, D] tensors of q's dtype.
+    inplace=False (default): q and k are left untouched; q_rot and k_rot are new contiguous [B, H, S, D] tensors of
+    q's dtype. inplace=True: q and k are rotated in their own storage (the memory saving Liger-Kernel's rope always
+    takes; no [B, H, S, D] outputs) and q_rot, k_rot are aliases of them (q and k themselves without gradients);
+    use those. q and k must be non-leaf tensors (or views of one), e.g. a projection's outputs, free of overlap and
+    sharing no element (checked: ValueError). An op that saved q or k (or their base) for its backward then raises
+    autograd's "modified by an inplace operation" instead of reading rotated values. In eager mode the
+    backward rotates the incoming gradients in place too when they are dense and distinct, so do not keep a
+    gradient arriving at q_rot or k_rot (a tensor hook that stores it sees it overwritten; retain_grad() keeps a
+    copy and is safe). Under torch.compile, and in dispatch modes, the rotation is computed into new tensors and
+    copied back into q and k.
     q and k may be strided views (e.g. of a fused QKV projection [B, S, 3, H, D]); k may have fewer heads than q
     (grouped-query attention); D must be even. cos and sin: tables [S_max, D/2] (see rope_tables) or [S_max, D]
     whose two halves repeat each other (only the first D/2 columns are read), any float dtype (float32
@@ -112,4 +234,15 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     cache). Float32 math; both outputs in one kernel launch, the backward (rotation by −θ) likewise.
     """
     _check_rope_inputs(q, k, cos, sin, offset)
-    return _rope_op(q, k, cos, sin, offset, False)
+    if not isinstance(inplace, bool):
+        raise TypeError(f"inplace must be True or False, got {inplace!r}")
+    if not inplace:
+        return _rope_op(q, k, cos, sin, offset, False)
+    _check_in_place(q, k)
+    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
+        _rope_in_place_op(q, k, cos, sin, offset, False)
+        return q, k
+    if plain_eager((q, k, cos, sin)):
+        return _RopeInPlace.apply(q, k, cos, sin, offset)
+    q_rot, k_rot = _rope_op(q, k, cos, sin, offset, False)  # traced: a functional rotation, written back
+    return q.copy_(q_rot), k.copy_(k_rot)

@@ -10,10 +10,11 @@ The map is a rotation by θ, so its backward is the rotation by −θ (the same 
     dx₁ = dy₁·c + dy₂·s      dx₂ = dy₂·c − dy₁·s
 
 One launch rotates q [B, Hq, S, D] and k [B, Hk, S, D] (Hk may differ: grouped-query attention), both read through
-their strides (views of a fused QKV projection [B, S, 3, H, D] need no copy), into contiguous outputs. Position p of
-the sequence takes table row offset + p (generation with a cache). A program covers BLOCK_S positions of one batch
-element and a group of heads, counted over q's heads then k's: it loads its cos and sin rows once and reuses them
-for every head of the group. Float32 math; outputs in the inputs' dtype.
+their strides (views of a fused QKV projection [B, S, 3, H, D] need no copy), into new contiguous outputs or over
+the inputs themselves (in place: each element is read and written by one program, which loads both halves of a pair
+before it stores either). Position p of the sequence takes table row offset + p (generation with a cache). A program
+covers BLOCK_S positions of one batch element and a group of heads, counted over q's heads then k's: it loads its
+cos and sin rows once and reuses them for every head of the group. Float32 math; outputs in the inputs' dtype.
 """
 
 from __future__ import annotations
@@ -80,6 +81,14 @@ def _rope_kernel(
     stride_kh,
     stride_ks,
     stride_kd,
+    stride_qob,
+    stride_qoh,
+    stride_qos,
+    stride_qod,
+    stride_kob,
+    stride_koh,
+    stride_kos,
+    stride_kod,
     stride_cs,
     stride_cd,
     stride_ss,
@@ -91,9 +100,10 @@ def _rope_kernel(
     """Rotate positions [pid₀·BLOCK_S, …) of batch element pid₂, heads [pid₁·heads_per_program, …) of q's HQ heads
     followed by k's HK (HQ or HK may be 0), by +θ, or by −θ when INVERSE (the backward).
 
-    q, k: any strides (element units, stride_*d between the elements of a head vector). qo, ko: contiguous
-    [B, HQ, S, 2·HALF] and [B, HK, S, 2·HALF]. cos, sin: tables [S_max, ≥ HALF] read at
-    rows offset + position, columns < HALF, through their strides (0 allowed: expanded tables).
+    q, k: any strides (element units, stride_*d between the elements of a head vector); qo, ko: q's and k's
+    shapes, any strides whose elements do not overlap (q and k themselves: in place). cos, sin: tables
+    [S_max, ≥ HALF] read at rows offset + position, columns < HALF, through their strides (0 allowed: expanded
+    tables).
     """
     positions = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
     b = tl.program_id(2).to(tl.int64)
@@ -105,36 +115,34 @@ def _rope_kernel(
     if INVERSE:
         s = -s
     p64 = positions.to(tl.int64)[:, None]
-    out_offsets = p64 * (2 * HALF) + cols[None, :]
-    out_head = S * (2 * HALF)  # the outputs' head stride (multiplied by int64 indices only)
     h_begin = tl.program_id(1).to(tl.int64) * heads_per_program
     h_end = tl.minimum(h_begin + heads_per_program, HQ + HK)
     _rotate_heads(
         q_ptr + b * stride_qb,
-        qo_ptr + b * HQ * out_head,
+        qo_ptr + b * stride_qob,
         h_begin,
         tl.minimum(h_end, HQ),
         stride_qh,
-        out_head,
+        stride_qoh,
         p64 * stride_qs + cols[None, :] * stride_qd,
-        out_offsets,
+        p64 * stride_qos + cols[None, :] * stride_qod,
         HALF * stride_qd,
-        HALF,
+        HALF * stride_qod,
         mask,
         c,
         s,
     )
     _rotate_heads(
         k_ptr + b * stride_kb,
-        ko_ptr + b * HK * out_head,
+        ko_ptr + b * stride_kob,
         tl.maximum(h_begin, HQ) - HQ,
         h_end - HQ,
         stride_kh,
-        out_head,
+        stride_koh,
         p64 * stride_ks + cols[None, :] * stride_kd,
-        out_offsets,
+        p64 * stride_kos + cols[None, :] * stride_kod,
         HALF * stride_kd,
-        HALF,
+        HALF * stride_kod,
         mask,
         c,
         s,
@@ -175,17 +183,23 @@ def rotate(
     sin: torch.Tensor,
     offset: int,
     inverse: bool = False,
+    in_place: bool = False,
 ):
-    """(q rotated, k rotated) as new contiguous tensors (None for a None input): by +θ, or by −θ when inverse.
+    """(q rotated, k rotated) by +θ, or by −θ when inverse (None for a None input): new contiguous tensors, or q and
+    k themselves when in_place.
 
     q [B, Hq, S, D], k [B, Hk, S, D] (any strides, one dtype), cos and sin [S_max, D/2] or wider (only columns
-    < D/2 are read), offset + S ≤ S_max; the caller validates shapes.
+    < D/2 are read), offset + S ≤ S_max; the caller validates shapes, and for in_place that no element of q or k
+    is another's.
     """
     present = q if q is not None else k
     batch, _, seq, dim = present.shape
     half = dim // 2
-    q_out = None if q is None else new_empty(q.shape, like=q)
-    k_out = None if k is None else new_empty(k.shape, like=k)
+    if in_place:
+        q_out, k_out = q, k
+    else:
+        q_out = None if q is None else new_empty(q.shape, like=q)
+        k_out = None if k is None else new_empty(k.shape, like=k)
     hq = 0 if q is None else q.shape[1]
     hk = 0 if k is None else k.shape[1]
     if batch == 0 or seq == 0 or half == 0 or hq + hk == 0:
@@ -210,6 +224,8 @@ def rotate(
         per_program,
         *q_in.stride(),
         *k_in.stride(),
+        *qo.stride(),
+        *ko.stride(),
         *cos.stride(),
         *sin.stride(),
         INVERSE=inverse,

@@ -16,7 +16,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from .. import functional as F_tri
+from ..functional._library import plain_eager
 from . import TorchLinear, TritonLinear
+from .hooks import hooked, replaced_forward
+from .rope import TritonRotaryEmbedding
 
 ATTENTION_DROPOUT_MISSING = (
     "dropout on the attention probabilities is not implemented by triformer's attention kernel; pass dropout=0.0 "
@@ -94,11 +97,14 @@ class _MultiheadAttentionBase(nn.Module):
         if x.dim() != 3 or x.shape[-1] != self.embed_dim:
             raise ValueError(f"x must be (B, T, embed_dim={self.embed_dim}), got shape {tuple(x.shape)}")
         B, T, C = x.shape
-        q, k, v = self.split_heads(self.qkv(x))
-        if self.rotary is not None:
-            q, k = self.rotary(q, k)
+        q, k, v = self.heads(x)
         y = self.attend(q, k, v)  # (B, H, T, D)
         return y.transpose(1, 2).reshape(B, T, C)  # heads side by side again: (B, T, C)
+
+    def heads(self, x: torch.Tensor):
+        """q (B, H, T, D), k and v (B, Hkv, T, D) of x (B, T, C), q and k rotated when rotary is given."""
+        q, k, v = self.split_heads(self.qkv(x))
+        return (*self.rotary(q, k), v) if self.rotary is not None else (q, k, v)
 
     def attend(self, q, k, v) -> torch.Tensor:
         raise NotImplementedError
@@ -114,7 +120,8 @@ class TritonMultiheadAttention(_MultiheadAttentionBase):
     """Self-attention on x (B, T, embed_dim) → (B, T, embed_dim), every op on triformer's Triton kernels.
 
     qkv: TritonLinear(embed_dim → (num_heads + 2·num_kv_heads)·head_dim); q, k, v are views of its output;
-    rotary (a TritonRotaryEmbedding, optional) rotates q and k; triformer.functional.attention(q, k, v, causal);
+    rotary (a TritonRotaryEmbedding, optional) rotates q and k, in place in qkv's output where nothing else can hold
+    it (see rotate); triformer.functional.attention(q, k, v, causal);
     out_proj: TritonLinear(embed_dim → embed_dim). dropout > 0 (on the attention probabilities) raises ValueError.
     """
 
@@ -129,6 +136,25 @@ class TritonMultiheadAttention(_MultiheadAttentionBase):
         rotary: nn.Module | None = None,
     ):
         super().__init__(TritonLinear, embed_dim, num_heads, num_kv_heads, causal, bias, dropout, rotary)
+
+    def heads(self, x: torch.Tensor):
+        """q, k, v as the twin's; q and k rotated in place in the QKV projection's output (no [B, H, T, D] copies
+        of them, which the attention's backward would keep) when that output is private: qkv a TritonLinear (a
+        fresh output, saved by nothing) that no hook watches, rotary a TritonRotaryEmbedding, eager mode; otherwise
+        into new tensors."""
+        qkv, rotary = self.qkv, self.rotary
+        private = (
+            type(rotary) is TritonRotaryEmbedding
+            and type(qkv) is TritonLinear
+            and not (hooked(qkv) or replaced_forward(qkv) or replaced_forward(rotary))
+            and plain_eager((x,))
+        )
+        if not private:
+            return super().heads(x)
+        B, T, _ = x.shape
+        projected = qkv(x).view(B, T, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        rotated = rotary.rotate_leading_heads_(projected, self.num_heads + self.num_kv_heads)
+        return self.split_heads(rotated.view(B, T, -1))
 
     def attend(self, q, k, v) -> torch.Tensor:
         return F_tri.attention(q, k, v, causal=self.causal)

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .. import functional as F_tri
+from ..functional.rope import rope_leading_heads_
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -56,12 +57,19 @@ class _RotaryTables(nn.Module):
 
 
 class TritonRotaryEmbedding(_RotaryTables):
-    """forward(q [B, Hq, S, D], k [B, Hk, S, D], offset=0) → (q_rot, k_rot): rotate-half RoPE on triformer's kernel
-    (out of place; see triformer.functional.rope), positions offset .. offset + S − 1, θ_p,i = p · base^(−2i/D)."""
+    """forward(q [B, Hq, S, D], k [B, Hk, S, D], offset=0, inplace=False) → (q_rot, k_rot): rotate-half RoPE on
+    triformer's kernel (out of place, or in place in q's and k's storage: see triformer.functional.rope), positions
+    offset .. offset + S − 1, θ_p,i = p · base^(−2i/D)."""
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, offset: int = 0):
+    def forward(self, q: torch.Tensor, k: torch.Tensor, offset: int = 0, inplace: bool = False):
         self._check(q, offset)
-        return F_tri.rope(q, k, self.cos, self.sin, offset)
+        return F_tri.rope(q, k, self.cos, self.sin, offset, inplace)
+
+    def rotate_leading_heads_(self, x: torch.Tensor, heads: int, offset: int = 0) -> torch.Tensor:
+        """Heads [0, heads) of x [B, T, H_total, D] rotated in place, the others kept; returns an alias of x (see
+        triformer.functional.rope.rope_leading_heads_: eager mode, a non-leaf x that no op saved)."""
+        self._check(x, offset)
+        return rope_leading_heads_(x, heads, self.cos, self.sin, offset)
 
 
 class TorchRotaryEmbedding(_RotaryTables):
