@@ -94,18 +94,33 @@ def test_heads_are_views_of_one_projection(monkeypatch, rope, seed):
 
 def test_rope_in_place_only_where_the_projection_output_is_private(monkeypatch, seed):
     """A forward hook on the QKV projection may keep its output: then q and k are rotated into new tensors and the
-    hook's tensor keeps the projection's values; the result is the same either way."""
+    hook's tensor keeps the projection's values; a hook on the rotary embedding runs (it is called); the result is
+    the same either way."""
     seen = spy_on_attention(monkeypatch)
     ours, _ = twins(num_kv_heads=2, rope=True)
     x = randn(2, 7, EMBED)
     with torch.no_grad():
         in_place = ours(x)
-        kept = []
-        ours.qkv.register_forward_hook(lambda module, args, out: kept.append(out))
+        kept, rotary_calls = [], []
+        handle = ours.qkv.register_forward_hook(lambda module, args, out: kept.append(out))
         copied = ours(x)
-    assert seen["q"].untyped_storage().data_ptr() != seen["v"].untyped_storage().data_ptr()
-    assert torch.equal(kept[0], ours.qkv(x))
-    assert torch.equal(in_place, copied)
+        assert seen["q"].untyped_storage().data_ptr() != seen["v"].untyped_storage().data_ptr()
+        assert torch.equal(kept[0], ours.qkv(x))
+        handle.remove()
+        ours.rotary.register_forward_pre_hook(lambda module, args: rotary_calls.append(len(args)))
+        hooked_rotary = ours(x)
+    assert rotary_calls == [2]
+    assert torch.equal(in_place, copied) and torch.equal(in_place, hooked_rotary)
+
+
+def test_rope_in_place_checks_positions_not_heads(seed):
+    """More heads (query, key and value together) than max_seq_len: the table covers the T positions, and that is
+    what is checked."""
+    rotary = TritonRotaryEmbedding(8, max_seq_len=16)
+    ours = TritonMultiheadAttention(64, 8, rotary=rotary).to(DEVICE)
+    ours(randn(2, 4, 64, requires_grad=True)).sum().backward()
+    with pytest.raises(ValueError, match="positions up to 16 exceed max_seq_len=16"):
+        ours(randn(1, 17, 64))
 
 
 @pytest.mark.parametrize("cls", [TritonMultiheadAttention, TorchMultiheadAttention])

@@ -199,36 +199,118 @@ def test_in_place_against_float64(s, d, dtype, seed):
 
 
 def test_in_place_rotates_the_fused_projection_and_its_gradients(seed):
-    """inplace=True leaves v's third of a fused projection as it was and rotates q's and k's thirds; the backward
-    rotates distinct dense incoming gradients where they are (no new [B, H, S, D] tensors), and gradients it may not
-    overwrite (one tensor for both, an expanded one) into new tensors, with the same result."""
+    """inplace=True on views of a fused projection leaves v's third as it was and rotates q's and k's thirds; the
+    gradients the caller passed are left as they were (views' gradients go to new tensors, inplace_grad or not)."""
     b, s, h, d = 2, 7, 2, 16
     cos, sin = random_tables(s, d // 2)
     source = randn(b, s, 3, h, d, requires_grad=True)
-    fused = source * 1
-    before = fused.detach().clone()
-    q, k = fused[:, :, 0].transpose(1, 2), fused[:, :, 1].transpose(1, 2)
-    q_rot, k_rot = F_tri.rope(q, k, cos, sin, inplace=True)
-    assert torch.equal(fused[:, :, 2], before[:, :, 2])
-    expected = F_tri.rope(before[:, :, 0].transpose(1, 2), before[:, :, 1].transpose(1, 2), cos, sin)
-    assert torch.equal(q_rot, expected[0]) and torch.equal(k_rot, expected[1])
-    dq, dk = randn(b, h, s, d), randn(b, h, s, d)
-    dq_kept, dk_kept = dq.clone(), dk.clone()
-    torch.autograd.backward((q_rot, k_rot), (dq, dk))
-    expected_grads = F_tri.rope(dq_kept, dk_kept, cos, -sin)  # the rotation by −θ
-    assert torch.equal(source.grad[:, :, 0].transpose(1, 2), expected_grads[0])
-    assert torch.equal(source.grad[:, :, 1].transpose(1, 2), expected_grads[1])
-    assert torch.equal(dq, expected_grads[0]) and torch.equal(dk, expected_grads[1]), "rotated where they were"
-    for shared in (randn(b, h, s, d), torch.ones((), device=DEVICE).expand(b, h, s, d)):
-        kept = shared.clone()
+    for inplace_grad in (False, True):
         source.grad = None
         fused = source * 1
-        q_rot, k_rot = F_tri.rope(fused[:, :, 0].transpose(1, 2), fused[:, :, 1].transpose(1, 2), cos, sin, 0, True)
+        before = fused.detach().clone()
+        q, k = fused[:, :, 0].transpose(1, 2), fused[:, :, 1].transpose(1, 2)
+        q_rot, k_rot = F_tri.rope(q, k, cos, sin, inplace=True, inplace_grad=inplace_grad)
+        assert torch.equal(fused[:, :, 2], before[:, :, 2])
+        expected = F_tri.rope(before[:, :, 0].transpose(1, 2), before[:, :, 1].transpose(1, 2), cos, sin)
+        assert torch.equal(q_rot, expected[0]) and torch.equal(k_rot, expected[1])
+        shared = randn(b, h, s, d)
+        kept = shared.clone()
         torch.autograd.backward((q_rot, k_rot), (shared, shared))
-        assert torch.equal(shared, kept), "a gradient held twice is not written"
-        rotated = F_tri.rope(kept, kept, cos, -sin)
+        assert torch.equal(shared, kept), "the caller's gradient is not written"
+        rotated = F_tri.rope(kept, kept, cos, -sin)  # the rotation by −θ
         assert torch.equal(source.grad[:, :, 0].transpose(1, 2), rotated[0])
         assert torch.equal(source.grad[:, :, 1].transpose(1, 2), rotated[1])
+
+
+def test_in_place_gradients_where_declared_private(seed):
+    """inplace_grad=True on q and k that are not views: distinct dense incoming gradients are rotated where they
+    are; one tensor for both or an expanded one go to new tensors, with the same result; without inplace_grad the
+    caller's gradients (slices of one tensor, as a stack's backward hands out) stay as they were."""
+    b, h, s, d = 2, 2, 7, 16
+    cos, sin = random_tables(s, d // 2)
+    source = randn(2, b, h, s, d, requires_grad=True)
+
+    def rotate(inplace_grad):
+        source.grad = None
+        q, k = source[0] * 1, source[1] * 1
+        return F_tri.rope(q, k, cos, sin, inplace=True, inplace_grad=inplace_grad)
+
+    def expect_gradients(dq, dk):
+        expected = F_tri.rope(dq, dk, cos, -sin)
+        assert torch.equal(source.grad[0], expected[0]) and torch.equal(source.grad[1], expected[1])
+
+    dq, dk = randn(b, h, s, d), randn(b, h, s, d)
+    dq_kept, dk_kept = dq.clone(), dk.clone()
+    torch.autograd.backward(rotate(True), (dq, dk))
+    expect_gradients(dq_kept, dk_kept)
+    assert torch.equal(dq, source.grad[0]) and torch.equal(dk, source.grad[1]), "rotated where they were"
+    for shared in (randn(b, h, s, d), torch.ones((), device=DEVICE).expand(b, h, s, d)):
+        kept = shared.clone()
+        torch.autograd.backward(rotate(True), (shared, shared))
+        assert torch.equal(shared, kept), "a gradient held twice is not written"
+        expect_gradients(kept, kept)
+    stacked = randn(2, b, h, s, d)
+    kept = stacked.clone()
+    torch.stack(rotate(False)).backward(stacked)
+    assert torch.equal(stacked, kept), "the caller's gradient is not written"
+    expect_gradients(kept[0], kept[1])
+
+
+def test_in_place_keeps_q_and_k_usable(seed):
+    """After rope(q, k, inplace=True) q and k themselves carry the rotation's history (Liger-style use: the
+    results ignored), and a gradient that an add hands to q's rotation and to another branch reaches both
+    unrotated; create_graph through the rotation raises instead of dropping second-order terms."""
+    cos, sin = random_tables(7, 8)
+    source = randn(1, 2, 7, 16, requires_grad=True)
+    other = randn(1, 2, 7, 16, requires_grad=True)
+    q, k = source * 1, source * 2
+    F_tri.rope(q, k, cos, sin, inplace=True)
+    g = randn(1, 2, 7, 16)
+    (q + k + other).backward(g)
+    rotated = F_tri.rope(g, g, cos, -sin)
+    assert_close(source.grad, (rotated[0] + 2 * rotated[1]).double(), torch.float32, "grad through q and k")
+    assert torch.equal(other.grad, g)
+    q = source * 1
+    q_rot, _ = F_tri.rope(q, source * 2, cos, sin, inplace=True)
+    (dq,) = torch.autograd.grad(q_rot, source, g.requires_grad_(), create_graph=True)
+    with pytest.raises(RuntimeError, match="marked with @once_differentiable"):
+        dq.sum().backward()
+
+
+def test_in_place_under_torch_compile(seed):
+    """fullgraph torch.compile (AOT autograd) of rope(..., inplace=True) on views of a fused projection: the
+    rotation computed into new tensors and copied back, the values and gradients of eager mode."""
+    cos, sin = random_tables(7, 8)
+    w = randn(2, 2, 7, 16)
+
+    def step(source):
+        fused = source * 1
+        q, k = F_tri.rope(fused[:, :, 0].transpose(1, 2), fused[:, :, 1].transpose(1, 2), cos, sin, inplace=True)
+        return (q * w).sum() + (k * w * 2).sum() + (fused * fused).sum()
+
+    source = randn(2, 7, 3, 2, 16, requires_grad=True)
+    results = []
+    for fn in (step, torch.compile(step, backend="aot_eager", fullgraph=True)):
+        source.grad = None
+        loss = fn(source)
+        loss.backward()
+        results.append((loss.detach(), source.grad.clone()))
+    assert_close(results[1][0], results[0][0].double(), torch.float32, "loss")
+    assert_close(results[1][1], results[0][1].double(), torch.float32, "grad of source")
+
+
+def test_double_backward_of_the_out_of_place_rotation(seed):
+    """q_rot = R q, so dq = Rᵀ g, and the gradient of ⟨dq, w⟩ with respect to g is R w: the backward's backward
+    rotates by +θ."""
+    cos, sin = random_tables(7, 8)
+    q = randn(1, 2, 7, 16, requires_grad=True)
+    k = randn(1, 1, 7, 16)
+    g = randn(1, 2, 7, 16, requires_grad=True)
+    q_rot, _ = F_tri.rope(q, k, cos, sin)
+    (dq,) = torch.autograd.grad(q_rot, q, g, create_graph=True)
+    w = randn(1, 2, 7, 16)
+    (dq * w).sum().backward()
+    assert_close(g.grad, reference_rope(w.double().cpu(), cos, sin, 0), torch.float32, "grad of g")
 
 
 def test_in_place_is_seen_by_autograd(seed):
@@ -278,10 +360,14 @@ def test_in_place_bad_inputs_get_clear_errors():
     wide = randn(1, 2, 7, 24) * 1
     with pytest.raises(ValueError, match="share no element"):
         F_tri.rope(wide[..., :16], wide[..., 8:], cos, sin, inplace=True)
-    with pytest.raises(ValueError, match="q .* addresses some elements more than once"):
+    with pytest.raises(ValueError, match="q .* may address some elements more than once"):
         F_tri.rope(randn(1, 1, 7, 16).expand(1, 2, 7, 16), leaf * 1, cos, sin, inplace=True)
     with pytest.raises(TypeError, match="inplace must be True or False"):
         F_tri.rope(leaf, leaf, cos, sin, inplace=1)
+    with pytest.raises(TypeError, match="inplace_grad must be True or False"):
+        F_tri.rope(leaf, leaf, cos, sin, inplace=True, inplace_grad=None)
+    with pytest.raises(ValueError, match="inplace_grad=True rotates the gradients of an in-place rotation"):
+        F_tri.rope(leaf, leaf, cos, sin, inplace_grad=True)
 
 
 def test_bad_inputs_get_clear_errors():

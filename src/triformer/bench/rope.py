@@ -4,8 +4,9 @@ Liger-Kernel's LigerRopeFunction (where installed).
 
 Shapes [B, H, S, D] (q and k with H heads each). Every provider gets q and k as a model has them: transposed views
 [B, H, S, D] of [B, S, H, D] projection outputs (non-leaf tensors of a fresh history each call, made without a copy),
-which Liger and triformer in place rotate where they are and triformer out of place reads through their strides
-into new tensors; the gradients come in the same layout (torch.randn_like).
+which Liger and triformer in place rotate where they are (each call rotates the same storage again) and triformer
+out of place reads through their strides into new tensors; the gradients come in the same layout
+(torch.randn_like), and the in-place providers rotate those where they are too.
 triformer and torch read float32 tables [S, D/2], Liger float32 tables [1, S, D] (its format). GB/s counts q and k
 read and q_rot, k_rot written once (forward+backward: also dq_rot, dk_rot read and dq, dk written) plus the two
 float32 half tables once per pass, the same bytes for every provider; peak_extra_mib is the peak memory above the
@@ -46,7 +47,8 @@ class _ProjectionOutput(torch.autograd.Function):
 
 
 def _rope_in_place(q, k, cos, sin):
-    return F_tri.rope(q, k, cos, sin, inplace=True)
+    """In place, the incoming gradients too (as Liger's: the bench hands each provider gradients of its own)."""
+    return F_tri.rope(q, k, cos, sin, inplace=True, inplace_grad=True)
 
 
 def providers(device: str) -> dict:

@@ -6,6 +6,7 @@ import math
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ..kernels import rope as rope_kernels
 from ..kernels._runtime import check_same_dtype, check_tensor
@@ -67,13 +68,15 @@ def _check_rope_inputs(q, k, cos, sin, offset) -> None:
 
 
 def _check_in_place(q, k) -> None:
-    """inplace=True: q and k are written through their strides, so no element may be addressed twice, and autograd
-    must be able to record the write."""
+    """inplace=True (eager mode, real tensors): q and k (k may be None) are written through their strides, so no
+    element may be addressed twice, and autograd must be able to record the write."""
     for t, name in ((q, "q"), (k, "k")):
+        if t is None:
+            continue
         if overlaps_itself(t):
             raise ValueError(
                 f"inplace=True writes the rotation into {name}, but {name} (shape {tuple(t.shape)}, strides "
-                f"{t.stride()}) addresses some elements more than once (an expanded view?): pass inplace=False"
+                f"{t.stride()}) may address some elements more than once (an expanded view?): pass inplace=False"
             )
         base = t._base if t._base is not None else t
         if torch.is_grad_enabled() and base.requires_grad and base.is_leaf:
@@ -82,8 +85,11 @@ def _check_in_place(q, k) -> None:
                 f"{'' if t._base is None else '(or a view of one) '}and autograd forbids writing it: pass "
                 f"inplace=False, or rotate a non-leaf (e.g. a projection's output)"
             )
-    if may_share_elements(q, k):
-        raise ValueError("inplace=True needs q and k that share no element (they would be rotated twice)")
+    if k is not None and may_share_elements(q, k):
+        raise ValueError(
+            "inplace=True needs q and k that share no element, and theirs may (a shared one would be rotated twice): "
+            "pass inplace=False"
+        )
 
 
 def _rope_impl(
@@ -102,7 +108,7 @@ def _rope_fake(q, k, cos, sin, offset, inverse):
 
 
 def _rope_setup(ctx, inputs, output):
-    _, _, cos, sin, ctx.offset, _ = inputs
+    _, _, cos, sin, ctx.offset, ctx.inverse = inputs
     ctx.save_for_backward(cos, sin)
     ctx.set_materialize_grads(False)
 
@@ -113,7 +119,7 @@ def _rope_backward(ctx, dq_rot, dk_rot):
     dk_rot = dk_rot if ctx.needs_input_grad[1] else None
     dq = dk = None
     if dq_rot is not None or dk_rot is not None:
-        dq, dk = _rope_op(dq_rot, dk_rot, cos, sin, ctx.offset, True)
+        dq, dk = _rope_op(dq_rot, dk_rot, cos, sin, ctx.offset, not ctx.inverse)
     return (None if dq_rot is None else dq), (None if dk_rot is None else dk), None, None, None, None
 
 
@@ -133,50 +139,59 @@ _rope_in_place_op = Op("rope_", _rope_in_place_impl, _rope_in_place_fake, mutate
 
 
 def _private_gradients(dq_rot: Tensor | None, dk_rot: Tensor | None) -> bool:
-    """Whether the backward may rotate the incoming gradients where they are: dense, no element of one is the
-    other's, and no graph of the backward itself is being recorded (create_graph)."""
+    """Whether incoming gradients that the caller declared private may be rotated where they are: dense and no
+    element of one the other's (one tensor handed to both, as an add's backward does, is not)."""
     present = [g for g in (dq_rot, dk_rot) if g is not None]
-    if torch.is_grad_enabled() or any(overlaps_itself(g) for g in present):
+    if any(overlaps_itself(g) for g in present):
         return False
     return len(present) < 2 or not may_share_elements(dq_rot, dk_rot)
 
 
+def _rotate_back(dq_rot, dk_rot, cos, sin, offset: int, in_place: bool):
+    """(dq, dk): the incoming gradients rotated by −θ, where they are when in_place and _private_gradients allows."""
+    return rope_kernels.rotate(
+        dq_rot, dk_rot, cos, sin, offset, True, in_place=in_place and _private_gradients(dq_rot, dk_rot)
+    )
+
+
 class _RopeInPlace(torch.autograd.Function):
-    """rope(..., inplace=True) in eager mode with gradients: the in-place op's rotation (a custom op cannot both
-    write into its inputs and have an autograd formula), returned as new aliases of q and k. Autograd is not told
-    which inputs were written (mark_dirty refuses two outputs when an input is a view, as q and k of a fused
-    projection are): their version is bumped instead, so every op that saved them (or their base) fails loudly in
-    its backward. The backward rotates the incoming gradients in place by −θ where they are private
-    (_private_gradients), else into new tensors."""
+    """rope(..., inplace=True) in eager mode with gradients: q and k (either may be None, then absent from the
+    outputs) rotated in their storage, marked dirty, so autograd rebases their history on this rotation and every
+    op that saved them fails loudly (a custom op cannot both write into its inputs and have an autograd formula).
+    The backward rotates the incoming gradients by −θ into new tensors, or where they are with inplace_grad."""
 
     @staticmethod
-    def forward(ctx, q, k, cos, sin, offset):
-        _rope_in_place_impl(q, k, cos, sin, offset, False)
-        torch.autograd.graph.increment_version((q, k))
+    def forward(ctx, q, k, cos, sin, offset, inplace_grad):
+        rope_kernels.rotate(q, k, cos, sin, offset, in_place=True)
+        written = tuple(t for t in (q, k) if t is not None)
+        ctx.mark_dirty(*written)
         ctx.save_for_backward(cos, sin)
-        ctx.offset = offset
+        ctx.offset, ctx.inplace_grad, ctx.has_q, ctx.has_k = offset, inplace_grad, q is not None, k is not None
         ctx.set_materialize_grads(False)
-        return q, k
+        return written if len(written) > 1 else written[0]
 
     @staticmethod
-    def backward(ctx, dq_rot, dk_rot):
+    @once_differentiable
+    def backward(ctx, *grads):
         cos, sin = ctx.saved_tensors
+        grads = list(grads)
+        dq_rot = grads.pop(0) if ctx.has_q else None
+        dk_rot = grads.pop(0) if ctx.has_k else None
         dq_rot = dq_rot if ctx.needs_input_grad[0] else None
         dk_rot = dk_rot if ctx.needs_input_grad[1] else None
         if dq_rot is None and dk_rot is None:
-            return None, None, None, None, None
-        if _private_gradients(dq_rot, dk_rot):
-            rope_kernels.rotate(dq_rot, dk_rot, cos, sin, ctx.offset, True, in_place=True)
-            return dq_rot, dk_rot, None, None, None
-        dq, dk = rope_kernels.rotate(dq_rot, dk_rot, cos, sin, ctx.offset, True)
-        return dq, dk, None, None, None
+            return None, None, None, None, None, None
+        dq, dk = _rotate_back(dq_rot, dk_rot, cos, sin, ctx.offset, ctx.inplace_grad)
+        return dq, dk, None, None, None, None
 
 
 class _RopeLeadingHeads(torch.autograd.Function):
     """Heads [0, heads) of x [B, T, H_total, D] (q's and k's heads of a fused QKV projection's output, v's after
-    them) rotated in x's storage; returns an alias of x, its version bumped (as _RopeInPlace). One tensor in and
-    out, so the views taken of the alias afterwards (q, k, v by one split) are fresh. The backward rotates the
-    same heads of the incoming gradient by −θ, in place where it is private, else in a copy."""
+    them) rotated in x's storage; returns an alias of x, x's version bumped so that any op that saved x fails
+    loudly. x's own history is not rebased (mark_dirty would make autograd copy the whole gradient of x's base in
+    the backward): only the alias may be used afterwards, which is why this serves TritonMultiheadAttention alone,
+    whose views q, k, v are taken from the alias. The backward rotates the same heads of the incoming gradient by
+    −θ where it is (it comes from the split of that alias, a tensor nothing else holds)."""
 
     @staticmethod
     def forward(ctx, x, heads, cos, sin, offset):
@@ -187,6 +202,7 @@ class _RopeLeadingHeads(torch.autograd.Function):
         return x
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         cos, sin = ctx.saved_tensors
         if not _private_gradients(grad, None):
@@ -197,36 +213,45 @@ class _RopeLeadingHeads(torch.autograd.Function):
 
 def rope_leading_heads_(x: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor, offset: int = 0):
     """Heads [0, heads) of x [B, T, H_total, D] rotated in place as rope rotates q and k (x's other heads kept);
-    returns an alias of x: take q, k and v from it. x must be a non-leaf
-    tensor that no op saved, in eager mode (TritonMultiheadAttention's QKV projection output); elsewhere use rope.
-    """
+    returns an alias of x, the only tensor to use afterwards (take q, k and v from it; see _RopeLeadingHeads). For
+    TritonMultiheadAttention's QKV projection output: a non-leaf x that no op saved, in plain eager mode (checked);
+    elsewhere use rope."""
     if x.dim() != 4 or not 0 <= heads <= x.shape[2]:
         raise ValueError(f"x must be [B, T, H_total, D] with heads ≤ H_total, got shape {tuple(x.shape)}, {heads=}")
+    if not plain_eager((x, cos, sin)):
+        raise RuntimeError("rope_leading_heads_ needs plain eager mode and plain tensors (elsewhere use rope)")
     rotated = x[:, :, :heads].transpose(1, 2)
     _check_rope_inputs(rotated, rotated, cos, sin, offset)
-    _check_in_place(rotated, x[:, :, :0].transpose(1, 2))
-    if not plain_eager((x, cos, sin)):
-        raise RuntimeError("rope_leading_heads_ runs in eager mode only (use rope under torch.compile)")
+    _check_in_place(rotated, None)
     return _RopeLeadingHeads.apply(x, heads, cos, sin, offset)
 
 
 def rope(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, offset: int = 0, inplace: bool = False
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    offset: int = 0,
+    inplace: bool = False,
+    inplace_grad: bool = False,
 ):
     """Rotary position embedding of q [B, Hq, S, D] and k [B, Hk, S, D] (rotate-half convention, as GPT-NeoX and
     LLaMA): x·cos + rotate_half(x)·sin with rotate_half(x) = [−x₂, x₁] for the halves x₁ = x[..., :D/2],
     x₂ = x[..., D/2:]. Returns (q_rot, k_rot) (ops triformer::rope, triformer::rope_).
 
     inplace=False (default): q and k are left untouched; q_rot and k_rot are new contiguous [B, H, S, D] tensors of
-    q's dtype. inplace=True: q and k are rotated in their own storage (the memory saving Liger-Kernel's rope always
-    takes; no [B, H, S, D] outputs) and q_rot, k_rot are aliases of them (q and k themselves without gradients);
-    use those. q and k must be non-leaf tensors (or views of one), e.g. a projection's outputs, free of overlap and
-    sharing no element (checked: ValueError). An op that saved q or k (or their base) for its backward then raises
-    autograd's "modified by an inplace operation" instead of reading rotated values. In eager mode the
-    backward rotates the incoming gradients in place too when they are dense and distinct, so do not keep a
-    gradient arriving at q_rot or k_rot (a tensor hook that stores it sees it overwritten; retain_grad() keeps a
-    copy and is safe). Under torch.compile, and in dispatch modes, the rotation is computed into new tensors and
-    copied back into q and k.
+    q's dtype. inplace=True: q and k are rotated in their own storage and returned (the memory saving of
+    Liger-Kernel's rope: no [B, H, S, D] outputs), autograd told (their history continues from the rotation; an
+    op that saved them raises "modified by an inplace operation" in its backward). With gradients they must not be
+    leaves (a projection's output is not) nor views made by split/chunk/unbind (torch refuses to write those;
+    slice instead, or let TritonMultiheadAttention rotate inside its projection). They must not overlap
+    themselves or each other (checked in eager mode: ValueError where it cannot be ruled out; skipped under
+    torch.compile / export, where the rotation is computed into new tensors and copied back, q first).
+    inplace_grad=True (with inplace): the backward rotates the gradients arriving at q and k where they are, as
+    Liger-Kernel's does, instead of into new tensors: only for gradients nothing else reads (one from the
+    attention's backward, not one the caller passed to backward() or an add handed to another branch too; one
+    tensor for both, or overlapping ones, are detected and get new tensors). It applies where q and k are not
+    views; views' gradients always get new tensors. Not twice differentiable (create_graph raises).
     q and k may be strided views (e.g. of a fused QKV projection [B, S, 3, H, D]); k may have fewer heads than q
     (grouped-query attention); D must be even. cos and sin: tables [S_max, D/2] (see rope_tables) or [S_max, D]
     whose two halves repeat each other (only the first D/2 columns are read), any float dtype (float32
@@ -234,15 +259,24 @@ def rope(
     cache). Float32 math; both outputs in one kernel launch, the backward (rotation by −θ) likewise.
     """
     _check_rope_inputs(q, k, cos, sin, offset)
-    if not isinstance(inplace, bool):
-        raise TypeError(f"inplace must be True or False, got {inplace!r}")
+    for flag, name in ((inplace, "inplace"), (inplace_grad, "inplace_grad")):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True or False, got {flag!r}")
+    if inplace_grad and not inplace:
+        raise ValueError("inplace_grad=True rotates the gradients of an in-place rotation: pass inplace=True too")
     if not inplace:
         return _rope_op(q, k, cos, sin, offset, False)
-    _check_in_place(q, k)
+    eager = plain_eager((q, k, cos, sin))
+    if eager:
+        _check_in_place(q, k)
     if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
         _rope_in_place_op(q, k, cos, sin, offset, False)
         return q, k
-    if plain_eager((q, k, cos, sin)):
-        return _RopeInPlace.apply(q, k, cos, sin, offset)
-    q_rot, k_rot = _rope_op(q, k, cos, sin, offset, False)  # traced: a functional rotation, written back
-    return q.copy_(q_rot), k.copy_(k_rot)
+    if not eager:
+        q_rot, k_rot = _rope_op(q, k, cos, sin, offset, False)  # traced: a functional rotation, written back
+        return q.copy_(q_rot), k.copy_(k_rot)
+    if q._base is None and k._base is None:
+        return _RopeInPlace.apply(q, k, cos, sin, offset, inplace_grad)
+    # autograd rebases a written view through its base, for a function with one output only; two functions could
+    # not tell one gradient handed to both, so theirs go to new tensors
+    return _RopeInPlace.apply(q, None, cos, sin, offset, False), _RopeInPlace.apply(None, k, cos, sin, offset, False)

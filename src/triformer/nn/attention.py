@@ -103,7 +103,11 @@ class _MultiheadAttentionBase(nn.Module):
 
     def heads(self, x: torch.Tensor):
         """q (B, H, T, D), k and v (B, Hkv, T, D) of x (B, T, C), q and k rotated when rotary is given."""
-        q, k, v = self.split_heads(self.qkv(x))
+        return self.rotated_heads(self.qkv(x))
+
+    def rotated_heads(self, qkv: torch.Tensor):
+        """q, k, v of the projection's output qkv (B, T, (H + 2·Hkv)·D), q and k through rotary when given."""
+        q, k, v = self.split_heads(qkv)
         return (*self.rotary(q, k), v) if self.rotary is not None else (q, k, v)
 
     def attend(self, q, k, v) -> torch.Tensor:
@@ -121,7 +125,7 @@ class TritonMultiheadAttention(_MultiheadAttentionBase):
 
     qkv: TritonLinear(embed_dim → (num_heads + 2·num_kv_heads)·head_dim); q, k, v are views of its output;
     rotary (a TritonRotaryEmbedding, optional) rotates q and k, in place in qkv's output where nothing else can hold
-    it (see rotate); triformer.functional.attention(q, k, v, causal);
+    it (see heads); triformer.functional.attention(q, k, v, causal);
     out_proj: TritonLinear(embed_dim → embed_dim). dropout > 0 (on the attention probabilities) raises ValueError.
     """
 
@@ -146,14 +150,14 @@ class TritonMultiheadAttention(_MultiheadAttentionBase):
         private = (
             type(rotary) is TritonRotaryEmbedding
             and type(qkv) is TritonLinear
-            and not (hooked(qkv) or replaced_forward(qkv) or replaced_forward(rotary))
-            and plain_eager((x,))
+            and not (hooked(qkv) or hooked(rotary) or replaced_forward(qkv) or replaced_forward(rotary))
         )
-        if not private:
-            return super().heads(x)
+        projected = qkv(x)
+        if not (private and plain_eager((projected,))):
+            return self.rotated_heads(projected)
         B, T, _ = x.shape
-        projected = qkv(x).view(B, T, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
-        rotated = rotary.rotate_leading_heads_(projected, self.num_heads + self.num_kv_heads)
+        heads = projected.view(B, T, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        rotated = rotary.rotate_leading_heads_(heads, self.num_heads + self.num_kv_heads)
         return self.split_heads(rotated.view(B, T, -1))
 
     def attend(self, q, k, v) -> torch.Tensor:

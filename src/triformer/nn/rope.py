@@ -63,12 +63,12 @@ class TritonRotaryEmbedding(_RotaryTables):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, offset: int = 0, inplace: bool = False):
         self._check(q, offset)
-        return F_tri.rope(q, k, self.cos, self.sin, offset, inplace)
+        return F_tri.rope(q, k, self.cos, self.sin, offset, inplace, inplace_grad=False)
 
     def rotate_leading_heads_(self, x: torch.Tensor, heads: int, offset: int = 0) -> torch.Tensor:
         """Heads [0, heads) of x [B, T, H_total, D] rotated in place, the others kept; returns an alias of x (see
         triformer.functional.rope.rope_leading_heads_: eager mode, a non-leaf x that no op saved)."""
-        self._check(x, offset)
+        self._check(x.transpose(1, 2), offset)  # [B, H_total, T, D], as q
         return rope_leading_heads_(x, heads, self.cos, self.sin, offset)
 
 
