@@ -113,6 +113,25 @@ def test_rope_in_place_only_where_the_projection_output_is_private(monkeypatch, 
     assert torch.equal(in_place, copied) and torch.equal(in_place, hooked_rotary)
 
 
+def test_an_overridden_rotated_heads_is_used(seed):
+    """A subclass that changes rotated_heads (e.g. a norm on q and k) gets it called, not the in-place rotation."""
+
+    class Scaled(TritonMultiheadAttention):
+        def rotated_heads(self, qkv):
+            q, k, v = super().rotated_heads(qkv)
+            return q * 2, k, v
+
+    rotary = TritonRotaryEmbedding(EMBED // HEADS, max_seq_len=16)
+    plain = TritonMultiheadAttention(EMBED, HEADS, rotary=rotary).to(DEVICE)
+    scaled = Scaled(EMBED, HEADS, rotary=rotary).to(DEVICE)
+    scaled.load_state_dict(plain.state_dict())
+    x = randn(2, 7, EMBED)
+    with torch.no_grad():
+        q, k, v = plain.rotated_heads(plain.qkv(x))
+        expected = plain.out_proj(plain.attend(q * 2, k, v).transpose(1, 2).reshape(2, 7, EMBED))
+        assert torch.equal(scaled(x), expected)
+
+
 def test_rope_in_place_checks_positions_not_heads(seed):
     """More heads (query, key and value together) than max_seq_len: the table covers the T positions, and that is
     what is checked."""

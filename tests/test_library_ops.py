@@ -128,6 +128,7 @@ OPCHECK_CASES = {
     ),
     "rope": lambda: (ops.rope, (leaf(1, 2, 5, 8), leaf(1, 1, 5, 8), *tables(7, 8), 1, False)),
     "rope-inverse-k-only": lambda: (ops.rope, (None, randn(1, 1, 5, 8), *tables(7, 8), 2, True)),
+    "rope_-q-only": lambda: (ops.rope_, (randn(1, 2, 5, 8), None, *tables(7, 8), 0, True)),
     "rope_": lambda: (ops.rope_, (randn(1, 2, 5, 8), randn(1, 1, 8, 5).transpose(2, 3), *tables(7, 8), 1, False)),
     "gated": lambda: (ops.gated, (leaf(2, 3, 10), "silu", False)),
     "gated-in-place": lambda: (ops.gated, (leaf(4, 10) * 1, "gelu", True)),

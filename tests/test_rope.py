@@ -299,6 +299,25 @@ def test_in_place_under_torch_compile(seed):
     assert_close(results[1][1], results[0][1].double(), torch.float32, "grad of source")
 
 
+def test_in_place_under_compiled_autograd(seed):
+    """The in-place rotation's backward traced by compiled autograd (its gradients into new tensors there) gives
+    eager mode's gradients."""
+    cos, sin = random_tables(7, 8)
+    source = randn(2, 2, 7, 16, requires_grad=True)
+    grads = []
+    for compiled in (False, True):
+        source.grad = None
+        q, k = F_tri.rope(source * 1, source * 2, cos, sin, inplace=True, inplace_grad=True)
+        loss = (q * q).sum() + (k * 3).sum()
+        if compiled:
+            with torch._dynamo.compiled_autograd._enable(torch.compile(backend="aot_eager")):
+                loss.backward()
+        else:
+            loss.backward()
+        grads.append(source.grad)
+    assert_close(grads[1], grads[0].double(), torch.float32, "grad of source")
+
+
 def test_double_backward_of_the_out_of_place_rotation(seed):
     """q_rot = R q, so dq = Rᵀ g, and the gradient of ⟨dq, w⟩ with respect to g is R w: the backward's backward
     rotates by +θ."""
@@ -362,6 +381,21 @@ def test_in_place_bad_inputs_get_clear_errors():
         F_tri.rope(wide[..., :16], wide[..., 8:], cos, sin, inplace=True)
     with pytest.raises(ValueError, match="q .* may address some elements more than once"):
         F_tri.rope(randn(1, 1, 7, 16).expand(1, 2, 7, 16), leaf * 1, cos, sin, inplace=True)
+    fused = randn(1, 7, 6, 16, requires_grad=True) * 1
+    q, k = fused[:, :, :2].transpose(1, 2), fused.split(2, dim=2)[1].transpose(1, 2)
+    kept = q.detach().clone()
+    with pytest.raises(ValueError, match="k, a view that autograd does not let be written .* split"):
+        F_tri.rope(q, k, cos, sin, inplace=True)  # q sliced (writable), k from a split
+    assert torch.equal(q, kept), "nothing written before the error"
+    projected = leaf * 1
+    with torch.no_grad():
+        made_without_grad = projected[:, :1], projected[:, 1:]
+    with pytest.raises(ValueError, match="q, a view that autograd does not let be written .* under no_grad"):
+        F_tri.rope(*made_without_grad, cos, sin, inplace=True)
+    with torch.inference_mode():
+        inference = randn(1, 2, 7, 16), randn(1, 2, 7, 16)
+    with pytest.raises(ValueError, match="q, an inference tensor, outside inference mode"):
+        F_tri.rope(*inference, cos, sin, inplace=True)
     with pytest.raises(TypeError, match="inplace must be True or False"):
         F_tri.rope(leaf, leaf, cos, sin, inplace=1)
     with pytest.raises(TypeError, match="inplace_grad must be True or False"):

@@ -162,7 +162,8 @@ class Op:
     def _bump_versions(self, args) -> None:
         """Bump the versions of the tensors the op mutates, as an in-place torch op does."""
         for i in self._mutated:
-            torch.autograd.graph.increment_version(args[i])
+            if args[i] is not None:  # an optional tensor left out
+                torch.autograd.graph.increment_version(args[i])
 
     def _run(self, *args):
         """The implementation, the versions of the tensors it mutates bumped."""

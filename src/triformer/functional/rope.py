@@ -67,9 +67,13 @@ def _check_rope_inputs(q, k, cos, sin, offset) -> None:
         )
 
 
+_WRITABLE_VIEW = torch._C._autograd.CreationMeta.DEFAULT
+
+
 def _check_in_place(q, k) -> None:
-    """inplace=True (eager mode, real tensors): q and k (k may be None) are written through their strides, so no
-    element may be addressed twice, and autograd must be able to record the write."""
+    """inplace=True (eager mode, real tensors), before anything is written: q and k (k may be None) are written
+    through their strides, so no element may be addressed twice, and autograd must accept the write."""
+    grad_mode = torch.is_grad_enabled()
     for t, name in ((q, "q"), (k, "k")):
         if t is None:
             continue
@@ -78,12 +82,24 @@ def _check_in_place(q, k) -> None:
                 f"inplace=True writes the rotation into {name}, but {name} (shape {tuple(t.shape)}, strides "
                 f"{t.stride()}) may address some elements more than once (an expanded view?): pass inplace=False"
             )
+        if t.is_inference() and not torch.is_inference_mode_enabled():
+            raise ValueError(
+                f"inplace=True writes the rotation into {name}, an inference tensor, outside inference mode "
+                f"(torch forbids it): pass inplace=False"
+            )
         base = t._base if t._base is not None else t
-        if torch.is_grad_enabled() and base.requires_grad and base.is_leaf:
+        recorded = grad_mode and base.requires_grad  # autograd must know of the write
+        if recorded and base.is_leaf:
             raise ValueError(
                 f"inplace=True writes the rotation into {name}, which is a leaf that requires grad "
                 f"{'' if t._base is None else '(or a view of one) '}and autograd forbids writing it: pass "
                 f"inplace=False, or rotate a non-leaf (e.g. a projection's output)"
+            )
+        if recorded and t._is_view() and torch._C._autograd._get_creation_meta(t) != _WRITABLE_VIEW:
+            raise ValueError(
+                f"inplace=True writes the rotation into {name}, a view that autograd does not let be written (made "
+                f"by split, chunk or unbind, under no_grad, or in a custom function): take it by slicing, or "
+                f"pass inplace=False"
             )
     if k is not None and may_share_elements(q, k):
         raise ValueError(
@@ -126,8 +142,10 @@ def _rope_backward(ctx, dq_rot, dk_rot):
 _rope_op = Op("rope", _rope_impl, _rope_fake, setup_context=_rope_setup, backward=_rope_backward)
 
 
-def _rope_in_place_impl(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, offset: int, inverse: bool) -> None:
-    """q and k rotated in their own storage by +θ (by −θ when inverse)."""
+def _rope_in_place_impl(
+    q: Tensor | None, k: Tensor | None, cos: Tensor, sin: Tensor, offset: int, inverse: bool
+) -> None:
+    """q and k (either may be None) rotated in their own storage by +θ (by −θ when inverse)."""
     rope_kernels.rotate(q, k, cos, sin, offset, inverse, in_place=True)
 
 
@@ -148,10 +166,13 @@ def _private_gradients(dq_rot: Tensor | None, dk_rot: Tensor | None) -> bool:
 
 
 def _rotate_back(dq_rot, dk_rot, cos, sin, offset: int, in_place: bool):
-    """(dq, dk): the incoming gradients rotated by −θ, where they are when in_place and _private_gradients allows."""
-    return rope_kernels.rotate(
-        dq_rot, dk_rot, cos, sin, offset, True, in_place=in_place and _private_gradients(dq_rot, dk_rot)
-    )
+    """(dq, dk): the incoming gradients rotated by −θ, where they are when in_place and _private_gradients allows
+    (in plain eager mode: a traced backward, compiled autograd's, gets new tensors)."""
+    if in_place and plain_eager((dq_rot, dk_rot)) and _private_gradients(dq_rot, dk_rot):
+        _rope_in_place_op(dq_rot, dk_rot, cos, sin, offset, True)
+        return dq_rot, dk_rot
+    dq, dk = _rope_op(dq_rot, dk_rot, cos, sin, offset, True)
+    return (None if dq_rot is None else dq), (None if dk_rot is None else dk)
 
 
 class _RopeInPlace(torch.autograd.Function):
@@ -162,7 +183,7 @@ class _RopeInPlace(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, cos, sin, offset, inplace_grad):
-        rope_kernels.rotate(q, k, cos, sin, offset, in_place=True)
+        _rope_in_place_impl(q, k, cos, sin, offset, False)
         written = tuple(t for t in (q, k) if t is not None)
         ctx.mark_dirty(*written)
         ctx.save_for_backward(cos, sin)
@@ -195,7 +216,7 @@ class _RopeLeadingHeads(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, heads, cos, sin, offset):
-        rope_kernels.rotate(x[:, :, :heads].transpose(1, 2), None, cos, sin, offset, in_place=True)
+        _rope_in_place_impl(x[:, :, :heads].transpose(1, 2), None, cos, sin, offset, False)
         torch.autograd.graph.increment_version(x)
         ctx.save_for_backward(cos, sin)
         ctx.heads, ctx.offset = heads, offset
@@ -205,9 +226,9 @@ class _RopeLeadingHeads(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         cos, sin = ctx.saved_tensors
-        if not _private_gradients(grad, None):
+        if not (plain_eager((grad,)) and _private_gradients(grad, None)):  # compiled autograd: a copy it can plan
             grad = grad.clone(memory_format=torch.contiguous_format)
-        rope_kernels.rotate(grad[:, :, : ctx.heads].transpose(1, 2), None, cos, sin, ctx.offset, True, in_place=True)
+        _rope_in_place_op(grad[:, :, : ctx.heads].transpose(1, 2), None, cos, sin, ctx.offset, True)
         return grad, None, None, None, None
 
 

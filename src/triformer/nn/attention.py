@@ -144,12 +144,13 @@ class TritonMultiheadAttention(_MultiheadAttentionBase):
     def heads(self, x: torch.Tensor):
         """q, k, v as the twin's; q and k rotated in place in the QKV projection's output (no [B, H, T, D] copies
         of them, which the attention's backward would keep) when that output is private: qkv a TritonLinear (a
-        fresh output, saved by nothing) that no hook watches, rotary a TritonRotaryEmbedding, eager mode; otherwise
-        into new tensors."""
+        fresh output, saved by nothing) that no hook watches, rotary a TritonRotaryEmbedding, rotated_heads not
+        overridden, eager mode; otherwise through rotated_heads, as the twin."""
         qkv, rotary = self.qkv, self.rotary
         private = (
             type(rotary) is TritonRotaryEmbedding
             and type(qkv) is TritonLinear
+            and type(self).rotated_heads is _MultiheadAttentionBase.rotated_heads
             and not (hooked(qkv) or hooked(rotary) or replaced_forward(qkv) or replaced_forward(rotary))
         )
         projected = qkv(x)
