@@ -264,10 +264,11 @@ def rope(
     q's dtype. inplace=True: q and k are rotated in their own storage and returned (the memory saving of
     Liger-Kernel's rope: no [B, H, S, D] outputs), autograd told (their history continues from the rotation; an
     op that saved them raises "modified by an inplace operation" in its backward). With gradients they must not be
-    leaves (a projection's output is not) nor views made by split/chunk/unbind (torch refuses to write those;
-    slice instead, or let TritonMultiheadAttention rotate inside its projection). They must not overlap
-    themselves or each other (checked in eager mode: ValueError where it cannot be ruled out; skipped under
-    torch.compile / export, where the rotation is computed into new tensors and copied back, q first).
+    leaves (a projection's output is not) nor views autograd will not let be written (made by split/chunk/unbind
+    or under no_grad; slice instead, or let TritonMultiheadAttention rotate inside its projection). They must not
+    overlap themselves or each other. All checked in eager mode before anything is written (ValueError, also where
+    an overlap cannot be ruled out); skipped under torch.compile / export, where the rotation is computed into new
+    tensors and copied back, q first.
     inplace_grad=True (with inplace): the backward rotates the gradients arriving at q and k where they are, as
     Liger-Kernel's does, instead of into new tensors: only for gradients nothing else reads (one from the
     attention's backward, not one the caller passed to backward() or an add handed to another branch too; one
