@@ -135,8 +135,8 @@ def _rope_backward(ctx, dq_rot, dk_rot):
     dk_rot = dk_rot if ctx.needs_input_grad[1] else None
     dq = dk = None
     if dq_rot is not None or dk_rot is not None:
-        dq, dk = _rope_op(dq_rot, dk_rot, cos, sin, ctx.offset, not ctx.inverse)
-    return (None if dq_rot is None else dq), (None if dk_rot is None else dk), None, None, None, None
+        dq, dk = _rotate_back(dq_rot, dk_rot, cos, sin, ctx.offset, not ctx.inverse)
+    return dq, dk, None, None, None, None
 
 
 _rope_op = Op("rope", _rope_impl, _rope_fake, setup_context=_rope_setup, backward=_rope_backward)
@@ -165,13 +165,14 @@ def _private_gradients(dq_rot: Tensor | None, dk_rot: Tensor | None) -> bool:
     return len(present) < 2 or not may_share_elements(dq_rot, dk_rot)
 
 
-def _rotate_back(dq_rot, dk_rot, cos, sin, offset: int, in_place: bool):
-    """(dq, dk): the incoming gradients rotated by −θ, where they are when in_place and _private_gradients allows
-    (in plain eager mode: a traced backward, compiled autograd's, gets new tensors)."""
+def _rotate_back(dq_rot, dk_rot, cos, sin, offset: int, inverse: bool = True, in_place: bool = False):
+    """(dq, dk): the incoming gradients (either may be None) rotated by −θ (by +θ when not inverse: the backward of
+    a backward), where they are when in_place and _private_gradients allows (in plain eager mode: a traced
+    backward, compiled autograd's, gets new tensors), else into new tensors through the rope op."""
     if in_place and plain_eager((dq_rot, dk_rot)) and _private_gradients(dq_rot, dk_rot):
-        _rope_in_place_op(dq_rot, dk_rot, cos, sin, offset, True)
+        _rope_in_place_op(dq_rot, dk_rot, cos, sin, offset, inverse)
         return dq_rot, dk_rot
-    dq, dk = _rope_op(dq_rot, dk_rot, cos, sin, offset, True)
+    dq, dk = _rope_op(dq_rot, dk_rot, cos, sin, offset, inverse)
     return (None if dq_rot is None else dq), (None if dk_rot is None else dk)
 
 
@@ -202,7 +203,7 @@ class _RopeInPlace(torch.autograd.Function):
         dk_rot = dk_rot if ctx.needs_input_grad[1] else None
         if dq_rot is None and dk_rot is None:
             return None, None, None, None, None, None
-        dq, dk = _rotate_back(dq_rot, dk_rot, cos, sin, ctx.offset, ctx.inplace_grad)
+        dq, dk = _rotate_back(dq_rot, dk_rot, cos, sin, ctx.offset, in_place=ctx.inplace_grad)
         return dq, dk, None, None, None, None
 
 
