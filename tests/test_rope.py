@@ -165,15 +165,17 @@ def test_gradient_of_one_input_only(seed):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_nan_and_inf_propagate(dtype, seed):
     """NaN and ±inf in q give NaN/inf exactly where the float64 formula does (position 0 has sin = 0, so
-    inf·sin is NaN there, as in torch)."""
+    inf·sin is NaN there, as in torch), out of place and in place."""
     q, k = (t.detach() for t in qk(1, 2, 1, 7, 16, dtype))
     q[0, 0, 0, 3] = float("nan")
     q[0, 0, 0, 12] = float("inf")
     q[0, 1, 4, 5] = float("-inf")
     k[0, 0, 2, 9] = float("nan")
     cos, sin = F_tri.rope_tables(16, 7, device=DEVICE)
-    for out, x in zip(F_tri.rope(q, k, cos, sin), (q, k)):
-        ref = reference_rope(x.double().cpu(), cos, sin, 0)
+    refs = [reference_rope(x.double().cpu(), cos, sin, 0) for x in (q, k)]
+    out_of_place = F_tri.rope(q, k, cos, sin)
+    in_place = F_tri.rope(q.clone(), k.clone(), cos, sin, inplace=True)
+    for out, ref in [*zip(out_of_place, refs), *zip(in_place, refs)]:
         assert torch.equal(out.cpu().isnan(), ref.isnan())
         assert torch.equal(out.cpu().isinf(), ref.isinf())
         finite = ref.isfinite()
