@@ -54,6 +54,10 @@ def next_power_of_2(n: int) -> int:
 # Triton decides when a kernel is defined (at import) whether it runs through the interpreter, so this is read
 # once; tests that need the other answer use assume_interpreter().
 _INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+if _INTERPRETER:
+    from . import _interpreter
+
+    _interpreter.install()
 
 
 def interpreter_active() -> bool:

@@ -1,0 +1,91 @@
+"""Triton's interpreter with one language patch per launch instead of one per helper call.
+
+Under TRITON_INTERPRET=1 a launch replaces triton.language's builtins with NumPy implementations
+(`interpreter._patch_lang`: a walk over every member of triton.language, its math module and its tensor class) and
+puts the originals back when the launch ends. Triton also runs that walk again at every call of a @triton.jit
+helper inside the kernel, while the launch's replacement is still in place: for the CPU pipeline's GPT step the
+repeated walks took a third of the interpreter's time. `install()` makes a helper call inside a launch skip the
+walk when the launch's patch already covers every language module the helper's globals name (triton.language or
+triton.language.core); a helper naming one it does not cover is patched as before, and that patch is undone with
+the launch's. The helper runs under the same replacements either way, so results are unchanged.
+
+Nothing changes outside a launch, when the interpreter is off, or when Triton's interpreter lacks the structure
+this relies on (`GridExecutor.__call__` running a launch, `_patch_lang(fn)` returning a scope with `restore()`).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+
+class _LaunchPatch:
+    """The language patch of the running launch: the modules it covers and the scopes its end restores."""
+
+    def __init__(self, scope, langs: frozenset):
+        self.scopes, self.langs = [scope], langs
+
+    def restore(self) -> None:
+        global _active
+        _active = None
+        while self.scopes:
+            self.scopes.pop().restore()
+
+
+_launches = 0  # launches running (GridExecutor.__call__ frames)
+_active: _LaunchPatch | None = None
+_installed = False
+
+
+def install() -> bool:
+    """Make Triton's interpreter patch the language once per launch (see the module doc); True when installed."""
+    global _installed
+    if _installed:
+        return True
+    try:
+        import triton.language as tl
+        from triton.runtime import interpreter
+    except ImportError:
+        return False
+    original_patch = getattr(interpreter, "_patch_lang", None)
+    grid_executor = getattr(interpreter, "GridExecutor", None)
+    if original_patch is None or grid_executor is None or list(inspect.signature(original_patch).parameters) != ["fn"]:
+        return False
+    languages = (tl, tl.core)
+
+    def language_modules(fn) -> frozenset:
+        return frozenset(id(v) for v in fn.__globals__.values() if any(v is lang for lang in languages))
+
+    def patch_lang(fn):
+        global _active
+        if not _launches:
+            return original_patch(fn)  # a jit function called outside a launch: as Triton does
+        if _active is None:  # the launch's own patch
+            scope = original_patch(fn)
+            if not hasattr(scope, "restore"):
+                return scope
+            _active = _LaunchPatch(scope, language_modules(fn))
+            return _active
+        langs = language_modules(fn)
+        if not langs <= _active.langs:  # a helper naming a module the launch did not patch
+            scope = original_patch(fn)
+            if hasattr(scope, "restore"):
+                _active.scopes.append(scope)
+            _active.langs |= langs
+        return None  # a helper call: Triton ignores the result
+
+    run_launch = grid_executor.__call__
+
+    @functools.wraps(run_launch)
+    def launch(self, *args, **kwargs):
+        global _launches
+        _launches += 1
+        try:
+            return run_launch(self, *args, **kwargs)
+        finally:
+            _launches -= 1
+
+    interpreter._patch_lang = patch_lang
+    grid_executor.__call__ = launch
+    _installed = True
+    return True
