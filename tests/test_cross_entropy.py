@@ -85,6 +85,24 @@ def test_incoming_gradient_scales(ce_rows, seed):
     run_and_compare(logits, make_targets((11,), 65, ignore_index=7), torch.float32, dloss_scale=3.0, ignore_index=7)
 
 
+@pytest.mark.parametrize("inplace", [False, True], ids=["buffer", "inplace"])
+def test_float16_gradient_under_a_loss_scale_keeps_small_probabilities(inplace, seed):
+    """A float16 mean loss times a GradScaler-like scale: the gradient of the classes with small probabilities,
+    p / N before the scale, is as exact as float16 allows after it (the forward keeps p, the backward applies
+    scale / N), not rounded to subnormals or 0 before the scale arrives."""
+    m, v, loss_scale = 1024, 1024, 2.0**14
+    logits = randn(m, v, dtype=torch.float16)
+    targets = make_targets((m,), v)
+    ref, ref_leaf = reference(logits, targets)
+    (ref * loss_scale).backward()
+    leaf = logits.detach().clone().requires_grad_()
+    (F_tri.cross_entropy(leaf * 1, targets, inplace_grad=inplace) * loss_scale).backward()
+    others = torch.ones(m, v, dtype=torch.bool)
+    others[torch.arange(m), targets.clamp(min=0).cpu()] = False  # the non-target classes (ignored rows: zeros)
+    assert (leaf.grad.cpu()[others] != 0).sum() == (ref_leaf.grad[others] != 0).sum(), "gradients rounded to 0"
+    assert_close(leaf.grad.cpu()[others], ref_leaf.grad[others], torch.float16, "non-target gradient")
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_all_targets_ignored(reduction, ce_rows, seed):
     """As torch: "mean" gives NaN (0 / 0), "sum" 0, "none" zeros; the gradient is zero in every case."""

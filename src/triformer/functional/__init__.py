@@ -524,24 +524,28 @@ def _cross_entropy_loss(
     targets_shape,
 ) -> Tensor:
     """The loss (float32: a scalar, or targets_shape for reduction="none") of logits2d [M, V] against targets1d [M],
-    the gradient (scaled by 1 / valid targets for "mean") into grad when it is not None."""
+    the gradient into grad when it is not None: of the loss, or of the losses' sum where the mean's 1 / valid
+    targets waits for the backward (see _mean_scaled_in_backward)."""
     v = logits2d.shape[1]
     counts = ce_kernels.count_targets(targets1d, v, ignore_index)  # (valid, out of range, first out of range)
     _targets.note(counts, v, ignore_index)
     n_valid = counts[0]
+    mean_now = reduction == "mean" and grad is not None and not _mean_scaled_in_backward(reduction, logits2d.dtype)
     losses = ce_kernels.cross_entropy_forward(
-        logits2d,
-        targets1d,
-        ignore_index,
-        smoothing,
-        grad,
-        n_chunks,
-        n_valid if reduction == "mean" and grad is not None else None,
+        logits2d, targets1d, ignore_index, smoothing, grad, n_chunks, n_valid if mean_now else None
     )
     if reduction == "none":
         return losses.view(targets_shape)
     total = losses.sum()
     return total / n_valid if reduction == "mean" else total
+
+
+def _mean_scaled_in_backward(reduction: str, dtype: torch.dtype) -> bool:
+    """Whether the forward stores the gradient of the losses' sum and the backward applies the mean's 1 / valid
+    targets: for float16 logits, whose range would round the forward's p / N to subnormals or 0 before the backward
+    scales it up (a GradScaler's loss scale); bfloat16 and float32 take p / N in the forward, and a mean's backward
+    with an incoming gradient of 1 then skips the scaling pass."""
+    return reduction == "mean" and dtype == torch.float16
 
 
 def _cross_entropy_impl(
@@ -568,6 +572,7 @@ def _cross_entropy_setup(ctx, inputs, output):
     ctx.save_for_backward(output[1], inputs[1])
     ctx.reduction, ctx.logits_shape, ctx.backward_done = inputs[3], inputs[0].shape, False
     ctx.ignore_index = inputs[2]
+    ctx.mean_in_backward = _mean_scaled_in_backward(inputs[3], inputs[0].dtype)
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)
 
@@ -583,8 +588,10 @@ def _cross_entropy_backward(ctx, dloss, *_):
         )
     ctx.backward_done = True
     grad, targets = ctx.saved_tensors
-    scale = dloss.reshape(-1) if ctx.reduction == "none" else dloss.reshape(())
-    scale_rows_op(grad, scale.float(), targets.reshape(-1), ctx.ignore_index)
+    scale = (dloss.reshape(-1) if ctx.reduction == "none" else dloss.reshape(())).float()
+    if ctx.mean_in_backward:
+        scale = scale / (targets.reshape(-1) != ctx.ignore_index).sum()
+    scale_rows_op(grad, scale, targets.reshape(-1), ctx.ignore_index)
     return grad.view(ctx.logits_shape), None, None, None, None, None, None
 
 
@@ -625,6 +632,7 @@ class _CrossEntropyInPlace(torch.autograd.Function):
         ctx.save_for_backward(logits2d, targets)
         ctx.reduction, ctx.logits_shape, ctx.backward_done = reduction, logits2d.shape, False
         ctx.ignore_index = ignore_index
+        ctx.mean_in_backward = _mean_scaled_in_backward(reduction, logits2d.dtype)
         ctx.set_materialize_grads(False)
         return loss
 
@@ -645,7 +653,9 @@ def cross_entropy(
     (op triformer::cross_entropy).
 
     One kernel computes the loss and, when logits need a gradient, the gradient too (online softmax, two passes
-    over each row); the backward only scales it by the incoming gradient. Where that gradient is written:
+    over each row); the backward only scales it by the incoming gradient (float16 logits: by the incoming gradient
+    over the valid targets of a mean, so that a loss scale reaches small probabilities before float16 rounds them).
+    Where that gradient is written:
       inplace_grad=False (default): a buffer of its own; the logits keep their values, as with F.cross_entropy.
       inplace_grad=True: into the logits' own storage (leaves included) — the memory saving (no [N, V] gradient
         buffer) that Liger-Kernel's cross-entropy always takes. After the call the logits hold the gradient:
