@@ -448,6 +448,21 @@ def test_tables_are_exact():
     assert not module.state_dict()  # non-persistent: rebuilt from the constructor, never saved
 
 
+@pytest.mark.parametrize("module_class", [TritonRotaryEmbedding, TorchRotaryEmbedding])
+def test_tables_defined_after_meta_initialisation(module_class):
+    """Built on the meta device, then to_empty (uninitialised memory) and load_state_dict (which holds no tables):
+    the tables are rebuilt, equal to a module built where it runs; reset_parameters rebuilds them too."""
+    built = module_class(40, max_seq_len=16, base=500.0).to(DEVICE)
+    with torch.device("meta"):
+        module = module_class(40, max_seq_len=16, base=500.0)
+    module = module.to_empty(device=DEVICE)
+    module.load_state_dict(built.state_dict())
+    assert torch.equal(module.cos, built.cos) and torch.equal(module.sin, built.sin)
+    module.cos.fill_(float("nan"))
+    module.reset_parameters()
+    assert torch.equal(module.cos, built.cos)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_module_twins_agree(dtype, seed):
     """TritonRotaryEmbedding and TorchRotaryEmbedding give the same rotation and gradients (both against float64)."""

@@ -34,12 +34,16 @@ class _RotaryTables(nn.Module):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
+    def reset_parameters(self) -> None:
+        """Rebuild the tables where they are (what a meta-device initialisation calls after to_empty)."""
+        self.cos, self.sin = F_tri.rope_tables(self.head_dim, self.max_seq_len, self.base, self.cos.device)
+
     def _apply(self, fn, recurse=True):
-        """Module.to / .half() / .cuda(): the tables follow the device but stay float32 (rebuilt exactly when a
-        dtype cast rounded them)."""
+        """Module.to / .half() / .cuda() / .to_empty(): the tables follow the device, rebuilt there in float32
+        (exact after a dtype cast rounded them, defined after to_empty left them uninitialised; load_state_dict does
+        not restore them, being non-persistent)."""
         super()._apply(fn, recurse)
-        if self.cos.dtype != torch.float32:
-            self.cos, self.sin = F_tri.rope_tables(self.head_dim, self.max_seq_len, self.base, self.cos.device)
+        self.reset_parameters()
         return self
 
     def _check(self, q: torch.Tensor, offset: int) -> None:
