@@ -157,6 +157,11 @@ def test_bad_arguments(cls):
         cls(64, 4, rotary=rotary)
     with pytest.raises(ValueError, match=r"x must be \(B, T, embed_dim=64\), got shape \(2, 7, 32\)"):
         cls(64, 4)(torch.randn(2, 7, 32))
+    if cls is TritonMultiheadAttention:  # its kernel's head dims, refused at construction
+        with pytest.raises(ValueError, match="head dim embed_dim / num_heads = 12 / 4 = 3 is not supported"):
+            cls(12, 4)
+    else:
+        cls(12, 4)  # SDPA takes any head dim
 
 
 def test_under_autocast_matches_twin(seed):

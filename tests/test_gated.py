@@ -136,6 +136,28 @@ def test_module_gradient_goes_into_the_up_projection_output(seed, monkeypatch):
     assert calls == [1] and torch.equal(leaf.detach(), kept)
 
 
+def test_second_backward(seed):
+    """retain_graph=True: the in-place gradient (the module's default) cannot run twice and says so; with
+    inplace_grad=False the module backs up twice as TorchGatedMLP does (every gradient doubled)."""
+    x = randn(3, 5, 16)
+    mlp = TritonGatedMLP(16, 24).to(DEVICE)
+    y = mlp(x)
+    y.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="cannot run again.*inplace_grad=False"):
+        y.sum().backward()
+    ours = TritonGatedMLP(16, 24, inplace_grad=False).to(DEVICE)
+    twin = TorchGatedMLP(16, 24).to(DEVICE)
+    twin.load_state_dict(ours.state_dict())
+    for module in (ours, twin):
+        y = module(x)
+        y.sum().backward(retain_graph=True)
+        y.sum().backward()
+    for (name, p), q in zip(ours.named_parameters(), twin.parameters(), strict=True):
+        assert_close(p.grad, q.grad, torch.float32, f"grad of {name} after two backward passes")
+    with pytest.raises(TypeError, match="inplace_grad"):
+        TritonGatedMLP(16, 24, inplace_grad=None)
+
+
 def test_module_leaves_a_hooked_up_projection_output_alone(seed):
     """A hook on up (activation capture, say) may keep its output: the gradient then takes a buffer of its own and
     the kept tensor stays what the forward made; likewise for a hook registered for every module."""
@@ -182,7 +204,7 @@ def test_in_place_gradient_is_never_silently_wrong(seed):
         loss.backward()
     h = F_tri.swiglu(non_leaf(leaf), inplace_grad=None)
     h.backward(torch.ones_like(h), retain_graph=True)
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+    with pytest.raises(RuntimeError, match="cannot run again"):
         h.backward(torch.ones_like(h))
 
 

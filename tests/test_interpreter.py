@@ -4,7 +4,9 @@ naming triton.language.core patched and restored too)."""
 
 import importlib.util
 import textwrap
+import warnings
 
+import numpy as np
 import pytest
 import torch
 import triton
@@ -80,6 +82,25 @@ def test_a_failing_launch_restores_the_builtins_and_the_state():
     out = torch.empty(8)
     _helper_loop_kernel[(1,)](torch.ones(8), out, N=8, CALLS=3)  # the next launch patches again
     assert torch.equal(out, torch.full((8,), 8.0))
+
+
+@triton.jit
+def _log_kernel(x_ptr, out_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(out_ptr + offs, tl.log(tl.load(x_ptr + offs)))
+
+
+def test_numpy_floating_point_warnings_stay_inside_a_launch():
+    """log 0 and log of a negative in a launch: −inf and NaN as on a GPU, no RuntimeWarning (masked lanes compute
+    such values in many kernels); outside a launch NumPy warns as before."""
+    x = torch.tensor([0.0, -1.0, 1.0, 4.0])
+    out = torch.empty(4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _log_kernel[(1,)](x, out, N=4)
+    assert out[0] == float("-inf") and out[1].isnan() and torch.equal(out[2:], x[2:].log())
+    with pytest.warns(RuntimeWarning, match="divide by zero"):
+        np.log(np.zeros(1))
 
 
 def test_a_helper_naming_triton_language_core_is_patched_and_restored(tmp_path, monkeypatch):

@@ -486,6 +486,12 @@ def test_gpt_bad_configs():
         model.generate(torch.zeros(1, 2, dtype=torch.int64), 1, temperature=0.0)
     with pytest.raises(ValueError, match="top_k must be a positive int"):
         model.generate(torch.zeros(1, 2, dtype=torch.int64), 1, top_k=0)
+    with pytest.raises(ValueError, match="max_new_tokens must be a non-negative int, got -1"):
+        model.generate(torch.zeros(1, 2, dtype=torch.int64), -1)
+    with pytest.raises(ValueError, match="GPTConfig.mlp_hidden must be a positive int, got 0"):
+        GPTConfig(mlp_hidden=0)
+    with pytest.raises(TypeError, match="torch_parts must be a list or tuple of part names"):
+        GPTConfig(torch_parts="attention")
 
 
 @pytest.mark.parametrize("variant", ["gpt2", "llama"])

@@ -68,9 +68,18 @@ def _gated_fake(x, activation, inplace_grad):
 def _gated_setup(ctx, inputs, output):
     x, ctx.activation, ctx.inplace = inputs
     ctx.save_for_backward(x)
+    ctx.backward_done = False
 
 
 def _gated_backward(ctx, dh):
+    if ctx.inplace and ctx.backward_done:
+        raise RuntimeError(
+            "the gated activation's backward ran before and wrote its gradient over its input (the up-projection's "
+            "output; inplace_grad), so it cannot run again (retain_graph=True, or a second autograd.grad): build "
+            "TritonGatedMLP(..., inplace_grad=False), or call gated_activation with inplace_grad=False. Gradients "
+            "of the layers after it may already have been accumulated by this second pass."
+        )
+    ctx.backward_done = True
     (x,) = ctx.saved_tensors
     if not ctx.inplace:
         return _gated_backward_op(dh, x, ctx.activation), None, None
@@ -119,10 +128,10 @@ def gated_activation(x: torch.Tensor, activation: str = "silu", inplace_grad: bo
     never written. inplace_grad=None writes it into x's own storage when x is a non-leaf whose base (if x is a view)
     is one too: no [.., 2·hidden] gradient buffer; inplace_grad=True does so for any x (TritonGatedMLP passes it for
     its up-projection's output when no hook could have kept that output). Afterwards x holds the gradient; an op
-    that saved x for a later backward (and a second backward of this one) then raises autograd's "modified by an
-    inplace operation" instead of reading it (x's version is bumped). Eager mode only: under torch.compile the
-    gradient takes a buffer of its own, whose memory Inductor plans (ops triformer::gated, gated_backward,
-    gated_backward_into_x_).
+    that saved x for a later backward then raises autograd's "modified by an inplace operation" instead of reading
+    it (x's version is bumped), and a second backward of this one (retain_graph=True) raises a RuntimeError.
+    Eager mode only: under torch.compile the gradient takes a buffer of its own, whose memory Inductor plans (ops
+    triformer::gated, gated_backward, gated_backward_into_x_).
     """
     _check_gated_input(x, activation, inplace_grad)
     return _gated_op(x, activation, _grad_in_place(x, inplace_grad))

@@ -9,7 +9,10 @@ walk when the launch's patch already covers every language module the helper's g
 triton.language.core); a helper naming one it does not cover is patched as before, and that patch is undone with
 the launch's. The helper runs under the same replacements either way, so results are unchanged.
 
-Nothing changes outside a launch, when the interpreter is off, or when Triton's interpreter lacks the structure
+Inside a launch NumPy's floating-point warnings are off: masked lanes compute log 0, 0 / 0 or exp overflows that
+the kernel then discards (a GPU computes them silently too), and every cross-entropy call warned.
+
+Nothing else changes outside a launch, when the interpreter is off, or when Triton's interpreter lacks the structure
 this relies on (`GridExecutor.__call__` running a launch, `_patch_lang(fn)` returning a scope with `restore()`).
 """
 
@@ -17,6 +20,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+
+import numpy as np
 
 
 class _LaunchPatch:
@@ -81,7 +86,8 @@ def install() -> bool:
         global _launches
         _launches += 1
         try:
-            return run_launch(self, *args, **kwargs)
+            with np.errstate(divide="ignore", invalid="ignore", over="ignore", under="ignore"):
+                return run_launch(self, *args, **kwargs)
         finally:
             _launches -= 1
 

@@ -39,9 +39,17 @@ def by_backend(backend: str, triton_cls, torch_cls):
     return triton_cls if backend == "triton" else torch_cls
 
 
+def parts_tuple(torch_parts) -> tuple[str, ...]:
+    """torch_parts as a tuple of part names (a list or tuple of them; a lone string is refused, not split)."""
+    if isinstance(torch_parts, str) or not isinstance(torch_parts, (list, tuple)):
+        raise TypeError(f"torch_parts must be a list or tuple of part names such as ['attention'], got {torch_parts!r}")
+    return tuple(torch_parts)
+
+
 def part_backends(backend: str, torch_parts=()) -> dict[str, str]:
     """{part: backend} for every part in PARTS: `backend`, except the parts named in torch_parts, which run on torch."""
     check_choice("backend", backend, BACKENDS)
+    torch_parts = parts_tuple(torch_parts)
     unknown = sorted(set(torch_parts) - set(PARTS))
     if unknown:
         raise ValueError(f"torch_parts {unknown} are not parts of the model; choose from {PARTS}")

@@ -32,6 +32,7 @@ from .blocks import (
     make_norm,
     make_rotary,
     part_backends,
+    parts_tuple,
     run_blocks,
 )
 from .mlp import make_linear
@@ -57,9 +58,11 @@ class GPTConfig:
     torch_parts: tuple[str, ...] = ()  # parts on PyTorch whatever the backend: attention, norm, mlp, head, dropout
 
     def __post_init__(self):
-        self.torch_parts = tuple(self.torch_parts)
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+        self.torch_parts = parts_tuple(self.torch_parts)
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp_hidden"):
             value = getattr(self, name)
+            if name == "mlp_hidden" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
         check_choice("norm", self.norm, NORMS)
@@ -150,6 +153,8 @@ class GPT(nn.Module):
         """Appends max_new_tokens sampled tokens to idx (B, T), each conditioned on the last block_size tokens;
         samples from softmax(logits / temperature), restricted to the top_k most likely tokens when given.
         Runs in eval mode (no dropout) and restores the mode it found."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature!r}")
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):

@@ -17,6 +17,7 @@ from torch.nn import functional as F
 
 from .. import functional as F_tri
 from ..functional._library import plain_eager
+from ..functional.attention import check_head_dim
 from . import TorchLinear, TritonLinear
 from .hooks import hooked, replaced_forward
 from .rope import TritonRotaryEmbedding
@@ -140,6 +141,7 @@ class TritonMultiheadAttention(_MultiheadAttentionBase):
         rotary: nn.Module | None = None,
     ):
         super().__init__(TritonLinear, embed_dim, num_heads, num_kv_heads, causal, bias, dropout, rotary)
+        check_head_dim(self.head_dim, f"the head dim embed_dim / num_heads = {embed_dim} / {num_heads} =")
 
     def heads(self, x: torch.Tensor):
         """q, k, v as the twin's; q and k rotated in place in the QKV projection's output (no [B, H, T, D] copies

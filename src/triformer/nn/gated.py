@@ -55,20 +55,35 @@ class _GatedMLP(nn.Module):
 
 
 class TritonGatedMLP(_GatedMLP):
-    """down(act(a) ⊙ b) with [a | b] = up(x): TritonLinear projections and triformer's gated kernel, whose gradient
-    goes into the up-projection's output (no extra [.., 2·hidden] buffer; see triformer.functional.gated_activation).
-    activation: "swiglu" or "geglu"."""
+    """down(act(a) ⊙ b) with [a | b] = up(x): TritonLinear projections and triformer's gated kernel.
+    activation: "swiglu" or "geglu".
 
-    def __init__(self, dim: int, hidden: int, activation: str = "swiglu", bias: bool = False, device=None, dtype=None):
+    inplace_grad=True (default): the gated kernel's gradient goes into the up-projection's output (no extra
+    [.., 2·hidden] buffer; see triformer.functional.gated_activation), so a forward's backward can run once;
+    inplace_grad=False: a buffer of its own, for retain_graph=True or several autograd.grad calls on one forward."""
+
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+        activation: str = "swiglu",
+        bias: bool = False,
+        device=None,
+        dtype=None,
+        inplace_grad: bool = True,
+    ):
+        if not isinstance(inplace_grad, bool):
+            raise TypeError(f"inplace_grad must be True or False, got {inplace_grad!r}")
         super().__init__(
             lambda i, o, **kw: TritonLinear(i, o, activation=None, **kw), dim, hidden, activation, bias, device, dtype
         )
+        self.inplace_grad = inplace_grad
 
     def before_output(self, x: torch.Tensor) -> torch.Tensor:
-        """act(a) ⊙ b: what the down projection takes. The gradient goes into up's output where nothing else can
-        hold it: up a TritonLinear (a fresh output) that no hook watches."""
+        """act(a) ⊙ b: what the down projection takes. With inplace_grad, the gradient goes into up's output where
+        nothing else can hold it: up a TritonLinear (a fresh output) that no hook watches."""
         up = self.up
-        private = type(up) is TritonLinear and not (hooked(up) or replaced_forward(up))
+        private = self.inplace_grad and type(up) is TritonLinear and not (hooked(up) or replaced_forward(up))
         return F_tri.gated_activation(up(x), self.gate, inplace_grad=private)
 
 
