@@ -33,6 +33,8 @@ class TritonLinear(nn.Module):
     """y = act(x·Wᵀ + b) with the activation fused into the matmul (or not: fused=False, for the ablation).
 
     Parameters and initialisation as nn.Linear; activation in (None, "relu", "gelu" (tanh approximation), "silu").
+    Unlike nn.Linear, the default activation is ReLU (the original TritonLinear's, a fused linear + ReLU): pass
+    activation=None for a drop-in nn.Linear.
     """
 
     @renamed_arguments(use_relu=("activation", relu_or_none))
