@@ -78,10 +78,33 @@ def test_a_failing_launch_restores_the_builtins_and_the_state():
     with pytest.raises(Exception, match="always fails"):
         _failing_kernel[(1,)](torch.zeros(8), N=8)
     assert _builtins_restored()
-    assert _interpreter._active is None and _interpreter._launches == 0
+    assert _interpreter._frames == []
     out = torch.empty(8)
     _helper_loop_kernel[(1,)](torch.ones(8), out, N=8, CALLS=3)  # the next launch patches again
     assert torch.equal(out, torch.full((8,), 8.0))
+
+
+def test_launches_inside_a_launch_and_jit_calls_in_a_pre_run_hook(monkeypatch):
+    """A launch started by another's grid function or pre-run hook, and a jit function called in a pre-run hook
+    (before the launch patches the language): every launch computes, and the state is clean after each."""
+    x = torch.ones(8)
+    inner = torch.empty(8)
+
+    def grid_launching(meta):
+        _helper_loop_kernel[(1,)](x, inner, N=8, CALLS=2)
+        return (1,)
+
+    out = torch.empty(8)
+    _helper_loop_kernel[grid_launching](x, out, N=8, CALLS=1)
+    assert torch.equal(inner, x * 4) and torch.equal(out, x * 2)
+    assert _interpreter._frames == [] and _builtins_restored()
+
+    monkeypatch.setattr(_helper_loop_kernel, "pre_run_hooks", [lambda *args, **kwargs: _twice(1.0)])
+    _helper_loop_kernel[(1,)](x, out, N=8, CALLS=3)
+    assert torch.equal(out, x * 8) and _interpreter._frames == [] and _builtins_restored()
+    monkeypatch.setattr(_helper_loop_kernel, "pre_run_hooks", [])
+    _helper_loop_kernel[(1,)](x, out, N=8, CALLS=1)
+    assert torch.equal(out, x * 2)
 
 
 @triton.jit

@@ -461,6 +461,13 @@ def test_tables_defined_after_meta_initialisation(module_class):
     module.cos.fill_(float("nan"))
     module.reset_parameters()
     assert torch.equal(module.cos, built.cos)
+    with torch.device("meta"):  # to_empty while a meta-device context is still open
+        in_context = module_class(40, max_seq_len=16, base=500.0).to_empty(device=DEVICE)
+    assert torch.equal(in_context.cos, built.cos)
+    tables = module.cos
+    with torch.inference_mode():  # a no-op move in an evaluation helper: the same tables, no inference tensors
+        module.to(DEVICE)
+    assert module.cos is tables and not module.cos.is_inference()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -27,8 +27,10 @@ def rope_tables(head_dim: int, max_seq_len: int, base: float = 10000.0, device=N
         raise ValueError(f"max_seq_len must be a positive int, got {max_seq_len!r}")
     if not _is_number(base) or not 0 < base < math.inf:
         raise ValueError(f"base must be a positive finite number, got {base!r}")
-    inv_freq = float(base) ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
+    cpu = torch.device("cpu")  # on the CPU whatever the default device (a meta-device context included)
+    inv_freq = float(base) ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=cpu) / head_dim)
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64, device=cpu), inv_freq)
+    device = torch.get_default_device() if device is None else device
     return angles.cos().float().to(device), angles.sin().float().to(device)
 
 

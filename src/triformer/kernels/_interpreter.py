@@ -9,8 +9,9 @@ walk when the launch's patch already covers every language module the helper's g
 triton.language.core); a helper naming one it does not cover is patched as before, and that patch is undone with
 the launch's. The helper runs under the same replacements either way, so results are unchanged.
 
-Inside a launch NumPy's floating-point warnings are off: masked lanes compute log 0, 0 / 0 or exp overflows that
-the kernel then discards (a GPU computes them silently too), and every cross-entropy call warned.
+Inside a launch NumPy's floating-point errors are ignored (a np.seterr(all="raise") included): masked lanes compute
+log 0, 0 / 0 or exp overflows that the kernel then discards (a GPU computes them silently too), and every
+cross-entropy call warned.
 
 Nothing else changes outside a launch, when the interpreter is off, or when Triton's interpreter lacks the structure
 this relies on (`GridExecutor.__call__` running a launch, `_patch_lang(fn)` returning a scope with `restore()`).
@@ -25,20 +26,20 @@ import numpy as np
 
 
 class _LaunchPatch:
-    """The language patch of the running launch: the modules it covers and the scopes its end restores."""
+    """The language patch of one launch: the modules it covers and the scopes its end restores."""
 
     def __init__(self, scope, langs: frozenset):
         self.scopes, self.langs = [scope], langs
 
     def restore(self) -> None:
-        global _active
-        _active = None
         while self.scopes:
             self.scopes.pop().restore()
 
 
-_launches = 0  # launches running (GridExecutor.__call__ frames)
-_active: _LaunchPatch | None = None
+# One frame per running launch (a launch may start inside another's grid function or pre-run hook): [the kernel's
+# function, which the launch's own _patch_lang call names; its _LaunchPatch once made; the scopes of jit calls made
+# before it (in a pre-run hook), which Triton would leave patched and the launch's end restores].
+_frames: list[list] = []
 _installed = False
 
 
@@ -62,34 +63,41 @@ def install() -> bool:
         return frozenset(id(v) for v in fn.__globals__.values() if any(v is lang for lang in languages))
 
     def patch_lang(fn):
-        global _active
-        if not _launches:
+        frame = _frames[-1] if _frames else None
+        if frame is None:
             return original_patch(fn)  # a jit function called outside a launch: as Triton does
-        if _active is None:  # the launch's own patch
-            scope = original_patch(fn)
-            if not hasattr(scope, "restore"):
+        if frame[1] is None:
+            if fn is not frame[0]:  # a jit call before the launch patched (in a pre-run hook)
+                scope = original_patch(fn)
+                if hasattr(scope, "restore"):
+                    frame[2].append(scope)
                 return scope
-            _active = _LaunchPatch(scope, language_modules(fn))
-            return _active
+            scope = original_patch(fn)  # the launch's own patch
+            if hasattr(scope, "restore"):
+                frame[1] = _LaunchPatch(scope, language_modules(fn))
+                return frame[1]
+            return scope
         langs = language_modules(fn)
-        if not langs <= _active.langs:  # a helper naming a module the launch did not patch
+        if not langs:  # Triton's own error: triton.language must be visible from the jit function
+            return original_patch(fn)
+        if not langs <= frame[1].langs:  # a helper naming a module the launch did not patch
             scope = original_patch(fn)
             if hasattr(scope, "restore"):
-                _active.scopes.append(scope)
-            _active.langs |= langs
+                frame[1].scopes.append(scope)
+            frame[1].langs |= langs
         return None  # a helper call: Triton ignores the result
 
     run_launch = grid_executor.__call__
 
     @functools.wraps(run_launch)
     def launch(self, *args, **kwargs):
-        global _launches
-        _launches += 1
+        _frames.append([getattr(self, "fn", None), None, []])
         try:
             with np.errstate(divide="ignore", invalid="ignore", over="ignore", under="ignore"):
                 return run_launch(self, *args, **kwargs)
         finally:
-            _launches -= 1
+            for scope in reversed(_frames.pop()[2]):
+                scope.restore()
 
     interpreter._patch_lang = patch_lang
     grid_executor.__call__ = launch

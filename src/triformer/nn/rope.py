@@ -35,8 +35,17 @@ class _RotaryTables(nn.Module):
         self.register_buffer("sin", sin, persistent=False)
 
     def reset_parameters(self) -> None:
-        """Rebuild the tables where they are (what a meta-device initialisation calls after to_empty)."""
-        self.cos, self.sin = F_tri.rope_tables(self.head_dim, self.max_seq_len, self.base, self.cos.device)
+        """Rebuild the tables where they are (what a meta-device initialisation calls after to_empty): written into
+        the buffers when they are float32 (the same tensors: shared memory, CUDA graphs and DDP's buffer lists keep
+        them), else new float32 ones; never inference tensors, even under torch.inference_mode."""
+        with torch.inference_mode(False), torch.no_grad():
+            fresh_tables = F_tri.rope_tables(self.head_dim, self.max_seq_len, self.base, torch.device("cpu"))
+            for name, fresh in zip(("cos", "sin"), fresh_tables):
+                table = getattr(self, name)
+                if table.dtype == torch.float32 and not table.is_inference():
+                    table.copy_(fresh)
+                else:
+                    setattr(self, name, fresh.to(table.device))
 
     def _apply(self, fn, recurse=True):
         """Module.to / .half() / .cuda() / .to_empty(): the tables follow the device, rebuilt there in float32
