@@ -37,15 +37,17 @@ SHAPES = [
 CAUSAL = [pytest.param(False, id="full"), pytest.param(True, id="causal")]
 
 
-def reference_attention(q, k, v, causal: bool, scale: float):
-    """softmax(scale · q kᵀ) v in the inputs' dtype (float64 here), kv heads repeated over their query group."""
+def reference_attention(q, k, v, causal: bool, scale: float, kept=None):
+    """softmax(scale · q kᵀ) v in the inputs' dtype (float64 here), kv heads repeated over their query group; kept
+    (optional, [B, Hq, S, S]): the probabilities are multiplied by it first (dropout's kept mask times its scale)."""
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
     scores = (q @ k.transpose(-1, -2)) * scale
     if causal:
         s = q.shape[2]
         scores = scores.masked_fill(torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
-    return torch.softmax(scores, -1) @ v
+    probabilities = torch.softmax(scores, -1)
+    return (probabilities if kept is None else probabilities * kept) @ v
 
 
 def float64_copy(t: torch.Tensor) -> torch.Tensor:
@@ -88,6 +90,75 @@ def as_is(leaves):
 def test_against_float64(shape, causal, dtype, seed):
     """Default scale 1/√D; every gradient."""
     run_and_compare(make_qkv(*shape, dtype), as_is, causal, None, dtype)
+
+
+def dropout_kept(shape, p: float, seed: int) -> torch.Tensor:
+    """The attention kernels' dropout on probabilities [B, Hq, S, S] as a float64 factor: triformer's dropout of ones
+    of that shape (the kernels draw its mask, element (b·Hq + h, i, j) at index ((b·Hq + h)·S + i)·S + j), so kept
+    entries hold 1 / (1 − p̂) and dropped ones 0."""
+    return F_tri.dropout(torch.ones(shape, device=DEVICE), p, seed=seed).double()
+
+
+DROPOUT_SHAPES = [(1, 2, 2, 1, 16), (2, 4, 2, 33, 16), (1, 2, 1, 19, 40)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", CAUSAL)
+@pytest.mark.parametrize("shape", DROPOUT_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_dropout_against_float64(shape, causal, dtype, seed):
+    """Dropout on the probabilities (after the softmax's sum): o and every gradient against the float64 attention
+    whose probabilities take the same mask; the same seed gives the same output."""
+    b, h, _, s, _ = shape
+    q, k, v = make_qkv(*shape, dtype)
+    refs = [float64_copy(t) for t in (q, k, v)]
+    out = F_tri.attention(q, k, v, causal=causal, dropout_p=0.3, seed=seed)
+    ref = reference_attention(*refs, causal, 1 / math.sqrt(shape[-1]), dropout_kept((b, h, s, s), 0.3, seed))
+    assert_close(out, ref, dtype, "output")
+    dy = randn(*out.shape, dtype=dtype)
+    out.backward(dy)
+    ref.backward(dy.double())
+    for name, tested, reference in zip("qkv", (q, k, v), refs):
+        assert_close(tested.grad, reference.grad, dtype, f"grad of {name}")
+    assert torch.equal(F_tri.attention(q, k, v, causal=causal, dropout_p=0.3, seed=seed), out)
+
+
+def test_dropout_rates_and_seeds(seed):
+    """p = 0: the result without dropout, no seed drawn; p = 1: zeros and zero gradients; another seed another mask;
+    seed None: drawn from torch's generator (manual_seed repeats it)."""
+    q, k, v = make_qkv(1, 2, 2, 17, 16, torch.float32)
+    state = torch.get_rng_state()
+    assert torch.equal(F_tri.attention(q, k, v, dropout_p=0.0), F_tri.attention(q, k, v))
+    assert torch.equal(torch.get_rng_state(), state)
+    out = F_tri.attention(q, k, v, dropout_p=1.0, seed=3)
+    assert not out.any()
+    assert not any(g.any() for g in torch.autograd.grad(out, (q, k, v), randn(*out.shape)))
+    assert not torch.equal(
+        F_tri.attention(q, k, v, dropout_p=0.5, seed=1), F_tri.attention(q, k, v, dropout_p=0.5, seed=2)
+    )
+    torch.manual_seed(seed)
+    first = F_tri.attention(q, k, v, dropout_p=0.5)
+    torch.manual_seed(seed)
+    assert torch.equal(F_tri.attention(q, k, v, dropout_p=0.5), first)
+    with pytest.raises(ValueError, match=r"dropout probability p must be a number in \[0, 1\]"):
+        F_tri.attention(q, k, v, dropout_p=1.5)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="a seed in device memory: GPU only")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dropout_seed_on_the_device_and_large(dtype, seed):
+    """A seed tensor on the GPU (read by the kernels, as under CUDA graphs) gives the int seed's mask; S 1000, D 128,
+    grouped-query heads, against float64."""
+    q, k, v = make_qkv(1, 8, 2, 1000, 128, dtype)
+    refs = [float64_copy(t) for t in (q, k, v)]
+    out = F_tri.attention(q, k, v, causal=True, dropout_p=0.1, seed=torch.tensor(seed, device=DEVICE))
+    assert torch.equal(out, F_tri.attention(q, k, v, causal=True, dropout_p=0.1, seed=seed))
+    ref = reference_attention(*refs, True, 1 / math.sqrt(128), dropout_kept((1, 8, 1000, 1000), 0.1, seed))
+    assert_close(out, ref, dtype, "output")
+    dy = randn(*out.shape, dtype=dtype)
+    out.backward(dy)
+    ref.backward(dy.double())
+    for name, tested, reference in zip("qkv", (q, k, v), refs):
+        assert_close(tested.grad, reference.grad, dtype, f"grad of {name}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -175,13 +246,13 @@ def test_output_and_gradients_lie_heads_side_by_side(seed):
     gqa_views = fused_qkv_views(4, 2)([randn(2, 11, 8, 16)])
     for inputs in ((q, k, v), views, gqa_views):  # the fakes' strides (torch.compile's) are the real ones'
         inputs = [t.detach() for t in inputs]
-        o, lse = torch.ops.triformer.attention(*inputs, True, 0.25)
-        real = [o, *torch.ops.triformer.attention_backward(o, *inputs, o, lse, True, 0.25, True, True)]
+        o, lse = torch.ops.triformer.attention(*inputs, True, 0.25, 0.0, None)
+        real = [o, *torch.ops.triformer.attention_backward(o, *inputs, o, lse, True, 0.25, True, True, 0.0, None)]
         mode = torch._subclasses.fake_tensor.FakeTensorMode()
         fakes = [mode.from_tensor(t) for t in (*inputs, o, lse)]
         with mode:
-            fake_o, fake_lse = torch.ops.triformer.attention(*fakes[:3], True, 0.25)
-            fake = [fake_o, *torch.ops.triformer.attention_backward(fake_o, *fakes, True, 0.25, True, True)]
+            fake_o, fake_lse = torch.ops.triformer.attention(*fakes[:3], True, 0.25, 0.0, None)
+            fake = [fake_o, *torch.ops.triformer.attention_backward(fake_o, *fakes, True, 0.25, True, True, 0.0, None)]
         assert [(t.shape, t.stride()) for t in fake] == [(t.shape, t.stride()) for t in real]
 
 

@@ -67,9 +67,9 @@ def spy_on_attention(monkeypatch) -> dict:
     seen = {}
     real = F_tri.attention
 
-    def spy(q, k, v, causal=False, scale=None):
+    def spy(q, k, v, **options):
         seen.update(q=q, k=k, v=v)
-        return real(q, k, v, causal=causal, scale=scale)
+        return real(q, k, v, **options)
 
     monkeypatch.setattr(F_tri, "attention", spy)
     return seen
@@ -142,14 +142,38 @@ def test_rope_in_place_checks_positions_not_heads(seed):
         ours(randn(1, 17, 64))
 
 
+def test_attention_dropout_while_training(seed):
+    """dropout: the attention kernels' dropout on the probabilities while training (the seed drawn from torch's
+    generator: manual_seed repeats it, the next call draws another), none in eval mode, where the module equals its
+    twin."""
+    ours, ref = twins(num_kv_heads=2, causal=True)
+    ours.dropout = ref.dropout = 0.25
+    x = randn(2, 7, EMBED, requires_grad=True)
+    torch.manual_seed(seed)
+    first = ours(x)
+    torch.manual_seed(seed)
+    assert torch.equal(ours(x), first)
+    assert not torch.equal(ours(x), first)
+    q, k, v = ours.heads(x)
+    torch.manual_seed(seed)
+    seed_drawn = int(torch.randint(0, 2**31 - 1, ()))
+    by_hand = F_tri.attention(q, k, v, causal=True, dropout_p=0.25, seed=seed_drawn)
+    assert torch.equal(ours.out_proj(by_hand.transpose(1, 2).reshape(2, 7, EMBED)), first)
+    first.sum().backward()
+    assert x.grad is not None and all(p.grad is not None for p in ours.parameters())
+    ours.eval(), ref.eval()
+    assert_close(ours(x), ref(x.double()), torch.float32, "eval output (no dropout)")
+    assert "dropout=0.25" in repr(ours)
+
+
 @pytest.mark.parametrize("cls", [TritonMultiheadAttention, TorchMultiheadAttention])
 def test_bad_arguments(cls):
     with pytest.raises(ValueError, match="embed_dim=30 is not divisible by num_heads=4"):
         cls(30, 4)
     with pytest.raises(ValueError, match="num_heads=4 is not a multiple of num_kv_heads=3"):
         cls(48, 4, num_kv_heads=3)
-    with pytest.raises(ValueError, match="attention dropout=0.1: dropout on the attention probabilities is not"):
-        cls(64, 4, dropout=0.1)
+    with pytest.raises(ValueError, match=r"attention dropout must be a number in \[0, 1\), got 1.0"):
+        cls(64, 4, dropout=1.0)
     with pytest.raises(ValueError, match="num_heads must be a positive int"):
         cls(64, 0)
     rotary = TorchRotaryEmbedding(32)

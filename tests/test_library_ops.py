@@ -54,9 +54,9 @@ def norm_outputs(center):
     return x, w, mean, rstd
 
 
-def attention_saved():
+def attention_saved(dropout_p=0.0, seed=None):
     q, k, v = randn(1, 2, 5, 8), randn(1, 1, 5, 8), randn(1, 1, 5, 8)
-    o, lse = ops.attention(q, k, v, True, 0.3)
+    o, lse = ops.attention(q, k, v, True, 0.3, dropout_p, seed)
     return q, k, v, o, lse
 
 
@@ -121,10 +121,18 @@ OPCHECK_CASES = {
         ops.scale_rows_,
         (randn(4, 10), randn(4), torch.tensor([1, -100, 3, 0], device=DEVICE), -100),
     ),
-    "attention": lambda: (ops.attention, (leaf(1, 2, 5, 8), leaf(1, 1, 5, 8), leaf(1, 1, 5, 8), True, 0.3)),
+    "attention": lambda: (ops.attention, (leaf(1, 2, 5, 8), leaf(1, 1, 5, 8), leaf(1, 1, 5, 8), True, 0.3, 0.0, None)),
+    "attention-dropout": lambda: (
+        ops.attention,
+        (leaf(1, 2, 5, 8), leaf(1, 1, 5, 8), leaf(1, 1, 5, 8), False, 0.3, 0.25, torch.tensor(7)),
+    ),
     "attention_backward": lambda: (
         ops.attention_backward,
-        (randn(1, 2, 5, 8), *attention_saved(), True, 0.3, True, True),
+        (randn(1, 2, 5, 8), *attention_saved(), True, 0.3, True, True, 0.0, None),
+    ),
+    "attention_backward-dropout": lambda: (
+        ops.attention_backward,
+        (randn(1, 2, 5, 8), *attention_saved(0.25, torch.tensor(7)), True, 0.3, True, True, 0.25, torch.tensor(7)),
     ),
     "rope": lambda: (ops.rope, (leaf(1, 2, 5, 8), leaf(1, 1, 5, 8), *tables(7, 8), 1, False)),
     "rope-inverse-k-only": lambda: (ops.rope, (None, randn(1, 1, 5, 8), *tables(7, 8), 2, True)),

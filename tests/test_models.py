@@ -486,12 +486,29 @@ def test_gpt_bad_configs():
         model.generate(torch.zeros(1, 2, dtype=torch.int64), 1, temperature=0.0)
     with pytest.raises(ValueError, match="top_k must be a positive int"):
         model.generate(torch.zeros(1, 2, dtype=torch.int64), 1, top_k=0)
+    with pytest.raises(ValueError, match=r"attention dropout must be a number in \[0, 1\), got 1.0"):
+        GPT(gpt_config(attn_dropout=1.0))
     with pytest.raises(ValueError, match="max_new_tokens must be a non-negative int, got -1"):
         model.generate(torch.zeros(1, 2, dtype=torch.int64), -1)
     with pytest.raises(ValueError, match="GPTConfig.mlp_hidden must be a positive int, got 0"):
         GPTConfig(mlp_hidden=0)
     with pytest.raises(TypeError, match="torch_parts must be a list or tuple of part names"):
         GPTConfig(torch_parts="attention")
+
+
+def test_attention_dropout_reaches_every_attention(seed):
+    """attn_dropout: every block's attention drops probabilities while training (a finite loss whose gradient
+    reaches every parameter), none in eval mode, where the GPT equals its twin; the ViT takes it too."""
+    config = gpt_config(attn_dropout=0.2)
+    ours, ref = with_reference(GPT, config)
+    assert all(block.attn.dropout == 0.2 for model in (ours, ref) for block in model.blocks)
+    idx, targets = tokens(config), tokens(config)
+    _, loss = ours(idx, targets)
+    loss.backward()
+    assert loss.isfinite() and all(p.grad is not None for p in ours.parameters())
+    ours.eval(), ref.eval()
+    assert_close(ours(idx)[0], ref(idx)[0], torch.float32, "eval logits")
+    assert all(block.attn.dropout == 0.1 for block in ViT(ViTConfig(n_layer=2, attn_dropout=0.1)).blocks)
 
 
 @pytest.mark.parametrize("variant", ["gpt2", "llama"])

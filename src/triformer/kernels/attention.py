@@ -16,6 +16,12 @@ query blocks that see it), one program per query block computes dq (sweeping the
 recomputes p from the stored lse. Nothing is accumulated across programs: no atomics, deterministic, and the
 extra memory is lse and Δ (O(B·H·S)).
 
+Dropout on the attention probabilities (DROPOUT, rate p̂ = t / 2¹⁶ as kernels/dropout.py rounds it): with
+keep_ij = [u(seed, (bh·S + i)·S + j) ≥ t], the mask of element (i, j) of head bh (b·Hq + h) drawn as dropout's
+keep_mask draws it (nothing stored; each kernel draws the same mask again) and κ = 1 / (1 − p̂):
+    forward:   o = κ · (keep ⊙ 2^(z − m)) v / l          (l and lse sum the probabilities before the dropout)
+    backward:  dv = κ · (keep ⊙ p)ᵀ do     dp = κ · keep ⊙ (do vᵀ)     ds = p ⊙ (dp − Δ)   (Δ = rowsum(o ⊙ do) still)
+
 Grouped-query attention: q [B, Hq, S, D], k, v [B, Hkv, S, D] with Hq = G·Hkv; query head h reads kv head h // G,
 and the dk/dv program of a kv head loops over its G query heads (no repeated K/V in memory).
 Every tensor is read through its four strides (views of a fused QKV projection need no copy). The head dim D
@@ -34,6 +40,7 @@ import triton.language as tl
 from ._launch import launch
 from ._runtime import cdiv, interpreter_active, new_empty, next_power_of_2
 from ._tiles import autotune_enabled, launch_tuned
+from .dropout import keep_mask, philox_key, threshold_and_scale
 from .matmul import _input_precision, _load_tile
 
 LOG2E = 1.4426950408889634
@@ -77,15 +84,19 @@ def _forward_blocks(
     d_ok,
     S,
     qk_scale,
+    mask_rows,
+    key,
+    threshold,
     MASK: tl.constexpr,
     CAUSAL: tl.constexpr,
     EVEN_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
     """Fold the key blocks [start, end) into (acc, l, m): z = s·q kᵀ, m' = max(m, rowmax z),
     acc' = acc·2^(m − m') + 2^(z − m') v, l' = l·2^(m − m') + Σ 2^(z − m'). MASK: keys past S (and, causal,
-    keys after the query) get z = −∞."""
+    keys after the query) get z = −∞. DROPOUT: acc takes keep ⊙ 2^(z − m') (mask_rows: (bh·S + query)·S, int64)."""
     k_ptrs += start * stride_ks
     v_ptrs += start * stride_vs
     for start_n in range(start, end, BLOCK_N):
@@ -105,6 +116,8 @@ def _forward_blocks(
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_tile(v_ptrs, key_ok, d_ok, not MASK, EVEN_D)
+        if DROPOUT:
+            p = tl.where(keep_mask(key, mask_rows[:, None] + cols[None, :], threshold), p, 0.0)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=INPUT_PRECISION)
         m_i = m_new
         k_ptrs += BLOCK_N * stride_ks
@@ -137,7 +150,7 @@ def _query_block(
     return bh, bh // H, h, h // GROUP, start_m, offs_m, offs_m < S, tl.arange(0, BLOCK_N), offs_d, offs_d < D
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "threshold"])
 def _forward_kernel(
     q_ptr,
     k_ptr,
@@ -165,12 +178,17 @@ def _forward_kernel(
     S,
     D,
     qk_scale,
+    seed,
+    threshold,
+    keep_scale,
     CAUSAL: tl.constexpr,
     EVEN_D: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    DROPOUT: tl.constexpr = False,
+    SEED_IN_MEMORY: tl.constexpr = False,
 ):
     """o = softmax(c·q kᵀ) v for one block of BLOCK_M queries of one head, and lse = m + log2 l per query
     (base-2 scores s·q kᵀ, s = c·log2 e). Grid (query blocks, B·H): the query blocks of one head run side by side
@@ -187,6 +205,8 @@ def _forward_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    key = philox_key(seed, SEED_IN_MEMORY)
+    mask_rows = (bh.to(tl.int64) * S + offs_m) * S
     unmasked_end, masked_end = _visible_keys(S, start_m, CAUSAL, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _forward_blocks(
         acc,
@@ -204,11 +224,15 @@ def _forward_kernel(
         d_ok,
         S,
         qk_scale,
+        mask_rows,
+        key,
+        threshold,
         False,
         CAUSAL,
         EVEN_D,
         BLOCK_N,
         INPUT_PRECISION,
+        DROPOUT,
     )
     acc, l_i, m_i = _forward_blocks(
         acc,
@@ -226,12 +250,18 @@ def _forward_kernel(
         d_ok,
         S,
         qk_scale,
+        mask_rows,
+        key,
+        threshold,
         True,
         CAUSAL,
         EVEN_D,
         BLOCK_N,
         INPUT_PRECISION,
+        DROPOUT,
     )
+    if DROPOUT:
+        acc = acc * keep_scale
     acc = acc / l_i[:, None]
     tl.store(lse_ptr + bh.to(tl.int64) * S + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
     tl.store(
@@ -296,15 +326,21 @@ def _dkdv_blocks(
     d_ok,
     S,
     qk_scale,
+    head_row,
+    key,
+    threshold,
+    keep_scale,
     MASK: tl.constexpr,
     CAUSAL: tl.constexpr,
     EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
     """Add the query blocks [start, end) to dk, dv of one key block (transposed: keys along rows):
     pᵀ = 2^(s·k qᵀ − lse), dv += pᵀ do, dsᵀ = pᵀ ⊙ (v doᵀ − Δ), dk += dsᵀ q (c applied by the caller).
-    MASK: queries past S (and, causal, queries before the key) get p = 0."""
+    MASK: queries past S (and, causal, queries before the key) get p = 0. DROPOUT: dv takes keep ⊙ pᵀ (κ applied by
+    the caller) and v doᵀ becomes κ · keep ⊙ v doᵀ (head_row: bh·S of the query head, int64)."""
     q_ptrs += start * stride_qs
     do_ptrs += start * stride_dos
     for start_m in range(start, end, BLOCK_M):
@@ -320,12 +356,18 @@ def _dkdv_blocks(
             zT = tl.where(_visible(offs_m[None, :], offs_n[:, None], row_ok[None, :], CAUSAL), zT, float("-inf"))
         pT = tl.math.exp2(zT)
         do = _load_tile(do_ptrs, row_ok, d_ok, not MASK, EVEN_D)
-        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
+        if DROPOUT:
+            keepT = keep_mask(key, (head_row + offs_m[None, :]) * S + offs_n[:, None], threshold)
+            dv = tl.dot(tl.where(keepT, pT, 0.0).to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
+        else:
+            dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
         if MASK:
             delta = tl.load(delta_ptr + offs_m, mask=row_ok, other=0.0)
         else:
             delta = tl.load(delta_ptr + offs_m)
         dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
+        if DROPOUT:
+            dpT = tl.where(keepT, dpT * keep_scale, 0.0)
         dsT = pT * (dpT - delta[None, :])
         dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=INPUT_PRECISION)
         q_ptrs += BLOCK_M * stride_qs
@@ -333,7 +375,7 @@ def _dkdv_blocks(
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "threshold"])
 def _dkdv_kernel(
     q_ptr,
     k_ptr,
@@ -374,12 +416,17 @@ def _dkdv_kernel(
     D,
     qk_scale,
     scale,
+    seed,
+    threshold,
+    keep_scale,
     CAUSAL: tl.constexpr,
     EVEN_D: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    DROPOUT: tl.constexpr = False,
+    SEED_IN_MEMORY: tl.constexpr = False,
 ):
     """dk = c · Σ dsᵀ q and dv = Σ pᵀ do for one block of BLOCK_N keys of one kv head, summed over the GROUP query
     heads that read it and the query blocks that see it. Grid (key blocks, B·Hkv); causal key blocks near the
@@ -409,6 +456,7 @@ def _dkdv_kernel(
     )
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    key = philox_key(seed, SEED_IN_MEMORY)
     # Causal: queries [start_n, start_n + BLOCK_N) straddle the diagonal (masked), later whole query blocks see
     # every key of the block (unmasked), and a partial last query block is masked. Otherwise all whole blocks
     # are unmasked.
@@ -443,11 +491,16 @@ def _dkdv_kernel(
                 d_ok,
                 S,
                 qk_scale,
+                row,
+                key,
+                threshold,
+                keep_scale,
                 True,
                 CAUSAL,
                 EVEN_D,
                 BLOCK_M,
                 INPUT_PRECISION,
+                DROPOUT,
             )
         dk, dv = _dkdv_blocks(
             dk,
@@ -467,11 +520,16 @@ def _dkdv_kernel(
             d_ok,
             S,
             qk_scale,
+            row,
+            key,
+            threshold,
+            keep_scale,
             False,
             CAUSAL,
             EVEN_D,
             BLOCK_M,
             INPUT_PRECISION,
+            DROPOUT,
         )
         dk, dv = _dkdv_blocks(
             dk,
@@ -491,11 +549,16 @@ def _dkdv_kernel(
             d_ok,
             S,
             qk_scale,
+            row,
+            key,
+            threshold,
+            keep_scale,
             True,
             CAUSAL,
             EVEN_D,
             BLOCK_M,
             INPUT_PRECISION,
+            DROPOUT,
         )
     mask = key_ok[:, None] & d_ok[None, :]
     tl.store(
@@ -503,6 +566,8 @@ def _dkdv_kernel(
         (dk * scale).to(dk_ptr.dtype.element_ty),
         mask=mask,
     )
+    if DROPOUT:
+        dv = dv * keep_scale
     tl.store(
         _tile_ptrs(dv_ptr, b, hk, stride_dvb, stride_dvh, stride_dvs, stride_dvd, offs_n, offs_d),
         dv.to(dv_ptr.dtype.element_ty),
@@ -528,14 +593,20 @@ def _dq_blocks(
     d_ok,
     S,
     qk_scale,
+    mask_rows,
+    key,
+    threshold,
+    keep_scale,
     MASK: tl.constexpr,
     CAUSAL: tl.constexpr,
     EVEN_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
     """Add the key blocks [start, end) to dq of one query block: p = 2^(s·q kᵀ − lse), ds = p ⊙ (do vᵀ − Δ),
-    dq += ds k (c applied by the caller). MASK: keys past S (and, causal, keys after the query) get p = 0."""
+    dq += ds k (c applied by the caller). MASK: keys past S (and, causal, keys after the query) get p = 0.
+    DROPOUT: do vᵀ becomes κ · keep ⊙ do vᵀ (mask_rows: (bh·S + query)·S, int64)."""
     k_ptrs += start * stride_ks
     v_ptrs += start * stride_vs
     for start_n in range(start, end, BLOCK_N):
@@ -547,14 +618,17 @@ def _dq_blocks(
             z = tl.where(_visible(offs_m[:, None], cols[None, :], key_ok[None, :], CAUSAL), z, float("-inf"))
         p = tl.math.exp2(z)
         v = _load_tile(v_ptrs, key_ok, d_ok, not MASK, EVEN_D)
-        ds = p * (tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION) - delta[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+        if DROPOUT:
+            dp = tl.where(keep_mask(key, mask_rows[:, None] + cols[None, :], threshold), dp * keep_scale, 0.0)
+        ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
         k_ptrs += BLOCK_N * stride_ks
         v_ptrs += BLOCK_N * stride_vs
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "threshold"])
 def _dq_kernel(
     q_ptr,
     k_ptr,
@@ -589,12 +663,17 @@ def _dq_kernel(
     D,
     qk_scale,
     scale,
+    seed,
+    threshold,
+    keep_scale,
     CAUSAL: tl.constexpr,
     EVEN_D: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    DROPOUT: tl.constexpr = False,
+    SEED_IN_MEMORY: tl.constexpr = False,
 ):
     """dq = c · Σ_j ds k for one block of BLOCK_M queries of one head, ds = p ⊙ (do vᵀ − Δ) recomputed from lse.
     Grid and launch order as the forward's."""
@@ -617,6 +696,8 @@ def _dq_kernel(
     k_ptrs = _tile_ptrs(k_ptr, b, hk, stride_kb, stride_kh, stride_ks, stride_kd, offs_n, offs_d)
     v_ptrs = _tile_ptrs(v_ptr, b, hk, stride_vb, stride_vh, stride_vs, stride_vd, offs_n, offs_d)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    key = philox_key(seed, SEED_IN_MEMORY)
+    mask_rows = (row + offs_m) * S
     unmasked_end, masked_end = _visible_keys(S, start_m, CAUSAL, BLOCK_M, BLOCK_N)
     dq = _dq_blocks(
         dq,
@@ -635,11 +716,16 @@ def _dq_kernel(
         d_ok,
         S,
         qk_scale,
+        mask_rows,
+        key,
+        threshold,
+        keep_scale,
         False,
         CAUSAL,
         EVEN_D,
         BLOCK_N,
         INPUT_PRECISION,
+        DROPOUT,
     )
     dq = _dq_blocks(
         dq,
@@ -658,11 +744,16 @@ def _dq_kernel(
         d_ok,
         S,
         qk_scale,
+        mask_rows,
+        key,
+        threshold,
+        keep_scale,
         True,
         CAUSAL,
         EVEN_D,
         BLOCK_N,
         INPUT_PRECISION,
+        DROPOUT,
     )
     tl.store(
         _tile_ptrs(dq_ptr, b, h, stride_dqb, stride_dqh, stride_dqs, stride_dqd, offs_m, offs_d),
@@ -758,9 +849,18 @@ def _common_flags(q: torch.Tensor, causal: bool) -> dict:
     }
 
 
-def _key(q: torch.Tensor, k: torch.Tensor, causal: bool) -> tuple:
+def _key(q: torch.Tensor, k: torch.Tensor, causal: bool, dropout: dict) -> tuple:
     b, h, s, d = q.shape
-    return (b, h, k.shape[1], s, d, q.dtype, causal)
+    return (b, h, k.shape[1], s, d, q.dtype, causal, dropout["DROPOUT"])
+
+
+def _dropout(dropout_p: float, seed) -> tuple[tuple, dict]:
+    """(the kernels' runtime dropout arguments (seed, threshold, κ), their flags) for rate dropout_p and seed (an int,
+    or a one-element integer tensor on the inputs' device, which the kernels read); no dropout where p̂ = 0."""
+    threshold, keep_scale = threshold_and_scale(dropout_p)
+    if threshold == 0:
+        return (0, 0, 1.0), {"DROPOUT": False, "SEED_IN_MEMORY": False}
+    return (seed, threshold, keep_scale), {"DROPOUT": True, "SEED_IN_MEMORY": isinstance(seed, torch.Tensor)}
 
 
 def sequence_major_like(t: torch.Tensor) -> torch.Tensor:
@@ -779,16 +879,25 @@ def gradient_like(t: torch.Tensor) -> torch.Tensor:
 
 
 def attention_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float, meta: dict | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    scale: float,
+    meta: dict | None = None,
+    dropout_p: float = 0.0,
+    seed: int | torch.Tensor = 0,
 ):
     """(o [B, Hq, S, D] in q's dtype, lse [B, Hq, S] float32 in base 2) for validated inputs; o lies in memory as
     [B, S, Hq, D] (o.transpose(1, 2) is contiguous: the heads side by side, as the output projection reads them, with
-    no copy). meta: a launch config to use instead of the tuner's pick (tests check each candidate)."""
+    no copy). meta: a launch config to use instead of the tuner's pick (tests check each candidate). dropout_p, seed:
+    dropout on the probabilities (see the module doc; seed an int or a one-element integer tensor on q's device)."""
     b, h, s, d = q.shape
     o = sequence_major_like(q)
     lse = new_empty((b, h, s), like=q, dtype=torch.float32)
     if not (b and s):  # an empty batch or sequence: nothing to compute
         return o, lse
+    dropout_args, dropout_flags = _dropout(dropout_p, seed)
     args = (
         q,
         k,
@@ -804,14 +913,15 @@ def attention_forward(
         s,
         d,
         scale * LOG2E,
+        *dropout_args,
     )
     _launch(
         "forward",
         _forward_kernel,
         lambda cfg: (cdiv(s, cfg["BLOCK_M"]), b * h),
         args,
-        _common_flags(q, causal),
-        _key(q, k, causal),
+        {**_common_flags(q, causal), **dropout_flags},
+        _key(q, k, causal, dropout_flags),
         meta,
     )
     return o, lse
@@ -833,10 +943,12 @@ def attention_backward(
     need_dkdv: bool = True,
     meta_dkdv: dict | None = None,
     meta_dq: dict | None = None,
+    dropout_p: float = 0.0,
+    seed: int | torch.Tensor = 0,
 ):
     """(dq, dk, dv) of attention_forward's output for the incoming gradient do (any strides), each laid out as
     gradient_like gives; None where not needed. meta_dkdv, meta_dq: launch configs to use instead of the tuner's
-    picks."""
+    picks. dropout_p, seed: the forward's."""
     b, h, s, d = q.shape
     h_kv = k.shape[1]
     group = h // h_kv
@@ -863,7 +975,8 @@ def attention_backward(
         BLOCK_D=block_d,
         num_warps=4,
     )
-    flags, key = _common_flags(q, causal), _key(q, k, causal)
+    dropout_args, dropout_flags = _dropout(dropout_p, seed)
+    flags, key = {**_common_flags(q, causal), **dropout_flags}, _key(q, k, causal, dropout_flags)
     dq = dk = dv = None
     if need_dkdv:
         dk, dv = gradient_like(k), gradient_like(v)
@@ -889,6 +1002,7 @@ def attention_backward(
             d,
             scale * LOG2E,
             scale,
+            *dropout_args,
         )
         _launch("dkdv", _dkdv_kernel, lambda cfg: (cdiv(s, cfg["BLOCK_N"]), b * h_kv), args, flags, key, meta_dkdv)
     if need_dq:
@@ -912,6 +1026,7 @@ def attention_backward(
             d,
             scale * LOG2E,
             scale,
+            *dropout_args,
         )
         _launch("dq", _dq_kernel, lambda cfg: (cdiv(s, cfg["BLOCK_M"]), b * h), args, flags, key, meta_dq)
     return dq, dk, dv

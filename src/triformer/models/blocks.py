@@ -197,15 +197,17 @@ class Block(nn.Module):
         mlp_hidden: int | None = None,
         bias: bool = True,
         dropout: float = 0.0,
+        attn_dropout: float = 0.0,
         rotary: nn.Module | None = None,
         backend: str | Mapping[str, str] = "triton",
     ):
-        """backend: one for every part, or {part: backend} as part_backends gives."""
+        """backend: one for every part, or {part: backend} as part_backends gives. dropout: on the residual branches;
+        attn_dropout: on the attention probabilities."""
         super().__init__()
         backends = backend if isinstance(backend, Mapping) else part_backends(backend)
         attention = by_backend(backends["attention"], tnn.TritonMultiheadAttention, tnn.TorchMultiheadAttention)
         self.ln_1 = make_norm(norm, dim, bias, backends["norm"])
-        self.attn = attention(dim, n_head, n_kv_head, causal=causal, bias=bias, rotary=rotary)
+        self.attn = attention(dim, n_head, n_kv_head, causal=causal, bias=bias, dropout=attn_dropout, rotary=rotary)
         self.ln_2 = make_norm(norm, dim, bias, backends["norm"])
         self.mlp = make_mlp(mlp, dim, mlp_hidden or default_mlp_hidden(mlp, dim), bias, backends["mlp"])
         self.drop = make_dropout(dropout, backends["dropout"])

@@ -47,6 +47,7 @@ class GPTConfig:
     n_kv_head: int | None = None  # < n_head: grouped-query attention (None: n_head)
     n_embd: int = 384
     dropout: float = 0.0  # on the embeddings and on each residual branch
+    attn_dropout: float = 0.0  # on the attention probabilities (nanoGPT uses dropout for both)
     bias: bool = True  # in the linears and LayerNorms
     norm: str = "layernorm"  # layernorm | rmsnorm
     mlp: str = "gelu"  # gelu (4·n_embd, GPT-2) | swiglu | geglu (gated, 8/3·n_embd)
@@ -92,6 +93,7 @@ class GPT(nn.Module):
                 mlp_hidden=c.mlp_hidden,
                 bias=c.bias,
                 dropout=c.dropout,
+                attn_dropout=c.attn_dropout,
                 rotary=self.rotary,
                 backend=backends,
             )

@@ -32,6 +32,7 @@ class ViTConfig:
     n_embd: int = 64
     mlp_ratio: float = 4.0  # MLP hidden width = mlp_ratio · n_embd
     dropout: float = 0.0  # on the embeddings and on each residual branch
+    attn_dropout: float = 0.0  # on the attention probabilities
     pool: str = "cls"  # cls: a learned class token | mean: the mean over patch tokens
     fused_residual: bool = True  # each residual add + dropout + next norm as one op (triton backend)
     backend: str = "triton"  # triton | torch (the twin)
@@ -71,6 +72,7 @@ class ViT(nn.Module):
                 causal=False,
                 mlp_hidden=round(c.mlp_ratio * c.n_embd),
                 dropout=c.dropout,
+                attn_dropout=c.attn_dropout,
                 backend=c.backend,
             )
             for _ in range(c.n_layer)

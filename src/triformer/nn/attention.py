@@ -22,11 +22,6 @@ from . import TorchLinear, TritonLinear
 from .hooks import hooked, replaced_forward
 from .rope import TritonRotaryEmbedding
 
-ATTENTION_DROPOUT_MISSING = (
-    "dropout on the attention probabilities is not implemented by triformer's attention kernel; pass dropout=0.0 "
-    "and apply dropout to the residual branch instead (as the models in triformer.models do)"
-)
-
 
 def _check_attention_args(embed_dim, num_heads, num_kv_heads, dropout, rotary) -> int:
     """Validates the constructor's arguments; returns the head dim."""
@@ -40,8 +35,8 @@ def _check_attention_args(embed_dim, num_heads, num_kv_heads, dropout, rotary) -
             f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads} "
             "(each key/value head serves the same number of query heads)"
         )
-    if dropout != 0.0:
-        raise ValueError(f"attention dropout={dropout!r}: {ATTENTION_DROPOUT_MISSING}")
+    if not F_tri._is_number(dropout) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"attention dropout must be a number in [0, 1), got {dropout!r}")
     head_dim = embed_dim // num_heads
     if rotary is not None and getattr(rotary, "head_dim", head_dim) != head_dim:
         raise ValueError(
@@ -70,6 +65,7 @@ class _MultiheadAttentionBase(nn.Module):
         self.head_dim = _check_attention_args(embed_dim, num_heads, num_kv_heads, dropout, rotary)
         self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
         self.causal = bool(causal)
+        self.dropout = float(dropout)  # on the attention probabilities, while training
         qkv_features = (num_heads + 2 * num_kv_heads) * self.head_dim
         self.qkv = linear_cls(embed_dim, qkv_features, bias=bias, activation=None)
         self.out_proj = linear_cls(embed_dim, embed_dim, bias=bias, activation=None)
@@ -114,10 +110,14 @@ class _MultiheadAttentionBase(nn.Module):
     def attend(self, q, k, v) -> torch.Tensor:
         raise NotImplementedError
 
+    def dropout_rate(self) -> float:
+        """The rate of dropout on the attention probabilities now: dropout while training, else 0."""
+        return self.dropout if self.training else 0.0
+
     def extra_repr(self) -> str:
         return (
             f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
-            f"head_dim={self.head_dim}, causal={self.causal}"
+            f"head_dim={self.head_dim}, causal={self.causal}, dropout={self.dropout}"
         )
 
 
@@ -127,7 +127,8 @@ class TritonMultiheadAttention(_MultiheadAttentionBase):
     qkv: TritonLinear(embed_dim → (num_heads + 2·num_kv_heads)·head_dim); q, k, v are views of its output;
     rotary (a TritonRotaryEmbedding, optional) rotates q and k, in place in qkv's output where nothing else can hold
     it (see heads); triformer.functional.attention(q, k, v, causal);
-    out_proj: TritonLinear(embed_dim → embed_dim). dropout > 0 (on the attention probabilities) raises ValueError.
+    out_proj: TritonLinear(embed_dim → embed_dim). dropout: on the attention probabilities while training (the
+    mask drawn in the attention kernels, see triformer.functional.attention).
     """
 
     def __init__(
@@ -164,7 +165,7 @@ class TritonMultiheadAttention(_MultiheadAttentionBase):
         return self.split_heads(rotated.view(B, T, -1))
 
     def attend(self, q, k, v) -> torch.Tensor:
-        return F_tri.attention(q, k, v, causal=self.causal)
+        return F_tri.attention(q, k, v, causal=self.causal, dropout_p=self.dropout_rate())
 
 
 class TorchMultiheadAttention(_MultiheadAttentionBase):
@@ -184,6 +185,7 @@ class TorchMultiheadAttention(_MultiheadAttentionBase):
         super().__init__(TorchLinear, embed_dim, num_heads, num_kv_heads, causal, bias, dropout, rotary)
 
     def attend(self, q, k, v) -> torch.Tensor:
+        grouped = self.num_kv_heads != self.num_heads
         return F.scaled_dot_product_attention(
-            q, k, v, is_causal=self.causal, enable_gqa=self.num_kv_heads != self.num_heads
+            q, k, v, is_causal=self.causal, dropout_p=self.dropout_rate(), enable_gqa=grouped
         )
