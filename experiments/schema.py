@@ -255,6 +255,7 @@ GPT_MODEL = {
     "n_embd": integer(1),
     "block_size": integer(1),
     "dropout": number(0, below=1),
+    "attn_dropout": number(0, below=1),
     "bias": boolean,
     "norm": one_of(*NORMS),
     "mlp": one_of(*MLPS),
@@ -366,6 +367,7 @@ GROUPS = {
             "n_embd": integer(1),
             "mlp_ratio": number(above=0),
             "dropout": number(0, below=1),
+            "attn_dropout": number(0, below=1),
             "pool": one_of(*POOLS),
             "augment_shift": integer(0),  # training images moved by up to this many pixels (0: not moved)
             "augment_flip": boolean,  # training images mirrored left to right half of the time

@@ -12,6 +12,7 @@ perf/step_ms, mem/peak_mib. Writes results/train_vit/metrics.json (accuracy gap 
 ratios) and epochs.csv (for `dvc plots`).
 """
 
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -23,7 +24,8 @@ from triformer.models import ViT, ViTConfig
 from . import common
 
 OUT = Path("results/train_vit")
-MODEL_KEYS = ("patch_size", "n_layer", "n_head", "n_embd", "mlp_ratio", "dropout", "pool", "fused_residual")
+DATA_KEYS = ("image_size", "channels", "num_classes", "backend")  # ViTConfig's fields set by the dataset and role
+MODEL_KEYS = tuple(f.name for f in fields(ViTConfig) if f.name not in DATA_KEYS)
 EPOCH_METRICS = ("train/epoch_loss", "val/loss", "val/accuracy", "perf/images_per_s", "perf/step_ms", "mem/peak_mib")
 FINAL_METRICS = ("val/accuracy", "val/loss", "train/epoch_loss", "perf/images_per_s", "perf/step_ms", "mem/peak_mib")
 
