@@ -141,8 +141,18 @@ def test_dropout_rates_and_seeds(seed):
     first = F_tri.attention(q, k, v, dropout_p=0.5)
     torch.manual_seed(seed)
     assert torch.equal(F_tri.attention(q, k, v, dropout_p=0.5), first)
+    refs = [float64_copy(t) for t in (q, k, v)]
+    kept = dropout_kept((1, 2, 17, 17), 0.99999, seed)  # p̂ = 1 − 2⁻¹⁶: kept ones scaled by 2¹⁶, not 10⁵
+    assert_close(
+        F_tri.attention(q, k, v, dropout_p=0.99999, seed=seed),
+        reference_attention(*refs, False, 0.25, kept),
+        torch.float32,
+        "output at p = 0.99999",
+    )
     with pytest.raises(ValueError, match=r"dropout probability p must be a number in \[0, 1\]"):
         F_tri.attention(q, k, v, dropout_p=1.5)
+    with pytest.raises(ValueError, match="dropout_p = 0.5 needs a seed"):
+        torch.ops.triformer.attention(q.detach(), k.detach(), v.detach(), False, 0.25, 0.5, None)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="a seed in device memory: GPU only")
@@ -382,17 +392,22 @@ def _config_cases():
 @gpu_only
 @pytest.mark.parametrize("causal", CAUSAL)
 @pytest.mark.parametrize("kernel, d, meta", _config_cases())
-def test_every_tile(kernel, d, meta, causal, seed):
-    """Each Hopper candidate of each kernel (the tuner may pick any), bf16, GQA, S not a multiple of a block."""
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2], ids=["", "dropout"])
+def test_every_tile(kernel, d, meta, causal, dropout_p, seed):
+    """Each Hopper candidate of each kernel (the tuner may pick any), bf16, GQA, S not a multiple of a block; with
+    dropout on the probabilities too (its kernels compile differently)."""
     dtype = torch.bfloat16
     q, k, v = make_qkv(1, 4, 2, 700, d, dtype)
     scale = 1 / math.sqrt(d)
     refs = [float64_copy(t) for t in (q, k, v)]
-    ref = reference_attention(*refs, causal, scale)
+    kept = dropout_kept((1, 4, 700, 700), dropout_p, seed) if dropout_p else None
+    ref = reference_attention(*refs, causal, scale, kept)
     dy = randn(*ref.shape, dtype=dtype)
     ref.backward(dy.double())
     with torch.no_grad():
-        o, lse = attention_kernels.attention_forward(q, k, v, causal, scale, meta=meta if kernel == "forward" else None)
+        o, lse = attention_kernels.attention_forward(
+            q, k, v, causal, scale, meta=meta if kernel == "forward" else None, dropout_p=dropout_p, seed=seed
+        )
         assert_close(o, ref, dtype, "output")
         dq, dk, dv = attention_kernels.attention_backward(
             dy,
@@ -405,6 +420,8 @@ def test_every_tile(kernel, d, meta, causal, seed):
             scale,
             meta_dkdv=meta if kernel == "dkdv" else None,
             meta_dq=meta if kernel == "dq" else None,
+            dropout_p=dropout_p,
+            seed=seed,
         )
     for name, tested, reference in zip("qkv", (dq, dk, dv), refs):
         assert_close(tested, reference.grad, dtype, f"grad of {name}")

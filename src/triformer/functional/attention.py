@@ -54,9 +54,13 @@ def _check_attention_inputs(q, k, v, causal, scale) -> None:
             raise ValueError(f"scale must be a finite number ≥ 0, got {scale}")
 
 
-def _seed_arg(seed: Tensor | None) -> int | Tensor:
-    """The kernels' seed: none without dropout, else as the dropout op passes it (an int for a CPU seed)."""
-    return 0 if seed is None else _seed_value(seed)
+def _seed_arg(dropout_p: float, seed: Tensor | None) -> int | Tensor:
+    """The kernels' seed: as the dropout op passes it (an int for a CPU seed); none where dropout_p drops nothing."""
+    if seed is None:
+        if dropout_kernels.drops_any(dropout_p):
+            raise ValueError(f"dropout_p = {dropout_p} needs a seed (a one-element integer tensor)")
+        return 0
+    return _seed_value(seed)
 
 
 def _attention_impl(
@@ -64,7 +68,9 @@ def _attention_impl(
 ) -> tuple[Tensor, Tensor]:
     """(o [B, Hq, S, D] laid out as [B, S, Hq, D], lse [B, Hq, S] float32, base 2) for validated inputs; dropout on
     the probabilities at rate dropout_p with the mask of seed (None when dropout_p drops nothing)."""
-    return attention_kernels.attention_forward(q, k, v, causal, scale, dropout_p=dropout_p, seed=_seed_arg(seed))
+    return attention_kernels.attention_forward(
+        q, k, v, causal, scale, dropout_p=dropout_p, seed=_seed_arg(dropout_p, seed)
+    )
 
 
 def _attention_fake(q, k, v, causal, scale, dropout_p, seed):
@@ -117,7 +123,7 @@ def _attention_backward_impl(
         need_dq=need_dq,
         need_dkdv=need_dkdv,
         dropout_p=dropout_p,
-        seed=_seed_arg(seed),
+        seed=_seed_arg(dropout_p, seed),
     )
     return or_placeholder(dq, lse), or_placeholder(dk, lse), or_placeholder(dv, lse)
 
