@@ -374,6 +374,12 @@ def _is_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
+def check_module_dropout(p, name: str = "dropout") -> None:
+    """A module's dropout rate (residual or attention): a number in [0, 1), as the modules and models take it."""
+    if not _is_number(p) or not 0.0 <= p < 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1), got {p!r}")
+
+
 def _check_dropout_args(p, seed) -> None:
     if not _is_number(p) or not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout probability p must be a number in [0, 1], got {p!r}")

@@ -81,8 +81,7 @@ def make_norm(kind: str, dim: int, bias: bool, backend: str) -> nn.Module:
 
 def make_dropout(p: float, backend: str) -> nn.Module:
     """Dropout on the residual stream (nn.Identity when p == 0: no kernel launched for nothing)."""
-    if not F_tri._is_number(p) or not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout must be a number in [0, 1), got {p!r}")
+    F_tri.check_module_dropout(p)
     cls = by_backend(backend, tnn.TritonDropout, nn.Dropout)
     return cls(p) if p > 0 else nn.Identity()
 

@@ -35,8 +35,7 @@ def _check_attention_args(embed_dim, num_heads, num_kv_heads, dropout, rotary) -
             f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads} "
             "(each key/value head serves the same number of query heads)"
         )
-    if not F_tri._is_number(dropout) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"attention dropout must be a number in [0, 1), got {dropout!r}")
+    F_tri.check_module_dropout(dropout, "attention dropout")
     head_dim = embed_dim // num_heads
     if rotary is not None and getattr(rotary, "head_dim", head_dim) != head_dim:
         raise ValueError(
