@@ -455,3 +455,20 @@ def test_autocast_runs_in_the_autocast_dtype(seed):
     assert out.dtype == torch.bfloat16
     ref = reference_attention(*(float64_copy(t) for t in (q, k, v)), True, 1 / 8)
     assert relative_error(out, ref) < tolerance(torch.bfloat16)
+
+
+def test_dropout_on_views_of_fused_qkv_and_nan(seed):
+    """Dropout with q, k, v strided views of one fused projection (GQA): output and the projection's gradient against
+    float64; a NaN in one value row reaches o wherever torch's float64 reference has it (a dropped NaN stays NaN)."""
+    views = fused_qkv_views(4, 2)
+    qkv = randn(2, 13, 8, 16, requires_grad=True)
+    ref_qkv = float64_copy(qkv)
+    out = F_tri.attention(*views([qkv]), causal=True, dropout_p=0.3, seed=seed)
+    ref = reference_attention(*views([ref_qkv]), True, 0.25, dropout_kept((2, 4, 13, 13), 0.3, seed))
+    assert_close(out, ref, torch.float32, "output")
+    compare_gradients(out, ref, (qkv,), (ref_qkv,), torch.float32)
+    poisoned = qkv.detach().clone()
+    poisoned[0, 5, 6] = float("nan")  # batch 0, token 5, value head 0
+    out = F_tri.attention(*views([poisoned]), causal=True, dropout_p=0.3, seed=seed)
+    ref = reference_attention(*views([poisoned.double()]), True, 0.25, dropout_kept((2, 4, 13, 13), 0.3, seed))
+    assert torch.equal(out.isnan(), ref.isnan()) and out.isnan().any()
